@@ -1,0 +1,21 @@
+#!/bin/sh
+# check.sh LIBDIR INCLUDEDIR SRCDIR: compile tests/install/app.c against the installed
+# tree with pkg-config only, run it, and report.
+set -e
+libdir=$1 includedir=$2 srcdir=$3
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+# The installed .pc names the configured prefix; with DESTDIR, point it at the staged tree.
+sed -e "s|^libdir=.*|libdir=$libdir|" -e "s|^includedir=.*|includedir=$includedir|" \
+    "$libdir/pkgconfig/aamm.pc" > "$tmp/aamm.pc"
+export PKG_CONFIG_PATH="$tmp"
+${CC:-cc} -std=c11 -Wall -Werror -o "$tmp/app" "$srcdir/tests/install/app.c" \
+    $(pkg-config --cflags --libs aamm) -Wl,-rpath,"$libdir"
+"$tmp/app"
+# Static linking works too, with the private requirements.
+if [ -f "$libdir/libaamm.a" ]; then
+    ${CC:-cc} -std=c11 -Wall -Werror -o "$tmp/app-static" "$srcdir/tests/install/app.c" \
+        -I"$includedir" "$libdir/libaamm.a" $(pkg-config --libs --static aamm | sed 's/-laamm//')
+    "$tmp/app-static"
+fi
+echo "installcheck: 1 passed, 0 failed"

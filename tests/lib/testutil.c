@@ -1,0 +1,70 @@
+/* testutil.c: helpers shared by every test program. */
+#include "config.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "testutil.h"
+
+int aamm_test_run(Suite *s)
+{
+    SRunner *sr = srunner_create(s);
+    int failed;
+    srunner_run_all(sr, CK_ENV);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? 0 : 1;
+}
+
+double aamm_test_scale(void)
+{
+    const char *env = getenv("AAMM_TEST_SCALE");
+    double v;
+    if (env == NULL || *env == '\0')
+        return 1.0;
+    v = strtod(env, NULL);
+    return v > 0 ? v : 1.0;
+}
+
+long aamm_test_scaled(long n, long min)
+{
+    long v = (long)((double)n * aamm_test_scale());
+    return v < min ? min : v;
+}
+
+int64_t aamm_test_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+TCase *aamm_test_tcase(const char *name, double timeout_s)
+{
+    TCase *tc = tcase_create(name);
+    tcase_set_timeout(tc, timeout_s);
+    return tc;
+}
+
+uint64_t aamm_test_rand(uint64_t *seed)
+{
+    uint64_t x = *seed ? *seed : 0x9E3779B97F4A7C15ull;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *seed = x;
+    return x * 0x2545F4914F6CDD1Dull;
+}
+
+void aamm_test_random_bytes(uint64_t *seed, void *buf, size_t n)
+{
+    unsigned char *p = buf;
+    while (n > 0) {
+        uint64_t r = aamm_test_rand(seed);
+        size_t k = n < 8 ? n : 8;
+        memcpy(p, &r, k);
+        p += k;
+        n -= k;
+    }
+}

@@ -1,0 +1,33 @@
+/*
+ * testutil.h: small helpers shared by every test program: running a Check suite, the
+ * test-size scale, wall-clock time, byte helpers.
+ */
+#ifndef AAMM_TESTUTIL_H
+#define AAMM_TESTUTIL_H
+
+#include <check.h>
+#include <stdint.h>
+
+/* Run @s (ownership transferred) with the verbosity from CK_VERBOSITY and return an exit
+ * status for main(): 0 when every test passed. */
+int aamm_test_run(Suite *s);
+
+/* The test-size multiplier AAMM_TEST_SCALE (default 1; `make check-long` sets 10;
+ * sanitizer builds may set it below 1, e.g. 0.2). Loop counts are multiplied by it. */
+double aamm_test_scale(void);
+
+/* n scaled by aamm_test_scale(), at least @min. */
+long aamm_test_scaled(long n, long min);
+
+/* Monotonic milliseconds. */
+int64_t aamm_test_now_ms(void);
+
+/* A test case with a time bound in seconds (multiplied by CK_TIMEOUT_MULTIPLIER as Check
+ * does). */
+TCase *aamm_test_tcase(const char *name, double timeout_s);
+
+/* Fill @buf with @n bytes from a seeded xorshift generator (deterministic per seed). */
+void aamm_test_random_bytes(uint64_t *seed, void *buf, size_t n);
+uint64_t aamm_test_rand(uint64_t *seed);
+
+#endif
