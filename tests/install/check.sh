@@ -12,10 +12,12 @@ export PKG_CONFIG_PATH="$tmp"
 ${CC:-cc} -std=c11 -Wall -Werror -o "$tmp/app" "$srcdir/tests/install/app.c" \
     $(pkg-config --cflags --libs aamm) -Wl,-rpath,"$libdir"
 "$tmp/app"
-# Static linking works too, with the private requirements.
+# The static archive links too, against the (shared) libraries named in Requires.private
+# (Debian ships no static libpq dependencies, so those stay shared).
 if [ -f "$libdir/libaamm.a" ]; then
+    priv=$(sed -n 's/^Requires.private: *//p' "$tmp/aamm.pc" | tr ',' ' ')
     ${CC:-cc} -std=c11 -Wall -Werror -o "$tmp/app-static" "$srcdir/tests/install/app.c" \
-        -I"$includedir" "$libdir/libaamm.a" $(pkg-config --libs --static aamm | sed 's/-laamm//')
+        $(pkg-config --cflags aamm) "$libdir/libaamm.a" $(pkg-config --libs $priv) -lm
     "$tmp/app-static"
 fi
 echo "installcheck: 1 passed, 0 failed"
