@@ -1174,6 +1174,202 @@ START_TEST(out_of_memory_cache_growth)
 END_TEST
 
 /* ====================================================================================
+ * Golden sample: real PostgreSQL 15 output (tests/golden/pgoutput/make-golden.sh)
+ * ==================================================================================== */
+
+/* Append a readable token for @ev to @trace. */
+static void trace_event(char *trace, size_t size, const struct aamm__pgo_event *ev)
+{
+    const struct aamm_change *ch = &ev->change;
+    size_t n = strlen(trace);
+    char *o = trace + n;
+    size = size - n;
+    switch (ev->type) {
+    case AAMM__PGO_BEGIN:
+        snprintf(o, size, "B ");
+        break;
+    case AAMM__PGO_COMMIT:
+        snprintf(o, size, "C ");
+        break;
+    case AAMM__PGO_ORIGIN:
+        snprintf(o, size, "O:%s ", ev->txn.origin_name);
+        break;
+    case AAMM__PGO_TYPE:
+        snprintf(o, size, "Y:%s.%s ", ev->type_schema, ev->type_name);
+        break;
+    case AAMM__PGO_RELATION:
+        snprintf(o, size, "R:%s.%s/%u/%u ", ev->relation->schema, ev->relation->name,
+                 ev->relation->ncolumns, ev->relation->generation);
+        break;
+    case AAMM__PGO_CHANGE:
+        switch (ch->kind) {
+        case AAMM_CHANGE_INSERT:
+            snprintf(o, size, "I:%s ", ch->relation->name);
+            break;
+        case AAMM_CHANGE_UPDATE:
+            snprintf(o, size, "U:%s:%c ", ch->relation->name, ch->old_kind ? ch->old_kind : '-');
+            break;
+        case AAMM_CHANGE_DELETE:
+            snprintf(o, size, "D:%s:%c ", ch->relation->name, ch->old_kind);
+            break;
+        case AAMM_CHANGE_TRUNCATE:
+            snprintf(o, size, "T:%u:%u ", ch->truncate_flags, ch->nrelations);
+            break;
+        case AAMM_CHANGE_MESSAGE:
+            snprintf(o, size, "M:%d:%s ", ch->transactional, ch->prefix);
+            break;
+        }
+        break;
+    }
+}
+
+static const char golden_trace[] =
+    "B R:public.users/3/1 I:users I:users C "
+    "B U:users:K C "
+    "B U:users:- C "
+    "B D:users:K C "
+    "B R:public.items/2/1 I:items C "
+    "B U:items:O C "
+    "B D:items:O C "
+    "B Y:public.mood R:public.moods/3/1 I:moods C "
+    "B U:moods:- C "
+    "B M:1:aamm_ddl C "
+    "M:0:aamm_nt "
+    "B R:public.users/3/2 R:public.items/2/2 T:3:2 C " /* TRUNCATE re-sends 'R' */
+    "B R:public.users/4/3 I:users C "
+    "B O:aamm_from_2 I:users C ";
+
+/* Messages a real PG15 server sent (inserts, key-changing and plain updates, REPLICA
+ * IDENTITY FULL, an enum type, an unchanged TOAST value, messages, truncate, ADD COLUMN,
+ * a replication origin) parse into the expected events and values. */
+START_TEST(golden_pg15)
+{
+    char path[1024], trace[2048] = "";
+    static uint8_t buf[65536];
+    size_t len, off = 1;
+    FILE *f;
+    size_t base = in_use();
+    struct aamm__pgo *p = new_parser();
+    int64_t first_time = 0, begin_time = 0;
+    uint64_t begin_lsn = 0;
+    int nbegins = 0;
+
+    snprintf(path, sizeof path, "%s/tests/golden/pgoutput/pg15.bin", AAMM_TOP_SRCDIR);
+    f = fopen(path, "rb");
+    ck_assert_msg(f != NULL, "cannot open %s", path);
+    len = fread(buf, 1, sizeof buf, f);
+    fclose(f);
+    ck_assert_uint_gt(len, 1);
+    ck_assert_uint_lt(len, sizeof buf);
+    ck_assert_uint_eq(buf[0], 0);
+    while (off < len) {
+        struct aamm__pgo_event ev = {0};
+        struct aamm__err err = {0};
+        const struct aamm_change *ch = &ev.change;
+        size_t mlen;
+        int rc;
+        ck_assert_uint_le(off + 2, len);
+        mlen = ((size_t)buf[off] << 8) | buf[off + 1];
+        off += 2;
+        ck_assert_uint_le(off + mlen, len);
+        rc = aamm__pgo_parse(p, buf + off, mlen, 0, &ev, &err);
+        ck_assert_msg(rc == 0, "%s", err.msg);
+        off += mlen;
+        trace_event(trace, sizeof trace, &ev);
+
+        /* Spot checks, value by value. */
+        if (ev.type == AAMM__PGO_BEGIN) {
+            ck_assert_uint_ne(ev.txn.commit_lsn, 0);
+            ck_assert_uint_ne(ev.txn.xid, 0);
+            begin_time = ev.txn.commit_time;
+            begin_lsn = ev.txn.commit_lsn;
+            nbegins++;
+        }
+        if (ev.type == AAMM__PGO_COMMIT) {
+            /* BEGIN's final LSN is COMMIT's commit LSN; both carry the same time. */
+            ck_assert_uint_eq(ev.txn.commit_lsn, begin_lsn);
+            ck_assert_uint_gt(ev.txn.end_lsn, ev.txn.commit_lsn);
+            ck_assert_int_eq(ev.txn.commit_time, begin_time);
+            if (nbegins < 13) {
+                /* Local commit times are real: after 2026-01-01, within a minute. */
+                ck_assert_int_gt(ev.txn.commit_time, INT64_C(1767225600000000));
+                if (first_time == 0)
+                    first_time = ev.txn.commit_time;
+                ck_assert_int_lt(ev.txn.commit_time - first_time, INT64_C(60000000));
+            } else {
+                /* The one under an origin has the origin's: 2022-11-21 00:00:00 UTC. */
+                ck_assert_int_eq(ev.txn.commit_time, INT64_C(1668988800000000));
+            }
+        }
+        if (ev.type == AAMM__PGO_ORIGIN)
+            ck_assert_uint_eq(ev.txn.origin_lsn, UINT64_C(0xABCDEF));
+        if (ev.type == AAMM__PGO_RELATION && strcmp(ev.relation->name, "items") == 0) {
+            ck_assert_int_eq(ev.relation->replica_identity, AAMM_REPLIDENT_FULL);
+            ck_assert_uint_eq(ev.relation->columns[0].flags, AAMM_COLUMN_KEY);
+            ck_assert_uint_eq(ev.relation->columns[1].flags, AAMM_COLUMN_KEY);
+        }
+        if (ev.type == AAMM__PGO_RELATION && strcmp(ev.relation->name, "users") == 0) {
+            const struct aamm_relation *r = ev.relation;
+            ck_assert_int_eq(r->replica_identity, AAMM_REPLIDENT_DEFAULT);
+            ck_assert_str_eq(r->columns[0].name, "id");
+            ck_assert_uint_eq(r->columns[0].flags, AAMM_COLUMN_KEY);
+            ck_assert_uint_eq(r->columns[0].type_oid, 23);
+            ck_assert_uint_eq(r->columns[1].flags, 0);
+            ck_assert_uint_eq(r->columns[2].type_oid, 1043);
+            ck_assert_int_eq(r->columns[2].type_mod, 24); /* varchar(20): 20 + 4 */
+            if (r->ncolumns == 4) {
+                ck_assert_str_eq(r->columns[3].name, "extra");
+                ck_assert_uint_eq(r->columns[3].type_oid, 20);
+            }
+        }
+        if (ev.type == AAMM__PGO_CHANGE && ch->kind == AAMM_CHANGE_UPDATE &&
+            strcmp(ch->relation->name, "users") == 0 && ch->old_kind == AAMM_OLD_KEY) {
+            assert_text(&ch->old_tuple.values[0], "1");
+            assert_kind(&ch->old_tuple.values[1], AAMM_VALUE_NULL);
+            assert_text(&ch->new_tuple.values[0], "3");
+            assert_text(&ch->new_tuple.values[1], "Ann");
+            assert_kind(&ch->new_tuple.values[2], AAMM_VALUE_NULL);
+        }
+        if (ev.type == AAMM__PGO_CHANGE && ch->kind == AAMM_CHANGE_INSERT &&
+            strcmp(ch->relation->name, "moods") == 0) {
+            assert_text(&ch->new_tuple.values[1], "happy");
+            ck_assert_uint_eq(ch->new_tuple.values[2].len, 10000);
+        }
+        if (ev.type == AAMM__PGO_CHANGE && ch->kind == AAMM_CHANGE_UPDATE &&
+            strcmp(ch->relation->name, "moods") == 0) {
+            assert_text(&ch->new_tuple.values[0], "1");
+            assert_text(&ch->new_tuple.values[1], "sad");
+            assert_kind(&ch->new_tuple.values[2], AAMM_VALUE_UNCHANGED);
+        }
+        if (ev.type == AAMM__PGO_CHANGE && ch->kind == AAMM_CHANGE_TRUNCATE) {
+            ck_assert_str_eq(ch->relations[0]->name, "users");
+            ck_assert_str_eq(ch->relations[1]->name, "items");
+        }
+        if (ev.type == AAMM__PGO_CHANGE && ch->kind == AAMM_CHANGE_MESSAGE) {
+            if (ch->transactional) {
+                ck_assert_uint_eq(ch->content_len, 16);
+                ck_assert_str_eq(ch->content, "CREATE TABLE t()");
+            } else {
+                ck_assert_uint_eq(ch->content_len, 5);
+                ck_assert_str_eq(ch->content, "hello");
+            }
+            ck_assert_uint_ne(ch->message_lsn, 0);
+        }
+        if (ev.type == AAMM__PGO_CHANGE && ch->kind == AAMM_CHANGE_INSERT &&
+            ch->relation->ncolumns == 4) {
+            assert_text(&ch->new_tuple.values[3],
+                        strcmp(ch->new_tuple.values[1].data, "Eve") == 0 ? "9000000000" : "1");
+        }
+        aamm__pgo_event_clear(&ev);
+    }
+    ck_assert_str_eq(trace, golden_trace);
+    ck_assert_int_eq(nbegins, 13);
+    aamm__pgo_free(p);
+    ck_assert_uint_eq(in_use(), base);
+}
+END_TEST
+
+/* ====================================================================================
  * Fuzz corpus: AAMM_PGO_WRITE_CORPUS=DIR tests/unit/test_pgoutput writes the seeds of
  * tests/fuzz/corpus/pgoutput from the vectors above (format: see fuzz_pgoutput.c).
  * ==================================================================================== */
@@ -1236,6 +1432,7 @@ int main(void)
     tcase_add_test(tc, truncate_fields);
     tcase_add_test(tc, message_fields);
     tcase_add_test(tc, stream_no_leak);
+    tcase_add_test(tc, golden_pg15);
     suite_add_tcase(s, tc);
 
     tc = aamm_test_tcase("cache", 20);
