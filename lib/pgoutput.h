@@ -8,6 +8,14 @@
  * aamm__pgo_parse(); a new 'R' for a known OID replaces the entry and bumps its
  * generation.
  *
+ * Details (implementation guarantees): a relation's first 'R' gives generation 1, every
+ * later 'R' for that OID +1, even when the definition is identical (PG15 re-sends 'R'
+ * after relcache invalidations, e.g. around TRUNCATE). Each cached struct aamm_relation
+ * keeps its address for the parser's lifetime; a new 'R' replaces its contents (schema,
+ * name, columns array, type names reset to NULL) in place, so only pointers *into* an
+ * entry die at the next 'R' for it. A malformed or out-of-memory 'R' leaves the cache
+ * unchanged.
+ *
  * Every input is untrusted: a truncated message, a bad length, an unknown message type,
  * a tuple whose column count does not match its relation, an unknown relation OID or an
  * unknown value kind gives AAMM_EMALFORMED with a message, never a crash or a read past
@@ -54,8 +62,8 @@ void aamm__pgo_free(struct aamm__pgo *p);
 
 /*
  * Parse one pgoutput message of @len bytes at @data (borrowed) into @ev (must be zeroed or
- * cleared). @wal_lsn is the XLogData start LSN of the message (used for
- * MESSAGE's message_lsn). Returns 0, AAMM_EMALFORMED or AAMM_ENOMEM; on error @err says
+ * cleared). @wal_lsn is the XLogData start LSN of the message (MESSAGE's message_lsn is
+ * the LSN the 'M' message carries; @wal_lsn only stands in when that is 0). Returns 0, AAMM_EMALFORMED or AAMM_ENOMEM; on error @err says
  * what was wrong ("pgoutput: 'U' message: tuple has 3 columns, relation public.t has 2")
  * and @ev is left cleared.
  */

@@ -462,6 +462,19 @@ START_TEST(relation_fields)
     ck_assert_uint_eq(r->ncolumns, 0);
     ck_assert_ptr_null(r->columns);
     aamm__pgo_event_clear(&ev);
+    aamm__pgo_event_clear(NULL);
+
+    /* A row of a relation without columns is an empty tuple. */
+    {
+        struct msg m = {.n = 0};
+        put8(&m, 'I'), put32(&m, REL_CAT), put8(&m, 'N'), put16(&m, 0);
+        parse_ok(p, m, &ev);
+        ck_assert_int_eq(ev.change.kind, AAMM_CHANGE_INSERT);
+        ck_assert_str_eq(ev.change.relation->name, "pg_class_like");
+        ck_assert_uint_eq(ev.change.new_tuple.nvalues, 0);
+        ck_assert_ptr_null(ev.change.new_tuple.values);
+        aamm__pgo_event_clear(&ev);
+    }
 
     ck_assert_ptr_null(aamm__pgo_relation(p, 1));
     aamm__pgo_free(p);
