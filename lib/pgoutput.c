@@ -217,8 +217,8 @@ static int read_tuple(struct ctx *c, const struct aamm_relation *rel, const char
     if (!c->rd.ok)
         return truncated(c);
     if (n != rel->ncolumns)
-        return MALFORMED(c, "%s tuple has %u columns, relation %s.%s has %u", which, n,
-                         rel->schema, rel->name, rel->ncolumns);
+        return MALFORMED(c, "%s tuple has %u columns, relation %s.%s has %u", which, n, rel->schema,
+                         rel->name, rel->ncolumns);
     /* Every column takes at least its kind byte: check before allocating. */
     if (n > c->rd.left)
         return truncated(c);
@@ -251,8 +251,8 @@ static int read_tuple(struct ctx *c, const struct aamm_relation *rel, const char
                                  rel->columns[i].name, vlen, c->rd.left);
             bytes = aamm__rd_bytes(&c->rd, vlen);
             if (vlen > 0 && memchr(bytes, 0, vlen) != NULL)
-                return MALFORMED(c, "%s tuple: column %s: text value contains a NUL byte",
-                                 which, rel->columns[i].name);
+                return MALFORMED(c, "%s tuple: column %s: text value contains a NUL byte", which,
+                                 rel->columns[i].name);
             v->data = aamm__malloc((size_t)vlen + 1);
             if (v->data == NULL)
                 return nomem(c);
@@ -378,8 +378,7 @@ static int parse_relation(struct ctx *c, struct aamm__pgo *p, struct aamm__pgo_e
         ident != AAMM_REPLIDENT_FULL && ident != AAMM_REPLIDENT_INDEX)
         return MALFORMED(c, "relation %u: unknown replica identity 0x%02x", rel.oid, ident);
     if (ncols > INT16_MAX)
-        return MALFORMED(c, "relation %u: negative column count %d", rel.oid,
-                         (int)(int16_t)ncols);
+        return MALFORMED(c, "relation %u: negative column count %d", rel.oid, (int)(int16_t)ncols);
     /* Each column takes at least 10 bytes (flags, "" name, type, typmod). */
     if ((size_t)ncols * 10 > c->rd.left)
         return truncated(c);
@@ -406,8 +405,7 @@ static int parse_relation(struct ctx *c, struct aamm__pgo *p, struct aamm__pgo_e
             goto out;
         }
         if (flags & ~1u) {
-            rc = MALFORMED(c, "relation %u: column %u has unknown flags 0x%02x", rel.oid, i,
-                           flags);
+            rc = MALFORMED(c, "relation %u: column %u has unknown flags 0x%02x", rel.oid, i, flags);
             goto out;
         }
         if (nlen == 0) {
@@ -682,8 +680,7 @@ int aamm__pgo_parse(struct aamm__pgo *p, const uint8_t *data, size_t len, uint64
                         (char)c.type);
         break;
     default:
-        rc = aamm__errf(err, AAMM_EMALFORMED, "pgoutput: unknown message type 0x%02x",
-                        c.type);
+        rc = aamm__errf(err, AAMM_EMALFORMED, "pgoutput: unknown message type 0x%02x", c.type);
         break;
     }
     if (rc != AAMM_OK)

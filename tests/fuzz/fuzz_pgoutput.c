@@ -17,13 +17,12 @@
 #include "internal.h"
 #include "pgoutput.h"
 
-#define CHECK(cond)                                                               \
-    do {                                                                          \
-        if (!(cond)) {                                                            \
-            fprintf(stderr, "fuzz_pgoutput: invariant failed: %s (line %d)\n", #cond, \
-                    __LINE__);                                                    \
-            abort();                                                              \
-        }                                                                         \
+#define CHECK(cond)                                                                                \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "fuzz_pgoutput: invariant failed: %s (line %d)\n", #cond, __LINE__);   \
+            abort();                                                                               \
+        }                                                                                          \
     } while (0)
 
 static size_t in_use(void)

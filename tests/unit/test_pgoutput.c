@@ -73,8 +73,8 @@ static void puttext(struct msg *m, const char *s)
 #define TYPE_MOOD 16500u
 
 /* Commit timestamps: PostgreSQL counts from 2000-01-01, we from 1970-01-01. */
-#define PG_TS INT64_C(722304000123456)      /* 2022-11-21 00:00:00.123456 UTC, PG epoch */
-#define UNIX_TS INT64_C(1668988800123456)   /* the same instant, Unix epoch */
+#define PG_TS INT64_C(722304000123456)    /* 2022-11-21 00:00:00.123456 UTC, PG epoch */
+#define UNIX_TS INT64_C(1668988800123456) /* the same instant, Unix epoch */
 
 /* R: public.users (id integer key, name text, note varchar(20)), replica identity default. */
 static struct msg rel_users(void)
@@ -323,10 +323,10 @@ static struct msg message_empty_msg(void)
 /* Every valid message, in an order that parses on one parser (relations first). */
 typedef struct msg (*msg_fn)(void);
 static const msg_fn all_msgs[] = {
-    rel_users,       rel_items,        rel_catalog,    begin_msg,        origin_msg,
-    type_msg,        insert_msg,       update_key_msg, update_full_msg,  update_plain_msg,
-    delete_key_msg,  delete_full_msg,  truncate_msg,   message_msg,      message_empty_msg,
-    commit_msg,
+    rel_users,       rel_items,        rel_catalog,       begin_msg,
+    origin_msg,      type_msg,         insert_msg,        update_key_msg,
+    update_full_msg, update_plain_msg, delete_key_msg,    delete_full_msg,
+    truncate_msg,    message_msg,      message_empty_msg, commit_msg,
 };
 
 /* ====================================================================================
@@ -385,8 +385,8 @@ static void parse_bad(struct aamm__pgo *p, const uint8_t *data, size_t len, cons
     memset(&zero, 0, sizeof zero);
     memset(&ev, 0, sizeof ev);
     rc = aamm__pgo_parse(p, data, len, 0, &ev, &err);
-    ck_assert_msg(rc == AAMM_EMALFORMED, "expected EMALFORMED, got %d (%zu bytes, '%c')", rc,
-                  len, len ? data[0] : '-');
+    ck_assert_msg(rc == AAMM_EMALFORMED, "expected EMALFORMED, got %d (%zu bytes, '%c')", rc, len,
+                  len ? data[0] : '-');
     ck_assert_int_eq(err.code, AAMM_EMALFORMED);
     ck_assert_msg(strncmp(err.msg, "pgoutput: ", 10) == 0 && strlen(err.msg) > 12,
                   "bad message '%s'", err.msg);
@@ -1387,8 +1387,7 @@ END_TEST
  * tests/fuzz/corpus/pgoutput from the vectors above (format: see fuzz_pgoutput.c).
  * ==================================================================================== */
 
-static int write_seed(const char *dir, const char *name, uint8_t mode, const msg_fn *msgs,
-                      size_t n)
+static int write_seed(const char *dir, const char *name, uint8_t mode, const msg_fn *msgs, size_t n)
 {
     char path[1024];
     FILE *f;
@@ -1408,14 +1407,13 @@ static int write_seed(const char *dir, const char *name, uint8_t mode, const msg
 
 static int write_corpus(const char *dir)
 {
-    static const msg_fn changes[] = {rel_users,       rel_items,        begin_msg,
-                                     insert_msg,      update_key_msg,   update_full_msg,
-                                     update_plain_msg, delete_key_msg,  delete_full_msg,
-                                     commit_msg};
-    static const msg_fn redefine[] = {rel_users,  insert_msg, rel_users_v2,
-                                      insert4_msg, rel_users, insert_msg};
-    static const msg_fn misc[] = {rel_users,   rel_items,    begin_msg,         origin_msg,
-                                  type_msg,    truncate_msg, message_msg,       commit_msg,
+    static const msg_fn changes[] = {
+        rel_users,       rel_items,        begin_msg,      insert_msg,      update_key_msg,
+        update_full_msg, update_plain_msg, delete_key_msg, delete_full_msg, commit_msg};
+    static const msg_fn redefine[] = {rel_users,   insert_msg, rel_users_v2,
+                                      insert4_msg, rel_users,  insert_msg};
+    static const msg_fn misc[] = {rel_users,   rel_items,        begin_msg,   origin_msg,
+                                  type_msg,    truncate_msg,     message_msg, commit_msg,
                                   rel_catalog, message_empty_msg};
     int bad = 0;
     bad |= write_seed(dir, "all", 0, all_msgs, AAMM__ARRAY_SIZE(all_msgs));
