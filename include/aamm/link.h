@@ -100,10 +100,11 @@ struct aamm_link_stats {
 struct aamm_link;
 
 /**
- * Create a link with @opts (copied). Returns 0 with *@link set (owned by the caller, free
- * with aamm_link_free), AAMM_EINVAL (bad option; message via the return of
- * aamm_link_errmsg is not available yet, so a static reason is logged at debug level),
- * AAMM_EIO (TLS context setup failed: files unreadable), AAMM_ENOMEM.
+ * Create a link with @opts (copied: strings, arrays and the secret). Returns 0 with *@link
+ * set (owned by the caller, free with aamm_link_free); AAMM_EINVAL when an option is missing
+ * or out of range (role, node id, cluster, peer ids, secret shorter than 16 bytes, more than
+ * 64 resume entries, TLS without CA / certificate / key); AAMM_EIO when the TLS files cannot
+ * be loaded; AAMM_ENOMEM. No handle exists on failure, so the reason is only logged (debug).
  */
 AAMM_API int aamm_link_new(struct aamm_link **link, const struct aamm_link_options *opts);
 
