@@ -16,6 +16,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <openssl/bio.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -146,6 +147,63 @@ static int link_fail(struct aamm_link *l, int code, bool tell, const char *fmt, 
 /* ====================================================================================
  * Creation
  * ==================================================================================== */
+
+/* A socket BIO that sends with MSG_NOSIGNAL: OpenSSL's own socket BIO writes with plain
+ * write(), which raises SIGPIPE on a closed connection, and a library must not rely on the
+ * host ignoring SIGPIPE. */
+static BIO_METHOD *nosig_method;
+
+static int nosig_write(BIO *b, const char *p, int n)
+{
+    ssize_t w = send((int)(intptr_t)BIO_get_data(b), p, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    BIO_clear_retry_flags(b);
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        BIO_set_retry_write(b);
+    return (int)w;
+}
+
+static int nosig_read(BIO *b, char *p, int n)
+{
+    ssize_t r = recv((int)(intptr_t)BIO_get_data(b), p, (size_t)n, MSG_DONTWAIT);
+    BIO_clear_retry_flags(b);
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        BIO_set_retry_read(b);
+    return (int)r;
+}
+
+static long nosig_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+    (void)b;
+    (void)num;
+    (void)ptr;
+    return cmd == BIO_CTRL_FLUSH ? 1 : 0;
+}
+
+static int nosig_create(BIO *b)
+{
+    BIO_set_init(b, 1);
+    return 1;
+}
+
+static BIO *nosig_bio(int fd)
+{
+    BIO *b;
+    if (nosig_method == NULL) {
+        /* Benign race: two threads creating links at once may each build one; one leaks. */
+        BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "aamm-sock");
+        if (m == NULL || !BIO_meth_set_write(m, nosig_write) ||
+            !BIO_meth_set_read(m, nosig_read) || !BIO_meth_set_ctrl(m, nosig_ctrl) ||
+            !BIO_meth_set_create(m, nosig_create)) {
+            BIO_meth_free(m);
+            return NULL;
+        }
+        nosig_method = m;
+    }
+    b = BIO_new(nosig_method);
+    if (b != NULL)
+        BIO_set_data(b, (void *)(intptr_t)fd);
+    return b;
+}
 
 static int tls_setup(struct aamm_link *l)
 {
@@ -534,11 +592,14 @@ static void start_session(struct aamm_link *l)
 {
     struct aamm_wire_hello h;
     if (l->o.tls && l->ssl == NULL) {
+        BIO *bio;
         l->ssl = SSL_new(l->ssl_ctx);
-        if (l->ssl == NULL || SSL_set_fd(l->ssl, l->fd) != 1) {
+        bio = l->ssl ? nosig_bio(l->fd) : NULL;
+        if (bio == NULL) {
             link_fail(l, AAMM_EIO, false, "TLS: cannot create the session");
             return;
         }
+        SSL_set_bio(l->ssl, bio, bio);
         if (l->dialer) {
             SSL_set_connect_state(l->ssl);
             if (l->o.tls_server_name != NULL) {

@@ -1053,7 +1053,6 @@ static Suite *link_suite(void)
 int main(void)
 {
     int rc;
-    signal(SIGPIPE, SIG_IGN);
     valbuf = malloc(2u << 20);
     rc = aamm_test_run(link_suite());
     free(valbuf);
