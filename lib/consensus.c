@@ -597,7 +597,8 @@ AAMM_API int aamm_consensus_start(struct aamm_consensus *cs)
     rc = raft_start(&cs->raft);
     if (rc != 0)
         return aamm__errf(&cs->err, rc == RAFT_NOMEM ? AAMM_ENOMEM : AAMM_EIO,
-                          "consensus: raft_start: %s", raft_errmsg(&cs->raft));
+                          "consensus: raft_start: %s%s%s", raft_errmsg(&cs->raft),
+                          *raft_errmsg(&cs->raft) ? "; " : "", cs->transport.errmsg);
     cs->started = true;
     return 0;
 }

@@ -40,6 +40,7 @@
 
 enum {
     PH_CONNECTING = 1,
+    PH_WAIT_MAGIC,      /* A: the first 8 bytes (strangers are dropped at once) */
     PH_WAIT_HELLO,      /* A: fixed part of HELLO */
     PH_WAIT_HELLO_ADDR, /* A: address part */
     PH_WAIT_CHALLENGE,  /* C */
@@ -400,6 +401,15 @@ static void hs_progress(struct aamm__cs_conn *c)
         if (rc == 0)
             return;
         switch (c->phase) {
+        case PH_WAIT_MAGIC:
+            if (memcmp(c->hs, AAMM__PSK_MAGIC, 8) != 0) {
+                AAMM_DEBUG("consensus: dropped a stranger (no handshake magic)");
+                conn_fail(c);
+                return;
+            }
+            c->phase = PH_WAIT_HELLO;
+            c->hs_need = AAMM__PSK_HELLO_FIXED; /* keep the 8 bytes read */
+            break;
         case PH_WAIT_HELLO: {
             size_t alen = (size_t)c->hs[60] | ((size_t)c->hs[61] << 8);
             if (memcmp(c->hs, AAMM__PSK_MAGIC, 8) != 0 ||
@@ -709,7 +719,7 @@ static void listen_cb(uv_poll_t *h, int status, int events)
             close(fd);
             continue;
         }
-        hs_expect(c, PH_WAIT_HELLO, AAMM__PSK_HELLO_FIXED);
+        hs_expect(c, PH_WAIT_MAGIC, 8);
         conn_want(c, UV_READABLE);
     }
 }

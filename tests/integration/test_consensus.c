@@ -1,0 +1,983 @@
+/*
+ * test_consensus.c: real raft_uv nodes on 127.0.0.1: in one process (several handles
+ * driven by one poll loop) and as separate processes (tests/integration/consensus_agent,
+ * fork + exec, killed by pid). Covers forwarding from followers, membership, restart from
+ * disk, the data dir lock, option checks, strangers on the raft port, SIGPIPE, and the
+ * kill -9 / partition galloc safety runs.
+ */
+#include "config.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <aamm/consensus.h>
+
+#include "consensus_int.h"
+#include "testutil.h"
+
+#define SECRET "0123456789abcdef-secret"
+
+static int free_port(void)
+{
+    struct sockaddr_in sa;
+    socklen_t len = sizeof(sa);
+    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
+    memset(&sa, 0, sizeof(sa));
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    getsockname(fd, (struct sockaddr *)&sa, &len);
+    port = ntohs(sa.sin_port);
+    close(fd);
+    return port;
+}
+
+static void make_tmpdir(char *out, size_t size)
+{
+    snprintf(out, size, "/tmp/aamm-cs-XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(out));
+}
+
+static void rm_rf(const char *dir)
+{
+    char cmd[600];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    if (system(cmd) != 0)
+        fprintf(stderr, "cleanup of %s failed\n", dir);
+}
+
+/* ---- in-process cluster ---------------------------------------------------------------- */
+
+#define LC_MAX 5
+
+struct lc {
+    char base[256];
+    char dir[LC_MAX][300];
+    char addr[LC_MAX][64];
+    char name[LC_MAX][16];
+    struct aamm_consensus *cs[LC_MAX];
+    struct aamm_consensus_member m[LC_MAX];
+    int n;
+};
+
+static void lc_init(struct lc *c, int n)
+{
+    int i;
+    memset(c, 0, sizeof(*c));
+    make_tmpdir(c->base, sizeof(c->base));
+    c->n = n;
+    for (i = 0; i < LC_MAX; i++) {
+        snprintf(c->dir[i], sizeof(c->dir[i]), "%s/n%d", c->base, i + 1);
+        snprintf(c->addr[i], sizeof(c->addr[i]), "127.0.0.1:%d", free_port());
+        snprintf(c->name[i], sizeof(c->name[i]), "node%d", i + 1);
+        c->m[i].node_id = (uint64_t)i + 1;
+        c->m[i].name = c->name[i];
+        c->m[i].link_address = "link";
+        c->m[i].raft_address = c->addr[i];
+    }
+}
+
+static struct aamm_consensus *lc_open(struct lc *c, int i, bool boot)
+{
+    struct aamm_consensus_options o;
+    char err[512];
+    int rc;
+    memset(&o, 0, sizeof(o));
+    o.node_id = (uint64_t)i + 1;
+    o.raft_address = c->addr[i];
+    o.data_dir = c->dir[i];
+    o.cluster_name = "lc";
+    o.secret = SECRET;
+    o.secret_len = strlen(SECRET);
+    o.election_timeout_ms = 300;
+    o.heartbeat_timeout_ms = 30;
+    o.snapshot_threshold = 64;
+    o.snapshot_trailing = 16;
+    rc = aamm_consensus_new(&c->cs[i], &o, err, sizeof(err));
+    ck_assert_msg(rc == 0, "new: %s", err);
+    if (boot)
+        ck_assert_int_eq(aamm_consensus_bootstrap(c->cs[i], c->m, (size_t)c->n), 0);
+    rc = aamm_consensus_start(c->cs[i]);
+    ck_assert_msg(rc == 0, "start: %s", aamm_consensus_errmsg(c->cs[i]));
+    return c->cs[i];
+}
+
+static void lc_start(struct lc *c)
+{
+    int i;
+    for (i = 0; i < c->n; i++)
+        lc_open(c, i, true);
+}
+
+static void lc_close(struct lc *c)
+{
+    int i;
+    for (i = 0; i < LC_MAX; i++) {
+        aamm_consensus_free(c->cs[i]);
+        c->cs[i] = NULL;
+    }
+    rm_rf(c->base);
+}
+
+/* Drive every open handle until @done or @ms elapse. */
+static bool lc_run(struct lc *c, bool (*done)(struct lc *, void *), void *arg, int ms)
+{
+    int64_t end = aamm_test_now_ms() + ms;
+    for (;;) {
+        struct pollfd pfd[LC_MAX];
+        int i, n = 0, t = 10;
+        if (done != NULL && done(c, arg))
+            return true;
+        if (aamm_test_now_ms() > end)
+            return false;
+        for (i = 0; i < LC_MAX; i++) {
+            int ti;
+            if (c->cs[i] == NULL)
+                continue;
+            pfd[n].fd = aamm_consensus_fd(c->cs[i]);
+            pfd[n].events = POLLIN;
+            pfd[n].revents = 0;
+            n++;
+            ti = aamm_consensus_timeout(c->cs[i]);
+            if (ti >= 0 && ti < t)
+                t = ti;
+        }
+        poll(pfd, (nfds_t)n, t);
+        for (i = 0; i < LC_MAX; i++)
+            if (c->cs[i] != NULL)
+                ck_assert_int_eq(aamm_consensus_step(c->cs[i]), 0);
+    }
+}
+
+static int lc_leader(struct lc *c)
+{
+    int i;
+    for (i = 0; i < LC_MAX; i++)
+        if (c->cs[i] != NULL && aamm_consensus_state(c->cs[i]) == AAMM_CONSENSUS_LEADER)
+            return i;
+    return -1;
+}
+
+static bool has_leader(struct lc *c, void *arg)
+{
+    (void)arg;
+    return lc_leader(c) >= 0;
+}
+
+static bool members_known(struct lc *c, void *arg)
+{
+    int i, want = *(int *)arg;
+    for (i = 0; i < LC_MAX; i++)
+        if (c->cs[i] != NULL && (int)aamm_consensus_member_count(c->cs[i]) != want)
+            return false;
+    return true;
+}
+
+struct waiter {
+    int pending;
+    int status[64];
+    int64_t start[64], end[64];
+    struct aamm_consensus_ddl_lock lock[64];
+    int n;
+};
+
+static void w_galloc(struct aamm_consensus *cs, int status, int64_t start, int64_t end,
+                     void *arg)
+{
+    struct waiter *w = arg;
+    (void)cs;
+    w->status[w->n] = status;
+    w->start[w->n] = start;
+    w->end[w->n] = end;
+    w->n++;
+    w->pending--;
+}
+
+static void w_ddl(struct aamm_consensus *cs, int status,
+                  const struct aamm_consensus_ddl_lock *lock, void *arg)
+{
+    struct waiter *w = arg;
+    (void)cs;
+    w->status[w->n] = status;
+    if (lock != NULL)
+        w->lock[w->n] = *lock;
+    w->n++;
+    w->pending--;
+}
+
+static void w_done(struct aamm_consensus *cs, int status, void *arg)
+{
+    struct waiter *w = arg;
+    (void)cs;
+    w->status[w->n++] = status;
+    w->pending--;
+}
+
+static bool w_finished(struct lc *c, void *arg)
+{
+    (void)c;
+    return ((struct waiter *)arg)->pending == 0;
+}
+
+static bool same_hash(struct lc *c, void *arg)
+{
+    int i;
+    uint64_t h = 0;
+    (void)arg;
+    for (i = 0; i < LC_MAX; i++) {
+        if (c->cs[i] == NULL)
+            continue;
+        if (h == 0)
+            h = aamm_consensus_state_hash(c->cs[i]);
+        else if (aamm_consensus_state_hash(c->cs[i]) != h)
+            return false;
+    }
+    return true;
+}
+
+/* Commands submitted on every member (followers forward to the leader over the
+ * authenticated channel) return disjoint galloc ranges, DDL lock results and watermarks;
+ * the bootstrap membership enters the replicated state; all members converge. */
+START_TEST(local_commands_from_any_member)
+{
+    struct lc c;
+    struct waiter w;
+    int i, j, three = 3, l, f;
+    struct aamm_consensus_member m;
+    uint64_t token;
+    lc_init(&c, 3);
+    lc_start(&c);
+    ck_assert(lc_run(&c, has_leader, NULL, 10000));
+    ck_assert(lc_run(&c, members_known, &three, 10000));
+    ck_assert_int_eq(aamm_consensus_member_get(c.cs[0], 2, &m), 0);
+    ck_assert_str_eq(m.name, "node2");
+    ck_assert_str_eq(m.raft_address, c.addr[1]);
+    memset(&w, 0, sizeof(w));
+    for (i = 0; i < 3; i++)
+        for (j = 0; j < 5; j++) {
+            ck_assert_int_eq(aamm_consensus_galloc(c.cs[i], "s", 100, 0, w_galloc, &w), 0);
+            w.pending++;
+        }
+    ck_assert(lc_run(&c, w_finished, &w, 10000));
+    ck_assert_int_eq(w.n, 15);
+    for (i = 0; i < 15; i++) {
+        ck_assert_int_eq(w.status[i], 0);
+        ck_assert_int_eq(w.end[i] - w.start[i], 100);
+        for (j = 0; j < i; j++)
+            ck_assert(w.end[i] <= w.start[j] || w.end[j] <= w.start[i]);
+    }
+    /* DDL lock from a follower; a second node is refused; release by token */
+    l = lc_leader(&c);
+    f = (l + 1) % 3;
+    memset(&w, 0, sizeof(w));
+    w.pending = 1;
+    ck_assert_int_eq(aamm_consensus_ddl_acquire(c.cs[f], 60000, w_ddl, &w), 0);
+    ck_assert(lc_run(&c, w_finished, &w, 10000));
+    ck_assert_int_eq(w.status[0], 0);
+    ck_assert_uint_eq(w.lock[0].holder, (uint64_t)f + 1);
+    token = w.lock[0].token;
+    ck_assert_uint_gt(token, 0);
+    w.pending = 1;
+    ck_assert_int_eq(aamm_consensus_ddl_acquire(c.cs[(f + 1) % 3], 1000, w_ddl, &w), 0);
+    ck_assert(lc_run(&c, w_finished, &w, 10000));
+    ck_assert_int_eq(w.status[1], AAMM_EBUSY);
+    ck_assert_uint_eq(w.lock[1].holder, (uint64_t)f + 1);
+    w.pending = 1;
+    ck_assert_int_eq(aamm_consensus_ddl_release(c.cs[f], token, w_ddl, &w), 0);
+    ck_assert(lc_run(&c, w_finished, &w, 10000));
+    ck_assert_int_eq(w.status[2], 0);
+    /* watermarks of origin 1 reported by 2 and 3 */
+    memset(&w, 0, sizeof(w));
+    w.pending = 2;
+    ck_assert_int_eq(aamm_consensus_watermark_set(c.cs[1], 1, 700, w_done, &w), 0);
+    ck_assert_int_eq(aamm_consensus_watermark_set(c.cs[2], 1, 500, w_done, &w), 0);
+    ck_assert(lc_run(&c, w_finished, &w, 10000));
+    ck_assert(lc_run(&c, same_hash, NULL, 5000));
+    for (i = 0; i < 3; i++)
+        ck_assert_uint_eq(aamm_consensus_watermark_get(c.cs[i], 1), 500);
+    lc_close(&c);
+}
+END_TEST
+
+/* A new node on an empty dir joins through add_member called on a FOLLOWER, becomes a voter
+ * with its metadata, gets ranges itself, and can be removed again; a node id already used
+ * by another address is refused. */
+START_TEST(local_join_and_remove)
+{
+    struct lc c;
+    struct waiter w;
+    int l, f, four = 4, three = 3;
+    struct aamm_consensus_member bad;
+    lc_init(&c, 3);
+    lc_start(&c);
+    ck_assert(lc_run(&c, members_known, &three, 10000));
+    lc_open(&c, 3, false);
+    l = lc_leader(&c);
+    f = (l + 1) % 3;
+    memset(&w, 0, sizeof(w));
+    w.pending = 1;
+    ck_assert_int_eq(aamm_consensus_add_member(c.cs[f], &c.m[3], w_done, &w), 0);
+    ck_assert(lc_run(&c, w_finished, &w, 15000));
+    ck_assert_int_eq(w.status[0], 0);
+    ck_assert(lc_run(&c, members_known, &four, 10000));
+    w.pending = 1;
+    ck_assert_int_eq(aamm_consensus_galloc(c.cs[3], "s", 10, 0, w_galloc, &w), 0);
+    ck_assert(lc_run(&c, w_finished, &w, 10000));
+    ck_assert_int_eq(w.status[1], 0);
+    /* same id, other address */
+    bad = c.m[3];
+    bad.raft_address = c.addr[4];
+    w.pending = 1;
+    ck_assert_int_eq(aamm_consensus_add_member(c.cs[0], &bad, w_done, &w), 0);
+    ck_assert(lc_run(&c, w_finished, &w, 10000));
+    ck_assert_int_eq(w.status[2], AAMM_EINVAL);
+    /* remove node 4 from node 1 */
+    w.pending = 1;
+    ck_assert_int_eq(aamm_consensus_remove_member(c.cs[0], 4, w_done, &w), 0);
+    ck_assert(lc_run(&c, w_finished, &w, 10000));
+    ck_assert_int_eq(w.status[3], 0);
+    aamm_consensus_free(c.cs[3]);
+    c.cs[3] = NULL;
+    ck_assert(lc_run(&c, members_known, &three, 10000));
+    w.pending = 1;
+    ck_assert_int_eq(aamm_consensus_remove_member(c.cs[0], 4, w_done, &w), 0);
+    ck_assert(lc_run(&c, w_finished, &w, 10000));
+    ck_assert_int_eq(w.status[4], AAMM_ENOTFOUND);
+    lc_close(&c);
+}
+END_TEST
+
+static bool three_applied(struct lc *c, void *arg)
+{
+    return aamm_consensus_applied_index(c->cs[2]) >= *(uint64_t *)arg && same_hash(c, NULL);
+}
+
+/* A member closed while the others move on (past several snapshots) restarts from its data
+ * dir (no bootstrap) and catches up from disk + leader to the same state; its request
+ * numbers continue (no reuse after restart). */
+START_TEST(local_restart_catches_up)
+{
+    struct lc c;
+    struct waiter w;
+    int i, three = 3;
+    char path[400], text[64];
+    FILE *fp;
+    unsigned long long inc1, lim1, inc2, lim2;
+    uint64_t target;
+    lc_init(&c, 3);
+    lc_start(&c);
+    ck_assert(lc_run(&c, members_known, &three, 10000));
+    snprintf(path, sizeof(path), "%s/aamm-reqno", c.dir[2]);
+    fp = fopen(path, "r");
+    ck_assert(fp && fscanf(fp, "%llx %llu", &inc1, &lim1) == 2);
+    fclose(fp);
+    aamm_consensus_free(c.cs[2]);
+    c.cs[2] = NULL;
+    memset(&w, 0, sizeof(w));
+    for (i = 0; i < 200; i++) {
+        w.pending = 1;
+        w.n = 0;
+        ck_assert_int_eq(aamm_consensus_galloc(c.cs[i % 2], "s", 10, 0, w_galloc, &w), 0);
+        ck_assert(lc_run(&c, w_finished, &w, 10000));
+        ck_assert_int_eq(w.status[0], 0);
+    }
+    lc_open(&c, 2, false);
+    target = aamm_consensus_applied_index(c.cs[0]);
+    if (!lc_run(&c, three_applied, &target, 15000)) {
+        int k;
+        for (k = 0; k < 3; k++) {
+            int64_t nx = 0;
+            aamm_consensus_galloc_next(c.cs[k], "s", &nx);
+            fprintf(stderr, "node %d: applied %llu members %zu next %lld hash %llx\n", k + 1,
+                    (unsigned long long)aamm_consensus_applied_index(c.cs[k]),
+                    aamm_consensus_member_count(c.cs[k]), (long long)nx,
+                    (unsigned long long)aamm_consensus_state_hash(c.cs[k]));
+        }
+    }
+    ck_assert_msg(lc_run(&c, three_applied, &target, 15000), "node 3: state %d applied %llu (target %llu) step %d %s",
+                  aamm_consensus_state(c.cs[2]), (unsigned long long)aamm_consensus_applied_index(c.cs[2]),
+                  (unsigned long long)target, aamm_consensus_step(c.cs[2]), aamm_consensus_errmsg(c.cs[2]));
+    ck_assert_int_eq(aamm_consensus_galloc_next(c.cs[2], "s", &(int64_t){0}), 0);
+    fp = fopen(path, "r");
+    ck_assert(fp && fscanf(fp, "%llx %llu", &inc2, &lim2) == 2);
+    fclose(fp);
+    ck_assert_uint_eq(inc1, inc2);
+    ck_assert_uint_gt(lim2, lim1);
+    (void)text;
+    lc_close(&c);
+}
+END_TEST
+
+/* Settings are validated before raft sees them; a second open of a data dir is refused. */
+START_TEST(options_and_lock)
+{
+    struct aamm_consensus_options o;
+    struct aamm_consensus *cs = NULL, *cs2 = NULL;
+    char dir[256], err[512];
+    make_tmpdir(dir, sizeof(dir));
+    memset(&o, 0, sizeof(o));
+    o.node_id = 1;
+    o.raft_address = "127.0.0.1:7001";
+    o.data_dir = dir;
+    o.cluster_name = "x";
+    o.secret = SECRET;
+    o.secret_len = strlen(SECRET);
+    o.election_timeout_ms = 100;
+    o.heartbeat_timeout_ms = 100;
+    ck_assert_int_eq(aamm_consensus_new(&cs, &o, err, sizeof(err)), AAMM_EINVAL);
+    ck_assert_ptr_nonnull(strstr(err, "heartbeat"));
+    o.heartbeat_timeout_ms = 10;
+    o.raft_address = "[::1]:7001";
+    ck_assert_int_eq(aamm_consensus_new(&cs, &o, err, sizeof(err)), AAMM_EINVAL);
+    o.raft_address = "::1:7001";
+    ck_assert_int_eq(aamm_consensus_new(&cs, &o, err, sizeof(err)), AAMM_EINVAL);
+    o.raft_address = "127.0.0.1:7001";
+    o.secret_len = 8;
+    ck_assert_int_eq(aamm_consensus_new(&cs, &o, err, sizeof(err)), AAMM_EINVAL);
+    o.secret_len = strlen(SECRET);
+    o.node_id = 0;
+    ck_assert_int_eq(aamm_consensus_new(&cs, &o, err, sizeof(err)), AAMM_EINVAL);
+    o.node_id = 1;
+    o.raft_address = "localhost:7001"; /* resolved to IPv4 by us */
+    ck_assert_int_eq(aamm_consensus_new(&cs, &o, err, sizeof(err)), 0);
+    ck_assert_int_eq(aamm_consensus_new(&cs2, &o, err, sizeof(err)), AAMM_EBUSY);
+    ck_assert_ptr_null(cs2);
+    ck_assert_ptr_nonnull(strstr(err, "in use"));
+    /* not started: commands are refused without a callback */
+    ck_assert_int_eq(aamm_consensus_galloc(cs, "s", 1, 0, w_galloc, NULL), AAMM_ESTATE);
+    aamm_consensus_free(cs);
+    ck_assert_int_eq(aamm_consensus_new(&cs, &o, err, sizeof(err)), 0);
+    aamm_consensus_free(cs);
+    rm_rf(dir);
+}
+END_TEST
+
+/* ---- strangers on the raft port ------------------------------------------------------------ */
+
+static int dial(const char *addr)
+{
+    struct sockaddr_in sa;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    ck_assert_int_eq(aamm__cs_parse_addr(addr, &sa), 0);
+    ck_assert_int_eq(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    return fd;
+}
+
+/* True when the peer closed @fd (EOF or reset) while we kept the cluster running. */
+static bool closed_by_peer(struct lc *c, int fd, int ms)
+{
+    int64_t end = aamm_test_now_ms() + ms;
+    fcntl(fd, F_SETFL, O_NONBLOCK);
+    while (aamm_test_now_ms() < end) {
+        char b[256];
+        ssize_t n = recv(fd, b, sizeof(b), 0);
+        if (n == 0 || (n < 0 && errno != EAGAIN))
+            return true;
+        lc_run(c, NULL, NULL, 20);
+    }
+    return false;
+}
+
+/* Someone without the secret connects to a member's raft port: raft's own handshake bytes,
+ * garbage, or a well-formed HELLO followed by a forged PROOF. Each connection is dropped,
+ * no term changes, the membership stays the same; the cluster keeps working. */
+START_TEST(stranger_cannot_join_or_inject)
+{
+    struct lc c;
+    struct waiter w;
+    int three = 3, fd, l;
+    uint64_t term;
+    uint8_t hello[AAMM__PSK_HELLO_FIXED + 15], ch[AAMM__PSK_CHALLENGE], bad[32];
+    uint8_t raft_hs[64];
+    size_t alen = strlen("127.0.0.1:9999");
+    lc_init(&c, 3);
+    lc_start(&c);
+    ck_assert(lc_run(&c, members_known, &three, 10000));
+    l = lc_leader(&c);
+    term = aamm_consensus_term(c.cs[l]);
+    /* 1. raft's own TCP handshake (protocol 1, id 9, address) + a vote request-looking blob */
+    memset(raft_hs, 0, sizeof(raft_hs));
+    raft_hs[0] = 1;
+    raft_hs[8] = 9;
+    raft_hs[16] = 16;
+    memcpy(raft_hs + 24, "127.0.0.1:9999", alen);
+    fd = dial(c.addr[(l + 1) % 3]);
+    ck_assert_int_eq(send(fd, raft_hs, sizeof(raft_hs), MSG_NOSIGNAL), sizeof(raft_hs));
+    ck_assert(closed_by_peer(&c, fd, 3000));
+    close(fd);
+    /* 2. a well-formed HELLO, then a forged PROOF plus "raft" bytes in one write */
+    memcpy(hello, AAMM__PSK_MAGIC, 8);
+    hello[8] = AAMM__CS_ROLE_RAFT;
+    hello[9] = hello[10] = hello[11] = 0;
+    memset(hello + 12, 0, 16);
+    hello[12] = 9;                        /* from id 9 */
+    hello[20] = (uint8_t)((l + 1) % 3 + 1); /* to the member we dial */
+    memset(hello + 28, 0x55, 32);
+    hello[60] = (uint8_t)alen;
+    hello[61] = 0;
+    memcpy(hello + 62, "127.0.0.1:9999", alen);
+    fd = dial(c.addr[(l + 1) % 3]);
+    ck_assert_int_eq(send(fd, hello, AAMM__PSK_HELLO_FIXED + alen, MSG_NOSIGNAL),
+                     (ssize_t)(AAMM__PSK_HELLO_FIXED + alen));
+    {
+        size_t have = 0;
+        int64_t end = aamm_test_now_ms() + 3000;
+        fcntl(fd, F_SETFL, O_NONBLOCK);
+        while (have < sizeof(ch) && aamm_test_now_ms() < end) {
+            ssize_t n = recv(fd, ch + have, sizeof(ch) - have, 0);
+            if (n > 0)
+                have += (size_t)n;
+            lc_run(&c, NULL, NULL, 10);
+        }
+        ck_assert_uint_eq(have, sizeof(ch));
+    }
+    {
+        uint8_t msg[32 + 64];
+        memset(bad, 0xAA, sizeof(bad));
+        memcpy(msg, bad, 32);
+        memcpy(msg + 32, raft_hs, 64);
+        ck_assert_int_eq(send(fd, msg, sizeof(msg), MSG_NOSIGNAL), sizeof(msg));
+    }
+    ck_assert(closed_by_peer(&c, fd, 3000));
+    close(fd);
+    /* 3. random garbage */
+    fd = dial(c.addr[l]);
+    ck_assert_int_eq(send(fd, "GET / HTTP/1.0\r\n\r\n", 18, MSG_NOSIGNAL), 18);
+    ck_assert(closed_by_peer(&c, fd, 3000));
+    close(fd);
+    ck_assert_uint_eq(aamm_consensus_term(c.cs[l]), term);
+    ck_assert_int_eq(lc_leader(&c), l);
+    ck_assert_uint_eq(aamm_consensus_member_count(c.cs[0]), 3);
+    memset(&w, 0, sizeof(w));
+    w.pending = 1;
+    ck_assert_int_eq(aamm_consensus_galloc(c.cs[(l + 1) % 3], "s", 1, 0, w_galloc, &w), 0);
+    ck_assert(lc_run(&c, w_finished, &w, 10000));
+    ck_assert_int_eq(w.status[0], 0);
+    lc_close(&c);
+}
+END_TEST
+
+/* A member with a different secret never joins the others' cluster: it cannot get a leader
+ * elected with them nor disturb their term. */
+START_TEST(wrong_secret_is_refused)
+{
+    struct lc c;
+    struct aamm_consensus_options o;
+    int three = 3, l;
+    char err[512];
+    uint64_t term;
+    lc_init(&c, 3);
+    lc_open(&c, 0, true);
+    lc_open(&c, 1, true);
+    ck_assert(lc_run(&c, has_leader, NULL, 10000));
+    (void)three;
+    l = lc_leader(&c);
+    term = aamm_consensus_term(c.cs[l]);
+    /* node 3 with the wrong secret and an aggressive election timeout */
+    memset(&o, 0, sizeof(o));
+    o.node_id = 3;
+    o.raft_address = c.addr[2];
+    o.data_dir = c.dir[2];
+    o.cluster_name = "lc";
+    o.secret = "another-secret-of-16+";
+    o.secret_len = 21;
+    o.election_timeout_ms = 100;
+    o.heartbeat_timeout_ms = 10;
+    ck_assert_int_eq(aamm_consensus_new(&c.cs[2], &o, err, sizeof(err)), 0);
+    ck_assert_int_eq(aamm_consensus_bootstrap(c.cs[2], c.m, 3), 0);
+    ck_assert_int_eq(aamm_consensus_start(c.cs[2]), 0);
+    lc_run(&c, NULL, NULL, 2000);
+    ck_assert_int_eq(lc_leader(&c), l);
+    ck_assert_uint_eq(aamm_consensus_term(c.cs[l]), term);
+    ck_assert_int_ne(aamm_consensus_state(c.cs[2]), AAMM_CONSENSUS_LEADER);
+    lc_close(&c);
+}
+END_TEST
+
+/* The host ignores SIGPIPE through aamm_consensus_ignore_sigpipe(); then a peer vanishing
+ * (its sockets closed mid-stream) never kills the host. Runs in a child process. */
+START_TEST(peer_going_away_does_not_kill_host)
+{
+    pid_t pid = fork();
+    int st;
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        struct lc c;
+        int i, l, three = 3;
+        signal(SIGPIPE, SIG_DFL);
+        if (!aamm_consensus_ignore_sigpipe())
+            _exit(10);
+        lc_init(&c, 3);
+        lc_start(&c);
+        if (!lc_run(&c, members_known, &three, 10000))
+            _exit(11);
+        for (i = 0; i < 3; i++) {
+            struct waiter w;
+            l = lc_leader(&c);
+            if (l < 0 && !lc_run(&c, has_leader, NULL, 10000))
+                _exit(12);
+            l = lc_leader(&c);
+            memset(&w, 0, sizeof(w));
+            w.pending = 1;
+            aamm_consensus_galloc(c.cs[(l + 1) % 3], "s", 1, 0, w_galloc, &w);
+            lc_run(&c, w_finished, &w, 5000);
+            /* the leader vanishes; the followers keep writing to it until they notice */
+            aamm_consensus_free(c.cs[l]);
+            c.cs[l] = NULL;
+            lc_run(&c, NULL, NULL, 700);
+            lc_open(&c, l, false);
+        }
+        lc_close(&c);
+        _exit(0);
+    }
+    ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+    ck_assert_msg(WIFEXITED(st), "host killed by signal %d", WTERMSIG(st));
+    ck_assert_int_eq(WEXITSTATUS(st), 0);
+}
+END_TEST
+
+/* ---- separate processes ------------------------------------------------------------------ */
+
+#define AG_N 3
+
+struct agent {
+    pid_t pid;
+    int id;
+    char dir[300], out[300], status[300];
+};
+
+static struct agent g_ag[AG_N];
+static char g_base[256], g_peers[256];
+
+static void agents_kill_all(void)
+{
+    int i;
+    for (i = 0; i < AG_N; i++)
+        if (g_ag[i].pid > 0) {
+            kill(g_ag[i].pid, SIGKILL);
+            waitpid(g_ag[i].pid, NULL, 0);
+            g_ag[i].pid = 0;
+        }
+}
+
+static void ag_spawn(int i, bool boot, bool galloc, int timeout_ms)
+{
+    char path[512], id[16], tmo[16];
+    char *argv[24];
+    int n = 0;
+    pid_t parent = getpid();
+    snprintf(path, sizeof(path), "%s/tests/integration/consensus_agent", AAMM_TOP_BUILDDIR);
+    snprintf(id, sizeof(id), "%d", i + 1);
+    snprintf(tmo, sizeof(tmo), "%d", timeout_ms);
+    argv[n++] = path;
+    argv[n++] = "--id";
+    argv[n++] = id;
+    argv[n++] = "--dir";
+    argv[n++] = g_ag[i].dir;
+    argv[n++] = "--peers";
+    argv[n++] = g_peers;
+    argv[n++] = "--status";
+    argv[n++] = g_ag[i].status;
+    argv[n++] = "--election";
+    argv[n++] = "500";
+    argv[n++] = "--heartbeat";
+    argv[n++] = "50";
+    argv[n++] = "--timeout";
+    argv[n++] = tmo;
+    if (galloc) {
+        argv[n++] = "--galloc";
+        argv[n++] = g_ag[i].out;
+    }
+    if (boot)
+        argv[n++] = "--bootstrap";
+    argv[n] = NULL;
+    unlink(g_ag[i].status); /* never read a previous incarnation's status */
+    g_ag[i].pid = fork();
+    ck_assert_int_ge(g_ag[i].pid, 0);
+    if (g_ag[i].pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive the test */
+        if (getppid() != parent)
+            _exit(99);
+        {
+            char log[400];
+            int fd;
+            snprintf(log, sizeof(log), "%s.log", g_ag[i].status);
+            fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+            if (fd >= 0)
+                dup2(fd, 2);
+        }
+        execv(path, argv);
+        _exit(98);
+    }
+}
+
+struct ag_status {
+    int state;
+    unsigned long long leader, term, applied;
+    long long next;
+    unsigned long long hash;
+    unsigned long failures;
+};
+
+static bool ag_read(int i, struct ag_status *s)
+{
+    FILE *f = fopen(g_ag[i].status, "r");
+    int n;
+    if (f == NULL)
+        return false;
+    n = fscanf(f, "%d %llu %llu %llu %lld %llx %lu", &s->state, &s->leader, &s->term,
+               &s->applied, &s->next, &s->hash, &s->failures);
+    fclose(f);
+    return n == 7;
+}
+
+static void ag_setup(void)
+{
+    int i;
+    make_tmpdir(g_base, sizeof(g_base));
+    g_peers[0] = 0;
+    for (i = 0; i < AG_N; i++) {
+        char one[64];
+        g_ag[i].id = i + 1;
+        g_ag[i].pid = 0;
+        snprintf(g_ag[i].dir, sizeof(g_ag[i].dir), "%s/d%d", g_base, i + 1);
+        snprintf(g_ag[i].out, sizeof(g_ag[i].out), "%s/ranges%d", g_base, i + 1);
+        snprintf(g_ag[i].status, sizeof(g_ag[i].status), "%s/status%d", g_base, i + 1);
+        snprintf(one, sizeof(one), "%s%d=127.0.0.1:%d", i ? "," : "", i + 1, free_port());
+        strcat(g_peers, one);
+    }
+}
+
+static void ag_teardown(void)
+{
+    agents_kill_all();
+    if (g_base[0])
+        rm_rf(g_base);
+    g_base[0] = 0;
+}
+
+/* The leader according to a live agent that is leader itself, or -1. */
+static int ag_leader(unsigned long long min_term)
+{
+    int i;
+    for (i = 0; i < AG_N; i++) {
+        struct ag_status s;
+        if (g_ag[i].pid > 0 && ag_read(i, &s) && s.state == AAMM_CONSENSUS_LEADER &&
+            s.term >= min_term)
+            return i;
+    }
+    return -1;
+}
+
+static long count_ids(int i, int64_t (**ranges)[2], size_t *n, size_t *cap)
+{
+    FILE *f = fopen(g_ag[i].out, "r");
+    long long a, b;
+    long total = 0;
+    if (f == NULL)
+        return 0;
+    while (fscanf(f, "%lld %lld", &a, &b) == 2) {
+        if (ranges != NULL) {
+            if (*n == *cap) {
+                *cap = *cap ? *cap * 2 : 1024;
+                *ranges = realloc(*ranges, *cap * sizeof(**ranges));
+            }
+            (*ranges)[*n][0] = a;
+            (*ranges)[*n][1] = b;
+            (*n)++;
+        }
+        total += (long)(b - a);
+    }
+    fclose(f);
+    return total;
+}
+
+static int cmp_range(const void *x, const void *y)
+{
+    const int64_t *a = x, *b = y;
+    return a[0] < b[0] ? -1 : a[0] > b[0];
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000};
+    nanosleep(&ts, NULL);
+}
+
+/* Three agents in separate processes allocate ranges of 1000 nonstop while the leader is
+ * killed with SIGKILL again and again (and restarted from its data dir): a new leader is
+ * elected within 15 s every time, no value is ever issued twice across the whole run
+ * (>= 1,000,000 ids at scale 1), and at the end all three agree on the state. */
+START_TEST(kill9_leader_galloc_never_duplicates)
+{
+    long target = aamm_test_scaled(1000000, 100000), total = 0;
+    int kills = 0, min_kills = (int)aamm_test_scaled(4, 2), i;
+    int64_t start = aamm_test_now_ms();
+    int64_t (*ranges)[2] = NULL;
+    size_t n = 0, cap = 0, k;
+    int64_t worst_failover = 0;
+    struct ag_status s[AG_N];
+    for (i = 0; i < AG_N; i++)
+        ag_spawn(i, true, true, 3000);
+    while (total < target || kills < min_kills) {
+        int l = -1;
+        unsigned long long term;
+        int64_t t0;
+        ck_assert_msg(aamm_test_now_ms() - start < 150000, "too slow: %ld ids", total);
+        t0 = aamm_test_now_ms();
+        while ((l = ag_leader(0)) < 0) {
+            ck_assert_msg(aamm_test_now_ms() - t0 < 15000, "no leader within 15 s");
+            sleep_ms(20);
+        }
+        sleep_ms(kills < min_kills ? 1200 : 300); /* let allocations run */
+        total = 0;
+        for (i = 0; i < AG_N; i++)
+            total += count_ids(i, NULL, NULL, NULL);
+        if (kills >= min_kills)
+            continue;
+        l = ag_leader(0);
+        if (l < 0)
+            continue;
+        ck_assert(ag_read(l, &s[0]));
+        term = s[0].term;
+        kill(g_ag[l].pid, SIGKILL);
+        waitpid(g_ag[l].pid, NULL, 0);
+        g_ag[l].pid = 0;
+        kills++;
+        t0 = aamm_test_now_ms();
+        while (ag_leader(term + 1) < 0) {
+            ck_assert_msg(aamm_test_now_ms() - t0 < 15000,
+                          "no new leader within 15 s after kill %d", kills);
+            sleep_ms(10);
+        }
+        if (aamm_test_now_ms() - t0 > worst_failover)
+            worst_failover = aamm_test_now_ms() - t0;
+        sleep_ms(200);
+        ag_spawn(l, false, true, 3000); /* restart from its data dir */
+    }
+    /* quiesce (once each agent runs its loop, so its SIGUSR1 handler is in place), then
+     * every member (restarted ones included) must agree */
+    for (i = 0; i < AG_N; i++) {
+        int64_t t0 = aamm_test_now_ms();
+        while (!ag_read(i, &s[i])) {
+            ck_assert_msg(aamm_test_now_ms() - t0 < 15000, "agent %d does not run", i + 1);
+            sleep_ms(10);
+        }
+        kill(g_ag[i].pid, SIGUSR1);
+    }
+    {
+        int64_t t0 = aamm_test_now_ms();
+        bool same = false;
+        while (!same && aamm_test_now_ms() - t0 < 15000) {
+            sleep_ms(100);
+            same = ag_read(0, &s[0]) && ag_read(1, &s[1]) && ag_read(2, &s[2]) &&
+                   s[0].hash == s[1].hash && s[1].hash == s[2].hash &&
+                   s[0].applied == s[1].applied && s[1].applied == s[2].applied;
+        }
+        for (i = 0; !same && i < AG_N; i++) {
+            char cmd[400];
+            snprintf(cmd, sizeof(cmd), "cat %s.log >&2", g_ag[i].status);
+            if (system(cmd) != 0)
+                fprintf(stderr, "no log\n");
+            fprintf(stderr, "agent %d pid %d alive %d\n", i + 1, (int)g_ag[i].pid,
+                    g_ag[i].pid > 0 && kill(g_ag[i].pid, 0) == 0);
+            if (getenv("AAMM_TEST_GDB") && g_ag[i].pid > 0) {
+                snprintf(cmd, sizeof(cmd), "gdb -q -batch -p %d -ex 'thread apply all bt 12' >&2", (int)g_ag[i].pid);
+                if (system(cmd) != 0)
+                    fprintf(stderr, "gdb failed\n");
+            }
+            if (ag_read(i, &s[i]))
+                fprintf(stderr, "agent %d: state %d leader %llu term %llu applied %llu next %lld "
+                        "hash %llx failures %lu\n", i + 1, s[i].state, s[i].leader, s[i].term,
+                        s[i].applied, s[i].next, s[i].hash, s[i].failures);
+        }
+        ck_assert_msg(same, "members did not converge");
+    }
+    agents_kill_all();
+    total = 0;
+    for (i = 0; i < AG_N; i++)
+        total += count_ids(i, &ranges, &n, &cap);
+    ck_assert_int_ge(total, target);
+    qsort(ranges, n, sizeof(ranges[0]), cmp_range);
+    for (k = 1; k < n; k++)
+        ck_assert_msg(ranges[k - 1][1] <= ranges[k][0], "overlap: [%lld,%lld) and [%lld,%lld)",
+                      (long long)ranges[k - 1][0], (long long)ranges[k - 1][1],
+                      (long long)ranges[k][0], (long long)ranges[k][1]);
+    ck_assert_int_le(ranges[n - 1][1], s[0].next); /* nothing beyond what the FSM gave */
+    fprintf(stderr, "kill9: %ld ids in %zu ranges, %d kills, worst fail-over %lld ms\n", total, n,
+            kills, (long long)worst_failover);
+    free(ranges);
+}
+END_TEST
+
+/* With both other members stopped (SIGSTOP), the remaining member cannot reach a majority:
+ * it gets no new range (its requests time out), and it gets ranges again once they are
+ * back. */
+START_TEST(minority_gets_no_range)
+{
+    int i, l = -1, m;
+    long before, after;
+    struct ag_status s;
+    int64_t t0 = aamm_test_now_ms();
+    for (i = 0; i < AG_N; i++)
+        ag_spawn(i, true, true, 800);
+    while ((l = ag_leader(0)) < 0) {
+        ck_assert(aamm_test_now_ms() - t0 < 15000);
+        sleep_ms(20);
+    }
+    sleep_ms(500);
+    m = (l + 1) % AG_N; /* the minority: a follower */
+    ck_assert_int_gt(count_ids(m, NULL, NULL, NULL), 0);
+    for (i = 0; i < AG_N; i++)
+        if (i != m)
+            kill(g_ag[i].pid, SIGSTOP);
+    sleep_ms(1000); /* anything committed before the stop has arrived by now */
+    before = count_ids(m, NULL, NULL, NULL);
+    sleep_ms(3000);
+    after = count_ids(m, NULL, NULL, NULL);
+    ck_assert_int_eq(after, before);
+    ck_assert(ag_read(m, &s));
+    ck_assert_uint_gt(s.failures, 0); /* its requests timed out */
+    for (i = 0; i < AG_N; i++)
+        if (i != m)
+            kill(g_ag[i].pid, SIGCONT);
+    t0 = aamm_test_now_ms();
+    while (count_ids(m, NULL, NULL, NULL) == after) {
+        ck_assert_msg(aamm_test_now_ms() - t0 < 15000, "no range after healing");
+        sleep_ms(50);
+    }
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("consensus-integration");
+    TCase *tl = aamm_test_tcase("local", 60);
+    TCase *tp = aamm_test_tcase("processes", 170);
+    signal(SIGPIPE, SIG_IGN);
+    tcase_add_test(tl, options_and_lock);
+    tcase_add_test(tl, local_commands_from_any_member);
+    tcase_add_test(tl, local_join_and_remove);
+    tcase_add_test(tl, local_restart_catches_up);
+    tcase_add_test(tl, stranger_cannot_join_or_inject);
+    tcase_add_test(tl, wrong_secret_is_refused);
+    tcase_add_test(tl, peer_going_away_does_not_kill_host);
+    suite_add_tcase(s, tl);
+    tcase_add_checked_fixture(tp, ag_setup, ag_teardown);
+    tcase_add_test(tp, kill9_leader_galloc_never_duplicates);
+    tcase_add_test(tp, minority_gets_no_range);
+    suite_add_tcase(s, tp);
+    return aamm_test_run(s);
+}
