@@ -1,0 +1,259 @@
+/*
+ * capture.h: logical change capture from one replication slot on one PostgreSQL node,
+ * decoded from the built-in pgoutput plugin (protocol version 1) into the change model of
+ * change.h. Host-driven: the host polls aamm_capture_fd() for aamm_capture_events() with
+ * aamm_capture_timeout(), calls aamm_capture_step(), then pulls events with
+ * aamm_capture_next() until it returns 0. No threads, no hidden loop.
+ *
+ * Lifecycle:
+ *   aamm_capture_new()   copy the options (no I/O)
+ *   aamm_capture_open()  BLOCKING setup: check the server, find or create the slot, check
+ *                        for gaps, START_REPLICATION. Blocks for a few round trips (and for
+ *                        slot creation, which waits for running transactions to end);
+ *                        bounded by libpq's connect_timeout and the server. Run it before
+ *                        the capture joins the host's poll loop.
+ *   fd / events / timeout / step / next   streaming, non-blocking
+ *   aamm_capture_confirm()  move the flush position reported to the server
+ *   aamm_capture_free()
+ *
+ * Server requirements (checked by open, each refused with AAMM_EUNSUITABLE and a message
+ * naming the setting): PostgreSQL 15 or later, wal_level = logical,
+ * track_commit_timestamp = on. Every table in the publications needs a primary key or a
+ * replica identity index; REPLICA IDENTITY FULL is accepted but slow (every UPDATE and
+ * DELETE carries, and apply must match on, the whole old row). The check runs at open:
+ * tables added to the publication later are not checked.
+ *
+ * Value formats are pinned on the replication session (DateStyle=ISO,
+ * IntervalStyle=postgres, extra_float_digits=3, bytea_output=hex, TimeZone=UTC,
+ * client_encoding=UTF8), so text values read the same from every node whatever the
+ * server's defaults are.
+ *
+ * Positions. Every transaction is identified by its commit end LSN (struct
+ * aamm_transaction.end_lsn). The slot's flush position moves only through
+ * aamm_capture_confirm(): the host calls it with an end LSN once the peer has reported
+ * that transaction durably applied. Positions where nothing needs delivering
+ * (transactions skipped because they were replicated from another node, empty
+ * transactions, a server keepalive while the stream is idle) are handed to the host as
+ * AAMM_CAPTURE_PROGRESS events, in stream order, at most about once per status interval;
+ * the host confirms them like a commit (after the peer acknowledged everything before
+ * it, e.g. by forwarding the position as an empty transaction). This keeps WAL from piling
+ * up on a node that mostly applies remote data, while the host's durable start position
+ * still covers everything the slot has passed, so the gap check below stays exact.
+ *
+ * Delivery is at-least-once. After a reconnect the stream resumes at the host's start
+ * position (transactions whose commit ends at or before it are not sent again). But on
+ * PostgreSQL 15 a slot's confirmed position set only by feedback is not always saved to
+ * disk (only when restart_lsn or catalog_xmin also move; saving at shutdown came in 17),
+ * so after a server crash or restart a slot may re-send transactions already confirmed
+ * when the host starts from 0. Receivers drop duplicates by their replication origin
+ * progress.
+ *
+ * Gaps: the server silently starts from the slot's confirmed position when that is past
+ * the requested one; open refuses that with AAMM_EGAP instead of skipping data. A slot
+ * that disappeared while the host has progress from it is AAMM_ENOTFOUND, never silently
+ * re-created.
+ *
+ * Origins: transactions that pgoutput marks with a replication origin whose name starts
+ * with "aamm_" (applied by libaamm from another node) are skipped; other origins (a user's
+ * own native subscriptions) are delivered with origin_name set. PostgreSQL 15 sends the
+ * origin ('O') only while the origin still exists when the WAL is decoded: dropping an
+ * origin with undecoded WAL behind it makes those transactions look local, so they are
+ * shipped again (their receivers drop them only if their own progress covers them).
+ *
+ * Memory stays bounded whatever the transaction size: changes are handed over one at a
+ * time and nothing accumulates per transaction. When the host stops pulling events, the
+ * capture stops reading the socket (TCP pushes back on the server) but keeps sending
+ * standby status updates on time, so the server does not time the connection out.
+ *
+ * Errors: a dropped connection or server restart gives AAMM_ECONN (sticky). The host frees
+ * the capture and creates a new one with its durable start position; the stream resumes
+ * from there with nothing lost.
+ */
+#ifndef AAMM_CAPTURE_H
+#define AAMM_CAPTURE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <aamm/aamm.h>
+#include <aamm/change.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define AAMM_HAS_CAPTURE 1
+
+/* Bits of aamm_capture_events(). */
+#define AAMM_CAPTURE_READ 0x1
+#define AAMM_CAPTURE_WRITE 0x2
+
+/* Prefix of the replication origin names libaamm applies under; such transactions are
+ * skipped by capture. */
+#define AAMM_CAPTURE_SKIP_ORIGIN_PREFIX "aamm_"
+
+/** Capture configuration; copied by aamm_capture_new() (strings and arrays too). */
+struct aamm_capture_options {
+    /* A libpq conninfo string or URI for the node (a normal connection: capture adds
+     * replication=database and the pinned formats itself for its replication session,
+     * and uses the conninfo as given for its catalog connection). Required. */
+    const char *conninfo;
+    /* The logical replication slot (pgoutput) to stream from. Required. */
+    const char *slot;
+    /* Publications to stream (at least one; each must exist). */
+    const char *const *publications;
+    uint32_t npublications;
+    /* This node's id, copied into every aamm_transaction.origin_node. */
+    uint32_t node_id;
+    /* The host's durable position for this slot (the end LSN of the last transaction its
+     * peer applied, or of the last PROGRESS it confirmed). 0 = none (first setup): the
+     * slot is created if missing and the stream starts at the slot's position. */
+    uint64_t start_lsn;
+    /* Send a standby status update at least this often (ms); default 10000. Capped at a
+     * third of the server's wal_sender_timeout. */
+    int status_interval_ms;
+    /* At most this many pgoutput messages are decoded by one aamm_capture_next() call
+     * while it skips messages the host does not see (replicated transactions); it then
+     * returns 0 and aamm_capture_timeout() says 0. Default 1000. */
+    int step_budget;
+};
+
+/** The kinds of event aamm_capture_next() hands out. */
+enum aamm_capture_event_kind {
+    AAMM_CAPTURE_BEGIN = 1,    /* @txn: a transaction starts (end_lsn not known yet) */
+    AAMM_CAPTURE_CHANGE = 2,   /* @change: one change of the current transaction, or a
+                                  non-transactional MESSAGE (then possibly outside one) */
+    AAMM_CAPTURE_COMMIT = 3,   /* @txn: the transaction ends; end_lsn and commit_lsn set */
+    AAMM_CAPTURE_RELATION = 4, /* @relation: a relation definition (first use in this
+                                  session, or changed), before the change that uses it */
+    AAMM_CAPTURE_PROGRESS = 5, /* @lsn: nothing to deliver up to here; confirm it once
+                                  everything delivered before it is confirmed */
+};
+
+/**
+ * One event. Everything it points to is borrowed from the capture and valid until the
+ * next call of aamm_capture_next(), aamm_capture_step() or aamm_capture_free(); copy what
+ * you keep (aamm_transaction_copy, aamm_relation_copy, aamm_tuple_copy).
+ */
+struct aamm_capture_event {
+    enum aamm_capture_event_kind kind;
+    const struct aamm_transaction *txn;     /* BEGIN, COMMIT; also set during CHANGE
+                                               inside a transaction, else NULL */
+    const struct aamm_change *change;       /* CHANGE */
+    const struct aamm_relation *relation;   /* RELATION */
+    uint64_t lsn;                           /* PROGRESS: the position; COMMIT: end_lsn */
+};
+
+/** Counters of one capture. */
+struct aamm_capture_stats {
+    uint64_t bytes_received;   /* CopyData payload bytes read from the server */
+    uint64_t messages;         /* pgoutput messages decoded */
+    uint64_t txns_delivered;   /* COMMIT events handed out */
+    uint64_t txns_skipped;     /* transactions skipped for an aamm_ origin */
+    uint64_t changes_delivered;
+    uint64_t status_updates;   /* standby status updates sent */
+    uint64_t keepalives;       /* keepalives received */
+    uint64_t confirmed_lsn;    /* flush position reported to the server */
+    uint64_t received_lsn;     /* highest WAL end the server reported */
+};
+
+struct aamm_capture;
+
+/**
+ * Create a capture with @opts (borrowed; copied, strings and arrays too). No I/O happens.
+ * Returns 0 with *@out set (owned by the caller: free with aamm_capture_free());
+ * AAMM_EINVAL when a required option is missing or a value is out of range (then *@out
+ * is NULL; the reason is logged at debug level); AAMM_ENOMEM.
+ */
+AAMM_API int aamm_capture_new(struct aamm_capture **out,
+                              const struct aamm_capture_options *opts);
+
+/** Close the connections and free @c and everything it handed out. NULL is accepted. */
+AAMM_API void aamm_capture_free(struct aamm_capture *c);
+
+/**
+ * BLOCKING: connect, check the server, find or create the slot and start streaming.
+ * Steps:
+ *   1. catalog connection (the conninfo as given); server version >= 15, wal_level =
+ *      logical, track_commit_timestamp = on; read wal_sender_timeout;
+ *   2. every publication exists; every published table has a key (or REPLICA IDENTITY
+ *      FULL);
+ *   3. the slot: missing and start_lsn == 0: created with pgoutput; missing and
+ *      start_lsn != 0: AAMM_ENOTFOUND; present but past start_lsn (start_lsn != 0):
+ *      AAMM_EGAP; present but not a pgoutput slot of this database: AAMM_EINVAL;
+ *   4. type names are loaded from pg_type (columns get format_type(oid, NULL));
+ *   5. replication connection (replication=database, pinned formats), START_REPLICATION
+ *      SLOT ... LOGICAL start (proto_version '1', publication_names, messages 'true').
+ * Returns 0; AAMM_ECONN (cannot connect); AAMM_EUNSUITABLE (version or setting; the
+ * message names it); AAMM_ENOTFOUND (publication or slot, named); AAMM_EINVAL (a table
+ * without key, named; a slot of another plugin or database); AAMM_EGAP; AAMM_ESERVER (the
+ * server refused a query, e.g. the slot is in use by another process); AAMM_ESTATE when
+ * called twice; AAMM_ENOMEM. On failure the capture is unusable: free it.
+ */
+AAMM_API int aamm_capture_open(struct aamm_capture *c);
+
+/** The replication socket to poll, or -1 before open / after failure. It may change only
+ *  at open. */
+AAMM_API int aamm_capture_fd(const struct aamm_capture *c);
+
+/** AAMM_CAPTURE_READ / AAMM_CAPTURE_WRITE: what to poll the fd for now. READ is wanted
+ *  only while the host has pulled everything (a paused host stops the reading). */
+AAMM_API int aamm_capture_events(const struct aamm_capture *c);
+
+/** Milliseconds until aamm_capture_step() must run even without fd events (a status
+ *  update is due, or decoded work is waiting): 0 = now, -1 = none (not streaming). */
+AAMM_API int aamm_capture_timeout(const struct aamm_capture *c);
+
+/**
+ * Do the I/O possible now without blocking: send a status update when one is due (or
+ * after aamm_capture_confirm() moved the position), flush pending output, and read what
+ * the socket holds if the host has pulled every event. Bounded work. Invalidates the last
+ * event. Returns 0, or the sticky error: AAMM_ECONN (connection lost, server restarted or
+ * the walsender was terminated; the message says why), AAMM_ESTATE (not open).
+ */
+AAMM_API int aamm_capture_step(struct aamm_capture *c);
+
+/**
+ * Hand out the next event into @ev (written; its pointers are borrowed until the next
+ * call). Decodes only what step() has read; never blocks, never reads the socket.
+ * Returns 1 with an event, 0 when nothing is available now (call step() after the fd
+ * is ready or the timeout passed), or a negative error (sticky): AAMM_EMALFORMED (the
+ * server sent bytes the parser rejects), AAMM_ECONN, AAMM_ESTATE, AAMM_ENOMEM.
+ */
+AAMM_API int aamm_capture_next(struct aamm_capture *c, struct aamm_capture_event *ev);
+
+/**
+ * Blocking helper: wait up to @timeout_ms (-1: forever) for the next event, polling and
+ * stepping as needed. Returns 1 with @ev set (as aamm_capture_next()), 0 on timeout, or an
+ * error.
+ */
+AAMM_API int aamm_capture_wait(struct aamm_capture *c, struct aamm_capture_event *ev,
+                               int timeout_ms);
+
+/**
+ * Confirm @lsn: the end LSN of a transaction (or a PROGRESS position) that the peer has
+ * durably applied, together with everything before it. Only this moves the flush
+ * position reported to the server (sent at the next step). Confirming a position at or
+ * below the current one is a no-op. Returns 0; AAMM_EINVAL when @lsn is past everything
+ * handed out so far (that would let the server drop undelivered data).
+ */
+AAMM_API int aamm_capture_confirm(struct aamm_capture *c, uint64_t lsn);
+
+/** The flush position reported (or about to be reported) to the server. */
+AAMM_API uint64_t aamm_capture_confirmed(const struct aamm_capture *c);
+
+/** The slot's position the stream started from (max of start_lsn and the slot's
+ *  confirmed position), valid after open. */
+AAMM_API uint64_t aamm_capture_start_position(const struct aamm_capture *c);
+
+/** Copy the counters into @stats (borrowed, written). */
+AAMM_API void aamm_capture_stats(const struct aamm_capture *c, struct aamm_capture_stats *stats);
+
+/** The last error message ("" if none), owned by the capture ("capture: slot
+ *  \"aamm_to_2\": ..."). */
+AAMM_API const char *aamm_capture_errmsg(const struct aamm_capture *c);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* AAMM_CAPTURE_H */
