@@ -36,6 +36,7 @@
  */
 const char aamm__seq_sql_install[] =
     "CREATE SCHEMA IF NOT EXISTS aamm;\n"
+    "GRANT USAGE ON SCHEMA aamm TO PUBLIC;\n"
     "CREATE TABLE IF NOT EXISTS aamm.seq_config (\n"
     "  one boolean PRIMARY KEY DEFAULT true CHECK (one),\n"
     "  node_id integer NOT NULL CHECK (node_id BETWEEN 0 AND 1023),\n"
@@ -225,7 +226,9 @@ const char aamm__seq_sql_install[] =
     "             AND g.range_start < galloc_supply.range_end AND galloc_supply.range_start < g.range_end) THEN\n"
     "    RAISE EXCEPTION 'aamm.galloc_supply: range [%, %) of \"%\" overlaps a range already supplied', range_start, range_end, seqname;\n"
     "  END IF;\n"
-    "  EXECUTE format('CREATE SEQUENCE IF NOT EXISTS aamm.%I MINVALUE -1 START -1', relname);\n"
+    "  IF to_regclass('aamm.' || quote_ident(relname)) IS NULL THEN\n"
+    "    EXECUTE format('CREATE SEQUENCE aamm.%I MINVALUE -1 START -1', relname);\n"
+    "  END IF;\n"
     "  INSERT INTO aamm.galloc_range (seqname, range_start, range_end)\n"
     "    VALUES (galloc_supply.seqname, galloc_supply.range_start, galloc_supply.range_end);\n"
     "END\n"
@@ -290,7 +293,11 @@ int aamm_seq_install(struct pg_conn *conn, int node_id, char *err, size_t errsiz
     if ((rc = run(conn, "BEGIN", err, errsize, "install")) < 0)
         return rc;
     /* Two installs at once would race on CREATE ... IF NOT EXISTS: serialize them. */
-    if ((rc = run(conn, "SELECT pg_advisory_xact_lock(1633774957, 0)", err, errsize,
+    /* SET LOCAL: re-installing must not flood the host's notice processor ("already
+     * exists, skipping"). */
+    if ((rc = run(conn, "SET LOCAL client_min_messages = warning", err, errsize,
+                  "install")) < 0 ||
+        (rc = run(conn, "SELECT pg_advisory_xact_lock(1633774957, 0)", err, errsize,
                   "install")) < 0 ||
         (rc = run(conn, aamm__seq_sql_install, err, errsize, "install")) < 0)
         goto fail;
