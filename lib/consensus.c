@@ -1539,6 +1539,26 @@ AAMM_API int aamm_consensus_noop(struct aamm_consensus *cs, aamm_consensus_done_
     return submit(cs, OP_APPLY, CB_DONE, &c, (void (*)(void))cb, arg);
 }
 
+/* ---- test hooks ---------------------------------------------------------------------- */
+
+void aamm__consensus_partition(struct aamm_consensus *cs, bool on)
+{
+    if (cs == NULL || cs->transport.impl == NULL)
+        return;
+    aamm__psk_partition(&cs->transport, on);
+    if (on && cs->fwd != NULL) {
+        struct aamm__cs_conn *old = cs->fwd;
+        cli_state(old, false, cs);
+        aamm__cs_conn_set_cbs(old, NULL, NULL, NULL);
+    }
+    if (on) {
+        size_t i;
+        for (i = 0; i < cs->n_srv; i++)
+            aamm__cs_conn_set_cbs(cs->srv[i], NULL, NULL, NULL);
+        cs->n_srv = 0;
+    }
+}
+
 /* ---- accessors ----------------------------------------------------------------------------------------------- */
 
 AAMM_API size_t aamm_consensus_member_count(const struct aamm_consensus *cs)

@@ -181,6 +181,12 @@ uint64_t aamm__cs_conn_peer(const struct aamm__cs_conn *c);
 uint64_t aamm__cs_conn_serial(const struct aamm__cs_conn *c);
 bool aamm__cs_conn_up(const struct aamm__cs_conn *c);
 
+/* Test hook: simulate a network partition of this node (refuse and cut every connection). */
+void aamm__psk_partition(struct raft_uv_transport *t, bool on);
+
+/* Test hook on a node: partition it from the network (see aamm__psk_partition). */
+void aamm__consensus_partition(struct aamm_consensus *cs, bool on);
+
 /* Handshake pieces, exported for the unit tests. */
 #define AAMM__PSK_MAGIC "AAMMCS01"
 #define AAMM__PSK_NONCE 32

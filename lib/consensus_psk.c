@@ -70,6 +70,13 @@ struct aamm__psk {
     raft_uv_transport_close_cb close_cb;
     int open_handles;
     uint64_t serial;
+    /* test hook: a simulated network partition (see aamm__psk_partition) */
+    bool partitioned;
+    struct handed {
+        int fd;
+        struct sockaddr_in local, peer;
+    } *handed;
+    size_t n_handed;
 };
 
 struct aamm__cs_conn {
@@ -294,6 +301,30 @@ static void hs_expect(struct aamm__cs_conn *c, int phase, size_t need)
     c->hs_need = need;
 }
 
+/* Remember which sockets raft owns, so the partition test hook can cut them. */
+static void remember_handed(struct aamm__psk *p, int fd)
+{
+    struct handed h, *v;
+    socklen_t len = sizeof(h.local);
+    size_t i;
+    h.fd = fd;
+    if (getsockname(fd, (struct sockaddr *)&h.local, &len) != 0)
+        return;
+    len = sizeof(h.peer);
+    if (getpeername(fd, (struct sockaddr *)&h.peer, &len) != 0)
+        return;
+    for (i = 0; i < p->n_handed; i++)
+        if (p->handed[i].fd == fd) {
+            p->handed[i] = h;
+            return;
+        }
+    v = aamm__realloc(p->handed, (p->n_handed + 1) * sizeof(*v));
+    if (v == NULL)
+        return;
+    p->handed = v;
+    p->handed[p->n_handed++] = h;
+}
+
 /* Authenticated: give the socket to raft or open the forwarding channel. */
 static void conn_established(struct aamm__cs_conn *c)
 {
@@ -323,6 +354,7 @@ static void conn_established(struct aamm__cs_conn *c)
             return;
         }
         uv_tcp_nodelay(tcp, 1);
+        remember_handed(p, fd);
         if (c->outgoing)
             cb(req, (uv_stream_t *)tcp, 0);
         else
@@ -662,7 +694,7 @@ static struct aamm__cs_conn *conn_connect(struct aamm__psk *p, uint8_t role, uin
     c->role = role;
     c->peer_id = id;
     c->phase = PH_CONNECTING;
-    if (aamm__cs_parse_addr(address, &sa) != 0) {
+    if (p->partitioned || aamm__cs_parse_addr(address, &sa) != 0) {
         conn_fail(c);
         return c;
     }
@@ -712,6 +744,10 @@ static void listen_cb(uv_poll_t *h, int status, int events)
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
             return; /* EAGAIN, or out of fds: try again on the next event */
+        }
+        if (p->partitioned) {
+            close(fd);
+            continue;
         }
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         c = conn_new(p, fd, false);
@@ -870,6 +906,37 @@ void aamm__psk_free(struct raft_uv_transport *t)
                 break;
     }
     OPENSSL_cleanse(p->key, sizeof(p->key));
+    aamm__free(p->handed);
     aamm__free(p);
     t->impl = NULL;
+}
+
+/* Test hook: simulate a network partition of this node. While on, every connection in or
+ * out is refused, and turning it on cuts every open one: ours, and raft's streams (only
+ * sockets still connected between the same two addresses we handed over are shut down). */
+void aamm__psk_partition(struct raft_uv_transport *t, bool on)
+{
+    struct aamm__psk *p = t->impl;
+    struct aamm__cs_conn *c, *next;
+    size_t i;
+    if (p == NULL)
+        return;
+    p->partitioned = on;
+    if (!on)
+        return;
+    for (c = p->conns; c != NULL; c = next) {
+        next = c->next;
+        conn_shutdown(c);
+    }
+    for (i = 0; i < p->n_handed; i++) {
+        struct sockaddr_in l, r;
+        socklen_t ll = sizeof(l), rl = sizeof(r);
+        struct handed *h = &p->handed[i];
+        if (getsockname(h->fd, (struct sockaddr *)&l, &ll) == 0 &&
+            getpeername(h->fd, (struct sockaddr *)&r, &rl) == 0 &&
+            l.sin_port == h->local.sin_port && l.sin_addr.s_addr == h->local.sin_addr.s_addr &&
+            r.sin_port == h->peer.sin_port && r.sin_addr.s_addr == h->peer.sin_addr.s_addr)
+            shutdown(h->fd, SHUT_RDWR);
+    }
+    p->n_handed = 0;
 }

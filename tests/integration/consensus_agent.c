@@ -7,7 +7,8 @@
  *                   [--bootstrap] [--galloc FILE] [--range N] [--status FILE]
  *                   [--election MS] [--heartbeat MS] [--timeout MS]
  *
- * SIGTERM: close cleanly and exit 0. SIGUSR1: stop allocating. Ranges are written with one
+ * SIGTERM: close cleanly and exit 0. SIGUSR1: stop allocating. SIGUSR2: toggle a simulated
+ * network partition of this agent (every connection in and out refused and cut). Ranges are written with one
  * write(2) per line ("start end\n") as soon as the callback runs. Failed allocations are
  * counted in the status file. Status: "state leader term applied next hash failures\n".
  */
@@ -23,7 +24,9 @@
 
 #include <aamm/consensus.h>
 
-static volatile sig_atomic_t stop_flag, quiet_flag;
+#include "consensus_int.h" /* the partition test hook */
+
+static volatile sig_atomic_t stop_flag, quiet_flag, partition_flag;
 static int out_fd = -1;
 static int inflight;
 static unsigned long failures;
@@ -38,6 +41,12 @@ static void on_usr1(int sig)
 {
     (void)sig;
     quiet_flag = 1;
+}
+
+static void on_usr2(int sig)
+{
+    (void)sig;
+    partition_flag = !partition_flag;
 }
 
 static void galloc_cb(struct aamm_consensus *cs, int status, int64_t start, int64_t end,
@@ -98,9 +107,11 @@ int main(int argc, char **argv)
     char err[512];
     int i, rc;
     int64_t last_status = 0;
+    bool partitioned = false;
 
     signal(SIGTERM, on_term);
     signal(SIGUSR1, on_usr1);
+    signal(SIGUSR2, on_usr2);
     memset(&o, 0, sizeof(o));
     o.cluster_name = "test-cluster";
     o.secret = "0123456789abcdef-secret";
@@ -187,6 +198,10 @@ int main(int argc, char **argv)
         if (t < 0 || t > 20)
             t = 20;
         poll(&pfd, 1, t);
+        if (partition_flag != partitioned) {
+            partitioned = partition_flag;
+            aamm__consensus_partition(cs, partitioned);
+        }
         if (aamm_consensus_step(cs) != 0) {
             fprintf(stderr, "agent: step: %s\n", aamm_consensus_errmsg(cs));
             return 1;

@@ -922,42 +922,73 @@ START_TEST(kill9_leader_galloc_never_duplicates)
 }
 END_TEST
 
-/* With both other members stopped (SIGSTOP), the remaining member cannot reach a majority:
- * it gets no new range (its requests time out), and it gets ranges again once they are
- * back. */
-START_TEST(minority_gets_no_range)
+/* Partition one member (agent hook: every connection in and out refused and cut) while
+ * all three allocate: the majority keeps getting ranges, the minority gets none (its
+ * requests time out), and after healing it gets ranges again. Done for a follower and then
+ * for the leader (which must lose leadership and commit nothing on its own side). */
+static void partition_round(int m)
 {
-    int i, l = -1, m;
-    long before, after;
+    long before, after, maj_before, maj_after;
     struct ag_status s;
-    int64_t t0 = aamm_test_now_ms();
-    for (i = 0; i < AG_N; i++)
-        ag_spawn(i, true, true, 800);
-    while ((l = ag_leader(0)) < 0) {
-        ck_assert(aamm_test_now_ms() - t0 < 15000);
-        sleep_ms(20);
-    }
-    sleep_ms(500);
-    m = (l + 1) % AG_N; /* the minority: a follower */
-    ck_assert_int_gt(count_ids(m, NULL, NULL, NULL), 0);
+    int i;
+    unsigned long fails0;
+    int64_t t0;
+    ck_assert(ag_read(m, &s));
+    fails0 = s.failures;
+    kill(g_ag[m].pid, SIGUSR2);
+    sleep_ms(1000); /* anything committed before the cut has arrived by now */
+    before = count_ids(m, NULL, NULL, NULL);
+    maj_before = 0;
     for (i = 0; i < AG_N; i++)
         if (i != m)
-            kill(g_ag[i].pid, SIGSTOP);
-    sleep_ms(1000); /* anything committed before the stop has arrived by now */
-    before = count_ids(m, NULL, NULL, NULL);
+            maj_before += count_ids(i, NULL, NULL, NULL);
     sleep_ms(3000);
     after = count_ids(m, NULL, NULL, NULL);
-    ck_assert_int_eq(after, before);
-    ck_assert(ag_read(m, &s));
-    ck_assert_uint_gt(s.failures, 0); /* its requests timed out */
+    maj_after = 0;
     for (i = 0; i < AG_N; i++)
         if (i != m)
-            kill(g_ag[i].pid, SIGCONT);
+            maj_after += count_ids(i, NULL, NULL, NULL);
+    ck_assert_int_eq(after, before);       /* the minority got nothing */
+    ck_assert_int_gt(maj_after, maj_before); /* the majority went on */
+    ck_assert(ag_read(m, &s));
+    ck_assert_uint_gt(s.failures, fails0); /* its requests timed out */
+    ck_assert_int_ne(s.state, AAMM_CONSENSUS_LEADER);
+    kill(g_ag[m].pid, SIGUSR2); /* heal */
     t0 = aamm_test_now_ms();
     while (count_ids(m, NULL, NULL, NULL) == after) {
         ck_assert_msg(aamm_test_now_ms() - t0 < 15000, "no range after healing");
         sleep_ms(50);
     }
+}
+
+START_TEST(partitioned_minority_gets_no_range)
+{
+    int i, l = -1;
+    int64_t t0 = aamm_test_now_ms();
+    int64_t (*ranges)[2] = NULL;
+    size_t n = 0, cap = 0, k;
+    for (i = 0; i < AG_N; i++)
+        ag_spawn(i, true, true, 800);
+    while ((l = ag_leader(0)) < 0 || !ag_read((l + 1) % AG_N, &(struct ag_status){0}) ||
+           !ag_read((l + 2) % AG_N, &(struct ag_status){0})) {
+        ck_assert(aamm_test_now_ms() - t0 < 15000);
+        sleep_ms(20);
+    }
+    sleep_ms(500);
+    ck_assert_int_gt(count_ids((l + 1) % AG_N, NULL, NULL, NULL), 0);
+    partition_round((l + 1) % AG_N); /* a follower */
+    while ((l = ag_leader(0)) < 0) {
+        ck_assert(aamm_test_now_ms() - t0 < 60000);
+        sleep_ms(20);
+    }
+    partition_round(l); /* the leader */
+    agents_kill_all();
+    for (i = 0; i < AG_N; i++)
+        count_ids(i, &ranges, &n, &cap);
+    qsort(ranges, n, sizeof(ranges[0]), cmp_range);
+    for (k = 1; k < n; k++)
+        ck_assert(ranges[k - 1][1] <= ranges[k][0]);
+    free(ranges);
 }
 END_TEST
 
@@ -977,7 +1008,7 @@ int main(void)
     suite_add_tcase(s, tl);
     tcase_add_checked_fixture(tp, ag_setup, ag_teardown);
     tcase_add_test(tp, kill9_leader_galloc_never_duplicates);
-    tcase_add_test(tp, minority_gets_no_range);
+    tcase_add_test(tp, partitioned_minority_gets_no_range);
     suite_add_tcase(s, tp);
     return aamm_test_run(s);
 }
