@@ -1,6 +1,7 @@
 #!/bin/sh
-# bench/wire.sh: wire codec throughput (bench_wire) and, once built, link throughput over
-# loopback (bench_link). Each program runs 3 times; the median of each BENCH figure is printed.
+# bench/wire.sh: wire codec throughput (bench_wire), link throughput over loopback
+# (bench_link), each run 3 times (medians printed); wire size against the raw pgoutput
+# bytes of a real slot (bench_wire_pg, one run: sizes are deterministic).
 set -u
 top_build=${AAMM_TOP_BUILDDIR:-.}
 tmp=$(mktemp)
@@ -11,6 +12,12 @@ for prog in bench_wire bench_link; do
         "$top_build/bench/$prog" 2>/dev/null | grep '^BENCH ' >> "$tmp"
     done
 done
+# sizes against a real slot (deterministic: one run)
+if [ -x "$top_build/bench/bench_wire_pg" ]; then
+    "$top_build/bench/bench_wire_pg" | grep '^BENCH ' >> "$tmp"
+else
+    echo "bench_wire_pg not built (make bench)"
+fi
 # median per name
 awk '{ v[$2] = v[$2] " " $3; u[$2] = $4 } END { for (k in v) print k, v[k], "|", u[k] }' "$tmp" |
 while read -r name rest; do
@@ -19,4 +26,4 @@ while read -r name rest; do
     med=$(printf '%s\n' $vals | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
     echo "BENCH $name $med $unit"
 done | sort
-echo "NOTE wire_pgbench_size_ratio / wire_bulk_size_ratio against a real slot's pgoutput bytes need capture; the _synthetic ratios compute pgoutput's byte count from its message layout"
+echo "NOTE *_size_ratio: wire bytes / pgoutput bytes of the same real-slot stream (frames closed at 64 KiB); *_size_ratio_per_txn: one frame per transaction; *_synthetic: synthetic streams, pgoutput size computed from its message layout"
