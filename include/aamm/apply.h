@@ -1,0 +1,203 @@
+/*
+ * apply.h: apply one source node's transactions to the local PostgreSQL node exactly
+ * once, with conflict detection and resolution. Host-driven I/O over libpq.
+ *
+ * One apply handle = one stream (one source node). It connects to the local node, sets
+ * up the replication origin "aamm_from_<source node>" (created when missing) and applies
+ * every remote transaction as one local transaction under that origin, committed with the
+ * remote end LSN and commit timestamp (pg_replication_origin_xact_setup), so the rows
+ * carry the origin's commit time and node and the origin's progress moves in the same
+ * commit as the data.
+ *
+ * Feeding: aamm_apply_begin(), aamm_apply_change() for each change, aamm_apply_commit().
+ * The handle keeps every transaction until it is committed locally (so it can retry
+ * transient failures and resume a held stream without the source resending); at most
+ * max_queued_changes changes may be queued (AAMM_EBUSY beyond: step and try again).
+ * Transactions at or below the origin's progress are skipped (at-least-once delivery
+ * becomes exactly-once).
+ *
+ * Driving: poll aamm_apply_fd() for aamm_apply_events(), at most aamm_apply_timeout()
+ * ms, then call aamm_apply_step(). Or use aamm_apply_flush(), a blocking helper.
+ *
+ * Pipelining: queued transactions are sent in libpq pipeline mode, each as
+ * BEGIN; guard; changes; COMMIT; Sync. The guard raises unless the origin's progress
+ * equals the previous transaction's end LSN, so once transaction N fails, no later one
+ * can commit.
+ *
+ * Errors: transient ones (deadlock 40P01, lock timeout 55P03, serialization 40001,
+ * connection loss) are retried from the first uncommitted transaction with backoff;
+ * permanent ones (a missing table or column, a value that does not parse, a unique index
+ * other than the key, a conflict under the "error" policy) HOLD the stream:
+ * aamm_apply_step() returns the error, nothing later is applied, nothing is dropped;
+ * after the cause is fixed, aamm_apply_resume() retries (re-reading the local catalog).
+ *
+ * The session runs with session_replication_role = replica, search_path = '' and the
+ * same pinned formats as capture (DateStyle ISO, IntervalStyle postgres,
+ * extra_float_digits 3, bytea_output hex, TimeZone UTC, client_encoding UTF8); columns are
+ * mapped by name against the local catalog; every identifier is quoted and every value is
+ * a bound parameter cast to the local column type. The node must have the library's SQL
+ * objects installed (aamm_node_install(), node.h).
+ */
+#ifndef AAMM_APPLY_H
+#define AAMM_APPLY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <aamm/aamm.h>
+#include <aamm/change.h>
+#include <aamm/conflict.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define AAMM_HAS_APPLY 1
+
+struct aamm_apply;
+
+/**
+ * Logical message callback: a MESSAGE change reached the stream; transactional messages
+ * are reported after their transaction committed locally, others at the next step.
+ * @prefix and @content (@len bytes) are borrowed.
+ */
+typedef void (*aamm_apply_message_fn)(struct aamm_apply *ap, bool transactional,
+                                      const char *prefix, const char *content, size_t len,
+                                      void *arg);
+
+/** Options for aamm_apply_new(). Zero-initialize, then set what you need. */
+struct aamm_apply_options {
+    const char *conninfo;    /* copied: libpq connection string of the local node */
+    uint32_t local_node;     /* this node's id (nonzero) */
+    uint32_t source_node;    /* the source node's id (nonzero, != local_node) */
+    size_t max_queued_changes; /* queue bound in changes (0: 100000) */
+    size_t max_pipeline_txns;  /* transactions in flight at once (0: 1000) */
+    bool synchronous_commit_off; /* apply with synchronous_commit = off (safe: acks use
+                                    the flushed origin progress) */
+    bool lock_keys; /* take a transaction advisory lock per key on the insert/delete/
+                       missing paths so concurrent appliers of different sources cannot
+                       race a delete against an insert (default set by
+                       aamm_apply_options_init: true) */
+    enum aamm_conflict_policy policy; /* global default policy (LWW) */
+    aamm_conflict_fn on_conflict;     /* may be NULL */
+    void *conflict_arg;
+    aamm_apply_message_fn on_message; /* may be NULL: messages are dropped */
+    void *message_arg;
+};
+
+/** Fill @opts (borrowed) with defaults. */
+AAMM_API void aamm_apply_options_init(struct aamm_apply_options *opts);
+
+/**
+ * Create an apply handle; it starts connecting at the first aamm_apply_step().
+ * @out receives the handle (owned by the caller, free with aamm_apply_free()); @opts is
+ * borrowed (strings copied). Returns 0, AAMM_EINVAL or AAMM_ENOMEM.
+ */
+AAMM_API int aamm_apply_new(struct aamm_apply **out, const struct aamm_apply_options *opts);
+
+/** Close the connection and free everything. NULL accepted. */
+AAMM_API void aamm_apply_free(struct aamm_apply *ap);
+
+/**
+ * Set the policy for one relation (@schema, @name copied), overriding the global one.
+ * Returns 0 or AAMM_ENOMEM.
+ */
+AAMM_API int aamm_apply_set_policy(struct aamm_apply *ap, const char *schema,
+                                   const char *name, enum aamm_conflict_policy policy);
+
+/**
+ * Start a remote transaction (@txn borrowed: origin node must be the source node; the
+ * end LSN may still be unknown). Returns 0, AAMM_ESTATE (a transaction is open),
+ * AAMM_EINVAL or AAMM_ENOMEM.
+ */
+AAMM_API int aamm_apply_begin(struct aamm_apply *ap, const struct aamm_transaction *txn);
+
+/**
+ * Add a change to the open transaction, or hand over a non-transactional message when
+ * none is open. The change's contents are transferred on success (@change is zeroed; its
+ * relations are borrowed and copied into the handle's relation cache).
+ * Returns 0, AAMM_ESTATE, AAMM_EBUSY (queue full: step, then call again), AAMM_EINVAL or
+ * AAMM_ENOMEM.
+ */
+AAMM_API int aamm_apply_change(struct aamm_apply *ap, struct aamm_change *change);
+
+/**
+ * Close the open transaction; @txn (borrowed) must now carry end_lsn and commit_time.
+ * Transactions whose end LSN is at or below the origin's progress are dropped here or
+ * when sent. Returns 0, AAMM_ESTATE or AAMM_EINVAL.
+ */
+AAMM_API int aamm_apply_commit(struct aamm_apply *ap, const struct aamm_transaction *txn);
+
+/** The socket to poll, or -1 (not connected: call aamm_apply_step() after the timeout). */
+AAMM_API int aamm_apply_fd(const struct aamm_apply *ap);
+
+/* Event bits of aamm_apply_events(). */
+#define AAMM_APPLY_READ 0x1
+#define AAMM_APPLY_WRITE 0x2
+
+/** What the fd waits for: AAMM_APPLY_READ and/or AAMM_APPLY_WRITE. */
+AAMM_API int aamm_apply_events(const struct aamm_apply *ap);
+
+/** Milliseconds until aamm_apply_step() must run even without events, -1 for none. */
+AAMM_API int aamm_apply_timeout(const struct aamm_apply *ap);
+
+/**
+ * Do bounded work: connect, send queued transactions, read results, retry transient
+ * failures, run callbacks. Returns 0, or a permanent error (the stream is held; see
+ * aamm_apply_errmsg(); AAMM_ENOTFOUND missing table/column, AAMM_ESERVER, AAMM_ECONFLICT
+ * for UNIQUE_OTHER or the error policy). Calling it again while held returns the same
+ * error without doing anything.
+ */
+AAMM_API int aamm_apply_step(struct aamm_apply *ap);
+
+/**
+ * Blocking helper: step (polling the fd) until every queued transaction is committed,
+ * the stream is held, or @timeout_ms passes. Returns 0, the held error, or
+ * AAMM_ETIMEDOUT.
+ */
+AAMM_API int aamm_apply_flush(struct aamm_apply *ap, int timeout_ms);
+
+/**
+ * Release a held stream: forget the local catalog cache and prepared statements, then
+ * retry from the first uncommitted transaction at the next step. Returns 0 or
+ * AAMM_ESTATE when not held.
+ */
+AAMM_API int aamm_apply_resume(struct aamm_apply *ap);
+
+/** Whether the stream is held by a permanent error. */
+AAMM_API bool aamm_apply_held(const struct aamm_apply *ap);
+
+/** Whether the session is set up and the origin's progress is known. */
+AAMM_API bool aamm_apply_ready(const struct aamm_apply *ap);
+
+/** End LSN of the last remote transaction committed locally (origin progress, not yet
+ *  necessarily flushed); AAMM_LSN_INVALID before the first. */
+AAMM_API uint64_t aamm_apply_progress(const struct aamm_apply *ap);
+
+/**
+ * The durable position to acknowledge to the source: the last value read of
+ * pg_replication_origin_progress(origin, true) (flushed). Apply re-reads it after every
+ * batch of commits.
+ */
+AAMM_API uint64_t aamm_apply_flushed(const struct aamm_apply *ap);
+
+/** Number of transactions queued or in flight (not yet committed or skipped). */
+AAMM_API size_t aamm_apply_pending(const struct aamm_apply *ap);
+
+/** Conflict counters (conflicts in committed transactions, plus stream-stopping
+ *  UNIQUE_OTHER ones) for @kind; 0 for unknown kinds. */
+AAMM_API uint64_t aamm_apply_conflicts(const struct aamm_apply *ap,
+                                       enum aamm_conflict_kind kind);
+
+/** Transactions committed / skipped as duplicates since the handle was made. */
+AAMM_API uint64_t aamm_apply_committed(const struct aamm_apply *ap);
+AAMM_API uint64_t aamm_apply_skipped(const struct aamm_apply *ap);
+
+/** The last error message (borrowed, valid until the next call), "" if none. */
+AAMM_API const char *aamm_apply_errmsg(const struct aamm_apply *ap);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* AAMM_APPLY_H */

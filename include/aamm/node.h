@@ -1,0 +1,79 @@
+/*
+ * node.h: set up a node for libaamm: install or upgrade the library's SQL objects in
+ * schema aamm, create the non-superuser apply role with exactly the grants apply needs,
+ * mark tables as replicated, manage the publication, collect old tombstones.
+ *
+ * These calls are blocking, run on a connection the host opened (as a role that may
+ * create schemas, roles and triggers: normally a superuser, only at setup time), and each
+ * runs in one transaction. On failure they return a negative AAMM_E* code and write the
+ * reason into @err (may be NULL) of @errsize bytes.
+ *
+ * What install creates (all in schema aamm, which must never be published):
+ *   aamm.conflict_log   every conflict apply met (time, kind, relation, key, local and
+ *                       remote values as JSON, timestamps, origins, resolution)
+ *   aamm.tombstone      remembered deletes: (relation, key); the deleting transaction's
+ *                       commit timestamp and origin are those of the tombstone row's xmin
+ *   functions           the guard apply runs at the start of each remote transaction, the
+ *                       conflict decisions (doc/conflicts.md), the tombstone trigger,
+ *                       the tombstone collector
+ */
+#ifndef AAMM_NODE_H
+#define AAMM_NODE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <aamm/aamm.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct pg_conn;
+
+/** Version of the SQL objects aamm_node_install() installs (stored in aamm.apply_meta). */
+#define AAMM_NODE_SQL_VERSION 1
+
+/**
+ * Install or upgrade (idempotent) apply's SQL objects on the node @conn (borrowed) is
+ * connected to. Returns 0, AAMM_ESERVER or AAMM_ECONN.
+ */
+AAMM_API int aamm_node_install(struct pg_conn *conn, char *err, size_t errsize);
+
+/**
+ * Create (or update) the apply role @role (copied; LOGIN, NOSUPERUSER, BYPASSRLS) with
+ * @password (may be NULL) and grant it exactly what apply needs: SET on
+ * session_replication_role, EXECUTE on the replication origin functions apply calls,
+ * USAGE on schema aamm and EXECUTE on its functions. Tables are granted one by one by
+ * aamm_node_replicate_table(). Returns 0, AAMM_EINVAL, AAMM_ESERVER or AAMM_ECONN.
+ */
+AAMM_API int aamm_node_create_apply_role(struct pg_conn *conn, const char *role,
+                                         const char *password, char *err, size_t errsize);
+
+/**
+ * Make @schema.@table (copied) a replicated table: it must have a primary key; installs
+ * the tombstone trigger (ENABLE ALWAYS: it also fires under apply's replica role),
+ * sets REPLICA IDENTITY FULL (needed for unchanged-TOAST convergence, doc/conflicts.md),
+ * grants SELECT, INSERT, UPDATE, DELETE, TRUNCATE to @apply_role (may be NULL: no grant)
+ * and, when @publication is not NULL, adds the table to that publication (created FOR
+ * TABLE when missing: never FOR ALL TABLES, which would publish aamm's own tables).
+ * Refuses tables in schema aamm. Returns 0, AAMM_EINVAL, AAMM_ENOTFOUND (no such table
+ * or no primary key), AAMM_ESERVER or AAMM_ECONN.
+ */
+AAMM_API int aamm_node_replicate_table(struct pg_conn *conn, const char *schema,
+                                       const char *table, const char *apply_role,
+                                       const char *publication, char *err, size_t errsize);
+
+/**
+ * Delete tombstones whose deleting transaction committed before @before_us (microseconds
+ * since the Unix epoch): pass the cluster watermark, a time every peer has applied
+ * everything before. Tombstones whose commit time is unknown are removed too. @removed
+ * (may be NULL) gets the count. Returns 0, AAMM_ESERVER or AAMM_ECONN.
+ */
+AAMM_API int aamm_node_gc_tombstones(struct pg_conn *conn, int64_t before_us,
+                                     uint64_t *removed, char *err, size_t errsize);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* AAMM_NODE_H */
