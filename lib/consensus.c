@@ -502,6 +502,10 @@ AAMM_API int aamm_consensus_new(struct aamm_consensus **out,
     raft_set_snapshot_threshold(&cs->raft, o->snapshot_threshold ? o->snapshot_threshold : 1024);
     raft_set_snapshot_trailing(&cs->raft, o->snapshot_trailing ? o->snapshot_trailing : 128);
     raft_set_pre_vote(&cs->raft, true);
+    /* raft waits this long for an InstallSnapshot answer before sending the snapshot again
+     * (default 30 s). Our snapshots are small; a lost one (peer restarted mid-send) should
+     * not stall a member's catch-up for half a minute. */
+    raft_set_install_snapshot_timeout(&cs->raft, election * 3 < 2000 ? 2000 : election * 3);
     raft_uv_set_connect_retry_delay(&cs->io, heartbeat < 100 ? 100 : heartbeat);
     *out = cs;
     return 0;

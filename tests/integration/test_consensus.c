@@ -62,6 +62,10 @@ static void rm_rf(const char *dir)
 
 #define LC_MAX 5
 
+/* Raft timeouts of in-process nodes; tests asserting "the term did not change" use the
+ * defaults (1000/100) so a loaded CI machine does not cause a spurious election. */
+static unsigned g_election = 300, g_heartbeat = 30;
+
 struct lc {
     char base[256];
     char dir[LC_MAX][300];
@@ -101,8 +105,8 @@ static struct aamm_consensus *lc_open(struct lc *c, int i, bool boot)
     o.cluster_name = "lc";
     o.secret = SECRET;
     o.secret_len = strlen(SECRET);
-    o.election_timeout_ms = 300;
-    o.heartbeat_timeout_ms = 30;
+    o.election_timeout_ms = g_election;
+    o.heartbeat_timeout_ms = g_heartbeat;
     o.snapshot_threshold = 64;
     o.snapshot_trailing = 16;
     rc = aamm_consensus_new(&c->cs[i], &o, err, sizeof(err));
@@ -502,6 +506,8 @@ START_TEST(stranger_cannot_join_or_inject)
     uint8_t hello[AAMM__PSK_HELLO_FIXED + 15], ch[AAMM__PSK_CHALLENGE], bad[32];
     uint8_t raft_hs[64];
     size_t alen = strlen("127.0.0.1:9999");
+    g_election = 1000;
+    g_heartbeat = 100;
     lc_init(&c, 3);
     lc_start(&c);
     ck_assert(lc_run(&c, members_known, &three, 10000));
@@ -578,6 +584,8 @@ START_TEST(wrong_secret_is_refused)
     int three = 3, l;
     char err[512];
     uint64_t term;
+    g_election = 1000;
+    g_heartbeat = 100;
     lc_init(&c, 3);
     lc_open(&c, 0, true);
     lc_open(&c, 1, true);
