@@ -1064,6 +1064,12 @@ int aamm_capture_confirm(struct aamm_capture *c, uint64_t lsn)
     return AAMM_OK;
 }
 
+int aamm_capture_send_status(struct aamm_capture *c)
+{
+    int rc = sticky(c);
+    return rc != AAMM_OK ? rc : send_status(c);
+}
+
 uint64_t aamm_capture_confirmed(const struct aamm_capture *c)
 {
     return c->confirmed;

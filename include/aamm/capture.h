@@ -239,6 +239,14 @@ AAMM_API int aamm_capture_wait(struct aamm_capture *c, struct aamm_capture_event
  */
 AAMM_API int aamm_capture_confirm(struct aamm_capture *c, uint64_t lsn);
 
+/**
+ * Send a standby status update now, without waiting for the status interval (e.g. before
+ * freeing the capture, so the last confirmation reaches the server). Non-blocking: output
+ * that does not fit goes out at later steps. Returns 0 or the sticky error (AAMM_ECONN,
+ * AAMM_ESTATE).
+ */
+AAMM_API int aamm_capture_send_status(struct aamm_capture *c);
+
 /** The flush position reported (or about to be reported) to the server. */
 AAMM_API uint64_t aamm_capture_confirmed(const struct aamm_capture *c);
 
