@@ -33,6 +33,11 @@
  *
  * aamm.seq_clock_ms() is the clock of every SQL generator (ms since the Unix epoch);
  * tests replace it with a function that stands still or steps back.
+ *
+ * Function bodies are the same on every node: the node id is read from aamm.seq_config
+ * at each call. Compiling it into the function would save about a fifth of the per-call
+ * cost, but a function body carried to another node (DDL replication of the aamm schema
+ * by mistake) would then silently make that node issue this node's ids.
  */
 const char aamm__seq_sql_install[] =
     "CREATE SCHEMA IF NOT EXISTS aamm;\n"
@@ -56,6 +61,57 @@ const char aamm__seq_sql_install[] =
     "CREATE OR REPLACE FUNCTION aamm.seq_clock_ms() RETURNS bigint\n"
     "LANGUAGE sql VOLATILE AS\n"
     "$f$ SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint $f$;\n"
+    "\n"
+    /* snowflake: bits 62..22 ms since epoch_ms, 21..12 node, 11 source (1 = SQL),
+     * 10..0 counter; the sequence holds the last id issued. */
+    "CREATE OR REPLACE FUNCTION aamm.snowflake_nextval(seqname text) RETURNS bigint\n"
+    "LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS\n"
+    "$f$\n"
+    "DECLARE\n"
+    "  node integer; ep bigint; base bigint; now_ms bigint; cand bigint;\n"
+    "  n bigint; s bigint; nxt bigint;\n"
+    "BEGIN\n"
+    "  IF seqname IS NULL THEN\n"
+    "    RAISE EXCEPTION 'aamm.snowflake_nextval: sequence name is NULL';\n"
+    "  END IF;\n"
+    "  SELECT c.node_id, c.epoch_ms INTO node, ep FROM aamm.seq_config c;\n"
+    "  IF NOT FOUND THEN\n"
+    "    RAISE EXCEPTION 'aamm.snowflake_nextval: this node has no node id'\n"
+    "      USING HINT = 'the host must run aamm_seq_install() on this node';\n"
+    "  END IF;\n"
+    "  base := (node::bigint << 12) | 2048;\n"
+    "  PERFORM pg_advisory_lock(1633774957, 1);\n"
+    "  BEGIN\n"
+    "    now_ms := greatest(aamm.seq_clock_ms() - ep, 0);\n"
+    "    IF now_ms >= 2199023255552 THEN\n"
+    "      RAISE EXCEPTION 'aamm.snowflake_nextval: the clock is past the 41-bit time range (2093)';\n"
+    "    END IF;\n"
+    "    cand := (now_ms << 22) | base;\n"
+    "    n := nextval('aamm.snowflake_state');\n"
+    "    s := n - 1;\n"
+    "    IF s < 0 THEN\n"
+    "      nxt := cand;\n"
+    "    ELSIF (s & 2047) <> 2047 AND (s & 4192256) = base THEN\n"
+    "      nxt := greatest(s + 1, cand);\n"
+    "    ELSIF (s >> 22) + 1 >= 2199023255552 THEN\n"
+    "      RAISE EXCEPTION 'aamm.snowflake_nextval: time part past 2^41 ms (year 2093)';\n"
+    "    ELSE\n"
+    "      nxt := greatest((((s >> 22) + 1) << 22) | base, cand);\n"
+    "    END IF;\n"
+    "    IF (nxt >> 22) >= 2199023255552 THEN\n"
+    "      RAISE EXCEPTION 'aamm.snowflake_nextval: time part past 2^41 ms (year 2093)';\n"
+    "    END IF;\n"
+    "    IF nxt <> n THEN\n"
+    "      PERFORM setval('aamm.snowflake_state', nxt);\n"
+    "    END IF;\n"
+    "    PERFORM pg_advisory_unlock(1633774957, 1);\n"
+    "  EXCEPTION WHEN OTHERS OR query_canceled THEN\n"
+    "    PERFORM pg_advisory_unlock(1633774957, 1);\n"
+    "    RAISE;\n"
+    "  END;\n"
+    "  RETURN nxt;\n"
+    "END\n"
+    "$f$;\n"
     "\n"
     /* UUIDv7: the sequence holds ms << 12 | 12-bit counter (rand_a) of the last UUID. */
     "CREATE OR REPLACE FUNCTION aamm.uuid_v7() RETURNS uuid\n"
@@ -184,59 +240,6 @@ const char aamm__seq_sql_install[] =
     "$f$;\n"
     "REVOKE ALL ON FUNCTION aamm.galloc_supply(text, bigint, bigint) FROM PUBLIC;\n";
 
-/*
- * snowflake from SQL: bits 62..22 ms since the epoch, 21..12 node, 11 source (1 = SQL),
- * 10..0 counter; the sequence aamm.snowflake_state holds the last id issued. The node id
- * and epoch are compiled into the function at install (aamm.seq_config keeps them for
- * reading): a table lookup per call cost about a fifth of the throughput.
- */
-static const char sf_fmt[] =
-    "CREATE OR REPLACE FUNCTION aamm.snowflake_nextval(seqname text) RETURNS bigint\n"
-    "LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS\n"
-    "$f$\n"
-    "DECLARE\n"
-    "  base CONSTANT bigint := %" PRId64 "; /* node << 12 | source bit 2048 */\n"
-    "  ep CONSTANT bigint := %" PRId64 ";\n"
-    "  now_ms bigint; cand bigint;\n"
-    "  n bigint; s bigint; nxt bigint;\n"
-    "BEGIN\n"
-    "  IF seqname IS NULL THEN\n"
-    "    RAISE EXCEPTION 'aamm.snowflake_nextval: sequence name is NULL';\n"
-    "  END IF;\n"
-
-    "  PERFORM pg_advisory_lock(1633774957, 1);\n"
-    "  BEGIN\n"
-    "    now_ms := greatest(aamm.seq_clock_ms() - ep, 0);\n"
-    "    IF now_ms >= 2199023255552 THEN\n"
-    "      RAISE EXCEPTION 'aamm.snowflake_nextval: the clock is past the 41-bit time range (2093)';\n"
-    "    END IF;\n"
-    "    cand := (now_ms << 22) | base;\n"
-    "    n := nextval('aamm.snowflake_state');\n"
-    "    s := n - 1;\n"
-    "    IF s < 0 THEN\n"
-    "      nxt := cand;\n"
-    "    ELSIF (s & 2047) <> 2047 AND (s & 4192256) = base THEN\n"
-    "      nxt := greatest(s + 1, cand);\n"
-    "    ELSIF (s >> 22) + 1 >= 2199023255552 THEN\n"
-    "      RAISE EXCEPTION 'aamm.snowflake_nextval: time part past 2^41 ms (year 2093)';\n"
-    "    ELSE\n"
-    "      nxt := greatest((((s >> 22) + 1) << 22) | base, cand);\n"
-    "    END IF;\n"
-    "    IF (nxt >> 22) >= 2199023255552 THEN\n"
-    "      RAISE EXCEPTION 'aamm.snowflake_nextval: time part past 2^41 ms (year 2093)';\n"
-    "    END IF;\n"
-    "    IF nxt <> n THEN\n"
-    "      PERFORM setval('aamm.snowflake_state', nxt);\n"
-    "    END IF;\n"
-    "    PERFORM pg_advisory_unlock(1633774957, 1);\n"
-    "  EXCEPTION WHEN OTHERS OR query_canceled THEN\n"
-    "    PERFORM pg_advisory_unlock(1633774957, 1);\n"
-    "    RAISE;\n"
-    "  END;\n"
-    "  RETURN nxt;\n"
-    "END\n"
-    "$f$;\n";
-
 /* ====================================================================================
  * Helpers
  * ==================================================================================== */
@@ -284,7 +287,7 @@ static void rollback(PGconn *conn)
 
 int aamm_seq_install(struct pg_conn *conn, int node_id, char *err, size_t errsize)
 {
-    char sql[256], *fn;
+    char sql[256];
     int rc;
     if (conn == NULL)
         return seterr(err, errsize, AAMM_EINVAL, "seq: install: no connection");
@@ -309,17 +312,6 @@ int aamm_seq_install(struct pg_conn *conn, int node_id, char *err, size_t errsiz
              "epoch_ms = EXCLUDED.epoch_ms",
              node_id, AAMM_SNOWFLAKE_EPOCH_MS);
     if ((rc = run(conn, sql, err, errsize, "install: node id")) < 0)
-        goto fail;
-    fn = aamm__asprintf(sf_fmt,
-                        ((int64_t)node_id << 12) | ((int64_t)AAMM_SNOWFLAKE_SOURCE_SQL << 11),
-                        AAMM_SNOWFLAKE_EPOCH_MS);
-    if (fn == NULL) {
-        rc = seterr(err, errsize, AAMM_ENOMEM, "seq: install: out of memory");
-        goto fail;
-    }
-    rc = run(conn, fn, err, errsize, "install: snowflake function");
-    aamm__free(fn);
-    if (rc < 0)
         goto fail;
     return run(conn, "COMMIT", err, errsize, "install: commit");
 fail:
