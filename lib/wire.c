@@ -22,6 +22,7 @@
 #define MAX_ERRMSG 1024u
 #define FLAGS_KNOWN (AAMM_WIRE_F_LZ4 | AAMM_WIRE_F_MAC)
 #define PIECE_OVERHEAD 31u /* 'P' + three varints of at most 10 bytes */
+#define LZ4_HISTORY 65536 /* LZ4's window: the dictionary carried from frame to frame */
 
 /* ====================================================================================
  * Options
@@ -164,6 +165,8 @@ struct aamm_wire_encoder {
     struct aamm__wr rec; /* scratch: the record being built */
     uint8_t *ztmp;       /* LZ4 scratch */
     size_t ztmp_cap;
+    LZ4_stream_t *lz;    /* LZ4 stream over all DATA payloads (doc/protocol.md §1) */
+    char *lzdict;        /* its dictionary: the last 64 KiB of those payloads */
 
     bool in_txn;
     uint64_t begin_commit_lsn;
@@ -206,6 +209,18 @@ int aamm_wire_encoder_new(struct aamm_wire_encoder **encp,
         aamm__free(enc);
         return AAMM_ENOMEM;
     }
+    if (enc->o.compress_min != UINT32_MAX) {
+        enc->lz = aamm__malloc(sizeof *enc->lz);
+        enc->lzdict = aamm__malloc(LZ4_HISTORY);
+        if (enc->lz == NULL || enc->lzdict == NULL) {
+            aamm__free(enc->lz);
+            aamm__free(enc->lzdict);
+            aamm__free(enc->dict);
+            aamm__free(enc);
+            return AAMM_ENOMEM;
+        }
+        LZ4_initStream(enc->lz, sizeof *enc->lz);
+    }
     enc->version = AAMM_WIRE_VERSION_MAX;
     aamm__wr_init(&enc->out);
     aamm__wr_init(&enc->rec);
@@ -223,6 +238,8 @@ void aamm_wire_encoder_free(struct aamm_wire_encoder *enc)
     aamm__wr_free(&enc->out);
     aamm__wr_free(&enc->rec);
     aamm__free(enc->ztmp);
+    aamm__free(enc->lz);
+    aamm__free(enc->lzdict);
     aamm__free(enc);
 }
 
@@ -319,7 +336,10 @@ static int close_data_frame(struct aamm_wire_encoder *enc)
         enc->frame_open = false;
         return 0;
     }
-    if (enc->o.compress_min != UINT32_MAX && plen >= enc->o.compress_min && plen <= INT32_MAX) {
+    if (enc->lz != NULL && plen <= INT32_MAX) {
+        /* Every DATA payload goes through the connection's LZ4 stream, so that the next
+         * frame can refer to the last 64 KiB of them, whether this one is sent compressed
+         * or not; the decoder keeps the same history. */
         size_t bound = (size_t)LZ4_compressBound((int)plen);
         int clen;
         if (enc->ztmp_cap < bound) {
@@ -331,10 +351,11 @@ static int close_data_frame(struct aamm_wire_encoder *enc)
             enc->ztmp = z;
             enc->ztmp_cap = bound;
         }
-        clen = LZ4_compress_default(
-            (const char *)enc->out.data + enc->fstart + AAMM_WIRE_HEADER_SIZE,
-            (char *)enc->ztmp, (int)plen, (int)bound);
-        if (clen > 0 && (size_t)clen + 4 < plen) {
+        clen = LZ4_compress_fast_continue(
+            enc->lz, (const char *)enc->out.data + enc->fstart + AAMM_WIRE_HEADER_SIZE,
+            (char *)enc->ztmp, (int)plen, (int)bound, 1);
+        LZ4_saveDict(enc->lz, enc->lzdict, LZ4_HISTORY);
+        if (clen > 0 && plen >= enc->o.compress_min && (size_t)clen + 4 < plen) {
             enc->out.len = enc->fstart + AAMM_WIRE_HEADER_SIZE;
             aamm__wr_le32(&enc->out, (uint32_t)plen);
             aamm__wr_bytes(&enc->out, enc->ztmp, (size_t)clen);
@@ -832,6 +853,8 @@ struct aamm_wire_decoder {
     size_t in_off, in_len, in_cap, in_max;
     uint64_t stream_off; /* stream offset of in[in_off], for messages */
 
+    char *hist; /* the last 64 KiB of DATA payloads: the LZ4 dictionary of the next frame */
+    size_t hist_len;
     uint8_t *pl; /* the current DATA payload, decompressed: records [pl_pos, pl_len) */
     size_t pl_cap, pl_len, pl_pos;
     uint8_t pl_version;
@@ -871,6 +894,12 @@ int aamm_wire_decoder_new(struct aamm_wire_decoder **decp, const struct aamm_wir
         aamm__free(dec);
         return AAMM_ENOMEM;
     }
+    dec->hist = aamm__malloc(LZ4_HISTORY);
+    if (dec->hist == NULL) {
+        aamm__free(dec->dict);
+        aamm__free(dec);
+        return AAMM_ENOMEM;
+    }
     dec->vmin = AAMM_WIRE_VERSION_MIN;
     dec->vmax = AAMM_WIRE_VERSION_MAX;
     dec->in_max = AAMM_WIRE_HEADER_SIZE + (size_t)dec->o.max_payload + AAMM_WIRE_MAC_SIZE;
@@ -892,6 +921,7 @@ void aamm_wire_decoder_free(struct aamm_wire_decoder *dec)
     aamm__free(dec->in);
     aamm__free(dec->pl);
     aamm__free(dec->ra);
+    aamm__free(dec->hist);
     aamm_transaction_clear(&dec->txn);
     aamm_change_clear(&dec->change);
     aamm__free(dec->message);
@@ -1653,8 +1683,9 @@ int aamm_wire_decoder_next(struct aamm_wire_decoder *dec, struct aamm_wire_event
                 dec->pl_cap = raw;
             }
             if (flags & AAMM_WIRE_F_LZ4) {
-                int got = LZ4_decompress_safe((const char *)src + 4, (char *)dec->pl,
-                                              (int)(plen - 4), (int)raw);
+                int got = LZ4_decompress_safe_usingDict((const char *)src + 4, (char *)dec->pl,
+                                                        (int)(plen - 4), (int)raw, dec->hist,
+                                                        (int)dec->hist_len);
                 if (got < 0 || (size_t)got != raw)
                     return fail(dec, AAMM_EMALFORMED,
                                 "DATA frame at stream offset %" PRIu64
@@ -1662,6 +1693,17 @@ int aamm_wire_decoder_next(struct aamm_wire_decoder *dec, struct aamm_wire_event
                                 dec->stream_off, raw);
             } else {
                 memcpy(dec->pl, src, raw);
+            }
+            /* the history for the next frame: the last 64 KiB of all DATA payloads */
+            if (raw >= LZ4_HISTORY) {
+                memcpy(dec->hist, dec->pl + raw - LZ4_HISTORY, LZ4_HISTORY);
+                dec->hist_len = LZ4_HISTORY;
+            } else {
+                size_t keep = dec->hist_len + raw > LZ4_HISTORY ? LZ4_HISTORY - raw
+                                                                : dec->hist_len;
+                memmove(dec->hist, dec->hist + dec->hist_len - keep, keep);
+                memcpy(dec->hist + keep, dec->pl, raw);
+                dec->hist_len = keep + raw;
             }
             dec->pl_len = raw;
             dec->pl_pos = 0;

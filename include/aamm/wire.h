@@ -62,7 +62,7 @@ enum aamm_wire_type {
 #define AAMM_WIRE_DEFAULT_FRAME_PAYLOAD (1024u * 1024u)             /* encoder's max */
 #define AAMM_WIRE_DEFAULT_MAX_PAYLOAD (1024u * 1024u + 64u)         /* decoder's max */
 #define AAMM_WIRE_DEFAULT_MAX_RECORD (1024u * 1024u * 1024u)        /* 1 GiB */
-#define AAMM_WIRE_DEFAULT_COMPRESS_MIN 512u
+#define AAMM_WIRE_DEFAULT_COMPRESS_MIN 64u
 #define AAMM_WIRE_DEFAULT_MAX_RELATIONS 4096u
 
 /* ---- CRC32C ---------------------------------------------------------------------- */
@@ -111,8 +111,9 @@ struct aamm_wire_options {
     uint32_t frame_payload;  /* encoder: max payload bytes per frame (256 .. 16 MiB) */
     uint32_t max_payload;    /* decoder: largest payload (stored or decompressed) accepted */
     uint32_t max_record;     /* both: largest record (a change with its values) */
-    uint32_t compress_min;   /* encoder: compress DATA payloads of at least this many bytes;
-                                UINT32_MAX turns compression off */
+    uint32_t compress_min;   /* encoder: send DATA payloads of at least this many bytes LZ4-
+                                compressed when that is smaller (each frame may refer to the
+                                last 64 KiB of earlier DATA payloads); UINT32_MAX: never */
     uint32_t max_relations;  /* both: dictionary size (relation ids 0 .. max-1) */
 };
 

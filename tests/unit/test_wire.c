@@ -1,6 +1,7 @@
 /* test_wire.c: the wire codec: CRC32C vectors, round trips, strictness, corruption. */
 #include "config.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -547,6 +548,54 @@ START_TEST(compression_flag)
 }
 END_TEST
 
+/* Small frames flushed one transaction at a time compress against the history of earlier
+ * frames (LZ4 streaming): similar transactions shrink well below their raw size and decode
+ * exactly; a decoder that missed the earlier frames cannot decode them and says so. */
+START_TEST(compression_history)
+{
+    struct aamm_column cols[3] = {{"aid", "integer", 23, -1, AAMM_COLUMN_KEY},
+                                  {"abalance", "integer", 23, -1, 0},
+                                  {"filler", "character(84)", 1042, 88, 0}};
+    struct aamm_relation rel = {1, "public", "pgbench_accounts", 'd', 3, cols, 1};
+    struct aamm_wire_encoder *enc;
+    struct bytes b = {0};
+    size_t first_len = 0, last_start = 0;
+    int compressed = 0, events, rc;
+    char filler[85];
+    memset(filler, ' ', 84);
+    filler[84] = '\0';
+    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL), 0);
+    for (int i = 0; i < 200; i++) {
+        char aid[16], bal[16];
+        struct aamm_value v[3] = {{AAMM_VALUE_TEXT, 0, aid}, {AAMM_VALUE_TEXT, 0, bal},
+                                  {AAMM_VALUE_TEXT, 84, filler}};
+        struct aamm_change ch = {.kind = AAMM_CHANGE_UPDATE, .relation = &rel,
+                                 .new_tuple = {3, v}};
+        struct aamm_transaction t = {1, (uint32_t)i, 1000 + (uint64_t)i * 100,
+                                     1040 + (uint64_t)i * 100, 1700000000000000 + i, NULL, 0};
+        v[0].len = (uint32_t)snprintf(aid, sizeof aid, "%d", (i * 7919) % 100000);
+        v[1].len = (uint32_t)snprintf(bal, sizeof bal, "%d", i * 13 - 500);
+        last_start = b.len;
+        encode_txn(enc, &(struct wg_txn){t, 1, &ch});
+        ck_assert_int_eq(aamm_wire_encoder_flush(enc), 0);
+        drain(enc, &b);
+        if (i == 0)
+            first_len = b.len;
+        compressed += (b.p[last_start + 6] & AAMM_WIRE_F_LZ4) != 0;
+    }
+    ck_assert_int_gt(compressed, 150);
+    ck_assert_uint_lt((b.len - last_start) * 2, first_len); /* later frames: far smaller */
+    ck_assert_int_eq(decode_count(b.p, b.len, NULL, NULL, &events), 0);
+    ck_assert_int_eq(events, 200 * 3);
+    /* the last frame alone, without the history it refers to */
+    rc = decode_count(b.p + last_start, b.len - last_start, NULL, NULL, &events);
+    ck_assert(rc == AAMM_EMALFORMED);
+    ck_assert_int_eq(events, 0);
+    aamm_wire_encoder_free(enc);
+    free(b.p);
+}
+END_TEST
+
 /* ====================================================================================
  * Strictness and corruption
  * ==================================================================================== */
@@ -881,6 +930,7 @@ static Suite *wire_suite(void)
     tcase_add_test(tc, relation_dictionary);
     tcase_add_test(tc, take_change);
     tcase_add_test(tc, compression_flag);
+    tcase_add_test(tc, compression_history);
     suite_add_tcase(s, tc);
     tc = aamm_test_tcase("strict", 60);
     tcase_add_test(tc, flip_every_byte);
