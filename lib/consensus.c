@@ -31,7 +31,7 @@ enum { OP_APPLY = 1, OP_ADD = 2, OP_REMOVE = 3 };
 /* Which callback the caller gave. */
 enum { CB_DONE = 1, CB_GALLOC, CB_DDL, CB_NONE };
 /* Request states on the origin. */
-enum { R_IDLE = 1, R_LOCAL, R_SENT, R_DONE };
+enum { R_IDLE = 1, R_LOCAL, R_SENT, R_WAIT_APPLY, R_DONE };
 
 struct req {
     struct req *next;
@@ -1013,6 +1013,10 @@ static void cli_frame(struct aamm__cs_conn *c, const uint8_t *data, size_t len, 
             if (retryable(status)) {
                 r->state = R_IDLE;
                 r->not_before_ms = aamm__now_ms() + RETRY_DELAY_MS;
+            } else if (status == 0 && res.index > raft_last_applied(&cs->raft)) {
+                /* Committed on the leader; answer once our own state has it too, so what
+                 * the caller got is also what the local accessors show. */
+                r->state = R_WAIT_APPLY;
             } else {
                 req_done(r, status);
             }
@@ -1080,7 +1084,12 @@ static void pump(struct aamm_consensus *cs)
             continue;
         if (lo == 0)
             lo = r->reqno; /* lowest unresolved request */
-        if ((r->state == R_IDLE || r->state == R_SENT) && now >= r->deadline_ms) {
+        if (r->state == R_WAIT_APPLY && raft_last_applied(&cs->raft) >= r->result.index) {
+            req_done(r, 0);
+            continue;
+        }
+        if ((r->state == R_IDLE || r->state == R_SENT || r->state == R_WAIT_APPLY) &&
+            now >= r->deadline_ms) {
             req_done(r, AAMM_ETIMEDOUT);
             continue;
         }
@@ -1232,7 +1241,7 @@ AAMM_API int aamm_consensus_timeout(struct aamm_consensus *cs)
             return 0;
         if (r->state == R_IDLE)
             due = r->not_before_ms > now ? r->not_before_ms - now : RETRY_DELAY_MS;
-        else if (r->state == R_SENT)
+        else if (r->state == R_SENT || r->state == R_WAIT_APPLY)
             due = r->deadline_ms - now;
         else
             continue;

@@ -221,7 +221,9 @@ AAMM_API uint64_t aamm_consensus_state_hash(const struct aamm_consensus *cs);
 /**
  * Generic completion: @status is 0 or a negative AAMM_E* code (see each call); @arg is the
  * caller's. Runs once, inside aamm_consensus_step() or aamm_consensus_close(). A call that
- * returns an error never runs its callback.
+ * returns an error never runs its callback. A successful completion runs only once the
+ * command is applied in THIS node's state too, so the accessors already show its effect
+ * (e.g. aamm_consensus_galloc_next() >= end of the range just received).
  */
 typedef void (*aamm_consensus_done_cb)(struct aamm_consensus *cs, int status, void *arg);
 
