@@ -64,8 +64,8 @@ struct lexec {
     char raft_addr[AAMM_CONSENSUS_NAME_MAX + 1];
     struct raft_apply apply;
     struct raft_change change;
-    struct req *local;      /* our own request, or NULL */
-    uint64_t conn_serial;   /* forwarded: the channel it came on */
+    struct req *local;    /* our own request, or NULL */
+    uint64_t conn_serial; /* forwarded: the channel it came on */
     uint64_t fwd_seq;
     int status;
     struct aamm__cs_result result;
@@ -181,8 +181,8 @@ static int resolve_addr(struct aamm__err *err, const char *what, const char *in,
     hints.ai_socktype = SOCK_STREAM;
     rc = getaddrinfo(host, NULL, &hints, &res);
     if (rc != 0 || res == NULL)
-        return aamm__errf(err, AAMM_EINVAL, "%s \"%s\": cannot resolve %s to IPv4: %s", what,
-                          in, host, gai_strerror(rc));
+        return aamm__errf(err, AAMM_EINVAL, "%s \"%s\": cannot resolve %s to IPv4: %s", what, in,
+                          host, gai_strerror(rc));
     {
         char ip[INET_ADDRSTRLEN];
         inet_ntop(AF_INET, &((struct sockaddr_in *)res->ai_addr)->sin_addr, ip, sizeof(ip));
@@ -267,8 +267,7 @@ static int reqno_load(struct aamm_consensus *cs)
         int n = fscanf(f, "%llx %llu", &inc, &limit);
         fclose(f);
         if (n != 2 || inc == 0)
-            return aamm__errf(&cs->err, AAMM_EIO, "consensus: %s/aamm-reqno is corrupt",
-                              cs->dir);
+            return aamm__errf(&cs->err, AAMM_EIO, "consensus: %s/aamm-reqno is corrupt", cs->dir);
     } else {
         while (inc == 0)
             if (RAND_bytes((unsigned char *)&inc, sizeof(inc)) != 1)
@@ -302,9 +301,9 @@ static int boot_save(struct aamm_consensus *cs)
     char line[4 * (AAMM_CONSENSUS_NAME_MAX + 1) + 32];
     aamm__wr_init(&w);
     for (i = 0; i < cs->n_boot; i++) {
-        int n = snprintf(line, sizeof(line), "%llu\t%s\t%s\t%s\n",
-                         (unsigned long long)cs->boot[i].id, cs->boot[i].name,
-                         cs->boot[i].link, cs->boot[i].raft);
+        int n =
+            snprintf(line, sizeof(line), "%llu\t%s\t%s\t%s\n", (unsigned long long)cs->boot[i].id,
+                     cs->boot[i].name, cs->boot[i].link, cs->boot[i].raft);
         aamm__wr_bytes(&w, line, (size_t)n);
     }
     aamm__wr_u8(&w, 0);
@@ -361,9 +360,8 @@ static void fail_new(char *errmsg, size_t size, const struct aamm__err *err)
 
 static void on_fwd_accept(struct aamm__cs_conn *c, void *arg);
 
-AAMM_API int aamm_consensus_new(struct aamm_consensus **out,
-                                const struct aamm_consensus_options *o, char *errmsg,
-                                size_t errmsg_size)
+AAMM_API int aamm_consensus_new(struct aamm_consensus **out, const struct aamm_consensus_options *o,
+                                char *errmsg, size_t errmsg_size)
 {
     struct aamm_consensus *cs;
     struct aamm__err err;
@@ -432,8 +430,8 @@ AAMM_API int aamm_consensus_new(struct aamm_consensus **out,
         }
         /* The data dir: create, lock against a second process, raft/ inside. */
         if (mkdir(cs->dir, 0700) != 0 && errno != EEXIST) {
-            rc = aamm__errf(&cs->err, AAMM_EIO, "consensus: mkdir %s: %s", cs->dir,
-                            strerror(errno));
+            rc =
+                aamm__errf(&cs->err, AAMM_EIO, "consensus: mkdir %s: %s", cs->dir, strerror(errno));
             goto fail;
         }
         {
@@ -445,14 +443,14 @@ AAMM_API int aamm_consensus_new(struct aamm_consensus **out,
             cs->lock_fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
             aamm__free(lock);
             if (cs->lock_fd < 0) {
-                rc = aamm__errf(&cs->err, AAMM_EIO, "consensus: open %s/aamm.lock: %s",
-                                cs->dir, strerror(errno));
+                rc = aamm__errf(&cs->err, AAMM_EIO, "consensus: open %s/aamm.lock: %s", cs->dir,
+                                strerror(errno));
                 goto fail;
             }
             if (flock(cs->lock_fd, LOCK_EX | LOCK_NB) != 0) {
                 rc = aamm__errf(&cs->err, errno == EWOULDBLOCK ? AAMM_EBUSY : AAMM_EIO,
-                                "consensus: data dir %s is in use by another process (%s)",
-                                cs->dir, strerror(errno));
+                                "consensus: data dir %s is in use by another process (%s)", cs->dir,
+                                strerror(errno));
                 goto fail;
             }
         }
@@ -470,8 +468,8 @@ AAMM_API int aamm_consensus_new(struct aamm_consensus **out,
             goto fail;
         }
         cs->loop_open = true;
-        rc = aamm__psk_new(&cs->transport, &cs->loop, o->cluster_name, o->secret,
-                           o->secret_len, o->bind_address ? bind : NULL,
+        rc = aamm__psk_new(&cs->transport, &cs->loop, o->cluster_name, o->secret, o->secret_len,
+                           o->bind_address ? bind : NULL,
                            o->handshake_timeout_ms ? o->handshake_timeout_ms : 5000);
         if (rc != 0) {
             aamm__errf(&cs->err, rc, "out of memory");
@@ -492,8 +490,7 @@ AAMM_API int aamm_consensus_new(struct aamm_consensus **out,
     if (rc != 0) {
         /* e.g. the filesystem probe: quote raft's io message verbatim */
         rc = aamm__errf(&cs->err, rc == RAFT_NOMEM ? AAMM_ENOMEM : AAMM_EIO,
-                        "consensus: raft_init in %s: %s", cs->raft_dir,
-                        raft_errmsg(&cs->raft));
+                        "consensus: raft_init in %s: %s", cs->raft_dir, raft_errmsg(&cs->raft));
         goto fail;
     }
     cs->raft_open = true;
@@ -534,7 +531,8 @@ AAMM_API int aamm_consensus_bootstrap(struct aamm_consensus *cs,
     for (i = 0; i < n; i++) {
         const struct aamm_consensus_member *m = &members[i];
         rc = 0;
-        if (m->node_id == 0 || !text_ok(m->name) || !text_ok(m->link_address ? m->link_address : ""))
+        if (m->node_id == 0 || !text_ok(m->name) ||
+            !text_ok(m->link_address ? m->link_address : ""))
             rc = aamm__errf(&cs->err, AAMM_EINVAL,
                             "consensus: member %zu: id 0, or a name/link missing, too long or "
                             "with tabs/newlines",
@@ -554,8 +552,7 @@ AAMM_API int aamm_consensus_bootstrap(struct aamm_consensus *cs,
         }
         boot[i].id = m->node_id;
         snprintf(boot[i].name, sizeof(boot[i].name), "%s", m->name);
-        snprintf(boot[i].link, sizeof(boot[i].link), "%s",
-                 m->link_address ? m->link_address : "");
+        snprintf(boot[i].link, sizeof(boot[i].link), "%s", m->link_address ? m->link_address : "");
         if (m->node_id == cs->id)
             self = true;
         if (raft_configuration_add(&conf, m->node_id, boot[i].raft, RAFT_VOTER) != 0) {
@@ -626,7 +623,8 @@ AAMM_API const char *aamm_consensus_errmsg(const struct aamm_consensus *cs)
     return cs ? aamm__errmsg(&cs->err) : "";
 }
 
-/* ---- completion delivery (the only place user callbacks run) ---------------------------------- */
+/* ---- completion delivery (the only place user callbacks run) ----------------------------------
+ */
 
 static void req_done(struct req *r, int status)
 {
@@ -673,7 +671,8 @@ static void deliver(struct aamm_consensus *cs)
     }
 }
 
-/* ---- leader side: executing a request ------------------------------------------------------------ */
+/* ---- leader side: executing a request
+ * ------------------------------------------------------------ */
 
 static void fwd_reply(struct aamm_consensus *cs, struct lexec *x);
 static void lexec_step(struct lexec *x);
@@ -885,7 +884,8 @@ static void lexec_start(struct aamm_consensus *cs, uint8_t op, const uint8_t *cm
     lexec_step(x);
 }
 
-/* ---- forwarding channel ---------------------------------------------------------------------------- */
+/* ---- forwarding channel
+ * ---------------------------------------------------------------------------- */
 
 static void put_result(struct aamm__wr *w, const struct aamm__cs_result *r)
 {
@@ -1054,7 +1054,8 @@ static bool fwd_send(struct aamm_consensus *cs, struct req *r)
     return rc == 0;
 }
 
-/* ---- origin side: dispatching our requests ----------------------------------------------------------- */
+/* ---- origin side: dispatching our requests
+ * ----------------------------------------------------------- */
 
 static void boot_pump(struct aamm_consensus *cs);
 
@@ -1212,7 +1213,8 @@ static void boot_pump(struct aamm_consensus *cs)
     }
 }
 
-/* ---- host-driven loop ------------------------------------------------------------------------------------ */
+/* ---- host-driven loop
+ * ------------------------------------------------------------------------------------ */
 
 AAMM_API int aamm_consensus_fd(const struct aamm_consensus *cs)
 {
@@ -1266,16 +1268,15 @@ AAMM_API int aamm_consensus_step(struct aamm_consensus *cs)
     deliver(cs);
     if (raft_state(&cs->raft) == RAFT_UNAVAILABLE && !cs->closing) {
         if (!cs->failed)
-            aamm__errf(&cs->err, AAMM_EIO, "consensus: raft failed: %s",
-                       raft_errmsg(&cs->raft));
+            aamm__errf(&cs->err, AAMM_EIO, "consensus: raft failed: %s", raft_errmsg(&cs->raft));
         cs->failed = true;
         return AAMM_EIO;
     }
     return 0;
 }
 
-AAMM_API int aamm_consensus_run_until(struct aamm_consensus *cs, bool (*done)(void *arg),
-                                      void *arg, int timeout_ms)
+AAMM_API int aamm_consensus_run_until(struct aamm_consensus *cs, bool (*done)(void *arg), void *arg,
+                                      int timeout_ms)
 {
     int64_t end = aamm__now_ms() + timeout_ms;
     for (;;) {
@@ -1300,11 +1301,14 @@ AAMM_API int aamm_consensus_run_until(struct aamm_consensus *cs, bool (*done)(vo
     }
 }
 
-/* ---- close ---------------------------------------------------------------------------------------------------- */
+/* ---- close
+ * ----------------------------------------------------------------------------------------------------
+ */
 
 static void raft_closed_cb(struct raft *r)
 {
-    struct aamm_consensus *cs = (struct aamm_consensus *)((char *)r - offsetof(struct aamm_consensus, raft));
+    struct aamm_consensus *cs =
+        (struct aamm_consensus *)((char *)r - offsetof(struct aamm_consensus, raft));
     cs->raft_closed = true;
 }
 
@@ -1376,7 +1380,9 @@ AAMM_API void aamm_consensus_free(struct aamm_consensus *cs)
     aamm__free(cs);
 }
 
-/* ---- queries ---------------------------------------------------------------------------------------------------- */
+/* ---- queries
+ * ----------------------------------------------------------------------------------------------------
+ */
 
 AAMM_API int aamm_consensus_state(const struct aamm_consensus *cs)
 {
@@ -1419,11 +1425,12 @@ AAMM_API uint64_t aamm_consensus_state_hash(const struct aamm_consensus *cs)
     return cs ? aamm__cs_state_hash(&cs->fsm.st) : 0;
 }
 
-/* ---- commands -------------------------------------------------------------------------------------------------- */
+/* ---- commands
+ * --------------------------------------------------------------------------------------------------
+ */
 
-AAMM_API int aamm_consensus_galloc(struct aamm_consensus *cs, const char *seq_name,
-                                   uint64_t count, int64_t min_start,
-                                   aamm_consensus_galloc_cb cb, void *arg)
+AAMM_API int aamm_consensus_galloc(struct aamm_consensus *cs, const char *seq_name, uint64_t count,
+                                   int64_t min_start, aamm_consensus_galloc_cb cb, void *arg)
 {
     struct aamm__cs_cmd c;
     size_t len;
@@ -1480,8 +1487,7 @@ AAMM_API void aamm_consensus_ddl_get(const struct aamm_consensus *cs,
 }
 
 AAMM_API int aamm_consensus_watermark_set(struct aamm_consensus *cs, uint64_t origin,
-                                          uint64_t value, aamm_consensus_done_cb cb,
-                                          void *arg)
+                                          uint64_t value, aamm_consensus_done_cb cb, void *arg)
 {
     struct aamm__cs_cmd c;
     if (cs == NULL || origin == 0)
@@ -1493,8 +1499,7 @@ AAMM_API int aamm_consensus_watermark_set(struct aamm_consensus *cs, uint64_t or
     return submit(cs, OP_APPLY, CB_DONE, &c, (void (*)(void))cb, arg);
 }
 
-AAMM_API uint64_t aamm_consensus_watermark_get(const struct aamm_consensus *cs,
-                                               uint64_t origin)
+AAMM_API uint64_t aamm_consensus_watermark_get(const struct aamm_consensus *cs, uint64_t origin)
 {
     return cs ? aamm__cs_state_watermark(&cs->fsm.st, origin) : 0;
 }
@@ -1508,8 +1513,7 @@ AAMM_API int aamm_consensus_add_member(struct aamm_consensus *cs,
     int rc;
     if (cs == NULL || m == NULL)
         return AAMM_EINVAL;
-    if (m->node_id == 0 || !text_ok(m->name) ||
-        !text_ok(m->link_address ? m->link_address : ""))
+    if (m->node_id == 0 || !text_ok(m->name) || !text_ok(m->link_address ? m->link_address : ""))
         return aamm__errf(&cs->err, AAMM_EINVAL,
                           "consensus: member needs an id > 0 and a name/link of at most 255 "
                           "bytes without tabs or newlines");
@@ -1541,8 +1545,7 @@ AAMM_API int aamm_consensus_remove_member(struct aamm_consensus *cs, uint64_t no
     return submit(cs, OP_REMOVE, CB_DONE, &c, (void (*)(void))cb, arg);
 }
 
-AAMM_API int aamm_consensus_noop(struct aamm_consensus *cs, aamm_consensus_done_cb cb,
-                                 void *arg)
+AAMM_API int aamm_consensus_noop(struct aamm_consensus *cs, aamm_consensus_done_cb cb, void *arg)
 {
     struct aamm__cs_cmd c;
     if (cs == NULL)
@@ -1572,7 +1575,9 @@ void aamm__consensus_partition(struct aamm_consensus *cs, bool on)
     }
 }
 
-/* ---- accessors ----------------------------------------------------------------------------------------------- */
+/* ---- accessors
+ * -----------------------------------------------------------------------------------------------
+ */
 
 AAMM_API size_t aamm_consensus_member_count(const struct aamm_consensus *cs)
 {
@@ -1609,8 +1614,8 @@ AAMM_API int aamm_consensus_member_get(const struct aamm_consensus *cs, uint64_t
     return 0;
 }
 
-AAMM_API int aamm_consensus_galloc_next(const struct aamm_consensus *cs,
-                                        const char *seq_name, int64_t *next)
+AAMM_API int aamm_consensus_galloc_next(const struct aamm_consensus *cs, const char *seq_name,
+                                        int64_t *next)
 {
     const struct aamm__cs_seq *s;
     if (cs == NULL || seq_name == NULL)

@@ -169,8 +169,7 @@ static int name_cmp(const char *a, const char *b, size_t blen)
     return alen < blen ? -1 : alen > blen ? 1 : 0;
 }
 
-static size_t seq_pos(const struct aamm__cs_state *st, const char *name, size_t len,
-                      bool *found)
+static size_t seq_pos(const struct aamm__cs_state *st, const char *name, size_t len, bool *found)
 {
     size_t lo = 0, hi = st->n_seqs;
     while (lo < hi) {
@@ -234,16 +233,15 @@ static void array_remove(void *arr, size_t *n, size_t elem, size_t pos)
     (*n)--;
 }
 
-const struct aamm__cs_member *aamm__cs_state_member(const struct aamm__cs_state *st,
-                                                    uint64_t id)
+const struct aamm__cs_member *aamm__cs_state_member(const struct aamm__cs_state *st, uint64_t id)
 {
     bool found;
     size_t pos = member_pos(st, id, &found);
     return found ? &st->members[pos] : NULL;
 }
 
-const struct aamm__cs_seq *aamm__cs_state_seq(const struct aamm__cs_state *st,
-                                              const char *name, size_t len)
+const struct aamm__cs_seq *aamm__cs_state_seq(const struct aamm__cs_state *st, const char *name,
+                                              size_t len)
 {
     bool found;
     size_t pos = seq_pos(st, name, len, &found);
@@ -472,8 +470,8 @@ static int dedup_store(struct aamm__cs_state *st, const struct aamm__cs_cmd *c,
     return 0;
 }
 
-int aamm__cs_state_apply(struct aamm__cs_state *st, uint64_t index, const void *data,
-                         size_t len, struct aamm__cs_result *out)
+int aamm__cs_state_apply(struct aamm__cs_state *st, uint64_t index, const void *data, size_t len,
+                         struct aamm__cs_result *out)
 {
     struct aamm__cs_cmd c;
     const struct aamm__cs_result *seen;
@@ -701,8 +699,7 @@ int aamm__cs_state_decode(struct aamm__cs_state *out, const void *data, size_t l
     if (!rd_only_padding(&r))
         goto malformed;
     for (i = 0; i < st.n_members; i++)
-        if (st.members[i].name == NULL || st.members[i].link == NULL ||
-            st.members[i].raft == NULL)
+        if (st.members[i].name == NULL || st.members[i].link == NULL || st.members[i].raft == NULL)
             goto malformed;
     for (i = 0; i < st.n_seqs; i++)
         if (st.seqs[i].name == NULL)

@@ -32,12 +32,12 @@
 
 enum {
     AAMM__CS_NOOP = 1,
-    AAMM__CS_MEMBER_PUT = 2, /* u64 id | str name | str link | str raft */
-    AAMM__CS_MEMBER_DEL = 3, /* u64 id */
-    AAMM__CS_GALLOC = 4,     /* str seq | u64 count | i64 min_start */
+    AAMM__CS_MEMBER_PUT = 2,  /* u64 id | str name | str link | str raft */
+    AAMM__CS_MEMBER_DEL = 3,  /* u64 id */
+    AAMM__CS_GALLOC = 4,      /* str seq | u64 count | i64 min_start */
     AAMM__CS_DDL_ACQUIRE = 5, /* u32 lease_ms */
     AAMM__CS_DDL_RELEASE = 6, /* u64 token */
-    AAMM__CS_WATERMARK = 7,  /* u64 stream origin | u64 value */
+    AAMM__CS_WATERMARK = 7,   /* u64 stream origin | u64 value */
 };
 
 struct aamm__cs_cmd {
@@ -51,7 +51,7 @@ struct aamm__cs_cmd {
     const char *link;
     const char *raft;
     size_t name_len, link_len, raft_len;
-    uint64_t count;   /* GALLOC count; DDL_RELEASE token; WATERMARK value */
+    uint64_t count; /* GALLOC count; DDL_RELEASE token; WATERMARK value */
     int64_t min_start;
     uint32_t lease_ms;
 };
@@ -125,8 +125,8 @@ void aamm__cs_fsm_close(struct aamm__cs_fsm *f);
 
 /* Apply one encoded command at log index @index (pure; the result lands in @out). Returns
  * 0, or AAMM_ENOMEM (the only real failure: the state is unchanged). */
-int aamm__cs_state_apply(struct aamm__cs_state *st, uint64_t index, const void *data,
-                         size_t len, struct aamm__cs_result *out);
+int aamm__cs_state_apply(struct aamm__cs_state *st, uint64_t index, const void *data, size_t len,
+                         struct aamm__cs_result *out);
 void aamm__cs_state_clear(struct aamm__cs_state *st);
 /* Serialize the whole state deterministically. */
 void aamm__cs_state_encode(const struct aamm__cs_state *st, struct aamm__wr *w);
@@ -135,10 +135,9 @@ int aamm__cs_state_decode(struct aamm__cs_state *st, const void *data, size_t le
 /* FNV-1a 64 of the serialization. */
 uint64_t aamm__cs_state_hash(const struct aamm__cs_state *st);
 
-const struct aamm__cs_member *aamm__cs_state_member(const struct aamm__cs_state *st,
-                                                    uint64_t id);
-const struct aamm__cs_seq *aamm__cs_state_seq(const struct aamm__cs_state *st,
-                                              const char *name, size_t len);
+const struct aamm__cs_member *aamm__cs_state_member(const struct aamm__cs_state *st, uint64_t id);
+const struct aamm__cs_seq *aamm__cs_state_seq(const struct aamm__cs_state *st, const char *name,
+                                              size_t len);
 uint64_t aamm__cs_state_watermark(const struct aamm__cs_state *st, uint64_t origin);
 
 /* ---- the authenticated transport ------------------------------------------------------ */
@@ -151,8 +150,8 @@ struct aamm__psk;
 
 /* Our side of a forwarding channel: framed messages (u32 LE length + payload). */
 struct aamm__cs_conn;
-typedef void (*aamm__cs_conn_frame_fn)(struct aamm__cs_conn *c, const uint8_t *data,
-                                       size_t len, void *arg);
+typedef void (*aamm__cs_conn_frame_fn)(struct aamm__cs_conn *c, const uint8_t *data, size_t len,
+                                       void *arg);
 typedef void (*aamm__cs_conn_state_fn)(struct aamm__cs_conn *c, bool up, void *arg);
 
 /* Build a transport object for raft_uv_init(): handshake key derived from @secret and
@@ -165,8 +164,8 @@ int aamm__psk_new(struct raft_uv_transport *t, uv_loop_t *loop, const char *clus
  * used it). */
 void aamm__psk_free(struct raft_uv_transport *t);
 /* Incoming authenticated FWD connections are handed to this callback (transferred). */
-void aamm__psk_on_fwd(struct raft_uv_transport *t,
-                      void (*fn)(struct aamm__cs_conn *c, void *arg), void *arg);
+void aamm__psk_on_fwd(struct raft_uv_transport *t, void (*fn)(struct aamm__cs_conn *c, void *arg),
+                      void *arg);
 /* Open an outgoing FWD connection to (@id, @address). @state_fn(up=true) once
  * authenticated, (up=false) when it fails or closes (then it is freed after the call). */
 struct aamm__cs_conn *aamm__psk_connect_fwd(struct raft_uv_transport *t, uint64_t id,

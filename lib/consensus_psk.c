@@ -75,7 +75,7 @@ struct aamm__psk {
     struct handed {
         int fd;
         struct sockaddr_in local, peer;
-    } *handed;
+    } * handed;
     size_t n_handed;
 };
 
@@ -225,8 +225,7 @@ static void conn_fail(struct aamm__cs_conn *c)
 static void conn_timeout_cb(uv_timer_t *t)
 {
     struct aamm__cs_conn *c = t->data;
-    AAMM_DEBUG("consensus: handshake with node %llu timed out",
-               (unsigned long long)c->peer_id);
+    AAMM_DEBUG("consensus: handshake with node %llu timed out", (unsigned long long)c->peer_id);
     conn_fail(c);
 }
 
@@ -518,8 +517,8 @@ static void hs_progress(struct aamm__cs_conn *c)
 static void fwd_flush(struct aamm__cs_conn *c)
 {
     while (c->out_off < c->out_len) {
-        ssize_t n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off,
-                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t n =
+            send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n > 0) {
             c->out_off += (size_t)n;
         } else if (n < 0 && errno == EINTR) {
@@ -572,8 +571,8 @@ static void fwd_read(struct aamm__cs_conn *c)
     /* Deliver whole frames; the callback may close this connection. */
     while (c->phase == PH_UP && c->in_len - off >= 4) {
         const uint8_t *h = c->in + off;
-        size_t len = (size_t)h[0] | ((size_t)h[1] << 8) | ((size_t)h[2] << 16) |
-                     ((size_t)h[3] << 24);
+        size_t len =
+            (size_t)h[0] | ((size_t)h[1] << 8) | ((size_t)h[2] << 16) | ((size_t)h[3] << 24);
         if (len > FRAME_MAX) {
             conn_fail(c);
             return;
@@ -628,8 +627,7 @@ static void conn_poll_cb(uv_poll_t *h, int status, int events)
     if (c->phase == PH_CONNECTING) {
         int err = 0;
         socklen_t elen = sizeof(err);
-        if (status < 0 || getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &elen) != 0 ||
-            err != 0) {
+        if (status < 0 || getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &elen) != 0 || err != 0) {
             conn_fail(c);
             return;
         }
@@ -884,8 +882,8 @@ int aamm__psk_new(struct raft_uv_transport *t, uv_loop_t *loop, const char *clus
     return 0;
 }
 
-void aamm__psk_on_fwd(struct raft_uv_transport *t,
-                      void (*fn)(struct aamm__cs_conn *c, void *arg), void *arg)
+void aamm__psk_on_fwd(struct raft_uv_transport *t, void (*fn)(struct aamm__cs_conn *c, void *arg),
+                      void *arg)
 {
     struct aamm__psk *p = t->impl;
     p->on_fwd = fn;

@@ -96,10 +96,10 @@ struct aamm_consensus_options {
 
 /** A member as the replicated state knows it. */
 struct aamm_consensus_member {
-    uint64_t node_id;          /* raft id, > 0 */
-    const char *name;          /* agent name (at most AAMM_CONSENSUS_NAME_MAX bytes) */
-    const char *link_address;  /* where peers reach the agent's link (free-form text) */
-    const char *raft_address;  /* "a.b.c.d:port" of its consensus node */
+    uint64_t node_id;         /* raft id, > 0 */
+    const char *name;         /* agent name (at most AAMM_CONSENSUS_NAME_MAX bytes) */
+    const char *link_address; /* where peers reach the agent's link (free-form text) */
+    const char *raft_address; /* "a.b.c.d:port" of its consensus node */
 };
 
 /** Roles as raft_state() reports them. */
@@ -187,8 +187,8 @@ AAMM_API int aamm_consensus_step(struct aamm_consensus *cs);
  * Convenience: poll and step until @done(@arg) returns true or @timeout_ms passes.
  * Returns 0 (done), AAMM_ETIMEDOUT, or a step error.
  */
-AAMM_API int aamm_consensus_run_until(struct aamm_consensus *cs, bool (*done)(void *arg),
-                                      void *arg, int timeout_ms);
+AAMM_API int aamm_consensus_run_until(struct aamm_consensus *cs, bool (*done)(void *arg), void *arg,
+                                      int timeout_ms);
 
 /* ---- queries (local, no network) ------------------------------------------------- */
 
@@ -233,8 +233,8 @@ typedef void (*aamm_consensus_done_cb)(struct aamm_consensus *cs, int status, vo
  * AAMM_EEXHAUSTED: the sequence cannot give @count more values (bigint limit);
  * AAMM_ETIMEDOUT: no majority reachable before the deadline; AAMM_ECLOSED: handle closed.
  */
-typedef void (*aamm_consensus_galloc_cb)(struct aamm_consensus *cs, int status,
-                                         int64_t start, int64_t end, void *arg);
+typedef void (*aamm_consensus_galloc_cb)(struct aamm_consensus *cs, int status, int64_t start,
+                                         int64_t end, void *arg);
 
 /**
  * Reserve a range of @count (1..2^31) values of sequence @seq_name (copied; 1..255 bytes)
@@ -243,9 +243,8 @@ typedef void (*aamm_consensus_galloc_cb)(struct aamm_consensus *cs, int status,
  * converting an existing serial column passes its current maximum + 1. Returns 0 (@cb will
  * run), AAMM_EINVAL, AAMM_ESTATE (not started / closed), AAMM_ENOMEM.
  */
-AAMM_API int aamm_consensus_galloc(struct aamm_consensus *cs, const char *seq_name,
-                                   uint64_t count, int64_t min_start,
-                                   aamm_consensus_galloc_cb cb, void *arg);
+AAMM_API int aamm_consensus_galloc(struct aamm_consensus *cs, const char *seq_name, uint64_t count,
+                                   int64_t min_start, aamm_consensus_galloc_cb cb, void *arg);
 
 /** The global DDL lock as the replicated state holds it. holder 0: never taken / free. */
 struct aamm_consensus_ddl_lock {
@@ -293,8 +292,7 @@ AAMM_API void aamm_consensus_ddl_get(const struct aamm_consensus *cs,
  * be NULL) gets 0, AAMM_ETIMEDOUT or AAMM_ECLOSED.
  */
 AAMM_API int aamm_consensus_watermark_set(struct aamm_consensus *cs, uint64_t origin,
-                                          uint64_t value, aamm_consensus_done_cb cb,
-                                          void *arg);
+                                          uint64_t value, aamm_consensus_done_cb cb, void *arg);
 
 /**
  * The cluster-wide watermark of @origin's stream as applied locally: the smallest position
@@ -302,8 +300,7 @@ AAMM_API int aamm_consensus_watermark_set(struct aamm_consensus *cs, uint64_t or
  * @origin has no peers). Everything from @origin at or before it has been passed by every
  * peer: tombstones up to there can go.
  */
-AAMM_API uint64_t aamm_consensus_watermark_get(const struct aamm_consensus *cs,
-                                               uint64_t origin);
+AAMM_API uint64_t aamm_consensus_watermark_get(const struct aamm_consensus *cs, uint64_t origin);
 
 /**
  * Add @member (borrowed, strings copied) to the cluster as a voter: raft_add, catch-up and
@@ -326,8 +323,7 @@ AAMM_API int aamm_consensus_remove_member(struct aamm_consensus *cs, uint64_t no
                                           aamm_consensus_done_cb cb, void *arg);
 
 /** Commit an empty command (benchmarks, liveness probes). @cb as for watermark_set. */
-AAMM_API int aamm_consensus_noop(struct aamm_consensus *cs, aamm_consensus_done_cb cb,
-                                 void *arg);
+AAMM_API int aamm_consensus_noop(struct aamm_consensus *cs, aamm_consensus_done_cb cb, void *arg);
 
 /* ---- membership and sequence accessors (applied state, local) -------------------- */
 
@@ -349,8 +345,8 @@ AAMM_API int aamm_consensus_member_get(const struct aamm_consensus *cs, uint64_t
  * The next free value of sequence @seq_name (borrowed) as applied locally into *next.
  * Returns 0, or AAMM_ENOTFOUND when no range was ever allocated.
  */
-AAMM_API int aamm_consensus_galloc_next(const struct aamm_consensus *cs,
-                                        const char *seq_name, int64_t *next);
+AAMM_API int aamm_consensus_galloc_next(const struct aamm_consensus *cs, const char *seq_name,
+                                        int64_t *next);
 
 #ifdef __cplusplus
 }

@@ -8,8 +8,8 @@
  *                   [--election MS] [--heartbeat MS] [--timeout MS]
  *
  * SIGTERM: close cleanly and exit 0. SIGUSR1: stop allocating. SIGUSR2: toggle a simulated
- * network partition of this agent (every connection in and out refused and cut). Ranges are written with one
- * write(2) per line ("start end\n") as soon as the callback runs. Failed allocations are
+ * network partition of this agent (every connection in and out refused and cut). Ranges are written
+ * with one write(2) per line ("start end\n") as soon as the callback runs. Failed allocations are
  * counted in the status file. Status: "state leader term applied next hash failures\n".
  */
 #include <errno.h>
@@ -49,8 +49,7 @@ static void on_usr2(int sig)
     partition_flag = !partition_flag;
 }
 
-static void galloc_cb(struct aamm_consensus *cs, int status, int64_t start, int64_t end,
-                      void *arg)
+static void galloc_cb(struct aamm_consensus *cs, int status, int64_t start, int64_t end, void *arg)
 {
     char line[64];
     (void)cs;

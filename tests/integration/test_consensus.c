@@ -197,8 +197,7 @@ struct waiter {
     int n;
 };
 
-static void w_galloc(struct aamm_consensus *cs, int status, int64_t start, int64_t end,
-                     void *arg)
+static void w_galloc(struct aamm_consensus *cs, int status, int64_t start, int64_t end, void *arg)
 {
     struct waiter *w = arg;
     int64_t next = 0;
@@ -213,8 +212,8 @@ static void w_galloc(struct aamm_consensus *cs, int status, int64_t start, int64
     w->pending--;
 }
 
-static void w_ddl(struct aamm_consensus *cs, int status,
-                  const struct aamm_consensus_ddl_lock *lock, void *arg)
+static void w_ddl(struct aamm_consensus *cs, int status, const struct aamm_consensus_ddl_lock *lock,
+                  void *arg)
 {
     struct waiter *w = arg;
     (void)cs;
@@ -414,9 +413,11 @@ START_TEST(local_restart_catches_up)
                     (unsigned long long)aamm_consensus_state_hash(c.cs[k]));
         }
     }
-    ck_assert_msg(lc_run(&c, three_applied, &target, 15000), "node 3: state %d applied %llu (target %llu) step %d %s",
-                  aamm_consensus_state(c.cs[2]), (unsigned long long)aamm_consensus_applied_index(c.cs[2]),
-                  (unsigned long long)target, aamm_consensus_step(c.cs[2]), aamm_consensus_errmsg(c.cs[2]));
+    ck_assert_msg(
+        lc_run(&c, three_applied, &target, 15000),
+        "node 3: state %d applied %llu (target %llu) step %d %s", aamm_consensus_state(c.cs[2]),
+        (unsigned long long)aamm_consensus_applied_index(c.cs[2]), (unsigned long long)target,
+        aamm_consensus_step(c.cs[2]), aamm_consensus_errmsg(c.cs[2]));
     ck_assert_int_eq(aamm_consensus_galloc_next(c.cs[2], "s", &(int64_t){0}), 0);
     fp = fopen(path, "r");
     ck_assert(fp && fscanf(fp, "%llx %llu", &inc2, &lim2) == 2);
@@ -532,7 +533,7 @@ START_TEST(stranger_cannot_join_or_inject)
     hello[8] = AAMM__CS_ROLE_RAFT;
     hello[9] = hello[10] = hello[11] = 0;
     memset(hello + 12, 0, 16);
-    hello[12] = 9;                        /* from id 9 */
+    hello[12] = 9;                          /* from id 9 */
     hello[20] = (uint8_t)((l + 1) % 3 + 1); /* to the member we dial */
     memset(hello + 28, 0x55, 32);
     hello[60] = (uint8_t)alen;
@@ -749,8 +750,8 @@ static bool ag_read(int i, struct ag_status *s)
     int n;
     if (f == NULL)
         return false;
-    n = fscanf(f, "%d %llu %llu %llu %lld %llx %lu", &s->state, &s->leader, &s->term,
-               &s->applied, &s->next, &s->hash, &s->failures);
+    n = fscanf(f, "%d %llu %llu %llu %lld %llx %lu", &s->state, &s->leader, &s->term, &s->applied,
+               &s->next, &s->hash, &s->failures);
     fclose(f);
     return n == 7;
 }
@@ -837,7 +838,7 @@ START_TEST(kill9_leader_galloc_never_duplicates)
     long target = aamm_test_scaled(1000000, 100000), total = 0;
     int kills = 0, min_kills = (int)aamm_test_scaled(4, 2), i;
     int64_t start = aamm_test_now_ms();
-    int64_t (*ranges)[2] = NULL;
+    int64_t(*ranges)[2] = NULL;
     size_t n = 0, cap = 0, k;
     int64_t worst_failover = 0;
     struct ag_status s[AG_N];
@@ -906,14 +907,17 @@ START_TEST(kill9_leader_galloc_never_duplicates)
             fprintf(stderr, "agent %d pid %d alive %d\n", i + 1, (int)g_ag[i].pid,
                     g_ag[i].pid > 0 && kill(g_ag[i].pid, 0) == 0);
             if (getenv("AAMM_TEST_GDB") && g_ag[i].pid > 0) {
-                snprintf(cmd, sizeof(cmd), "gdb -q -batch -p %d -ex 'thread apply all bt 12' >&2", (int)g_ag[i].pid);
+                snprintf(cmd, sizeof(cmd), "gdb -q -batch -p %d -ex 'thread apply all bt 12' >&2",
+                         (int)g_ag[i].pid);
                 if (system(cmd) != 0)
                     fprintf(stderr, "gdb failed\n");
             }
             if (ag_read(i, &s[i]))
-                fprintf(stderr, "agent %d: state %d leader %llu term %llu applied %llu next %lld "
-                        "hash %llx failures %lu\n", i + 1, s[i].state, s[i].leader, s[i].term,
-                        s[i].applied, s[i].next, s[i].hash, s[i].failures);
+                fprintf(stderr,
+                        "agent %d: state %d leader %llu term %llu applied %llu next %lld "
+                        "hash %llx failures %lu\n",
+                        i + 1, s[i].state, s[i].leader, s[i].term, s[i].applied, s[i].next,
+                        s[i].hash, s[i].failures);
         }
         ck_assert_msg(same, "members did not converge");
     }
@@ -960,7 +964,7 @@ static void partition_round(int m)
     for (i = 0; i < AG_N; i++)
         if (i != m)
             maj_after += count_ids(i, NULL, NULL, NULL);
-    ck_assert_int_eq(after, before);       /* the minority got nothing */
+    ck_assert_int_eq(after, before);         /* the minority got nothing */
     ck_assert_int_gt(maj_after, maj_before); /* the majority went on */
     ck_assert(ag_read(m, &s));
     ck_assert_uint_gt(s.failures, fails0); /* its requests timed out */
@@ -977,7 +981,7 @@ START_TEST(partitioned_minority_gets_no_range)
 {
     int i, l = -1;
     int64_t t0 = aamm_test_now_ms();
-    int64_t (*ranges)[2] = NULL;
+    int64_t(*ranges)[2] = NULL;
     size_t n = 0, cap = 0, k;
     for (i = 0; i < AG_N; i++)
         ag_spawn(i, true, true, 800);

@@ -606,8 +606,7 @@ START_TEST(fx_membership)
     /* remove a follower */
     l = fx_leader(&x);
     done = 0;
-    ck_assert_int_eq(raft_remove(raft_fixture_get(&x.f, l), &ch, (l + 1) % 4 + 1, fx_change_cb),
-                     0);
+    ck_assert_int_eq(raft_remove(raft_fixture_get(&x.f, l), &ch, (l + 1) % 4 + 1, fx_change_cb), 0);
     ck_assert(raft_fixture_step_until(&x.f, int_set, &done, 5000));
     ck_assert_int_eq(done, 1);
     ck_assert_uint_eq(raft_fixture_get(&x.f, l)->configuration.n, 3);
