@@ -538,6 +538,24 @@ int aamm_galloc_add_range(struct aamm_galloc *g, int64_t start, int64_t end)
     return 0;
 }
 
+int aamm_galloc_take_range(struct aamm_galloc *g, int64_t *start, int64_t *end)
+{
+    if (g == NULL || start == NULL || end == NULL)
+        return AAMM_EINVAL;
+    while (g->nranges > 0 && g->ranges[0].next >= g->ranges[0].end) {
+        memmove(g->ranges, g->ranges + 1, (size_t)(g->nranges - 1) * sizeof *g->ranges);
+        g->nranges--;
+    }
+    if (g->nranges == 0)
+        return aamm__errf(&g->err, AAMM_EEXHAUSTED,
+                          "galloc: sequence \"%s\": no range held", g->name);
+    *start = g->ranges[0].next;
+    *end = g->ranges[0].end;
+    memmove(g->ranges, g->ranges + 1, (size_t)(g->nranges - 1) * sizeof *g->ranges);
+    g->nranges--;
+    return 0;
+}
+
 /* ---- consensus glue --------------------------------------------------------------- */
 
 static void galloc_granted(struct aamm_consensus *cs, int status, int64_t start, int64_t end,

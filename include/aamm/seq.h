@@ -288,6 +288,15 @@ AAMM_API bool aamm_galloc_request_pending(const struct aamm_galloc *g);
 AAMM_API int aamm_galloc_add_range(struct aamm_galloc *g, int64_t start, int64_t end);
 
 /**
+ * Take the lowest held range out of the client, unused values only, into [*@start, *@end)
+ * — for a host that hands ranges on to the node's SQL function (aamm_galloc_supply_node):
+ * a client attached to consensus dedicated to that, whose ranges the host moves to the
+ * node when aamm_galloc_node_remaining() falls to its low-water mark. The client then
+ * prefetches the next range as usual. Returns 0, or AAMM_EEXHAUSTED when none is held.
+ */
+AAMM_API int aamm_galloc_take_range(struct aamm_galloc *g, int64_t *start, int64_t *end);
+
+/**
  * Connect the client to a consensus handle (borrowed: it must outlive the attachment;
  * detach with aamm_galloc_attach(g, NULL) or free the client first). From then on
  * aamm_galloc_pump() — called by aamm_galloc_next() and by the host after each

@@ -372,7 +372,8 @@ END_TEST
 
 /* Three nodes, each with several sessions inserting concurrently into tables whose keys
  * default to aamm.snowflake_nextval, aamm.uuid_v7 and aamm.galloc_nextval, while the host
- * keeps the galloc ranges supplied (from one allocator standing in for consensus). The
+ * keeps the galloc ranges supplied (aamm_galloc_take_range from a client per node fed by
+ * one allocator standing in for consensus). The
  * rows of all nodes merged into tables with the same primary keys: no duplicate key. */
 START_TEST(three_nodes_merge_without_duplicates)
 {
@@ -381,6 +382,7 @@ START_TEST(three_nodes_merge_without_duplicates)
     int batches = 5;
     struct job jobs[9];
     PGconn *ctl[3];
+    struct aamm_galloc *ga[3];
     int64_t next_range = 1, range = 2000;
     char err[AAMM_SEQ_ERRSIZE];
     PGconn *m;
@@ -417,34 +419,43 @@ START_TEST(three_nodes_merge_without_duplicates)
                 jobs[n * 3 + t].sql = texts[n * 3 + t];
             }
     }
-    /* galloc: every node starts with one range; the host tops up below 2 ranges left */
+    /* galloc: per node a client (fed by one allocator standing in for consensus) whose
+     * ranges the host moves to the node whenever fewer than 2 ranges are left there */
     for (int n = 0; n < 3; n++) {
-        ck_assert_msg(aamm_galloc_supply_node(ctl[n], "public.t_ga.id", next_range,
-                                              next_range + range, err, sizeof err) == 0,
-                      "%s", err);
-        next_range += range;
+        struct aamm_galloc_options go = {.name = "public.t_ga.id", .range_size = range};
+        ck_assert_int_eq(aamm_galloc_new(&ga[n], &go), 0);
     }
-    for (int i = 0; i < 9; i++)
-        job_send(&jobs[i]);
     {
         int64_t deadline = aamm_test_now_ms() + 90000;
-        while (jobs_step(jobs, 9, 5) > 0) {
+        bool started = false;
+        do {
             ck_assert_msg(aamm_test_now_ms() < deadline, "inserts did not finish");
             for (int n = 0; n < 3; n++) {
-                int64_t rem = 0;
+                int64_t rem = 0, a, b;
+                uint64_t count;
                 ck_assert_msg(aamm_galloc_node_remaining(ctl[n], "public.t_ga.id", &rem, err,
                                                          sizeof err) == 0,
                               "%s", err);
                 while (rem < 2 * range) {
-                    ck_assert_msg(aamm_galloc_supply_node(ctl[n], "public.t_ga.id", next_range,
-                                                          next_range + range, err,
+                    while (aamm_galloc_begin_request(ga[n], &count) == 0) { /* "consensus" */
+                        ck_assert_int_eq(aamm_galloc_add_range(ga[n], next_range,
+                                                               next_range + (int64_t)count),
+                                         0);
+                        next_range += (int64_t)count;
+                    }
+                    ck_assert_int_eq(aamm_galloc_take_range(ga[n], &a, &b), 0);
+                    ck_assert_msg(aamm_galloc_supply_node(ctl[n], "public.t_ga.id", a, b, err,
                                                           sizeof err) == 0,
                                   "%s", err);
-                    next_range += range;
-                    rem += range;
+                    rem += b - a;
                 }
             }
-        }
+            if (!started) { /* the inserts start once every node has ranges */
+                for (int i = 0; i < 9; i++)
+                    job_send(&jobs[i]);
+                started = true;
+            }
+        } while (jobs_step(jobs, 9, 5) > 0);
     }
     for (int i = 0; i < 9; i++)
         ck_assert_msg(jobs[i].err[0] == '\0', "job %d: %s", i, jobs[i].err);
@@ -493,8 +504,10 @@ START_TEST(three_nodes_merge_without_duplicates)
     }
     PQfinish(m);
     jobs_finish(jobs, 9);
-    for (int n = 0; n < 3; n++)
+    for (int n = 0; n < 3; n++) {
         PQfinish(ctl[n]);
+        aamm_galloc_free(ga[n]);
+    }
     pgfx_destroy(fx);
 }
 END_TEST

@@ -585,6 +585,32 @@ START_TEST(galloc_options_and_resume)
 }
 END_TEST
 
+/* take_range hands the lowest held range (its unused part) to the host and the client
+ * then wants the next one; nothing held: AAMM_EEXHAUSTED. */
+START_TEST(galloc_take_range)
+{
+    struct aamm_galloc_options o = {.name = "s", .range_size = 100};
+    struct aamm_galloc *g;
+    int64_t a = 0, b = 0, v;
+    ck_assert_int_eq(aamm_galloc_new(&g, &o), 0);
+    ck_assert_int_eq(aamm_galloc_take_range(g, &a, &b), AAMM_EEXHAUSTED);
+    ck_assert_int_eq(aamm_galloc_add_range(g, 1, 101), 0);
+    ck_assert_int_eq(aamm_galloc_add_range(g, 301, 401), 0);
+    ck_assert_int_eq(aamm_galloc_next(g, &v), 0);
+    ck_assert(!aamm_galloc_wants_range(g, NULL));
+    ck_assert_int_eq(aamm_galloc_take_range(g, &a, &b), 0);
+    ck_assert_int_eq(a, 2);
+    ck_assert_int_eq(b, 101);
+    ck_assert(aamm_galloc_wants_range(g, NULL));
+    ck_assert_int_eq(aamm_galloc_take_range(g, &a, &b), 0);
+    ck_assert_int_eq(a, 301);
+    ck_assert_int_eq(b, 401);
+    ck_assert_int_eq(aamm_galloc_available(g), 0);
+    ck_assert_int_eq(aamm_galloc_next(g, &v), AAMM_EEXHAUSTED);
+    aamm_galloc_free(g);
+}
+END_TEST
+
 /* Every allocation failure during construction gives AAMM_ENOMEM and leaks nothing. */
 START_TEST(alloc_failures)
 {
@@ -643,6 +669,7 @@ int main(void)
     tcase_add_test(tc, galloc_partition_then_exhausted);
     tcase_add_test(tc, galloc_add_range_checks);
     tcase_add_test(tc, galloc_options_and_resume);
+    tcase_add_test(tc, galloc_take_range);
     tcase_add_test(tc, alloc_failures);
     suite_add_tcase(s, tc);
     return aamm_test_run(s);
