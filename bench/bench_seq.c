@@ -217,15 +217,23 @@ int main(int argc, char **argv)
         static const struct {
             const char *name, *sql;
         } calls[] = {
-            {"seq_sql_call_nextval_pg", "SELECT count(nextval('plain_seq')) FROM generate_series(1, %ld)"},
-            {"seq_sql_call_snowflake", "SELECT count(aamm.snowflake_nextval('b')) FROM generate_series(1, %ld)"},
-            {"seq_sql_call_gen_random_uuid_pg", "SELECT count(gen_random_uuid()) FROM generate_series(1, %ld)"},
+            {"seq_sql_call_nextval_pg",
+             "SELECT count(nextval('plain_seq')) FROM generate_series(1, %ld)"},
+            {"seq_sql_call_snowflake",
+             "SELECT count(aamm.snowflake_nextval('b')) FROM generate_series(1, %ld)"},
+            {"seq_sql_call_gen_random_uuid_pg",
+             "SELECT count(gen_random_uuid()) FROM generate_series(1, %ld)"},
             {"seq_sql_call_uuid_v7", "SELECT count(aamm.uuid_v7()) FROM generate_series(1, %ld)"},
-            {"seq_sql_call_galloc", "SELECT count(aamm.galloc_nextval('bench')) FROM generate_series(1, %ld)"},
-            {"seq_sql_insert_bigserial_pg", "INSERT INTO t_serial (v) SELECT 1 FROM generate_series(1, %ld)"},
-            {"seq_sql_insert_snowflake", "INSERT INTO t_sf (v) SELECT 1 FROM generate_series(1, %ld)"},
-            {"seq_sql_insert_gen_random_uuid_pg", "INSERT INTO t_uuid_pg (v) SELECT 1 FROM generate_series(1, %ld)"},
-            {"seq_sql_insert_uuid_v7", "INSERT INTO t_uuid (v) SELECT 1 FROM generate_series(1, %ld)"},
+            {"seq_sql_call_galloc",
+             "SELECT count(aamm.galloc_nextval('bench')) FROM generate_series(1, %ld)"},
+            {"seq_sql_insert_bigserial_pg",
+             "INSERT INTO t_serial (v) SELECT 1 FROM generate_series(1, %ld)"},
+            {"seq_sql_insert_snowflake",
+             "INSERT INTO t_sf (v) SELECT 1 FROM generate_series(1, %ld)"},
+            {"seq_sql_insert_gen_random_uuid_pg",
+             "INSERT INTO t_uuid_pg (v) SELECT 1 FROM generate_series(1, %ld)"},
+            {"seq_sql_insert_uuid_v7",
+             "INSERT INTO t_uuid (v) SELECT 1 FROM generate_series(1, %ld)"},
             {"seq_sql_insert_galloc", "INSERT INTO t_ga (v) SELECT 1 FROM generate_series(1, %ld)"},
         };
         for (size_t k = 0; k < sizeof calls / sizeof calls[0]; k++) {

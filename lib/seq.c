@@ -29,7 +29,7 @@ static int64_t realtime_ms(void *arg)
  * ==================================================================================== */
 
 #define SF_COUNTER_MASK ((INT64_C(1) << AAMM_SNOWFLAKE_COUNTER_BITS) - 1)
-#define SF_TIME_SHIFT \
+#define SF_TIME_SHIFT                                                                              \
     (AAMM_SNOWFLAKE_COUNTER_BITS + AAMM_SNOWFLAKE_SOURCE_BITS + AAMM_SNOWFLAKE_NODE_BITS)
 #define SF_LOW_MASK ((INT64_C(1) << SF_TIME_SHIFT) - 1) /* node, source and counter */
 #define SF_MAX_MS ((INT64_C(1) << AAMM_SNOWFLAKE_TIME_BITS) - 1)
@@ -53,8 +53,7 @@ int aamm_snowflake_new(struct aamm_snowflake **out, const struct aamm_snowflake_
     base = (int64_t)opts->node_id << (AAMM_SNOWFLAKE_COUNTER_BITS + AAMM_SNOWFLAKE_SOURCE_BITS);
     if (opts->resume_after < 0 || opts->max_borrow_ms < 0)
         return AAMM_EINVAL;
-    if (opts->resume_after > 0 &&
-        (opts->resume_after & SF_LOW_MASK & ~SF_COUNTER_MASK) != base)
+    if (opts->resume_after > 0 && (opts->resume_after & SF_LOW_MASK & ~SF_COUNTER_MASK) != base)
         return AAMM_EINVAL; /* an id of another node or source */
     g = aamm__calloc(1, sizeof *g);
     if (g == NULL)
@@ -109,8 +108,7 @@ int aamm_snowflake_next(struct aamm_snowflake *g, int64_t *id)
         return aamm__errf(&g->err, AAMM_EAGAIN,
                           "snowflake: node %d: next id would run %" PRId64
                           " ms ahead of the clock (limit %" PRId64 " ms); retry later",
-                          g->opts.node_id, (next >> SF_TIME_SHIFT) - now,
-                          g->opts.max_borrow_ms);
+                          g->opts.node_id, (next >> SF_TIME_SHIFT) - now, g->opts.max_borrow_ms);
     g->last = next;
     *id = next;
     return 0;
@@ -149,7 +147,7 @@ struct aamm_uuidv7 {
     struct aamm_uuidv7_options opts;
     int64_t last_ms; /* -1: none yet */
     uint32_t counter;
-    pid_t pid;       /* process the random pool was filled in */
+    pid_t pid; /* process the random pool was filled in */
     size_t pool_pos;
     uint8_t pool[256];
     struct aamm__err err;
@@ -359,17 +357,17 @@ struct aamm_galloc {
     struct aamm_galloc_options opts;
     struct galloc_range *ranges;
     int nranges;
-    int64_t high;     /* end of the highest range ever added (0: none) */
-    uint64_t issued;  /* values issued */
-    bool pending;     /* a request is in flight */
-    int last_status;  /* last failure of a range request (0: none) */
+    int64_t high;    /* end of the highest range ever added (0: none) */
+    uint64_t issued; /* values issued */
+    bool pending;    /* a request is in flight */
+    int last_status; /* last failure of a range request (0: none) */
     char last_msg[256];
     /* consensus attachment */
     struct aamm_consensus *cs;
-    struct galloc_req *req;     /* in flight through cs */
-    bool granted;               /* req finished with a range not yet applied locally */
+    struct galloc_req *req; /* in flight through cs */
+    bool granted;           /* req finished with a range not yet applied locally */
     int64_t granted_start, granted_end;
-    int64_t retry_at_ms;        /* no new request before (monotonic ms) */
+    int64_t retry_at_ms; /* no new request before (monotonic ms) */
     struct aamm__err err;
 };
 
@@ -547,8 +545,8 @@ int aamm_galloc_take_range(struct aamm_galloc *g, int64_t *start, int64_t *end)
         g->nranges--;
     }
     if (g->nranges == 0)
-        return aamm__errf(&g->err, AAMM_EEXHAUSTED,
-                          "galloc: sequence \"%s\": no range held", g->name);
+        return aamm__errf(&g->err, AAMM_EEXHAUSTED, "galloc: sequence \"%s\": no range held",
+                          g->name);
     *start = g->ranges[0].next;
     *end = g->ranges[0].end;
     memmove(g->ranges, g->ranges + 1, (size_t)(g->nranges - 1) * sizeof *g->ranges);
@@ -594,8 +592,7 @@ int aamm_galloc_attach(struct aamm_galloc *g, struct aamm_consensus *cs)
             g->pending = false;
         } else {
             return aamm__errf(&g->err, AAMM_EBUSY,
-                              "galloc: sequence \"%s\": a request is still in flight",
-                              g->name);
+                              "galloc: sequence \"%s\": a request is still in flight", g->name);
         }
     }
     g->cs = cs;
@@ -635,9 +632,8 @@ int aamm_galloc_pump(struct aamm_galloc *g)
         return aamm__errf(&g->err, AAMM_ENOMEM, "galloc: out of memory");
     }
     g->req->g = g;
-    rc = aamm_consensus_galloc(g->cs, g->name, count,
-                               g->opts.min_start > 0 ? g->opts.min_start : 1, galloc_granted,
-                               g->req);
+    rc = aamm_consensus_galloc(g->cs, g->name, count, g->opts.min_start > 0 ? g->opts.min_start : 1,
+                               galloc_granted, g->req);
     if (rc < 0) {
         aamm__free(g->req);
         g->req = NULL;

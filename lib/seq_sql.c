@@ -46,7 +46,8 @@ const char aamm__seq_sql_install[] =
     "  one boolean PRIMARY KEY DEFAULT true CHECK (one),\n"
     "  node_id integer NOT NULL CHECK (node_id BETWEEN 0 AND 1023),\n"
     "  epoch_ms bigint NOT NULL);\n"
-    "COMMENT ON TABLE aamm.seq_config IS 'libaamm: this node''s snowflake node id (node-local, never replicated)';\n"
+    "COMMENT ON TABLE aamm.seq_config IS 'libaamm: this node''s snowflake node id (node-local, "
+    "never replicated)';\n"
     "CREATE SEQUENCE IF NOT EXISTS aamm.snowflake_state MINVALUE -1 START -1;\n"
     "CREATE SEQUENCE IF NOT EXISTS aamm.uuid_v7_state MINVALUE -1 START -1;\n"
     "CREATE TABLE IF NOT EXISTS aamm.galloc_range (\n"
@@ -56,7 +57,8 @@ const char aamm__seq_sql_install[] =
     "  supplied_at timestamptz NOT NULL DEFAULT now(),\n"
     "  PRIMARY KEY (seqname, range_start),\n"
     "  CHECK (range_start >= 0 AND range_end > range_start));\n"
-    "COMMENT ON TABLE aamm.galloc_range IS 'libaamm: galloc ranges [start, end) reserved for this node through consensus (node-local)';\n"
+    "COMMENT ON TABLE aamm.galloc_range IS 'libaamm: galloc ranges [start, end) reserved for this "
+    "node through consensus (node-local)';\n"
     "\n"
     "CREATE OR REPLACE FUNCTION aamm.seq_clock_ms() RETURNS bigint\n"
     "LANGUAGE sql VOLATILE AS\n"
@@ -84,7 +86,8 @@ const char aamm__seq_sql_install[] =
     "  BEGIN\n"
     "    now_ms := greatest(aamm.seq_clock_ms() - ep, 0);\n"
     "    IF now_ms >= 2199023255552 THEN\n"
-    "      RAISE EXCEPTION 'aamm.snowflake_nextval: the clock is past the 41-bit time range (2093)';\n"
+    "      RAISE EXCEPTION 'aamm.snowflake_nextval: the clock is past the 41-bit time range "
+    "(2093)';\n"
     "    END IF;\n"
     "    cand := (now_ms << 22) | base;\n"
     "    n := nextval('aamm.snowflake_state');\n"
@@ -162,9 +165,11 @@ const char aamm__seq_sql_install[] =
     "  END IF;\n"
     "  rel := to_regclass('aamm.' || quote_ident('galloc_' || md5(seqname)));\n"
     "  IF rel IS NULL THEN\n"
-    "    RAISE EXCEPTION 'aamm.galloc_nextval: galloc sequence \"%\" has no range on this node', seqname\n"
+    "    RAISE EXCEPTION 'aamm.galloc_nextval: galloc sequence \"%\" has no range on this node', "
+    "seqname\n"
     "      USING ERRCODE = '2200H',\n"
-    "            HINT = 'the host must supply ranges agreed through consensus (aamm_galloc_supply_node)';\n"
+    "            HINT = 'the host must supply ranges agreed through consensus "
+    "(aamm_galloc_supply_node)';\n"
     "  END IF;\n"
     "  PERFORM pg_advisory_lock(1633774957, hashtext(seqname));\n"
     "  BEGIN\n"
@@ -174,10 +179,13 @@ const char aamm__seq_sql_install[] =
     "      ORDER BY g.range_start LIMIT 1;\n"
     "    IF NOT FOUND THEN\n"
     "      PERFORM setval(rel, greatest(n - 1, -1), n - 1 >= 0);\n"
-    "      SELECT count(*) INTO issued FROM aamm.galloc_range g WHERE g.seqname = galloc_nextval.seqname;\n"
-    "      RAISE EXCEPTION 'aamm.galloc_nextval: galloc sequence \"%\" has no values left on this node (% supplied ranges used up)', seqname, issued\n"
+    "      SELECT count(*) INTO issued FROM aamm.galloc_range g WHERE g.seqname = "
+    "galloc_nextval.seqname;\n"
+    "      RAISE EXCEPTION 'aamm.galloc_nextval: galloc sequence \"%\" has no values left on this "
+    "node (% supplied ranges used up)', seqname, issued\n"
     "        USING ERRCODE = '2200H',\n"
-    "              HINT = 'the host must supply the next range agreed through consensus (aamm_galloc_supply_node); a node that cannot reach a majority gets none';\n"
+    "              HINT = 'the host must supply the next range agreed through consensus "
+    "(aamm_galloc_supply_node); a node that cannot reach a majority gets none';\n"
     "    END IF;\n"
     "    IF rs <= n THEN\n"
     "      v := n;\n"
@@ -211,7 +219,8 @@ const char aamm__seq_sql_install[] =
     "END\n"
     "$f$;\n"
     "\n"
-    "CREATE OR REPLACE FUNCTION aamm.galloc_supply(seqname text, range_start bigint, range_end bigint)\n"
+    "CREATE OR REPLACE FUNCTION aamm.galloc_supply(seqname text, range_start bigint, range_end "
+    "bigint)\n"
     "RETURNS void\n"
     "LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS\n"
     "$f$\n"
@@ -220,16 +229,20 @@ const char aamm__seq_sql_install[] =
     "BEGIN\n"
     "  IF seqname IS NULL OR range_start IS NULL OR range_end IS NULL\n"
     "     OR range_start < 0 OR range_end <= range_start THEN\n"
-    "    RAISE EXCEPTION 'aamm.galloc_supply: invalid range [%, %) for \"%\"', range_start, range_end, seqname;\n"
+    "    RAISE EXCEPTION 'aamm.galloc_supply: invalid range [%, %) for \"%\"', range_start, "
+    "range_end, seqname;\n"
     "  END IF;\n"
     "  PERFORM pg_advisory_xact_lock(1633774958, hashtext(seqname));\n"
     "  IF EXISTS (SELECT 1 FROM aamm.galloc_range g WHERE g.seqname = galloc_supply.seqname\n"
-    "             AND g.range_start = galloc_supply.range_start AND g.range_end = galloc_supply.range_end) THEN\n"
+    "             AND g.range_start = galloc_supply.range_start AND g.range_end = "
+    "galloc_supply.range_end) THEN\n"
     "    RETURN;\n"
     "  END IF;\n"
     "  IF EXISTS (SELECT 1 FROM aamm.galloc_range g WHERE g.seqname = galloc_supply.seqname\n"
-    "             AND g.range_start < galloc_supply.range_end AND galloc_supply.range_start < g.range_end) THEN\n"
-    "    RAISE EXCEPTION 'aamm.galloc_supply: range [%, %) of \"%\" overlaps a range already supplied', range_start, range_end, seqname;\n"
+    "             AND g.range_start < galloc_supply.range_end AND galloc_supply.range_start < "
+    "g.range_end) THEN\n"
+    "    RAISE EXCEPTION 'aamm.galloc_supply: range [%, %) of \"%\" overlaps a range already "
+    "supplied', range_start, range_end, seqname;\n"
     "  END IF;\n"
     "  IF to_regclass('aamm.' || quote_ident(relname)) IS NULL THEN\n"
     "    EXECUTE format('CREATE SEQUENCE aamm.%I MINVALUE -1 START -1', relname);\n"
@@ -292,18 +305,16 @@ int aamm_seq_install(struct pg_conn *conn, int node_id, char *err, size_t errsiz
     if (conn == NULL)
         return seterr(err, errsize, AAMM_EINVAL, "seq: install: no connection");
     if (node_id < 0 || node_id > AAMM_SNOWFLAKE_MAX_NODE)
-        return seterr(err, errsize, AAMM_EINVAL,
-                      "seq: install: node id %d outside 0..%d", node_id,
+        return seterr(err, errsize, AAMM_EINVAL, "seq: install: node id %d outside 0..%d", node_id,
                       AAMM_SNOWFLAKE_MAX_NODE);
     if ((rc = run(conn, "BEGIN", err, errsize, "install")) < 0)
         return rc;
     /* Two installs at once would race on CREATE ... IF NOT EXISTS: serialize them. */
     /* SET LOCAL: re-installing must not flood the host's notice processor ("already
      * exists, skipping"). */
-    if ((rc = run(conn, "SET LOCAL client_min_messages = warning", err, errsize,
-                  "install")) < 0 ||
-        (rc = run(conn, "SELECT pg_advisory_xact_lock(1633774957, 0)", err, errsize,
-                  "install")) < 0 ||
+    if ((rc = run(conn, "SET LOCAL client_min_messages = warning", err, errsize, "install")) < 0 ||
+        (rc = run(conn, "SELECT pg_advisory_xact_lock(1633774957, 0)", err, errsize, "install")) <
+            0 ||
         (rc = run(conn, aamm__seq_sql_install, err, errsize, "install")) < 0)
         goto fail;
     snprintf(sql, sizeof sql,
@@ -323,8 +334,8 @@ fail:
  * galloc ranges for the SQL function
  * ==================================================================================== */
 
-int aamm_galloc_supply_node(struct pg_conn *conn, const char *seqname, int64_t start,
-                            int64_t end, char *err, size_t errsize)
+int aamm_galloc_supply_node(struct pg_conn *conn, const char *seqname, int64_t start, int64_t end,
+                            char *err, size_t errsize)
 {
     char a[32], b[32];
     const char *params[3];
@@ -356,8 +367,7 @@ int aamm_galloc_node_remaining(struct pg_conn *conn, const char *seqname, int64_
     if (conn == NULL || seqname == NULL || remaining == NULL)
         return seterr(err, errsize, AAMM_EINVAL, "seq: galloc remaining: missing argument");
     params[0] = seqname;
-    res = PQexecParams(conn, "SELECT aamm.galloc_remaining($1)", 1, NULL, params, NULL, NULL,
-                       0);
+    res = PQexecParams(conn, "SELECT aamm.galloc_remaining($1)", 1, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
         PQclear(res);
         return pgfail(conn, err, errsize, "galloc remaining");
@@ -492,8 +502,8 @@ int aamm_seq_convert(struct pg_conn *conn, const struct aamm_seq_serials *list,
                 return seterr(err, errsize, AAMM_EUNSUITABLE,
                               "seq: convert: %s.%s.%s is %s: snowflake ids need bigint "
                               "(widen it with AAMM_SEQ_CONVERT_WIDEN or use galloc)",
-                              list->items[i].schema, list->items[i].table,
-                              list->items[i].column, list->items[i].type);
+                              list->items[i].schema, list->items[i].table, list->items[i].column,
+                              list->items[i].type);
     }
     if ((rc = run(conn, "BEGIN", err, errsize, "convert")) < 0)
         return rc;
@@ -527,11 +537,11 @@ int aamm_seq_convert(struct pg_conn *conn, const struct aamm_seq_serials *list,
                    ? aamm__asprintf("%s.%s", s->schema, s->table)
                    : aamm__asprintf("%s.%s.%s", s->schema, s->table, s->column);
         lit = name != NULL ? PQescapeLiteral(conn, name, strlen(name)) : NULL;
-        what = lit != NULL ? aamm__asprintf("SET DEFAULT aamm.%s(%s)",
-                                            gen == AAMM_SEQ_SNOWFLAKE ? "snowflake_nextval"
-                                                                      : "galloc_nextval",
-                                            lit)
-                           : NULL;
+        what = lit != NULL
+                   ? aamm__asprintf(
+                         "SET DEFAULT aamm.%s(%s)",
+                         gen == AAMM_SEQ_SNOWFLAKE ? "snowflake_nextval" : "galloc_nextval", lit)
+                   : NULL;
         sql = what != NULL ? alter_sql(conn, s, what) : NULL;
         aamm__free(name);
         PQfreemem(lit);

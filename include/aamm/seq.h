@@ -385,8 +385,7 @@ enum aamm_seq_generator {
  * AAMM_ESERVER (rolled back), AAMM_ECONN.
  */
 AAMM_API int aamm_seq_convert(struct pg_conn *conn, const struct aamm_seq_serials *list,
-                              enum aamm_seq_generator gen, int flags, char *err,
-                              size_t errsize);
+                              enum aamm_seq_generator gen, int flags, char *err, size_t errsize);
 
 /**
  * Supply the node @conn is connected to with the galloc range [@start, @end) of sequence

@@ -59,10 +59,10 @@ static void freeze_sql_clock(struct pgfx *fx, int i, int64_t ms)
 
 struct job {
     PGconn *c;
-    const char *sql;   /* sent @left more times */
+    const char *sql; /* sent @left more times */
     int left;
     bool busy;
-    int64_t *ids;      /* collect column 0 of every row (NULL: don't) */
+    int64_t *ids; /* collect column 0 of every row (NULL: don't) */
     size_t nids, cap;
     char err[512];
 };
@@ -181,8 +181,10 @@ START_TEST(install_and_generators)
     /* no NULL name; an unprivileged role may call the functions (SECURITY DEFINER) */
     ck_assert_int_ne(pgfx_exec_conn(c, "SELECT aamm.snowflake_nextval(NULL)"), 0);
     ck_assert_int_eq(pgfx_exec(fx, 0, "CREATE ROLE app LOGIN"), 0);
-    ck_assert_int_eq(pgfx_exec(fx, 0, "SET ROLE app; SELECT aamm.snowflake_nextval('x'), "
-                                      "aamm.uuid_v7()"), 0);
+    ck_assert_int_eq(pgfx_exec(fx, 0,
+                               "SET ROLE app; SELECT aamm.snowflake_nextval('x'), "
+                               "aamm.uuid_v7()"),
+                     0);
     PQfinish(c);
     pgfx_destroy(fx);
 }
@@ -234,8 +236,9 @@ START_TEST(galloc_sql_ranges)
     ck_assert_int_eq(pgfx_value_long(fx, 0, -1, "SELECT aamm.galloc_nextval('other')"), 100);
     /* a failed statement does not leave the advisory lock held: another session works */
     ck_assert_int_eq(pgfx_value_long(fx, 0, -1, "SELECT aamm.galloc_nextval('s')"), 301);
-    ck_assert_int_eq(pgfx_value_long(fx, 0, -1, "SELECT count(*) FROM pg_locks "
-                                                "WHERE locktype = 'advisory'"),
+    ck_assert_int_eq(pgfx_value_long(fx, 0, -1,
+                                     "SELECT count(*) FROM pg_locks "
+                                     "WHERE locktype = 'advisory'"),
                      0);
     PQfinish(c);
     pgfx_destroy(fx);
@@ -297,15 +300,15 @@ START_TEST(c_and_sql_same_node_never_collide)
             o.clock = frozen_ms;
             o.clock_arg = &clock;
         } else {
-            ck_assert_int_eq(pgfx_exec(fx, 0, "CREATE OR REPLACE FUNCTION aamm.seq_clock_ms() "
-                                              "RETURNS bigint LANGUAGE sql VOLATILE AS $$ "
-                                              "SELECT floor(extract(epoch FROM "
-                                              "clock_timestamp()) * 1000)::bigint $$"),
+            ck_assert_int_eq(pgfx_exec(fx, 0,
+                                       "CREATE OR REPLACE FUNCTION aamm.seq_clock_ms() "
+                                       "RETURNS bigint LANGUAGE sql VOLATILE AS $$ "
+                                       "SELECT floor(extract(epoch FROM "
+                                       "clock_timestamp()) * 1000)::bigint $$"),
                              0);
         }
         ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
-        snprintf(sql, sizeof sql,
-                 "SELECT aamm.snowflake_nextval('t') FROM generate_series(1, %ld)",
+        snprintf(sql, sizeof sql, "SELECT aamm.snowflake_nextval('t') FROM generate_series(1, %ld)",
                  per_session / 4);
         memset(jobs, 0, sizeof jobs);
         for (int i = 0; i < 8; i++) {
@@ -438,9 +441,9 @@ START_TEST(three_nodes_merge_without_duplicates)
                               "%s", err);
                 while (rem < 2 * range) {
                     while (aamm_galloc_begin_request(ga[n], &count) == 0) { /* "consensus" */
-                        ck_assert_int_eq(aamm_galloc_add_range(ga[n], next_range,
-                                                               next_range + (int64_t)count),
-                                         0);
+                        ck_assert_int_eq(
+                            aamm_galloc_add_range(ga[n], next_range, next_range + (int64_t)count),
+                            0);
                         next_range += (int64_t)count;
                     }
                     ck_assert_int_eq(aamm_galloc_take_range(ga[n], &a, &b), 0);
@@ -495,12 +498,10 @@ START_TEST(three_nodes_merge_without_duplicates)
             PQclear(PQgetResult(m));
             PQfinish(src);
         }
-        ck_assert_int_eq(pgfx_value_long(fx, 0, -1, "SELECT count(*) FROM merged_%s",
-                                         tables[t]),
+        ck_assert_int_eq(pgfx_value_long(fx, 0, -1, "SELECT count(*) FROM merged_%s", tables[t]),
                          3 * rows * batches);
-        ck_assert_int_eq(pgfx_value_long(fx, 0, -1, "SELECT count(DISTINCT node) FROM merged_%s",
-                                         tables[t]),
-                         3);
+        ck_assert_int_eq(
+            pgfx_value_long(fx, 0, -1, "SELECT count(DISTINCT node) FROM merged_%s", tables[t]), 3);
     }
     PQfinish(m);
     jobs_finish(jobs, 9);
@@ -565,13 +566,14 @@ START_TEST(serial_detection_and_conversion)
     ck_assert_int_eq(aamm_seq_convert(c, list, AAMM_SEQ_SNOWFLAKE, 0, err, sizeof err),
                      AAMM_EUNSUITABLE);
     ck_assert_ptr_nonnull(strstr(err, "app.a.id is integer"));
-    ck_assert_int_eq(pgfx_value_long(fx, 0, -1, "SELECT count(*) FROM pg_attribute WHERE "
-                                                "attrelid = 'app.c'::regclass AND attidentity = 'a'"),
+    ck_assert_int_eq(pgfx_value_long(fx, 0, -1,
+                                     "SELECT count(*) FROM pg_attribute WHERE "
+                                     "attrelid = 'app.c'::regclass AND attidentity = 'a'"),
                      1);
     /* widen and convert everything */
-    ck_assert_msg(aamm_seq_convert(c, list, AAMM_SEQ_SNOWFLAKE, AAMM_SEQ_CONVERT_WIDEN, err,
-                                   sizeof err) == 0,
-                  "%s", err);
+    ck_assert_msg(
+        aamm_seq_convert(c, list, AAMM_SEQ_SNOWFLAKE, AAMM_SEQ_CONVERT_WIDEN, err, sizeof err) == 0,
+        "%s", err);
     ck_assert_int_eq(pgfx_exec_conn(c, "INSERT INTO app.a (v) VALUES ('new');"
                                        "INSERT INTO app.b (n) VALUES (1);"
                                        "INSERT INTO app.c (v) VALUES ('c');"
@@ -581,25 +583,25 @@ START_TEST(serial_detection_and_conversion)
     {
         const char *t[] = {"a", "b", "c", "d", "e"};
         for (int i = 0; i < 5; i++) {
-            char *def = pgfx_value(fx, 0, "SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef "
-                                          "WHERE adrelid = 'app.%s'::regclass AND adnum = 1",
+            char *def = pgfx_value(fx, 0,
+                                   "SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef "
+                                   "WHERE adrelid = 'app.%s'::regclass AND adnum = 1",
                                    t[i]);
             ck_assert_ptr_nonnull(def);
             ck_assert_msg(strstr(def, "aamm.snowflake_nextval('app.") != NULL, "%s", def);
             free(def);
-            ck_assert_int_eq(pgfx_value_long(fx, 0, -1,
-                                             "SELECT (max(id) >> 11) & 1 FROM app.%s", t[i]),
-                             AAMM_SNOWFLAKE_SOURCE_SQL);
-            ck_assert_int_eq(pgfx_value_long(fx, 0, -1,
-                                             "SELECT ((max(id) >> 12) & 1023) FROM app.%s",
-                                             t[i]),
-                             1);
+            ck_assert_int_eq(
+                pgfx_value_long(fx, 0, -1, "SELECT (max(id) >> 11) & 1 FROM app.%s", t[i]),
+                AAMM_SNOWFLAKE_SOURCE_SQL);
+            ck_assert_int_eq(
+                pgfx_value_long(fx, 0, -1, "SELECT ((max(id) >> 12) & 1023) FROM app.%s", t[i]), 1);
         }
     }
     ck_assert_int_eq(pgfx_value_long(fx, 0, -1, "SELECT count(*) FROM app.a"), 2);
-    ck_assert_int_eq(pgfx_value_long(fx, 0, -1, "SELECT count(*) FROM pg_attribute WHERE "
-                                                "attrelid IN ('app.c'::regclass, 'app.d'::regclass) "
-                                                "AND attidentity <> ''"),
+    ck_assert_int_eq(pgfx_value_long(fx, 0, -1,
+                                     "SELECT count(*) FROM pg_attribute WHERE "
+                                     "attrelid IN ('app.c'::regclass, 'app.d'::regclass) "
+                                     "AND attidentity <> ''"),
                      0);
     /* converted columns are no longer reported */
     ck_assert_int_eq(aamm_seq_find_serials(c, "pub", &again, err, sizeof err), 0);

@@ -34,10 +34,10 @@ static int64_t fake_ms(void *arg)
 
 /* Check's ck_assert records every passing assertion through a file: too slow for loops of
  * a million; FAST_CHECK only costs on failure. */
-#define FAST_CHECK(cond, ...)              \
-    do {                                   \
-        if (!(cond))                       \
-            ck_abort_msg(__VA_ARGS__);     \
+#define FAST_CHECK(cond, ...)                                                                      \
+    do {                                                                                           \
+        if (!(cond))                                                                               \
+            ck_abort_msg(__VA_ARGS__);                                                             \
     } while (0)
 
 static int cmp_i64(const void *a, const void *b)
@@ -295,8 +295,7 @@ START_TEST(uuidv7_million_unique_ordered)
     ck_assert_int_eq(aamm_uuidv7_new(&g, NULL), 0);
     for (long i = 0; i < n; i++) {
         FAST_CHECK(aamm_uuidv7_next(g, u[i]) == 0, "next failed");
-        FAST_CHECK(i == 0 || memcmp(u[i - 1], u[i], 16) < 0, "uuid %ld not above the previous",
-                   i);
+        FAST_CHECK(i == 0 || memcmp(u[i - 1], u[i], 16) < 0, "uuid %ld not above the previous", i);
         FAST_CHECK((u[i][6] >> 4) == 7 && (u[i][8] >> 6) == 2, "version/variant bits");
     }
     after = aamm__wall_us() / 1000;
@@ -394,8 +393,7 @@ static void serve(struct fake_cs *cs, struct aamm_galloc *g)
 {
     uint64_t count;
     if (aamm_galloc_begin_request(g, &count) == 0) {
-        FAST_CHECK(aamm_galloc_add_range(g, cs->next, cs->next + (int64_t)count) == 0,
-                   "add_range");
+        FAST_CHECK(aamm_galloc_add_range(g, cs->next, cs->next + (int64_t)count) == 0, "add_range");
         cs->next += (int64_t)count;
     }
 }
