@@ -28,7 +28,12 @@
 /* After aamm_capture_confirm(), the new position goes out at most this late. */
 #define CONFIRM_FEEDBACK_MS 100
 
-enum state { ST_NEW, ST_STREAMING, ST_FAILED };
+enum state { ST_NEW, ST_SETUP, ST_STREAMING, ST_FAILED };
+
+/* Setup phases, driven by aamm_capture_step() after aamm_capture_start(). */
+enum phase { PH_NONE, PH_CAT_CONNECT, PH_CAT_QUERY, PH_REPL_CONNECT, PH_START, PH_STREAMING };
+
+#define DEFAULT_SETUP_TIMEOUT_MS 60000
 
 /* ====================================================================================
  * Type names: OID -> format_type(oid, NULL), open addressing
@@ -113,8 +118,14 @@ struct aamm_capture {
     uint64_t start_lsn;
     int status_interval_ms;
     int step_budget;
+    int setup_timeout_ms;
 
     enum state state;
+    enum phase phase;
+    int query;                             /* enum setup_query during PH_CAT_QUERY */
+    PostgresPollingStatusType poll_status; /* of the connection being made */
+    PGresult *setup_res;                   /* result of the setup query in flight */
+    int64_t setup_deadline_ms;
     struct aamm__err err;
     PGconn *cat;  /* catalog connection (type names) */
     PGconn *repl; /* replication connection, COPY BOTH while streaming */
@@ -157,7 +168,7 @@ static int fail(struct aamm_capture *c, int code, const char *fmt, ...)
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
     aamm__errf(&c->err, code, "capture: slot \"%s\": %s", c->slot ? c->slot : "?", msg);
-    if (c->state == ST_STREAMING)
+    if (c->state == ST_STREAMING || c->state == ST_SETUP)
         c->state = ST_FAILED;
     return code;
 }
@@ -200,7 +211,7 @@ int aamm_capture_new(struct aamm_capture **out, const struct aamm_capture_option
     *out = NULL;
     if (opts == NULL || opts->conninfo == NULL || opts->slot == NULL ||
         opts->publications == NULL || opts->npublications == 0 || opts->npublications > 64 ||
-        opts->status_interval_ms < 0 || opts->step_budget < 0) {
+        opts->status_interval_ms < 0 || opts->step_budget < 0 || opts->setup_timeout_ms < 0) {
         AAMM_DEBUG("capture: missing or invalid option");
         return AAMM_EINVAL;
     }
@@ -233,6 +244,8 @@ int aamm_capture_new(struct aamm_capture **out, const struct aamm_capture_option
     c->status_interval_ms =
         opts->status_interval_ms > 0 ? opts->status_interval_ms : DEFAULT_STATUS_INTERVAL_MS;
     c->step_budget = opts->step_budget > 0 ? opts->step_budget : DEFAULT_STEP_BUDGET;
+    c->setup_timeout_ms =
+        opts->setup_timeout_ms > 0 ? opts->setup_timeout_ms : DEFAULT_SETUP_TIMEOUT_MS;
     c->drained = true;
     c->state = ST_NEW;
     *out = c;
@@ -248,6 +261,7 @@ void aamm_capture_free(struct aamm_capture *c)
         return;
     if (c->copybuf)
         PQfreemem(c->copybuf);
+    PQclear(c->setup_res);
     if (c->repl)
         PQfinish(c->repl);
     if (c->cat)
@@ -275,31 +289,19 @@ const char *aamm_capture_errmsg(const struct aamm_capture *c)
  * Setup (blocking)
  * ==================================================================================== */
 
-/* Run a query with text parameters on the catalog connection; NULL on error (set). */
-static PGresult *cat_query(struct aamm_capture *c, const char *what, const char *sql, int n,
-                           const char *const *params)
+/* Set the error from a failed query or connection: AAMM_ECONN when the connection is
+ * gone, else AAMM_ESERVER. */
+static int query_failed(struct aamm_capture *c, PGconn *conn, const PGresult *res,
+                        const char *what)
 {
     char buf[512];
-    PGresult *res = PQexecParams(c->cat, sql, n, NULL, params, NULL, NULL, 0);
-    if (res == NULL || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        int code = PQstatus(c->cat) == CONNECTION_BAD ? AAMM_ECONN : AAMM_ESERVER;
-        fail(c, code, "%s: %s", what, res ? resmsg(res, buf, sizeof buf) : pqmsg(c->cat, buf, sizeof buf));
-        PQclear(res);
-        return NULL;
-    }
-    return res;
-}
-
-/* A setting's value, copied into @out. */
-static int show_setting(struct aamm_capture *c, const char *name, char *out, size_t size)
-{
-    const char *params[1] = {name};
-    PGresult *res = cat_query(c, "reading settings", "SELECT current_setting($1)", 1, params);
-    if (res == NULL)
-        return c->err.code;
-    snprintf(out, size, "%s", PQntuples(res) == 1 ? PQgetvalue(res, 0, 0) : "");
-    PQclear(res);
-    return AAMM_OK;
+    int code = conn == NULL || PQstatus(conn) == CONNECTION_BAD ? AAMM_ECONN : AAMM_ESERVER;
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    if (code == AAMM_ESERVER && state != NULL && strcmp(state, "55006") == 0)
+        code = AAMM_EBUSY; /* object in use: the slot is active in another process */
+    return fail(c, code, "%s: %s", what,
+                res && PQresultErrorMessage(res)[0] ? resmsg(res, buf, sizeof buf)
+                                                    : pqmsg(conn, buf, sizeof buf));
 }
 
 /* The publications as a text[] literal for queries: {"a","b"}. */
@@ -328,203 +330,6 @@ static char *pub_array(const struct aamm_capture *c)
     return (char *)w.data;
 }
 
-/* 1. Server version and settings. */
-static int check_server(struct aamm_capture *c)
-{
-    char val[256];
-    int rc;
-    c->server_version = PQserverVersion(c->cat);
-    if (c->server_version < 150000)
-        return fail(c, AAMM_EUNSUITABLE,
-                    "server version %d.%d is too old: libaamm needs PostgreSQL 15 or later",
-                    c->server_version / 10000, c->server_version % 10000 / 100);
-    if ((rc = show_setting(c, "wal_level", val, sizeof val)) != AAMM_OK)
-        return rc;
-    if (strcmp(val, "logical") != 0)
-        return fail(c, AAMM_EUNSUITABLE,
-                    "wal_level is '%s': set wal_level = logical in postgresql.conf and restart "
-                    "the server",
-                    val);
-    if ((rc = show_setting(c, "track_commit_timestamp", val, sizeof val)) != AAMM_OK)
-        return rc;
-    if (strcmp(val, "on") != 0)
-        return fail(c, AAMM_EUNSUITABLE,
-                    "track_commit_timestamp is '%s': set track_commit_timestamp = on in "
-                    "postgresql.conf and restart the server (conflict resolution needs commit "
-                    "timestamps)",
-                    val);
-    if ((rc = show_setting(c, "wal_sender_timeout", val, sizeof val)) != AAMM_OK)
-        return rc;
-    {
-        /* current_setting gives "60s", "2s", "500ms", "1min" or "0". */
-        char *end;
-        long v = strtol(val, &end, 10);
-        long ms = 0;
-        if (strcmp(end, "ms") == 0)
-            ms = v;
-        else if (strcmp(end, "s") == 0)
-            ms = v * 1000;
-        else if (strcmp(end, "min") == 0)
-            ms = v * 60000;
-        else if (strcmp(end, "h") == 0)
-            ms = v * 3600000;
-        if (ms > 0 && ms / 3 < c->status_interval_ms)
-            c->status_interval_ms = ms / 3 > 50 ? (int)(ms / 3) : 50;
-    }
-    return AAMM_OK;
-}
-
-/* 2. Publications exist; every published table has a usable replica identity. */
-static int check_publications(struct aamm_capture *c)
-{
-    static const char *const find_sql =
-        "SELECT p.n FROM unnest($1::text[]) AS p(n) "
-        "WHERE NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = p.n) ORDER BY 1";
-    static const char *const nokey_sql =
-        "SELECT DISTINCT quote_ident(pt.schemaname) || '.' || quote_ident(pt.tablename), "
-        "       c.relreplident "
-        "FROM pg_publication_tables pt "
-        "JOIN pg_namespace n ON n.nspname = pt.schemaname "
-        "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename "
-        "JOIN pg_publication p ON p.pubname = pt.pubname "
-        "WHERE pt.pubname = ANY($1::text[]) AND (p.pubupdate OR p.pubdelete) AND NOT ("
-        "  c.relreplident = 'f' OR"
-        "  (c.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_index i"
-        "     WHERE i.indrelid = c.oid AND i.indisprimary)) OR"
-        "  (c.relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_index i"
-        "     WHERE i.indrelid = c.oid AND i.indisreplident))) "
-        "ORDER BY 1";
-    char *arr = pub_array(c);
-    const char *params[1] = {arr};
-    PGresult *res;
-    if (arr == NULL)
-        return fail(c, AAMM_ENOMEM, "out of memory");
-    res = cat_query(c, "looking up publications", find_sql, 1, params);
-    if (res == NULL) {
-        aamm__free(arr);
-        return c->err.code;
-    }
-    if (PQntuples(res) > 0) {
-        fail(c, AAMM_ENOTFOUND,
-             "publication \"%s\" does not exist: create it (CREATE PUBLICATION) or fix the name",
-             PQgetvalue(res, 0, 0));
-        PQclear(res);
-        aamm__free(arr);
-        return AAMM_ENOTFOUND;
-    }
-    PQclear(res);
-    res = cat_query(c, "checking published tables", nokey_sql, 1, params);
-    aamm__free(arr);
-    if (res == NULL)
-        return c->err.code;
-    if (PQntuples(res) > 0) {
-        char list[512] = "";
-        size_t used = 0;
-        for (int i = 0; i < PQntuples(res) && used < sizeof list - 64; i++)
-            used += (size_t)snprintf(list + used, sizeof list - used, "%s%s", i ? ", " : "",
-                                     PQgetvalue(res, i, 0));
-        fail(c, AAMM_EINVAL,
-             "table %s has no primary key or replica identity index: add a primary key, set "
-             "REPLICA IDENTITY USING INDEX, or (slow: every update and delete then carries "
-             "the whole row) REPLICA IDENTITY FULL",
-             list);
-        PQclear(res);
-        return AAMM_EINVAL;
-    }
-    PQclear(res);
-    return AAMM_OK;
-}
-
-/* 3. Find or create the slot; refuse gaps. */
-static int check_slot(struct aamm_capture *c)
-{
-    static const char *const sql =
-        "SELECT plugin, slot_type, database = current_database(), "
-        "       COALESCE(confirmed_flush_lsn::text, '0/0') "
-        "FROM pg_replication_slots WHERE slot_name = $1";
-    const char *params[1] = {c->slot};
-    char sbuf[AAMM_LSN_BUFSIZE], cbuf[AAMM_LSN_BUFSIZE];
-    uint64_t confirmed = 0;
-    PGresult *res = cat_query(c, "looking up the slot", sql, 1, params);
-    if (res == NULL)
-        return c->err.code;
-    if (PQntuples(res) == 0) {
-        PQclear(res);
-        if (c->start_lsn != AAMM_LSN_INVALID)
-            return fail(c, AAMM_ENOTFOUND,
-                        "replication slot does not exist, but the peer already has progress up "
-                        "to %s from it: re-creating it would silently skip the transactions in "
-                        "between; re-join the peer (initial copy) instead",
-                        aamm_lsn_format(c->start_lsn, sbuf));
-        res = cat_query(c, "creating the slot",
-                        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                        1, params);
-        if (res == NULL)
-            return c->err.code;
-        if (PQntuples(res) != 1 || aamm_lsn_parse(PQgetvalue(res, 0, 0), &confirmed) != 0) {
-            PQclear(res);
-            return fail(c, AAMM_ESERVER, "creating the slot: unexpected result");
-        }
-        PQclear(res);
-        AAMM_INFO("capture: created slot \"%s\" at %s", c->slot, aamm_lsn_format(confirmed, sbuf));
-    } else {
-        if (strcmp(PQgetvalue(res, 0, 1), "logical") != 0 ||
-            strcmp(PQgetvalue(res, 0, 0), "pgoutput") != 0) {
-            fail(c, AAMM_EINVAL, "slot exists but is a %s slot with plugin '%s', not a logical "
-                                 "pgoutput slot",
-                 PQgetvalue(res, 0, 1), PQgetvalue(res, 0, 0));
-            PQclear(res);
-            return AAMM_EINVAL;
-        }
-        if (strcmp(PQgetvalue(res, 0, 2), "t") != 0) {
-            PQclear(res);
-            return fail(c, AAMM_EINVAL, "slot belongs to another database");
-        }
-        if (aamm_lsn_parse(PQgetvalue(res, 0, 3), &confirmed) != 0) {
-            PQclear(res);
-            return fail(c, AAMM_ESERVER, "slot has an unreadable confirmed_flush_lsn");
-        }
-        PQclear(res);
-        if (c->start_lsn != AAMM_LSN_INVALID && confirmed > c->start_lsn)
-            return fail(c, AAMM_EGAP,
-                        "slot's confirmed position %s is past the requested start %s: the "
-                        "server would silently skip the transactions in between; re-join the "
-                        "peer (initial copy) or find where its progress went",
-                        aamm_lsn_format(confirmed, cbuf), aamm_lsn_format(c->start_lsn, sbuf));
-    }
-    c->start_position = c->start_lsn > confirmed ? c->start_lsn : confirmed;
-    c->confirmed = c->sent_confirmed = c->handed = c->progress = c->start_position;
-    c->received_lsn = c->start_position;
-    return AAMM_OK;
-}
-
-/* Fill the type cache for the OIDs in @oids (text array literal), or all built-in types. */
-static int load_types(struct aamm_capture *c, const char *oids)
-{
-    const char *params[1] = {oids};
-    PGresult *res;
-    if (oids == NULL)
-        res = cat_query(c, "loading type names",
-                        "SELECT oid, format_type(oid, NULL) FROM pg_type WHERE oid < 16384", 0,
-                        NULL);
-    else
-        res = cat_query(c, "loading type names",
-                        "SELECT oid, format_type(oid, NULL) FROM pg_type "
-                        "WHERE oid = ANY($1::oid[])",
-                        1, params);
-    if (res == NULL)
-        return c->err.code;
-    for (int i = 0; i < PQntuples(res); i++) {
-        uint32_t oid = (uint32_t)strtoul(PQgetvalue(res, i, 0), NULL, 10);
-        if (type_put(&c->types, oid, PQgetvalue(res, i, 1)) != AAMM_OK) {
-            PQclear(res);
-            return fail(c, AAMM_ENOMEM, "out of memory");
-        }
-    }
-    PQclear(res);
-    return AAMM_OK;
-}
-
 /* The publication_names option value: a quoted literal of quoted identifiers. */
 static char *publication_names(const struct aamm_capture *c)
 {
@@ -539,7 +344,7 @@ static char *publication_names(const struct aamm_capture *c)
             if (*p == '"')
                 aamm__wr_u8(&w, '"');
             if (*p == '\'')
-                aamm__wr_bytes(&w, "''", 1);
+                aamm__wr_u8(&w, '\'');
             aamm__wr_u8(&w, (uint8_t)*p);
         }
         aamm__wr_u8(&w, '"');
@@ -553,68 +358,415 @@ static char *publication_names(const struct aamm_capture *c)
     return (char *)w.data;
 }
 
-/* 5. Replication connection and START_REPLICATION. */
-static int start_streaming(struct aamm_capture *c)
+/* Type names from a result of (oid, format_type) rows into the cache. */
+static int store_types(struct aamm_capture *c, const PGresult *res)
+{
+    for (int i = 0; i < PQntuples(res); i++) {
+        uint32_t oid = (uint32_t)strtoul(PQgetvalue(res, i, 0), NULL, 10);
+        if (type_put(&c->types, oid, PQgetvalue(res, i, 1)) != AAMM_OK)
+            return fail(c, AAMM_ENOMEM, "out of memory");
+    }
+    return AAMM_OK;
+}
+
+/* BLOCKING (mid-stream only, rare): type names for the OIDs in @oids, an oid[] literal. */
+static int load_types(struct aamm_capture *c, const char *oids)
+{
+    const char *params[1] = {oids};
+    int rc;
+    PGresult *res = PQexecParams(c->cat,
+                                 "SELECT oid, format_type(oid, NULL) FROM pg_type "
+                                 "WHERE oid = ANY($1::oid[])",
+                                 1, NULL, params, NULL, NULL, 0);
+    if (res == NULL || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        rc = query_failed(c, c->cat, res, "loading type names");
+        PQclear(res);
+        return rc;
+    }
+    rc = store_types(c, res);
+    PQclear(res);
+    return rc;
+}
+
+/* ---- setup queries, in order, on the catalog connection ---- */
+
+enum setup_query { Q_SETTINGS, Q_PUBS, Q_NOKEY, Q_SLOT, Q_CREATE, Q_TYPES, Q_DONE };
+
+static const char *const setup_what[] = {
+    "reading settings", "looking up publications", "checking published tables",
+    "looking up the slot", "creating the slot", "loading type names",
+};
+
+static const char *const setup_sql[] = {
+    /* Q_SETTINGS */
+    "SELECT current_setting('wal_level'), current_setting('track_commit_timestamp'), "
+    "       current_setting('wal_sender_timeout')",
+    /* Q_PUBS: the publications that do not exist */
+    "SELECT p.n FROM unnest($1::text[]) AS p(n) "
+    "WHERE NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = p.n) ORDER BY 1",
+    /* Q_NOKEY: published tables (with updates or deletes) without a usable identity */
+    "SELECT DISTINCT quote_ident(pt.schemaname) || '.' || quote_ident(pt.tablename) "
+    "FROM pg_publication_tables pt "
+    "JOIN pg_namespace n ON n.nspname = pt.schemaname "
+    "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename "
+    "JOIN pg_publication p ON p.pubname = pt.pubname "
+    "WHERE pt.pubname = ANY($1::text[]) AND (p.pubupdate OR p.pubdelete) AND NOT ("
+    "  c.relreplident = 'f' OR"
+    "  (c.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_index i"
+    "     WHERE i.indrelid = c.oid AND i.indisprimary)) OR"
+    "  (c.relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_index i"
+    "     WHERE i.indrelid = c.oid AND i.indisreplident))) "
+    "ORDER BY 1",
+    /* Q_SLOT */
+    "SELECT plugin, slot_type, database = current_database(), "
+    "       COALESCE(confirmed_flush_lsn::text, '0/0') "
+    "FROM pg_replication_slots WHERE slot_name = $1",
+    /* Q_CREATE: waits for running transactions to end (a consistent starting point) */
+    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+    /* Q_TYPES: the built-in types; others are looked up when a relation uses them */
+    "SELECT oid, format_type(oid, NULL) FROM pg_type WHERE oid < 16384",
+};
+
+/* wal_sender_timeout as current_setting() prints it ("60s", "500ms", "1min", "0"). */
+static long setting_ms(const char *val)
+{
+    char *end;
+    long v = strtol(val, &end, 10);
+    if (strcmp(end, "ms") == 0)
+        return v;
+    if (strcmp(end, "s") == 0)
+        return v * 1000;
+    if (strcmp(end, "min") == 0)
+        return v * 60000;
+    if (strcmp(end, "h") == 0)
+        return v * 3600000;
+    return 0;
+}
+
+static int flush_conn(struct aamm_capture *c, PGconn *conn)
+{
+    char buf[512];
+    int r = PQflush(conn);
+    if (r < 0)
+        return fail(c, AAMM_ECONN, "connection lost (sending): %s", pqmsg(conn, buf, sizeof buf));
+    c->flush_pending = r > 0;
+    return AAMM_OK;
+}
+
+static int send_setup_query(struct aamm_capture *c)
+{
+    char buf[512], *arr = NULL;
+    const char *params[1] = {NULL};
+    int n = 0, ok;
+    if (c->query == Q_PUBS || c->query == Q_NOKEY) {
+        arr = pub_array(c);
+        if (arr == NULL)
+            return fail(c, AAMM_ENOMEM, "out of memory");
+        params[0] = arr;
+        n = 1;
+    } else if (c->query == Q_SLOT || c->query == Q_CREATE) {
+        params[0] = c->slot;
+        n = 1;
+    }
+    /* PQsendQueryParams copies the parameters into its output buffer. */
+    ok = PQsendQueryParams(c->cat, setup_sql[c->query], n, NULL, params, NULL, NULL, 0);
+    aamm__free(arr);
+    if (!ok)
+        return fail(c, AAMM_ECONN, "%s: %s", setup_what[c->query], pqmsg(c->cat, buf, sizeof buf));
+    return flush_conn(c, c->cat);
+}
+
+/* Check one setup query's result and choose the next query. */
+static int handle_setup_result(struct aamm_capture *c, const PGresult *res)
+{
+    char a[AAMM_LSN_BUFSIZE], b[AAMM_LSN_BUFSIZE];
+    uint64_t confirmed = 0;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK)
+        return query_failed(c, c->cat, res, setup_what[c->query]);
+    switch (c->query) {
+    case Q_SETTINGS: {
+        const char *wal_level = PQgetvalue(res, 0, 0), *track = PQgetvalue(res, 0, 1);
+        long ms = setting_ms(PQgetvalue(res, 0, 2));
+        if (strcmp(wal_level, "logical") != 0)
+            return fail(c, AAMM_EUNSUITABLE,
+                        "wal_level is '%s': set wal_level = logical in postgresql.conf and "
+                        "restart the server",
+                        wal_level);
+        if (strcmp(track, "on") != 0)
+            return fail(c, AAMM_EUNSUITABLE,
+                        "track_commit_timestamp is '%s': set track_commit_timestamp = on in "
+                        "postgresql.conf and restart the server (conflict resolution needs "
+                        "commit timestamps)",
+                        track);
+        /* Status updates well within the server's timeout, even for a paused host. */
+        if (ms > 0 && ms / 3 < c->status_interval_ms)
+            c->status_interval_ms = ms / 3 > 50 ? (int)(ms / 3) : 50;
+        c->query = Q_PUBS;
+        return AAMM_OK;
+    }
+    case Q_PUBS:
+        if (PQntuples(res) > 0)
+            return fail(c, AAMM_ENOTFOUND,
+                        "publication \"%s\" does not exist: create it (CREATE PUBLICATION) or "
+                        "fix the name",
+                        PQgetvalue(res, 0, 0));
+        c->query = Q_NOKEY;
+        return AAMM_OK;
+    case Q_NOKEY:
+        if (PQntuples(res) > 0) {
+            char list[512] = "";
+            size_t used = 0;
+            for (int i = 0; i < PQntuples(res) && used < sizeof list - 80; i++)
+                used += (size_t)snprintf(list + used, sizeof list - used, "%s%s",
+                                         i ? ", " : "", PQgetvalue(res, i, 0));
+            return fail(c, AAMM_EINVAL,
+                        "table %s has no primary key or replica identity index: add a "
+                        "primary key, set REPLICA IDENTITY USING INDEX, or (slow: every update "
+                        "and delete then carries the whole row) REPLICA IDENTITY FULL",
+                        list);
+        }
+        c->query = Q_SLOT;
+        return AAMM_OK;
+    case Q_SLOT:
+        if (PQntuples(res) == 0) {
+            if (c->start_lsn != AAMM_LSN_INVALID)
+                return fail(c, AAMM_ENOTFOUND,
+                            "replication slot does not exist, but the peer already has "
+                            "progress up to %s from it: re-creating it would silently skip the "
+                            "transactions in between; re-join the peer (initial copy) instead",
+                            aamm_lsn_format(c->start_lsn, a));
+            c->query = Q_CREATE;
+            return AAMM_OK;
+        }
+        if (strcmp(PQgetvalue(res, 0, 1), "logical") != 0 ||
+            strcmp(PQgetvalue(res, 0, 0), "pgoutput") != 0)
+            return fail(c, AAMM_EINVAL,
+                        "slot exists but is a %s slot with plugin '%s', not a logical pgoutput "
+                        "slot",
+                        PQgetvalue(res, 0, 1), PQgetvalue(res, 0, 0));
+        if (strcmp(PQgetvalue(res, 0, 2), "t") != 0)
+            return fail(c, AAMM_EINVAL, "slot belongs to another database");
+        if (aamm_lsn_parse(PQgetvalue(res, 0, 3), &confirmed) != 0)
+            return fail(c, AAMM_ESERVER, "slot has an unreadable confirmed_flush_lsn");
+        if (c->start_lsn != AAMM_LSN_INVALID && confirmed > c->start_lsn)
+            return fail(c, AAMM_EGAP,
+                        "slot's confirmed position %s is past the requested start %s: the "
+                        "server would silently skip the transactions in between; re-join the "
+                        "peer (initial copy) or find where its progress went",
+                        aamm_lsn_format(confirmed, a), aamm_lsn_format(c->start_lsn, b));
+        break;
+    case Q_CREATE:
+        if (PQntuples(res) != 1 || aamm_lsn_parse(PQgetvalue(res, 0, 0), &confirmed) != 0)
+            return fail(c, AAMM_ESERVER, "creating the slot: unexpected result");
+        AAMM_INFO("capture: created slot \"%s\" at %s", c->slot, aamm_lsn_format(confirmed, a));
+        break;
+    case Q_TYPES: {
+        int rc = store_types(c, res);
+        if (rc != AAMM_OK)
+            return rc;
+        c->query = Q_DONE;
+        return AAMM_OK;
+    }
+    case Q_DONE:
+        break;
+    }
+    /* Q_SLOT (found) and Q_CREATE: the stream's starting point. */
+    c->start_position = c->start_lsn > confirmed ? c->start_lsn : confirmed;
+    c->confirmed = c->sent_confirmed = c->handed = c->progress = c->start_position;
+    c->received_lsn = c->start_position;
+    c->query = Q_TYPES;
+    return AAMM_OK;
+}
+
+/* Start the replication connection (non-blocking). */
+static int start_repl_connect(struct aamm_capture *c)
 {
     const char *keys[] = {"dbname", "replication", "options", "fallback_application_name", NULL};
     const char *vals[] = {c->conninfo, "database", PINNED_OPTIONS, "libaamm capture", NULL};
-    char buf[512], lsn[AAMM_LSN_BUFSIZE], *cmd, *pubs;
-    PGresult *res;
+    char buf[512];
+    c->repl = PQconnectStartParams(keys, vals, 1);
+    if (c->repl == NULL || PQstatus(c->repl) == CONNECTION_BAD)
+        return fail(c, AAMM_ECONN, "replication connection: %s",
+                    pqmsg(c->repl, buf, sizeof buf));
+    c->phase = PH_REPL_CONNECT;
+    c->poll_status = PGRES_POLLING_WRITING;
+    return AAMM_OK;
+}
 
-    c->repl = PQconnectdbParams(keys, vals, 1);
-    if (c->repl == NULL || PQstatus(c->repl) != CONNECTION_OK)
-        return fail(c, AAMM_ECONN, "replication connection: %s", pqmsg(c->repl, buf, sizeof buf));
-    pubs = publication_names(c);
+/* Send START_REPLICATION on the connected replication connection. */
+static int send_start(struct aamm_capture *c)
+{
+    char buf[512], lsn[AAMM_LSN_BUFSIZE], *cmd, *pubs = publication_names(c);
+    int ok;
     if (pubs == NULL)
         return fail(c, AAMM_ENOMEM, "out of memory");
     aamm_lsn_format(c->start_position, lsn);
     /* No `origin` option: PostgreSQL 15 rejects it, and 16's default (any) is what we
-     * want; origins are filtered on the 'O' message. */
+     * want; origins are filtered on the 'O' message. Slot names are [a-z0-9_]. */
     cmd = aamm__asprintf("START_REPLICATION SLOT %s LOGICAL %s (proto_version '1', "
                          "publication_names %s, messages 'true')",
                          c->slot, lsn, pubs);
     aamm__free(pubs);
     if (cmd == NULL)
         return fail(c, AAMM_ENOMEM, "out of memory");
-    res = PQexec(c->repl, cmd);
-    aamm__free(cmd);
-    if (res == NULL || PQresultStatus(res) != PGRES_COPY_BOTH) {
-        const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-        int code = PQstatus(c->repl) == CONNECTION_BAD ? AAMM_ECONN
-                   : state && strcmp(state, "55006") == 0 ? AAMM_EBUSY
-                                                          : AAMM_ESERVER;
-        fail(c, code, "START_REPLICATION: %s",
-             res ? resmsg(res, buf, sizeof buf) : pqmsg(c->repl, buf, sizeof buf));
-        PQclear(res);
-        return code;
-    }
-    PQclear(res);
-    if (PQsetnonblocking(c->repl, 1) != 0)
+    if (PQsetnonblocking(c->repl, 1) != 0) {
+        aamm__free(cmd);
         return fail(c, AAMM_ECONN, "cannot make the connection non-blocking");
+    }
+    ok = PQsendQuery(c->repl, cmd);
+    aamm__free(cmd);
+    if (!ok)
+        return fail(c, AAMM_ECONN, "START_REPLICATION: %s", pqmsg(c->repl, buf, sizeof buf));
+    c->phase = PH_START;
+    return flush_conn(c, c->repl);
+}
+
+/* Advance a connection in progress. Returns 1 when connected, 0 when waiting. */
+static int poll_connect(struct aamm_capture *c, PGconn *conn, const char *what)
+{
+    char buf[512];
+    c->poll_status = PQconnectPoll(conn);
+    if (c->poll_status == PGRES_POLLING_FAILED)
+        return fail(c, AAMM_ECONN, "%s: %s", what, pqmsg(conn, buf, sizeof buf));
+    return c->poll_status == PGRES_POLLING_OK;
+}
+
+/* One setup step: bounded, non-blocking. */
+static int setup_step(struct aamm_capture *c)
+{
+    char buf[512];
+    int rc;
+    if (aamm__now_ms() >= c->setup_deadline_ms) {
+        /* Cancel a query in flight (slot creation may wait for a long transaction): the
+         * server drops a half-created slot, instead of finishing it for nobody. */
+        if (c->phase == PH_CAT_QUERY && PQtransactionStatus(c->cat) == PQTRANS_ACTIVE) {
+            PGcancel *cancel = PQgetCancel(c->cat);
+            if (cancel != NULL) {
+                (void)PQcancel(cancel, buf, sizeof buf);
+                PQfreeCancel(cancel);
+            }
+        }
+        return fail(c, AAMM_ETIMEDOUT,
+                    "setup did not finish within %d ms (while %s; creating a slot waits for "
+                    "running transactions to end)",
+                    c->setup_timeout_ms,
+                    c->phase == PH_CAT_QUERY ? setup_what[c->query] : "connecting");
+    }
+    if (c->flush_pending &&
+        (rc = flush_conn(c, c->phase == PH_CAT_QUERY ? c->cat : c->repl)) != AAMM_OK)
+        return rc;
+    switch (c->phase) {
+    case PH_CAT_CONNECT:
+        rc = poll_connect(c, c->cat, "cannot connect");
+        if (rc <= 0)
+            return rc;
+        c->server_version = PQserverVersion(c->cat);
+        if (c->server_version < 150000)
+            return fail(c, AAMM_EUNSUITABLE,
+                        "server version %d.%d is too old: libaamm needs PostgreSQL 15 or later",
+                        c->server_version / 10000, c->server_version % 10000 / 100);
+        if (PQsetnonblocking(c->cat, 1) != 0)
+            return fail(c, AAMM_ECONN, "cannot make the connection non-blocking");
+        c->phase = PH_CAT_QUERY;
+        c->query = Q_SETTINGS;
+        return send_setup_query(c);
+    case PH_CAT_QUERY:
+        if (PQconsumeInput(c->cat) != 1)
+            return fail(c, AAMM_ECONN, "%s: %s", setup_what[c->query],
+                        pqmsg(c->cat, buf, sizeof buf));
+        while (!PQisBusy(c->cat)) {
+            PGresult *res = PQgetResult(c->cat);
+            if (res != NULL) {
+                if (c->setup_res == NULL)
+                    c->setup_res = res;
+                else
+                    PQclear(res);
+                continue;
+            }
+            /* The query is complete. */
+            if (c->setup_res == NULL)
+                return fail(c, AAMM_ESERVER, "%s: no result", setup_what[c->query]);
+            rc = handle_setup_result(c, c->setup_res);
+            PQclear(c->setup_res);
+            c->setup_res = NULL;
+            if (rc != AAMM_OK)
+                return rc;
+            if (c->query != Q_DONE)
+                return send_setup_query(c);
+            if ((rc = aamm__pgo_new(&c->pgo)) != AAMM_OK)
+                return fail(c, rc, "out of memory");
+            return start_repl_connect(c);
+        }
+        return AAMM_OK;
+    case PH_REPL_CONNECT:
+        rc = poll_connect(c, c->repl, "replication connection");
+        if (rc <= 0)
+            return rc;
+        return send_start(c);
+    case PH_START: {
+        PGresult *res;
+        if (PQconsumeInput(c->repl) != 1)
+            return fail(c, AAMM_ECONN, "START_REPLICATION: %s", pqmsg(c->repl, buf, sizeof buf));
+        if (PQisBusy(c->repl))
+            return AAMM_OK;
+        res = PQgetResult(c->repl);
+        if (res == NULL || PQresultStatus(res) != PGRES_COPY_BOTH) {
+            rc = query_failed(c, c->repl, res, "START_REPLICATION");
+            PQclear(res);
+            return rc;
+        }
+        PQclear(res);
+        c->phase = PH_STREAMING;
+        c->state = ST_STREAMING;
+        c->last_status_ms = c->last_progress_ms = aamm__now_ms();
+        c->drained = true;
+        aamm__errclear(&c->err);
+        return AAMM_OK;
+    }
+    case PH_NONE:
+    case PH_STREAMING:
+        break;
+    }
     return AAMM_OK;
+}
+
+int aamm_capture_start(struct aamm_capture *c)
+{
+    char buf[512];
+    if (c->state != ST_NEW)
+        return aamm__errf(&c->err, AAMM_ESTATE, "capture: already started");
+    c->state = ST_SETUP;
+    c->setup_deadline_ms = aamm__now_ms() + c->setup_timeout_ms;
+    c->cat = PQconnectStart(c->conninfo);
+    if (c->cat == NULL || PQstatus(c->cat) == CONNECTION_BAD)
+        return fail(c, AAMM_ECONN, "cannot connect: %s", pqmsg(c->cat, buf, sizeof buf));
+    c->phase = PH_CAT_CONNECT;
+    c->poll_status = PGRES_POLLING_WRITING;
+    return AAMM_OK;
+}
+
+/* Wait for the capture's fd (what it asks for) up to @timeout_ms, then step. */
+static int poll_and_step(struct aamm_capture *c, int timeout_ms)
+{
+    struct pollfd pfd;
+    int events = aamm_capture_events(c), t = aamm_capture_timeout(c);
+    if (t < 0 || t > timeout_ms)
+        t = timeout_ms;
+    pfd.fd = aamm_capture_fd(c);
+    pfd.events = (short)(((events & AAMM_CAPTURE_READ) ? POLLIN : 0) |
+                         ((events & AAMM_CAPTURE_WRITE) ? POLLOUT : 0));
+    pfd.revents = 0;
+    if (pfd.fd >= 0 && poll(&pfd, 1, t) < 0 && errno != EINTR)
+        return fail(c, AAMM_EIO, "poll: %s", strerror(errno));
+    return aamm_capture_step(c);
 }
 
 int aamm_capture_open(struct aamm_capture *c)
 {
-    char buf[512];
-    int rc;
-    if (c->state != ST_NEW || c->cat != NULL)
-        return aamm__errf(&c->err, AAMM_ESTATE, "capture: open called twice");
-    c->cat = PQconnectdb(c->conninfo);
-    if (c->cat == NULL || PQstatus(c->cat) != CONNECTION_OK)
-        return fail(c, AAMM_ECONN, "cannot connect: %s", pqmsg(c->cat, buf, sizeof buf));
-    if ((rc = check_server(c)) != AAMM_OK || (rc = check_publications(c)) != AAMM_OK ||
-        (rc = check_slot(c)) != AAMM_OK || (rc = load_types(c, NULL)) != AAMM_OK)
-        return rc;
-    if ((rc = aamm__pgo_new(&c->pgo)) != AAMM_OK)
-        return fail(c, rc, "out of memory");
-    if ((rc = start_streaming(c)) != AAMM_OK)
-        return rc;
-    c->state = ST_STREAMING;
-    c->last_status_ms = c->last_progress_ms = aamm__now_ms();
-    c->drained = true;
-    aamm__errclear(&c->err);
-    return AAMM_OK;
+    int rc = aamm_capture_start(c);
+    while (rc == AAMM_OK && c->state == ST_SETUP)
+        rc = poll_and_step(c, 1000);
+    return rc;
 }
 
 /* ====================================================================================
@@ -643,7 +795,7 @@ static int flush_out(struct aamm_capture *c)
     char buf[512];
     int r = PQflush(c->repl);
     if (r < 0)
-        return fail(c, AAMM_ECONN, "sending: %s", pqmsg(c->repl, buf, sizeof buf));
+        return fail(c, AAMM_ECONN, "connection lost (sending): %s", pqmsg(c->repl, buf, sizeof buf));
     c->flush_pending = r > 0;
     return AAMM_OK;
 }
@@ -662,7 +814,8 @@ static int send_status(struct aamm_capture *c)
     put_be64(msg + 25, (uint64_t)(aamm__wall_us() - AAMM_PG_EPOCH_OFFSET_US));
     msg[33] = 0;
     if (PQputCopyData(c->repl, (const char *)msg, sizeof msg) != 1)
-        return fail(c, AAMM_ECONN, "sending a status update: %s", pqmsg(c->repl, buf, sizeof buf));
+        return fail(c, AAMM_ECONN, "connection lost (sending a status update): %s",
+                    pqmsg(c->repl, buf, sizeof buf));
     c->sent_confirmed = c->confirmed;
     c->last_status_ms = aamm__now_ms();
     c->stats.status_updates++;
@@ -687,17 +840,31 @@ static int sticky(struct aamm_capture *c)
         return AAMM_OK;
     if (c->state == ST_NEW)
         return aamm__errf(&c->err, AAMM_ESTATE, "capture: not open");
+    if (c->state == ST_SETUP)
+        return aamm__errf(&c->err, AAMM_ESTATE, "capture: still setting up");
     return c->err.code ? c->err.code : AAMM_EINTERNAL;
 }
 
 int aamm_capture_fd(const struct aamm_capture *c)
 {
-    return c && c->state == ST_STREAMING ? PQsocket(c->repl) : -1;
+    if (c == NULL)
+        return -1;
+    if (c->state == ST_STREAMING)
+        return PQsocket(c->repl);
+    if (c->state != ST_SETUP)
+        return -1;
+    return PQsocket(c->phase == PH_CAT_CONNECT || c->phase == PH_CAT_QUERY ? c->cat : c->repl);
 }
 
 int aamm_capture_events(const struct aamm_capture *c)
 {
     int ev = 0;
+    if (c != NULL && c->state == ST_SETUP) {
+        if (c->phase == PH_CAT_CONNECT || c->phase == PH_REPL_CONNECT)
+            return c->poll_status == PGRES_POLLING_READING ? AAMM_CAPTURE_READ
+                                                           : AAMM_CAPTURE_WRITE;
+        return AAMM_CAPTURE_READ | (c->flush_pending ? AAMM_CAPTURE_WRITE : 0);
+    }
     if (c == NULL || c->state != ST_STREAMING)
         return 0;
     if (c->drained)
@@ -709,6 +876,10 @@ int aamm_capture_events(const struct aamm_capture *c)
 
 int aamm_capture_timeout(const struct aamm_capture *c)
 {
+    if (c != NULL && c->state == ST_SETUP) {
+        int64_t left = c->setup_deadline_ms - aamm__now_ms();
+        return left <= 0 ? 0 : left > INT32_MAX ? INT32_MAX : (int)left;
+    }
     if (c == NULL || c->state != ST_STREAMING)
         return -1;
     if (c->budget_exhausted)
@@ -719,7 +890,10 @@ int aamm_capture_timeout(const struct aamm_capture *c)
 int aamm_capture_step(struct aamm_capture *c)
 {
     char buf[512];
-    int rc = sticky(c);
+    int rc;
+    if (c->state == ST_SETUP)
+        return setup_step(c);
+    rc = sticky(c);
     if (rc != AAMM_OK)
         return rc;
     aamm__pgo_event_clear(&c->out);
@@ -986,8 +1160,11 @@ static int maybe_progress(struct aamm_capture *c, bool idle, struct aamm_capture
 
 int aamm_capture_next(struct aamm_capture *c, struct aamm_capture_event *ev)
 {
-    int rc = sticky(c);
+    int rc;
     memset(ev, 0, sizeof *ev);
+    if (c->state == ST_SETUP)
+        return 0; /* nothing before the stream starts */
+    rc = sticky(c);
     if (rc != AAMM_OK)
         return rc;
     aamm__pgo_event_clear(&c->out);
@@ -1026,25 +1203,14 @@ int aamm_capture_wait(struct aamm_capture *c, struct aamm_capture_event *ev, int
 {
     int64_t deadline = timeout_ms < 0 ? INT64_MAX : aamm__now_ms() + timeout_ms;
     for (;;) {
-        struct pollfd pfd;
-        int rc = aamm_capture_next(c, ev), t, events;
+        int rc = aamm_capture_next(c, ev);
         int64_t now;
         if (rc != 0)
             return rc;
         now = aamm__now_ms();
         if (now >= deadline)
             return 0;
-        t = aamm_capture_timeout(c);
-        if (t < 0 || (int64_t)t > deadline - now)
-            t = deadline - now > 1000000 ? 1000000 : (int)(deadline - now);
-        events = aamm_capture_events(c);
-        pfd.fd = aamm_capture_fd(c);
-        pfd.events = (short)(((events & AAMM_CAPTURE_READ) ? POLLIN : 0) |
-                             ((events & AAMM_CAPTURE_WRITE) ? POLLOUT : 0));
-        pfd.revents = 0;
-        if (poll(&pfd, 1, t) < 0 && errno != EINTR)
-            return fail(c, AAMM_EIO, "poll: %s", strerror(errno));
-        rc = aamm_capture_step(c);
+        rc = poll_and_step(c, deadline - now > 1000000 ? 1000000 : (int)(deadline - now));
         if (rc != AAMM_OK)
             return rc;
     }
@@ -1053,7 +1219,7 @@ int aamm_capture_wait(struct aamm_capture *c, struct aamm_capture_event *ev, int
 int aamm_capture_confirm(struct aamm_capture *c, uint64_t lsn)
 {
     char a[AAMM_LSN_BUFSIZE], b[AAMM_LSN_BUFSIZE];
-    if (c->state == ST_NEW)
+    if (c->state == ST_NEW || c->state == ST_SETUP)
         return aamm__errf(&c->err, AAMM_ESTATE, "capture: not open");
     if (lsn > c->handed)
         return aamm__errf(&c->err, AAMM_EINVAL,

@@ -6,15 +6,19 @@
  * aamm_capture_next() until it returns 0. No threads, no hidden loop.
  *
  * Lifecycle:
- *   aamm_capture_new()   copy the options (no I/O)
- *   aamm_capture_open()  BLOCKING setup: check the server, find or create the slot, check
- *                        for gaps, START_REPLICATION. Blocks for a few round trips (and for
- *                        slot creation, which waits for running transactions to end);
- *                        bounded by libpq's connect_timeout and the server. Run it before
- *                        the capture joins the host's poll loop.
+ *   aamm_capture_new()    copy the options (no I/O)
+ *   aamm_capture_start()  begin the non-blocking setup: connect, check the server, find or
+ *                         create the slot, check for gaps, START_REPLICATION; the host's
+ *                         loop drives it with fd / events / timeout / step like the
+ *                         stream (the fd changes during setup: re-read it after each
+ *                         step). aamm_capture_open() is the blocking equivalent.
  *   fd / events / timeout / step / next   streaming, non-blocking
  *   aamm_capture_confirm()  move the flush position reported to the server
  *   aamm_capture_free()
+ *
+ * Blocking exceptions: libpq resolves host names synchronously when a connection starts;
+ * and when a relation uses a type capture has not seen (not built in), next() runs one
+ * catalog query for its name (a local round trip, once per type per capture).
  *
  * Server requirements (checked by open, each refused with AAMM_EUNSUITABLE and a message
  * naming the setting): PostgreSQL 15 or later, wal_level = logical,
@@ -116,6 +120,9 @@ struct aamm_capture_options {
      * while it skips messages the host does not see (replicated transactions); it then
      * returns 0 and aamm_capture_timeout() says 0. Default 1000. */
     int step_budget;
+    /* The whole setup (connections, checks, slot creation, START_REPLICATION) must finish
+     * within this many ms, else AAMM_ETIMEDOUT. Default 60000. */
+    int setup_timeout_ms;
 };
 
 /** The kinds of event aamm_capture_next() hands out. */
@@ -172,28 +179,40 @@ AAMM_API int aamm_capture_new(struct aamm_capture **out,
 AAMM_API void aamm_capture_free(struct aamm_capture *c);
 
 /**
- * BLOCKING: connect, check the server, find or create the slot and start streaming.
- * Steps:
+ * Begin the setup, non-blocking. The host then polls aamm_capture_fd() for
+ * aamm_capture_events() with aamm_capture_timeout() and calls aamm_capture_step() (or
+ * simply aamm_capture_wait()); next() returns 0 until the stream runs. Steps:
  *   1. catalog connection (the conninfo as given); server version >= 15, wal_level =
  *      logical, track_commit_timestamp = on; read wal_sender_timeout;
  *   2. every publication exists; every published table has a key (or REPLICA IDENTITY
  *      FULL);
- *   3. the slot: missing and start_lsn == 0: created with pgoutput; missing and
- *      start_lsn != 0: AAMM_ENOTFOUND; present but past start_lsn (start_lsn != 0):
- *      AAMM_EGAP; present but not a pgoutput slot of this database: AAMM_EINVAL;
- *   4. type names are loaded from pg_type (columns get format_type(oid, NULL));
+ *   3. the slot: missing and start_lsn == 0: created with pgoutput (this waits for the
+ *      transactions running on the server to end); missing and start_lsn != 0:
+ *      AAMM_ENOTFOUND; present but past start_lsn (start_lsn != 0): AAMM_EGAP; present but
+ *      not a pgoutput slot of this database: AAMM_EINVAL;
+ *   4. the built-in type names are loaded (columns get format_type(oid, NULL));
  *   5. replication connection (replication=database, pinned formats), START_REPLICATION
  *      SLOT ... LOGICAL start (proto_version '1', publication_names, messages 'true').
- * Returns 0; AAMM_ECONN (cannot connect); AAMM_EUNSUITABLE (version or setting; the
- * message names it); AAMM_ENOTFOUND (publication or slot, named); AAMM_EINVAL (a table
- * without key, named; a slot of another plugin or database); AAMM_EGAP; AAMM_ESERVER (the
- * server refused a query, e.g. the slot is in use by another process); AAMM_ESTATE when
- * called twice; AAMM_ENOMEM. On failure the capture is unusable: free it.
+ * Returns 0 (setup under way) or AAMM_ECONN / AAMM_ESTATE (called twice). Errors of the
+ * later steps come from aamm_capture_step() (sticky; the capture is then unusable: free
+ * it): AAMM_ECONN (cannot connect); AAMM_EUNSUITABLE (version or setting; the message
+ * names it); AAMM_ENOTFOUND (publication or slot, named); AAMM_EINVAL (a table without
+ * key, named; a slot of another plugin or database); AAMM_EGAP; AAMM_EBUSY (the slot is
+ * in use by another process, e.g. a walsender that has not exited yet: retry with a new
+ * capture); AAMM_ESERVER (the server refused a query); AAMM_ETIMEDOUT (setup_timeout_ms
+ * passed; a setup query in flight, such as a waiting slot creation, is cancelled);
+ * AAMM_ENOMEM.
+ */
+AAMM_API int aamm_capture_start(struct aamm_capture *c);
+
+/**
+ * BLOCKING: aamm_capture_start() and step until the stream runs or setup fails. Returns
+ * 0 or any error that start() or the setup steps give.
  */
 AAMM_API int aamm_capture_open(struct aamm_capture *c);
 
-/** The replication socket to poll, or -1 before open / after failure. It may change only
- *  at open. */
+/** The socket to poll, or -1 before start / after failure. During setup it changes
+ *  (catalog connection, then replication connection): re-read it after each step. */
 AAMM_API int aamm_capture_fd(const struct aamm_capture *c);
 
 /** AAMM_CAPTURE_READ / AAMM_CAPTURE_WRITE: what to poll the fd for now. READ is wanted
@@ -201,24 +220,29 @@ AAMM_API int aamm_capture_fd(const struct aamm_capture *c);
 AAMM_API int aamm_capture_events(const struct aamm_capture *c);
 
 /** Milliseconds until aamm_capture_step() must run even without fd events (a status
- *  update is due, or decoded work is waiting): 0 = now, -1 = none (not streaming). */
+ *  update is due, decoded work is waiting, or the setup deadline): 0 = now, -1 = none
+ *  (not started or failed). */
 AAMM_API int aamm_capture_timeout(const struct aamm_capture *c);
 
 /**
- * Do the I/O possible now without blocking: send a status update when one is due (or
- * after aamm_capture_confirm() moved the position), flush pending output, and read what
- * the socket holds if the host has pulled every event. Bounded work. Invalidates the last
- * event. Returns 0, or the sticky error: AAMM_ECONN (connection lost, server restarted or
- * the walsender was terminated; the message says why), AAMM_ESTATE (not open).
+ * Do the I/O possible now without blocking. During setup: advance it (see
+ * aamm_capture_start()). While streaming: send a status update when one is due (or
+ * shortly after aamm_capture_confirm() moved the position), flush pending output, and
+ * read what the socket holds if the host has pulled every event. Bounded work.
+ * Invalidates the last event. Returns 0, or the sticky error: a setup error, AAMM_ECONN
+ * (connection lost, server restarted or the walsender was terminated; the message says
+ * why), AAMM_ESTATE (not started).
  */
 AAMM_API int aamm_capture_step(struct aamm_capture *c);
 
 /**
  * Hand out the next event into @ev (written; its pointers are borrowed until the next
- * call). Decodes only what step() has read; never blocks, never reads the socket.
- * Returns 1 with an event, 0 when nothing is available now (call step() after the fd
- * is ready or the timeout passed), or a negative error (sticky): AAMM_EMALFORMED (the
- * server sent bytes the parser rejects), AAMM_ECONN, AAMM_ESTATE, AAMM_ENOMEM.
+ * call). Decodes only what step() has read; never reads the socket (it may send a due
+ * status update, and may run one catalog query for an unknown type name, see above).
+ * Returns 1 with an event, 0 when nothing is available now (also during setup: call
+ * step() after the fd is ready or the timeout passed), or a negative error (sticky):
+ * AAMM_EMALFORMED (the server sent bytes the parser rejects), AAMM_EPROTO, AAMM_ECONN,
+ * AAMM_ESTATE (not started), AAMM_ENOMEM.
  */
 AAMM_API int aamm_capture_next(struct aamm_capture *c, struct aamm_capture_event *ev);
 
@@ -235,7 +259,8 @@ AAMM_API int aamm_capture_wait(struct aamm_capture *c, struct aamm_capture_event
  * durably applied, together with everything before it. Only this moves the flush
  * position reported to the server (sent at the next step). Confirming a position at or
  * below the current one is a no-op. Returns 0; AAMM_EINVAL when @lsn is past everything
- * handed out so far (that would let the server drop undelivered data).
+ * handed out so far (that would let the server drop undelivered data); AAMM_ESTATE before
+ * the stream runs.
  */
 AAMM_API int aamm_capture_confirm(struct aamm_capture *c, uint64_t lsn);
 
@@ -251,7 +276,7 @@ AAMM_API int aamm_capture_send_status(struct aamm_capture *c);
 AAMM_API uint64_t aamm_capture_confirmed(const struct aamm_capture *c);
 
 /** The slot's position the stream started from (max of start_lsn and the slot's
- *  confirmed position), valid after open. */
+ *  confirmed position), valid once streaming. */
 AAMM_API uint64_t aamm_capture_start_position(const struct aamm_capture *c);
 
 /** Copy the counters into @stats (borrowed, written). */
