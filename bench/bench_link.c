@@ -37,8 +37,8 @@ static void add(struct pollfd *fds, int *n, struct aamm_link *l, int *t)
     if (aamm_link_fd(l) < 0)
         return;
     fds[*n].fd = aamm_link_fd(l);
-    fds[*n].events = (short)(((ev & AAMM_LINK_READ) ? POLLIN : 0) |
-                             ((ev & AAMM_LINK_WRITE) ? POLLOUT : 0));
+    fds[*n].events =
+        (short)(((ev & AAMM_LINK_READ) ? POLLIN : 0) | ((ev & AAMM_LINK_WRITE) ? POLLOUT : 0));
     (*n)++;
     if (to >= 0 && to < *t)
         *t = to;
@@ -81,8 +81,7 @@ static int run(const char *name, long ntx, int nch, int vlen)
         getsockname(lfd, (struct sockaddr *)&sa, &sl))
         return 1;
     snprintf(port, sizeof port, "%d", ntohs(sa.sin_port));
-    if (aamm_link_new(&s, &so) || aamm_link_new(&r, &ro) ||
-        aamm_link_connect(s, "127.0.0.1", port))
+    if (aamm_link_new(&s, &so) || aamm_link_new(&r, &ro) || aamm_link_connect(s, "127.0.0.1", port))
         return 1;
     {
         int fd = accept(lfd, NULL, NULL);
@@ -98,8 +97,8 @@ static int run(const char *name, long ntx, int nch, int vlen)
             if (t0 == 0)
                 t0 = now_s();
             for (int k = 0; k < 10000 && i < ntx; k++) {
-                struct aamm_transaction txn = {1, (uint32_t)i, 1000 + (uint64_t)i * 100,
-                                               1040 + (uint64_t)i * 100, 1, NULL, 0};
+                struct aamm_transaction txn = {
+                    1, (uint32_t)i, 1000 + (uint64_t)i * 100, 1040 + (uint64_t)i * 100, 1, NULL, 0};
                 int rc;
                 if (j < 0) {
                     if ((rc = aamm_link_send_begin(s, &txn)) != 0)
@@ -112,8 +111,8 @@ static int run(const char *name, long ntx, int nch, int vlen)
                                               {AAMM_VALUE_TEXT, 1, "1"},
                                               {AAMM_VALUE_TEXT, 4, "-123"},
                                               {AAMM_VALUE_TEXT, (uint32_t)vlen, val}};
-                    struct aamm_change ch = {.kind = AAMM_CHANGE_UPDATE, .relation = &rel,
-                                             .new_tuple = {4, v}};
+                    struct aamm_change ch = {
+                        .kind = AAMM_CHANGE_UPDATE, .relation = &rel, .new_tuple = {4, v}};
                     v[0].len = (uint32_t)snprintf(a, sizeof a, "%ld", (i * 7 + j) % 100000);
                     if ((rc = aamm_link_send_change(s, &ch)) != 0)
                         break;

@@ -99,8 +99,8 @@ static void make_pgbench(struct txn *x, uint64_t lsn)
     char a[32], b[32], t[32], d[32], f[100];
     uint32_t aid = 1 + rnd(100000), bid = 1 + rnd(1), tid = 1 + rnd(10);
     int delta = (int)rnd(10001) - 5000;
-    x->t = (struct aamm_transaction){1, 1000 + (uint32_t)lsn, lsn, lsn + 56,
-                                     1700000000000000 + (int64_t)lsn, NULL, 0};
+    x->t = (struct aamm_transaction){
+        1, 1000 + (uint32_t)lsn, lsn, lsn + 56, 1700000000000000 + (int64_t)lsn, NULL, 0};
     snprintf(a, sizeof a, "%u", aid);
     snprintf(b, sizeof b, "%u", bid);
     snprintf(t, sizeof t, "%u", tid);
@@ -121,10 +121,10 @@ static void make_pgbench(struct txn *x, uint64_t lsn)
 
 static void make_bulk(struct txn *x, uint64_t lsn, uint64_t *id)
 {
-    static const char *words[] = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta",
-                                  "eta",   "theta", "iota", "kappa"};
-    x->t = (struct aamm_transaction){1, 2000 + (uint32_t)lsn, lsn, lsn + 56,
-                                     1700000000000000 + (int64_t)lsn, NULL, 0};
+    static const char *words[] = {"alpha", "beta", "gamma", "delta", "epsilon",
+                                  "zeta",  "eta",  "theta", "iota",  "kappa"};
+    x->t = (struct aamm_transaction){
+        1, 2000 + (uint32_t)lsn, lsn, lsn + 56, 1700000000000000 + (int64_t)lsn, NULL, 0};
     x->n = MAXCH;
     for (uint32_t c = 0; c < MAXCH; c++) {
         char n[32], p[128];

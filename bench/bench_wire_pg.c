@@ -129,8 +129,7 @@ static int consume(PGconn *c, struct tally *t)
 
 static void report(const char *name, const struct tally *t)
 {
-    printf("BENCH wire_%s_size_ratio %.3f ratio\n", name,
-           (double)t->wire_batched / (double)t->raw);
+    printf("BENCH wire_%s_size_ratio %.3f ratio\n", name, (double)t->wire_batched / (double)t->raw);
     printf("BENCH wire_%s_size_ratio_per_txn %.3f ratio\n", name,
            (double)t->wire_per_txn / (double)t->raw);
     fprintf(stderr,
@@ -151,19 +150,18 @@ int main(int argc, char **argv)
         return 1;
     snprintf(port, sizeof port, "%d", pgfx_port(fx, 0));
     c = pgfx_connect(fx, 0);
-    if (c == NULL ||
-        pgfx_exec_conn(c, "CREATE PUBLICATION p FOR ALL TABLES") != 0 ||
+    if (c == NULL || pgfx_exec_conn(c, "CREATE PUBLICATION p FOR ALL TABLES") != 0 ||
         pgfx_exec_conn(c, "SELECT pg_create_logical_replication_slot('s', 'pgoutput')") != 0)
         goto out;
     {
-        const char *init[] = {"pgbench", "-i", "-s", "1", "-q", "-h", pgfx_sockdir(fx, 0),
-                              "-p", port, "postgres", NULL};
+        const char *init[] = {"pgbench",           "-i", "-s", "1",        "-q", "-h",
+                              pgfx_sockdir(fx, 0), "-p", port, "postgres", NULL};
         if (pgfx_run(init, NULL) != 0 || consume(c, &bulk) != 0)
             goto out;
     }
     {
-        const char *run[] = {"pgbench", "-n", "-c", "1", "-t", ntx, "-h", pgfx_sockdir(fx, 0),
-                             "-p", port, "postgres", NULL};
+        const char *run[] = {"pgbench",           "-n", "-c", "1",        "-t", ntx, "-h",
+                             pgfx_sockdir(fx, 0), "-p", port, "postgres", NULL};
         if (pgfx_run(run, NULL) != 0 || consume(c, &bench) != 0)
             goto out;
     }

@@ -191,9 +191,8 @@ static BIO *nosig_bio(int fd)
     if (nosig_method == NULL) {
         /* Benign race: two threads creating links at once may each build one; one leaks. */
         BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "aamm-sock");
-        if (m == NULL || !BIO_meth_set_write(m, nosig_write) ||
-            !BIO_meth_set_read(m, nosig_read) || !BIO_meth_set_ctrl(m, nosig_ctrl) ||
-            !BIO_meth_set_create(m, nosig_create)) {
+        if (m == NULL || !BIO_meth_set_write(m, nosig_write) || !BIO_meth_set_read(m, nosig_read) ||
+            !BIO_meth_set_ctrl(m, nosig_ctrl) || !BIO_meth_set_create(m, nosig_create)) {
             BIO_meth_free(m);
             return NULL;
         }
@@ -483,8 +482,7 @@ static void put32(struct aamm__wr *w, uint32_t v)
 
 /* The AUTH proof of @prover_role / @prover for @verifier (doc/protocol.md §4.2). */
 static int make_proof(struct aamm_link *l, int prover_role, uint32_t prover, uint32_t verifier,
-                      const uint8_t *verifier_nonce, const uint8_t *prover_nonce,
-                      uint8_t out[32])
+                      const uint8_t *verifier_nonce, const uint8_t *prover_nonce, uint8_t out[32])
 {
     struct aamm__wr w;
     unsigned int outlen = 32;
@@ -508,8 +506,7 @@ static int make_proof(struct aamm_link *l, int prover_role, uint32_t prover, uin
         aamm__wr_free(&w);
         return AAMM_ENOMEM;
     }
-    if (HMAC(EVP_sha256(), l->secret, (int)l->o.secret_len, w.data, w.len, out, &outlen) ==
-        NULL) {
+    if (HMAC(EVP_sha256(), l->secret, (int)l->o.secret_len, w.data, w.len, out, &outlen) == NULL) {
         aamm__wr_free(&w);
         return AAMM_EINTERNAL;
     }
@@ -544,8 +541,8 @@ static int derive_key(struct aamm_link *l, const uint8_t *s_nonce, const uint8_t
     return 0;
 }
 
-static int frame_mac(struct aamm_link *l, const uint8_t *key, uint64_t seq,
-                     const uint8_t *frame, size_t len, uint8_t mac[AAMM_WIRE_MAC_SIZE])
+static int frame_mac(struct aamm_link *l, const uint8_t *key, uint64_t seq, const uint8_t *frame,
+                     size_t len, uint8_t mac[AAMM_WIRE_MAC_SIZE])
 {
     uint8_t s[8], full[32];
     size_t outl = 0;
@@ -642,15 +639,15 @@ static int on_hello(struct aamm_link *l, const struct aamm_wire_hello *h)
     l->peer_id = h->node_id;
     if (strcmp(h->cluster, l->cluster) != 0) {
         l->stats.auth_failures++;
-        return link_fail(l, AAMM_EAUTH, true,
-                         "peer belongs to cluster \"%s\", this node to \"%s\"", h->cluster,
-                         l->cluster);
+        return link_fail(l, AAMM_EAUTH, true, "peer belongs to cluster \"%s\", this node to \"%s\"",
+                         h->cluster, l->cluster);
     }
     for (uint32_t i = 0; i < l->o.npeer_ids; i++)
         known |= l->peer_ids[i] == h->node_id;
     if (!known || h->node_id == l->o.node_id) {
         l->stats.auth_failures++;
-        return link_fail(l, AAMM_EAUTH, true, "peer claims node id %" PRIu32
+        return link_fail(l, AAMM_EAUTH, true,
+                         "peer claims node id %" PRIu32
                          ", which is not an expected peer of node %" PRIu32,
                          h->node_id, l->o.node_id);
     }
@@ -671,9 +668,8 @@ static int on_hello(struct aamm_link *l, const struct aamm_wire_hello *h)
     if (v < h->min_version || v < AAMM_WIRE_VERSION_MIN) {
         l->stats.protocol_errors++;
         return link_fail(l, AAMM_EPROTO, true,
-                         "no common protocol version (peer %u..%u, ours %u..%u)",
-                         h->min_version, h->max_version, AAMM_WIRE_VERSION_MIN,
-                         AAMM_WIRE_VERSION_MAX);
+                         "no common protocol version (peer %u..%u, ours %u..%u)", h->min_version,
+                         h->max_version, AAMM_WIRE_VERSION_MIN, AAMM_WIRE_VERSION_MAX);
     }
     l->version = v;
     aamm_wire_encoder_set_version(l->enc, v);
@@ -795,8 +791,7 @@ static int on_control(struct aamm_link *l, const struct aamm_wire_event *ev)
         if (l->st == ST_RESUME) {
             l->nresume = 0;
             for (uint32_t i = 0; i < ev->npositions; i++)
-                set_pos(l->resume, &l->nresume, ev->positions[i].origin_node,
-                        ev->positions[i].lsn);
+                set_pos(l->resume, &l->nresume, ev->positions[i].origin_node, ev->positions[i].lsn);
             for (uint32_t i = 0; i < l->nresume; i++)
                 set_pos(l->acked, &l->nacked, l->resume[i].origin, l->resume[i].lsn);
             l->st = ST_READY;
@@ -827,14 +822,14 @@ static int on_control(struct aamm_link *l, const struct aamm_wire_event *ev)
         l->stats.peer_refusals++;
         if (ev->code == AAMM_EAUTH && l->st < ST_READY)
             l->stats.auth_failures++;
-        return link_fail(l, ev->code < 0 ? ev->code : AAMM_EPROTO, false,
-                         "the peer refused: %s", ev->message);
+        return link_fail(l, ev->code < 0 ? ev->code : AAMM_EPROTO, false, "the peer refused: %s",
+                         ev->message);
     default:
         break;
     }
     l->stats.protocol_errors++;
-    return link_fail(l, AAMM_EPROTO, true, "unexpected frame (event %d) in state %d",
-                     (int)ev->kind, (int)l->st);
+    return link_fail(l, AAMM_EPROTO, true, "unexpected frame (event %d) in state %d", (int)ev->kind,
+                     (int)l->st);
 }
 
 /* Feed buffered socket bytes to the decoder. Returns true if any were accepted. */
@@ -898,8 +893,7 @@ static int do_write(struct aamm_link *l)
             if (aamm_wire_encoder_buffered(l->enc) == 0)
                 return 0;
             if (aamm_wire_encoder_flush(l->enc) != 0)
-                return link_fail(l, AAMM_ENOMEM, false, "%s",
-                                 aamm_wire_encoder_errmsg(l->enc));
+                return link_fail(l, AAMM_ENOMEM, false, "%s", aamm_wire_encoder_errmsg(l->enc));
             continue;
         }
         w = raw_send(l, p, n);
@@ -968,8 +962,7 @@ static int check_timers(struct aamm_link *l)
             return link_fail(l, AAMM_ETIMEDOUT, true, "peer silent for %" PRId64 " ms",
                              now - l->t_last_recv);
         }
-        if (now - l->t_last_send >= l->o.heartbeat_ms &&
-            aamm_wire_encoder_buffered(l->enc) == 0) {
+        if (now - l->t_last_send >= l->o.heartbeat_ms && aamm_wire_encoder_buffered(l->enc) == 0) {
             if (aamm_wire_encode_heartbeat(l->enc, aamm__wall_us()) != 0)
                 return link_fail(l, AAMM_ENOMEM, false, "out of memory");
             l->stats.heartbeats_sent++;

@@ -22,7 +22,7 @@
 #define MAX_ERRMSG 1024u
 #define FLAGS_KNOWN (AAMM_WIRE_F_LZ4 | AAMM_WIRE_F_MAC)
 #define PIECE_OVERHEAD 31u /* 'P' + three varints of at most 10 bytes */
-#define LZ4_HISTORY 65536 /* LZ4's window: the dictionary carried from frame to frame */
+#define LZ4_HISTORY 65536  /* LZ4's window: the dictionary carried from frame to frame */
 
 /* ====================================================================================
  * Options
@@ -45,11 +45,11 @@ static int fill_options(struct aamm_wire_options *o, const struct aamm_wire_opti
     if (o->max_relations == 0)
         o->max_relations = AAMM_WIRE_DEFAULT_MAX_RELATIONS;
     if (o->frame_payload < 256 || o->frame_payload > 16u * 1024 * 1024)
-        return aamm__errf(err, AAMM_EINVAL, "wire: frame_payload %" PRIu32
-                          " outside 256..16777216", o->frame_payload);
+        return aamm__errf(err, AAMM_EINVAL, "wire: frame_payload %" PRIu32 " outside 256..16777216",
+                          o->frame_payload);
     if (o->max_payload < 256 || o->max_payload > 64u * 1024 * 1024)
-        return aamm__errf(err, AAMM_EINVAL, "wire: max_payload %" PRIu32
-                          " outside 256..67108864", o->max_payload);
+        return aamm__errf(err, AAMM_EINVAL, "wire: max_payload %" PRIu32 " outside 256..67108864",
+                          o->max_payload);
     if (o->max_relations > 1u << 20)
         return aamm__errf(err, AAMM_EINVAL, "wire: max_relations %" PRIu32 " above 1048576",
                           o->max_relations);
@@ -165,8 +165,8 @@ struct aamm_wire_encoder {
     struct aamm__wr rec; /* scratch: the record being built */
     uint8_t *ztmp;       /* LZ4 scratch */
     size_t ztmp_cap;
-    LZ4_stream_t *lz;    /* LZ4 stream over all DATA payloads (doc/protocol.md §1) */
-    char *lzdict;        /* its dictionary: the last 64 KiB of those payloads */
+    LZ4_stream_t *lz; /* LZ4 stream over all DATA payloads (doc/protocol.md §1) */
+    char *lzdict;     /* its dictionary: the last 64 KiB of those payloads */
 
     bool in_txn;
     uint64_t begin_commit_lsn;
@@ -190,8 +190,7 @@ static uint32_t name_hash(const char *schema, const char *name)
     return h;
 }
 
-int aamm_wire_encoder_new(struct aamm_wire_encoder **encp,
-                          const struct aamm_wire_options *opts)
+int aamm_wire_encoder_new(struct aamm_wire_encoder **encp, const struct aamm_wire_options *opts)
 {
     struct aamm_wire_encoder *enc;
     struct aamm__err tmp;
@@ -251,8 +250,8 @@ const char *aamm_wire_encoder_errmsg(const struct aamm_wire_encoder *enc)
 int aamm_wire_encoder_set_version(struct aamm_wire_encoder *enc, unsigned version)
 {
     if (version < AAMM_WIRE_VERSION_MIN || version > AAMM_WIRE_VERSION_MAX)
-        return aamm__errf(&enc->err, AAMM_EUNSUPPORTED,
-                          "wire: protocol version %u not supported", version);
+        return aamm__errf(&enc->err, AAMM_EUNSUPPORTED, "wire: protocol version %u not supported",
+                          version);
     enc->version = version;
     return 0;
 }
@@ -305,12 +304,11 @@ static int finish_frame(struct aamm_wire_encoder *enc, uint8_t type, uint16_t fl
     h[15] = (uint8_t)(crc >> 24);
     if (enc->seal != NULL) {
         uint8_t mac[AAMM_WIRE_MAC_SIZE];
-        int rc = enc->seal(enc->seal_arg, enc->out.data + enc->fstart,
-                           AAMM_WIRE_HEADER_SIZE + plen, mac);
+        int rc = enc->seal(enc->seal_arg, enc->out.data + enc->fstart, AAMM_WIRE_HEADER_SIZE + plen,
+                           mac);
         if (rc != 0) {
             enc->out.len = enc->fstart;
-            return aamm__errf(&enc->err, rc, "wire: sealing a frame failed: %s",
-                              aamm_strerror(rc));
+            return aamm__errf(&enc->err, rc, "wire: sealing a frame failed: %s", aamm_strerror(rc));
         }
         aamm__wr_bytes(&enc->out, mac, sizeof mac);
         if (!enc->out.ok)
@@ -431,8 +429,7 @@ static int emit_record(struct aamm_wire_encoder *enc)
                           "wire: record of %zu bytes above the limit of %" PRIu32, r,
                           enc->o.max_record);
     if (r <= cap) {
-        if (enc->frame_open &&
-            enc->out.len - enc->fstart - AAMM_WIRE_HEADER_SIZE + r > cap) {
+        if (enc->frame_open && enc->out.len - enc->fstart - AAMM_WIRE_HEADER_SIZE + r > cap) {
             rc = close_data_frame(enc);
             if (rc != 0)
                 return rc;
@@ -499,8 +496,7 @@ int aamm_wire_encode_hello(struct aamm_wire_encoder *enc, const struct aamm_wire
     return finish_frame(enc, AAMM_WIRE_HELLO, 0);
 }
 
-int aamm_wire_encode_auth(struct aamm_wire_encoder *enc,
-                          const uint8_t proof[AAMM_WIRE_PROOF_SIZE])
+int aamm_wire_encode_auth(struct aamm_wire_encoder *enc, const uint8_t proof[AAMM_WIRE_PROOF_SIZE])
 {
     int rc;
     if ((rc = control_frame_begin(enc)) != 0)
@@ -514,8 +510,8 @@ int aamm_wire_encode_resume(struct aamm_wire_encoder *enc, const struct aamm_wir
 {
     int rc;
     if (n > AAMM_WIRE_MAX_RESUME)
-        return aamm__errf(&enc->err, AAMM_EINVAL, "wire: %" PRIu32 " RESUME entries, max %d",
-                          n, AAMM_WIRE_MAX_RESUME);
+        return aamm__errf(&enc->err, AAMM_EINVAL, "wire: %" PRIu32 " RESUME entries, max %d", n,
+                          AAMM_WIRE_MAX_RESUME);
     if ((rc = control_frame_begin(enc)) != 0)
         return rc;
     wr_varint(&enc->out, n);
@@ -620,8 +616,8 @@ static void write_tuple(struct aamm__wr *w, const struct aamm_tuple *t)
 
 static bool valid_relation(const struct aamm_relation *rel)
 {
-    if (rel == NULL || rel->schema == NULL || rel->name == NULL ||
-        rel->ncolumns > MAX_COLUMNS || (rel->ncolumns > 0 && rel->columns == NULL))
+    if (rel == NULL || rel->schema == NULL || rel->name == NULL || rel->ncolumns > MAX_COLUMNS ||
+        (rel->ncolumns > 0 && rel->columns == NULL))
         return false;
     if (rel->replica_identity != AAMM_REPLIDENT_DEFAULT &&
         rel->replica_identity != AAMM_REPLIDENT_NOTHING &&
@@ -692,7 +688,8 @@ static int relation_id(struct aamm_wire_encoder *enc, const struct aamm_relation
             if (id == UINT32_MAX)
                 return aamm__errf(&enc->err, AAMM_EINVAL,
                                   "wire: change references more relations than the "
-                                  "dictionary holds (%" PRIu32 ")", enc->o.max_relations);
+                                  "dictionary holds (%" PRIu32 ")",
+                                  enc->o.max_relations);
             enc->evict_next = (id + 1) % enc->o.max_relations;
         }
     }
@@ -717,8 +714,7 @@ int aamm_wire_encode_begin(struct aamm_wire_encoder *enc, const struct aamm_tran
 {
     if (enc->in_txn)
         return aamm__errf(&enc->err, AAMM_ESTATE, "wire: BEGIN inside a transaction");
-    if (txn->origin_name != NULL &&
-        (strlen(txn->origin_name) > enc->o.frame_payload / 2))
+    if (txn->origin_name != NULL && (strlen(txn->origin_name) > enc->o.frame_payload / 2))
         return aamm__errf(&enc->err, AAMM_EINVAL, "wire: origin name too long");
     enc->rec.len = 0;
     write_begin(&enc->rec, txn);
@@ -735,8 +731,8 @@ int aamm_wire_encode_commit(struct aamm_wire_encoder *enc, const struct aamm_tra
         return aamm__errf(&enc->err, AAMM_ESTATE, "wire: COMMIT outside a transaction");
     if (txn->end_lsn == AAMM_LSN_INVALID)
         return aamm__errf(&enc->err, AAMM_EINVAL, "wire: COMMIT without an end LSN");
-    override = txn->commit_lsn != enc->begin_commit_lsn ||
-               txn->commit_time != enc->begin_commit_time;
+    override =
+        txn->commit_lsn != enc->begin_commit_lsn || txn->commit_time != enc->begin_commit_time;
     enc->rec.len = 0;
     write_commit(&enc->rec, txn, override);
     enc->in_txn = false;
@@ -791,8 +787,7 @@ int aamm_wire_encode_change(struct aamm_wire_encoder *enc, const struct aamm_cha
         uint32_t *ids;
         if (!enc->in_txn)
             return aamm__errf(&enc->err, AAMM_ESTATE, "wire: truncate outside a transaction");
-        if (ch->nrelations == 0 || ch->nrelations > enc->o.max_relations ||
-            ch->relations == NULL ||
+        if (ch->nrelations == 0 || ch->nrelations > enc->o.max_relations || ch->relations == NULL ||
             (ch->truncate_flags & ~(AAMM_TRUNCATE_CASCADE | AAMM_TRUNCATE_RESTART_IDENTITY)))
             return aamm__errf(&enc->err, AAMM_EINVAL, "wire: invalid truncate");
         for (uint32_t i = 0; i < ch->nrelations; i++)
@@ -937,8 +932,8 @@ const char *aamm_wire_decoder_errmsg(const struct aamm_wire_decoder *dec)
 int aamm_wire_decoder_set_version(struct aamm_wire_decoder *dec, unsigned version)
 {
     if (version < AAMM_WIRE_VERSION_MIN || version > AAMM_WIRE_VERSION_MAX)
-        return aamm__errf(&dec->err, AAMM_EUNSUPPORTED,
-                          "wire: protocol version %u not supported", version);
+        return aamm__errf(&dec->err, AAMM_EUNSUPPORTED, "wire: protocol version %u not supported",
+                          version);
     dec->vmin = dec->vmax = version;
     return 0;
 }
@@ -965,8 +960,7 @@ int aamm_wire_decoder_take_change(struct aamm_wire_decoder *dec, struct aamm_cha
 }
 
 /* Record a fatal error: every later call returns it. */
-static int fail(struct aamm_wire_decoder *dec, int code, const char *fmt, ...)
-    AAMM_PRINTF(3, 4);
+static int fail(struct aamm_wire_decoder *dec, int code, const char *fmt, ...) AAMM_PRINTF(3, 4);
 static int fail(struct aamm_wire_decoder *dec, int code, const char *fmt, ...)
 {
     char buf[AAMM__ERRMSG_SIZE];
@@ -1038,16 +1032,14 @@ int aamm_wire_decoder_finish(struct aamm_wire_decoder *dec)
                     dec->stream_off, have, AAMM_WIRE_HEADER_SIZE);
     }
     if (dec->ra_active)
-        return fail(dec, AAMM_EMALFORMED,
-                    "end of input inside a split record (%zu of %zu bytes)", dec->ra_len,
-                    dec->ra_total);
+        return fail(dec, AAMM_EMALFORMED, "end of input inside a split record (%zu of %zu bytes)",
+                    dec->ra_len, dec->ra_total);
     return 0;
 }
 
 /* ---- control payloads (read_<msg>) ---------------------------------------------- */
 
-static int read_hello(struct aamm_wire_decoder *dec, struct aamm__rd *r,
-                      struct aamm_wire_event *ev)
+static int read_hello(struct aamm_wire_decoder *dec, struct aamm__rd *r, struct aamm_wire_event *ev)
 {
     struct aamm_wire_hello *h = &ev->hello;
     const uint8_t *nonce;
@@ -1079,8 +1071,8 @@ static int read_hello(struct aamm_wire_decoder *dec, struct aamm__rd *r,
     return 0;
 }
 
-static int read_control(struct aamm_wire_decoder *dec, uint8_t type, const uint8_t *p,
-                        size_t len, struct aamm_wire_event *ev)
+static int read_control(struct aamm_wire_decoder *dec, uint8_t type, const uint8_t *p, size_t len,
+                        struct aamm_wire_event *ev)
 {
     struct aamm__rd r;
     aamm__rd_init(&r, p, len);
@@ -1124,8 +1116,7 @@ static int read_control(struct aamm_wire_decoder *dec, uint8_t type, const uint8
     case AAMM_WIRE_HEARTBEAT:
         ev->wall_time_us = (int64_t)aamm__rd_le64(&r);
         if (!r.ok || r.left != 0)
-            return fail(dec, AAMM_EMALFORMED, "HEARTBEAT payload of %zu bytes, expected 8",
-                        len);
+            return fail(dec, AAMM_EMALFORMED, "HEARTBEAT payload of %zu bytes, expected 8", len);
         ev->kind = AAMM_WIRE_EV_HEARTBEAT;
         return 0;
     case AAMM_WIRE_ERROR:
@@ -1133,8 +1124,7 @@ static int read_control(struct aamm_wire_decoder *dec, uint8_t type, const uint8
         uint16_t code = aamm__rd_le16(&r);
         size_t mlen = 0;
         const char *m = rd_str(&r, &mlen);
-        if (!r.ok || r.left != 0 || mlen > MAX_ERRMSG ||
-            (type == AAMM_WIRE_GOODBYE) != (code == 0))
+        if (!r.ok || r.left != 0 || mlen > MAX_ERRMSG || (type == AAMM_WIRE_GOODBYE) != (code == 0))
             return fail(dec, AAMM_EMALFORMED, "%s payload malformed",
                         type == AAMM_WIRE_ERROR ? "ERROR" : "GOODBYE");
         aamm__free(dec->message);
@@ -1246,8 +1236,8 @@ static const struct aamm_relation *read_relid(struct aamm_wire_decoder *dec, str
 }
 
 /* Returns false on malformed input or (with *nomem) allocation failure. */
-static bool read_tuple(struct aamm__rd *r, const struct aamm_relation *rel,
-                       struct aamm_tuple *t, bool *nomem)
+static bool read_tuple(struct aamm__rd *r, const struct aamm_relation *rel, struct aamm_tuple *t,
+                       bool *nomem)
 {
     uint64_t n = rd_varint(r);
     if (!r->ok || n != rel->ncolumns)
@@ -1458,8 +1448,7 @@ static int read_record(struct aamm_wire_decoder *dec, const uint8_t *p, size_t l
 }
 
 /* A 'P' piece: append to the reassembly buffer; parse the record once it is complete. */
-static int read_piece(struct aamm_wire_decoder *dec, struct aamm__rd *r,
-                      struct aamm_wire_event *ev)
+static int read_piece(struct aamm_wire_decoder *dec, struct aamm__rd *r, struct aamm_wire_event *ev)
 {
     uint64_t total = rd_varint(r), off = rd_varint(r), n = rd_varint(r);
     const uint8_t *bytes;
@@ -1498,8 +1487,7 @@ static int read_piece(struct aamm_wire_decoder *dec, struct aamm__rd *r,
         return fail(dec, AAMM_EMALFORMED, "piece record inside a piece");
     rc = read_record(dec, dec->ra, dec->ra_len, ev, &used);
     if (rc >= 0 && used != dec->ra_len)
-        rc = fail(dec, AAMM_EMALFORMED, "split record has %zu trailing bytes",
-                  dec->ra_len - used);
+        rc = fail(dec, AAMM_EMALFORMED, "split record has %zu trailing bytes", dec->ra_len - used);
     dec->ra_len = 0;
     if (dec->ra_cap > 4 * (size_t)dec->o.max_payload) {
         aamm__free(dec->ra);
@@ -1526,8 +1514,7 @@ static int next_record(struct aamm_wire_decoder *dec, struct aamm_wire_event *ev
         return rc;
     }
     if (dec->ra_active)
-        return fail(dec, AAMM_EMALFORMED, "'%c' record while a split record is incomplete",
-                    p[0]);
+        return fail(dec, AAMM_EMALFORMED, "'%c' record while a split record is incomplete", p[0]);
     rc = read_record(dec, p, left, ev, &used);
     if (rc >= 0)
         dec->pl_pos += used;
@@ -1564,8 +1551,8 @@ static int check_header(struct aamm_wire_decoder *dec, const uint8_t *h, uint16_
                         uint32_t *plenp)
 {
     uint16_t flags = (uint16_t)(h[6] | (h[7] << 8));
-    uint32_t plen = (uint32_t)h[8] | ((uint32_t)h[9] << 8) | ((uint32_t)h[10] << 16) |
-                    ((uint32_t)h[11] << 24);
+    uint32_t plen =
+        (uint32_t)h[8] | ((uint32_t)h[9] << 8) | ((uint32_t)h[10] << 16) | ((uint32_t)h[11] << 24);
     uint64_t at = dec->stream_off;
     if (h[0] != MAGIC0 || h[1] != MAGIC1 || h[2] != MAGIC2 || h[3] != MAGIC3)
         return fail(dec, AAMM_EMALFORMED,
@@ -1577,8 +1564,8 @@ static int check_header(struct aamm_wire_decoder *dec, const uint8_t *h, uint16_
                     "frame at stream offset %" PRIu64 " has protocol version %u, expected %u..%u",
                     at, h[4], dec->vmin, dec->vmax);
     if (type_name(h[5]) == NULL)
-        return fail(dec, AAMM_EMALFORMED,
-                    "unknown frame type 0x%02x at stream offset %" PRIu64, h[5], at);
+        return fail(dec, AAMM_EMALFORMED, "unknown frame type 0x%02x at stream offset %" PRIu64,
+                    h[5], at);
     if (flags & ~FLAGS_KNOWN)
         return fail(dec, AAMM_EMALFORMED,
                     "%s frame at stream offset %" PRIu64 " has reserved flag bits 0x%04x set",
@@ -1671,8 +1658,7 @@ int aamm_wire_decoder_next(struct aamm_wire_decoder *dec, struct aamm_wire_event
                       ((size_t)src[3] << 24);
                 if (raw == 0 || raw > dec->o.max_payload)
                     return fail(dec, raw ? AAMM_ETOOBIG : AAMM_EMALFORMED,
-                                "compressed DATA frame announces %zu raw bytes (limit %" PRIu32
-                                ")",
+                                "compressed DATA frame announces %zu raw bytes (limit %" PRIu32 ")",
                                 raw, dec->o.max_payload);
             }
             if (dec->pl_cap < raw) {
@@ -1699,8 +1685,7 @@ int aamm_wire_decoder_next(struct aamm_wire_decoder *dec, struct aamm_wire_event
                 memcpy(dec->hist, dec->pl + raw - LZ4_HISTORY, LZ4_HISTORY);
                 dec->hist_len = LZ4_HISTORY;
             } else {
-                size_t keep = dec->hist_len + raw > LZ4_HISTORY ? LZ4_HISTORY - raw
-                                                                : dec->hist_len;
+                size_t keep = dec->hist_len + raw > LZ4_HISTORY ? LZ4_HISTORY - raw : dec->hist_len;
                 memmove(dec->hist, dec->hist + dec->hist_len - keep, keep);
                 memcpy(dec->hist + keep, dec->pl, raw);
                 dec->hist_len = keep + raw;

@@ -39,12 +39,12 @@ extern "C" {
 
 /* States (aamm_link_state). */
 enum aamm_link_state {
-    AAMM_LINK_IDLE = 0,    /* created, no socket yet */
-    AAMM_LINK_CONNECTING,  /* TCP connect (and TLS handshake) in progress */
-    AAMM_LINK_HANDSHAKE,   /* HELLO / AUTH / RESUME in progress */
-    AAMM_LINK_READY,       /* authenticated: transactions and acks flow */
-    AAMM_LINK_CLOSED,      /* closed cleanly (GOODBYE either way) */
-    AAMM_LINK_FAILED,      /* failed: see aamm_link_errmsg(); free it and reconnect */
+    AAMM_LINK_IDLE = 0,   /* created, no socket yet */
+    AAMM_LINK_CONNECTING, /* TCP connect (and TLS handshake) in progress */
+    AAMM_LINK_HANDSHAKE,  /* HELLO / AUTH / RESUME in progress */
+    AAMM_LINK_READY,      /* authenticated: transactions and acks flow */
+    AAMM_LINK_CLOSED,     /* closed cleanly (GOODBYE either way) */
+    AAMM_LINK_FAILED,     /* failed: see aamm_link_errmsg(); free it and reconnect */
 };
 
 /** Link configuration; copied by aamm_link_new (strings and arrays too). */
@@ -54,7 +54,7 @@ struct aamm_link_options {
     const char *cluster;      /* cluster name, 1..255 bytes; both sides must agree */
     const uint32_t *peer_ids; /* node ids accepted as the peer (at least one) */
     uint32_t npeer_ids;
-    const uint8_t *secret;    /* pre-shared secret, at least 16 bytes */
+    const uint8_t *secret; /* pre-shared secret, at least 16 bytes */
     size_t secret_len;
 
     /* Receiver: the durable position per origin to resume from (host-supplied; typically
@@ -62,11 +62,11 @@ struct aamm_link_options {
     const struct aamm_wire_position *resume;
     uint32_t nresume;
 
-    int handshake_timeout_ms;  /* default 5000 */
-    int heartbeat_ms;          /* send a heartbeat after this much silence; default 1000 */
-    int dead_after_ms;         /* peer silent this long: AAMM_ETIMEDOUT; default 5000 */
-    int64_t max_clock_skew_us; /* report skew above this; default 5 s */
-    size_t send_queue_bytes;   /* back-pressure bound of the send queue; default 8 MiB */
+    int handshake_timeout_ms;      /* default 5000 */
+    int heartbeat_ms;              /* send a heartbeat after this much silence; default 1000 */
+    int dead_after_ms;             /* peer silent this long: AAMM_ETIMEDOUT; default 5000 */
+    int64_t max_clock_skew_us;     /* report skew above this; default 5 s */
+    size_t send_queue_bytes;       /* back-pressure bound of the send queue; default 8 MiB */
     struct aamm_wire_options wire; /* frame limits (zeros: defaults) */
 
     /* TLS (OpenSSL): both sides present a certificate signed by the CA in @tls_ca_file
@@ -82,18 +82,18 @@ struct aamm_link_options {
 /** Counters and figures of one link. */
 struct aamm_link_stats {
     uint64_t bytes_sent, bytes_received;
-    uint64_t txns_sent;      /* sender: transactions queued (not skipped) */
-    uint64_t txns_skipped;   /* sender: at or below the receiver's resume position */
-    uint64_t txns_received;  /* receiver: COMMITs handed to the host */
+    uint64_t txns_sent;     /* sender: transactions queued (not skipped) */
+    uint64_t txns_skipped;  /* sender: at or below the receiver's resume position */
+    uint64_t txns_received; /* receiver: COMMITs handed to the host */
     uint64_t acks_sent, acks_received, heartbeats_sent, heartbeats_received;
-    uint32_t auth_failures;     /* peer's proof wrong, or identity refused (cluster, node) */
-    uint32_t peer_refusals;     /* the peer sent ERROR */
-    uint32_t mac_failures;      /* a frame failed its MAC after auth */
-    uint32_t protocol_errors;   /* malformed bytes or frames out of place */
-    uint32_t timeouts;          /* handshake timeout or dead peer */
-    int64_t clock_skew_us;      /* peer clock minus ours at HELLO (approximate) */
-    bool clock_skew_exceeded;   /* |skew| above max_clock_skew_us */
-    size_t send_queue;          /* bytes queued now */
+    uint32_t auth_failures;   /* peer's proof wrong, or identity refused (cluster, node) */
+    uint32_t peer_refusals;   /* the peer sent ERROR */
+    uint32_t mac_failures;    /* a frame failed its MAC after auth */
+    uint32_t protocol_errors; /* malformed bytes or frames out of place */
+    uint32_t timeouts;        /* handshake timeout or dead peer */
+    int64_t clock_skew_us;    /* peer clock minus ours at HELLO (approximate) */
+    bool clock_skew_exceeded; /* |skew| above max_clock_skew_us */
+    size_t send_queue;        /* bytes queued now */
     size_t send_queue_high_water;
 };
 

@@ -59,9 +59,9 @@ enum aamm_wire_type {
 #define AAMM_WIRE_HELLO_TLS 0x01u
 
 /* Defaults. */
-#define AAMM_WIRE_DEFAULT_FRAME_PAYLOAD (1024u * 1024u)             /* encoder's max */
-#define AAMM_WIRE_DEFAULT_MAX_PAYLOAD (1024u * 1024u + 64u)         /* decoder's max */
-#define AAMM_WIRE_DEFAULT_MAX_RECORD (1024u * 1024u * 1024u)        /* 1 GiB */
+#define AAMM_WIRE_DEFAULT_FRAME_PAYLOAD (1024u * 1024u)      /* encoder's max */
+#define AAMM_WIRE_DEFAULT_MAX_PAYLOAD (1024u * 1024u + 64u)  /* decoder's max */
+#define AAMM_WIRE_DEFAULT_MAX_RECORD (1024u * 1024u * 1024u) /* 1 GiB */
 #define AAMM_WIRE_DEFAULT_COMPRESS_MIN 64u
 #define AAMM_WIRE_DEFAULT_MAX_RELATIONS 4096u
 
@@ -101,20 +101,19 @@ struct aamm_wire_position {
  * AAMM_EAUTH for a mismatch). They run inside encoder / decoder calls.
  */
 typedef int (*aamm_wire_seal_fn)(void *arg, const uint8_t *frame, size_t len, uint8_t *mac);
-typedef int (*aamm_wire_verify_fn)(void *arg, const uint8_t *frame, size_t len,
-                                   const uint8_t *mac);
+typedef int (*aamm_wire_verify_fn)(void *arg, const uint8_t *frame, size_t len, const uint8_t *mac);
 
 /* ---- options --------------------------------------------------------------------- */
 
 /** Encoder / decoder limits. Zero fields mean "the default". */
 struct aamm_wire_options {
-    uint32_t frame_payload;  /* encoder: max payload bytes per frame (256 .. 16 MiB) */
-    uint32_t max_payload;    /* decoder: largest payload (stored or decompressed) accepted */
-    uint32_t max_record;     /* both: largest record (a change with its values) */
-    uint32_t compress_min;   /* encoder: send DATA payloads of at least this many bytes LZ4-
-                                compressed when that is smaller (each frame may refer to the
-                                last 64 KiB of earlier DATA payloads); UINT32_MAX: never */
-    uint32_t max_relations;  /* both: dictionary size (relation ids 0 .. max-1) */
+    uint32_t frame_payload; /* encoder: max payload bytes per frame (256 .. 16 MiB) */
+    uint32_t max_payload;   /* decoder: largest payload (stored or decompressed) accepted */
+    uint32_t max_record;    /* both: largest record (a change with its values) */
+    uint32_t compress_min;  /* encoder: send DATA payloads of at least this many bytes LZ4-
+                               compressed when that is smaller (each frame may refer to the
+                               last 64 KiB of earlier DATA payloads); UINT32_MAX: never */
+    uint32_t max_relations; /* both: dictionary size (relation ids 0 .. max-1) */
 };
 
 /* ---- encoder --------------------------------------------------------------------- */
@@ -192,8 +191,7 @@ AAMM_API int aamm_wire_encoder_flush(struct aamm_wire_encoder *enc);
  * The bytes of complete frames not yet consumed: returns a pointer (owned by the encoder,
  * valid until the next call on @enc) and sets *@len; *@len == 0 when nothing is pending.
  */
-AAMM_API const uint8_t *aamm_wire_encoder_pending(const struct aamm_wire_encoder *enc,
-                                                  size_t *len);
+AAMM_API const uint8_t *aamm_wire_encoder_pending(const struct aamm_wire_encoder *enc, size_t *len);
 
 /** Mark the first @n pending bytes as taken (sent). @n must be ≤ the pending length. */
 AAMM_API void aamm_wire_encoder_consume(struct aamm_wire_encoder *enc, size_t n);
@@ -229,16 +227,16 @@ enum aamm_wire_event_kind {
  */
 struct aamm_wire_event {
     enum aamm_wire_event_kind kind;
-    uint8_t frame_version; /* version field of the frame it came from */
-    struct aamm_wire_hello hello;           /* HELLO (cluster valid as above) */
-    uint8_t proof[AAMM_WIRE_PROOF_SIZE];    /* AUTH */
+    uint8_t frame_version;                      /* version field of the frame it came from */
+    struct aamm_wire_hello hello;               /* HELLO (cluster valid as above) */
+    uint8_t proof[AAMM_WIRE_PROOF_SIZE];        /* AUTH */
     const struct aamm_wire_position *positions; /* RESUME */
     uint32_t npositions;
-    uint32_t origin_node; /* ACK */
-    uint64_t lsn;         /* ACK */
-    int64_t wall_time_us; /* HEARTBEAT */
-    int code;             /* ERROR: negative AAMM_E* code as sent (0 for GOODBYE) */
-    const char *message;  /* ERROR / GOODBYE */
+    uint32_t origin_node;        /* ACK */
+    uint64_t lsn;                /* ACK */
+    int64_t wall_time_us;        /* HEARTBEAT */
+    int code;                    /* ERROR: negative AAMM_E* code as sent (0 for GOODBYE) */
+    const char *message;         /* ERROR / GOODBYE */
     struct aamm_transaction txn; /* BEGIN / COMMIT (owned by the decoder) */
     struct aamm_change change;   /* CHANGE */
 };
@@ -272,8 +270,8 @@ AAMM_API void aamm_wire_decoder_set_mac(struct aamm_wire_decoder *dec, aamm_wire
  * may take fewer: *@accepted says how many; feed the rest after aamm_wire_decoder_next()
  * returned AAMM_EAGAIN. Returns 0, or the decoder's sticky error.
  */
-AAMM_API int aamm_wire_decoder_feed(struct aamm_wire_decoder *dec, const void *data,
-                                    size_t len, size_t *accepted);
+AAMM_API int aamm_wire_decoder_feed(struct aamm_wire_decoder *dec, const void *data, size_t len,
+                                    size_t *accepted);
 
 /**
  * Decode the next event into @ev (overwritten; see struct aamm_wire_event for lifetimes).
@@ -298,8 +296,7 @@ AAMM_API int aamm_wire_decoder_finish(struct aamm_wire_decoder *dec);
  * from the decoder: valid until the decoder's next event. Returns 0, or AAMM_ESTATE when
  * the last event was not a change (or was taken already).
  */
-AAMM_API int aamm_wire_decoder_take_change(struct aamm_wire_decoder *dec,
-                                           struct aamm_change *out);
+AAMM_API int aamm_wire_decoder_take_change(struct aamm_wire_decoder *dec, struct aamm_change *out);
 
 /** Whether a transaction is open (BEGIN decoded, COMMIT not yet). */
 AAMM_API bool aamm_wire_decoder_in_transaction(const struct aamm_wire_decoder *dec);

@@ -94,8 +94,8 @@ static void link_pollfd(struct aamm_link *l, struct pollfd *fds, int *n, int *ti
     int ev = aamm_link_events(l), t = aamm_link_timeout(l);
     if (aamm_link_fd(l) >= 0) {
         fds[*n].fd = aamm_link_fd(l);
-        fds[*n].events = (short)(((ev & AAMM_LINK_READ) ? POLLIN : 0) |
-                                 ((ev & AAMM_LINK_WRITE) ? POLLOUT : 0));
+        fds[*n].events =
+            (short)(((ev & AAMM_LINK_READ) ? POLLIN : 0) | ((ev & AAMM_LINK_WRITE) ? POLLOUT : 0));
         fds[*n].revents = 0;
         (*n)++;
     }
@@ -172,8 +172,8 @@ static struct aamm_relation trel = {1, "public", "t", 'd', 2, tcols, 1};
 /* Queue transaction @i (origin 1, commit at 1000 + 100 i) with @nch inserts whose value is
  * "i:j" padded to @size bytes; returns 0 or the first error (EAGAIN included). */
 struct gen {
-    long i;       /* transaction */
-    uint32_t j;   /* next change; UINT32_MAX: BEGIN not yet sent */
+    long i;     /* transaction */
+    uint32_t j; /* next change; UINT32_MAX: BEGIN not yet sent */
     bool done_commit;
 };
 
@@ -201,8 +201,13 @@ static void gen_value(long i, uint32_t j, char *buf, uint32_t size)
 
 static struct aamm_transaction gen_txn(long i)
 {
-    struct aamm_transaction t = {1, (uint32_t)i, 1000 + (uint64_t)i * 100,
-                                 1000 + (uint64_t)i * 100 + 40, 1700000000000000 + i, NULL, 0};
+    struct aamm_transaction t = {1,
+                                 (uint32_t)i,
+                                 1000 + (uint64_t)i * 100,
+                                 1000 + (uint64_t)i * 100 + 40,
+                                 1700000000000000 + i,
+                                 NULL,
+                                 0};
     return t;
 }
 
@@ -247,8 +252,8 @@ static int gen_push(struct aamm_link *l, struct gen *g)
 /* The receiving host: checks every event against the generator; its "durable position" is
  * the end LSN of the last committed transaction. */
 struct sink {
-    long next;           /* index of the next transaction expected */
-    uint64_t durable;    /* end LSN of the last committed one */
+    long next;        /* index of the next transaction expected */
+    uint64_t durable; /* end LSN of the last committed one */
     bool open;
     uint32_t nch;
     long committed;
@@ -501,8 +506,7 @@ static void raw_close(struct raw *w)
 }
 
 /* Read frames from a raw socket with a decoder; returns events of the given kind. */
-static int raw_expect(int fd, struct aamm_wire_decoder *dec, struct aamm_wire_event *ev,
-                      int ms)
+static int raw_expect(int fd, struct aamm_wire_decoder *dec, struct aamm_wire_event *ev, int ms)
 {
     uint8_t buf[4096];
     int64_t end = aamm_test_now_ms() + ms;
@@ -522,8 +526,8 @@ static int raw_expect(int fd, struct aamm_wire_decoder *dec, struct aamm_wire_ev
 static void raw_send_hello(int fd, uint32_t node, const uint8_t *nonce)
 {
     struct aamm_wire_encoder *enc;
-    struct aamm_wire_hello h = {1, 1, AAMM_WIRE_ROLE_SENDER, 0, node, aamm__wall_us(), {0},
-                                CLUSTER};
+    struct aamm_wire_hello h = {1,   1,      AAMM_WIRE_ROLE_SENDER, 0, node, aamm__wall_us(),
+                                {0}, CLUSTER};
     const uint8_t *p;
     size_t n;
     memcpy(h.nonce, nonce, 32);
@@ -757,8 +761,8 @@ START_TEST(backpressure_bounded)
         struct aamm_value vals[2] = {{AAMM_VALUE_TEXT, 1, "1"},
                                      {AAMM_VALUE_TEXT, (uint32_t)vsize,
                                       pool + ((size_t)sent * 4099) % ((4u << 20) - vsize)}};
-        struct aamm_change ch = {.kind = AAMM_CHANGE_INSERT, .relation = &trel,
-                                 .new_tuple = {2, vals}};
+        struct aamm_change ch = {
+            .kind = AAMM_CHANGE_INSERT, .relation = &trel, .new_tuple = {2, vals}};
         char save = vals[1].data[vsize];
         int rc;
         vals[1].data[vsize] = '\0';
@@ -777,8 +781,7 @@ START_TEST(backpressure_bounded)
     aamm_memory_stats(&m);
     /* the queue (buffer capacity: at most twice the bound), one frame and its LZ4 scratch */
     ck_assert_msg(m.high_water - m0.in_use < 2 * bound + (3u << 20),
-                  "sender memory grew by %zu bytes (bound %zu)", m.high_water - m0.in_use,
-                  bound);
+                  "sender memory grew by %zu bytes (bound %zu)", m.high_water - m0.in_use, bound);
     /* phase 2: the receiver reads again; everything arrives, memory stays bounded */
     p.step_r = true;
     while (!got_commit) {
@@ -787,8 +790,8 @@ START_TEST(backpressure_bounded)
             struct aamm_value vals[2] = {{AAMM_VALUE_TEXT, 1, "1"},
                                          {AAMM_VALUE_TEXT, (uint32_t)vsize,
                                           pool + ((size_t)sent * 4099) % ((4u << 20) - vsize)}};
-            struct aamm_change ch = {.kind = AAMM_CHANGE_INSERT, .relation = &trel,
-                                     .new_tuple = {2, vals}};
+            struct aamm_change ch = {
+                .kind = AAMM_CHANGE_INSERT, .relation = &trel, .new_tuple = {2, vals}};
             char save = vals[1].data[vsize];
             int rc;
             vals[1].data[vsize] = '\0';
@@ -823,8 +826,8 @@ START_TEST(backpressure_bounded)
     aamm_memory_stats(&m);
     /* sender queue + receiver's input frame, payload and one change */
     ck_assert_msg(m.high_water - m0.in_use < 2 * bound + (7u << 20),
-                  "memory grew by %zu bytes while streaming %ld MiB",
-                  m.high_water - m0.in_use, (long)(bytes_got >> 20));
+                  "memory grew by %zu bytes while streaming %ld MiB", m.high_water - m0.in_use,
+                  (long)(bytes_got >> 20));
     free(pool);
     pair_close(&p);
 }
@@ -884,8 +887,8 @@ START_TEST(stream_with_cuts)
         if ((long)px.cuts < want_cuts && px.a >= 0 &&
             (k.committed >= next_cut_at || aamm_test_rand(&seed) % 20000 == 0)) {
             netfx_proxy_cut(&px);
-            next_cut_at = k.committed + 1 + (long)(aamm_test_rand(&seed) %
-                                                   (uint64_t)(2 * ntx / (want_cuts + 1)));
+            next_cut_at = k.committed + 1 +
+                          (long)(aamm_test_rand(&seed) % (uint64_t)(2 * ntx / (want_cuts + 1)));
         }
         /* the hosts: any failed link is replaced; resume from the durable positions */
         if (done_state(p.s) || done_state(p.r)) {
@@ -922,9 +925,10 @@ START_TEST(stream_with_cuts)
     ck_assert_int_ge((long)px.cuts, 20);
     ck_assert_int_ge(sessions, 21);
     ck_assert_uint_gt(skipped, 0); /* restarts from behind the receiver were skipped */
-    fprintf(stderr, "stream_with_cuts: %ld txns, %ld cuts, %ld sessions, %llu skipped on "
-            "resume, %ld partial transactions discarded\n", ntx, (long)px.cuts, sessions,
-            (unsigned long long)skipped, discarded);
+    fprintf(stderr,
+            "stream_with_cuts: %ld txns, %ld cuts, %ld sessions, %llu skipped on "
+            "resume, %ld partial transactions discarded\n",
+            ntx, (long)px.cuts, sessions, (unsigned long long)skipped, discarded);
     pair_close(&p);
 }
 END_TEST

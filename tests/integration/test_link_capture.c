@@ -248,7 +248,7 @@ START_TEST(capture_to_receiver)
     SQL("UPDATE t SET n = 2 WHERE id = 1");
     SQL("INSERT INTO t SELECT 3, string_agg(md5(i::text), ''), 0, NULL "
         "FROM generate_series(1, 100000) i");
-    SQL("UPDATE t SET n = 3 WHERE id = 3"); /* v stays: unchanged TOAST */
+    SQL("UPDATE t SET n = 3 WHERE id = 3");   /* v stays: unchanged TOAST */
     SQL("UPDATE t SET id = 10 WHERE id = 2"); /* key change: old key */
     SQL("DELETE FROM t WHERE id = 1");
     SQL("INSERT INTO f VALUES (1, 'x'), (2, 'y')");
@@ -260,8 +260,9 @@ START_TEST(capture_to_receiver)
     SQL("TRUNCATE t, f");
     SQL("INSERT INTO t SELECT g, 'row' || g, g, NULL FROM generate_series(100, 2099) g");
     SQL("INSERT INTO t VALUES (999999, 'the end', 0, NULL)");
-    want_md5 = pgfx_value(fx, 0, "SELECT md5(string_agg(md5(i::text), '')) "
-                                 "FROM generate_series(1, 100000) i");
+    want_md5 = pgfx_value(fx, 0,
+                          "SELECT md5(string_agg(md5(i::text), '')) "
+                          "FROM generate_series(1, 100000) i");
     ck_assert_ptr_nonnull(want_md5);
 
     lfd = netfx_listen(&port);
@@ -279,8 +280,7 @@ START_TEST(capture_to_receiver)
         struct pollfd fds[4];
         int n = 0, t = 20, ev;
         struct aamm_wire_event wev;
-        ck_assert_msg(aamm_test_now_ms() < t_end, "timed out: %u transactions received",
-                      got.n);
+        ck_assert_msg(aamm_test_now_ms() < t_end, "timed out: %u transactions received", got.n);
         /* sender host: capture -> link, holding an event the link cannot take yet */
         while (aamm_link_state(s) == AAMM_LINK_READY) {
             int rc = 0;
@@ -313,8 +313,8 @@ START_TEST(capture_to_receiver)
             }
             if (rc == AAMM_EAGAIN)
                 break;
-            ck_assert_msg(rc == 0, "link: %s (%s, event %d)", aamm_link_errmsg(s),
-                          aamm_errname(rc), (int)cev.kind);
+            ck_assert_msg(rc == 0, "link: %s (%s, event %d)", aamm_link_errmsg(s), aamm_errname(rc),
+                          (int)cev.kind);
             have_ev = false;
         }
         /* the acks confirm the slot */
@@ -371,8 +371,7 @@ START_TEST(capture_to_receiver)
         ck_assert_uint_eq(got.txns[i].txn.origin_node, 1);
         ck_assert_uint_eq(got.txns[i].n, sent.txns[i].n);
         for (uint32_t j = 0; j < got.txns[i].n; j++)
-            ck_assert_msg(wg_change_equal(&got.txns[i].changes[j].ch,
-                                          &sent.txns[i].changes[j].ch),
+            ck_assert_msg(wg_change_equal(&got.txns[i].changes[j].ch, &sent.txns[i].changes[j].ch),
                           "txn %u change %u differs", i, j);
     }
     ck_assert_uint_eq(got.nloose, 1);
@@ -380,14 +379,13 @@ START_TEST(capture_to_receiver)
     ck_assert_str_eq(got.loose[0].ch.content, "outside");
     /* and what was written on A: spot checks of every kind */
     {
-        bool big = false, unchanged = false, key = false, full = false, trunc = false,
-             msg = false;
+        bool big = false, unchanged = false, key = false, full = false, trunc = false, msg = false;
         uint32_t bulk = 0;
         for (uint32_t i = 0; i < got.n; i++) {
             for (uint32_t j = 0; j < got.txns[i].n; j++) {
                 const struct aamm_change *c = &got.txns[i].changes[j].ch;
-                if (c->kind == AAMM_CHANGE_INSERT && c->new_tuple.values[1].kind ==
-                                                         AAMM_VALUE_TEXT &&
+                if (c->kind == AAMM_CHANGE_INSERT &&
+                    c->new_tuple.values[1].kind == AAMM_VALUE_TEXT &&
                     c->new_tuple.values[1].len == 3200000) {
                     md5_hex(c->new_tuple.values[1].data, 3200000, md5_big);
                     big = strcmp(md5_big, want_md5) == 0;
@@ -428,7 +426,6 @@ START_TEST(capture_to_receiver)
     close(lfd);
 }
 END_TEST
-
 
 /* ====================================================================================
  * SIGKILL of both agents, streaming from a real slot
@@ -701,8 +698,10 @@ START_TEST(sigkill_agents_real_slot)
     }
     fclose(f);
     ck_assert_int_eq(expect - 1, rows);
-    fprintf(stderr, "sigkill_agents_real_slot: %ld rows applied exactly once across %d sender "
-            "and %d receiver kills\n", rows, kills_s, kills_r);
+    fprintf(stderr,
+            "sigkill_agents_real_slot: %ld rows applied exactly once across %d sender "
+            "and %d receiver kills\n",
+            rows, kills_s, kills_r);
     {
         char cmd[128];
         snprintf(cmd, sizeof cmd, "rm -rf %s", kdir);

@@ -73,8 +73,8 @@ static void pump(struct aamm_link *l, int ms)
 {
     struct pollfd pfd = {aamm_link_fd(l), 0, 0};
     int ev = aamm_link_events(l), t = aamm_link_timeout(l);
-    pfd.events = (short)(((ev & AAMM_LINK_READ) ? POLLIN : 0) |
-                         ((ev & AAMM_LINK_WRITE) ? POLLOUT : 0));
+    pfd.events =
+        (short)(((ev & AAMM_LINK_READ) ? POLLIN : 0) | ((ev & AAMM_LINK_WRITE) ? POLLOUT : 0));
     if (t < 0 || t > ms)
         t = ms;
     if (pfd.fd >= 0)
@@ -208,8 +208,7 @@ static void sender_main(int port)
             if (aamm_link_state(l) != AAMM_LINK_READY)
                 continue;
             for (int k = 0; k < 500 && i < ntx; k++) {
-                struct aamm_transaction t = {1, (uint32_t)i, lsn_of(i), lsn_of(i) + 40, 1,
-                                             NULL, 0};
+                struct aamm_transaction t = {1, (uint32_t)i, lsn_of(i), lsn_of(i) + 40, 1, NULL, 0};
                 long n = 1 + i % 3;
                 if (j < 0) {
                     if (aamm_link_send_begin(l, &t) != 0)
@@ -220,8 +219,8 @@ static void sender_main(int port)
                     char id[24];
                     struct aamm_value v[2] = {{AAMM_VALUE_TEXT, 0, id},
                                               {AAMM_VALUE_TEXT, 20 + (uint32_t)(i % 150), val}};
-                    struct aamm_change ch = {.kind = AAMM_CHANGE_INSERT, .relation = &rel,
-                                             .new_tuple = {2, v}};
+                    struct aamm_change ch = {
+                        .kind = AAMM_CHANGE_INSERT, .relation = &rel, .new_tuple = {2, v}};
                     char save = val[v[1].len];
                     int rc;
                     v[0].len = (uint32_t)snprintf(id, sizeof id, "%ld", i);
@@ -329,8 +328,10 @@ START_TEST(sigkill_both_ends)
     }
     fclose(f);
     ck_assert_int_eq(expect, ntx);
-    fprintf(stderr, "sigkill_both_ends: %ld transactions applied exactly once across %d sender "
-            "and %d receiver kills\n", ntx, kills_s, kills_r);
+    fprintf(stderr,
+            "sigkill_both_ends: %ld transactions applied exactly once across %d sender "
+            "and %d receiver kills\n",
+            ntx, kills_s, kills_r);
     {
         char cmd[128];
         snprintf(cmd, sizeof cmd, "rm -rf %s", dir);

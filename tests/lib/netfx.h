@@ -27,14 +27,14 @@ struct netfx_growbuf {
 
 struct netfx_proxy {
     int lfd, port, target_port;
-    int a, b;                   /* a: the dialing side (accepted), b: upstream */
+    int a, b;                    /* a: the dialing side (accepted), b: upstream */
     struct netfx_growbuf ab, ba; /* bytes waiting to be written */
     uint64_t connections, cuts;
-    bool record;                /* keep a copy of what a sent in @recorded */
+    bool record; /* keep a copy of what a sent in @recorded */
     struct netfx_growbuf recorded;
-    long tamper_frame;          /* >= 0: alter frame number N (0-based) a->b, CRC fixed */
-    long frames_ab;             /* frames forwarded a->b on this connection (tamper mode) */
-    size_t scanned;             /* bytes at the front of ab already parsed into frames */
+    long tamper_frame; /* >= 0: alter frame number N (0-based) a->b, CRC fixed */
+    long frames_ab;    /* frames forwarded a->b on this connection (tamper mode) */
+    size_t scanned;    /* bytes at the front of ab already parsed into frames */
     bool tampered;
 };
 

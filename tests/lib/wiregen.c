@@ -36,9 +36,9 @@ static char *rand_name(uint64_t *seed, const char *base)
     return xstrdup(buf);
 }
 
-static const char *types[] = {"integer", "text", "bigint", "character varying(20)",
-                              "timestamp with time zone", "numeric(10,2)", "public.mytype",
-                              "bytea"};
+static const char *types[] = {
+    "integer",       "text",          "bigint", "character varying(20)", "timestamp with time zone",
+    "numeric(10,2)", "public.mytype", "bytea"};
 
 void wg_pool_init(struct wg_pool *pool, uint64_t *seed, uint32_t n)
 {
@@ -250,9 +250,8 @@ bool wg_change_equal(const struct aamm_change *a, const struct aamm_change *b)
 
 bool wg_txn_header_equal(const struct aamm_transaction *a, const struct aamm_transaction *b)
 {
-    if (a->origin_node != b->origin_node || a->xid != b->xid ||
-        a->commit_lsn != b->commit_lsn || a->end_lsn != b->end_lsn ||
-        a->commit_time != b->commit_time)
+    if (a->origin_node != b->origin_node || a->xid != b->xid || a->commit_lsn != b->commit_lsn ||
+        a->end_lsn != b->end_lsn || a->commit_time != b->commit_time)
         return false;
     if ((a->origin_name == NULL) != (b->origin_name == NULL))
         return false;

@@ -25,10 +25,10 @@ struct wg_txn {
 
 /* Shape of generated transactions. */
 struct wg_shape {
-    uint32_t max_changes;   /* 1.. */
-    uint32_t max_value;     /* largest text value in bytes */
-    uint32_t big_value;     /* if non-zero: one value of this size in the transaction */
-    bool compressible;      /* text from a small alphabet with repeats */
+    uint32_t max_changes; /* 1.. */
+    uint32_t max_value;   /* largest text value in bytes */
+    uint32_t big_value;   /* if non-zero: one value of this size in the transaction */
+    bool compressible;    /* text from a small alphabet with repeats */
 };
 
 void wg_pool_init(struct wg_pool *pool, uint64_t *seed, uint32_t n);

@@ -152,8 +152,8 @@ static int decode_count(const uint8_t *p, size_t len, const struct aamm_wire_opt
     return rc;
 }
 
-static void one_txn_stream(struct bytes *out, uint64_t seed, struct wg_pool *pool,
-                           struct wg_txn *t, const struct aamm_wire_options *o)
+static void one_txn_stream(struct bytes *out, uint64_t seed, struct wg_pool *pool, struct wg_txn *t,
+                           const struct aamm_wire_options *o)
 {
     struct aamm_wire_encoder *enc;
     struct wg_shape shape = {4, 40, 0, false};
@@ -192,11 +192,11 @@ static int toy_verify(void *arg, const uint8_t *frame, size_t len, const uint8_t
 START_TEST(crc32c_vectors)
 {
     uint8_t buf[48];
-    static const uint8_t pdu[48] = {
-        0x01, 0xc0, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0x00, 0x00, 0x00, 0x14, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00,
-        0x00, 0x00, 0x00, 0x14, 0x00, 0x00, 0x00, 0x18, 0x28, 0x00, 0x00, 0x00,
-        0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00};
+    static const uint8_t pdu[48] = {0x01, 0xc0, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                                    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x14, 0x00, 0x00, 0x00,
+                                    0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x14, 0x00, 0x00,
+                                    0x00, 0x18, 0x28, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                                    0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00};
     uint32_t (*fns[2])(uint32_t, const void *, size_t) = {aamm_crc32c, aamm__crc32c_sw};
     for (int f = 0; f < 2; f++) {
         memset(buf, 0, 32);
@@ -236,7 +236,7 @@ START_TEST(control_roundtrip)
     struct aamm_wire_decoder *dec;
     struct aamm_wire_event ev;
     struct bytes b = {0};
-    struct aamm_wire_hello h = {1, 1, AAMM_WIRE_ROLE_RECEIVER, AAMM_WIRE_HELLO_TLS, 42,
+    struct aamm_wire_hello h = {1,        1,   AAMM_WIRE_ROLE_RECEIVER, AAMM_WIRE_HELLO_TLS, 42,
                                 -1234567, {0}, "prod-cluster"};
     struct aamm_wire_position pos[3] = {{1, 10}, {2, UINT64_MAX}, {3, 0}};
     uint8_t proof[32];
@@ -435,17 +435,15 @@ START_TEST(relation_dictionary)
                                   {"a_rather_long_column_name", "text", 25, -1, 0}};
     struct aamm_relation rel = {1, "public", "accounts_with_a_long_name", 'd', 2, cols, 1};
     struct aamm_value vals[2] = {{AAMM_VALUE_TEXT, 1, "1"}, {AAMM_VALUE_NULL, 0, NULL}};
-    struct aamm_change ins = {.kind = AAMM_CHANGE_INSERT, .relation = &rel,
-                              .new_tuple = {2, vals}};
+    struct aamm_change ins = {.kind = AAMM_CHANGE_INSERT, .relation = &rel, .new_tuple = {2, vals}};
     struct aamm_transaction txn = {1, 2, 100, 140, 5, NULL, 0};
     struct aamm_wire_encoder *enc;
     struct aamm_wire_decoder *dec;
     struct aamm_wire_event ev;
     size_t l0, l1, l2, l3, acc;
     const uint8_t *p;
-    ck_assert_int_eq(aamm_wire_encoder_new(&enc, &(struct aamm_wire_options){
-                                                      .compress_min = UINT32_MAX}),
-                     0);
+    ck_assert_int_eq(
+        aamm_wire_encoder_new(&enc, &(struct aamm_wire_options){.compress_min = UINT32_MAX}), 0);
     ck_assert_int_eq(aamm_wire_encode_begin(enc, &txn), 0);
     l0 = aamm_wire_encoder_buffered(enc);
     ck_assert_int_eq(aamm_wire_encode_change(enc, &ins), 0);
@@ -524,9 +522,8 @@ START_TEST(compression_flag)
     wg_pool_init(&pool, &seed, 2);
     wg_txn_random(&t, &seed, &pool, &shape, 1, 500);
     ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL), 0);
-    ck_assert_int_eq(aamm_wire_encoder_new(&raw, &(struct aamm_wire_options){
-                                                      .compress_min = UINT32_MAX}),
-                     0);
+    ck_assert_int_eq(
+        aamm_wire_encoder_new(&raw, &(struct aamm_wire_options){.compress_min = UINT32_MAX}), 0);
     encode_txn(enc, &t);
     encode_txn(raw, &t);
     aamm_wire_encoder_flush(enc);
@@ -567,12 +564,16 @@ START_TEST(compression_history)
     ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL), 0);
     for (int i = 0; i < 200; i++) {
         char aid[16], bal[16];
-        struct aamm_value v[3] = {{AAMM_VALUE_TEXT, 0, aid}, {AAMM_VALUE_TEXT, 0, bal},
-                                  {AAMM_VALUE_TEXT, 84, filler}};
-        struct aamm_change ch = {.kind = AAMM_CHANGE_UPDATE, .relation = &rel,
-                                 .new_tuple = {3, v}};
-        struct aamm_transaction t = {1, (uint32_t)i, 1000 + (uint64_t)i * 100,
-                                     1040 + (uint64_t)i * 100, 1700000000000000 + i, NULL, 0};
+        struct aamm_value v[3] = {
+            {AAMM_VALUE_TEXT, 0, aid}, {AAMM_VALUE_TEXT, 0, bal}, {AAMM_VALUE_TEXT, 84, filler}};
+        struct aamm_change ch = {.kind = AAMM_CHANGE_UPDATE, .relation = &rel, .new_tuple = {3, v}};
+        struct aamm_transaction t = {1,
+                                     (uint32_t)i,
+                                     1000 + (uint64_t)i * 100,
+                                     1040 + (uint64_t)i * 100,
+                                     1700000000000000 + i,
+                                     NULL,
+                                     0};
         v[0].len = (uint32_t)snprintf(aid, sizeof aid, "%d", (i * 7919) % 100000);
         v[1].len = (uint32_t)snprintf(bal, sizeof bal, "%d", i * 13 - 500);
         last_start = b.len;
@@ -638,8 +639,8 @@ START_TEST(flip_every_byte)
                 rc = decode_count(copy, b->len, &o, vfs[f], &events);
                 ck_assert_msg(rc < 0 && rc != AAMM_EAGAIN,
                               "frame %d: xor 0x%02x at %zu accepted (rc %d)", f, x, pos, rc);
-                ck_assert_msg(events == 0, "frame %d: xor 0x%02x at %zu gave %d events", f, x,
-                              pos, events);
+                ck_assert_msg(events == 0, "frame %d: xor 0x%02x at %zu gave %d events", f, x, pos,
+                              events);
                 checked++;
             }
         }
@@ -688,8 +689,8 @@ END_TEST
 
 static void patch_crc(uint8_t *f, uint32_t avail)
 {
-    uint32_t plen = (uint32_t)f[8] | ((uint32_t)f[9] << 8) | ((uint32_t)f[10] << 16) |
-                    ((uint32_t)f[11] << 24);
+    uint32_t plen =
+        (uint32_t)f[8] | ((uint32_t)f[9] << 8) | ((uint32_t)f[10] << 16) | ((uint32_t)f[11] << 24);
     if (plen > avail) /* an oversize length needs no valid CRC: it is rejected first */
         plen = avail;
     uint32_t crc = aamm_crc32c(aamm_crc32c(0, f, 12), f + 16, plen);
@@ -791,8 +792,7 @@ START_TEST(encoder_validation)
     struct aamm_column cols[1] = {{"id", "integer", 23, -1, AAMM_COLUMN_KEY}};
     struct aamm_relation rel = {1, "public", "t", 'd', 1, cols, 1};
     struct aamm_value vals[2] = {{AAMM_VALUE_TEXT, 3, "a\0b"}, {AAMM_VALUE_NULL, 0, NULL}};
-    struct aamm_change ch = {.kind = AAMM_CHANGE_INSERT, .relation = &rel,
-                             .new_tuple = {1, vals}};
+    struct aamm_change ch = {.kind = AAMM_CHANGE_INSERT, .relation = &rel, .new_tuple = {1, vals}};
     struct aamm_transaction txn = {1, 2, 100, 0, 5, NULL, 0};
     struct aamm_wire_encoder *enc;
     ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL), 0);
