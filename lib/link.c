@@ -32,6 +32,7 @@
 
 #define RBUF_SIZE 65536
 #define MAX_ORIGINS 64
+#define PREAUTH_MAX_PAYLOAD 2048 /* HELLO, AUTH, ERROR: a few hundred bytes at most */
 
 enum st {
     ST_IDLE,
@@ -296,6 +297,8 @@ int aamm_link_new(struct aamm_link **lp, const struct aamm_link_options *opts)
         aamm_link_free(l);
         return rc;
     }
+    /* Until the peer has proven who it is, it may send only small frames. */
+    aamm_wire_decoder_set_max_payload(l->dec, PREAUTH_MAX_PAYLOAD);
     l->mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
     l->mac_ctx = l->mac ? EVP_MAC_CTX_new(l->mac) : NULL;
     if (l->mac_ctx == NULL) {
@@ -721,6 +724,8 @@ static int on_auth(struct aamm_link *l, const uint8_t *proof)
     }
     if (!l->o.tls)
         aamm_wire_decoder_set_mac(l->dec, verify_cb, l);
+    aamm_wire_decoder_set_max_payload(
+        l->dec, l->o.wire.max_payload ? l->o.wire.max_payload : AAMM_WIRE_DEFAULT_MAX_PAYLOAD);
     if (l->o.role == AAMM_LINK_RECEIVER) {
         struct aamm_wire_position pos[MAX_ORIGINS];
         for (uint32_t i = 0; i < l->nresume; i++) {

@@ -846,6 +846,7 @@ struct aamm_wire_decoder {
 
     uint8_t *in; /* buffered input: [in_off, in_len) */
     size_t in_off, in_len, in_cap, in_max;
+    uint32_t max_now;    /* largest payload accepted now (<= o.max_payload) */
     uint64_t stream_off; /* stream offset of in[in_off], for messages */
 
     char *hist; /* the last 64 KiB of DATA payloads: the LZ4 dictionary of the next frame */
@@ -898,6 +899,7 @@ int aamm_wire_decoder_new(struct aamm_wire_decoder **decp, const struct aamm_wir
     dec->vmin = AAMM_WIRE_VERSION_MIN;
     dec->vmax = AAMM_WIRE_VERSION_MAX;
     dec->in_max = AAMM_WIRE_HEADER_SIZE + (size_t)dec->o.max_payload + AAMM_WIRE_MAC_SIZE;
+    dec->max_now = dec->o.max_payload;
     *decp = dec;
     return 0;
 }
@@ -935,6 +937,16 @@ int aamm_wire_decoder_set_version(struct aamm_wire_decoder *dec, unsigned versio
         return aamm__errf(&dec->err, AAMM_EUNSUPPORTED, "wire: protocol version %u not supported",
                           version);
     dec->vmin = dec->vmax = version;
+    return 0;
+}
+
+int aamm_wire_decoder_set_max_payload(struct aamm_wire_decoder *dec, uint32_t max)
+{
+    if (max < 64 || max > dec->o.max_payload)
+        return aamm__errf(&dec->err, AAMM_EINVAL,
+                          "wire: payload limit %" PRIu32 " outside 64..%" PRIu32, max,
+                          dec->o.max_payload);
+    dec->max_now = max;
     return 0;
 }
 
@@ -1577,11 +1589,11 @@ static int check_header(struct aamm_wire_decoder *dec, const uint8_t *h, uint16_
         return fail(dec, dec->verify ? AAMM_EAUTH : AAMM_EMALFORMED,
                     "%s frame at stream offset %" PRIu64 " %s a MAC", type_name(h[5]), at,
                     dec->verify ? "lacks" : "unexpectedly carries");
-    if (plen > dec->o.max_payload)
+    if (plen > dec->max_now)
         return fail(dec, AAMM_ETOOBIG,
                     "%s frame at stream offset %" PRIu64 " announces %" PRIu32
                     " payload bytes, above the limit of %" PRIu32,
-                    type_name(h[5]), at, plen, dec->o.max_payload);
+                    type_name(h[5]), at, plen, dec->max_now);
     if (h[5] == AAMM_WIRE_DATA && plen == 0)
         return fail(dec, AAMM_EMALFORMED, "empty DATA frame at stream offset %" PRIu64, at);
     *flagsp = flags;
@@ -1656,10 +1668,10 @@ int aamm_wire_decoder_next(struct aamm_wire_decoder *dec, struct aamm_wire_event
                     return fail(dec, AAMM_EMALFORMED, "compressed DATA frame too short");
                 raw = (size_t)src[0] | ((size_t)src[1] << 8) | ((size_t)src[2] << 16) |
                       ((size_t)src[3] << 24);
-                if (raw == 0 || raw > dec->o.max_payload)
+                if (raw == 0 || raw > dec->max_now)
                     return fail(dec, raw ? AAMM_ETOOBIG : AAMM_EMALFORMED,
                                 "compressed DATA frame announces %zu raw bytes (limit %" PRIu32 ")",
-                                raw, dec->o.max_payload);
+                                raw, dec->max_now);
             }
             if (dec->pl_cap < raw) {
                 uint8_t *p = aamm__realloc(dec->pl, raw);

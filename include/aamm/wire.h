@@ -259,6 +259,12 @@ AAMM_API const char *aamm_wire_decoder_errmsg(const struct aamm_wire_decoder *de
 AAMM_API int aamm_wire_decoder_set_version(struct aamm_wire_decoder *dec, unsigned version);
 
 /**
+ * Accept payloads of at most @max bytes from now on (64 .. the max_payload option), e.g. a
+ * small limit until the peer has authenticated. Returns 0 or AAMM_EINVAL.
+ */
+AAMM_API int aamm_wire_decoder_set_max_payload(struct aamm_wire_decoder *dec, uint32_t max);
+
+/**
  * Require a MAC on every frame completed from now on and check it with @fn (@arg borrowed
  * while installed); @fn NULL: frames must carry no MAC.
  */

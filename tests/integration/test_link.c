@@ -670,6 +670,26 @@ START_TEST(garbage_refused)
 }
 END_TEST
 
+/* Before authentication a peer may send only small frames: a header announcing a large
+ * payload is refused at once (nothing is buffered for it) and counted. */
+START_TEST(oversize_before_auth_refused)
+{
+    struct aamm_link_options ro = base_opts(AAMM_LINK_RECEIVER, 2, SECRET, CLUSTER);
+    struct raw w;
+    struct aamm_link_stats rs;
+    uint8_t h[16] = {0x41, 0x41, 0x4D, 0x57, 1, AAMM_WIRE_HELLO, 0, 0, 0xA0, 0x86, 0x01, 0};
+    raw_open(&w, &ro);
+    ck_assert_int_eq(send(w.fd, h, sizeof h, MSG_NOSIGNAL), (ssize_t)sizeof h);
+    raw_run(&w, 1000);
+    ck_assert_int_eq(aamm_link_step(w.r), AAMM_ETOOBIG);
+    ck_assert_msg(strstr(aamm_link_errmsg(w.r), "above the limit") != NULL, "%s",
+                  aamm_link_errmsg(w.r));
+    aamm_link_stats(w.r, &rs);
+    ck_assert_uint_eq(rs.protocol_errors, 1);
+    raw_close(&w);
+}
+END_TEST
+
 /* A half-open connection (a client that connects and never speaks) times out during the
  * handshake and is counted. */
 START_TEST(half_open_times_out)
@@ -1042,6 +1062,7 @@ static Suite *link_suite(void)
     tcase_add_test(tc, replayed_handshake_refused);
     tcase_add_test(tc, garbage_refused);
     tcase_add_test(tc, half_open_times_out);
+    tcase_add_test(tc, oversize_before_auth_refused);
     tcase_add_test(tc, tampered_frame_rejected);
     suite_add_tcase(s, tc);
     tc = aamm_test_tcase("flow", 150);
