@@ -178,6 +178,9 @@ AAMM_API int aamm_link_resume_position(const struct aamm_link *link, uint32_t or
  * Returns 0; AAMM_EAGAIN when the send queue holds send_queue_bytes or more (nothing was
  * queued: step and call again with the same event); AAMM_ESTATE when not READY or out of
  * order; AAMM_EINVAL for an invalid change; the link's error once it failed.
+ * A capture PROGRESS position (nothing to deliver up to there) can be forwarded as an empty
+ * transaction (BEGIN and COMMIT with commit_lsn = end_lsn = the position): the receiver's
+ * ack for it then lets the sender confirm the slot that far.
  * Memory: the queue holds at most send_queue_bytes plus one record (its buffer's capacity
  * at most twice that), so a 200 MB transaction streams through without being held whole.
  */
