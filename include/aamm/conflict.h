@@ -106,9 +106,10 @@ AAMM_API bool aamm_conflict_lww_remote_wins(const struct aamm_row_version *local
 /**
  * Decide a conflict of @kind under @policy (the rule the server-side functions apply):
  * INSERT_EXISTS / *_ORIGIN_DIFFERS follow the policy (LWW compares the versions);
- * UPDATE_MISSING applies the remote row (as an insert) unless @local describes a newer
- * remembered delete (tombstone) or @remote_has_unchanged (the update carries unchanged
- * TOAST values, so no full row exists to insert): then SKIP; DELETE_MISSING is SKIP;
+ * UPDATE_MISSING (@local: the remembered delete of the key, if any) is SKIP when that
+ * delete is newer, else ERROR under POLICY_ERROR, else SKIP when @remote_has_unchanged
+ * (the update carries unchanged TOAST values, so no full row exists to insert) or under
+ * POLICY_KEEP_LOCAL, else APPLY_REMOTE (inserted); DELETE_MISSING is SKIP;
  * UNIQUE_OTHER is ERROR; TRUNCATE is APPLY_REMOTE. POLICY_ERROR gives ERROR for every
  * kind except DELETE_MISSING and TRUNCATE. @local (may be NULL: no local version) and
  * @remote are borrowed.

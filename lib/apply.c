@@ -1,0 +1,1755 @@
+/* apply.c: exactly-once, pipelined apply of one source node's transactions to the local
+ * node, with conflict detection inside the write statements (see doc/conflicts.md). */
+#include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libpq-fe.h>
+
+#include <aamm/apply.h>
+
+#include "internal.h"
+
+/* ====================================================================================
+ * Types
+ * ==================================================================================== */
+
+enum op { OP_INSERT = 1, OP_UPDATE = 2, OP_DELETE = 3 };
+
+struct lcol {
+    char *name;
+    char *type; /* format_type(atttypid, NULL): the cast target */
+    int key_pos; /* position in the primary key (0-based) or -1 */
+    bool generated;
+};
+
+struct stmt {
+    int op;
+    char *mask; /* per remote column: '1' written, '0' not; for UPDATE plus the old-key flag */
+    char name[32];
+    bool prepared;
+};
+
+/* apply's own copy of a source relation plus its mapping onto the local table */
+struct lrel {
+    struct aamm_relation rel; /* first: change->relation points here */
+    struct lrel *next;
+    int id;
+    char *label;  /* schema.name, as the tombstone trigger spells it */
+    char *qname;  /* "schema"."name" */
+    bool mapped;
+    bool catalog_pending;
+    int map_code;  /* mapping error, or 0 */
+    char *map_msg; /* heap */
+    int nlocal;
+    struct lcol *lcols;
+    int *r2l;     /* per remote column: local index, or -1 (generated: not written) */
+    int nkeys;
+    int *key_r;   /* per key column (key order): remote column index */
+    int nstmts;
+    struct stmt *stmts;
+};
+
+struct qconflict {
+    struct qconflict *next;
+    struct aamm_conflict c;
+    char *rel, *key, *local, *remote;
+};
+
+struct qtxn {
+    struct qtxn *next;
+    struct aamm_transaction hdr;
+    struct aamm_change *changes;
+    size_t n, cap;
+    bool closed;   /* commit seen */
+    bool sent;
+    bool done;     /* committed or skipped */
+    bool skipped;
+    bool committed_ok; /* COMMIT result said COMMIT */
+    bool failed;
+    char sqlstate[6];
+    char *errmsg;  /* first error of this transaction (heap) */
+    long err_change; /* index of the change that failed, -1 none */
+    struct qconflict *conflicts;
+};
+
+enum exp_kind {
+    E_BEGIN = 1, E_GUARD, E_STMT, E_PREPARE, E_CONFLICTS, E_COMMIT, E_SYNC, E_CATALOG,
+    E_PROGRESS, E_MISC, E_REPROGRESS
+};
+
+struct expect {
+    int kind;
+    struct qtxn *t;
+    struct lrel *rel;
+    long idx;
+};
+
+enum state { S_IDLE, S_CONNECTING, S_SETUP, S_WAIT, S_READY, S_HELD };
+
+struct aamm_apply {
+    struct aamm__err err;
+    struct aamm_apply_options opt;
+    char *conninfo;
+    char origin[48];
+    PGconn *conn;
+    enum state state;
+    int64_t wake_ms;   /* S_WAIT: when to reconnect / retry */
+    int backoff_ms;
+    bool want_write;
+    int held_code;
+
+    uint64_t progress;   /* committed (in-memory) origin progress */
+    uint64_t flushed;    /* pg_replication_origin_progress(origin, true) */
+    uint64_t prev_sent;  /* end LSN the next sent transaction's guard expects */
+    char roident[16];
+    bool progress_query_pending;
+    bool need_progress;
+    bool recovering; /* after a failure, until the origin progress is re-read */
+
+    struct lrel *rels;
+    int nrels;
+    struct lrel *last_rel;
+    const struct aamm_relation *last_src;
+    uint32_t last_gen;
+
+    struct qtxn *head, *tail, *open;
+    size_t nqueued_changes;
+    size_t ntxns;
+    size_t ninflight;
+
+    struct expect *exp;
+    size_t exp_cap, exp_head, exp_n;
+
+    struct qtxn *fail_txn;   /* first failed transaction since the last success */
+    int block_code;          /* a transaction that cannot be sent (mapping error) */
+    char *block_msg;
+
+    struct qmsg { struct qmsg *next; char *prefix; char *content; size_t len; } *msgs;
+
+    struct policy { struct policy *next; char *schema, *name; int policy; } *policies;
+
+    uint64_t counters[AAMM_CONFLICT_NKINDS];
+    uint64_t committed, skipped;
+
+    char *scratch_mask; /* per-change scratch, grown to the widest relation */
+    const char **scratch_vals;
+    size_t scratch_cap;
+};
+
+/* ====================================================================================
+ * Small helpers
+ * ==================================================================================== */
+
+/* Append printf output to a growable heap string. */
+struct sb {
+    char *s;
+    size_t len, cap;
+    bool oom;
+};
+
+static void sb_add(struct sb *b, const char *fmt, ...) AAMM_PRINTF(2, 3);
+static void sb_add(struct sb *b, const char *fmt, ...)
+{
+    if (b->oom)
+        return;
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(b->s ? b->s + b->len : NULL, b->s ? b->cap - b->len : 0, fmt, ap);
+        va_end(ap);
+        if (n < 0) {
+            b->oom = true;
+            return;
+        }
+        if (b->s && b->len + (size_t)n < b->cap) {
+            b->len += (size_t)n;
+            return;
+        }
+        size_t nc = (b->cap ? b->cap * 2 : 256);
+        while (nc < b->len + (size_t)n + 1)
+            nc *= 2;
+        char *p = aamm__realloc(b->s, nc);
+        if (!p) {
+            b->oom = true;
+            return;
+        }
+        b->s = p;
+        b->cap = nc;
+    }
+}
+
+/* Quote an identifier (always quoted: the catalog spelling is kept exactly). */
+static void sb_ident(struct sb *b, const char *id)
+{
+    sb_add(b, "\"");
+    for (const char *c = id; *c; c++)
+        sb_add(b, *c == '"' ? "\"\"" : "%c", *c);
+    sb_add(b, "\"");
+}
+
+static void sb_literal(struct sb *b, const char *s)
+{
+    sb_add(b, "'");
+    for (const char *c = s; *c; c++)
+        sb_add(b, *c == '\'' ? "''" : "%c", *c);
+    sb_add(b, "'");
+}
+
+static bool exp_push(struct aamm_apply *ap, int kind, struct qtxn *t, struct lrel *rel, long idx)
+{
+    if (ap->exp_n == ap->exp_cap) {
+        size_t nc = ap->exp_cap ? ap->exp_cap * 2 : 256;
+        struct expect *e = aamm__malloc(nc * sizeof *e);
+        if (!e)
+            return false;
+        for (size_t i = 0; i < ap->exp_n; i++)
+            e[i] = ap->exp[(ap->exp_head + i) % ap->exp_cap];
+        aamm__free(ap->exp);
+        ap->exp = e;
+        ap->exp_cap = nc;
+        ap->exp_head = 0;
+    }
+    ap->exp[(ap->exp_head + ap->exp_n) % ap->exp_cap] = (struct expect){kind, t, rel, idx};
+    ap->exp_n++;
+    return true;
+}
+
+static struct expect exp_pop(struct aamm_apply *ap)
+{
+    struct expect e = ap->exp[ap->exp_head];
+    ap->exp_head = (ap->exp_head + 1) % ap->exp_cap;
+    ap->exp_n--;
+    return e;
+}
+
+static struct lrel *lrel_of(const struct aamm_relation *r)
+{
+    return (struct lrel *)(void *)((char *)(uintptr_t)r - offsetof(struct lrel, rel));
+}
+
+static void lrel_unmap(struct lrel *r)
+{
+    for (int i = 0; i < r->nlocal; i++) {
+        aamm__free(r->lcols[i].name);
+        aamm__free(r->lcols[i].type);
+    }
+    aamm__free(r->lcols);
+    aamm__free(r->r2l);
+    aamm__free(r->key_r);
+    for (int i = 0; i < r->nstmts; i++)
+        aamm__free(r->stmts[i].mask);
+    aamm__free(r->stmts);
+    aamm__free(r->map_msg);
+    r->lcols = NULL;
+    r->r2l = r->key_r = NULL;
+    r->stmts = NULL;
+    r->map_msg = NULL;
+    r->nlocal = r->nkeys = r->nstmts = 0;
+    r->mapped = false;
+    r->catalog_pending = false;
+    r->map_code = 0;
+}
+
+static void qtxn_free(struct qtxn *t)
+{
+    if (!t)
+        return;
+    for (size_t i = 0; i < t->n; i++)
+        aamm_change_clear(&t->changes[i]);
+    aamm__free(t->changes);
+    aamm_transaction_clear(&t->hdr);
+    aamm__free(t->errmsg);
+    while (t->conflicts) {
+        struct qconflict *c = t->conflicts;
+        t->conflicts = c->next;
+        aamm__free(c->rel);
+        aamm__free(c->key);
+        aamm__free(c->local);
+        aamm__free(c->remote);
+        aamm__free(c);
+    }
+    aamm__free(t);
+}
+
+static bool is_transient(const char *sqlstate)
+{
+    return strcmp(sqlstate, "40P01") == 0 || strcmp(sqlstate, "55P03") == 0 ||
+           strcmp(sqlstate, "40001") == 0 || strcmp(sqlstate, "AA002") == 0 ||
+           strcmp(sqlstate, "55006") == 0 || strcmp(sqlstate, "57014") == 0;
+}
+
+/* ====================================================================================
+ * Options, lifecycle
+ * ==================================================================================== */
+
+void aamm_apply_options_init(struct aamm_apply_options *opts)
+{
+    memset(opts, 0, sizeof *opts);
+    opts->max_queued_changes = 100000;
+    opts->max_pipeline_txns = 1000;
+    opts->lock_keys = true;
+    opts->policy = AAMM_POLICY_LWW;
+}
+
+int aamm_apply_new(struct aamm_apply **out, const struct aamm_apply_options *opts)
+{
+    if (!out || !opts || !opts->conninfo || !opts->local_node || !opts->source_node ||
+        opts->local_node == opts->source_node)
+        return AAMM_EINVAL;
+    struct aamm_apply *ap = aamm__calloc(1, sizeof *ap);
+    if (!ap)
+        return AAMM_ENOMEM;
+    ap->opt = *opts;
+    if (!ap->opt.max_queued_changes)
+        ap->opt.max_queued_changes = 100000;
+    if (!ap->opt.max_pipeline_txns)
+        ap->opt.max_pipeline_txns = 1000;
+    ap->conninfo = aamm__strdup(opts->conninfo);
+    if (!ap->conninfo) {
+        aamm__free(ap);
+        return AAMM_ENOMEM;
+    }
+    ap->opt.conninfo = ap->conninfo;
+    snprintf(ap->origin, sizeof ap->origin, "aamm_from_%" PRIu32, opts->source_node);
+    ap->state = S_IDLE;
+    ap->backoff_ms = 10;
+    *out = ap;
+    return 0;
+}
+
+static void drop_conn(struct aamm_apply *ap)
+{
+    if (ap->conn)
+        PQfinish(ap->conn);
+    ap->conn = NULL;
+    ap->exp_n = 0;
+    ap->exp_head = 0;
+    ap->ninflight = 0;
+    ap->progress_query_pending = false;
+    ap->recovering = false;
+    ap->want_write = false;
+    for (struct lrel *r = ap->rels; r; r = r->next) {
+        r->catalog_pending = false;
+        for (int i = 0; i < r->nstmts; i++)
+            r->stmts[i].prepared = false;
+    }
+    for (struct qtxn *t = ap->head; t; t = t->next) {
+        if (!t->done) {
+            t->sent = false;
+            t->failed = false;
+            t->committed_ok = false;
+            aamm__free(t->errmsg);
+            t->errmsg = NULL;
+        }
+    }
+    ap->fail_txn = NULL;
+}
+
+void aamm_apply_free(struct aamm_apply *ap)
+{
+    if (!ap)
+        return;
+    drop_conn(ap);
+    while (ap->head) {
+        struct qtxn *t = ap->head;
+        ap->head = t->next;
+        qtxn_free(t);
+    }
+    qtxn_free(ap->open);
+    while (ap->rels) {
+        struct lrel *r = ap->rels;
+        ap->rels = r->next;
+        lrel_unmap(r);
+        aamm_relation_clear(&r->rel);
+        aamm__free(r->label);
+        aamm__free(r->qname);
+        aamm__free(r);
+    }
+    while (ap->msgs) {
+        struct qmsg *m = ap->msgs;
+        ap->msgs = m->next;
+        aamm__free(m->prefix);
+        aamm__free(m->content);
+        aamm__free(m);
+    }
+    while (ap->policies) {
+        struct policy *p = ap->policies;
+        ap->policies = p->next;
+        aamm__free(p->schema);
+        aamm__free(p->name);
+        aamm__free(p);
+    }
+    aamm__free(ap->exp);
+    aamm__free(ap->scratch_mask);
+    aamm__free(ap->scratch_vals);
+    aamm__free(ap->block_msg);
+    aamm__free(ap->conninfo);
+    aamm__free(ap);
+}
+
+int aamm_apply_set_policy(struct aamm_apply *ap, const char *schema, const char *name,
+                          enum aamm_conflict_policy policy)
+{
+    if (!schema || !name || (int)policy < 0 || policy > AAMM_POLICY_ERROR)
+        return AAMM_EINVAL;
+    struct policy *p = aamm__calloc(1, sizeof *p);
+    if (!p)
+        return AAMM_ENOMEM;
+    p->schema = aamm__strdup(schema);
+    p->name = aamm__strdup(name);
+    if (!p->schema || !p->name) {
+        aamm__free(p->schema);
+        aamm__free(p->name);
+        aamm__free(p);
+        return AAMM_ENOMEM;
+    }
+    p->policy = (int)policy;
+    p->next = ap->policies;
+    ap->policies = p;
+    return 0;
+}
+
+static int policy_of(const struct aamm_apply *ap, const struct lrel *r)
+{
+    for (const struct policy *p = ap->policies; p; p = p->next)
+        if (strcmp(p->schema, r->rel.schema) == 0 && strcmp(p->name, r->rel.name) == 0)
+            return p->policy;
+    return (int)ap->opt.policy;
+}
+
+/* ====================================================================================
+ * Feeding
+ * ==================================================================================== */
+
+/* apply's cached copy of @src: reused while the definition is the same */
+static struct lrel *rel_lookup(struct aamm_apply *ap, const struct aamm_relation *src)
+{
+    if (ap->last_rel && ap->last_src == src && ap->last_gen == src->generation &&
+        strcmp(ap->last_rel->rel.name, src->name) == 0 &&
+        strcmp(ap->last_rel->rel.schema, src->schema) == 0)
+        return ap->last_rel;
+    struct lrel *found = NULL;
+    for (struct lrel *r = ap->rels; r; r = r->next) {
+        if (aamm_relation_equal(&r->rel, src)) {
+            found = r;
+            break;
+        }
+    }
+    if (!found) {
+        found = aamm__calloc(1, sizeof *found);
+        if (!found)
+            return NULL;
+        if (aamm_relation_copy(&found->rel, src) < 0) {
+            aamm__free(found);
+            return NULL;
+        }
+        struct sb q = {0}, l = {0};
+        sb_ident(&q, src->schema);
+        sb_add(&q, ".");
+        sb_ident(&q, src->name);
+        sb_add(&l, "%s.%s", src->schema, src->name);
+        if (q.oom || l.oom) {
+            aamm__free(q.s);
+            aamm__free(l.s);
+            aamm_relation_clear(&found->rel);
+            aamm__free(found);
+            return NULL;
+        }
+        found->qname = q.s;
+        found->label = l.s;
+        found->id = ++ap->nrels;
+        found->next = ap->rels; /* newest first: a redefinition is found before the old */
+        ap->rels = found;
+    }
+    ap->last_rel = found;
+    ap->last_src = src;
+    ap->last_gen = src->generation;
+    return found;
+}
+
+int aamm_apply_begin(struct aamm_apply *ap, const struct aamm_transaction *txn)
+{
+    if (ap->open)
+        return aamm__errf(&ap->err, AAMM_ESTATE, "apply: begin: a transaction is open");
+    if (!txn || txn->origin_node != ap->opt.source_node)
+        return aamm__errf(&ap->err, AAMM_EINVAL,
+                          "apply: begin: transaction from node %" PRIu32 ", stream is node %" PRIu32,
+                          txn ? txn->origin_node : 0, ap->opt.source_node);
+    struct qtxn *t = aamm__calloc(1, sizeof *t);
+    if (!t)
+        return AAMM_ENOMEM;
+    if (aamm_transaction_copy(&t->hdr, txn) < 0) {
+        aamm__free(t);
+        return AAMM_ENOMEM;
+    }
+    t->err_change = -1;
+    ap->open = t;
+    return 0;
+}
+
+int aamm_apply_change(struct aamm_apply *ap, struct aamm_change *change)
+{
+    if (!change)
+        return AAMM_EINVAL;
+    if (!ap->open) {
+        if (change->kind != AAMM_CHANGE_MESSAGE)
+            return aamm__errf(&ap->err, AAMM_ESTATE, "apply: change outside a transaction");
+        struct qmsg *m = aamm__calloc(1, sizeof *m), **pp = &ap->msgs;
+        if (!m)
+            return AAMM_ENOMEM;
+        m->prefix = change->prefix;
+        m->content = change->content;
+        m->len = change->content_len;
+        change->prefix = change->content = NULL;
+        aamm_change_clear(change);
+        while (*pp)
+            pp = &(*pp)->next;
+        *pp = m;
+        return 0;
+    }
+    /* back-pressure, but never against the open transaction alone */
+    if (ap->nqueued_changes >= ap->opt.max_queued_changes && ap->head)
+        return AAMM_EBUSY;
+    struct qtxn *t = ap->open;
+    if (t->n == t->cap) {
+        size_t nc = t->cap ? t->cap * 2 : 16;
+        struct aamm_change *c = aamm__realloc(t->changes, nc * sizeof *c);
+        if (!c)
+            return AAMM_ENOMEM;
+        t->changes = c;
+        t->cap = nc;
+    }
+    struct aamm_change *c = &t->changes[t->n];
+    *c = *change;
+    switch (change->kind) {
+    case AAMM_CHANGE_INSERT:
+    case AAMM_CHANGE_UPDATE:
+    case AAMM_CHANGE_DELETE: {
+        if (!change->relation)
+            return AAMM_EINVAL;
+        struct lrel *r = rel_lookup(ap, change->relation);
+        if (!r)
+            return AAMM_ENOMEM;
+        c->relation = &r->rel;
+        break;
+    }
+    case AAMM_CHANGE_TRUNCATE:
+        for (uint32_t i = 0; i < change->nrelations; i++) {
+            struct lrel *r = rel_lookup(ap, change->relations[i]);
+            if (!r)
+                return AAMM_ENOMEM;
+            c->relations[i] = &r->rel;
+        }
+        break;
+    case AAMM_CHANGE_MESSAGE:
+        break;
+    default:
+        return AAMM_EINVAL;
+    }
+    memset(change, 0, sizeof *change);
+    t->n++;
+    ap->nqueued_changes++;
+    return 0;
+}
+
+int aamm_apply_commit(struct aamm_apply *ap, const struct aamm_transaction *txn)
+{
+    if (!ap->open)
+        return aamm__errf(&ap->err, AAMM_ESTATE, "apply: commit without begin");
+    if (!txn || txn->end_lsn == AAMM_LSN_INVALID)
+        return aamm__errf(&ap->err, AAMM_EINVAL, "apply: commit without an end LSN");
+    struct qtxn *t = ap->open;
+    t->hdr.end_lsn = txn->end_lsn;
+    t->hdr.commit_lsn = txn->commit_lsn;
+    t->hdr.commit_time = txn->commit_time;
+    t->closed = true;
+    ap->open = NULL;
+    if (ap->tail)
+        ap->tail->next = t;
+    else
+        ap->head = t;
+    ap->tail = t;
+    ap->ntxns++;
+    return 0;
+}
+
+/* ====================================================================================
+ * Catalog mapping
+ * ==================================================================================== */
+
+static const char catalog_sql[] =
+    "SELECT a.attname, pg_catalog.format_type(a.atttypid, NULL),\n"
+    "  COALESCE((SELECT k.ord FROM pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(n, ord)\n"
+    "            WHERE k.n = a.attnum), 0),\n"
+    "  a.attgenerated <> '',\n"
+    "  a.atthasdef AND pg_catalog.pg_get_expr(d.adbin, d.adrelid) OPERATOR(pg_catalog.~*)\n"
+    "   '(nextval|now|random|clock_timestamp|uuid|current_timestamp|timeofday|"
+    "statement_timestamp|transaction_timestamp)'\n"
+    "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace\n"
+    "JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0\n"
+    "  AND NOT a.attisdropped\n"
+    "LEFT JOIN pg_catalog.pg_index i ON i.indrelid = c.oid AND i.indisprimary\n"
+    "LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum\n"
+    "WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')\n"
+    "ORDER BY a.attnum";
+
+static void map_fail(struct lrel *r, int code, const char *fmt, ...) AAMM_PRINTF(3, 4);
+static void map_fail(struct lrel *r, int code, const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    aamm__free(r->map_msg);
+    r->map_msg = aamm__strdup(buf);
+    r->map_code = code;
+    r->mapped = true;
+}
+
+static void map_result(struct lrel *r, PGresult *res)
+{
+    lrel_unmap(r);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        map_fail(r, AAMM_ESERVER, "%s: reading the local catalog: %s", r->label,
+                 PQresultErrorMessage(res));
+        return;
+    }
+    int n = PQntuples(res);
+    if (n == 0) {
+        map_fail(r, AAMM_ENOTFOUND, "%s: table does not exist on this node", r->label);
+        return;
+    }
+    r->lcols = aamm__calloc((size_t)n, sizeof *r->lcols);
+    r->r2l = aamm__calloc(r->rel.ncolumns + 1, sizeof *r->r2l);
+    if (!r->lcols || !r->r2l) {
+        map_fail(r, AAMM_ENOMEM, "%s: out of memory", r->label);
+        return;
+    }
+    r->nlocal = n;
+    int nkeys = 0;
+    for (int i = 0; i < n; i++) {
+        r->lcols[i].name = aamm__strdup(PQgetvalue(res, i, 0));
+        r->lcols[i].type = aamm__strdup(PQgetvalue(res, i, 1));
+        if (!r->lcols[i].name || !r->lcols[i].type) {
+            map_fail(r, AAMM_ENOMEM, "%s: out of memory", r->label);
+            return;
+        }
+        r->lcols[i].key_pos = atoi(PQgetvalue(res, i, 2)) - 1;
+        r->lcols[i].generated = PQgetvalue(res, i, 3)[0] == 't';
+        if (r->lcols[i].key_pos >= 0)
+            nkeys++;
+    }
+    if (nkeys == 0) {
+        map_fail(r, AAMM_ENOTFOUND, "%s: the local table has no primary key", r->label);
+        return;
+    }
+    r->key_r = aamm__calloc((size_t)nkeys, sizeof *r->key_r);
+    if (!r->key_r) {
+        map_fail(r, AAMM_ENOMEM, "%s: out of memory", r->label);
+        return;
+    }
+    r->nkeys = nkeys;
+    for (uint32_t c = 0; c < r->rel.ncolumns; c++) {
+        int found = -1;
+        for (int i = 0; i < n; i++)
+            if (strcmp(r->lcols[i].name, r->rel.columns[c].name) == 0)
+                found = i;
+        if (found < 0) {
+            map_fail(r, AAMM_ENOTFOUND,
+                     "%s: column \"%s\" of the source is missing on this node", r->label,
+                     r->rel.columns[c].name);
+            return;
+        }
+        r->r2l[c] = r->lcols[found].generated ? -1 : found;
+    }
+    for (int i = 0; i < n; i++) {
+        int rc = aamm_relation_column(&r->rel, r->lcols[i].name);
+        if (r->lcols[i].key_pos >= 0) {
+            if (rc < 0) {
+                map_fail(r, AAMM_ENOTFOUND,
+                         "%s: key column \"%s\" is not sent by the source", r->label,
+                         r->lcols[i].name);
+                return;
+            }
+            r->key_r[r->lcols[i].key_pos] = rc;
+        } else if (rc < 0 && PQgetvalue(res, i, 4)[0] == 't') {
+            AAMM_WARN("apply: %s: column \"%s\" is not sent by the source and has a volatile "
+                      "default: its value will differ between nodes",
+                      r->label, r->lcols[i].name);
+        }
+    }
+    r->mapped = true;
+    r->map_code = 0;
+}
+
+/* ====================================================================================
+ * Statement text
+ * ==================================================================================== */
+
+/* Parameters: $1 commit time, $2 source node, $3 relation label, $4 policy, $5 lock keys,
+ * $6 the session origin's roident, then values. */
+#define NFIXED 5
+#define NFIXED_ALL 6
+
+static void sb_param(struct sb *b, const struct lrel *r, int rcol, int pno)
+{
+    sb_add(b, "$%d::%s", pno, r->lcols[r->r2l[rcol] >= 0 ? r->r2l[rcol] : 0].type);
+}
+
+/* the key columns' param numbers live in @kparam (per key position) */
+static void sb_keyjson(struct sb *b, const struct lrel *r, const int *kparam)
+{
+    sb_add(b, "pg_catalog.jsonb_build_array(");
+    for (int k = 0; k < r->nkeys; k++) {
+        int rc = r->key_r[k];
+        sb_add(b, "%s$%d::%s", k ? ", " : "", kparam[k],
+               r->lcols[r->r2l[rc] >= 0 ? r->r2l[rc] : 0].type);
+    }
+    sb_add(b, ")");
+}
+
+static void sb_keywhere(struct sb *b, const struct lrel *r, const char *alias, const int *kparam)
+{
+    for (int k = 0; k < r->nkeys; k++) {
+        int rc = r->key_r[k];
+        sb_add(b, "%s%s.", k ? " AND " : "", alias);
+        sb_ident(b, r->rel.columns[rc].name);
+        sb_add(b, " = $%d::%s", kparam[k], r->lcols[r->r2l[rc] >= 0 ? r->r2l[rc] : 0].type);
+    }
+}
+
+/* remote row as JSON (columns written), or NULL for very wide rows (argument limit) */
+static void sb_rowjson(struct sb *b, const struct lrel *r, const char *mask, const int *vparam)
+{
+    int n = 0;
+    for (uint32_t c = 0; c < r->rel.ncolumns; c++)
+        n += mask[c] == '1';
+    if (n == 0 || n > 45) {
+        sb_add(b, "NULL::jsonb");
+        return;
+    }
+    sb_add(b, "pg_catalog.jsonb_build_object(");
+    int i = 0;
+    for (uint32_t c = 0; c < r->rel.ncolumns; c++) {
+        if (mask[c] != '1')
+            continue;
+        sb_add(b, "%s", i++ ? ", " : "");
+        sb_literal(b, r->rel.columns[c].name);
+        sb_add(b, ", ");
+        sb_param(b, r, (int)c, vparam[c]);
+    }
+    sb_add(b, ")");
+}
+
+static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_u)
+{
+    struct sb b = {0};
+    uint32_t nc = r->rel.ncolumns;
+    int *vparam = aamm__calloc(nc + 1, sizeof *vparam);
+    int *kparam = aamm__calloc((size_t)r->nkeys + 1, sizeof *kparam);
+    if (!vparam || !kparam) {
+        aamm__free(vparam);
+        aamm__free(kparam);
+        return NULL;
+    }
+    int p = NFIXED_ALL + 1;
+    for (uint32_t c = 0; c < nc; c++)
+        if (mask[c] == '1')
+            vparam[c] = p++;
+    bool oldkey = mask[nc] == 'k' || mask[nc] == 'K';
+    for (int k = 0; k < r->nkeys; k++)
+        kparam[k] = (op == OP_DELETE || oldkey) ? p++ : vparam[r->key_r[k]];
+
+    if (op == OP_INSERT) {
+        sb_add(&b, "INSERT INTO %s AS t (", r->qname);
+        int i = 0;
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[c] == '1') {
+                sb_add(&b, "%s", i++ ? ", " : "");
+                sb_ident(&b, r->rel.columns[c].name);
+            }
+        sb_add(&b, ") SELECT ");
+        i = 0;
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[c] == '1') {
+                sb_add(&b, "%s", i++ ? ", " : "");
+                sb_param(&b, r, (int)c, vparam[c]);
+            }
+        sb_add(&b, " WHERE aamm.insert_ok($3, ");
+        sb_keyjson(&b, r, kparam);
+        sb_add(&b, ", $1::timestamptz, $2::int, ");
+        sb_rowjson(&b, r, mask, vparam);
+        sb_add(&b, ", $4, $5::boolean) ON CONFLICT (");
+        for (int k = 0; k < r->nkeys; k++) {
+            sb_add(&b, "%s", k ? ", " : "");
+            sb_ident(&b, r->rel.columns[r->key_r[k]].name);
+        }
+        sb_add(&b, ") DO UPDATE SET ");
+        i = 0;
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[c] == '1') {
+                sb_add(&b, "%s", i++ ? ", " : "");
+                sb_ident(&b, r->rel.columns[c].name);
+                sb_add(&b, " = EXCLUDED.");
+                sb_ident(&b, r->rel.columns[c].name);
+            }
+        sb_add(&b, " WHERE aamm.decide('insert_exists', $3, ");
+        sb_keyjson(&b, r, kparam);
+        sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
+                   "$1::timestamptz, $2::int, $4, false)");
+    } else if (op == OP_UPDATE) {
+        sb_add(&b, "WITH u AS (UPDATE %s AS t SET ", r->qname);
+        int i = 0;
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[c] == '1') {
+                sb_add(&b, "%s", i++ ? ", " : "");
+                sb_ident(&b, r->rel.columns[c].name);
+                sb_add(&b, " = ");
+                sb_param(&b, r, (int)c, vparam[c]);
+            }
+        sb_add(&b, " WHERE ");
+        sb_keywhere(&b, r, "t", kparam);
+        /* fast path: the local row was written by the same source (or is of unknown age):
+         * no conflict; otherwise the decision, evaluated on the row version being updated */
+        sb_add(&b, " AND (COALESCE((SELECT x.timestamp IS NULL OR x.roident = "
+                   "$6::oid FROM pg_catalog.pg_xact_commit_timestamp_origin(t.xmin) x), true) "
+                   "OR aamm.decide('update_origin_differs', $3, ");
+        sb_keyjson(&b, r, kparam);
+        sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), ");
+        sb_rowjson(&b, r, mask, vparam);
+        sb_add(&b, ", $1::timestamptz, $2::int, $4, false)) RETURNING 1) INSERT INTO %s (",
+               r->qname);
+        i = 0;
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[c] == '1') {
+                sb_add(&b, "%s", i++ ? ", " : "");
+                sb_ident(&b, r->rel.columns[c].name);
+            }
+        sb_add(&b, ") SELECT ");
+        i = 0;
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[c] == '1') {
+                sb_add(&b, "%s", i++ ? ", " : "");
+                sb_param(&b, r, (int)c, vparam[c]);
+            }
+        sb_add(&b, " WHERE NOT EXISTS (SELECT 1 FROM u) AND NOT EXISTS (SELECT 1 FROM %s t2 "
+                   "WHERE ",
+               r->qname);
+        sb_keywhere(&b, r, "t2", kparam);
+        sb_add(&b, ") AND aamm.update_missing($3, ");
+        sb_keyjson(&b, r, kparam);
+        sb_add(&b, ", $1::timestamptz, $2::int, ");
+        sb_rowjson(&b, r, mask, vparam);
+        sb_add(&b, ", %s, $4, $5::boolean) ON CONFLICT DO NOTHING", has_u ? "true" : "false");
+    } else {
+        sb_add(&b, "WITH d AS (DELETE FROM %s AS t WHERE ", r->qname);
+        sb_keywhere(&b, r, "t", kparam);
+        sb_add(&b, " AND aamm.decide('delete_origin_differs', $3, ");
+        sb_keyjson(&b, r, kparam);
+        sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), NULL, $1::timestamptz, $2::int, $4, "
+                   "$5::boolean) RETURNING 1) SELECT aamm.delete_missing($3, ");
+        sb_keyjson(&b, r, kparam);
+        sb_add(&b, ", $1::timestamptz, $2::int, NULL, $5::boolean) WHERE NOT EXISTS (SELECT 1 "
+                   "FROM d) AND NOT EXISTS (SELECT 1 FROM %s t2 WHERE ",
+               r->qname);
+        sb_keywhere(&b, r, "t2", kparam);
+        sb_add(&b, ")");
+    }
+    aamm__free(vparam);
+    aamm__free(kparam);
+    if (b.oom) {
+        aamm__free(b.s);
+        return NULL;
+    }
+    return b.s;
+}
+
+/* ====================================================================================
+ * Sending
+ * ==================================================================================== */
+
+static int conn_error(struct aamm_apply *ap, const char *what)
+{
+    AAMM_WARN("apply: %s: connection problem: %s", what, PQerrorMessage(ap->conn));
+    aamm__errf(&ap->err, AAMM_ECONN, "apply: %s: %s", what, PQerrorMessage(ap->conn));
+    drop_conn(ap);
+    ap->state = S_WAIT;
+    ap->wake_ms = aamm__now_ms() + ap->backoff_ms;
+    if (ap->backoff_ms < 2000)
+        ap->backoff_ms *= 2;
+    return 0;
+}
+
+/* The statement for one change: the mask says which remote columns are written. */
+static struct stmt *stmt_for(struct aamm_apply *ap, struct qtxn *t, long idx, struct lrel *r,
+                             int op, const char *mask, bool has_u, int *rc)
+{
+    for (int i = 0; i < r->nstmts; i++)
+        if (r->stmts[i].op == op && strcmp(r->stmts[i].mask, mask) == 0) {
+            if (r->stmts[i].prepared)
+                return &r->stmts[i];
+            break;
+        }
+    struct stmt *s = NULL;
+    for (int i = 0; i < r->nstmts; i++)
+        if (r->stmts[i].op == op && strcmp(r->stmts[i].mask, mask) == 0)
+            s = &r->stmts[i];
+    if (!s) {
+        struct stmt *ns = aamm__realloc(r->stmts, (size_t)(r->nstmts + 1) * sizeof *ns);
+        if (!ns) {
+            *rc = AAMM_ENOMEM;
+            return NULL;
+        }
+        r->stmts = ns;
+        s = &r->stmts[r->nstmts];
+        memset(s, 0, sizeof *s);
+        s->op = op;
+        s->mask = aamm__strdup(mask);
+        if (!s->mask) {
+            *rc = AAMM_ENOMEM;
+            return NULL;
+        }
+        snprintf(s->name, sizeof s->name, "aamm_%d_%d_%d", r->id, op, r->nstmts);
+        r->nstmts++;
+    }
+    char *sql = build_sql(r, op, mask, has_u);
+    if (!sql) {
+        *rc = AAMM_ENOMEM;
+        return NULL;
+    }
+    /* the fixed parameters are declared text (the statement casts each), so a statement
+     * that does not use one still prepares */
+    static const Oid fixed_types[NFIXED_ALL] = {25, 25, 25, 25, 25, 25};
+    int ok = PQsendPrepare(ap->conn, s->name, sql, NFIXED_ALL, fixed_types);
+    aamm__free(sql);
+    if (!ok || !exp_push(ap, E_PREPARE, t, r, idx)) {
+        *rc = ok ? AAMM_ENOMEM : AAMM_ECONN;
+        return NULL;
+    }
+    s->prepared = true;
+    return s;
+}
+
+/* Send one change of @t. */
+static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const char **fixed)
+{
+    struct aamm_change *c = &t->changes[idx];
+    if (c->kind == AAMM_CHANGE_MESSAGE)
+        return 0;
+    if (c->kind == AAMM_CHANGE_TRUNCATE) {
+        struct sb b = {0};
+        sb_add(&b, "TRUNCATE ONLY ");
+        for (uint32_t i = 0; i < c->nrelations; i++)
+            sb_add(&b, "%s%s", i ? ", " : "", lrel_of(c->relations[i])->qname);
+        if (c->truncate_flags & AAMM_TRUNCATE_RESTART_IDENTITY)
+            sb_add(&b, " RESTART IDENTITY");
+        if (c->truncate_flags & AAMM_TRUNCATE_CASCADE)
+            sb_add(&b, " CASCADE");
+        if (b.oom)
+            return AAMM_ENOMEM;
+        int ok = PQsendQueryParams(ap->conn, b.s, 0, NULL, NULL, NULL, NULL, 0);
+        aamm__free(b.s);
+        if (!ok)
+            return AAMM_ECONN;
+        if (!exp_push(ap, E_STMT, t, NULL, idx))
+            return AAMM_ENOMEM;
+        for (uint32_t i = 0; i < c->nrelations; i++) {
+            const char *pv[3] = {fixed[0], fixed[1], lrel_of(c->relations[i])->label};
+            if (!PQsendQueryParams(ap->conn,
+                                   "SELECT aamm.log_truncate($3, $1::timestamptz, $2::int)", 3,
+                                   NULL, pv, NULL, NULL, 0))
+                return AAMM_ECONN;
+            if (!exp_push(ap, E_STMT, t, NULL, idx))
+                return AAMM_ENOMEM;
+        }
+        return 0;
+    }
+    struct lrel *r = lrel_of(c->relation);
+    uint32_t nc = r->rel.ncolumns;
+    const struct aamm_tuple *nt = c->kind == AAMM_CHANGE_DELETE ? NULL : &c->new_tuple;
+    const struct aamm_tuple *ot = c->old_kind != AAMM_OLD_NONE ? &c->old_tuple : NULL;
+    if ((nt && nt->nvalues != nc) || (ot && ot->nvalues != nc) ||
+        (c->kind == AAMM_CHANGE_DELETE && !ot))
+        return aamm__errf(&ap->err, AAMM_EMALFORMED,
+                          "apply: %s: tuple does not match the relation (%u columns)",
+                          r->label, nc);
+    size_t need = (size_t)nc + 2;
+    if (ap->scratch_cap < need) {
+        size_t ncap = need * 2 + 16;
+        char *m = aamm__realloc(ap->scratch_mask, ncap);
+        if (!m)
+            return AAMM_ENOMEM;
+        ap->scratch_mask = m;
+        const char **v = aamm__realloc(ap->scratch_vals, (ncap * 2 + NFIXED_ALL) * sizeof *v);
+        if (!v)
+            return AAMM_ENOMEM;
+        ap->scratch_vals = v;
+        ap->scratch_cap = ncap;
+    }
+    char *mask = ap->scratch_mask;
+    bool has_u = false;
+    for (uint32_t i = 0; i < nc; i++) {
+        bool w = nt && nt->values[i].kind != AAMM_VALUE_UNCHANGED && r->r2l[i] >= 0;
+        if (nt && nt->values[i].kind == AAMM_VALUE_UNCHANGED)
+            has_u = true;
+        mask[i] = w ? '1' : '0';
+    }
+    /* key values come from the old tuple when there is one (key change or FULL) */
+    mask[nc] = (c->kind == AAMM_CHANGE_UPDATE && ot) ? 'k' : '-';
+    mask[nc + 1] = '\0';
+    if (c->kind == AAMM_CHANGE_UPDATE && has_u)
+        mask[nc] = mask[nc] == 'k' ? 'K' : 'U';
+    for (int k = 0; k < r->nkeys; k++) {
+        const struct aamm_tuple *kt = (c->kind == AAMM_CHANGE_DELETE || ot) ? ot : nt;
+        const struct aamm_value *v = &kt->values[r->key_r[k]];
+        if (v->kind != AAMM_VALUE_TEXT)
+            return aamm__errf(&ap->err, AAMM_EMALFORMED,
+                              "apply: %s: key column \"%s\" has no value", r->label,
+                              r->rel.columns[r->key_r[k]].name);
+    }
+    int op = c->kind == AAMM_CHANGE_INSERT ? OP_INSERT
+             : c->kind == AAMM_CHANGE_UPDATE ? OP_UPDATE
+                                              : OP_DELETE;
+    int rc = 0;
+    struct stmt *s = NULL;
+    for (int i = 0; i < r->nstmts; i++)
+        if (r->stmts[i].op == op && r->stmts[i].prepared && strcmp(r->stmts[i].mask, mask) == 0)
+            s = &r->stmts[i];
+    if (!s) {
+        s = stmt_for(ap, t, idx, r, op, mask, has_u, &rc);
+        if (!s)
+            return rc;
+    }
+    const char **vals = ap->scratch_vals;
+    int np = 0;
+    for (int i = 0; i < NFIXED; i++)
+        vals[np++] = fixed[i];
+    vals[np++] = ap->roident;
+    vals[3] = aamm_conflict_policy_name((enum aamm_conflict_policy)policy_of(ap, r));
+    if (op != OP_DELETE)
+        for (uint32_t i = 0; i < nc; i++)
+            if (mask[i] == '1')
+                vals[np++] = nt->values[i].kind == AAMM_VALUE_TEXT ? nt->values[i].data : NULL;
+    if (op == OP_DELETE || ot)
+        for (int k = 0; k < r->nkeys; k++)
+            vals[np++] = ot->values[r->key_r[k]].data;
+    if (!PQsendQueryPrepared(ap->conn, s->name, np, vals, NULL, NULL, 0))
+        return AAMM_ECONN;
+    if (!exp_push(ap, E_STMT, t, r, idx))
+        return AAMM_ENOMEM;
+    return 0;
+}
+
+static const char conflicts_sql[] =
+    "SELECT kind, relation, key::text, local_row::text, remote_row::text,\n"
+    "  (extract(epoch FROM local_time) * 1000000)::int8, local_node,\n"
+    "  (extract(epoch FROM remote_time) * 1000000)::int8, remote_node, resolution\n"
+    "FROM aamm.conflict_log WHERE pg_catalog.current_setting('aamm.nconf', true) = 'y'\n"
+    "  AND xid = pg_catalog.pg_current_xact_id_if_assigned() ORDER BY id";
+
+/* Send @t as BEGIN; guard; changes; conflicts; COMMIT; Sync. Returns 0, 1 when it has to
+ * wait (catalog), or an error. */
+static int send_txn(struct aamm_apply *ap, struct qtxn *t)
+{
+    /* 1. every relation mapped (a catalog round trip first if not) */
+    for (size_t i = 0; i < t->n; i++) {
+        struct aamm_change *c = &t->changes[i];
+        uint32_t nr = c->kind == AAMM_CHANGE_TRUNCATE ? c->nrelations : (c->relation ? 1 : 0);
+        for (uint32_t j = 0; j < nr; j++) {
+            struct lrel *r = lrel_of(c->kind == AAMM_CHANGE_TRUNCATE ? c->relations[j]
+                                                                      : c->relation);
+            if (r->mapped && r->map_code) {
+                ap->block_code = r->map_code;
+                aamm__free(ap->block_msg);
+                ap->block_msg = aamm__strdup(r->map_msg ? r->map_msg : "mapping failed");
+                return 1;
+            }
+            if (r->mapped)
+                continue;
+            if (!r->catalog_pending) {
+                const char *pv[2] = {r->rel.schema, r->rel.name};
+                if (!PQsendQueryParams(ap->conn, catalog_sql, 2, NULL, pv, NULL, NULL, 0) ||
+                    !PQpipelineSync(ap->conn))
+                    return AAMM_ECONN;
+                if (!exp_push(ap, E_CATALOG, NULL, r, 0) || !exp_push(ap, E_MISC, NULL, NULL, 0))
+                    return AAMM_ENOMEM;
+                r->catalog_pending = true;
+            }
+            return 1;
+        }
+    }
+    /* 2. the transaction */
+    char lsn_prev[AAMM_LSN_BUFSIZE], lsn_end[AAMM_LSN_BUFSIZE], ts[64], node[16];
+    aamm_lsn_format(ap->prev_sent, lsn_prev);
+    aamm_lsn_format(t->hdr.end_lsn, lsn_end);
+    aamm_time_format(t->hdr.commit_time, ts, sizeof ts);
+    snprintf(node, sizeof node, "%" PRIu32, ap->opt.source_node);
+    if (!PQsendQueryParams(ap->conn, "BEGIN", 0, NULL, NULL, NULL, NULL, 0) ||
+        !exp_push(ap, E_BEGIN, t, NULL, -1))
+        return AAMM_ECONN;
+    const char *gp[4] = {ap->origin, lsn_prev, lsn_end, ts};
+    if (!PQsendQueryParams(ap->conn,
+                           "SELECT aamm.begin_remote($1, $2::pg_lsn, $3::pg_lsn, "
+                           "$4::timestamptz)",
+                           4, NULL, gp, NULL, NULL, 0) ||
+        !exp_push(ap, E_GUARD, t, NULL, -1))
+        return AAMM_ECONN;
+    const char *fixed[NFIXED] = {ts, node, NULL, NULL, ap->opt.lock_keys ? "t" : "f"};
+    for (size_t i = 0; i < t->n; i++) {
+        if (t->changes[i].relation)
+            fixed[2] = lrel_of(t->changes[i].relation)->label;
+        int rc = send_change(ap, t, (long)i, fixed);
+        if (rc < 0)
+            return rc;
+    }
+    if (!PQsendQueryParams(ap->conn, conflicts_sql, 0, NULL, NULL, NULL, NULL, 0) ||
+        !exp_push(ap, E_CONFLICTS, t, NULL, -1))
+        return AAMM_ECONN;
+    if (!PQsendQueryParams(ap->conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) ||
+        !exp_push(ap, E_COMMIT, t, NULL, -1))
+        return AAMM_ECONN;
+    if (!PQpipelineSync(ap->conn) || !exp_push(ap, E_SYNC, t, NULL, -1))
+        return AAMM_ECONN;
+    t->sent = true;
+    ap->prev_sent = t->hdr.end_lsn;
+    ap->ninflight++;
+    return 0;
+}
+
+static int send_pending(struct aamm_apply *ap)
+{
+    if (ap->fail_txn || ap->block_code || ap->recovering)
+        return 0;
+    for (struct qtxn *t = ap->head; t; t = t->next) {
+        if (t->done || t->sent)
+            continue;
+        if (ap->ninflight >= ap->opt.max_pipeline_txns)
+            break;
+        /* exactly once: anything at or below what is (or will be) committed is a duplicate */
+        if (t->hdr.end_lsn <= ap->prev_sent) {
+            t->done = t->skipped = true;
+            continue;
+        }
+        int rc = send_txn(ap, t);
+        if (rc < 0)
+            return rc;
+        if (rc > 0)
+            break;
+    }
+    return 0;
+}
+
+/* ====================================================================================
+ * Results
+ * ==================================================================================== */
+
+static void record_error(struct qtxn *t, PGresult *res, long idx)
+{
+    if (!t || t->errmsg)
+        return;
+    const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    snprintf(t->sqlstate, sizeof t->sqlstate, "%s", st ? st : "XX000");
+    const char *m = PQresultErrorMessage(res);
+    t->errmsg = aamm__strdup(m && *m ? m : "unknown error");
+    if (t->errmsg) {
+        size_t n = strlen(t->errmsg);
+        while (n && (t->errmsg[n - 1] == '\n' || t->errmsg[n - 1] == ' '))
+            t->errmsg[--n] = '\0';
+    }
+    t->err_change = idx;
+    t->failed = true;
+}
+
+static int64_t parse_i64(const char *s)
+{
+    return s && *s ? strtoll(s, NULL, 10) : 0;
+}
+
+static void store_conflicts(struct qtxn *t, PGresult *res)
+{
+    struct qconflict **tailp = &t->conflicts;
+    while (*tailp)
+        tailp = &(*tailp)->next;
+    for (int i = 0; i < PQntuples(res); i++) {
+        struct qconflict *q = aamm__calloc(1, sizeof *q);
+        if (!q)
+            return;
+        q->c.kind = (enum aamm_conflict_kind)aamm_conflict_kind_parse(PQgetvalue(res, i, 0));
+        q->rel = aamm__strdup(PQgetvalue(res, i, 1));
+        q->key = PQgetisnull(res, i, 2) ? NULL : aamm__strdup(PQgetvalue(res, i, 2));
+        q->local = PQgetisnull(res, i, 3) ? NULL : aamm__strdup(PQgetvalue(res, i, 3));
+        q->remote = PQgetisnull(res, i, 4) ? NULL : aamm__strdup(PQgetvalue(res, i, 4));
+        q->c.local.known = !PQgetisnull(res, i, 5);
+        q->c.local.commit_time = parse_i64(PQgetvalue(res, i, 5));
+        q->c.local.origin_node = (uint32_t)parse_i64(PQgetvalue(res, i, 6));
+        q->c.remote.known = !PQgetisnull(res, i, 7);
+        q->c.remote.commit_time = parse_i64(PQgetvalue(res, i, 7));
+        q->c.remote.origin_node = (uint32_t)parse_i64(PQgetvalue(res, i, 8));
+        q->c.resolution = (enum aamm_resolution)aamm_resolution_parse(PQgetvalue(res, i, 9));
+        q->c.relation = q->rel;
+        q->c.key_json = q->key;
+        q->c.local_json = q->local;
+        q->c.remote_json = q->remote;
+        *tailp = q;
+        tailp = &q->next;
+    }
+}
+
+/* a transaction committed: report it and let it go when it reaches the head */
+static void txn_committed(struct aamm_apply *ap, struct qtxn *t)
+{
+    t->done = true;
+    ap->progress = t->hdr.end_lsn;
+    ap->committed++;
+    ap->need_progress = true;
+    ap->backoff_ms = 10;
+    for (struct qconflict *q = t->conflicts; q; q = q->next) {
+        if ((int)q->c.kind > 0 && (int)q->c.kind < AAMM_CONFLICT_NKINDS)
+            ap->counters[q->c.kind]++;
+        if (ap->opt.on_conflict)
+            ap->opt.on_conflict(&q->c, ap->opt.conflict_arg);
+    }
+    for (size_t i = 0; i < t->n; i++) {
+        struct aamm_change *c = &t->changes[i];
+        if (c->kind == AAMM_CHANGE_MESSAGE && ap->opt.on_message)
+            ap->opt.on_message(ap, true, c->prefix ? c->prefix : "", c->content,
+                               c->content_len, ap->opt.message_arg);
+    }
+}
+
+static void retire(struct aamm_apply *ap)
+{
+    while (ap->head && ap->head->done) {
+        struct qtxn *t = ap->head;
+        ap->head = t->next;
+        if (!ap->head)
+            ap->tail = NULL;
+        if (t->skipped)
+            ap->skipped++;
+        ap->nqueued_changes -= t->n;
+        ap->ntxns--;
+        qtxn_free(t);
+    }
+}
+
+static int classify(const char *sqlstate)
+{
+    if (strcmp(sqlstate, "23505") == 0 || strcmp(sqlstate, "AA001") == 0)
+        return AAMM_ECONFLICT;
+    if (strcmp(sqlstate, "42P01") == 0 || strcmp(sqlstate, "42703") == 0)
+        return AAMM_ENOTFOUND;
+    return AAMM_ESERVER;
+}
+
+/* Everything in flight has answered and @fail_txn failed: retry or hold. */
+static void after_failure(struct aamm_apply *ap)
+{
+    struct qtxn *t = ap->fail_txn;
+    /* 1. the session may sit in an aborted transaction block: end it; forget statements
+     *    that may not exist; re-read the progress the guard compares with */
+    PQsendQueryParams(ap->conn, "ROLLBACK", 0, NULL, NULL, NULL, NULL, 0);
+    exp_push(ap, E_MISC, NULL, NULL, 0);
+    /* the failed transaction's xact setup outlives its abort: without this reset, the
+     * next commit of this session would move the origin to the failed end LSN */
+    PQsendQueryParams(ap->conn, "SELECT pg_catalog.pg_replication_origin_xact_reset()", 0,
+                      NULL, NULL, NULL, NULL, 0);
+    exp_push(ap, E_MISC, NULL, NULL, 0);
+    PQsendQueryParams(ap->conn, "DEALLOCATE ALL", 0, NULL, NULL, NULL, NULL, 0);
+    exp_push(ap, E_MISC, NULL, NULL, 0);
+    const char *pv[1] = {ap->origin};
+    PQsendQueryParams(ap->conn,
+                      "SELECT COALESCE(pg_catalog.pg_replication_origin_progress("
+                      "$1, false), '0/0')",
+                      1, NULL, pv, NULL, NULL, 0);
+    exp_push(ap, E_REPROGRESS, NULL, NULL, 0);
+    PQpipelineSync(ap->conn);
+    exp_push(ap, E_MISC, NULL, NULL, 0);
+    for (struct lrel *r = ap->rels; r; r = r->next)
+        for (int i = 0; i < r->nstmts; i++)
+            r->stmts[i].prepared = false;
+    struct qtxn keep = *t; /* the first failure's details, for the message below */
+    t->errmsg = NULL;
+    for (struct qtxn *q = ap->head; q; q = q->next) {
+        if (q->done)
+            continue;
+        q->sent = false;
+        q->failed = false;
+        q->committed_ok = false;
+        q->sqlstate[0] = '\0';
+        q->err_change = -1;
+        aamm__free(q->errmsg);
+        q->errmsg = NULL;
+    }
+    t = &keep;
+    ap->ninflight = 0;
+    ap->fail_txn = NULL;
+    /* nothing is sent until the progress re-read answers */
+    ap->prev_sent = ap->progress;
+    ap->recovering = true;
+
+    const char *sqlstate = t->sqlstate[0] ? t->sqlstate : "XX000";
+    struct aamm_change *c = t->err_change >= 0 ? &t->changes[t->err_change] : NULL;
+    const char *label = c && c->relation ? lrel_of(c->relation)->label : "";
+    char lsn[AAMM_LSN_BUFSIZE];
+    aamm_lsn_format(t->hdr.end_lsn, lsn);
+    if (is_transient(sqlstate)) {
+        AAMM_INFO("apply: transaction %s: transient error, retrying: %s", lsn,
+                  t->errmsg ? t->errmsg : "");
+        aamm__free(t->errmsg);
+        ap->state = S_WAIT;
+        ap->wake_ms = aamm__now_ms() + ap->backoff_ms;
+        if (ap->backoff_ms < 2000)
+            ap->backoff_ms *= 2;
+        return;
+    }
+    int code = classify(sqlstate);
+    if (strcmp(sqlstate, "23505") == 0 && c) {
+        /* a unique index other than the key (or a key change onto an existing key) */
+        ap->counters[AAMM_CONFLICT_UNIQUE_OTHER]++;
+        struct aamm_conflict uc = {0};
+        uc.kind = AAMM_CONFLICT_UNIQUE_OTHER;
+        uc.relation = label;
+        uc.remote.known = true;
+        uc.remote.commit_time = t->hdr.commit_time;
+        uc.remote.origin_node = t->hdr.origin_node;
+        uc.resolution = AAMM_RESOLVE_ERROR;
+        if (ap->opt.on_conflict)
+            ap->opt.on_conflict(&uc, ap->opt.conflict_arg);
+        char ts[64], node[16];
+        aamm_time_format(t->hdr.commit_time, ts, sizeof ts);
+        snprintf(node, sizeof node, "%" PRIu32, t->hdr.origin_node);
+        const char *lp[3] = {label, ts, node};
+        PQsendQueryParams(ap->conn,
+                          "SELECT aamm.log_conflict('unique_other', $1, NULL, NULL, NULL, NULL, "
+                          "NULL, $2::timestamptz, $3::int, 'error')",
+                          3, NULL, lp, NULL, NULL, 0);
+        exp_push(ap, E_MISC, NULL, NULL, 0);
+        PQpipelineSync(ap->conn);
+        exp_push(ap, E_MISC, NULL, NULL, 0);
+    }
+    aamm__errf(&ap->err, code, "apply: transaction %s%s%s: %s (%s); stream held", lsn,
+               *label ? ": " : "", label, t->errmsg ? t->errmsg : "failed", sqlstate);
+    aamm__free(t->errmsg);
+    ap->held_code = code;
+    ap->state = S_HELD;
+}
+
+static int handle_result(struct aamm_apply *ap, PGresult *res)
+{
+    int st = PQresultStatus(res);
+    if (ap->exp_n == 0) {
+        PQclear(res);
+        return aamm__errf(&ap->err, AAMM_EINTERNAL, "apply: unexpected result from the server");
+    }
+    struct expect e = exp_pop(ap);
+    bool err = st == PGRES_FATAL_ERROR;
+    AAMM_DEBUG("apply: result for %d: %s %s %s", e.kind, PQresStatus((ExecStatusType)st),
+               PQcmdStatus(res), err ? PQresultErrorMessage(res) : "");
+    switch (e.kind) {
+    case E_SYNC:
+        ap->ninflight--;
+        if (e.t->committed_ok && !e.t->failed) {
+            txn_committed(ap, e.t);
+        } else {
+            e.t->failed = true;
+            if (!e.t->errmsg) {
+                e.t->errmsg = aamm__strdup("the transaction did not commit");
+                snprintf(e.t->sqlstate, sizeof e.t->sqlstate, "AA003");
+            }
+            if (!ap->fail_txn)
+                ap->fail_txn = e.t;
+        }
+        break;
+    case E_BEGIN:
+    case E_GUARD:
+    case E_STMT:
+    case E_CONFLICTS:
+        if (err)
+            record_error(e.t, res, e.idx);
+        else if (st == PGRES_PIPELINE_ABORTED && e.t)
+            e.t->failed = true;
+        else if (e.kind == E_CONFLICTS && st == PGRES_TUPLES_OK)
+            store_conflicts(e.t, res);
+        break;
+    case E_COMMIT:
+        if (err)
+            record_error(e.t, res, -1);
+        else if (st == PGRES_COMMAND_OK && strcmp(PQcmdStatus(res), "COMMIT") == 0)
+            e.t->committed_ok = true;
+        else
+            e.t->failed = true;
+        break;
+    case E_PREPARE:
+        if (err) {
+            AAMM_WARN("apply: %s: preparing a statement failed: %s", e.rel ? e.rel->label : "",
+                      PQresultErrorMessage(res));
+            record_error(e.t, res, e.idx);
+        } else if (st == PGRES_PIPELINE_ABORTED && e.t) {
+            e.t->failed = true;
+        }
+        break;
+    case E_CATALOG:
+        e.rel->catalog_pending = false;
+        map_result(e.rel, res);
+        break;
+    case E_PROGRESS:
+        ap->progress_query_pending = false;
+        if (st == PGRES_TUPLES_OK && PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))
+            aamm_lsn_parse(PQgetvalue(res, 0, 0), &ap->flushed);
+        break;
+    case E_REPROGRESS:
+        if (st == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
+            aamm_lsn_parse(PQgetvalue(res, 0, 0), &ap->progress) == 0)
+            ap->prev_sent = ap->progress;
+        ap->recovering = false;
+        break;
+    default:
+        break;
+    }
+    PQclear(res);
+    return 0;
+}
+
+static int read_results(struct aamm_apply *ap)
+{
+    if (!PQconsumeInput(ap->conn))
+        return conn_error(ap, "reading results");
+    while (ap->exp_n > 0 && !PQisBusy(ap->conn)) {
+        PGresult *res = PQgetResult(ap->conn);
+        if (!res) {
+            if (PQstatus(ap->conn) == CONNECTION_BAD)
+                return conn_error(ap, "reading results");
+            continue; /* end of one query's results */
+        }
+        int rc = handle_result(ap, res);
+        if (rc < 0)
+            return rc;
+    }
+    if (PQstatus(ap->conn) == CONNECTION_BAD)
+        return conn_error(ap, "reading results");
+    retire(ap);
+    return 0;
+}
+
+/* ====================================================================================
+ * Connection and session setup
+ * ==================================================================================== */
+
+static int start_connect(struct aamm_apply *ap)
+{
+    ap->conn = PQconnectStart(ap->conninfo);
+    if (!ap->conn)
+        return aamm__errf(&ap->err, AAMM_ENOMEM, "apply: out of memory connecting");
+    if (PQstatus(ap->conn) == CONNECTION_BAD)
+        return conn_error(ap, "connect");
+    ap->state = S_CONNECTING;
+    ap->want_write = true;
+    return 0;
+}
+
+static int send_setup(struct aamm_apply *ap)
+{
+    char sql[1024];
+    snprintf(sql, sizeof sql,
+             "SET session_replication_role = replica; SET search_path = '';"
+             "SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3;"
+             "SET bytea_output = hex; SET TimeZone = 'UTC'; SET client_encoding = 'UTF8';"
+             "SET standard_conforming_strings = on; SET aamm.node_id = '%" PRIu32 "';"
+             "SET application_name = 'aamm apply from %" PRIu32 "';%s"
+             "SELECT progress, roident FROM aamm.origin_session('%s')",
+             ap->opt.local_node, ap->opt.source_node,
+             ap->opt.synchronous_commit_off ? " SET synchronous_commit = off;" : "",
+             ap->origin);
+    if (!PQsendQuery(ap->conn, sql))
+        return conn_error(ap, "session setup");
+    ap->state = S_SETUP;
+    return 0;
+}
+
+static int step_setup(struct aamm_apply *ap)
+{
+    if (!PQconsumeInput(ap->conn))
+        return conn_error(ap, "session setup");
+    while (!PQisBusy(ap->conn)) {
+        PGresult *res = PQgetResult(ap->conn);
+        if (!res) {
+            /* all results in: enter pipeline mode */
+            if (ap->state != S_SETUP)
+                return 0;
+            if (!PQenterPipelineMode(ap->conn) || PQsetnonblocking(ap->conn, 1) != 0)
+                return conn_error(ap, "pipeline mode");
+            ap->state = S_READY;
+            ap->prev_sent = ap->progress;
+            AAMM_INFO("apply: origin %s ready at %" PRIX64, ap->origin, ap->progress);
+            return 0;
+        }
+        int st = PQresultStatus(res);
+        if (st == PGRES_FATAL_ERROR) {
+            const char *ss = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+            bool busy = ss && strcmp(ss, "55000") == 0; /* origin still held by an old
+                                                           backend */
+            aamm__errf(&ap->err, busy ? AAMM_EBUSY : AAMM_ESERVER, "apply: session setup: %s",
+                       PQresultErrorMessage(res));
+            PQclear(res);
+            /* drain, then retry after a backoff (the old backend goes away by itself) */
+            while ((res = PQgetResult(ap->conn)) != NULL)
+                PQclear(res);
+            PQfinish(ap->conn);
+            ap->conn = NULL;
+            ap->state = S_WAIT;
+            ap->wake_ms = aamm__now_ms() + (busy ? 20 : ap->backoff_ms);
+            if (!busy && ap->backoff_ms < 2000)
+                ap->backoff_ms *= 2;
+            if (!busy)
+                AAMM_WARN("%s", aamm__errmsg(&ap->err));
+            return 0;
+        }
+        if (st == PGRES_TUPLES_OK && PQntuples(res) == 1) {
+            aamm_lsn_parse(PQgetvalue(res, 0, 0), &ap->progress);
+            snprintf(ap->roident, sizeof ap->roident, "%s", PQgetvalue(res, 0, 1));
+            if (ap->flushed > ap->progress)
+                ap->flushed = ap->progress;
+        }
+        PQclear(res);
+    }
+    return 0;
+}
+
+/* ====================================================================================
+ * Driving
+ * ==================================================================================== */
+
+int aamm_apply_step(struct aamm_apply *ap)
+{
+    /* non-transactional messages first (they are not tied to any commit) */
+    while (ap->msgs) {
+        struct qmsg *m = ap->msgs;
+        ap->msgs = m->next;
+        if (ap->opt.on_message)
+            ap->opt.on_message(ap, false, m->prefix ? m->prefix : "", m->content, m->len,
+                               ap->opt.message_arg);
+        aamm__free(m->prefix);
+        aamm__free(m->content);
+        aamm__free(m);
+    }
+    switch (ap->state) {
+    case S_HELD:
+        if (ap->conn && ap->exp_n)
+            read_results(ap);
+        if (ap->conn && PQflush(ap->conn) < 0)
+            conn_error(ap, "flush");
+        if (ap->state != S_HELD) /* lost the connection while held: stay held */
+            ap->state = S_HELD;
+        return ap->held_code;
+    case S_WAIT:
+        if (aamm__now_ms() < ap->wake_ms)
+            return 0;
+        if (ap->conn) { /* retry on the same connection */
+            ap->state = S_READY;
+            break;
+        }
+        /* fall through */
+    case S_IDLE:
+        return start_connect(ap);
+    case S_CONNECTING: {
+        PostgresPollingStatusType ps = PQconnectPoll(ap->conn);
+        if (ps == PGRES_POLLING_FAILED)
+            return conn_error(ap, "connect");
+        ap->want_write = ps == PGRES_POLLING_WRITING;
+        if (ps == PGRES_POLLING_OK) {
+            ap->want_write = false;
+            return send_setup(ap);
+        }
+        return 0;
+    }
+    case S_SETUP:
+        return step_setup(ap);
+    case S_READY:
+        break;
+    }
+    /* S_READY: results first (they free pipeline room), then send, then flush */
+    int rc = read_results(ap);
+    if (rc < 0 || ap->state != S_READY)
+        return rc;
+    if (ap->exp_n == 0 && ap->fail_txn) {
+        after_failure(ap);
+        if (ap->state == S_HELD)
+            return ap->held_code;
+        return 0;
+    }
+    if (ap->exp_n == 0 && ap->block_code) {
+        int code = ap->block_code;
+        aamm__errf(&ap->err, code, "apply: %s; stream held", ap->block_msg ? ap->block_msg : "");
+        ap->block_code = 0;
+        ap->held_code = code;
+        ap->state = S_HELD;
+        return code;
+    }
+    rc = send_pending(ap);
+    if (rc < 0) {
+        if (rc == AAMM_ECONN)
+            return conn_error(ap, "sending");
+        return rc;
+    }
+    if (ap->need_progress && !ap->progress_query_pending && !ap->fail_txn) {
+        const char *pv[1] = {ap->origin};
+        if (!PQsendQueryParams(ap->conn,
+                               "SELECT pg_catalog.pg_replication_origin_progress($1, true)", 1,
+                               NULL, pv, NULL, NULL, 0) ||
+            !PQpipelineSync(ap->conn))
+            return conn_error(ap, "sending");
+        exp_push(ap, E_PROGRESS, NULL, NULL, 0);
+        exp_push(ap, E_MISC, NULL, NULL, 0);
+        ap->progress_query_pending = true;
+        ap->need_progress = false;
+    }
+    int f = PQflush(ap->conn);
+    if (f < 0)
+        return conn_error(ap, "sending");
+    ap->want_write = f == 1;
+    return 0;
+}
+
+int aamm_apply_fd(const struct aamm_apply *ap)
+{
+    return ap->conn ? PQsocket(ap->conn) : -1;
+}
+
+int aamm_apply_events(const struct aamm_apply *ap)
+{
+    if (!ap->conn)
+        return 0;
+    return AAMM_APPLY_READ | (ap->want_write ? AAMM_APPLY_WRITE : 0);
+}
+
+int aamm_apply_timeout(const struct aamm_apply *ap)
+{
+    switch (ap->state) {
+    case S_IDLE:
+        return 0;
+    case S_WAIT: {
+        int64_t d = ap->wake_ms - aamm__now_ms();
+        return d < 0 ? 0 : (int)d;
+    }
+    case S_READY:
+        /* work queued that can be sent now */
+        for (struct qtxn *t = ap->head; t; t = t->next)
+            if (!t->sent && !t->done && ap->ninflight < ap->opt.max_pipeline_txns &&
+                !ap->fail_txn && !ap->block_code)
+                return 0;
+        if ((ap->fail_txn || ap->block_code) && ap->exp_n == 0)
+            return 0;
+        return ap->msgs ? 0 : -1;
+    default:
+        return ap->msgs ? 0 : -1;
+    }
+}
+
+static bool idle(const struct aamm_apply *ap)
+{
+    return ap->state == S_READY && !ap->head && ap->exp_n == 0 && !ap->msgs;
+}
+
+int aamm_apply_flush(struct aamm_apply *ap, int timeout_ms)
+{
+    int64_t deadline = aamm__now_ms() + timeout_ms;
+    for (;;) {
+        int rc = aamm_apply_step(ap);
+        if (rc < 0)
+            return rc;
+        if (idle(ap))
+            return 0;
+        int64_t now = aamm__now_ms();
+        if (now >= deadline)
+            return aamm__errf(&ap->err, AAMM_ETIMEDOUT, "apply: flush timed out");
+        int to = aamm_apply_timeout(ap);
+        int64_t left = deadline - now;
+        if (to < 0 || to > left)
+            to = (int)left;
+        int fd = aamm_apply_fd(ap);
+        if (fd >= 0 && to > 0) {
+            struct pollfd p = {fd, 0, 0};
+            int ev = aamm_apply_events(ap);
+            if (ev & AAMM_APPLY_READ)
+                p.events |= POLLIN;
+            if (ev & AAMM_APPLY_WRITE)
+                p.events |= POLLOUT;
+            poll(&p, 1, to > 100 ? 100 : to);
+        } else if (to > 0) {
+            struct pollfd p = {-1, 0, 0};
+            poll(&p, 0, to > 100 ? 100 : to);
+        }
+    }
+}
+
+int aamm_apply_resume(struct aamm_apply *ap)
+{
+    if (ap->state != S_HELD)
+        return aamm__errf(&ap->err, AAMM_ESTATE, "apply: resume: the stream is not held");
+    for (struct lrel *r = ap->rels; r; r = r->next)
+        lrel_unmap(r);
+    ap->held_code = 0;
+    aamm__errclear(&ap->err);
+    if (ap->conn) {
+        /* statements were dropped (DEALLOCATE ALL after the failure) */
+        ap->state = S_READY;
+    } else {
+        ap->state = S_IDLE;
+    }
+    return 0;
+}
+
+bool aamm_apply_held(const struct aamm_apply *ap)
+{
+    return ap->state == S_HELD;
+}
+
+bool aamm_apply_ready(const struct aamm_apply *ap)
+{
+    return ap->state == S_READY || ap->state == S_HELD;
+}
+
+uint64_t aamm_apply_progress(const struct aamm_apply *ap)
+{
+    return ap->progress;
+}
+
+uint64_t aamm_apply_flushed(const struct aamm_apply *ap)
+{
+    return ap->flushed;
+}
+
+size_t aamm_apply_pending(const struct aamm_apply *ap)
+{
+    return ap->ntxns;
+}
+
+uint64_t aamm_apply_conflicts(const struct aamm_apply *ap, enum aamm_conflict_kind kind)
+{
+    if ((int)kind <= 0 || (int)kind >= AAMM_CONFLICT_NKINDS)
+        return 0;
+    return ap->counters[kind];
+}
+
+uint64_t aamm_apply_committed(const struct aamm_apply *ap)
+{
+    return ap->committed;
+}
+
+uint64_t aamm_apply_skipped(const struct aamm_apply *ap)
+{
+    return ap->skipped;
+}
+
+const char *aamm_apply_errmsg(const struct aamm_apply *ap)
+{
+    return aamm__errmsg(&ap->err);
+}

@@ -1,0 +1,516 @@
+/* node.c: node setup: apply's SQL objects in schema aamm, the apply role, replicated tables,
+ * tombstone collection. Blocking calls on a host-provided connection. */
+#include "config.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libpq-fe.h>
+
+#include <aamm/node.h>
+
+#include "internal.h"
+
+/* ====================================================================================
+ * The SQL objects. Everything lives in schema aamm; nothing here is ever published.
+ * Invoker-rights functions are called by apply's role; the two SECURITY DEFINER ones
+ * (conflict log, tombstone writes) let it log and remember deletes without write grants
+ * on aamm's tables. Keep this text in step with doc/conflicts.md and lib/conflict.c.
+ * ==================================================================================== */
+
+static const char install_sql[] =
+    "CREATE SCHEMA IF NOT EXISTS aamm;\n"
+    "CREATE TABLE IF NOT EXISTS aamm.apply_meta (version int NOT NULL);\n"
+    "CREATE TABLE IF NOT EXISTS aamm.conflict_log (\n"
+    "  id bigserial PRIMARY KEY,\n"
+    "  logged_at timestamptz NOT NULL DEFAULT now(),\n"
+    "  xid xid8 DEFAULT pg_current_xact_id(),\n"
+    "  kind text NOT NULL, relation text NOT NULL, key jsonb,\n"
+    "  local_row jsonb, remote_row jsonb,\n"
+    "  local_time timestamptz, local_node int, remote_time timestamptz, remote_node int,\n"
+    "  resolution text NOT NULL);\n"
+    "CREATE INDEX IF NOT EXISTS conflict_log_xid ON aamm.conflict_log (xid);\n"
+    "CREATE TABLE IF NOT EXISTS aamm.tombstone (relation text NOT NULL, key jsonb NOT NULL,\n"
+    "  PRIMARY KEY (relation, key));\n"
+    /* node id of a replication origin id: 0 = this node (the apply session sets
+     * aamm.node_id), aamm_from_<n> = node n, anything else unknown (NULL) */
+    "CREATE OR REPLACE FUNCTION aamm.node_of(r oid) RETURNS int LANGUAGE sql STABLE AS $f$\n"
+    "  SELECT CASE WHEN r = 0 THEN NULLIF(\n"
+    "    pg_catalog.current_setting('aamm.node_id', true), '')::int\n"
+    "  ELSE (SELECT CASE WHEN o.roname OPERATOR(pg_catalog.~) '^aamm_from_[0-9]+$'\n"
+    "        THEN pg_catalog.substr(o.roname, 11)::int END\n"
+    "        FROM pg_catalog.pg_replication_origin o WHERE o.roident = r) END $f$;\n"
+    /* the version (commit timestamp, origin node) of the transaction @x */
+    "CREATE OR REPLACE FUNCTION aamm.version_of(x xid, OUT ts timestamptz, OUT node int)\n"
+    "  LANGUAGE sql STABLE AS $f$\n"
+    "  SELECT c.timestamp, aamm.node_of(c.roident)\n"
+    "  FROM pg_catalog.pg_xact_commit_timestamp_origin(x) c $f$;\n"
+    /* (ts1, n1) newer than (ts2, n2)? unknown (NULL ts) is oldest */
+    "CREATE OR REPLACE FUNCTION aamm.newer(ts1 timestamptz, n1 int, ts2 timestamptz, n2 int)\n"
+    "  RETURNS boolean LANGUAGE sql IMMUTABLE AS $f$\n"
+    "  SELECT CASE WHEN ts1 IS NULL THEN false WHEN ts2 IS NULL THEN true\n"
+    "    WHEN ts1 OPERATOR(pg_catalog.<>) ts2 THEN ts1 OPERATOR(pg_catalog.>) ts2\n"
+    "    ELSE COALESCE(n1, 0) OPERATOR(pg_catalog.>) COALESCE(n2, 0)\n"
+    "  END $f$;\n"
+    "CREATE OR REPLACE FUNCTION aamm.log_conflict(kind text, rel text, k jsonb, lrow jsonb,\n"
+    "  rrow jsonb, lts timestamptz, lnode int, rts timestamptz, rnode int, res text)\n"
+    "  RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $f$\n"
+    "BEGIN\n"
+    "  INSERT INTO aamm.conflict_log (kind, relation, key, local_row, remote_row, local_time,\n"
+    "    local_node, remote_time, remote_node, resolution)\n"
+    "  VALUES (kind, rel, k, lrow, rrow, lts, lnode, rts, rnode, res);\n"
+    "  PERFORM set_config('aamm.nconf', 'y', true);\n"
+    "END $f$;\n"
+    /* remember a delete of @k done by the current transaction unless a newer one is known */
+    "CREATE OR REPLACE FUNCTION aamm.put_tombstone(rel text, k jsonb, rts timestamptz,\n"
+    "  rnode int) RETURNS void LANGUAGE plpgsql SECURITY DEFINER\n"
+    "  SET search_path = pg_catalog AS $f$\n"
+    "BEGIN\n"
+    "  INSERT INTO aamm.tombstone AS t VALUES (rel, k) ON CONFLICT (relation, key)\n"
+    "  DO UPDATE SET relation = EXCLUDED.relation\n"
+    "  WHERE NOT (SELECT aamm.newer(v.ts, v.node, rts, rnode) FROM aamm.version_of(t.xmin) v);\n"
+    "END $f$;\n"
+    "CREATE OR REPLACE FUNCTION aamm.tombstone_trigger() RETURNS trigger LANGUAGE plpgsql\n"
+    "  SECURITY DEFINER SET search_path = pg_catalog AS $f$\n"
+    "DECLARE o jsonb := to_jsonb(OLD); k jsonb;\n"
+    "BEGIN\n"
+    "  SELECT jsonb_agg(o -> u.a ORDER BY u.i) INTO k\n"
+    "  FROM unnest(TG_ARGV) WITH ORDINALITY AS u(a, i);\n"
+    "  INSERT INTO aamm.tombstone VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, k)\n"
+    "  ON CONFLICT (relation, key) DO UPDATE SET relation = EXCLUDED.relation;\n"
+    "  RETURN NULL;\n"
+    "END $f$;\n"
+    /* open a remote transaction: the guard (pipelining must never commit transaction N+1
+     * after N failed) and the origin's commit LSN and timestamp */
+    "CREATE OR REPLACE FUNCTION aamm.begin_remote(origin text, prev pg_lsn, endlsn pg_lsn,\n"
+    "  ts timestamptz) RETURNS void LANGUAGE plpgsql AS $f$\n"
+    "DECLARE cur pg_lsn;\n"
+    "BEGIN\n"
+    "  cur := COALESCE(pg_catalog.pg_replication_origin_progress(origin, false),\n"
+    "                             '0/0');\n"
+    "  IF cur OPERATOR(pg_catalog.<>) prev THEN\n"
+    "    RAISE EXCEPTION 'aamm: origin % is at %, expected % (an earlier transaction did not "
+    "commit)', origin, cur, prev USING ERRCODE = 'AA002';\n"
+    "  END IF;\n"
+    "  PERFORM pg_catalog.pg_replication_origin_xact_setup(endlsn, ts);\n"
+    "END $f$;\n"
+    "CREATE OR REPLACE FUNCTION aamm.origin_session(origin text, OUT progress pg_lsn,\n"
+    "  OUT roident oid) LANGUAGE plpgsql AS $f$\n"
+    "BEGIN\n"
+    "  IF pg_catalog.pg_replication_origin_oid(origin) IS NULL THEN\n"
+    "    PERFORM pg_catalog.pg_replication_origin_create(origin);\n"
+    "  END IF;\n"
+    "  PERFORM pg_catalog.pg_replication_origin_session_setup(origin);\n"
+    "  progress := COALESCE(\n"
+    "    pg_catalog.pg_replication_origin_progress(origin, false), '0/0');\n"
+    "  roident := pg_catalog.pg_replication_origin_oid(origin);\n"
+    "END $f$;\n"
+    /* the decision for a remote write that found a local row (doc/conflicts.md);
+     * kind is insert_exists, update_origin_differs or delete_origin_differs */
+    "CREATE OR REPLACE FUNCTION aamm.decide(kind text, rel text, k jsonb, lxmin xid,\n"
+    "  lrow jsonb, rrow jsonb, rts timestamptz, rnode int, policy text, lck boolean)\n"
+    "  RETURNS boolean LANGUAGE plpgsql AS $f$\n"
+    "DECLARE lts timestamptz; lnode int; res text;\n"
+    "BEGIN\n"
+    "  IF lck THEN\n"
+    "    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(\n"
+    "      rel || k::text, 0));\n"
+    "  END IF;\n"
+    "  SELECT v.ts, v.node INTO lts, lnode FROM aamm.version_of(lxmin) v;\n"
+    "  IF kind <> 'insert_exists' AND (lts IS NULL OR lnode IS NOT DISTINCT FROM rnode) THEN\n"
+    "    RETURN true;\n"
+    "  END IF;\n"
+    "  res := CASE policy\n"
+    "    WHEN 'lww' THEN CASE WHEN aamm.newer(rts, rnode, lts, lnode) THEN 'apply_remote'\n"
+    "                    ELSE 'keep_local' END\n"
+    "    WHEN 'keep_local' THEN 'keep_local' WHEN 'apply_remote' THEN 'apply_remote'\n"
+    "    ELSE 'error' END;\n"
+    "  IF res = 'error' THEN\n"
+    "    RAISE EXCEPTION 'aamm: % conflict on % key % (policy error)', kind, rel, k\n"
+    "      USING ERRCODE = 'AA001';\n"
+    "  END IF;\n"
+    "  PERFORM aamm.log_conflict(kind, rel, k, lrow, rrow, lts, lnode, rts, rnode, res);\n"
+    "  RETURN res = 'apply_remote';\n"
+    "END $f$;\n"
+    "CREATE OR REPLACE FUNCTION aamm.tomb_version(rel text, k jsonb, OUT ts timestamptz,\n"
+    "  OUT node int) LANGUAGE sql STABLE AS $f$\n"
+    "  SELECT v.ts, v.node FROM aamm.tombstone t, aamm.version_of(t.xmin) v\n"
+    "  WHERE t.relation OPERATOR(pg_catalog.=) rel AND t.key OPERATOR(pg_catalog.=) k $f$;\n"
+    /* remote INSERT of a key that is not present: refused iff a newer delete is known */
+    "CREATE OR REPLACE FUNCTION aamm.insert_ok(rel text, k jsonb, rts timestamptz, rnode int,\n"
+    "  rrow jsonb, policy text, lck boolean) RETURNS boolean LANGUAGE plpgsql AS $f$\n"
+    "DECLARE tts timestamptz; tnode int;\n"
+    "BEGIN\n"
+    "  IF lck THEN\n"
+    "    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(\n"
+    "      rel || k::text, 0));\n"
+    "  END IF;\n"
+    "  SELECT v.ts, v.node INTO tts, tnode FROM aamm.tomb_version(rel, k) v;\n"
+    "  IF tts IS NULL OR policy = 'apply_remote' OR aamm.newer(rts, rnode, tts, tnode) THEN\n"
+    "    RETURN true;\n"
+    "  END IF;\n"
+    "  IF policy = 'error' THEN\n"
+    "    RAISE EXCEPTION 'aamm: insert_exists conflict (deleted) on % key % (policy error)',\n"
+    "      rel, k USING ERRCODE = 'AA001';\n"
+    "  END IF;\n"
+    "  PERFORM aamm.log_conflict('insert_exists', rel, k, NULL, rrow, tts, tnode, rts, rnode,\n"
+    "    'keep_local');\n"
+    "  RETURN false;\n"
+    "END $f$;\n"
+    /* remote UPDATE found no row: insert it unless a newer delete is known or the update
+     * lacks unchanged-TOAST values */
+    "CREATE OR REPLACE FUNCTION aamm.update_missing(rel text, k jsonb, rts timestamptz,\n"
+    "  rnode int, rrow jsonb, has_u boolean, policy text, lck boolean) RETURNS boolean\n"
+    "  LANGUAGE plpgsql AS $f$\n"
+    "DECLARE tts timestamptz; tnode int; res text;\n"
+    "BEGIN\n"
+    "  IF lck THEN\n"
+    "    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(\n"
+    "      rel || k::text, 0));\n"
+    "  END IF;\n"
+    "  SELECT v.ts, v.node INTO tts, tnode FROM aamm.tomb_version(rel, k) v;\n"
+    "  IF aamm.newer(tts, tnode, rts, rnode) THEN res := 'skip';\n"
+    "  ELSIF policy = 'error' THEN\n"
+    "    RAISE EXCEPTION 'aamm: update_missing conflict on % key % (policy error)', rel, k\n"
+    "      USING ERRCODE = 'AA001';\n"
+    "  ELSIF has_u OR policy = 'keep_local' THEN res := 'skip';\n"
+    "  ELSE res := 'apply_remote';\n"
+    "  END IF;\n"
+    "  PERFORM aamm.log_conflict('update_missing', rel, k, NULL, rrow, tts, tnode, rts, rnode,\n"
+    "    res);\n"
+    "  RETURN res = 'apply_remote';\n"
+    "END $f$;\n"
+    /* remote DELETE found no row: log, and remember the delete (it may overtake the insert
+     * or an update from a third node) */
+    "CREATE OR REPLACE FUNCTION aamm.delete_missing(rel text, k jsonb, rts timestamptz,\n"
+    "  rnode int, rrow jsonb, lck boolean) RETURNS boolean LANGUAGE plpgsql AS $f$\n"
+    "DECLARE tts timestamptz; tnode int;\n"
+    "BEGIN\n"
+    "  IF lck THEN\n"
+    "    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(\n"
+    "      rel || k::text, 0));\n"
+    "  END IF;\n"
+    "  SELECT v.ts, v.node INTO tts, tnode FROM aamm.tomb_version(rel, k) v;\n"
+    "  PERFORM aamm.log_conflict('delete_missing', rel, k, NULL, rrow, tts, tnode, rts, rnode,\n"
+    "    'skip');\n"
+    "  PERFORM aamm.put_tombstone(rel, k, rts, rnode);\n"
+    "  RETURN false;\n"
+    "END $f$;\n"
+    "CREATE OR REPLACE FUNCTION aamm.log_truncate(rel text, rts timestamptz, rnode int)\n"
+    "  RETURNS void LANGUAGE sql AS $f$\n"
+    "  SELECT aamm.log_conflict('truncate', rel, NULL, NULL, NULL, NULL, NULL, rts, rnode,\n"
+    "    'apply_remote') $f$;\n"
+    "CREATE OR REPLACE FUNCTION aamm.gc_tombstones(before timestamptz) RETURNS bigint\n"
+    "  LANGUAGE sql AS $f$\n"
+    "  WITH d AS (DELETE FROM aamm.tombstone t WHERE COALESCE(\n"
+    "    pg_catalog.pg_xact_commit_timestamp(t.xmin) OPERATOR(pg_catalog.<) before, true)\n"
+    "    RETURNING 1)\n"
+    "  SELECT pg_catalog.count(*) FROM d $f$;\n"
+    "REVOKE EXECUTE ON FUNCTION aamm.log_conflict(text, text, jsonb, jsonb, jsonb, timestamptz,\n"
+    "  int, timestamptz, int, text), aamm.put_tombstone(text, jsonb, timestamptz, int)\n"
+    "  FROM PUBLIC;\n"
+    "DELETE FROM aamm.apply_meta;\n"
+    "INSERT INTO aamm.apply_meta VALUES (1);\n";
+
+/* ====================================================================================
+ * Helpers
+ * ==================================================================================== */
+
+static int seterr(char *err, size_t errsize, int code, const char *fmt, ...)
+    AAMM_PRINTF(4, 5);
+
+static int seterr(char *err, size_t errsize, int code, const char *fmt, ...)
+{
+    if (err && errsize) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errsize, fmt, ap);
+        va_end(ap);
+        size_t n = strlen(err);
+        while (n && (err[n - 1] == '\n' || err[n - 1] == ' ')) /* libpq's trailing newline */
+            err[--n] = '\0';
+    }
+    return code;
+}
+
+/* Run @sql (one or more statements, one implicit transaction) and check it. */
+static int run(PGconn *conn, const char *what, const char *sql, char *err, size_t errsize)
+{
+    if (!conn || PQstatus(conn) != CONNECTION_OK)
+        return seterr(err, errsize, AAMM_ECONN, "node: %s: not connected", what);
+    PGresult *res = PQexec(conn, "SET client_min_messages = warning");
+    PQclear(res);
+    res = PQexec(conn, sql);
+    int st = PQresultStatus(res);
+    int rc = 0;
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+        rc = seterr(err, errsize, PQstatus(conn) == CONNECTION_OK ? AAMM_ESERVER : AAMM_ECONN,
+                    "node: %s: %s", what, PQerrorMessage(conn));
+    }
+    PQclear(res);
+    return rc;
+}
+
+/* Append the SQL identifier @id, quoted, to the heap string *s (NULL on failure). */
+static char *qident(const char *id)
+{
+    size_t n = strlen(id);
+    char *out = aamm__malloc(2 * n + 3);
+    if (!out)
+        return NULL;
+    char *p = out;
+    *p++ = '"';
+    for (const char *c = id; *c; c++) {
+        if (*c == '"')
+            *p++ = '"';
+        *p++ = *c;
+    }
+    *p++ = '"';
+    *p = '\0';
+    return out;
+}
+
+static char *qliteral(const char *s)
+{
+    size_t n = strlen(s);
+    char *out = aamm__malloc(2 * n + 3);
+    if (!out)
+        return NULL;
+    char *p = out;
+    *p++ = '\'';
+    for (const char *c = s; *c; c++) {
+        if (*c == '\'')
+            *p++ = '\'';
+        *p++ = *c;
+    }
+    *p++ = '\'';
+    *p = '\0';
+    return out;
+}
+
+/* ====================================================================================
+ * Public API
+ * ==================================================================================== */
+
+int aamm_node_install(struct pg_conn *conn, char *err, size_t errsize)
+{
+    /* one transaction: a concurrent install on the same node waits instead of failing
+     * half-way */
+    char *sql = aamm__asprintf("BEGIN;\nSELECT pg_catalog.pg_advisory_xact_lock(4242001);\n"
+                               "%sCOMMIT;\n",
+                               install_sql);
+    if (!sql)
+        return seterr(err, errsize, AAMM_ENOMEM, "node: install: out of memory");
+    int rc = run(conn, "install", sql, err, errsize);
+    aamm__free(sql);
+    if (rc < 0)
+        run(conn, "rollback", "ROLLBACK", NULL, 0);
+    return rc;
+}
+
+int aamm_node_create_apply_role(struct pg_conn *conn, const char *role, const char *password,
+                                char *err, size_t errsize)
+{
+    if (!role || !*role)
+        return seterr(err, errsize, AAMM_EINVAL, "node: apply role: empty role name");
+    char *qr = qident(role);
+    char *lr = qliteral(role);
+    char *lp = password ? qliteral(password) : NULL;
+    char *sql = NULL;
+    int rc = AAMM_ENOMEM;
+    if (qr && lr && (!password || lp)) {
+        sql = aamm__asprintf(
+            "BEGIN;\n"
+            "DO $d$ BEGIN\n"
+            "  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s) THEN\n"
+            "    CREATE ROLE %s;\n"
+            "  END IF;\n"
+            "END $d$;\n"
+            "ALTER ROLE %s LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE BYPASSRLS%s%s;\n"
+            "GRANT SET ON PARAMETER session_replication_role TO %s;\n"
+            "GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_create(text),\n"
+            "  pg_catalog.pg_replication_origin_oid(text),\n"
+            "  pg_catalog.pg_replication_origin_session_setup(text),\n"
+            "  pg_catalog.pg_replication_origin_xact_setup(pg_lsn, timestamptz),\n"
+            "  pg_catalog.pg_replication_origin_xact_reset(),\n"
+            "  pg_catalog.pg_replication_origin_progress(text, boolean),\n"
+            "  pg_catalog.pg_replication_origin_session_reset() TO %s;\n"
+            "GRANT USAGE ON SCHEMA aamm TO %s;\n"
+            "GRANT SELECT ON aamm.tombstone, aamm.conflict_log TO %s;\n"
+            "GRANT EXECUTE ON FUNCTION aamm.log_conflict(text, text, jsonb, jsonb, jsonb,\n"
+            "  timestamptz, int, timestamptz, int, text),\n"
+            "  aamm.put_tombstone(text, jsonb, timestamptz, int) TO %s;\n"
+            "COMMIT;\n",
+            lr, qr, qr, lp ? " PASSWORD " : "", lp ? lp : "", qr, qr, qr, qr, qr);
+        if (sql)
+            rc = run(conn, "apply role", sql, err, errsize);
+        if (rc < 0 && rc != AAMM_ENOMEM)
+            run(conn, "rollback", "ROLLBACK", NULL, 0);
+    }
+    if (rc == AAMM_ENOMEM)
+        seterr(err, errsize, rc, "node: apply role: out of memory");
+    aamm__free(sql);
+    aamm__free(qr);
+    aamm__free(lr);
+    aamm__free(lp);
+    return rc;
+}
+
+int aamm_node_replicate_table(struct pg_conn *conn, const char *schema, const char *table,
+                              const char *apply_role, const char *publication, char *err,
+                              size_t errsize)
+{
+    if (!schema || !table || !*schema || !*table)
+        return seterr(err, errsize, AAMM_EINVAL, "node: replicate table: empty name");
+    if (strcmp(schema, "aamm") == 0)
+        return seterr(err, errsize, AAMM_EINVAL,
+                      "node: replicate table: schema aamm holds libaamm's own tables and is "
+                      "never replicated");
+    if (!conn || PQstatus(conn) != CONNECTION_OK)
+        return seterr(err, errsize, AAMM_ECONN, "node: replicate table: not connected");
+
+    /* 1. the primary key columns, from the catalog */
+    const char *params[2] = {schema, table};
+    PGresult *res = PQexecParams(
+        conn,
+        "SELECT a.attname FROM pg_catalog.pg_class c\n"
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace\n"
+        "JOIN pg_catalog.pg_index i ON i.indrelid = c.oid AND i.indisprimary\n"
+        "JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true\n"
+        "JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum\n"
+        "WHERE n.nspname = $1 AND c.relname = $2 ORDER BY k.ord",
+        2, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        int rc = seterr(err, errsize, AAMM_ESERVER, "node: replicate table %s.%s: %s", schema,
+                        table, PQerrorMessage(conn));
+        PQclear(res);
+        return rc;
+    }
+    int nkeys = PQntuples(res);
+    if (nkeys == 0) {
+        PQclear(res);
+        return seterr(err, errsize, AAMM_ENOTFOUND,
+                      "node: replicate table %s.%s: no such table or it has no primary key",
+                      schema, table);
+    }
+
+    /* 2. build the statements */
+    char *qs = qident(schema), *qt = qident(table);
+    char *tname = aamm__asprintf("aamm_tombstone");
+    size_t cap = 256;
+    for (int i = 0; i < nkeys; i++)
+        cap += 8 * strlen(PQgetvalue(res, i, 0)) + 64;
+    char *args = aamm__calloc(1, cap), *when = aamm__calloc(1, cap);
+    char *sql = NULL;
+    int rc = AAMM_ENOMEM;
+    if (qs && qt && tname && args && when) {
+        for (int i = 0; i < nkeys; i++) {
+            char *lit = qliteral(PQgetvalue(res, i, 0));
+            char *id = qident(PQgetvalue(res, i, 0));
+            if (!lit || !id) {
+                aamm__free(lit);
+                aamm__free(id);
+                goto out;
+            }
+            size_t al = strlen(args), wl = strlen(when);
+            snprintf(args + al, cap - al, "%s%s", i ? ", " : "", lit);
+            snprintf(when + wl, cap - wl, "%sOLD.%s IS DISTINCT FROM NEW.%s", i ? " OR " : "",
+                     id, id);
+            aamm__free(lit);
+            aamm__free(id);
+        }
+        char *qrole = apply_role ? qident(apply_role) : NULL;
+        char *qpub = publication ? qident(publication) : NULL;
+        char *lpub = publication ? qliteral(publication) : NULL;
+        if ((apply_role && !qrole) || (publication && (!qpub || !lpub))) {
+            aamm__free(qrole);
+            aamm__free(qpub);
+            aamm__free(lpub);
+            goto out;
+        }
+        char *grant = qrole ? aamm__asprintf("GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON "
+                                             "%s.%s TO %s;\n",
+                                             qs, qt, qrole)
+                            : aamm__strdup("");
+        char *pub = NULL;
+        char *ls = qliteral(schema), *lt = qliteral(table);
+        if (qpub && ls && lt)
+            pub = aamm__asprintf(
+                "DO $d$ BEGIN\n"
+                "  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = %s)\n"
+                "  THEN EXECUTE pg_catalog.format('CREATE PUBLICATION %%I', %s); END IF;\n"
+                "  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables WHERE\n"
+                "    pubname = %s AND schemaname = %s AND tablename = %s) THEN\n"
+                "    EXECUTE pg_catalog.format('ALTER PUBLICATION %%I ADD TABLE %%I.%%I', %s, %s, %s);\n"
+                "  END IF;\n"
+                "END $d$;\n",
+                lpub, lpub, lpub, ls, lt, lpub, ls, lt);
+        else if (!qpub)
+            pub = aamm__strdup("");
+        aamm__free(ls);
+        aamm__free(lt);
+        aamm__free(qrole);
+        aamm__free(qpub);
+        aamm__free(lpub);
+        if (!grant || !pub) {
+            aamm__free(grant);
+            aamm__free(pub);
+            goto out;
+        }
+        sql = aamm__asprintf(
+            "BEGIN;\n"
+            "DROP TRIGGER IF EXISTS aamm_tombstone_del ON %s.%s;\n"
+            "DROP TRIGGER IF EXISTS aamm_tombstone_upd ON %s.%s;\n"
+            "CREATE TRIGGER aamm_tombstone_del AFTER DELETE ON %s.%s FOR EACH ROW\n"
+            "  EXECUTE FUNCTION aamm.tombstone_trigger(%s);\n"
+            "CREATE TRIGGER aamm_tombstone_upd AFTER UPDATE ON %s.%s FOR EACH ROW\n"
+            "  WHEN (%s) EXECUTE FUNCTION aamm.tombstone_trigger(%s);\n"
+            "ALTER TABLE %s.%s ENABLE ALWAYS TRIGGER aamm_tombstone_del,\n"
+            "  ENABLE ALWAYS TRIGGER aamm_tombstone_upd, REPLICA IDENTITY FULL;\n"
+            "%s%s"
+            "COMMIT;\n",
+            qs, qt, qs, qt, qs, qt, args, qs, qt, when, args, qs, qt, grant, pub);
+        aamm__free(grant);
+        aamm__free(pub);
+        if (sql) {
+            rc = run(conn, "replicate table", sql, err, errsize);
+            if (rc < 0)
+                run(conn, "rollback", "ROLLBACK", NULL, 0);
+        }
+    }
+out:
+    if (rc == AAMM_ENOMEM)
+        seterr(err, errsize, rc, "node: replicate table: out of memory");
+    PQclear(res);
+    aamm__free(sql);
+    aamm__free(qs);
+    aamm__free(qt);
+    aamm__free(tname);
+    aamm__free(args);
+    aamm__free(when);
+    return rc;
+}
+
+int aamm_node_gc_tombstones(struct pg_conn *conn, int64_t before_us, uint64_t *removed,
+                            char *err, size_t errsize)
+{
+    if (!conn || PQstatus(conn) != CONNECTION_OK)
+        return seterr(err, errsize, AAMM_ECONN, "node: gc tombstones: not connected");
+    char ts[64];
+    aamm_time_format(before_us, ts, sizeof ts);
+    const char *params[1] = {ts};
+    PGresult *res = PQexecParams(conn, "SELECT aamm.gc_tombstones($1::timestamptz)", 1, NULL,
+                                 params, NULL, NULL, 0);
+    int rc = 0;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+        rc = seterr(err, errsize, AAMM_ESERVER, "node: gc tombstones: %s",
+                    PQerrorMessage(conn));
+    } else if (removed) {
+        *removed = strtoull(PQgetvalue(res, 0, 0), NULL, 10);
+    }
+    PQclear(res);
+    return rc;
+}

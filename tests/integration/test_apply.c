@@ -1,0 +1,836 @@
+/* test_apply.c: apply on real PostgreSQL 15 nodes, as the non-superuser apply role that
+ * node setup creates: exactly-once, pipelining and the guard, by-name mapping, bad input
+ * held and resumed, every conflict kind with its log row, tombstones, messages, TOAST. */
+#include <check.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <libpq-fe.h>
+
+#include <aamm/apply.h>
+#include <aamm/node.h>
+
+#include "internal.h"
+#include "pgfixture.h"
+#include "testutil.h"
+
+#define ROLE "aamm_apply"
+#define LOCAL 1
+
+static struct pgfx *fx;
+
+/* ---- fixture ------------------------------------------------------------------------ */
+
+static void node_setup(int i)
+{
+    char err[1024];
+    PGconn *c = pgfx_connect(fx, i);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_msg(aamm_node_install(c, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(aamm_node_install(c, err, sizeof err) == 0, "reinstall: %s", err);
+    ck_assert_msg(aamm_node_create_apply_role(c, ROLE, NULL, err, sizeof err) == 0, "%s", err);
+    PQfinish(c);
+}
+
+static void setup_one(void)
+{
+    fx = pgfx_start(1, NULL);
+    ck_assert_ptr_nonnull(fx);
+    node_setup(0);
+}
+
+static void setup_two(void)
+{
+    fx = pgfx_start(2, NULL);
+    ck_assert_ptr_nonnull(fx);
+    node_setup(0);
+    node_setup(1);
+}
+
+static void teardown(void)
+{
+    pgfx_destroy(fx);
+    fx = NULL;
+}
+
+/* create a table on node @i and make it replicated (trigger, grants) */
+static void table(int i, const char *name, const char *cols)
+{
+    char err[1024];
+    ck_assert_int_eq(pgfx_exec(fx, i, "CREATE TABLE public.%s (%s)", name, cols), 0);
+    PGconn *c = pgfx_connect(fx, i);
+    ck_assert_msg(aamm_node_replicate_table(c, "public", name, ROLE, "aamm_pub", err,
+                                            sizeof err) == 0,
+                  "%s", err);
+    PQfinish(c);
+}
+
+/* ---- building streams by hand ------------------------------------------------------ */
+
+struct trel {
+    struct aamm_relation rel;
+};
+
+static void mkrel(struct aamm_relation *r, const char *name, const char *cols, const char *keys)
+{
+    /* cols: "id,v,w" ; keys: same length string of 'k'/'-' */
+    memset(r, 0, sizeof *r);
+    r->schema = aamm__strdup("public");
+    r->name = aamm__strdup(name);
+    r->replica_identity = AAMM_REPLIDENT_DEFAULT;
+    r->generation = 1;
+    char buf[256];
+    snprintf(buf, sizeof buf, "%s", cols);
+    r->columns = aamm__calloc(16, sizeof *r->columns);
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        struct aamm_column *c = &r->columns[r->ncolumns];
+        c->name = aamm__strdup(tok);
+        c->type_mod = -1;
+        c->flags = keys[r->ncolumns] == 'k' ? AAMM_COLUMN_KEY : 0;
+        r->ncolumns++;
+    }
+}
+
+#define U ((const char *)1) /* unchanged TOAST marker in value lists */
+
+static void mktuple(struct aamm_tuple *t, uint32_t n, const char *const *vals)
+{
+    t->nvalues = n;
+    t->values = aamm__calloc(n, sizeof *t->values);
+    for (uint32_t i = 0; i < n; i++) {
+        if (vals[i] == NULL) {
+            t->values[i].kind = AAMM_VALUE_NULL;
+        } else if (vals[i] == U) {
+            t->values[i].kind = AAMM_VALUE_UNCHANGED;
+        } else {
+            t->values[i].kind = AAMM_VALUE_TEXT;
+            t->values[i].data = aamm__strdup(vals[i]);
+            t->values[i].len = (uint32_t)strlen(vals[i]);
+        }
+    }
+}
+
+static struct aamm_transaction cur;
+
+static void tbegin(struct aamm_apply *ap, uint32_t node, uint64_t end, int64_t ts)
+{
+    memset(&cur, 0, sizeof cur);
+    cur.origin_node = node;
+    cur.end_lsn = end;
+    cur.commit_lsn = end - 8;
+    cur.commit_time = ts;
+    ck_assert_int_eq(aamm_apply_begin(ap, &cur), 0);
+}
+
+static void tcommit(struct aamm_apply *ap)
+{
+    ck_assert_int_eq(aamm_apply_commit(ap, &cur), 0);
+}
+
+static void tins(struct aamm_apply *ap, const struct aamm_relation *r, const char *const *vals)
+{
+    struct aamm_change c = {0};
+    c.kind = AAMM_CHANGE_INSERT;
+    c.relation = r;
+    mktuple(&c.new_tuple, r->ncolumns, vals);
+    ck_assert_int_eq(aamm_apply_change(ap, &c), 0);
+}
+
+static void tupd(struct aamm_apply *ap, const struct aamm_relation *r, const char *const *oldv,
+                 const char *const *vals)
+{
+    struct aamm_change c = {0};
+    c.kind = AAMM_CHANGE_UPDATE;
+    c.relation = r;
+    mktuple(&c.new_tuple, r->ncolumns, vals);
+    if (oldv) {
+        c.old_kind = AAMM_OLD_FULL;
+        mktuple(&c.old_tuple, r->ncolumns, oldv);
+    }
+    ck_assert_int_eq(aamm_apply_change(ap, &c), 0);
+}
+
+static void tdel(struct aamm_apply *ap, const struct aamm_relation *r, const char *const *oldv)
+{
+    struct aamm_change c = {0};
+    c.kind = AAMM_CHANGE_DELETE;
+    c.relation = r;
+    c.old_kind = AAMM_OLD_KEY;
+    mktuple(&c.old_tuple, r->ncolumns, oldv);
+    ck_assert_int_eq(aamm_apply_change(ap, &c), 0);
+}
+
+#define V(...) ((const char *const[]){__VA_ARGS__})
+
+struct counts {
+    int conflicts[AAMM_CONFLICT_NKINDS];
+    enum aamm_resolution last_res;
+    int messages;
+    char last_prefix[64];
+    char last_content[64];
+};
+
+static void on_conflict(const struct aamm_conflict *c, void *arg)
+{
+    struct counts *k = arg;
+    k->conflicts[c->kind]++;
+    k->last_res = c->resolution;
+}
+
+static void on_message(struct aamm_apply *ap, bool tx, const char *prefix, const char *content,
+                       size_t len, void *arg)
+{
+    (void)ap;
+    (void)tx;
+    struct counts *k = arg;
+    k->messages++;
+    snprintf(k->last_prefix, sizeof k->last_prefix, "%s", prefix);
+    snprintf(k->last_content, sizeof k->last_content, "%.*s", (int)len, content);
+}
+
+static struct aamm_apply *mkapply(int node_idx, uint32_t source, struct counts *k)
+{
+    struct aamm_apply_options o;
+    aamm_apply_options_init(&o);
+    char ci[512];
+    snprintf(ci, sizeof ci, "%s", pgfx_conninfo_with(fx, node_idx, "user=" ROLE));
+    o.conninfo = ci;
+    o.local_node = (uint32_t)node_idx + 1;
+    o.source_node = source;
+    o.on_conflict = on_conflict;
+    o.conflict_arg = k;
+    o.on_message = on_message;
+    o.message_arg = k;
+    struct aamm_apply *ap = NULL;
+    ck_assert_int_eq(aamm_apply_new(&ap, &o), 0);
+    return ap;
+}
+
+static void flush_ok(struct aamm_apply *ap)
+{
+    int rc = aamm_apply_flush(ap, 30000);
+    ck_assert_msg(rc == 0, "flush: %s: %s", aamm_errname(rc), aamm_apply_errmsg(ap));
+}
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static char *val(int i, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static char *val(int i, const char *fmt, ...)
+{
+    char sql[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(sql, sizeof sql, fmt, ap);
+    va_end(ap);
+    return pgfx_value(fx, i, "%s", sql);
+}
+
+static void assert_val(int i, const char *want, const char *sql)
+{
+    char *got = val(i, "%s", sql);
+    if (!want) {
+        ck_assert_msg(got == NULL, "%s: want NULL, got %s", sql, got);
+    } else {
+        ck_assert_msg(got && strcmp(got, want) == 0, "%s: want %s, got %s", sql, want,
+                      got ? got : "NULL");
+    }
+    free(got);
+}
+
+static uint64_t origin_lsn(int i, uint32_t source)
+{
+    char *v = val(i,
+                  "SELECT coalesce(pg_replication_origin_progress('aamm_from_%u', false), "
+                  "'0/0')",
+                  source);
+    uint64_t lsn = 0;
+    ck_assert_ptr_nonnull(v);
+    ck_assert_int_eq(aamm_lsn_parse(v, &lsn), 0);
+    free(v);
+    return lsn;
+}
+
+/* ---- tests ------------------------------------------------------------------------- */
+
+/* Inserts, updates (by name, different column order, a local extra column getting its
+ * default) and deletes are applied as one local transaction each, under origin
+ * aamm_from_2 carrying the source's commit time; the origin moves to the end LSN; the
+ * apply role is not a superuser. */
+START_TEST(test_basic)
+{
+    table(0, "basic", "v text, id int PRIMARY KEY, extra int DEFAULT 7");
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 2, &k);
+    struct aamm_relation r;
+    mkrel(&r, "basic", "id,v", "k-");
+    int64_t ts = now_us() - 1000000;
+    tbegin(ap, 2, 0x1000, ts);
+    tins(ap, &r, V("1", "one"));
+    tins(ap, &r, V("2", "two"));
+    tins(ap, &r, V("3", "it's \"quoted\"); DROP TABLE basic; --"));
+    tcommit(ap);
+    tbegin(ap, 2, 0x2000, ts + 10);
+    tupd(ap, &r, NULL, V("1", "uno"));
+    tdel(ap, &r, V("2", NULL));
+    tcommit(ap);
+    flush_ok(ap);
+    assert_val(0, "1:uno:7|3:it's \"quoted\"); DROP TABLE basic; --:7",
+               "SELECT string_agg(id || ':' || v || ':' || extra, '|' ORDER BY id) FROM basic");
+    ck_assert_uint_eq(origin_lsn(0, 2), 0x2000);
+    ck_assert_uint_eq(aamm_apply_progress(ap), 0x2000);
+    ck_assert_uint_eq(aamm_apply_committed(ap), 2);
+    /* the row carries the origin's commit time and origin */
+    char want[64];
+    aamm_time_format(ts + 10, want, sizeof want);
+    char *got = val(0, "SELECT c.timestamp = '%s'::timestamptz AND o.roname = 'aamm_from_2' "
+                       "FROM basic b, pg_xact_commit_timestamp_origin(b.xmin) c "
+                       "JOIN pg_replication_origin o ON o.roident = c.roident WHERE b.id = 1",
+                    want);
+    ck_assert_str_eq(got, "t");
+    free(got);
+    assert_val(0, "f", "SELECT rolsuper FROM pg_roles WHERE rolname = '" ROLE "'");
+    assert_val(0, "t", "SELECT rolbypassrls FROM pg_roles WHERE rolname = '" ROLE "'");
+    /* a tombstone for the deleted key, none for the others */
+    assert_val(0, "[2]", "SELECT string_agg(key::text, ',') FROM aamm.tombstone "
+                         "WHERE relation = 'public.basic'");
+    /* the flushed position catches up */
+    for (int i = 0; i < 100 && aamm_apply_flushed(ap) < 0x2000; i++) {
+        pgfx_exec(fx, 0, "CHECKPOINT");
+        tbegin(ap, 2, 0x2000 + 0x10 * (uint64_t)(i + 1), ts + 20 + i);
+        tcommit(ap);
+        flush_ok(ap);
+    }
+    ck_assert_uint_ge(aamm_apply_flushed(ap), 0x2000);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
+/* Exactly once: transactions at or below the origin's progress are skipped, in the same
+ * handle and in a new one (a restart); nothing doubles. */
+START_TEST(test_skip_duplicates)
+{
+    table(0, "dup", "id int PRIMARY KEY, v int");
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 4, &k);
+    struct aamm_relation r;
+    mkrel(&r, "dup", "id,v", "k-");
+    int64_t ts = now_us();
+    char id[16];
+    for (int i = 1; i <= 10; i++) {
+        snprintf(id, sizeof id, "%d", i);
+        tbegin(ap, 4, 0x100 * (uint64_t)i, ts + i);
+        tins(ap, &r, V(id, id));
+        tcommit(ap);
+    }
+    flush_ok(ap);
+    /* the same again, plus two new ones */
+    for (int i = 1; i <= 12; i++) {
+        snprintf(id, sizeof id, "%d", i);
+        tbegin(ap, 4, 0x100 * (uint64_t)i, ts + i);
+        tins(ap, &r, V(id, id));
+        tcommit(ap);
+    }
+    flush_ok(ap);
+    ck_assert_uint_eq(aamm_apply_skipped(ap), 10);
+    aamm_apply_free(ap);
+    ap = mkapply(0, 4, &k);
+    for (int i = 5; i <= 13; i++) {
+        snprintf(id, sizeof id, "%d", i);
+        tbegin(ap, 4, 0x100 * (uint64_t)i, ts + i);
+        tins(ap, &r, V(id, id));
+        tcommit(ap);
+    }
+    flush_ok(ap);
+    ck_assert_uint_eq(aamm_apply_skipped(ap), 8);
+    ck_assert_uint_eq(aamm_apply_committed(ap), 1);
+    assert_val(0, "13:91", "SELECT count(*) || ':' || sum(v) FROM dup");
+    assert_val(0, "0", "SELECT count(*) FROM aamm.conflict_log WHERE relation = 'public.dup'");
+    ck_assert_uint_eq(origin_lsn(0, 4), 0xD00);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
+/* Pipelining keeps order and atomicity: a unique violation (non-key index) in
+ * transaction N with N+1..N+20 queued behind it: none of them is visible, the origin
+ * stays at N-1, the stream is held with a clear error and an unique_other conflict is
+ * reported and logged; after the local fix, resume applies all of them. */
+START_TEST(test_pipeline_failure)
+{
+    table(0, "pipe", "id int PRIMARY KEY, u int UNIQUE");
+    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO pipe VALUES (-1, 5)"), 0);
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 5, &k);
+    struct aamm_relation r;
+    mkrel(&r, "pipe", "id,u", "k-");
+    int64_t ts = now_us();
+    char id[16], u[16];
+    for (int i = 1; i <= 25; i++) {
+        snprintf(id, sizeof id, "%d", i);
+        snprintf(u, sizeof u, "%d", i == 5 ? 5 : 100 + i);
+        tbegin(ap, 5, 0x100 * (uint64_t)i, ts + i);
+        tins(ap, &r, V(id, u));
+        tcommit(ap);
+    }
+    int rc = aamm_apply_flush(ap, 30000);
+    ck_assert_int_eq(rc, AAMM_ECONFLICT);
+    ck_assert(aamm_apply_held(ap));
+    ck_assert_msg(strstr(aamm_apply_errmsg(ap), "public.pipe") &&
+                      strstr(aamm_apply_errmsg(ap), "23505"),
+                  "%s", aamm_apply_errmsg(ap));
+    assert_val(0, "4", "SELECT count(*) FROM pipe WHERE id > 0");
+    ck_assert_uint_eq(origin_lsn(0, 5), 0x400);
+    ck_assert_uint_eq(aamm_apply_conflicts(ap, AAMM_CONFLICT_UNIQUE_OTHER), 1);
+    ck_assert_int_eq(k.conflicts[AAMM_CONFLICT_UNIQUE_OTHER], 1);
+    /* held: stepping changes nothing */
+    ck_assert_int_eq(aamm_apply_step(ap), AAMM_ECONFLICT);
+    usleep(100000);
+    ck_assert_int_eq(aamm_apply_step(ap), AAMM_ECONFLICT);
+    assert_val(0, "4", "SELECT count(*) FROM pipe WHERE id > 0");
+    assert_val(0, "1", "SELECT count(*) FROM aamm.conflict_log WHERE kind = 'unique_other' "
+                       "AND relation = 'public.pipe' AND resolution = 'error'");
+    /* fix and resume */
+    ck_assert_int_eq(pgfx_exec(fx, 0, "DELETE FROM pipe WHERE id = -1"), 0);
+    ck_assert_int_eq(aamm_apply_resume(ap), 0);
+    flush_ok(ap);
+    assert_val(0, "25", "SELECT count(*) FROM pipe WHERE id > 0");
+    ck_assert_uint_eq(origin_lsn(0, 5), 0x1900);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
+/* Bad input holds the stream with a clear error, loses nothing, and resumes once the
+ * schema catches up: a missing table, a source column the target lacks, a value that does
+ * not parse as the local type. */
+START_TEST(test_bad_input)
+{
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 6, &k);
+    struct aamm_relation r;
+    mkrel(&r, "late", "id,v,w", "k--");
+    int64_t ts = now_us();
+    tbegin(ap, 6, 0x100, ts);
+    tins(ap, &r, V("1", "10", "x"));
+    tcommit(ap);
+    tbegin(ap, 6, 0x200, ts + 1);
+    tins(ap, &r, V("2", "abc", "y"));
+    tcommit(ap);
+    int rc = aamm_apply_flush(ap, 30000);
+    ck_assert_int_eq(rc, AAMM_ENOTFOUND);
+    ck_assert_msg(strstr(aamm_apply_errmsg(ap), "public.late: table does not exist"), "%s",
+                  aamm_apply_errmsg(ap));
+    /* 1. the table appears without column w */
+    table(0, "late", "id int PRIMARY KEY, v int");
+    ck_assert_int_eq(aamm_apply_resume(ap), 0);
+    rc = aamm_apply_flush(ap, 30000);
+    ck_assert_int_eq(rc, AAMM_ENOTFOUND);
+    ck_assert_msg(strstr(aamm_apply_errmsg(ap), "column \"w\""), "%s", aamm_apply_errmsg(ap));
+    assert_val(0, "0", "SELECT count(*) FROM late");
+    /* 2. column added: the first transaction goes in, the second does not parse */
+    ck_assert_int_eq(pgfx_exec(fx, 0, "ALTER TABLE late ADD COLUMN w text"), 0);
+    ck_assert_int_eq(aamm_apply_resume(ap), 0);
+    rc = aamm_apply_flush(ap, 30000);
+    ck_assert_int_eq(rc, AAMM_ESERVER);
+    ck_assert_msg(strstr(aamm_apply_errmsg(ap), "22P02") &&
+                      strstr(aamm_apply_errmsg(ap), "abc"),
+                  "%s", aamm_apply_errmsg(ap));
+    assert_val(0, "1", "SELECT string_agg(id::text, ',') FROM late");
+    ck_assert_uint_eq(origin_lsn(0, 6), 0x100);
+    /* 3. the type catches up */
+    ck_assert_int_eq(pgfx_exec(fx, 0, "ALTER TABLE late ALTER COLUMN v TYPE text"), 0);
+    ck_assert_int_eq(aamm_apply_resume(ap), 0);
+    flush_ok(ap);
+    assert_val(0, "1:10:x|2:abc:y",
+               "SELECT string_agg(id || ':' || v || ':' || w, '|' ORDER BY id) FROM late");
+    ck_assert_uint_eq(origin_lsn(0, 6), 0x200);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
+/* Without DML grants the apply role cannot write: a clear permission error holds the
+ * stream; after GRANT it resumes (the role has exactly the grants node setup gives). */
+START_TEST(test_role_grants)
+{
+    ck_assert_int_eq(pgfx_exec(fx, 0, "CREATE TABLE public.nogrant (id int PRIMARY KEY)"), 0);
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 7, &k);
+    struct aamm_relation r;
+    mkrel(&r, "nogrant", "id", "k");
+    tbegin(ap, 7, 0x100, now_us());
+    tins(ap, &r, V("1"));
+    tcommit(ap);
+    int rc = aamm_apply_flush(ap, 30000);
+    ck_assert_int_eq(rc, AAMM_ESERVER);
+    ck_assert_msg(strstr(aamm_apply_errmsg(ap), "permission denied"), "%s",
+                  aamm_apply_errmsg(ap));
+    char err[1024];
+    PGconn *c = pgfx_connect(fx, 0);
+    ck_assert_msg(aamm_node_replicate_table(c, "public", "nogrant", ROLE, NULL, err, sizeof err) ==
+                      0,
+                  "%s", err);
+    /* the library's own schema is refused */
+    ck_assert_int_eq(aamm_node_replicate_table(c, "aamm", "tombstone", ROLE, NULL, err, sizeof err),
+                     AAMM_EINVAL);
+    PQfinish(c);
+    ck_assert_int_eq(aamm_apply_resume(ap), 0);
+    flush_ok(ap);
+    assert_val(0, "1", "SELECT count(*) FROM nogrant");
+    /* the publication lists tables, never aamm's */
+    assert_val(0, "f", "SELECT puballtables FROM pg_publication WHERE pubname = 'aamm_pub'");
+    assert_val(0, "0", "SELECT count(*) FROM pg_publication_tables WHERE schemaname = 'aamm'");
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
+/* Helper for the conflict cases: write a row as if node @src had written it at @ts. */
+static void remote_write(struct aamm_apply *ap, uint32_t src, uint64_t *lsn, int64_t ts,
+                         int op, const struct aamm_relation *r, const char *const *vals)
+{
+    *lsn += 0x100;
+    tbegin(ap, src, *lsn, ts);
+    if (op == 'i')
+        tins(ap, r, vals);
+    else if (op == 'u')
+        tupd(ap, r, NULL, vals);
+    else
+        tdel(ap, r, vals);
+    tcommit(ap);
+    flush_ok(ap);
+}
+
+/* update_origin_differs: a remote update of a row last written by another node applies
+ * iff it is newer (LWW), both logged with the right resolution. */
+START_TEST(test_update_origin_differs)
+{
+    table(0, "uod", "id int PRIMARY KEY, v text");
+    struct counts k2 = {0}, k3 = {0};
+    struct aamm_apply *a2 = mkapply(0, 8, &k2), *a3 = mkapply(0, 9, &k3);
+    struct aamm_relation r;
+    mkrel(&r, "uod", "id,v", "k-");
+    uint64_t l2 = 0, l3 = 0;
+    int64_t t = now_us() - 100000000;
+    remote_write(a3, 9, &l3, t + 100, 'i', &r, V("1", "from3"));
+    remote_write(a2, 8, &l2, t + 200, 'u', &r, V("1", "from2-new"));
+    assert_val(0, "from2-new", "SELECT v FROM uod WHERE id = 1");
+    ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 1);
+    ck_assert_int_eq(k2.last_res, AAMM_RESOLVE_APPLY_REMOTE);
+    remote_write(a3, 9, &l3, t + 150, 'u', &r, V("1", "from3-old"));
+    assert_val(0, "from2-new", "SELECT v FROM uod WHERE id = 1");
+    ck_assert_int_eq(k3.conflicts[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 1);
+    ck_assert_int_eq(k3.last_res, AAMM_RESOLVE_KEEP_LOCAL);
+    ck_assert_uint_eq(aamm_apply_conflicts(a3, AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS), 1);
+    assert_val(0, "apply_remote:8:9,keep_local:9:8",
+               "SELECT string_agg(resolution || ':' || remote_node || ':' || local_node, ',' "
+               "ORDER BY id) FROM aamm.conflict_log WHERE kind = 'update_origin_differs' AND "
+               "relation = 'public.uod'");
+    assert_val(0, "{\"v\": \"from3-old\", \"id\": 1}",
+               "SELECT remote_row::text FROM aamm.conflict_log WHERE relation = 'public.uod' "
+               "AND resolution = 'keep_local'");
+    /* same origin again: no conflict */
+    remote_write(a2, 8, &l2, t + 300, 'u', &r, V("1", "from2-again"));
+    ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 1);
+    assert_val(0, "from2-again", "SELECT v FROM uod WHERE id = 1");
+    aamm_relation_clear(&r);
+    aamm_apply_free(a2);
+    aamm_apply_free(a3);
+}
+END_TEST
+
+/* update_missing: a remote update of an absent row becomes an insert (logged); a newer
+ * remembered delete makes it skip; an update with unchanged-TOAST values is skipped. */
+START_TEST(test_update_missing)
+{
+    table(0, "um", "id int PRIMARY KEY, v text, big text");
+    struct counts k2 = {0}, k3 = {0};
+    struct aamm_apply *a2 = mkapply(0, 10, &k2), *a3 = mkapply(0, 11, &k3);
+    struct aamm_relation r;
+    mkrel(&r, "um", "id,v,big", "k--");
+    uint64_t l2 = 0, l3 = 0;
+    int64_t t = now_us() - 100000000;
+    remote_write(a2, 10, &l2, t + 100, 'u', &r, V("1", "ins", "b"));
+    assert_val(0, "ins", "SELECT v FROM um WHERE id = 1");
+    ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_UPDATE_MISSING], 1);
+    ck_assert_int_eq(k2.last_res, AAMM_RESOLVE_APPLY_REMOTE);
+    /* node 3 deletes key 2 at t+300 (delete_missing here, remembered); node 2's older
+     * update of key 2 must not resurrect it */
+    remote_write(a3, 11, &l3, t + 300, 'd', &r, V("2", NULL, NULL));
+    remote_write(a2, 10, &l2, t + 200, 'u', &r, V("2", "zombie", "b"));
+    assert_val(0, "0", "SELECT count(*) FROM um WHERE id = 2");
+    ck_assert_int_eq(k2.last_res, AAMM_RESOLVE_SKIP);
+    /* a newer update does come back */
+    remote_write(a2, 10, &l2, t + 400, 'u', &r, V("2", "newer", "b"));
+    assert_val(0, "newer", "SELECT v FROM um WHERE id = 2");
+    /* unchanged TOAST: cannot be inserted */
+    remote_write(a2, 10, &l2, t + 500, 'u', &r, V("3", "partial", U));
+    assert_val(0, "0", "SELECT count(*) FROM um WHERE id = 3");
+    ck_assert_int_eq(k2.last_res, AAMM_RESOLVE_SKIP);
+    assert_val(0, "apply_remote,skip,apply_remote,skip",
+               "SELECT string_agg(resolution, ',' ORDER BY id) FROM aamm.conflict_log WHERE "
+               "kind = 'update_missing' AND relation = 'public.um'");
+    aamm_relation_clear(&r);
+    aamm_apply_free(a2);
+    aamm_apply_free(a3);
+}
+END_TEST
+
+/* delete_origin_differs: an older remote delete of a row another node rewrote is refused;
+ * a newer one deletes and leaves a tombstone; delete_missing logs, remembers the delete,
+ * and an older insert of that key is refused (insert_exists, keep_local). */
+START_TEST(test_delete_conflicts)
+{
+    table(0, "dc", "id int PRIMARY KEY, v text");
+    struct counts k2 = {0}, k3 = {0};
+    struct aamm_apply *a2 = mkapply(0, 12, &k2), *a3 = mkapply(0, 13, &k3);
+    struct aamm_relation r;
+    mkrel(&r, "dc", "id,v", "k-");
+    uint64_t l2 = 0, l3 = 0;
+    int64_t t = now_us() - 100000000;
+    remote_write(a3, 13, &l3, t + 500, 'i', &r, V("1", "keep"));
+    remote_write(a2, 12, &l2, t + 400, 'd', &r, V("1", NULL));
+    assert_val(0, "keep", "SELECT v FROM dc WHERE id = 1");
+    ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS], 1);
+    ck_assert_int_eq(k2.last_res, AAMM_RESOLVE_KEEP_LOCAL);
+    remote_write(a2, 12, &l2, t + 600, 'd', &r, V("1", NULL));
+    assert_val(0, "0", "SELECT count(*) FROM dc WHERE id = 1");
+    ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS], 2);
+    ck_assert_int_eq(k2.last_res, AAMM_RESOLVE_APPLY_REMOTE);
+    assert_val(0, "1", "SELECT count(*) FROM aamm.tombstone WHERE relation = 'public.dc' "
+                       "AND key = '[1]'");
+    /* delete_missing */
+    remote_write(a2, 12, &l2, t + 700, 'd', &r, V("9", NULL));
+    ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_DELETE_MISSING], 1);
+    ck_assert_int_eq(k2.last_res, AAMM_RESOLVE_SKIP);
+    remote_write(a3, 13, &l3, t + 650, 'i', &r, V("9", "late-insert"));
+    assert_val(0, "0", "SELECT count(*) FROM dc WHERE id = 9");
+    ck_assert_int_eq(k3.conflicts[AAMM_CONFLICT_INSERT_EXISTS], 1);
+    ck_assert_int_eq(k3.last_res, AAMM_RESOLVE_KEEP_LOCAL);
+    /* ... but a newer insert (re-insert after the delete) goes in */
+    remote_write(a3, 13, &l3, t + 800, 'i', &r, V("9", "reinserted"));
+    assert_val(0, "reinserted", "SELECT v FROM dc WHERE id = 9");
+    assert_val(0, "keep_local,apply_remote",
+               "SELECT string_agg(resolution, ',' ORDER BY id) FROM aamm.conflict_log WHERE "
+               "kind = 'delete_origin_differs' AND relation = 'public.dc'");
+    assert_val(0, "1", "SELECT count(*) FROM aamm.conflict_log WHERE kind = 'delete_missing' "
+                       "AND relation = 'public.dc' AND key = '[9]'");
+    /* GC: everything before now goes */
+    char err[1024];
+    uint64_t removed = 0;
+    PGconn *c = pgfx_connect(fx, 0);
+    ck_assert_msg(aamm_node_gc_tombstones(c, now_us() + 1000000, &removed, err, sizeof err) == 0,
+                  "%s", err);
+    PQfinish(c);
+    ck_assert_uint_ge(removed, 2);
+    assert_val(0, "0", "SELECT count(*) FROM aamm.tombstone WHERE relation = 'public.dc'");
+    aamm_relation_clear(&r);
+    aamm_apply_free(a2);
+    aamm_apply_free(a3);
+}
+END_TEST
+
+/* A local DELETE and a local key-changing UPDATE leave tombstones (commit time of the
+ * deleting transaction), so an older remote update of the old key does not resurrect it. */
+START_TEST(test_local_tombstones)
+{
+    table(0, "lt", "id int PRIMARY KEY, v text");
+    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO lt VALUES (1, 'a'), (2, 'b')"), 0);
+    int64_t before = now_us() - 5000000;
+    ck_assert_int_eq(pgfx_exec(fx, 0, "DELETE FROM lt WHERE id = 1"), 0);
+    ck_assert_int_eq(pgfx_exec(fx, 0, "UPDATE lt SET id = 3 WHERE id = 2"), 0);
+    assert_val(0, "[1],[2]", "SELECT string_agg(key::text, ',' ORDER BY key) FROM "
+                             "aamm.tombstone WHERE relation = 'public.lt'");
+    assert_val(0, "t", "SELECT bool_and(pg_xact_commit_timestamp(xmin) IS NOT NULL) FROM "
+                       "aamm.tombstone WHERE relation = 'public.lt'");
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 14, &k);
+    struct aamm_relation r;
+    mkrel(&r, "lt", "id,v", "k-");
+    uint64_t l = 0;
+    remote_write(ap, 14, &l, before, 'u', &r, V("1", "old"));
+    remote_write(ap, 14, &l, before + 1, 'u', &r, V("2", "old"));
+    assert_val(0, "3:b", "SELECT string_agg(id || ':' || v, ',') FROM lt");
+    ck_assert_int_eq(k.conflicts[AAMM_CONFLICT_UPDATE_MISSING], 2);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
+/* Policies: keep_local and apply_remote override LWW per relation; error holds. */
+START_TEST(test_policies)
+{
+    table(0, "pol", "id int PRIMARY KEY, v text");
+    struct counts k2 = {0}, k3 = {0};
+    struct aamm_apply *a2 = mkapply(0, 15, &k2), *a3 = mkapply(0, 16, &k3);
+    struct aamm_relation r;
+    mkrel(&r, "pol", "id,v", "k-");
+    uint64_t l2 = 0, l3 = 0;
+    int64_t t = now_us() - 100000000;
+    remote_write(a3, 16, &l3, t + 100, 'i', &r, V("1", "three"));
+    ck_assert_int_eq(aamm_apply_set_policy(a2, "public", "pol", AAMM_POLICY_KEEP_LOCAL), 0);
+    remote_write(a2, 15, &l2, t + 200, 'u', &r, V("1", "two"));
+    assert_val(0, "three", "SELECT v FROM pol WHERE id = 1");
+    ck_assert_int_eq(aamm_apply_set_policy(a3, "public", "pol", AAMM_POLICY_APPLY_REMOTE), 0);
+    remote_write(a2, 15, &l2, t + 300, 'i', &r, V("2", "two"));
+    remote_write(a3, 16, &l3, t + 150, 'u', &r, V("2", "three-older"));
+    assert_val(0, "three-older", "SELECT v FROM pol WHERE id = 2");
+    ck_assert_int_eq(aamm_apply_set_policy(a3, "public", "pol", AAMM_POLICY_ERROR), 0);
+    ck_assert_int_eq(aamm_apply_set_policy(a2, "public", "pol", AAMM_POLICY_LWW), 0);
+    l2 += 0x100;
+    tbegin(a2, 15, l2, t + 400);
+    tupd(a2, &r, NULL, V("2", "two-again"));
+    tcommit(a2);
+    flush_ok(a2);
+    l3 += 0x100;
+    tbegin(a3, 16, l3, t + 500);
+    tupd(a3, &r, NULL, V("2", "boom"));
+    tcommit(a3);
+    int rc = aamm_apply_flush(a3, 30000);
+    ck_assert_int_eq(rc, AAMM_ECONFLICT);
+    ck_assert_msg(strstr(aamm_apply_errmsg(a3), "policy error"), "%s", aamm_apply_errmsg(a3));
+    assert_val(0, "two-again", "SELECT v FROM pol WHERE id = 2");
+    ck_assert_int_eq(aamm_apply_set_policy(a3, "public", "pol", AAMM_POLICY_LWW), 0);
+    ck_assert_int_eq(aamm_apply_resume(a3), 0);
+    flush_ok(a3);
+    assert_val(0, "boom", "SELECT v FROM pol WHERE id = 2");
+    aamm_relation_clear(&r);
+    aamm_apply_free(a2);
+    aamm_apply_free(a3);
+}
+END_TEST
+
+/* Unchanged-TOAST values are left as they are (never NULL); TRUNCATE is applied and
+ * logged as non-convergent; logical messages reach the host callback after commit. */
+START_TEST(test_toast_truncate_messages)
+{
+    table(0, "tt", "id int PRIMARY KEY, small text, big text");
+    ck_assert_int_eq(pgfx_exec(fx, 0, "ALTER TABLE tt ALTER big SET STORAGE EXTERNAL"), 0);
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 17, &k);
+    struct aamm_relation r;
+    mkrel(&r, "tt", "id,small,big", "k--");
+    char *big = malloc(5001);
+    uint64_t seed = 7;
+    for (int i = 0; i < 5000; i++)
+        big[i] = (char)('a' + aamm_test_rand(&seed) % 26);
+    big[5000] = '\0';
+    uint64_t l = 0;
+    int64_t t = now_us() - 10000000;
+    remote_write(ap, 17, &l, t + 1, 'i', &r, V("1", "s", big));
+    remote_write(ap, 17, &l, t + 2, 'u', &r, V("1", "s2", U));
+    PGconn *pc = pgfx_connect(fx, 0);
+    const char *pv[1] = {big};
+    PGresult *pr = PQexecParams(pc, "SELECT small || ':' || length(big) || ':' || (big = $1) "
+                                    "FROM tt", 1, NULL, pv, NULL, NULL, 0);
+    ck_assert_int_eq(PQresultStatus(pr), PGRES_TUPLES_OK);
+    char *got = strdup(PQgetvalue(pr, 0, 0));
+    PQclear(pr);
+    PQfinish(pc);
+    ck_assert_str_eq(got, "s2:5000:true");
+    free(got);
+    free(big);
+    /* message + truncate in one transaction */
+    l += 0x100;
+    tbegin(ap, 17, l, t + 3);
+    struct aamm_change m = {0};
+    m.kind = AAMM_CHANGE_MESSAGE;
+    m.transactional = true;
+    m.prefix = aamm__strdup("aamm_test");
+    m.content = aamm__strdup("hello");
+    m.content_len = 5;
+    ck_assert_int_eq(aamm_apply_change(ap, &m), 0);
+    struct aamm_change tr = {0};
+    tr.kind = AAMM_CHANGE_TRUNCATE;
+    tr.nrelations = 1;
+    tr.relations = aamm__calloc(1, sizeof *tr.relations);
+    tr.relations[0] = &r;
+    ck_assert_int_eq(aamm_apply_change(ap, &tr), 0);
+    tcommit(ap);
+    ck_assert_int_eq(k.messages, 0);
+    flush_ok(ap);
+    ck_assert_int_eq(k.messages, 1);
+    ck_assert_str_eq(k.last_prefix, "aamm_test");
+    ck_assert_str_eq(k.last_content, "hello");
+    assert_val(0, "0", "SELECT count(*) FROM tt");
+    ck_assert_int_eq(k.conflicts[AAMM_CONFLICT_TRUNCATE], 1);
+    assert_val(0, "1", "SELECT count(*) FROM aamm.conflict_log WHERE kind = 'truncate' AND "
+                       "relation = 'public.tt'");
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
+/* The seed scenario on two real nodes: node 1 inserts (2574,'An') at ts1, node 2 inserts
+ * (2574,'Wim') at ts2 > ts1; each applies the other's transaction: both hold 'Wim' and
+ * both logged an insert_exists conflict. */
+START_TEST(test_seed_scenario)
+{
+    table(0, "users", "id int PRIMARY KEY, name text");
+    table(1, "users", "id int PRIMARY KEY, name text");
+    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO users VALUES (2574, 'An')"), 0);
+    usleep(2000);
+    ck_assert_int_eq(pgfx_exec(fx, 1, "INSERT INTO users VALUES (2574, 'Wim')"), 0);
+    const char *q = "SELECT (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::int8 "
+                    "FROM users";
+    long ts1 = pgfx_value_long(fx, 0, 0, "%s", q), ts2 = pgfx_value_long(fx, 1, 0, "%s", q);
+    ck_assert_int_lt(ts1, ts2);
+    struct counts k1 = {0}, k2 = {0};
+    struct aamm_apply *on1 = mkapply(0, 2, &k1), *on2 = mkapply(1, 1, &k2);
+    struct aamm_relation r;
+    mkrel(&r, "users", "id,name", "k-");
+    uint64_t l1 = 0, l2 = 0;
+    remote_write(on1, 2, &l1, ts2, 'i', &r, V("2574", "Wim"));
+    remote_write(on2, 1, &l2, ts1, 'i', &r, V("2574", "An"));
+    assert_val(0, "Wim", "SELECT name FROM users WHERE id = 2574");
+    assert_val(1, "Wim", "SELECT name FROM users WHERE id = 2574");
+    ck_assert_int_eq(k1.conflicts[AAMM_CONFLICT_INSERT_EXISTS], 1);
+    ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_INSERT_EXISTS], 1);
+    assert_val(0, "insert_exists:apply_remote:1:2", "SELECT kind || ':' || resolution || ':' || "
+                                                   "local_node || ':' || remote_node FROM "
+                                                   "aamm.conflict_log");
+    assert_val(1, "insert_exists:keep_local:2:1", "SELECT kind || ':' || resolution || ':' || "
+                                                 "local_node || ':' || remote_node FROM "
+                                                 "aamm.conflict_log");
+    aamm_relation_clear(&r);
+    aamm_apply_free(on1);
+    aamm_apply_free(on2);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("apply");
+    TCase *tc = aamm_test_tcase("one_node", 240);
+    tcase_add_unchecked_fixture(tc, setup_one, teardown);
+    tcase_add_test(tc, test_basic);
+    tcase_add_test(tc, test_skip_duplicates);
+    tcase_add_test(tc, test_pipeline_failure);
+    tcase_add_test(tc, test_bad_input);
+    tcase_add_test(tc, test_role_grants);
+    tcase_add_test(tc, test_update_origin_differs);
+    tcase_add_test(tc, test_update_missing);
+    tcase_add_test(tc, test_delete_conflicts);
+    tcase_add_test(tc, test_local_tombstones);
+    tcase_add_test(tc, test_policies);
+    tcase_add_test(tc, test_toast_truncate_messages);
+    suite_add_tcase(s, tc);
+    TCase *tc2 = aamm_test_tcase("two_nodes", 120);
+    tcase_add_unchecked_fixture(tc2, setup_two, teardown);
+    tcase_add_test(tc2, test_seed_scenario);
+    suite_add_tcase(s, tc2);
+    return aamm_test_run(s);
+}
