@@ -105,6 +105,57 @@ static void type_cache_free(struct type_cache *tc)
 }
 
 /* ====================================================================================
+ * Relation definitions handed to the host: OID -> generation last delivered
+ * ==================================================================================== */
+
+struct rel_seen {
+    uint32_t oid; /* 0 = empty */
+    uint32_t generation;
+};
+
+struct seen_map {
+    struct rel_seen *slots;
+    size_t cap, count;
+};
+
+static size_t seen_slot(const struct seen_map *m, uint32_t oid)
+{
+    size_t mask = m->cap - 1, i = (size_t)(oid * UINT32_C(2654435761)) & mask;
+    while (m->slots[i].oid != 0 && m->slots[i].oid != oid)
+        i = (i + 1) & mask;
+    return i;
+}
+
+static uint32_t seen_get(const struct seen_map *m, uint32_t oid)
+{
+    return m->cap == 0 ? 0 : m->slots[seen_slot(m, oid)].generation;
+}
+
+static int seen_put(struct seen_map *m, uint32_t oid, uint32_t generation)
+{
+    size_t i;
+    if ((m->count + 1) * 2 > m->cap) {
+        struct seen_map grown;
+        grown.cap = m->cap ? m->cap * 2 : 64;
+        grown.count = m->count;
+        grown.slots = aamm__calloc(grown.cap, sizeof *grown.slots);
+        if (grown.slots == NULL)
+            return AAMM_ENOMEM;
+        for (size_t k = 0; k < m->cap; k++)
+            if (m->slots[k].oid != 0)
+                grown.slots[seen_slot(&grown, m->slots[k].oid)] = m->slots[k];
+        aamm__free(m->slots);
+        *m = grown;
+    }
+    i = seen_slot(m, oid);
+    if (m->slots[i].oid == 0)
+        m->count++;
+    m->slots[i].oid = oid;
+    m->slots[i].generation = generation;
+    return AAMM_OK;
+}
+
+/* ====================================================================================
  * The handle
  * ==================================================================================== */
 
@@ -131,6 +182,7 @@ struct aamm_capture {
     PGconn *repl; /* replication connection, COPY BOTH while streaming */
     struct aamm__pgo *pgo;
     struct type_cache types;
+    struct seen_map seen; /* relation definitions delivered to the host */
     int server_version;
 
     /* stream */
@@ -271,6 +323,7 @@ void aamm_capture_free(struct aamm_capture *c)
     aamm_transaction_clear(&c->txn);
     aamm__pgo_free(c->pgo);
     type_cache_free(&c->types);
+    aamm__free(c->seen.slots);
     if (c->publications)
         for (uint32_t i = 0; i < c->npublications; i++)
             aamm__free(c->publications[i]);
@@ -1026,6 +1079,37 @@ static int fill_type_names(struct aamm_capture *c, const struct aamm_relation *r
     return AAMM_OK;
 }
 
+/* Before a change, a RELATION event for each relation it uses whose current definition
+ * the host has not seen: the change is held and comes on the next call. 1 with the
+ * event, 0 when the host knows them all, or an error. */
+static int relation_first(struct aamm_capture *c, struct aamm__pgo_event *m,
+                          struct aamm_capture_event *ev)
+{
+    const struct aamm_change *ch = &m->change;
+    const struct aamm_relation *single[1] = {ch->relation};
+    const struct aamm_relation *const *rels = single;
+    uint32_t n = ch->relation ? 1 : 0;
+    if (ch->kind == AAMM_CHANGE_TRUNCATE) {
+        rels = ch->relations;
+        n = ch->nrelations;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        const struct aamm_relation *r = rels[i];
+        if (seen_get(&c->seen, r->oid) == r->generation)
+            continue;
+        if (seen_put(&c->seen, r->oid, r->generation) != AAMM_OK)
+            return fail(c, AAMM_ENOMEM, "out of memory");
+        c->held = *m;
+        memset(m, 0, sizeof *m);
+        c->have_held = true;
+        ev->kind = AAMM_CAPTURE_RELATION;
+        ev->relation = r;
+        ev->txn = c->in_txn ? &c->txn : NULL;
+        return 1;
+    }
+    return 0;
+}
+
 static bool skip_origin(const char *name)
 {
     return name != NULL && strncmp(name, AAMM_CAPTURE_SKIP_ORIGIN_PREFIX,
@@ -1097,18 +1181,15 @@ static int process(struct aamm_capture *c, struct aamm__pgo_event *m,
     case AAMM__PGO_TYPE:
         return 0;
     case AAMM__PGO_RELATION:
-        rc = fill_type_names(c, m->relation);
-        if (rc != AAMM_OK)
-            return rc;
-        if (c->skipping)
-            return 0;
-        ev->kind = AAMM_CAPTURE_RELATION;
-        ev->relation = m->relation;
-        ev->txn = c->in_txn ? &c->txn : NULL;
-        return 1;
+        /* Delivered to the host before the first change that uses it (below), so a
+         * definition that arrived inside a skipped transaction is not lost. */
+        return fill_type_names(c, m->relation);
     case AAMM__PGO_CHANGE:
         if (c->skipping && (m->change.kind != AAMM_CHANGE_MESSAGE || m->change.transactional))
             return 0;
+        rc = relation_first(c, m, ev);
+        if (rc != 0)
+            return rc;
         ev->kind = AAMM_CAPTURE_CHANGE;
         ev->change = &m->change;
         ev->txn = c->in_txn ? &c->txn : NULL;

@@ -131,8 +131,10 @@ enum aamm_capture_event_kind {
     AAMM_CAPTURE_CHANGE = 2,   /* @change: one change of the current transaction, or a
                                   non-transactional MESSAGE (then possibly outside one) */
     AAMM_CAPTURE_COMMIT = 3,   /* @txn: the transaction ends; end_lsn and commit_lsn set */
-    AAMM_CAPTURE_RELATION = 4, /* @relation: a relation definition (first use in this
-                                  session, or changed), before the change that uses it */
+    AAMM_CAPTURE_RELATION = 4, /* @relation: a relation's definition, right before the
+                                  first change that uses it in this capture and again
+                                  before the first change after it changed (its
+                                  generation moved) */
     AAMM_CAPTURE_PROGRESS = 5, /* @lsn: nothing to deliver up to here; confirm it once
                                   everything delivered before it is confirmed */
 };

@@ -515,6 +515,21 @@ START_TEST(origins_filtered)
     ck_assert_int_eq(ev.kind, AAMM_CAPTURE_PROGRESS);
     ck_assert_int_eq(aamm_capture_confirm(c, ev.lsn), 0);
     ck_assert_int_eq(aamm_capture_confirm(c, ev.lsn + 1000), AAMM_EINVAL);
+    /* A relation first described inside a skipped transaction is still handed to the
+     * host, before the first delivered change that uses it. */
+    SQL("CREATE TABLE og2 (k text PRIMARY KEY); ALTER PUBLICATION p_og ADD TABLE og2");
+    SQL("SELECT pg_replication_origin_session_setup('aamm_from_9');"
+        "BEGIN; SELECT pg_replication_origin_xact_setup('0/AD00', now());"
+        "INSERT INTO og2 VALUES ('r'); COMMIT;"
+        "SELECT pg_replication_origin_session_reset()");
+    SQL("INSERT INTO og2 VALUES ('l')");
+    ck_assert_int_eq(pull_kinds(c, &ev, K(BEGIN), 30000), 1);
+    ck_assert_int_eq(pull_kinds(c, &ev, TXN_KINDS | K(RELATION), 30000), 1);
+    ck_assert_int_eq(ev.kind, AAMM_CAPTURE_RELATION);
+    ck_assert_str_eq(ev.relation->name, "og2");
+    ck_assert_str_eq(ev.relation->columns[0].type_name, "text");
+    ck_assert_int_eq(collect_rest(c, buf, sizeof buf, NULL), 1);
+    ck_assert_str_eq(buf, "INSERT public.og2 k='l'\n");
     aamm_capture_free(c);
     drop_slot("s_og");
 }
