@@ -371,6 +371,88 @@ static bool three_applied(struct lc *c, void *arg)
     return aamm_consensus_applied_index(c->cs[2]) >= *(uint64_t *)arg && same_hash(c, NULL);
 }
 
+/* Drive only the handles whose bit is set in @mask for @ms (the others are "slow"). */
+static void lc_run_only(struct lc *c, unsigned mask, bool (*done)(struct lc *, void *), void *arg,
+                        int ms)
+{
+    int64_t end = aamm_test_now_ms() + ms;
+    while (aamm_test_now_ms() < end && !(done && done(c, arg))) {
+        int i;
+        for (i = 0; i < LC_MAX; i++) {
+            struct pollfd p;
+            if (c->cs[i] == NULL || !(mask & (1u << i)))
+                continue;
+            p.fd = aamm_consensus_fd(c->cs[i]);
+            p.events = POLLIN;
+            p.revents = 0;
+            poll(&p, 1, 1);
+            aamm_consensus_step(c->cs[i]);
+        }
+    }
+}
+
+struct next_above {
+    int node;
+    int64_t value;
+};
+
+static bool next_above(struct lc *c, void *arg)
+{
+    struct next_above *a = arg;
+    int64_t next = 0;
+    aamm_consensus_galloc_next(c->cs[a->node], "s", &next);
+    return next > a->value;
+}
+
+/* The ambiguous case: a follower's forwarded galloc commits on the leader, but the reply is
+ * lost (the follower is cut off right then). After healing, the follower retries under the
+ * same request number and gets THE SAME range: the sequence moved once, not twice. */
+START_TEST(lost_reply_is_retried_idempotently)
+{
+    struct lc c;
+    struct waiter w;
+    struct next_above na;
+    int three = 3, l, f, t;
+    int64_t before = 0, after = 0;
+    g_election = 1000; /* the leader must stay put during the test */
+    g_heartbeat = 100;
+    lc_init(&c, 3);
+    lc_start(&c);
+    ck_assert(lc_run(&c, members_known, &three, 10000));
+    l = lc_leader(&c);
+    f = (l + 1) % 3;
+    t = (l + 2) % 3;
+    memset(&w, 0, sizeof(w));
+    w.pending = 1; /* warm up: the forwarding channel f -> leader is open */
+    ck_assert_int_eq(aamm_consensus_galloc(c.cs[f], "s", 100, 0, w_galloc, &w), 0);
+    ck_assert(lc_run(&c, w_finished, &w, 10000));
+    ck_assert(lc_run(&c, same_hash, NULL, 5000));
+    l = lc_leader(&c);
+    ck_assert_int_eq(l, (f + 2) % 3); /* unchanged */
+    ck_assert_int_eq(aamm_consensus_galloc_next(c.cs[l], "s", &before), 0);
+    w.pending = 1;
+    ck_assert_int_eq(aamm_consensus_galloc(c.cs[f], "s", 100, 0, w_galloc, &w), 0);
+    /* leader + third member only: the entry commits and applies on the leader */
+    na.node = l;
+    na.value = before;
+    lc_run_only(&c, (1u << l) | (1u << t), next_above, &na, 5000);
+    ck_assert(next_above(&c, &na));
+    /* cut the follower before it reads the reply, then heal */
+    aamm__consensus_partition(c.cs[f], true);
+    lc_run_only(&c, 1u << f, NULL, NULL, 100);
+    ck_assert_int_eq(w.pending, 1);
+    aamm__consensus_partition(c.cs[f], false);
+    ck_assert(lc_run(&c, w_finished, &w, 15000));
+    ck_assert_int_eq(w.status[1], 0);
+    ck_assert_int_eq(w.start[1], before);
+    ck_assert_int_eq(w.end[1], before + 100);
+    ck_assert(lc_run(&c, same_hash, NULL, 5000));
+    ck_assert_int_eq(aamm_consensus_galloc_next(c.cs[l], "s", &after), 0);
+    ck_assert_int_eq(after, before + 100);
+    lc_close(&c);
+}
+END_TEST
+
 /* A member closed while the others move on (past several snapshots) restarts from its data
  * dir (no bootstrap) and catches up from disk + leader to the same state; its request
  * numbers continue (no reuse after restart). */
@@ -1018,6 +1100,7 @@ int main(void)
     tcase_add_test(tl, local_commands_from_any_member);
     tcase_add_test(tl, local_join_and_remove);
     tcase_add_test(tl, local_restart_catches_up);
+    tcase_add_test(tl, lost_reply_is_retried_idempotently);
     tcase_add_test(tl, stranger_cannot_join_or_inject);
     tcase_add_test(tl, wrong_secret_is_refused);
     tcase_add_test(tl, peer_going_away_does_not_kill_host);
