@@ -555,6 +555,49 @@ START_TEST(options_and_lock)
 }
 END_TEST
 
+static bool is_leader(void *arg)
+{
+    return aamm_consensus_state(arg) == AAMM_CONSENSUS_LEADER;
+}
+
+static bool waiter_done(void *arg)
+{
+    return ((struct waiter *)arg)->pending == 0;
+}
+
+/* A one-member cluster driven by the blocking helper: it leads itself, reports itself as
+ * leader with its address, lists itself as member, and serves galloc and the DDL lock. */
+START_TEST(single_node_run_until)
+{
+    struct lc c;
+    struct waiter w;
+    uint64_t id = 0;
+    char addr[64];
+    struct aamm_consensus_member m;
+    lc_init(&c, 1);
+    lc_start(&c);
+    ck_assert_int_eq(aamm_consensus_run_until(c.cs[0], is_leader, c.cs[0], 10000), 0);
+    ck_assert_int_eq(aamm_consensus_leader(c.cs[0], &id, addr, sizeof(addr)), 0);
+    ck_assert_uint_eq(id, 1);
+    ck_assert_str_eq(addr, c.addr[0]);
+    memset(&w, 0, sizeof(w));
+    w.pending = 2;
+    ck_assert_int_eq(aamm_consensus_galloc(c.cs[0], "s", 5, 10, w_galloc, &w), 0);
+    ck_assert_int_eq(aamm_consensus_ddl_acquire(c.cs[0], 1000, w_ddl, &w), 0);
+    ck_assert_int_eq(aamm_consensus_run_until(c.cs[0], waiter_done, &w, 10000), 0);
+    ck_assert_int_eq(w.status[0], 0);
+    ck_assert_int_eq(w.start[0], 10);
+    ck_assert_int_eq(w.status[1], 0);
+    ck_assert_uint_eq(w.lock[1].holder, 1);
+    ck_assert_uint_eq(aamm_consensus_member_count(c.cs[0]), 1);
+    ck_assert_int_eq(aamm_consensus_member_at(c.cs[0], 0, &m), 0);
+    ck_assert_str_eq(m.name, "node1");
+    ck_assert_int_eq(aamm_consensus_member_at(c.cs[0], 1, &m), AAMM_ENOTFOUND);
+    ck_assert_int_eq(aamm_consensus_run_until(c.cs[0], NULL, NULL, 50), AAMM_ETIMEDOUT);
+    lc_close(&c);
+}
+END_TEST
+
 /* ---- strangers on the raft port ------------------------------------------------------------ */
 
 static int dial(const char *addr)
@@ -1097,6 +1140,7 @@ int main(void)
     TCase *tp = aamm_test_tcase("processes", 170);
     signal(SIGPIPE, SIG_IGN);
     tcase_add_test(tl, options_and_lock);
+    tcase_add_test(tl, single_node_run_until);
     tcase_add_test(tl, local_commands_from_any_member);
     tcase_add_test(tl, local_join_and_remove);
     tcase_add_test(tl, local_restart_catches_up);
