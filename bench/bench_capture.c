@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 
 #include <aamm/capture.h>
@@ -35,6 +36,15 @@ static double now_s(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* CPU seconds (user + system) of this process, or of its waited-for children. */
+static double cpu_s(int who)
+{
+    struct rusage ru;
+    getrusage(who, &ru);
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
 }
 
 static void die(const char *what)
@@ -56,9 +66,12 @@ static double median(double *v, int n)
     return v[n / 2];
 }
 
-/* pg_recvlogical over a copy of @base until @endpos; returns seconds. */
-static double run_recvlogical(const char *base, const char *pub, const char *endpos)
+/* pg_recvlogical over a copy of @base until @endpos; returns seconds, sets its CPU
+ * seconds. */
+static double run_recvlogical(const char *base, const char *pub, const char *endpos,
+                              double *cpu)
 {
+    double c0;
     char slotarg[64], endarg[64], pubarg[128], dbarg[512];
     double t0, t1;
     int rc;
@@ -72,9 +85,11 @@ static double run_recvlogical(const char *base, const char *pub, const char *end
         const char *argv[] = {"pg_recvlogical", dbarg, slotarg, "--start", endarg,
                               "--no-loop", "-o", "proto_version=1", "-o", pubarg,
                               "-f", "/dev/null", NULL};
+        c0 = cpu_s(RUSAGE_CHILDREN);
         t0 = now_s();
         rc = pgfx_run(argv, NULL);
         t1 = now_s();
+        *cpu = cpu_s(RUSAGE_CHILDREN) - c0;
     }
     if (rc != 0)
         die("pg_recvlogical failed");
@@ -85,8 +100,9 @@ static double run_recvlogical(const char *base, const char *pub, const char *end
 /* libaamm capture over a copy of @base until @ntxns commits; returns seconds, sets the
  * change count and the stream bytes. */
 static double run_capture(const char *base, const char *pub, long ntxns, long *changes,
-                          double *bytes)
+                          double *bytes, double *cpu)
 {
+    double c0;
     const char *pubs[1] = {pub};
     struct aamm_capture_options o;
     struct aamm_capture *c;
@@ -103,6 +119,7 @@ static double run_capture(const char *base, const char *pub, long ntxns, long *c
     o.npublications = 1;
     o.node_id = 1;
     *changes = 0;
+    c0 = cpu_s(RUSAGE_SELF);
     t0 = now_s();
     if (aamm_capture_new(&c, &o) != 0 || aamm_capture_open(c) != 0)
         die(aamm_capture_errmsg(c));
@@ -121,6 +138,7 @@ static double run_capture(const char *base, const char *pub, long ntxns, long *c
     }
     aamm_capture_send_status(c);
     t1 = now_s();
+    *cpu = cpu_s(RUSAGE_SELF) - c0;
     aamm_capture_stats(c, &st);
     *bytes = (double)st.bytes_received;
     aamm_capture_free(c);
@@ -140,24 +158,33 @@ static void measure(const char *name, const char *base, const char *pub, long nt
                     const char *endpos)
 {
     double rl_rows[RUNS], rl_mb[RUNS], cap_rows[RUNS], cap_mb[RUNS], ratio[RUNS];
+    double rl_cpu[RUNS], cap_cpu[RUNS];
     for (int r = 0; r < RUNS; r++) {
         long changes;
         double bytes, t_rl, t_cap;
-        t_rl = run_recvlogical(base, pub, endpos);
-        t_cap = run_capture(base, pub, ntxns, &changes, &bytes);
+        t_rl = run_recvlogical(base, pub, endpos, &rl_cpu[r]);
+        t_cap = run_capture(base, pub, ntxns, &changes, &bytes, &cap_cpu[r]);
+        rl_cpu[r] = rl_cpu[r] * 1e6 / (double)changes;
+        cap_cpu[r] = cap_cpu[r] * 1e6 / (double)changes;
         rl_rows[r] = (double)changes / t_rl;
         rl_mb[r] = bytes / 1e6 / t_rl;
         cap_rows[r] = (double)changes / t_cap;
         cap_mb[r] = bytes / 1e6 / t_cap;
         ratio[r] = t_rl / t_cap;
-        fprintf(stderr, "run %d %s: %ld changes, %.1f MB; pg_recvlogical %.2f s, capture %.2f s\n",
-                r + 1, name, changes, bytes / 1e6, t_rl, t_cap);
+        fprintf(stderr,
+                "run %d %s: %ld changes, %.1f MB; pg_recvlogical %.2f s (client CPU %.2f us/row), "
+                "capture %.2f s (client CPU %.2f us/row)\n",
+                r + 1, name, changes, bytes / 1e6, t_rl, rl_cpu[r], t_cap, cap_cpu[r]);
     }
     printf("BENCH recvlogical_%s_rows_per_s %.0f rows/s\n", name, median(rl_rows, RUNS));
     printf("BENCH recvlogical_%s_mb_per_s %.1f MB/s\n", name, median(rl_mb, RUNS));
     printf("BENCH capture_%s_rows_per_s %.0f rows/s\n", name, median(cap_rows, RUNS));
     printf("BENCH capture_%s_mb_per_s %.1f MB/s\n", name, median(cap_mb, RUNS));
     printf("BENCH capture_%s_ratio %.2f x\n", name, median(ratio, RUNS));
+    /* Where the time goes: the walsender's decoding dominates both; this is the client's
+     * own CPU per row (decoding into changes vs. copying bytes to /dev/null). */
+    printf("BENCH recvlogical_%s_client_cpu %.2f us/row\n", name, median(rl_cpu, RUNS));
+    printf("BENCH capture_%s_client_cpu %.2f us/row\n", name, median(cap_cpu, RUNS));
     fflush(stdout);
 }
 
