@@ -728,6 +728,18 @@ static int t_init(struct raft_uv_transport *t, raft_id id, const char *address)
     return 0;
 }
 
+#define MAX_PENDING_HANDSHAKES 64
+
+static size_t pending_incoming(const struct aamm__psk *p)
+{
+    const struct aamm__cs_conn *c;
+    size_t n = 0;
+    for (c = p->conns; c != NULL; c = c->next)
+        if (!c->outgoing && c->phase != PH_UP && c->phase != PH_CLOSING)
+            n++;
+    return n;
+}
+
 static void listen_cb(uv_poll_t *h, int status, int events)
 {
     struct aamm__psk *p = h->data;
@@ -743,8 +755,8 @@ static void listen_cb(uv_poll_t *h, int status, int events)
                 continue;
             return; /* EAGAIN, or out of fds: try again on the next event */
         }
-        if (p->partitioned) {
-            close(fd);
+        if (p->partitioned || pending_incoming(p) >= MAX_PENDING_HANDSHAKES) {
+            close(fd); /* strangers cannot pile up half-open handshakes */
             continue;
         }
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));

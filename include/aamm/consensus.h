@@ -6,7 +6,9 @@
  * Implementation: Canonical raft 0.15 with its libuv backend (raft_uv) on a PRIVATE libuv
  * loop owned by the handle, and our own TCP transport that performs a mutual pre-shared-key
  * handshake (HMAC-SHA256 over nonces of both sides, bound to the cluster name, both node
- * ids and the channel role) before raft sees a byte of the stream.
+ * ids and the channel role) before raft sees a byte of the stream. The handshake
+ * authenticates; it does not encrypt or integrity-protect what follows: run the raft port
+ * on a private network (or a tunnel) when on-path attackers are a concern.
  *
  * Host-driven I/O: poll aamm_consensus_fd() for aamm_consensus_events() with
  * aamm_consensus_timeout() and call aamm_consensus_step() (every callback of this header
