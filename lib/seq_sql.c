@@ -25,8 +25,10 @@
  * hold its row lock until the inserting transaction commits and so serialize every
  * inserting transaction on the node. The read-compute-write step (nextval, then setval
  * when the value must jump: a new millisecond, a full counter, the next galloc range) runs
- * under a session-level advisory lock taken and released inside the call, with an
- * exception block that releases it on any error, so no session ever keeps it.
+ * under a session-level advisory lock taken and released inside the call, taken inside
+ * an exception block that releases it on any error or cancel (a flag set by the very
+ * statement that takes the lock says whether to release it), so no session ever
+ * keeps it.
  *
  * Advisory lock keys: (1633774957 = 'aamm', 1) snowflake, (…, 2) UUIDv7,
  * (…, hashtext(seqname)) galloc values, (1633774958, hashtext(seqname)) galloc supply.
@@ -72,6 +74,7 @@ const char aamm__seq_sql_install[] =
     "DECLARE\n"
     "  node integer; ep bigint; base bigint; now_ms bigint; cand bigint;\n"
     "  n bigint; s bigint; nxt bigint;\n"
+    "  locked boolean := false;\n"
     "BEGIN\n"
     "  IF seqname IS NULL THEN\n"
     "    RAISE EXCEPTION 'aamm.snowflake_nextval: sequence name is NULL';\n"
@@ -82,8 +85,8 @@ const char aamm__seq_sql_install[] =
     "      USING HINT = 'the host must run aamm_seq_install() on this node';\n"
     "  END IF;\n"
     "  base := (node::bigint << 12) | 2048;\n"
-    "  PERFORM pg_advisory_lock(1633774957, 1);\n"
     "  BEGIN\n"
+    "    locked := pg_advisory_lock(1633774957, 1)::text = '';\n"
     "    now_ms := greatest(aamm.seq_clock_ms() - ep, 0);\n"
     "    IF now_ms >= 2199023255552 THEN\n"
     "      RAISE EXCEPTION 'aamm.snowflake_nextval: the clock is past the 41-bit time range "
@@ -109,7 +112,9 @@ const char aamm__seq_sql_install[] =
     "    END IF;\n"
     "    PERFORM pg_advisory_unlock(1633774957, 1);\n"
     "  EXCEPTION WHEN OTHERS OR query_canceled THEN\n"
-    "    PERFORM pg_advisory_unlock(1633774957, 1);\n"
+    "    IF locked THEN\n"
+    "      PERFORM pg_advisory_unlock(1633774957, 1);\n"
+    "    END IF;\n"
     "    RAISE;\n"
     "  END;\n"
     "  RETURN nxt;\n"
@@ -122,11 +127,12 @@ const char aamm__seq_sql_install[] =
     "$f$\n"
     "DECLARE\n"
     "  r text; seed bigint; now_ms bigint; n bigint; s bigint; v bigint; t text;\n"
+    "  locked boolean := false;\n"
     "BEGIN\n"
     "  r := gen_random_uuid()::text;\n"
     "  seed := ('x' || substr(r, 1, 3))::bit(12)::bigint & 2047;\n"
-    "  PERFORM pg_advisory_lock(1633774957, 2);\n"
     "  BEGIN\n"
+    "    locked := pg_advisory_lock(1633774957, 2)::text = '';\n"
     "    now_ms := greatest(aamm.seq_clock_ms(), 0);\n"
     "    n := nextval('aamm.uuid_v7_state');\n"
     "    s := n - 1;\n"
@@ -143,7 +149,9 @@ const char aamm__seq_sql_install[] =
     "    END IF;\n"
     "    PERFORM pg_advisory_unlock(1633774957, 2);\n"
     "  EXCEPTION WHEN OTHERS OR query_canceled THEN\n"
-    "    PERFORM pg_advisory_unlock(1633774957, 2);\n"
+    "    IF locked THEN\n"
+    "      PERFORM pg_advisory_unlock(1633774957, 2);\n"
+    "    END IF;\n"
     "    RAISE;\n"
     "  END;\n"
     "  t := lpad(to_hex(v >> 12), 12, '0');\n"
@@ -159,6 +167,7 @@ const char aamm__seq_sql_install[] =
     "$f$\n"
     "DECLARE\n"
     "  rel regclass; n bigint; v bigint; rs bigint; issued bigint;\n"
+    "  locked boolean := false;\n"
     "BEGIN\n"
     "  IF seqname IS NULL THEN\n"
     "    RAISE EXCEPTION 'aamm.galloc_nextval: sequence name is NULL';\n"
@@ -171,8 +180,8 @@ const char aamm__seq_sql_install[] =
     "            HINT = 'the host must supply ranges agreed through consensus "
     "(aamm_galloc_supply_node)';\n"
     "  END IF;\n"
-    "  PERFORM pg_advisory_lock(1633774957, hashtext(seqname));\n"
     "  BEGIN\n"
+    "    locked := pg_advisory_lock(1633774957, hashtext(seqname))::text = '';\n"
     "    n := nextval(rel);\n"
     "    SELECT g.range_start INTO rs FROM aamm.galloc_range g\n"
     "      WHERE g.seqname = galloc_nextval.seqname AND g.range_end > n\n"
@@ -195,7 +204,9 @@ const char aamm__seq_sql_install[] =
     "    END IF;\n"
     "    PERFORM pg_advisory_unlock(1633774957, hashtext(seqname));\n"
     "  EXCEPTION WHEN OTHERS OR query_canceled THEN\n"
-    "    PERFORM pg_advisory_unlock(1633774957, hashtext(seqname));\n"
+    "    IF locked THEN\n"
+    "      PERFORM pg_advisory_unlock(1633774957, hashtext(seqname));\n"
+    "    END IF;\n"
     "    RAISE;\n"
     "  END;\n"
     "  RETURN v;\n"

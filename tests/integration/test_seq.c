@@ -245,6 +245,43 @@ START_TEST(galloc_sql_ranges)
 }
 END_TEST
 
+/* A call cancelled (statement_timeout) while it waits for the generator's advisory lock,
+ * and a call failing inside it, leave no advisory lock behind: other sessions go on. */
+START_TEST(cancel_leaves_no_lock)
+{
+    struct pgfx *fx = start_installed(1);
+    PGconn *a = pgfx_connect(fx, 0), *b = pgfx_connect(fx, 0);
+    PGresult *res;
+    ck_assert_int_eq(pgfx_exec_conn(a, "SELECT pg_advisory_lock(1633774957, 1)"), 0);
+    ck_assert_int_eq(pgfx_exec_conn(b, "SET statement_timeout = 300"), 0);
+    res = PQexec(b, "SELECT aamm.snowflake_nextval('t')");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_FATAL_ERROR);
+    ck_assert_str_eq(PQresultErrorField(res, PG_DIAG_SQLSTATE), "57014"); /* canceled */
+    PQclear(res);
+    ck_assert_int_eq(pgfx_exec_conn(a, "SELECT pg_advisory_unlock(1633774957, 1)"), 0);
+    ck_assert_int_eq(pgfx_value_long(fx, 0, -1,
+                                     "SELECT count(*) FROM pg_locks "
+                                     "WHERE locktype = 'advisory'"),
+                     0);
+    /* an error inside the locked part (clock past 2093) releases the lock too */
+    ck_assert_int_eq(pgfx_exec_conn(b, "CREATE OR REPLACE FUNCTION aamm.seq_clock_ms() "
+                                       "RETURNS bigint LANGUAGE sql AS $$ SELECT "
+                                       "1704067200000 + (1::bigint << 41) $$"),
+                     0);
+    res = PQexec(b, "SELECT aamm.snowflake_nextval('t')");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_FATAL_ERROR);
+    ck_assert_ptr_nonnull(strstr(PQresultErrorMessage(res), "41-bit"));
+    PQclear(res);
+    ck_assert_int_eq(pgfx_value_long(fx, 0, -1,
+                                     "SELECT count(*) FROM pg_locks "
+                                     "WHERE locktype = 'advisory'"),
+                     0);
+    PQfinish(a);
+    PQfinish(b);
+    pgfx_destroy(fx);
+}
+END_TEST
+
 /* The SQL clock steps back five seconds: snowflake ids and UUIDv7s from SQL keep
  * increasing (borrowed time), across sessions of the node. */
 START_TEST(sql_clock_steps_back)
@@ -631,6 +668,7 @@ int main(void)
     TCase *tc = aamm_test_tcase("sql", 90);
     tcase_add_test(tc, install_and_generators);
     tcase_add_test(tc, galloc_sql_ranges);
+    tcase_add_test(tc, cancel_leaves_no_lock);
     tcase_add_test(tc, sql_clock_steps_back);
     tcase_add_test(tc, c_and_sql_same_node_never_collide);
     tcase_add_test(tc, three_nodes_merge_without_duplicates);
