@@ -970,7 +970,8 @@ static int stream_ended(struct aamm_capture *c)
     char buf[512];
     PGresult *res;
     const char *why = NULL;
-    while ((res = PQgetResult(c->repl)) != NULL) {
+    /* PQgetResult() would block while libpq still waits for the rest of a result. */
+    while (!PQisBusy(c->repl) && (res = PQgetResult(c->repl)) != NULL) {
         if (why == NULL && PQresultStatus(res) == PGRES_FATAL_ERROR)
             why = resmsg(res, buf, sizeof buf);
         PQclear(res);

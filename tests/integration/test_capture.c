@@ -844,17 +844,23 @@ END_TEST
  * capture goes on sending status updates while it does not read. */
 START_TEST(paused_host_keeps_connection)
 {
+    const long rows = 100000; /* ~10 MB of stream: the walsender blocks on the socket */
     char buf[4096];
     struct aamm_capture_event ev;
     struct aamm_capture *c;
     struct aamm_capture_stats before, after;
-    SQL("CREATE TABLE pz (id int PRIMARY KEY); CREATE PUBLICATION p_pz FOR TABLE pz");
+    long got = 0;
+    SQL("CREATE TABLE pz (id int PRIMARY KEY, pad text); CREATE PUBLICATION p_pz FOR TABLE pz");
     c = cap("s_pz", "p_pz", 0);
-    SQL("INSERT INTO pz SELECT generate_series(1, 3)");
+    aamm_capture_free(c); /* the slot exists; write while no capture needs stepping */
+    SQL("INSERT INTO pz SELECT g, repeat('p', 80) FROM generate_series(1, %ld) g", rows);
+    c = cap("s_pz", "p_pz", 0);
     ck_assert_int_eq(pull_kinds(c, &ev, K(BEGIN), 30000), 1);
+    ck_assert_int_eq(pull_kinds(c, &ev, K(CHANGE), 30000), 1);
+    got = 1;
     aamm_capture_stats(c, &before);
     {
-        /* Paused: the host polls and steps but does not pull. */
+        /* Paused for 3.5 x wal_sender_timeout: the host polls and steps, never pulls. */
         int64_t until = aamm_test_now_ms() + 7000;
         while (aamm_test_now_ms() < until) {
             struct pollfd pfd = {aamm_capture_fd(c), 0, 0};
@@ -868,10 +874,18 @@ START_TEST(paused_host_keeps_connection)
     }
     aamm_capture_stats(c, &after);
     ck_assert_uint_ge(after.status_updates - before.status_updates, 7);
-    ck_assert_int_eq(pull_kinds(c, &ev, K(COMMIT), 30000), 1);
-    SQL("INSERT INTO pz VALUES (10)");
+    ck_assert_uint_eq(after.bytes_received, before.bytes_received); /* nothing read */
+    for (;;) {
+        int rc = pull_kinds(c, &ev, K(CHANGE) | K(COMMIT), 30000);
+        ck_assert_msg(rc == 1, "%d %s", rc, aamm_capture_errmsg(c));
+        if (ev.kind == AAMM_CAPTURE_COMMIT)
+            break;
+        got++;
+    }
+    ck_assert_int_eq(got, rows);
+    SQL("INSERT INTO pz VALUES (0, 'x')");
     ck_assert_int_eq(collect_txn(c, buf, sizeof buf, NULL), 1);
-    ck_assert_str_eq(buf, "INSERT public.pz id='10'\n");
+    ck_assert_str_eq(buf, "INSERT public.pz id='0' pad='x'\n");
     aamm_capture_free(c);
     drop_slot("s_pz");
 }
