@@ -890,12 +890,6 @@ int aamm_wire_decoder_new(struct aamm_wire_decoder **decp, const struct aamm_wir
         aamm__free(dec);
         return AAMM_ENOMEM;
     }
-    dec->hist = aamm__malloc(LZ4_HISTORY);
-    if (dec->hist == NULL) {
-        aamm__free(dec->dict);
-        aamm__free(dec);
-        return AAMM_ENOMEM;
-    }
     dec->vmin = AAMM_WIRE_VERSION_MIN;
     dec->vmax = AAMM_WIRE_VERSION_MAX;
     dec->in_max = AAMM_WIRE_HEADER_SIZE + (size_t)dec->o.max_payload + AAMM_WIRE_MAC_SIZE;
@@ -1672,6 +1666,11 @@ int aamm_wire_decoder_next(struct aamm_wire_decoder *dec, struct aamm_wire_event
                     return fail(dec, raw ? AAMM_ETOOBIG : AAMM_EMALFORMED,
                                 "compressed DATA frame announces %zu raw bytes (limit %" PRIu32 ")",
                                 raw, dec->max_now);
+            }
+            if (dec->hist == NULL) { /* first DATA frame: the LZ4 history */
+                dec->hist = aamm__malloc(LZ4_HISTORY);
+                if (dec->hist == NULL)
+                    return fail(dec, AAMM_ENOMEM, "out of memory for the LZ4 history");
             }
             if (dec->pl_cap < raw) {
                 uint8_t *p = aamm__realloc(dec->pl, raw);
