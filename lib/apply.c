@@ -534,6 +534,23 @@ int aamm_apply_change(struct aamm_apply *ap, struct aamm_change *change)
     case AAMM_CHANGE_DELETE: {
         if (!change->relation)
             return AAMM_EINVAL;
+        /* the unchanged-TOAST rule (doc/conflicts.md): with REPLICA IDENTITY FULL the old
+         * tuple holds every value inline, so an unchanged one is the old one and the
+         * update carries the origin's complete row */
+        if (c->kind == AAMM_CHANGE_UPDATE && c->old_kind == AAMM_OLD_FULL &&
+            c->old_tuple.nvalues == c->new_tuple.nvalues) {
+            for (uint32_t i = 0; i < c->new_tuple.nvalues; i++) {
+                struct aamm_value *nv = &c->new_tuple.values[i], *ov = &c->old_tuple.values[i];
+                if (nv->kind == AAMM_VALUE_UNCHANGED && ov->kind == AAMM_VALUE_TEXT) {
+                    char *d = aamm__strndup(ov->data, ov->len);
+                    if (!d)
+                        return AAMM_ENOMEM;
+                    nv->kind = AAMM_VALUE_TEXT;
+                    nv->data = d;
+                    nv->len = ov->len;
+                }
+            }
+        }
         struct lrel *r = rel_lookup(ap, change->relation);
         if (!r)
             return AAMM_ENOMEM;

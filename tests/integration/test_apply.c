@@ -3,6 +3,7 @@
  * held and resumed, every conflict kind with its log row, tombstones, messages, TOAST. */
 #include <check.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -742,6 +743,24 @@ START_TEST(test_toast_truncate_messages)
     PQfinish(pc);
     ck_assert_str_eq(got, "s2:5000:true");
     free(got);
+    /* the TOAST rule: an update with a FULL old tuple carries the origin's big value for
+     * its 'u' column; a node holding a different big value takes the winner's */
+    char *big2 = strdup(big);
+    big2[0] = big2[0] == 'a' ? 'b' : 'a';
+    l += 0x100;
+    tbegin(ap, 17, l, t + 4);
+    tupd(ap, &r, V("1", "s2", big2), V("1", "s3", U));
+    tcommit(ap);
+    flush_ok(ap);
+    pc = pgfx_connect(fx, 0);
+    pv[0] = big2;
+    pr = PQexecParams(pc, "SELECT small || ':' || (big = $1) FROM tt", 1, NULL, pv, NULL, NULL,
+                      0);
+    ck_assert_int_eq(PQresultStatus(pr), PGRES_TUPLES_OK);
+    ck_assert_str_eq(PQgetvalue(pr, 0, 0), "s3:true");
+    PQclear(pr);
+    PQfinish(pc);
+    free(big2);
     free(big);
     /* message + truncate in one transaction */
     l += 0x100;
@@ -811,6 +830,137 @@ START_TEST(test_seed_scenario)
 }
 END_TEST
 
+
+/* ---- exactly once under SIGKILL ------------------------------------------------------ */
+
+#define KILL_SRC 30
+static int64_t kill_base_us; /* set before forking: remote commit times follow it */
+#define KILL_BASE_US kill_base_us
+
+/* The applier child: delivers transactions 1..n from the start (at-least-once, as a source
+ * does after a crash), each inserting row i and setting the counter row 0 to i. Exits 0
+ * when all are committed. No Check calls here. */
+static void kill_child(long n)
+{
+    struct aamm_apply_options o;
+    aamm_apply_options_init(&o);
+    char ci[512];
+    snprintf(ci, sizeof ci, "%s", pgfx_conninfo_with(fx, 0, "user=" ROLE));
+    o.conninfo = ci;
+    o.local_node = LOCAL;
+    o.source_node = KILL_SRC;
+    o.synchronous_commit_off = true;
+    o.max_queued_changes = 4000;
+    struct aamm_apply *ap = NULL;
+    if (aamm_apply_new(&ap, &o) != 0)
+        _exit(2);
+    struct aamm_relation r;
+    mkrel(&r, "ek", "id,v", "k-");
+    char id[32];
+    for (long i = 1; i <= n; i++) {
+        struct aamm_transaction t = {0};
+        t.origin_node = KILL_SRC;
+        t.end_lsn = (uint64_t)i * 0x10;
+        t.commit_lsn = t.end_lsn - 8;
+        t.commit_time = KILL_BASE_US + i;
+        if (aamm_apply_begin(ap, &t) != 0)
+            _exit(3);
+        snprintf(id, sizeof id, "%ld", i);
+        const char *const *vals[2] = {V(id, id), V("0", id)};
+        for (int k = 0; k < 2; k++) {
+            struct aamm_change c = {0};
+            c.kind = k == 0 ? AAMM_CHANGE_INSERT : AAMM_CHANGE_UPDATE;
+            c.relation = &r;
+            mktuple(&c.new_tuple, 2, vals[k]);
+            int rc;
+            while ((rc = aamm_apply_change(ap, &c)) == AAMM_EBUSY) {
+                if (aamm_apply_step(ap) < 0)
+                    _exit(4);
+                struct pollfd p = {aamm_apply_fd(ap), POLLIN, 0};
+                poll(&p, p.fd >= 0 ? 1 : 0, 5);
+            }
+            if (rc != 0)
+                _exit(5);
+        }
+        if (aamm_apply_commit(ap, &t) != 0)
+            _exit(6);
+        if (i % 64 == 0 && aamm_apply_step(ap) < 0)
+            _exit(7);
+    }
+    if (aamm_apply_flush(ap, 120000) != 0)
+        _exit(8);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+    _exit(0);
+}
+
+/* Exactly once across SIGKILL: the applier is killed at random points (>= 10 times) during
+ * a 50,000-transaction stream and restarted at once (the old backend may still hold the
+ * origin), each time redelivering from the first transaction; in the end every row is
+ * there once, carries its own transaction's commit time, the counter row holds the last
+ * value, no duplicate was ever applied (no insert_exists logged) and the origin is at the
+ * last end LSN. */
+START_TEST(test_exactly_once_kill)
+{
+    table(0, "ek", "id bigint PRIMARY KEY, v bigint");
+    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO ek VALUES (0, 0)"), 0);
+    long n = aamm_test_scaled(50000, 2000);
+    kill_base_us = now_us() + 1000000; /* newer than the local counter row */
+    uint64_t seed = (uint64_t)time(NULL);
+    fprintf(stderr, "test_exactly_once_kill: seed %" PRIu64 ", %ld transactions\n", seed, n);
+    int kills = 0;
+    for (int round = 0; round < 40 && kills < 10; round++) {
+        pid_t pid = fork();
+        ck_assert_int_ge(pid, 0);
+        if (pid == 0)
+            kill_child(n);
+        int ms = 150 + (int)(aamm_test_rand(&seed) % 500);
+        int status = 0;
+        bool exited = false;
+        for (int w = 0; w < ms / 10; w++) {
+            if (waitpid(pid, &status, WNOHANG) == pid) {
+                exited = true;
+                break;
+            }
+            usleep(10000);
+        }
+        if (exited) {
+            ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d",
+                          status);
+            break; /* finished before the kill */
+        }
+        kill(pid, SIGKILL);
+        waitpid(pid, &status, 0);
+        kills++;
+    }
+    /* the last run to completion */
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0)
+        kill_child(n);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "final child status %d",
+                  status);
+    ck_assert_int_ge(kills, 10);
+    char want[64];
+    snprintf(want, sizeof want, "%ld:%ld:%ld", n, n * (n + 1) / 2, n);
+    assert_val(0, want, "SELECT count(*) FILTER (WHERE id > 0) || ':' || "
+                        "sum(id) FILTER (WHERE id > 0) || ':' || max(v) FILTER (WHERE id = 0) "
+                        "FROM ek");
+    char *bad = val(0, "SELECT count(*) FROM ek WHERE id > 0 AND (extract(epoch FROM "
+                       "pg_xact_commit_timestamp(xmin)) * 1000000)::int8 <> %" PRId64 " + id",
+                    KILL_BASE_US);
+    ck_assert_str_eq(bad, "0");
+    free(bad);
+    /* one conflict only: the first update of the locally written counter row */
+    assert_val(0, "update_origin_differs:1",
+               "SELECT string_agg(kind || ':' || n, ',') FROM (SELECT kind, count(*) AS n FROM "
+               "aamm.conflict_log WHERE relation = 'public.ek' GROUP BY kind) x");
+    ck_assert_uint_eq(origin_lsn(0, KILL_SRC), (uint64_t)n * 0x10);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("apply");
@@ -828,6 +978,10 @@ int main(void)
     tcase_add_test(tc, test_policies);
     tcase_add_test(tc, test_toast_truncate_messages);
     suite_add_tcase(s, tc);
+    TCase *tck = aamm_test_tcase("kill", 240);
+    tcase_add_unchecked_fixture(tck, setup_one, teardown);
+    tcase_add_test(tck, test_exactly_once_kill);
+    suite_add_tcase(s, tck);
     TCase *tc2 = aamm_test_tcase("two_nodes", 120);
     tcase_add_unchecked_fixture(tc2, setup_two, teardown);
     tcase_add_test(tc2, test_seed_scenario);
