@@ -546,6 +546,15 @@ START_TEST(options_and_lock)
     ck_assert_int_eq(aamm_consensus_new(&cs2, &o, err, sizeof(err)), AAMM_EBUSY);
     ck_assert_ptr_null(cs2);
     ck_assert_ptr_nonnull(strstr(err, "in use"));
+    { /* and from another process */
+        int st;
+        pid_t pid = fork();
+        ck_assert_int_ge(pid, 0);
+        if (pid == 0)
+            _exit(aamm_consensus_new(&cs2, &o, err, sizeof(err)) == AAMM_EBUSY ? 0 : 1);
+        ck_assert_int_eq(waitpid(pid, &st, 0), pid);
+        ck_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    }
     /* not started: commands are refused without a callback */
     ck_assert_int_eq(aamm_consensus_galloc(cs, "s", 1, 0, w_galloc, NULL), AAMM_ESTATE);
     aamm_consensus_free(cs);
