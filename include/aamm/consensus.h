@@ -148,8 +148,8 @@ AAMM_API int aamm_consensus_start(struct aamm_consensus *cs);
 /**
  * Close the node: pending commands complete with AAMM_ECLOSED (their callbacks run inside
  * this call), raft stops and the loop is drained: this blocks while raft's pending disk
- * work finishes (typically milliseconds; given up with a warning after 10 s). The handle stays valid for accessors until
- * aamm_consensus_free(). Idempotent.
+ * work finishes (typically milliseconds; given up with a warning after 10 s). The handle stays
+ * valid for accessors until aamm_consensus_free(). Idempotent.
  */
 AAMM_API void aamm_consensus_close(struct aamm_consensus *cs);
 
