@@ -20,7 +20,7 @@
  * and when a relation uses a type capture has not seen (not built in), next() runs one
  * catalog query for its name (a local round trip, once per type per capture).
  *
- * Server requirements (checked by open, each refused with AAMM_EUNSUITABLE and a message
+ * Server requirements (checked during setup, each refused with AAMM_EUNSUITABLE and a message
  * naming the setting): PostgreSQL 15 or later, wal_level = logical,
  * track_commit_timestamp = on. Every table in the publications needs a primary key or a
  * replica identity index; REPLICA IDENTITY FULL is accepted but slow (every UPDATE and
@@ -38,11 +38,14 @@
  * that transaction durably applied. Positions where nothing needs delivering
  * (transactions skipped because they were replicated from another node, empty
  * transactions, a server keepalive while the stream is idle) are handed to the host as
- * AAMM_CAPTURE_PROGRESS events, in stream order, at most about once per status interval;
- * the host confirms them like a commit (after the peer acknowledged everything before
- * it, e.g. by forwarding the position as an empty transaction). This keeps WAL from piling
- * up on a node that mostly applies remote data, while the host's durable start position
- * still covers everything the slot has passed, so the gap check below stays exact.
+ * AAMM_CAPTURE_PROGRESS events, in stream order, when the stream goes idle (and at most
+ * once per status interval while it is busy); the host confirms them like a commit, once
+ * everything before them is confirmed (e.g. by forwarding the position to the peer as an
+ * empty transaction, so the peer's durable position covers it). This keeps WAL from
+ * piling up on a node that mostly applies remote data. Capture does not advance the slot
+ * by itself: after a reconnect it could not tell its own advances from lost data, and
+ * the gap check below would misfire; a host that confirms a PROGRESS position must also
+ * pass it (or a later position) as start_lsn next time.
  *
  * Delivery is at-least-once. After a reconnect the stream resumes at the host's start
  * position (transactions whose commit ends at or before it are not sent again). But on
@@ -61,8 +64,10 @@
  * with "aamm_" (applied by libaamm from another node) are skipped; other origins (a user's
  * own native subscriptions) are delivered with origin_name set. PostgreSQL 15 sends the
  * origin ('O') only while the origin still exists when the WAL is decoded: dropping an
- * origin with undecoded WAL behind it makes those transactions look local, so they are
- * shipped again (their receivers drop them only if their own progress covers them).
+ * aamm_ origin while WAL written under it is still undecoded by some slot makes those
+ * transactions look local, so they are shipped again, even back to the node they came
+ * from. Drop such an origin only after every slot on the node has confirmed past the
+ * last transaction applied under it.
  *
  * Memory stays bounded whatever the transaction size: changes are handed over one at a
  * time and nothing accumulates per transaction. When the host stops pulling events, the
