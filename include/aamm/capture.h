@@ -40,8 +40,9 @@
  * transactions, a server keepalive while the stream is idle) are handed to the host as
  * AAMM_CAPTURE_PROGRESS events, in stream order, when the stream goes idle (and at most
  * once per status interval while it is busy); the host confirms them like a commit, once
- * everything before them is confirmed (e.g. by forwarding the position to the peer as an
- * empty transaction, so the peer's durable position covers it). This keeps WAL from
+ * everything before them is confirmed and the peer's durable position covers them (e.g.
+ * the host forwards the position and the peer records it in its origin progress; note
+ * that a transaction without writes commits nothing there). This keeps WAL from
  * piling up on a node that mostly applies remote data. Capture does not advance the slot
  * by itself: after a reconnect it could not tell its own advances from lost data, and
  * the gap check below would misfire; a host that confirms a PROGRESS position must also
