@@ -68,8 +68,7 @@ static double median(double *v, int n)
 
 /* pg_recvlogical over a copy of @base until @endpos; returns seconds, sets its CPU
  * seconds. */
-static double run_recvlogical(const char *base, const char *pub, const char *endpos,
-                              double *cpu)
+static double run_recvlogical(const char *base, const char *pub, const char *endpos, double *cpu)
 {
     double c0;
     char slotarg[64], endarg[64], pubarg[128], dbarg[512];
@@ -82,9 +81,9 @@ static double run_recvlogical(const char *base, const char *pub, const char *end
     snprintf(pubarg, sizeof pubarg, "publication_names=%s", pub);
     snprintf(dbarg, sizeof dbarg, "--dbname=%s", pgfx_conninfo(fx, 0));
     {
-        const char *argv[] = {"pg_recvlogical", dbarg, slotarg, "--start", endarg,
-                              "--no-loop", "-o", "proto_version=1", "-o", pubarg,
-                              "-f", "/dev/null", NULL};
+        const char *argv[] = {
+            "pg_recvlogical",  dbarg, slotarg, "--start", endarg,      "--no-loop", "-o",
+            "proto_version=1", "-o",  pubarg,  "-f",      "/dev/null", NULL};
         c0 = cpu_s(RUSAGE_CHILDREN);
         t0 = now_s();
         rc = pgfx_run(argv, NULL);
@@ -144,8 +143,9 @@ static double run_capture(const char *base, const char *pub, long ntxns, long *c
     aamm_capture_free(c);
     /* The walsender may take a moment to release the slot. */
     for (int i = 0; i < 100; i++) {
-        if (pgfx_value_long(fx, 0, 1, "SELECT count(*) FROM pg_replication_slots "
-                                      "WHERE slot_name = 'cap_copy' AND active") == 0)
+        if (pgfx_value_long(fx, 0, 1,
+                            "SELECT count(*) FROM pg_replication_slots "
+                            "WHERE slot_name = 'cap_copy' AND active") == 0)
             break;
         struct timespec ts = {0, 50 * 1000 * 1000};
         nanosleep(&ts, NULL);
@@ -218,8 +218,9 @@ int main(int argc, char **argv)
         die("cannot start PostgreSQL");
 
     /* ---- bulk backlog ---- */
-    if (pgfx_exec(fx, 0, "CREATE TABLE bulk (id int PRIMARY KEY, v text, n int);"
-                         "CREATE PUBLICATION pub_bulk FOR TABLE bulk") ||
+    if (pgfx_exec(fx, 0,
+                  "CREATE TABLE bulk (id int PRIMARY KEY, v text, n int);"
+                  "CREATE PUBLICATION pub_bulk FOR TABLE bulk") ||
         pgfx_exec(fx, 0, "SELECT pg_create_logical_replication_slot('base_bulk', 'pgoutput')"))
         die("bulk setup");
     conn = pgfx_connect(fx, 0);
@@ -227,8 +228,9 @@ int main(int argc, char **argv)
         die("connect");
     t0 = now_s();
     for (long k = 0; k < bulk_txns; k++)
-        if (pgfx_exec_conn(conn, "INSERT INTO bulk SELECT g, md5(g::text), g "
-                                 "FROM generate_series(%ld, %ld) g",
+        if (pgfx_exec_conn(conn,
+                           "INSERT INTO bulk SELECT g, md5(g::text), g "
+                           "FROM generate_series(%ld, %ld) g",
                            k * 1000 + 1, k * 1000 + 1000))
             die("bulk insert");
     PQfinish(conn);
@@ -249,17 +251,18 @@ int main(int argc, char **argv)
         if (pgfx_run(init, NULL) != 0)
             die("pgbench -i");
         /* pgbench_history has no key: it only gets inserts, so FULL costs nothing. */
-        if (pgfx_exec(fx, 0, "ALTER TABLE pgbench_history REPLICA IDENTITY FULL;"
-                             "CREATE PUBLICATION pub_pgb FOR TABLE pgbench_accounts, "
-                             "pgbench_branches, pgbench_tellers, pgbench_history") ||
+        if (pgfx_exec(fx, 0,
+                      "ALTER TABLE pgbench_history REPLICA IDENTITY FULL;"
+                      "CREATE PUBLICATION pub_pgb FOR TABLE pgbench_accounts, "
+                      "pgbench_branches, pgbench_tellers, pgbench_history") ||
             pgfx_exec(fx, 0, "SELECT pg_create_logical_replication_slot('base_pgb', 'pgoutput')"))
             die("pgbench setup");
         t0 = now_s();
         if (pgfx_run(run, NULL) != 0)
             die("pgbench");
         end = current_lsn();
-        fprintf(stderr, "pgbench backlog: %ld transactions in %.1f s, ends at %s\n",
-                pgb_txns, now_s() - t0, end);
+        fprintf(stderr, "pgbench backlog: %ld transactions in %.1f s, ends at %s\n", pgb_txns,
+                now_s() - t0, end);
         measure("pgbench", "base_pgb", "pub_pgb", (pgb_txns / 2) * 2, end);
         free(end);
     }

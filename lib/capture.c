@@ -19,8 +19,8 @@
 
 /* Value formats pinned on the replication session (text values must read the same on
  * every node, whatever the server's defaults are). */
-#define PINNED_OPTIONS                                                                 \
-    "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 "              \
+#define PINNED_OPTIONS                                                                             \
+    "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 "                          \
     "-c bytea_output=hex -c TimeZone=UTC -c client_encoding=UTF8"
 
 #define DEFAULT_STATUS_INTERVAL_MS 10000
@@ -186,17 +186,17 @@ struct aamm_capture {
     int server_version;
 
     /* stream */
-    char *copybuf;         /* the CopyData message being decoded (PQfreemem) */
-    bool drained;          /* next() found libpq's buffer empty since the last read */
-    bool budget_exhausted; /* next() stopped on its budget: work waits */
-    bool flush_pending;    /* PQflush() left output queued */
+    char *copybuf;               /* the CopyData message being decoded (PQfreemem) */
+    bool drained;                /* next() found libpq's buffer empty since the last read */
+    bool budget_exhausted;       /* next() stopped on its budget: work waits */
+    bool flush_pending;          /* PQflush() left output queued */
     struct aamm__pgo_event out;  /* the event whose parts are handed out now */
     struct aamm__pgo_event held; /* a message parsed ahead (after a BEGIN), not yet used */
     bool have_held;
     struct aamm_transaction txn; /* the current transaction (origin_name heap) */
-    bool in_txn;           /* between B and C */
-    bool begin_pending;    /* B seen, waiting for the next message (an 'O' or not) */
-    bool skipping;         /* inside a transaction with an aamm_ origin */
+    bool in_txn;                 /* between B and C */
+    bool begin_pending;          /* B seen, waiting for the next message (an 'O' or not) */
+    bool skipping;               /* inside a transaction with an aamm_ origin */
 
     /* positions */
     uint64_t start_position; /* where the stream started */
@@ -344,8 +344,7 @@ const char *aamm_capture_errmsg(const struct aamm_capture *c)
 
 /* Set the error from a failed query or connection: AAMM_ECONN when the connection is
  * gone, else AAMM_ESERVER. */
-static int query_failed(struct aamm_capture *c, PGconn *conn, const PGresult *res,
-                        const char *what)
+static int query_failed(struct aamm_capture *c, PGconn *conn, const PGresult *res, const char *what)
 {
     char buf[512];
     int code = conn == NULL || PQstatus(conn) == CONNECTION_BAD ? AAMM_ECONN : AAMM_ESERVER;
@@ -446,8 +445,8 @@ static int load_types(struct aamm_capture *c, const char *oids)
 enum setup_query { Q_SETTINGS, Q_PUBS, Q_NOKEY, Q_SLOT, Q_CREATE, Q_TYPES, Q_DONE };
 
 static const char *const setup_what[] = {
-    "reading settings", "looking up publications", "checking published tables",
-    "looking up the slot", "creating the slot", "loading type names",
+    "reading settings",    "looking up publications", "checking published tables",
+    "looking up the slot", "creating the slot",       "loading type names",
 };
 
 static const char *const setup_sql[] = {
@@ -570,8 +569,8 @@ static int handle_setup_result(struct aamm_capture *c, const PGresult *res)
             char list[512] = "";
             size_t used = 0;
             for (int i = 0; i < PQntuples(res) && used < sizeof list - 80; i++)
-                used += (size_t)snprintf(list + used, sizeof list - used, "%s%s",
-                                         i ? ", " : "", PQgetvalue(res, i, 0));
+                used += (size_t)snprintf(list + used, sizeof list - used, "%s%s", i ? ", " : "",
+                                         PQgetvalue(res, i, 0));
             return fail(c, AAMM_EINVAL,
                         "table %s has no primary key or replica identity index: add a "
                         "primary key, set REPLICA IDENTITY USING INDEX, or (slow: every update "
@@ -639,8 +638,7 @@ static int start_repl_connect(struct aamm_capture *c)
     char buf[512];
     c->repl = PQconnectStartParams(keys, vals, 1);
     if (c->repl == NULL || PQstatus(c->repl) == CONNECTION_BAD)
-        return fail(c, AAMM_ECONN, "replication connection: %s",
-                    pqmsg(c->repl, buf, sizeof buf));
+        return fail(c, AAMM_ECONN, "replication connection: %s", pqmsg(c->repl, buf, sizeof buf));
     c->phase = PH_REPL_CONNECT;
     c->poll_status = PGRES_POLLING_WRITING;
     return AAMM_OK;
@@ -848,7 +846,8 @@ static int flush_out(struct aamm_capture *c)
     char buf[512];
     int r = PQflush(c->repl);
     if (r < 0)
-        return fail(c, AAMM_ECONN, "connection lost (sending): %s", pqmsg(c->repl, buf, sizeof buf));
+        return fail(c, AAMM_ECONN, "connection lost (sending): %s",
+                    pqmsg(c->repl, buf, sizeof buf));
     c->flush_pending = r > 0;
     return AAMM_OK;
 }
@@ -914,8 +913,7 @@ int aamm_capture_events(const struct aamm_capture *c)
     int ev = 0;
     if (c != NULL && c->state == ST_SETUP) {
         if (c->phase == PH_CAT_CONNECT || c->phase == PH_REPL_CONNECT)
-            return c->poll_status == PGRES_POLLING_READING ? AAMM_CAPTURE_READ
-                                                           : AAMM_CAPTURE_WRITE;
+            return c->poll_status == PGRES_POLLING_READING ? AAMM_CAPTURE_READ : AAMM_CAPTURE_WRITE;
         return AAMM_CAPTURE_READ | (c->flush_pending ? AAMM_CAPTURE_WRITE : 0);
     }
     if (c == NULL || c->state != ST_STREAMING)
@@ -1050,8 +1048,8 @@ static int fill_type_names(struct aamm_capture *c, const struct aamm_relation *r
     for (uint32_t i = 0; i < rel->ncolumns; i++) {
         if (type_find(&c->types, rel->columns[i].type_oid) == NULL) {
             char num[16];
-            int len = snprintf(num, sizeof num, "%s%u", missing ? "," : "",
-                               rel->columns[i].type_oid);
+            int len =
+                snprintf(num, sizeof num, "%s%u", missing ? "," : "", rel->columns[i].type_oid);
             aamm__wr_bytes(&w, num, (size_t)len);
             missing++;
         }
@@ -1139,8 +1137,7 @@ static int deliver_begin(struct aamm_capture *c, struct aamm_capture_event *ev)
 
 /* Decide what one parsed message means. Returns 1 with an event for the host, 0 to go on
  * reading, or an error. @m is c->out (its parts may be handed out). */
-static int process(struct aamm_capture *c, struct aamm__pgo_event *m,
-                   struct aamm_capture_event *ev)
+static int process(struct aamm_capture *c, struct aamm__pgo_event *m, struct aamm_capture_event *ev)
 {
     int rc;
     if (c->begin_pending) {

@@ -152,24 +152,24 @@ enum aamm_capture_event_kind {
  */
 struct aamm_capture_event {
     enum aamm_capture_event_kind kind;
-    const struct aamm_transaction *txn;     /* BEGIN, COMMIT; also set during CHANGE
-                                               inside a transaction, else NULL */
-    const struct aamm_change *change;       /* CHANGE */
-    const struct aamm_relation *relation;   /* RELATION */
-    uint64_t lsn;                           /* PROGRESS: the position; COMMIT: end_lsn */
+    const struct aamm_transaction *txn;   /* BEGIN, COMMIT; also set during CHANGE
+                                             inside a transaction, else NULL */
+    const struct aamm_change *change;     /* CHANGE */
+    const struct aamm_relation *relation; /* RELATION */
+    uint64_t lsn;                         /* PROGRESS: the position; COMMIT: end_lsn */
 };
 
 /** Counters of one capture. */
 struct aamm_capture_stats {
-    uint64_t bytes_received;   /* CopyData payload bytes read from the server */
-    uint64_t messages;         /* pgoutput messages decoded */
-    uint64_t txns_delivered;   /* COMMIT events handed out */
-    uint64_t txns_skipped;     /* transactions skipped for an aamm_ origin */
+    uint64_t bytes_received; /* CopyData payload bytes read from the server */
+    uint64_t messages;       /* pgoutput messages decoded */
+    uint64_t txns_delivered; /* COMMIT events handed out */
+    uint64_t txns_skipped;   /* transactions skipped for an aamm_ origin */
     uint64_t changes_delivered;
-    uint64_t status_updates;   /* standby status updates sent */
-    uint64_t keepalives;       /* keepalives received */
-    uint64_t confirmed_lsn;    /* flush position reported to the server */
-    uint64_t received_lsn;     /* highest WAL end the server reported */
+    uint64_t status_updates; /* standby status updates sent */
+    uint64_t keepalives;     /* keepalives received */
+    uint64_t confirmed_lsn;  /* flush position reported to the server */
+    uint64_t received_lsn;   /* highest WAL end the server reported */
 };
 
 struct aamm_capture;
@@ -180,8 +180,7 @@ struct aamm_capture;
  * AAMM_EINVAL when a required option is missing or a value is out of range (then *@out
  * is NULL; the reason is logged at debug level); AAMM_ENOMEM.
  */
-AAMM_API int aamm_capture_new(struct aamm_capture **out,
-                              const struct aamm_capture_options *opts);
+AAMM_API int aamm_capture_new(struct aamm_capture **out, const struct aamm_capture_options *opts);
 
 /** Close the connections and free @c and everything it handed out. NULL is accepted. */
 AAMM_API void aamm_capture_free(struct aamm_capture *c);

@@ -151,13 +151,12 @@ static void render_change(char *out, size_t size, const struct aamm_change *ch)
     case AAMM_CHANGE_TRUNCATE:
         n = (size_t)snprintf(out, size, "TRUNCATE");
         for (uint32_t i = 0; i < ch->nrelations; i++)
-            n += (size_t)snprintf(out + n, size - n, "%s%s", i ? "," : " ",
-                                  ch->relations[i]->name);
+            n += (size_t)snprintf(out + n, size - n, "%s%s", i ? "," : " ", ch->relations[i]->name);
         snprintf(out + n, size - n, " flags=%u", ch->truncate_flags);
         break;
     case AAMM_CHANGE_MESSAGE:
-        snprintf(out, size, "MESSAGE %s %s '%.*s'", ch->transactional ? "tx" : "nontx",
-                 ch->prefix, (int)ch->content_len, ch->content);
+        snprintf(out, size, "MESSAGE %s %s '%.*s'", ch->transactional ? "tx" : "nontx", ch->prefix,
+                 (int)ch->content_len, ch->content);
         break;
     }
 }
@@ -191,8 +190,7 @@ static int collect_rest(struct aamm_capture *c, char *out, size_t size,
 }
 
 /* Collect one whole transaction (BEGIN .. COMMIT), as collect_rest(). */
-static int collect_txn(struct aamm_capture *c, char *out, size_t size,
-                       struct aamm_transaction *txn)
+static int collect_txn(struct aamm_capture *c, char *out, size_t size, struct aamm_transaction *txn)
 {
     struct aamm_capture_event ev;
     int rc = pull_kinds(c, &ev, TXN_KINDS, 30000);
@@ -205,8 +203,10 @@ static int collect_txn(struct aamm_capture *c, char *out, size_t size,
 static void drop_slot(const char *slot)
 {
     int64_t until = aamm_test_now_ms() + 15000;
-    while (pgfx_value_long(fx, 0, 0, "SELECT count(*) FROM pg_replication_slots "
-                                     "WHERE slot_name = '%s' AND active", slot) > 0 &&
+    while (pgfx_value_long(fx, 0, 0,
+                           "SELECT count(*) FROM pg_replication_slots "
+                           "WHERE slot_name = '%s' AND active",
+                           slot) > 0 &&
            aamm_test_now_ms() < until)
         usleep(50 * 1000);
     SQL("SELECT pg_drop_replication_slot('%s')", slot);
@@ -215,8 +215,10 @@ static void drop_slot(const char *slot)
 /* Slot's confirmed_flush_lsn. */
 static uint64_t slot_confirmed(const char *slot)
 {
-    char *v = pgfx_value(fx, 0, "SELECT confirmed_flush_lsn FROM pg_replication_slots "
-                                "WHERE slot_name = '%s'", slot);
+    char *v = pgfx_value(fx, 0,
+                         "SELECT confirmed_flush_lsn FROM pg_replication_slots "
+                         "WHERE slot_name = '%s'",
+                         slot);
     uint64_t lsn = 0;
     ck_assert_ptr_nonnull(v);
     ck_assert_int_eq(aamm_lsn_parse(v, &lsn), 0);
@@ -227,7 +229,8 @@ static uint64_t slot_confirmed(const char *slot)
 static void kill_walsender(const char *slot)
 {
     SQL("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-        "WHERE slot_name = '%s' AND active_pid IS NOT NULL", slot);
+        "WHERE slot_name = '%s' AND active_pid IS NOT NULL",
+        slot);
 }
 
 /* Until the capture reports ECONN (the walsender was killed). */
@@ -544,7 +547,8 @@ START_TEST(relation_changes_and_partitions)
     struct aamm_capture *c;
     uint32_t gen;
     SQL("CREATE TABLE rc (id int PRIMARY KEY, a text);"
-        "CREATE TABLE pt (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);"
+        "CREATE TABLE pt (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST "
+        "(region);"
         "CREATE TABLE pt_eu PARTITION OF pt FOR VALUES IN ('eu');"
         "CREATE TABLE pt_us PARTITION OF pt FOR VALUES IN ('us');"
         "CREATE PUBLICATION p_rc FOR TABLE rc, pt WITH (publish_via_partition_root = true)");
@@ -609,13 +613,16 @@ START_TEST(nonblocking_setup)
     aamm_capture_free(c);
     /* The timed-out creation was cancelled: no slot is left behind. */
     until = aamm_test_now_ms() + 10000;
-    while (pgfx_value_long(fx, 0, 1, "SELECT count(*) FROM pg_stat_activity "
-                                     "WHERE query LIKE '%%pg_create_logical_replication_slot%%' "
-                                     "AND pid <> pg_backend_pid()") > 0 &&
+    while (pgfx_value_long(fx, 0, 1,
+                           "SELECT count(*) FROM pg_stat_activity "
+                           "WHERE query LIKE '%%pg_create_logical_replication_slot%%' "
+                           "AND pid <> pg_backend_pid()") > 0 &&
            aamm_test_now_ms() < until)
         usleep(50 * 1000);
-    ck_assert_int_eq(pgfx_value_long(fx, 0, -1, "SELECT count(*) FROM pg_replication_slots "
-                                                "WHERE slot_name = 's_nb'"), 0);
+    ck_assert_int_eq(pgfx_value_long(fx, 0, -1,
+                                     "SELECT count(*) FROM pg_replication_slots "
+                                     "WHERE slot_name = 's_nb'"),
+                     0);
 
     o.setup_timeout_ms = 0;
     ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
@@ -925,8 +932,8 @@ START_TEST(huge_transaction_bounded_memory)
     }
     ck_assert_int_eq(got, rows);
     aamm_memory_stats(&ms);
-    ck_assert_msg(ms.high_water - base < 1024 * 1024, "high water %zu over base %zu",
-                  ms.high_water, base);
+    ck_assert_msg(ms.high_water - base < 1024 * 1024, "high water %zu over base %zu", ms.high_water,
+                  base);
     aamm_capture_free(c);
     drop_slot("s_big");
 }
@@ -948,8 +955,10 @@ START_TEST(refusals)
         "CREATE TABLE nokey (a int); CREATE PUBLICATION p_nokey FOR TABLE rf, nokey");
     rc = cap_open(&c, "s_missing", "p_rf", 0x1000000);
     ck_assert_int_eq(rc, AAMM_ENOTFOUND);
-    ck_assert_int_eq(pgfx_value_long(fx, 0, -1, "SELECT count(*) FROM pg_replication_slots "
-                                                "WHERE slot_name = 's_missing'"), 0);
+    ck_assert_int_eq(pgfx_value_long(fx, 0, -1,
+                                     "SELECT count(*) FROM pg_replication_slots "
+                                     "WHERE slot_name = 's_missing'"),
+                     0);
 
     rc = cap_open(&c, "s_rf", "p_nosuch", 0);
     ck_assert_int_eq(rc, AAMM_ENOTFOUND);
