@@ -250,17 +250,27 @@ static void expect_econn(struct aamm_capture *c)
 
 /* Inserts, updates (with and without a key change), deletes arrive value by value; the
  * transaction header carries the node id, xid, commit time and LSNs; REPLICA IDENTITY
- * FULL sends whole old rows. */
+ * FULL sends whole old rows; several publications (names needing quotes) stream. */
 START_TEST(dml_insert_update_delete)
 {
     char buf[4096];
     struct aamm_transaction txn;
     struct aamm_capture *c;
     int64_t now_us;
+    /* Two publications, one with an odd name: both are streamed. */
+    const char *pubs[2] = {"p_dml", "p \"Dml\" 'two'"};
+    struct aamm_capture_options o = {0};
     SQL("CREATE TABLE d1 (id int PRIMARY KEY, v text, n int);"
         "CREATE TABLE dfull (a int, b text); ALTER TABLE dfull REPLICA IDENTITY FULL;"
-        "CREATE PUBLICATION p_dml FOR TABLE d1, dfull");
-    c = cap("s_dml", "p_dml", 0);
+        "CREATE PUBLICATION p_dml FOR TABLE d1;"
+        "CREATE PUBLICATION \"p \"\"Dml\"\" 'two'\" FOR TABLE dfull");
+    o.conninfo = pgfx_conninfo(fx, 0);
+    o.slot = "s_dml";
+    o.publications = pubs;
+    o.npublications = 2;
+    o.node_id = 7;
+    ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
+    ck_assert_msg(aamm_capture_open(c) == 0, "%s", aamm_capture_errmsg(c));
     now_us = (int64_t)time(NULL) * 1000000;
     SQL("INSERT INTO d1 VALUES (1, 'one', 10), (2, NULL, 20)");
     ck_assert_int_eq(collect_txn(c, buf, sizeof buf, &txn), 2);
