@@ -16,6 +16,10 @@
  *   aamm_capture_confirm()  move the flush position reported to the server
  *   aamm_capture_free()
  *
+ * Each capture holds two server connections: the replication connection (counts against
+ * max_wal_senders) and a catalog connection (setup checks, type names). One slot serves one
+ * capture at a time (AAMM_EBUSY otherwise) and no other consumer.
+ *
  * Blocking exceptions: libpq resolves host names synchronously when a connection starts;
  * and when a relation uses a type capture has not seen (not built in), next() runs one
  * catalog query for its name (a local round trip, once per type per capture).
