@@ -20,7 +20,7 @@
  * Types
  * ==================================================================================== */
 
-enum op { OP_INSERT = 1, OP_UPDATE = 2, OP_DELETE = 3 };
+enum op { OP_INSERT = 1, OP_UPDATE = 2, OP_DELETE = 3, OP_UPDATE_MISSING = 4 };
 
 struct lcol {
     char *name;
@@ -112,6 +112,7 @@ struct aamm_apply {
     bool progress_query_pending;
     bool need_progress;
     bool recovering; /* after a failure, until the origin progress is re-read */
+    bool lock_prepared;
 
     struct lrel *rels;
     int nrels;
@@ -334,6 +335,7 @@ static void drop_conn(struct aamm_apply *ap)
     ap->ninflight = 0;
     ap->progress_query_pending = false;
     ap->recovering = false;
+    ap->lock_prepared = false;
     ap->want_write = false;
     for (struct lrel *r = ap->rels; r; r = r->next) {
         r->catalog_pending = false;
@@ -804,7 +806,7 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", $1::timestamptz, $2::int, ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", $4, $5::boolean) ON CONFLICT (");
+        sb_add(&b, ", $4, false) ON CONFLICT (");
         for (int k = 0; k < r->nkeys; k++) {
             sb_add(&b, "%s", k ? ", " : "");
             sb_ident(&b, r->rel.columns[r->key_r[k]].name);
@@ -823,7 +825,7 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
                    "$1::timestamptz, $2::int, $4, false)");
     } else if (op == OP_UPDATE) {
-        sb_add(&b, "WITH u AS (UPDATE %s AS t SET ", r->qname);
+        sb_add(&b, "UPDATE %s AS t SET ", r->qname);
         int i = 0;
         for (uint32_t c = 0; c < nc; c++)
             if (mask[c] == '1') {
@@ -842,9 +844,12 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", $1::timestamptz, $2::int, $4, false)) RETURNING 1) INSERT INTO %s (",
-               r->qname);
-        i = 0;
+        sb_add(&b, ", $1::timestamptz, $2::int, $4, false))");
+    } else if (op == OP_UPDATE_MISSING) {
+        /* a separate statement, so its snapshot sees what the UPDATE just did and what
+         * concurrent writers committed meanwhile (a row deleted under the UPDATE) */
+        sb_add(&b, "INSERT INTO %s (", r->qname);
+        int i = 0;
         for (uint32_t c = 0; c < nc; c++)
             if (mask[c] == '1') {
                 sb_add(&b, "%s", i++ ? ", " : "");
@@ -857,24 +862,35 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
                 sb_add(&b, "%s", i++ ? ", " : "");
                 sb_param(&b, r, (int)c, vparam[c]);
             }
-        sb_add(&b, " WHERE NOT EXISTS (SELECT 1 FROM u) AND NOT EXISTS (SELECT 1 FROM %s t2 "
-                   "WHERE ",
-               r->qname);
+        sb_add(&b, " WHERE NOT EXISTS (SELECT 1 FROM %s t2 WHERE ", r->qname);
         sb_keywhere(&b, r, "t2", kparam);
-        sb_add(&b, ") AND aamm.update_missing($3, ");
+        sb_add(&b, ")");
+        if (oldkey) { /* nor the new key (the UPDATE moved the row there) */
+            int *nk = aamm__calloc((size_t)r->nkeys + 1, sizeof *nk);
+            if (!nk)
+                b.oom = true;
+            for (int k = 0; nk && k < r->nkeys; k++)
+                nk[k] = vparam[r->key_r[k]];
+            sb_add(&b, " AND NOT EXISTS (SELECT 1 FROM %s t3 WHERE ", r->qname);
+            if (nk)
+                sb_keywhere(&b, r, "t3", nk);
+            sb_add(&b, ")");
+            aamm__free(nk);
+        }
+        sb_add(&b, " AND aamm.update_missing($3, ");
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", $1::timestamptz, $2::int, ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", %s, $4, $5::boolean) ON CONFLICT DO NOTHING", has_u ? "true" : "false");
+        sb_add(&b, ", %s, $4, false) ON CONFLICT DO NOTHING", has_u ? "true" : "false");
     } else {
         sb_add(&b, "WITH d AS (DELETE FROM %s AS t WHERE ", r->qname);
         sb_keywhere(&b, r, "t", kparam);
         sb_add(&b, " AND aamm.decide('delete_origin_differs', $3, ");
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), NULL, $1::timestamptz, $2::int, $4, "
-                   "$5::boolean) RETURNING 1) SELECT aamm.delete_missing($3, ");
+                   "false) RETURNING 1) SELECT aamm.delete_missing($3, ");
         sb_keyjson(&b, r, kparam);
-        sb_add(&b, ", $1::timestamptz, $2::int, NULL, $5::boolean) WHERE NOT EXISTS (SELECT 1 "
+        sb_add(&b, ", $1::timestamptz, $2::int, NULL, false) WHERE NOT EXISTS (SELECT 1 "
                    "FROM d) AND NOT EXISTS (SELECT 1 FROM %s t2 WHERE ",
                r->qname);
         sb_keywhere(&b, r, "t2", kparam);
@@ -953,6 +969,48 @@ static struct stmt *stmt_for(struct aamm_apply *ap, struct qtxn *t, long idx, st
     }
     s->prepared = true;
     return s;
+}
+
+/* the cached (or newly prepared) statement for @op and @mask */
+static struct stmt *get_stmt(struct aamm_apply *ap, struct qtxn *t, long idx, struct lrel *r,
+                             int op, const char *mask, bool has_u, int *rc)
+{
+    for (int i = 0; i < r->nstmts; i++)
+        if (r->stmts[i].op == op && r->stmts[i].prepared && strcmp(r->stmts[i].mask, mask) == 0)
+            return &r->stmts[i];
+    return stmt_for(ap, t, idx, r, op, mask, has_u, rc);
+}
+
+/* Take the transaction advisory lock of one key (FNV-1a of the relation label and the key
+ * texts: the same on every applier of this node, since values arrive in pinned formats). */
+static int send_lock(struct aamm_apply *ap, struct qtxn *t, long idx, const struct lrel *r,
+                     const struct aamm_tuple *kt)
+{
+    uint64_t h = UINT64_C(14695981039346656037);
+    for (const char *p = r->label; *p; p++)
+        h = (h ^ (unsigned char)*p) * UINT64_C(1099511628211);
+    for (int k = 0; k < r->nkeys; k++) {
+        const struct aamm_value *v = &kt->values[r->key_r[k]];
+        h = (h ^ 0x1f) * UINT64_C(1099511628211);
+        for (uint32_t i = 0; v->data && i < v->len; i++)
+            h = (h ^ (unsigned char)v->data[i]) * UINT64_C(1099511628211);
+    }
+    char num[32];
+    snprintf(num, sizeof num, "%" PRId64, (int64_t)h);
+    const char *pv[1] = {num};
+    if (!ap->lock_prepared) {
+        if (!PQsendPrepare(ap->conn, "aamm_lock", "SELECT pg_catalog.pg_advisory_xact_lock($1::int8)",
+                           1, NULL))
+            return AAMM_ECONN;
+        if (!exp_push(ap, E_PREPARE, t, NULL, idx))
+            return AAMM_ENOMEM;
+        ap->lock_prepared = true;
+    }
+    if (!PQsendQueryPrepared(ap->conn, "aamm_lock", 1, pv, NULL, NULL, 0))
+        return AAMM_ECONN;
+    if (!exp_push(ap, E_STMT, t, NULL, idx))
+        return AAMM_ENOMEM;
+    return 0;
 }
 
 /* Send one change of @t. */
@@ -1036,13 +1094,13 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
              : c->kind == AAMM_CHANGE_UPDATE ? OP_UPDATE
                                               : OP_DELETE;
     int rc = 0;
-    struct stmt *s = NULL;
-    for (int i = 0; i < r->nstmts; i++)
-        if (r->stmts[i].op == op && r->stmts[i].prepared && strcmp(r->stmts[i].mask, mask) == 0)
-            s = &r->stmts[i];
-    if (!s) {
-        s = stmt_for(ap, t, idx, r, op, mask, has_u, &rc);
-        if (!s)
+    struct stmt *s = get_stmt(ap, t, idx, r, op, mask, has_u, &rc);
+    if (!s)
+        return rc;
+    struct stmt *s2 = NULL;
+    if (op == OP_UPDATE) {
+        s2 = get_stmt(ap, t, idx, r, OP_UPDATE_MISSING, mask, has_u, &rc);
+        if (!s2)
             return rc;
     }
     const char **vals = ap->scratch_vals;
@@ -1058,10 +1116,25 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
     if (op == OP_DELETE || ot)
         for (int k = 0; k < r->nkeys; k++)
             vals[np++] = ot->values[r->key_r[k]].data;
+    /* serialize appliers per key: taken in its own statement, so the change's statement
+     * snapshot already sees whatever another applier committed on this key */
+    if (ap->opt.lock_keys) {
+        const struct aamm_tuple *kt = (op == OP_DELETE || ot) ? ot : nt;
+        if ((rc = send_lock(ap, t, idx, r, kt)) < 0)
+            return rc;
+        if (op == OP_UPDATE && ot && (rc = send_lock(ap, t, idx, r, nt)) < 0)
+            return rc;
+    }
     if (!PQsendQueryPrepared(ap->conn, s->name, np, vals, NULL, NULL, 0))
         return AAMM_ECONN;
     if (!exp_push(ap, E_STMT, t, r, idx))
         return AAMM_ENOMEM;
+    if (s2) {
+        if (!PQsendQueryPrepared(ap->conn, s2->name, np, vals, NULL, NULL, 0))
+            return AAMM_ECONN;
+        if (!exp_push(ap, E_STMT, t, r, idx))
+            return AAMM_ENOMEM;
+    }
     return 0;
 }
 
@@ -1292,6 +1365,7 @@ static void after_failure(struct aamm_apply *ap)
     for (struct lrel *r = ap->rels; r; r = r->next)
         for (int i = 0; i < r->nstmts; i++)
             r->stmts[i].prepared = false;
+    ap->lock_prepared = false;
     struct qtxn keep = *t; /* the first failure's details, for the message below */
     t->errmsg = NULL;
     for (struct qtxn *q = ap->head; q; q = q->next) {
