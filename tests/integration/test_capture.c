@@ -949,6 +949,58 @@ START_TEST(huge_transaction_bounded_memory)
 }
 END_TEST
 
+/* The example program prints the stream one readable line per change and confirms what
+ * it printed: a second run starts after it. */
+START_TEST(example_recvlogical_prints_stream)
+{
+    char cmd[1024], out[4096] = "";
+    size_t n = 0;
+    FILE *p;
+    struct aamm_capture *c;
+    const char *top = getenv("AAMM_TOP_BUILDDIR");
+    SQL("CREATE TABLE rentals (id int PRIMARY KEY, bike_id int, note text);"
+        "CREATE PUBLICATION p_ex FOR TABLE rentals");
+    c = cap("s_ex", "p_ex", 0); /* creates the slot */
+    aamm_capture_free(c);
+    SQL("INSERT INTO rentals VALUES (1, 7, 'first'), (2, 8, NULL)");
+    SQL("UPDATE rentals SET id = 3 WHERE id = 2");
+    SQL("DELETE FROM rentals WHERE id = 1");
+    snprintf(cmd, sizeof cmd, "%s/examples/aamm_recvlogical -d '%s' -S s_ex -P p_ex -n 2 -t 20",
+             top ? top : ".", pgfx_conninfo(fx, 0));
+    p = popen(cmd, "r");
+    ck_assert_ptr_nonnull(p);
+    while (n < sizeof out - 1 && fgets(out + n, (int)(sizeof out - n), p) != NULL)
+        n += strlen(out + n);
+    ck_assert_int_eq(pclose(p), 0);
+    ck_assert_msg(strncmp(out, "BEGIN ", 6) == 0, "%s", out);
+    ck_assert_ptr_nonnull(strstr(out, "\nINSERT public.rentals (id=1, bike_id=7, note=first)\n"
+                                      "INSERT public.rentals (id=2, bike_id=8, note=NULL)\n"
+                                      "COMMIT "));
+    ck_assert_ptr_nonnull(strstr(
+        out, "\nUPDATE public.rentals (id=3, bike_id=8, note=NULL) key was (id=2)\nCOMMIT "));
+    ck_assert_ptr_null(strstr(out, "DELETE"));
+    /* The first two transactions were confirmed: the next run sees only the third. */
+    snprintf(cmd, sizeof cmd, "%s/examples/aamm_recvlogical -d '%s' -S s_ex -P p_ex -n 1 -t 20",
+             top ? top : ".", pgfx_conninfo(fx, 0));
+    for (int i = 0; i < 100; i++) { /* the first run's walsender may linger a moment */
+        if (pgfx_value_long(fx, 0, 1,
+                            "SELECT count(*) FROM pg_replication_slots "
+                            "WHERE slot_name = 's_ex' AND active") == 0)
+            break;
+        usleep(50 * 1000);
+    }
+    p = popen(cmd, "r");
+    ck_assert_ptr_nonnull(p);
+    n = 0;
+    while (n < sizeof out - 1 && fgets(out + n, (int)(sizeof out - n), p) != NULL)
+        n += strlen(out + n);
+    ck_assert_int_eq(pclose(p), 0);
+    ck_assert_ptr_nonnull(strstr(out, "\nDELETE public.rentals (id=1)\nCOMMIT "));
+    ck_assert_ptr_null(strstr(out, "INSERT"));
+    drop_slot("s_ex");
+}
+END_TEST
+
 /* ---- refusals ---------------------------------------------------------------------- */
 
 /* A slot that is gone while the host has progress from it is an error, never
@@ -1085,6 +1137,7 @@ static Suite *capture_suite(void)
     tcase_add_test(tc, skipping_is_bounded);
     tcase_add_test(tc, paused_host_keeps_connection);
     tcase_add_test(tc, huge_transaction_bounded_memory);
+    tcase_add_test(tc, example_recvlogical_prints_stream);
     tcase_add_test(tc, refusals);
     tcase_add_test(tc, refusal_messages);
     suite_add_tcase(s, tc);
