@@ -1094,14 +1094,17 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
              : c->kind == AAMM_CHANGE_UPDATE ? OP_UPDATE
                                               : OP_DELETE;
     int rc = 0;
+    /* names copied: preparing the second statement may move the statement array */
+    char name1[32], name2[32] = "";
     struct stmt *s = get_stmt(ap, t, idx, r, op, mask, has_u, &rc);
     if (!s)
         return rc;
-    struct stmt *s2 = NULL;
+    memcpy(name1, s->name, sizeof name1);
     if (op == OP_UPDATE) {
-        s2 = get_stmt(ap, t, idx, r, OP_UPDATE_MISSING, mask, has_u, &rc);
+        struct stmt *s2 = get_stmt(ap, t, idx, r, OP_UPDATE_MISSING, mask, has_u, &rc);
         if (!s2)
             return rc;
+        memcpy(name2, s2->name, sizeof name2);
     }
     const char **vals = ap->scratch_vals;
     int np = 0;
@@ -1125,12 +1128,12 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
         if (op == OP_UPDATE && ot && (rc = send_lock(ap, t, idx, r, nt)) < 0)
             return rc;
     }
-    if (!PQsendQueryPrepared(ap->conn, s->name, np, vals, NULL, NULL, 0))
+    if (!PQsendQueryPrepared(ap->conn, name1, np, vals, NULL, NULL, 0))
         return AAMM_ECONN;
     if (!exp_push(ap, E_STMT, t, r, idx))
         return AAMM_ENOMEM;
-    if (s2) {
-        if (!PQsendQueryPrepared(ap->conn, s2->name, np, vals, NULL, NULL, 0))
+    if (name2[0]) {
+        if (!PQsendQueryPrepared(ap->conn, name2, np, vals, NULL, NULL, 0))
             return AAMM_ECONN;
         if (!exp_push(ap, E_STMT, t, r, idx))
             return AAMM_ENOMEM;
