@@ -831,6 +831,84 @@ START_TEST(test_seed_scenario)
 END_TEST
 
 
+/* LWW is atomic with the write: while a child process hammers the same keys with local
+ * updates (each logging its transaction id), apply writes remote updates of those keys;
+ * at the end every key holds the value of the write with the greatest (commit time, node)
+ * among all writes to it, local and remote — the oracle. */
+START_TEST(test_lww_hammer)
+{
+    table(0, "hk", "id int PRIMARY KEY, v bigint, who text");
+    ck_assert_int_eq(pgfx_exec(fx, 0, "CREATE TABLE public.hlog (id int, v bigint, x xid8 "
+                                      "DEFAULT pg_current_xact_id())"),
+                     0);
+    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO hk SELECT g, 0, 'init' FROM "
+                                      "generate_series(1, 5) g"),
+                     0);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        PGconn *c = pgfx_connect(fx, 0);
+        uint64_t seed = 99;
+        for (long i = 1;; i++) {
+            char sql[256];
+            int k = 1 + (int)(aamm_test_rand(&seed) % 5);
+            snprintf(sql, sizeof sql,
+                     "WITH u AS (UPDATE hk SET v = %ld, who = 'L' WHERE id = %d RETURNING 1) "
+                     "INSERT INTO hlog (id, v) SELECT %d, %ld FROM u",
+                     -i, k, k, -i);
+            PQclear(PQexec(c, sql));
+        }
+    }
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 18, &k);
+    struct aamm_relation r;
+    mkrel(&r, "hk", "id,v,who", "k--");
+    uint64_t seed = 5;
+    long n = aamm_test_scaled(3000, 300);
+    char id[16], v[32];
+    for (long i = 1; i <= n; i++) {
+        tbegin(ap, 18, (uint64_t)i * 0x10, now_us());
+        snprintf(id, sizeof id, "%d", 1 + (int)(aamm_test_rand(&seed) % 5));
+        snprintf(v, sizeof v, "%ld", i);
+        tupd(ap, &r, NULL, V(id, v, "R"));
+        tcommit(ap);
+        if (i % 20 == 0) {
+            ck_assert_int_eq(aamm_apply_step(ap), 0);
+            usleep(1000);
+        }
+    }
+    flush_ok(ap);
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    /* the oracle. Local writes: (their commit time, node 1); remote: (origin time, 18) */
+    /* every local write's version, and the current row's version */
+    char *bad = val(0,
+                    "WITH lw AS (SELECT h.id, h.v, pg_xact_commit_timestamp(h.xmin) AS ts, 1 AS "
+                    "node FROM hlog h), cur AS (SELECT t.id, t.v, t.who, c.timestamp AS ts, "
+                    "CASE WHEN c.roident = 0 THEN 1 ELSE 18 END AS node FROM hk t, "
+                    "pg_xact_commit_timestamp_origin(t.xmin) c) "
+                    "SELECT count(*) FROM cur WHERE EXISTS (SELECT 1 FROM lw WHERE lw.id = "
+                    "cur.id AND (lw.ts, lw.node) > (cur.ts, cur.node))");
+    ck_assert_str_eq(bad, "0");
+    free(bad);
+    /* remote writes that lost must be older than the final version of their key */
+    bad = val(0, "SELECT count(*) FROM aamm.conflict_log l JOIN hk t ON l.key = "
+                 "jsonb_build_array(t.id), pg_xact_commit_timestamp_origin(t.xmin) c WHERE "
+                 "l.relation = 'public.hk' AND (l.remote_time, 18) > (c.timestamp, CASE WHEN "
+                 "c.roident = 0 THEN 1 ELSE 18 END)");
+    ck_assert_str_eq(bad, "0");
+    free(bad);
+    /* and local rows carry the value their own logged write wrote */
+    bad = val(0, "SELECT count(*) FROM hk t WHERE t.who = 'L' AND NOT EXISTS (SELECT 1 FROM "
+                 "hlog h WHERE h.id = t.id AND h.v = t.v AND h.xmin = t.xmin)");
+    ck_assert_str_eq(bad, "0");
+    free(bad);
+    ck_assert_uint_gt(aamm_apply_conflicts(ap, AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS), 0);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
 /* ---- exactly once under SIGKILL ------------------------------------------------------ */
 
 #define KILL_SRC 30
@@ -977,6 +1055,7 @@ int main(void)
     tcase_add_test(tc, test_local_tombstones);
     tcase_add_test(tc, test_policies);
     tcase_add_test(tc, test_toast_truncate_messages);
+    tcase_add_test(tc, test_lww_hammer);
     suite_add_tcase(s, tc);
     TCase *tck = aamm_test_tcase("kill", 240);
     tcase_add_unchecked_fixture(tck, setup_one, teardown);
