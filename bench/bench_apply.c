@@ -1,0 +1,274 @@
+/* bench_apply.c: catch-up from a backlog, end to end libaamm capture -> apply (wired in
+ * process) against PostgreSQL's native subscription, between local clusters on this
+ * machine. Node 0 is the source; node 1 catches up through a native subscription, node 2
+ * through libaamm. Backlogs: bulk rows in 1,000-row transactions; pgbench transactions;
+ * then bulk rows with 10% of the keys already present on the libaamm target (conflicts,
+ * LWW, logged) against libaamm's own conflict-free bulk rate.
+ * Sizes scale with AAMM_BENCH_SCALE (default 1: 1,000,000 rows, 100,000 pgbench txns). */
+#include <inttypes.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <libpq-fe.h>
+
+#include <aamm/apply.h>
+#include <aamm/capture.h>
+#include <aamm/node.h>
+
+#include "pgfixture.h"
+
+#define ROLE "aamm_apply"
+
+static struct pgfx *fx;
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void die(const char *what)
+{
+    fprintf(stderr, "bench_apply: %s\n", what);
+    pgfx_destroy(fx);
+    exit(1);
+}
+
+static void exec(int node, const char *sql)
+{
+    if (pgfx_exec(fx, node, "%s", sql) != 0)
+        die(sql);
+}
+
+static const char *tables[] = {"bulk", "bulk2", "pgbench_accounts", "pgbench_branches",
+                               "pgbench_tellers", "pgbench_history", "bench_marker"};
+
+static void schema(int node)
+{
+    const char *argv[] = {"pgbench", "-i", "-q", "-s", "1", "-h", pgfx_sockdir(fx, node),
+                          "-p", NULL, "-U", "postgres", "postgres", NULL};
+    char port[16];
+    snprintf(port, sizeof port, "%d", pgfx_port(fx, node));
+    argv[8] = port;
+    if (pgfx_run(argv, NULL) != 0)
+        die("pgbench -i");
+    exec(node, "ALTER TABLE pgbench_history ADD COLUMN hid bigserial PRIMARY KEY");
+    exec(node, "CREATE TABLE bulk (id bigint PRIMARY KEY, v text, n int)");
+    exec(node, "CREATE TABLE bulk2 (id bigint PRIMARY KEY, v text, n int)");
+    exec(node, "CREATE TABLE bench_marker (id int PRIMARY KEY)");
+}
+
+static long marker_count(int node)
+{
+    return pgfx_value_long(fx, node, -1, "SELECT count(*) FROM bench_marker");
+}
+
+/* ---- libaamm: capture (node 0, slot aamm_to_3) -> apply (node 2) ------------------- */
+
+static struct aamm_capture *cap;
+static struct aamm_apply *ap;
+
+static void open_capture(void)
+{
+    const char *pubs[1] = {"pub"};
+    struct aamm_capture_options co = {0};
+    char ci[512];
+    snprintf(ci, sizeof ci, "%s", pgfx_conninfo(fx, 0));
+    co.conninfo = ci;
+    co.slot = "aamm_to_3";
+    co.publications = pubs;
+    co.npublications = 1;
+    co.node_id = 1;
+    if (aamm_capture_new(&cap, &co) != 0 || aamm_capture_open(cap) != 0)
+        die(cap ? aamm_capture_errmsg(cap) : "capture new");
+}
+
+/* run capture -> apply until the marker row count on node 2 reaches @want */
+static double libaamm_catch_up(long want)
+{
+    double t0 = now_s(), last_check = 0;
+    bool open_txn = false;
+    for (;;) {
+        if (aamm_capture_step(cap) != 0)
+            die(aamm_capture_errmsg(cap));
+        struct aamm_capture_event ev;
+        int rc;
+        int budget = 20000;
+        while (budget-- > 0 && (rc = aamm_capture_next(cap, &ev)) == 1) {
+            if (ev.kind == AAMM_CAPTURE_BEGIN) {
+                if (aamm_apply_begin(ap, ev.txn) != 0)
+                    die(aamm_apply_errmsg(ap));
+                open_txn = true;
+            } else if (ev.kind == AAMM_CAPTURE_CHANGE && open_txn) {
+                struct aamm_change c = *ev.change; /* copy: apply takes the contents */
+                if (aamm_tuple_copy(&c.new_tuple, &ev.change->new_tuple) != 0 ||
+                    aamm_tuple_copy(&c.old_tuple, &ev.change->old_tuple) != 0)
+                    die("copy");
+                c.relations = NULL;
+                c.nrelations = 0;
+                c.prefix = c.content = NULL;
+                int arc;
+                while ((arc = aamm_apply_change(ap, &c)) == AAMM_EBUSY) {
+                    if (aamm_apply_step(ap) != 0)
+                        die(aamm_apply_errmsg(ap));
+                    struct pollfd p = {aamm_apply_fd(ap), POLLIN, 0};
+                    poll(&p, 1, 1);
+                }
+                if (arc != 0)
+                    die(aamm_apply_errmsg(ap));
+            } else if (ev.kind == AAMM_CAPTURE_COMMIT && open_txn) {
+                if (aamm_apply_commit(ap, ev.txn) != 0)
+                    die(aamm_apply_errmsg(ap));
+                open_txn = false;
+            }
+        }
+        if (aamm_apply_step(ap) != 0)
+            die(aamm_apply_errmsg(ap));
+        if (aamm_apply_flushed(ap))
+            aamm_capture_confirm(cap, aamm_apply_flushed(ap));
+        double t = now_s();
+        if (t - last_check > 0.05) {
+            last_check = t;
+            if (marker_count(2) >= want)
+                return t - t0;
+        }
+        struct pollfd p[2] = {{aamm_capture_fd(cap), POLLIN, 0}, {aamm_apply_fd(ap), POLLIN, 0}};
+        if (aamm_apply_events(ap) & AAMM_APPLY_WRITE)
+            p[1].events |= POLLOUT;
+        poll(p, 2, aamm_capture_timeout(cap) == 0 || aamm_apply_timeout(ap) == 0 ? 0 : 1);
+    }
+}
+
+static double native_catch_up(long want)
+{
+    double t0 = now_s();
+    exec(1, "ALTER SUBSCRIPTION sub ENABLE");
+    while (marker_count(1) < want)
+        usleep(20000);
+    double d = now_s() - t0;
+    exec(1, "ALTER SUBSCRIPTION sub DISABLE");
+    return d;
+}
+
+int main(void)
+{
+    double scale = getenv("AAMM_BENCH_SCALE") ? atof(getenv("AAMM_BENCH_SCALE")) : 1.0;
+    long rows = (long)(1000000 * scale), txns = (long)(100000 * scale);
+    if (rows < 10000)
+        rows = 10000;
+    if (txns < 1000)
+        txns = 1000;
+    fx = pgfx_start(3, "max_replication_slots = 10\nmax_wal_senders = 10\n"
+                       "max_locks_per_transaction = 256\nshared_buffers = 256MB\n"
+                       "max_wal_size = 4GB\n");
+    if (!fx)
+        die("start clusters");
+    for (int i = 0; i < 3; i++)
+        schema(i);
+    char err[1024];
+    PGconn *c2 = pgfx_connect(fx, 2);
+    if (aamm_node_install(c2, err, sizeof err) != 0 ||
+        aamm_node_create_apply_role(c2, ROLE, NULL, err, sizeof err) != 0)
+        die(err);
+    for (size_t i = 0; i < sizeof tables / sizeof *tables; i++)
+        if (aamm_node_replicate_table(c2, "public", tables[i], ROLE, NULL, err, sizeof err) != 0)
+            die(err);
+    PQfinish(c2);
+    exec(0, "CREATE PUBLICATION pub FOR TABLE bulk, bulk2, pgbench_accounts, pgbench_branches, "
+            "pgbench_tellers, pgbench_history, bench_marker");
+    char sub[1024];
+    snprintf(sub, sizeof sub,
+             "CREATE SUBSCRIPTION sub CONNECTION '%s' PUBLICATION pub WITH (copy_data = false, "
+             "enabled = false)",
+             pgfx_conninfo(fx, 0));
+    exec(1, sub);
+    open_capture(); /* creates slot aamm_to_3 before the backlog */
+
+    struct aamm_apply_options o;
+    aamm_apply_options_init(&o);
+    char ci[512];
+    snprintf(ci, sizeof ci, "%s", pgfx_conninfo_with(fx, 2, "user=" ROLE));
+    o.conninfo = ci;
+    o.local_node = 3;
+    o.source_node = 1;
+    o.synchronous_commit_off = true;
+    if (aamm_apply_new(&ap, &o) != 0)
+        die("apply new");
+
+    /* 1. bulk backlog */
+    fprintf(stderr, "bench_apply: %ld bulk rows\n", rows);
+    PGconn *a = pgfx_connect(fx, 0);
+    for (long b = 0; b < rows / 1000; b++) {
+        char sql[256];
+        snprintf(sql, sizeof sql,
+                 "INSERT INTO bulk SELECT g, md5(g::text), g %% 1000 FROM generate_series(%ld, "
+                 "%ld) g",
+                 b * 1000 + 1, b * 1000 + 1000);
+        if (pgfx_exec_conn(a, "%s", sql) != 0)
+            die("bulk insert");
+    }
+    exec(0, "INSERT INTO bench_marker VALUES (1)");
+    double nat = native_catch_up(1);
+    double lib = libaamm_catch_up(1);
+    printf("BENCH apply_bulk_native_rows_per_s %.0f rows/s\n", rows / nat);
+    printf("BENCH apply_bulk_libaamm_rows_per_s %.0f rows/s\n", rows / lib);
+    printf("BENCH apply_bulk_ratio %.3f x\n", nat / lib);
+    double bulk_rate = rows / lib;
+    fflush(stdout);
+
+    /* 2. pgbench backlog */
+    fprintf(stderr, "bench_apply: %ld pgbench transactions\n", txns);
+    {
+        char port[16], t[32];
+        snprintf(port, sizeof port, "%d", pgfx_port(fx, 0));
+        snprintf(t, sizeof t, "%ld", txns / 2);
+        const char *argv[] = {"pgbench", "-n", "-c", "2", "-j", "2", "-t", t, "-h",
+                              pgfx_sockdir(fx, 0), "-p", port, "-U", "postgres", "postgres",
+                              NULL};
+        if (pgfx_run(argv, NULL) != 0)
+            die("pgbench");
+    }
+    exec(0, "INSERT INTO bench_marker VALUES (2)");
+    nat = native_catch_up(2);
+    lib = libaamm_catch_up(2);
+    printf("BENCH apply_pgbench_native_txn_per_s %.0f txn/s\n", txns / nat);
+    printf("BENCH apply_pgbench_libaamm_txn_per_s %.0f txn/s\n", txns / lib);
+    printf("BENCH apply_pgbench_ratio %.3f x\n", nat / lib);
+    fflush(stdout);
+
+    /* 3. 10% conflicting rows on the libaamm target, against its conflict-free bulk rate */
+    long rows2 = rows / 5;
+    {
+        char sql[256];
+        snprintf(sql, sizeof sql,
+                 "INSERT INTO bulk2 SELECT g, 'local', 0 FROM generate_series(1, %ld) g "
+                 "WHERE g %% 10 = 0",
+                 rows2);
+        exec(2, sql);
+    }
+    for (long b = 0; b < rows2 / 1000; b++) {
+        char sql[256];
+        snprintf(sql, sizeof sql,
+                 "INSERT INTO bulk2 SELECT g, md5(g::text), g %% 1000 FROM generate_series(%ld, "
+                 "%ld) g",
+                 b * 1000 + 1, b * 1000 + 1000);
+        if (pgfx_exec_conn(a, "%s", sql) != 0)
+            die("bulk2 insert");
+    }
+    exec(0, "INSERT INTO bench_marker VALUES (3)");
+    double lib2 = libaamm_catch_up(3);
+    printf("BENCH apply_conflict10_libaamm_rows_per_s %.0f rows/s\n", rows2 / lib2);
+    printf("BENCH apply_conflict10_slowdown %.3f x\n", bulk_rate / (rows2 / lib2));
+    printf("BENCH apply_conflict10_logged %" PRIu64 " conflicts\n",
+           aamm_apply_conflicts(ap, AAMM_CONFLICT_INSERT_EXISTS));
+    PQfinish(a);
+    aamm_apply_free(ap);
+    aamm_capture_free(cap);
+    pgfx_destroy(fx);
+    return 0;
+}
