@@ -713,7 +713,7 @@ static void map_result(struct lrel *r, PGresult *res)
  * Statement text
  * ==================================================================================== */
 
-/* Parameters: $1 commit time, $2 source node, $3 relation label, $4 policy, $5 lock keys,
+/* Parameters: $1 commit time, $2 source node, $3 relation label, $4 policy, $5 key lock id,
  * $6 the session origin's roident, then values. */
 #define NFIXED 5
 #define NFIXED_ALL 6
@@ -806,7 +806,7 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", $1::timestamptz, $2::int, ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", $4, false) ON CONFLICT (");
+        sb_add(&b, ", $4, $5::int8) ON CONFLICT (");
         for (int k = 0; k < r->nkeys; k++) {
             sb_add(&b, "%s", k ? ", " : "");
             sb_ident(&b, r->rel.columns[r->key_r[k]].name);
@@ -823,7 +823,7 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_add(&b, " WHERE aamm.decide('insert_exists', $3, ");
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
-                   "$1::timestamptz, $2::int, $4, false)");
+                   "$1::timestamptz, $2::int, $4, NULL::int8)");
     } else if (op == OP_UPDATE) {
         sb_add(&b, "UPDATE %s AS t SET ", r->qname);
         int i = 0;
@@ -844,7 +844,7 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", $1::timestamptz, $2::int, $4, false))");
+        sb_add(&b, ", $1::timestamptz, $2::int, $4, NULL::int8))");
     } else if (op == OP_UPDATE_MISSING) {
         /* a separate statement, so its snapshot sees what the UPDATE just did and what
          * concurrent writers committed meanwhile (a row deleted under the UPDATE) */
@@ -881,16 +881,16 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", $1::timestamptz, $2::int, ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", %s, $4, false) ON CONFLICT DO NOTHING", has_u ? "true" : "false");
+        sb_add(&b, ", %s, $4, NULL::int8) ON CONFLICT DO NOTHING", has_u ? "true" : "false");
     } else {
         sb_add(&b, "WITH d AS (DELETE FROM %s AS t WHERE ", r->qname);
         sb_keywhere(&b, r, "t", kparam);
         sb_add(&b, " AND aamm.decide('delete_origin_differs', $3, ");
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), NULL, $1::timestamptz, $2::int, $4, "
-                   "false) RETURNING 1) SELECT aamm.delete_missing($3, ");
+                   "$5::int8) RETURNING 1) SELECT aamm.delete_missing($3, ");
         sb_keyjson(&b, r, kparam);
-        sb_add(&b, ", $1::timestamptz, $2::int, NULL, false) WHERE NOT EXISTS (SELECT 1 "
+        sb_add(&b, ", $1::timestamptz, $2::int, NULL, $5::int8) WHERE NOT EXISTS (SELECT 1 "
                    "FROM d) AND NOT EXISTS (SELECT 1 FROM %s t2 WHERE ",
                r->qname);
         sb_keywhere(&b, r, "t2", kparam);
@@ -983,8 +983,7 @@ static struct stmt *get_stmt(struct aamm_apply *ap, struct qtxn *t, long idx, st
 
 /* Take the transaction advisory lock of one key (FNV-1a of the relation label and the key
  * texts: the same on every applier of this node, since values arrive in pinned formats). */
-static int send_lock(struct aamm_apply *ap, struct qtxn *t, long idx, const struct lrel *r,
-                     const struct aamm_tuple *kt)
+static void key_lock_id(const struct lrel *r, const struct aamm_tuple *kt, char *num, size_t size)
 {
     uint64_t h = UINT64_C(14695981039346656037);
     for (const char *p = r->label; *p; p++)
@@ -995,8 +994,14 @@ static int send_lock(struct aamm_apply *ap, struct qtxn *t, long idx, const stru
         for (uint32_t i = 0; v->data && i < v->len; i++)
             h = (h ^ (unsigned char)v->data[i]) * UINT64_C(1099511628211);
     }
+    snprintf(num, size, "%" PRId64, (int64_t)h);
+}
+
+static int send_lock(struct aamm_apply *ap, struct qtxn *t, long idx, const struct lrel *r,
+                     const struct aamm_tuple *kt)
+{
     char num[32];
-    snprintf(num, sizeof num, "%" PRId64, (int64_t)h);
+    key_lock_id(r, kt, num, sizeof num);
     const char *pv[1] = {num};
     if (!ap->lock_prepared) {
         if (!PQsendPrepare(ap->conn, "aamm_lock", "SELECT pg_catalog.pg_advisory_xact_lock($1::int8)",
@@ -1119,14 +1124,23 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
     if (op == OP_DELETE || ot)
         for (int k = 0; k < r->nkeys; k++)
             vals[np++] = ot->values[r->key_r[k]].data;
-    /* serialize appliers per key: taken in its own statement, so the change's statement
-     * snapshot already sees whatever another applier committed on this key */
+    /* serialize appliers per key. INSERT and DELETE take the lock inside their decision
+     * functions (whose own queries then run on a fresh snapshot); an UPDATE takes it in a
+     * statement of its own, so the UPDATE's snapshot already sees whatever another applier
+     * committed on this key (a row deleted under it must reach the update_missing path) */
+    char lockid[32];
+    vals[4] = NULL;
     if (ap->opt.lock_keys) {
         const struct aamm_tuple *kt = (op == OP_DELETE || ot) ? ot : nt;
-        if ((rc = send_lock(ap, t, idx, r, kt)) < 0)
-            return rc;
-        if (op == OP_UPDATE && ot && (rc = send_lock(ap, t, idx, r, nt)) < 0)
-            return rc;
+        if (op == OP_UPDATE) {
+            if ((rc = send_lock(ap, t, idx, r, kt)) < 0)
+                return rc;
+            if (ot && (rc = send_lock(ap, t, idx, r, nt)) < 0)
+                return rc;
+        } else {
+            key_lock_id(r, kt, lockid, sizeof lockid);
+            vals[4] = lockid;
+        }
     }
     if (!PQsendQueryPrepared(ap->conn, name1, np, vals, NULL, NULL, 0))
         return AAMM_ECONN;
@@ -1195,7 +1209,7 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
                            4, NULL, gp, NULL, NULL, 0) ||
         !exp_push(ap, E_GUARD, t, NULL, -1))
         return AAMM_ECONN;
-    const char *fixed[NFIXED] = {ts, node, NULL, NULL, ap->opt.lock_keys ? "t" : "f"};
+    const char *fixed[NFIXED] = {ts, node, NULL, NULL, NULL};
     for (size_t i = 0; i < t->n; i++) {
         if (t->changes[i].relation)
             fixed[2] = lrel_of(t->changes[i].relation)->label;
