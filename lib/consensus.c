@@ -374,8 +374,9 @@ AAMM_API int aamm_consensus_new(struct aamm_consensus **out, const struct aamm_c
     election = o->election_timeout_ms ? o->election_timeout_ms : 1000;
     heartbeat = o->heartbeat_timeout_ms ? o->heartbeat_timeout_ms : 100;
     /* Debian's raft has its asserts compiled out: check what raft_start would assert. */
-    if (o->node_id == 0)
-        rc = aamm__errf(&err, AAMM_EINVAL, "consensus: node_id must be > 0");
+    if (o->node_id == 0 || o->node_id > AAMM_NODE_ID_MAX)
+        rc = aamm__errf(&err, AAMM_EINVAL, "consensus: node_id must be in 1..%d",
+                        AAMM_NODE_ID_MAX);
     else if (heartbeat >= election)
         rc = aamm__errf(&err, AAMM_EINVAL,
                         "consensus: heartbeat timeout (%u ms) must be below the election "
@@ -531,12 +532,12 @@ AAMM_API int aamm_consensus_bootstrap(struct aamm_consensus *cs,
     for (i = 0; i < n; i++) {
         const struct aamm_consensus_member *m = &members[i];
         rc = 0;
-        if (m->node_id == 0 || !text_ok(m->name) ||
+        if (m->node_id == 0 || m->node_id > AAMM_NODE_ID_MAX || !text_ok(m->name) ||
             !text_ok(m->link_address ? m->link_address : ""))
             rc = aamm__errf(&cs->err, AAMM_EINVAL,
-                            "consensus: member %zu: id 0, or a name/link missing, too long or "
-                            "with tabs/newlines",
-                            i);
+                            "consensus: member %zu: id outside 1..%d, or a name/link missing, "
+                            "too long or with tabs/newlines",
+                            i, AAMM_NODE_ID_MAX);
         else
             rc = resolve_addr(&cs->err, "consensus: member raft_address", m->raft_address,
                               boot[i].raft, sizeof(boot[i].raft));
@@ -1513,10 +1514,12 @@ AAMM_API int aamm_consensus_add_member(struct aamm_consensus *cs,
     int rc;
     if (cs == NULL || m == NULL)
         return AAMM_EINVAL;
-    if (m->node_id == 0 || !text_ok(m->name) || !text_ok(m->link_address ? m->link_address : ""))
+    if (m->node_id == 0 || m->node_id > AAMM_NODE_ID_MAX || !text_ok(m->name) ||
+        !text_ok(m->link_address ? m->link_address : ""))
         return aamm__errf(&cs->err, AAMM_EINVAL,
-                          "consensus: member needs an id > 0 and a name/link of at most 255 "
-                          "bytes without tabs or newlines");
+                          "consensus: member needs an id in 1..%d and a name/link of at most "
+                          "255 bytes without tabs or newlines",
+                          AAMM_NODE_ID_MAX);
     rc = resolve_addr(&cs->err, "consensus: member raft_address", m->raft_address, raft,
                       sizeof(raft));
     if (rc != 0)

@@ -145,6 +145,17 @@ AAMM_API void aamm_memory_reset_high_water(void);
  */
 AAMM_API void aamm_free(void *ptr);
 
+/* ---- node ids ------------------------------------------------------------------ */
+
+/**
+ * The largest node id. A node id names one node across the whole cluster and every
+ * component: its consensus member id, the node bits of its snowflake ids, its origin
+ * names (aamm_from_<id>), its link identity. Valid ids are 1..AAMM_NODE_ID_MAX; consensus
+ * refuses any other at bootstrap and join, and refuses an id already in the cluster, so
+ * a node id (and with it a snowflake id space) is never used twice.
+ */
+#define AAMM_NODE_ID_MAX 1023
+
 /* ---- LSNs and times -------------------------------------------------------------- */
 
 /** Buffer size for aamm_lsn_format(): "FFFFFFFF/FFFFFFFF" plus NUL. */

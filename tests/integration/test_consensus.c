@@ -350,6 +350,10 @@ START_TEST(local_join_and_remove)
     ck_assert_int_eq(aamm_consensus_add_member(c.cs[0], &bad, w_done, &w), 0);
     ck_assert(lc_run(&c, w_finished, &w, 10000));
     ck_assert_int_eq(w.status[2], AAMM_EINVAL);
+    /* an id outside the node id range is refused before anything is proposed */
+    bad = c.m[3];
+    bad.node_id = AAMM_NODE_ID_MAX + 1;
+    ck_assert_int_eq(aamm_consensus_add_member(c.cs[0], &bad, w_done, &w), AAMM_EINVAL);
     /* remove node 4 from node 1 */
     w.pending = 1;
     ck_assert_int_eq(aamm_consensus_remove_member(c.cs[0], 4, w_done, &w), 0);
@@ -540,6 +544,10 @@ START_TEST(options_and_lock)
     o.secret_len = strlen(SECRET);
     o.node_id = 0;
     ck_assert_int_eq(aamm_consensus_new(&cs, &o, err, sizeof(err)), AAMM_EINVAL);
+    /* node ids double as snowflake node bits: 1..AAMM_NODE_ID_MAX only */
+    o.node_id = AAMM_NODE_ID_MAX + 1;
+    ck_assert_int_eq(aamm_consensus_new(&cs, &o, err, sizeof(err)), AAMM_EINVAL);
+    ck_assert_ptr_nonnull(strstr(err, "1..1023"));
     o.node_id = 1;
     o.raft_address = "localhost:7001"; /* resolved to IPv4 by us */
     ck_assert_int_eq(aamm_consensus_new(&cs, &o, err, sizeof(err)), 0);
