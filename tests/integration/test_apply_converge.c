@@ -445,10 +445,14 @@ START_TEST(test_converge)
         fprintf(stderr, " %s=%" PRIu64, aamm_conflict_kind_name((enum aamm_conflict_kind)k),
                 kinds[k]);
     fprintf(stderr, "\n");
-    /* the workload did race: the interesting kinds happened */
-    ck_assert_uint_gt(kinds[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 0);
-    ck_assert_uint_gt(kinds[AAMM_CONFLICT_UPDATE_MISSING] + kinds[AAMM_CONFLICT_DELETE_MISSING],
-                      0);
+    /* the workload did race: the interesting kinds happened (a full-size run only: the
+     * shrunken sanitizer run has too few operations to promise it) */
+    if (seeds >= 20) {
+        ck_assert_uint_gt(kinds[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 0);
+        ck_assert_uint_gt(kinds[AAMM_CONFLICT_UPDATE_MISSING] +
+                              kinds[AAMM_CONFLICT_DELETE_MISSING],
+                          0);
+    }
 }
 END_TEST
 
