@@ -151,6 +151,15 @@ struct enc_rel {
     uint64_t pin; /* operation number that needs this entry: not evictable during it */
 };
 
+/* A value of the record being built that stays in the caller's memory: its bytes follow the
+ * first @at bytes of the record scratch (and the segments before it). */
+struct rec_seg {
+    size_t at;
+    const char *p;
+    size_t n;
+};
+#define SEG_MIN 1024 /* text values and message contents of this size are referenced */
+
 struct aamm_wire_encoder {
     struct aamm__err err;
     struct aamm_wire_options o;
@@ -162,7 +171,12 @@ struct aamm_wire_encoder {
     size_t rd;
     bool frame_open;
     size_t fstart;
-    struct aamm__wr rec; /* scratch: the record being built */
+    struct aamm__wr rec; /* scratch: the record being built (without its big values) */
+    struct rec_seg *segs; /* big values of the record: referenced, not copied */
+    uint32_t nsegs, segs_cap;
+    bool streaming;    /* a split record is emitted one piece per call (set_streaming) */
+    bool split_active; /* a split record is partly emitted (streaming) */
+    size_t split_total, split_off;
     uint8_t *ztmp;       /* LZ4 scratch */
     size_t ztmp_cap;
     LZ4_stream_t *lz; /* LZ4 stream over all DATA payloads (doc/protocol.md §1) */
@@ -236,6 +250,7 @@ void aamm_wire_encoder_free(struct aamm_wire_encoder *enc)
     aamm__free(enc->dict);
     aamm__wr_free(&enc->out);
     aamm__wr_free(&enc->rec);
+    aamm__free(enc->segs);
     aamm__free(enc->ztmp);
     aamm__free(enc->lz);
     aamm__free(enc->lzdict);
@@ -416,18 +431,73 @@ bool aamm_wire_encoder_in_transaction(const struct aamm_wire_encoder *enc)
     return enc->in_txn;
 }
 
-/* Append the record in enc->rec to the DATA stream, splitting it into pieces if needed. */
-static int emit_record(struct aamm_wire_encoder *enc)
+/* Reference @n bytes at @p as the next part of the record (after what rec holds now). */
+static void rec_ref(struct aamm_wire_encoder *enc, const char *p, size_t n)
+{
+    if (n < SEG_MIN) {
+        aamm__wr_bytes(&enc->rec, p, n);
+        return;
+    }
+    if (enc->nsegs == enc->segs_cap) {
+        uint32_t cap = enc->segs_cap ? 2 * enc->segs_cap : 8;
+        struct rec_seg *g = aamm__realloc(enc->segs, cap * sizeof *g);
+        if (g == NULL) {
+            enc->rec.ok = false;
+            return;
+        }
+        enc->segs = g;
+        enc->segs_cap = cap;
+    }
+    enc->segs[enc->nsegs++] = (struct rec_seg){enc->rec.len, p, n};
+}
+
+static size_t rec_total(const struct aamm_wire_encoder *enc)
 {
     size_t r = enc->rec.len;
+    for (uint32_t i = 0; i < enc->nsegs; i++)
+        r += enc->segs[i].n;
+    return r;
+}
+
+/* Append bytes [@off, @off + @n) of the record (scratch and referenced values) to @w. */
+static void rec_put(const struct aamm_wire_encoder *enc, struct aamm__wr *w, size_t off, size_t n)
+{
+    size_t pos = 0, rpos = 0, end = off + n;
+    for (uint32_t i = 0; i <= enc->nsegs && pos < end; i++) {
+        /* the scratch bytes before segment i (or the tail), then segment i */
+        size_t rend = i < enc->nsegs ? enc->segs[i].at : enc->rec.len;
+        const char *parts[2] = {(const char *)enc->rec.data + rpos,
+                                i < enc->nsegs ? enc->segs[i].p : NULL};
+        size_t lens[2] = {rend - rpos, i < enc->nsegs ? enc->segs[i].n : 0};
+        rpos = rend;
+        for (int k = 0; k < 2; k++) {
+            size_t a = pos > off ? pos : off, b = pos + lens[k] < end ? pos + lens[k] : end;
+            if (a < b)
+                aamm__wr_bytes(w, parts[k] + (a - pos), b - a);
+            pos += lens[k];
+        }
+    }
+}
+
+/* Append the record in enc->rec to the DATA stream, splitting it into pieces if needed.
+ * Streaming: one piece per call, AAMM_EAGAIN until the last one is out. */
+static int emit_record(struct aamm_wire_encoder *enc)
+{
+    size_t r;
     size_t cap = enc->o.frame_payload;
     int rc;
     if (!enc->rec.ok)
         return enc_nomem(enc);
+    r = rec_total(enc);
     if (r > enc->o.max_record)
         return aamm__errf(&enc->err, AAMM_ETOOBIG,
                           "wire: record of %zu bytes above the limit of %" PRIu32, r,
                           enc->o.max_record);
+    if (enc->split_active && r != enc->split_total)
+        return aamm__errf(&enc->err, AAMM_EINVAL,
+                          "wire: a split record continued with a different change (%zu bytes, "
+                          "%zu expected)",
+                          r, enc->split_total);
     if (r <= cap) {
         if (enc->frame_open && enc->out.len - enc->fstart - AAMM_WIRE_HEADER_SIZE + r > cap) {
             rc = close_data_frame(enc);
@@ -436,14 +506,18 @@ static int emit_record(struct aamm_wire_encoder *enc)
         }
         if (!enc->frame_open)
             open_frame(enc);
-        aamm__wr_bytes(&enc->out, enc->rec.data, r);
+        rec_put(enc, &enc->out, 0, r);
         return enc->out.ok ? 0 : enc_nomem(enc);
     }
     /* 'P' pieces, each alone in a frame. */
     rc = close_data_frame(enc);
     if (rc != 0)
         return rc;
-    for (size_t off = 0; off < r;) {
+    if (!enc->split_active) {
+        enc->split_off = 0;
+        enc->split_total = r;
+    }
+    for (size_t off = enc->split_off; off < r;) {
         size_t n = r - off;
         if (n > cap - PIECE_OVERHEAD)
             n = cap - PIECE_OVERHEAD;
@@ -452,14 +526,28 @@ static int emit_record(struct aamm_wire_encoder *enc)
         wr_varint(&enc->out, r);
         wr_varint(&enc->out, off);
         wr_varint(&enc->out, n);
-        aamm__wr_bytes(&enc->out, enc->rec.data + off, n);
+        rec_put(enc, &enc->out, off, n);
         rc = close_data_frame(enc);
         if (rc != 0)
             return rc;
         off += n;
+        if (enc->streaming && off < r) {
+            enc->split_active = true;
+            enc->split_off = off;
+            return AAMM_EAGAIN;
+        }
     }
+    enc->split_active = false;
     if (enc->rec.cap > 2 * cap)
         aamm__wr_free(&enc->rec);
+    return 0;
+}
+
+int aamm_wire_encoder_set_streaming(struct aamm_wire_encoder *enc, bool on)
+{
+    if (enc->split_active)
+        return aamm__errf(&enc->err, AAMM_ESTATE, "wire: a split record is in progress");
+    enc->streaming = on;
     return 0;
 }
 
@@ -603,14 +691,17 @@ static void write_relation(struct aamm__wr *w, uint32_t id, const struct aamm_re
     }
 }
 
-static void write_tuple(struct aamm__wr *w, const struct aamm_tuple *t)
+/* A tuple into the record scratch (kind, then varint length and bytes of text values), big text values referenced (rec_ref). */
+static void rec_tuple(struct aamm_wire_encoder *enc, const struct aamm_tuple *t)
 {
-    wr_varint(w, t->nvalues);
+    wr_varint(&enc->rec, t->nvalues);
     for (uint32_t i = 0; i < t->nvalues; i++) {
         const struct aamm_value *v = &t->values[i];
-        aamm__wr_u8(w, (uint8_t)v->kind);
-        if (v->kind == AAMM_VALUE_TEXT)
-            wr_str(w, v->data, v->len);
+        aamm__wr_u8(&enc->rec, (uint8_t)v->kind);
+        if (v->kind == AAMM_VALUE_TEXT) {
+            wr_varint(&enc->rec, v->len);
+            rec_ref(enc, v->data, v->len);
+        }
     }
 }
 
@@ -702,6 +793,7 @@ static int relation_id(struct aamm_wire_encoder *enc, const struct aamm_relation
     e->hash = h;
     e->pin = enc->op;
     enc->rec.len = 0;
+    enc->nsegs = 0;
     write_relation(&enc->rec, id, rel);
     if ((rc = emit_record(enc)) != 0)
         return rc;
@@ -716,7 +808,10 @@ int aamm_wire_encode_begin(struct aamm_wire_encoder *enc, const struct aamm_tran
         return aamm__errf(&enc->err, AAMM_ESTATE, "wire: BEGIN inside a transaction");
     if (txn->origin_name != NULL && (strlen(txn->origin_name) > enc->o.frame_payload / 2))
         return aamm__errf(&enc->err, AAMM_EINVAL, "wire: origin name too long");
+    if (enc->split_active)
+        return aamm__errf(&enc->err, AAMM_ESTATE, "wire: BEGIN while a split record is in progress");
     enc->rec.len = 0;
+    enc->nsegs = 0;
     write_begin(&enc->rec, txn);
     enc->in_txn = true;
     enc->begin_commit_lsn = txn->commit_lsn;
@@ -733,7 +828,11 @@ int aamm_wire_encode_commit(struct aamm_wire_encoder *enc, const struct aamm_tra
         return aamm__errf(&enc->err, AAMM_EINVAL, "wire: COMMIT without an end LSN");
     override =
         txn->commit_lsn != enc->begin_commit_lsn || txn->commit_time != enc->begin_commit_time;
+    if (enc->split_active)
+        return aamm__errf(&enc->err, AAMM_ESTATE,
+                          "wire: COMMIT while a split record is in progress");
     enc->rec.len = 0;
+    enc->nsegs = 0;
     write_commit(&enc->rec, txn, override);
     enc->in_txn = false;
     return emit_record(enc);
@@ -770,6 +869,7 @@ int aamm_wire_encode_change(struct aamm_wire_encoder *enc, const struct aamm_cha
         if ((rc = relation_id(enc, ch->relation, &id)) != 0)
             return rc;
         enc->rec.len = 0;
+        enc->nsegs = 0;
         aamm__wr_u8(&enc->rec, ch->kind == AAMM_CHANGE_INSERT   ? 'I'
                                : ch->kind == AAMM_CHANGE_UPDATE ? 'U'
                                                                 : 'D');
@@ -777,10 +877,10 @@ int aamm_wire_encode_change(struct aamm_wire_encoder *enc, const struct aamm_cha
         if (has_old) {
             aamm__wr_u8(&enc->rec, (uint8_t)ch->old_kind);
             if (ch->old_kind != AAMM_OLD_NONE)
-                write_tuple(&enc->rec, &ch->old_tuple);
+                rec_tuple(enc, &ch->old_tuple);
         }
         if (ch->kind != AAMM_CHANGE_DELETE)
-            write_tuple(&enc->rec, &ch->new_tuple);
+            rec_tuple(enc, &ch->new_tuple);
         return emit_record(enc);
     }
     case AAMM_CHANGE_TRUNCATE: {
@@ -804,6 +904,7 @@ int aamm_wire_encode_change(struct aamm_wire_encoder *enc, const struct aamm_cha
             }
         }
         enc->rec.len = 0;
+        enc->nsegs = 0;
         aamm__wr_u8(&enc->rec, 'T');
         aamm__wr_u8(&enc->rec, (uint8_t)ch->truncate_flags);
         wr_varint(&enc->rec, ch->nrelations);
@@ -819,12 +920,13 @@ int aamm_wire_encode_change(struct aamm_wire_encoder *enc, const struct aamm_cha
         if (ch->prefix == NULL || (ch->content == NULL && ch->content_len > 0))
             return aamm__errf(&enc->err, AAMM_EINVAL, "wire: message without prefix");
         enc->rec.len = 0;
+        enc->nsegs = 0;
         aamm__wr_u8(&enc->rec, 'M');
         aamm__wr_u8(&enc->rec, ch->transactional ? 1 : 0);
         wr_varint(&enc->rec, ch->message_lsn);
         wr_str(&enc->rec, ch->prefix, strlen(ch->prefix));
         wr_varint(&enc->rec, ch->content_len);
-        aamm__wr_bytes(&enc->rec, ch->content, ch->content_len);
+        rec_ref(enc, ch->content, ch->content_len);
         return emit_record(enc);
     }
     return aamm__errf(&enc->err, AAMM_EINVAL, "wire: unknown change kind %d", (int)ch->kind);

@@ -184,6 +184,17 @@ AAMM_API int aamm_wire_encode_change(struct aamm_wire_encoder *enc,
 AAMM_API int aamm_wire_encode_commit(struct aamm_wire_encoder *enc,
                                      const struct aamm_transaction *txn);
 
+/**
+ * Streaming mode (off by default): a change whose record is larger than a frame is emitted
+ * one PIECE frame per aamm_wire_encode_change() call, which returns AAMM_EAGAIN until the
+ * last piece is out; the caller consumes the pending bytes and calls again with the same
+ * change (same content; the pointers may differ). Big text values and message contents are
+ * never copied whole into the encoder in either mode, only frame by frame. Between the calls
+ * only control frames may be encoded (BEGIN/COMMIT: AAMM_ESTATE; a change of another size:
+ * AAMM_EINVAL). Returns 0, or AAMM_ESTATE while a split record is in progress.
+ */
+AAMM_API int aamm_wire_encoder_set_streaming(struct aamm_wire_encoder *enc, bool on);
+
 /** Close the open DATA frame, if any, so that its bytes become pending. 0 or an error. */
 AAMM_API int aamm_wire_encoder_flush(struct aamm_wire_encoder *enc);
 
