@@ -121,6 +121,7 @@ struct aamm_apply {
     uint32_t last_gen;
 
     struct qtxn *head, *tail, *open;
+    struct qtxn *cursor; /* every transaction before it is sent or done */
     size_t nqueued_changes;
     size_t ntxns;
     size_t ninflight;
@@ -342,6 +343,7 @@ static void drop_conn(struct aamm_apply *ap)
         for (int i = 0; i < r->nstmts; i++)
             r->stmts[i].prepared = false;
     }
+    ap->cursor = ap->head;
     for (struct qtxn *t = ap->head; t; t = t->next) {
         if (!t->done) {
             t->sent = false;
@@ -590,6 +592,8 @@ int aamm_apply_commit(struct aamm_apply *ap, const struct aamm_transaction *txn)
     t->hdr.commit_time = txn->commit_time;
     t->closed = true;
     ap->open = NULL;
+    if (!ap->cursor)
+        ap->cursor = t;
     if (ap->tail)
         ap->tail->next = t;
     else
@@ -1235,7 +1239,8 @@ static int send_pending(struct aamm_apply *ap)
 {
     if (ap->fail_txn || ap->block_code || ap->recovering)
         return 0;
-    for (struct qtxn *t = ap->head; t; t = t->next) {
+    struct qtxn *t = ap->cursor;
+    for (; t; t = t->next) {
         if (t->done || t->sent)
             continue;
         if (ap->ninflight >= ap->opt.max_pipeline_txns)
@@ -1246,11 +1251,14 @@ static int send_pending(struct aamm_apply *ap)
             continue;
         }
         int rc = send_txn(ap, t);
-        if (rc < 0)
+        if (rc < 0) {
+            ap->cursor = t;
             return rc;
+        }
         if (rc > 0)
             break;
     }
+    ap->cursor = t;
     return 0;
 }
 
@@ -1339,6 +1347,8 @@ static void retire(struct aamm_apply *ap)
         ap->head = t->next;
         if (!ap->head)
             ap->tail = NULL;
+        if (ap->cursor == t)
+            ap->cursor = t->next;
         if (t->skipped)
             ap->skipped++;
         ap->nqueued_changes -= t->n;
@@ -1385,6 +1395,7 @@ static void after_failure(struct aamm_apply *ap)
     ap->lock_prepared = false;
     struct qtxn keep = *t; /* the first failure's details, for the message below */
     t->errmsg = NULL;
+    ap->cursor = ap->head;
     for (struct qtxn *q = ap->head; q; q = q->next) {
         if (q->done)
             continue;
@@ -1749,10 +1760,9 @@ int aamm_apply_timeout(const struct aamm_apply *ap)
     }
     case S_READY:
         /* work queued that can be sent now */
-        for (struct qtxn *t = ap->head; t; t = t->next)
-            if (!t->sent && !t->done && ap->ninflight < ap->opt.max_pipeline_txns &&
-                !ap->fail_txn && !ap->block_code)
-                return 0;
+        if (ap->cursor && ap->ninflight < ap->opt.max_pipeline_txns && !ap->fail_txn &&
+            !ap->block_code && !ap->recovering)
+            return 0;
         if ((ap->fail_txn || ap->block_code) && ap->exp_n == 0)
             return 0;
         return ap->msgs ? 0 : -1;
