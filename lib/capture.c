@@ -424,12 +424,24 @@ static int store_types(struct aamm_capture *c, const PGresult *res)
 /* BLOCKING (mid-stream only, rare): type names for the OIDs in @oids, an oid[] literal. */
 static int load_types(struct aamm_capture *c, const char *oids)
 {
+    static const char sql[] = "SELECT oid, format_type(oid, NULL) FROM pg_type "
+                              "WHERE oid = ANY($1::oid[])";
     const char *params[1] = {oids};
     int rc;
-    PGresult *res = PQexecParams(c->cat,
-                                 "SELECT oid, format_type(oid, NULL) FROM pg_type "
-                                 "WHERE oid = ANY($1::oid[])",
-                                 1, NULL, params, NULL, NULL, 0);
+    PGresult *res = PQexecParams(c->cat, sql, 1, NULL, params, NULL, NULL, 0);
+    if ((res == NULL || PQresultStatus(res) != PGRES_TUPLES_OK) &&
+        PQstatus(c->cat) == CONNECTION_BAD) {
+        /* The catalog connection sits idle between lookups and may have been dropped
+         * (backend terminated, server restarted, network): reconnect once, blocking like
+         * the lookup itself, and retry. PQreset leaves the connection in blocking mode,
+         * which is all this connection needs after setup. */
+        AAMM_WARN("capture: slot \"%s\": catalog connection lost, reconnecting", c->slot);
+        PQclear(res);
+        PQreset(c->cat);
+        if (PQstatus(c->cat) != CONNECTION_OK)
+            return query_failed(c, c->cat, NULL, "loading type names (reconnecting)");
+        res = PQexecParams(c->cat, sql, 1, NULL, params, NULL, NULL, 0);
+    }
     if (res == NULL || PQresultStatus(res) != PGRES_TUPLES_OK) {
         rc = query_failed(c, c->cat, res, "loading type names");
         PQclear(res);

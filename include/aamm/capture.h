@@ -22,7 +22,9 @@
  *
  * Blocking exceptions: libpq resolves host names synchronously when a connection starts;
  * and when a relation uses a type capture has not seen (not built in), next() runs one
- * catalog query for its name (a local round trip, once per type per capture).
+ * catalog query for its name (a local round trip, once per type per capture). If the
+ * catalog connection was dropped meanwhile, that query first reconnects it once (blocking,
+ * bounded by connect_timeout in the conninfo); only a failed reconnect is AAMM_ECONN.
  *
  * Server requirements (checked during setup, each refused with AAMM_EUNSUITABLE and a message
  * naming the setting): PostgreSQL 15 or later, wal_level = logical,

@@ -338,6 +338,52 @@ START_TEST(relation_metadata)
 }
 END_TEST
 
+/* The catalog connection (type-name lookups) reconnects once when it was dropped: after
+ * its backend is terminated, a table using a new user-defined type still streams, with
+ * the type's name on the relation and on the change. */
+START_TEST(catalog_reconnect)
+{
+    struct aamm_capture_event ev;
+    struct aamm_capture *c;
+    const struct aamm_relation *r;
+    /* The table and its type come after the start: a schema publication covers them. */
+    SQL("CREATE SCHEMA cr; CREATE PUBLICATION p_cr FOR TABLES IN SCHEMA cr");
+    c = cap("s_cr", "p_cr", 0);
+    /* The catalog backend: the client backend whose last query loaded the type names;
+     * pg_terminate_backend(pid, timeout) waits until it has gone. (>= 1: the catalog
+     * backend of an earlier test's capture may still be exiting.) */
+    ck_assert_int_ge(pgfx_value_long(fx, 0, -1,
+                                     "SELECT count(*) FROM (SELECT pid FROM pg_stat_activity "
+                                     "WHERE backend_type = 'client backend' "
+                                     "AND pid <> pg_backend_pid() AND query LIKE '%%format_type%%' "
+                                     "OFFSET 0) b " /* filter first, then terminate */
+                                     "WHERE pg_terminate_backend(pid, 10000)"),
+                     1);
+    SQL("CREATE TYPE cr.color AS ENUM ('red', 'green');"
+        "CREATE TABLE cr.t1 (id int PRIMARY KEY, col cr.color)");
+    SQL("INSERT INTO cr.t1 VALUES (1, 'green')");
+    ck_assert_int_eq(pull_kinds(c, &ev, K(RELATION), 30000), 1);
+    r = ev.relation;
+    ck_assert_str_eq(r->schema, "cr");
+    ck_assert_str_eq(r->name, "t1");
+    ck_assert_uint_eq(r->ncolumns, 2);
+    ck_assert_str_eq(r->columns[1].type_name, "cr.color");
+    ck_assert_int_eq(pull_kinds(c, &ev, K(CHANGE), 30000), 1);
+    ck_assert_str_eq(ev.change->relation->columns[1].type_name, "cr.color");
+    ck_assert_str_eq(ev.change->new_tuple.values[1].data, "green");
+    /* The new catalog connection is there. */
+    ck_assert_int_eq(
+        pgfx_value_long(fx, 0, -1,
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE backend_type = 'client backend' "
+                        "AND pid <> pg_backend_pid() AND query LIKE '%%format_type%%'"),
+        1);
+    aamm_capture_free(c);
+    SQL("DROP PUBLICATION p_cr");
+    drop_slot("s_cr");
+}
+END_TEST
+
 /* An out-of-line TOAST value left alone by an update arrives as UNCHANGED, never as NULL
  * or a value. */
 START_TEST(toast_unchanged)
@@ -1124,6 +1170,7 @@ static Suite *capture_suite(void)
     tcase_add_unchecked_fixture(tc, main_setup, cluster_teardown);
     tcase_add_test(tc, dml_insert_update_delete);
     tcase_add_test(tc, relation_metadata);
+    tcase_add_test(tc, catalog_reconnect);
     tcase_add_test(tc, toast_unchanged);
     tcase_add_test(tc, truncate_several);
     tcase_add_test(tc, logical_messages);
