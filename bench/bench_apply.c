@@ -45,13 +45,19 @@ static void exec(int node, const char *sql)
         die(sql);
 }
 
-static const char *tables[] = {"bulk", "bulk2", "pgbench_accounts", "pgbench_branches",
-                               "pgbench_tellers", "pgbench_history", "bench_marker"};
+static const char *tables[] = {"bulk",
+                               "bulk2",
+                               "pgbench_accounts",
+                               "pgbench_branches",
+                               "pgbench_tellers",
+                               "pgbench_history",
+                               "bench_marker"};
 
 static void schema(int node)
 {
-    const char *argv[] = {"pgbench", "-i", "-q", "-s", "1", "-h", pgfx_sockdir(fx, node),
-                          "-p", NULL, "-U", "postgres", "postgres", NULL};
+    const char *argv[] = {
+        "pgbench", "-i", "-q", "-s",       "1",        "-h", pgfx_sockdir(fx, node),
+        "-p",      NULL, "-U", "postgres", "postgres", NULL};
     char port[16];
     snprintf(port, sizeof port, "%d", pgfx_port(fx, node));
     argv[8] = port;
@@ -227,9 +233,9 @@ int main(void)
         char port[16], t[32];
         snprintf(port, sizeof port, "%d", pgfx_port(fx, 0));
         snprintf(t, sizeof t, "%ld", txns / 2);
-        const char *argv[] = {"pgbench", "-n", "-c", "2", "-j", "2", "-t", t, "-h",
-                              pgfx_sockdir(fx, 0), "-p", port, "-U", "postgres", "postgres",
-                              NULL};
+        const char *argv[] = {
+            "pgbench",           "-n", "-c", "2",  "-j",       "2",        "-t", t, "-h",
+            pgfx_sockdir(fx, 0), "-p", port, "-U", "postgres", "postgres", NULL};
         if (pgfx_run(argv, NULL) != 0)
             die("pgbench");
     }

@@ -24,7 +24,7 @@ enum op { OP_INSERT = 1, OP_UPDATE = 2, OP_DELETE = 3, OP_UPDATE_MISSING = 4 };
 
 struct lcol {
     char *name;
-    char *type; /* format_type(atttypid, NULL): the cast target */
+    char *type;  /* format_type(atttypid, NULL): the cast target */
     int key_pos; /* position in the primary key (0-based) or -1 */
     bool generated;
 };
@@ -41,17 +41,17 @@ struct lrel {
     struct aamm_relation rel; /* first: change->relation points here */
     struct lrel *next;
     int id;
-    char *label;  /* schema.name, as the tombstone trigger spells it */
-    char *qname;  /* "schema"."name" */
+    char *label; /* schema.name, as the tombstone trigger spells it */
+    char *qname; /* "schema"."name" */
     bool mapped;
     bool catalog_pending;
     int map_code;  /* mapping error, or 0 */
     char *map_msg; /* heap */
     int nlocal;
     struct lcol *lcols;
-    int *r2l;     /* per remote column: local index, or -1 (generated: not written) */
+    int *r2l; /* per remote column: local index, or -1 (generated: not written) */
     int nkeys;
-    int *key_r;   /* per key column (key order): remote column index */
+    int *key_r; /* per key column (key order): remote column index */
     int nstmts;
     struct stmt *stmts;
 };
@@ -67,21 +67,30 @@ struct qtxn {
     struct aamm_transaction hdr;
     struct aamm_change *changes;
     size_t n, cap;
-    bool closed;   /* commit seen */
+    bool closed; /* commit seen */
     bool sent;
-    bool done;     /* committed or skipped */
+    bool done; /* committed or skipped */
     bool skipped;
     bool committed_ok; /* COMMIT result said COMMIT */
     bool failed;
     char sqlstate[6];
-    char *errmsg;  /* first error of this transaction (heap) */
+    char *errmsg;    /* first error of this transaction (heap) */
     long err_change; /* index of the change that failed, -1 none */
     struct qconflict *conflicts;
 };
 
 enum exp_kind {
-    E_BEGIN = 1, E_GUARD, E_STMT, E_PREPARE, E_CONFLICTS, E_COMMIT, E_SYNC, E_CATALOG,
-    E_PROGRESS, E_MISC, E_REPROGRESS
+    E_BEGIN = 1,
+    E_GUARD,
+    E_STMT,
+    E_PREPARE,
+    E_CONFLICTS,
+    E_COMMIT,
+    E_SYNC,
+    E_CATALOG,
+    E_PROGRESS,
+    E_MISC,
+    E_REPROGRESS
 };
 
 struct expect {
@@ -100,14 +109,14 @@ struct aamm_apply {
     char origin[48];
     PGconn *conn;
     enum state state;
-    int64_t wake_ms;   /* S_WAIT: when to reconnect / retry */
+    int64_t wake_ms; /* S_WAIT: when to reconnect / retry */
     int backoff_ms;
     bool want_write;
     int held_code;
 
-    uint64_t progress;   /* committed (in-memory) origin progress */
-    uint64_t flushed;    /* pg_replication_origin_progress(origin, true) */
-    uint64_t prev_sent;  /* end LSN the next sent transaction's guard expects */
+    uint64_t progress;  /* committed (in-memory) origin progress */
+    uint64_t flushed;   /* pg_replication_origin_progress(origin, true) */
+    uint64_t prev_sent; /* end LSN the next sent transaction's guard expects */
     char roident[16];
     bool progress_query_pending;
     bool need_progress;
@@ -129,13 +138,22 @@ struct aamm_apply {
     struct expect *exp;
     size_t exp_cap, exp_head, exp_n;
 
-    struct qtxn *fail_txn;   /* first failed transaction since the last success */
-    int block_code;          /* a transaction that cannot be sent (mapping error) */
+    struct qtxn *fail_txn; /* first failed transaction since the last success */
+    int block_code;        /* a transaction that cannot be sent (mapping error) */
     char *block_msg;
 
-    struct qmsg { struct qmsg *next; char *prefix; char *content; size_t len; } *msgs;
+    struct qmsg {
+        struct qmsg *next;
+        char *prefix;
+        char *content;
+        size_t len;
+    } * msgs;
 
-    struct policy { struct policy *next; char *schema, *name; int policy; } *policies;
+    struct policy {
+        struct policy *next;
+        char *schema, *name;
+        int policy;
+    } * policies;
 
     uint64_t counters[AAMM_CONFLICT_NKINDS];
     uint64_t committed, skipped;
@@ -484,7 +502,8 @@ int aamm_apply_begin(struct aamm_apply *ap, const struct aamm_transaction *txn)
         return aamm__errf(&ap->err, AAMM_ESTATE, "apply: begin: a transaction is open");
     if (!txn || txn->origin_node != ap->opt.source_node)
         return aamm__errf(&ap->err, AAMM_EINVAL,
-                          "apply: begin: transaction from node %" PRIu32 ", stream is node %" PRIu32,
+                          "apply: begin: transaction from node %" PRIu32
+                          ", stream is node %" PRIu32,
                           txn ? txn->origin_node : 0, ap->opt.source_node);
     struct qtxn *t = aamm__calloc(1, sizeof *t);
     if (!t)
@@ -686,9 +705,8 @@ static void map_result(struct lrel *r, PGresult *res)
             if (strcmp(r->lcols[i].name, r->rel.columns[c].name) == 0)
                 found = i;
         if (found < 0) {
-            map_fail(r, AAMM_ENOTFOUND,
-                     "%s: column \"%s\" of the source is missing on this node", r->label,
-                     r->rel.columns[c].name);
+            map_fail(r, AAMM_ENOTFOUND, "%s: column \"%s\" of the source is missing on this node",
+                     r->label, r->rel.columns[c].name);
             return;
         }
         r->r2l[c] = r->lcols[found].generated ? -1 : found;
@@ -697,9 +715,8 @@ static void map_result(struct lrel *r, PGresult *res)
         int rc = aamm_relation_column(&r->rel, r->lcols[i].name);
         if (r->lcols[i].key_pos >= 0) {
             if (rc < 0) {
-                map_fail(r, AAMM_ENOTFOUND,
-                         "%s: key column \"%s\" is not sent by the source", r->label,
-                         r->lcols[i].name);
+                map_fail(r, AAMM_ENOTFOUND, "%s: key column \"%s\" is not sent by the source",
+                         r->label, r->lcols[i].name);
                 return;
             }
             r->key_r[r->lcols[i].key_pos] = rc;
@@ -894,8 +911,9 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), NULL, $1::timestamptz, $2::int, $4, "
                    "$5::int8) RETURNING 1) SELECT aamm.delete_missing($3, ");
         sb_keyjson(&b, r, kparam);
-        sb_add(&b, ", $1::timestamptz, $2::int, NULL, $5::int8) WHERE NOT EXISTS (SELECT 1 "
-                   "FROM d) AND NOT EXISTS (SELECT 1 FROM %s t2 WHERE ",
+        sb_add(&b,
+               ", $1::timestamptz, $2::int, NULL, $5::int8) WHERE NOT EXISTS (SELECT 1 "
+               "FROM d) AND NOT EXISTS (SELECT 1 FROM %s t2 WHERE ",
                r->qname);
         sb_keywhere(&b, r, "t2", kparam);
         sb_add(&b, ")");
@@ -1008,8 +1026,8 @@ static int send_lock(struct aamm_apply *ap, struct qtxn *t, long idx, const stru
     key_lock_id(r, kt, num, sizeof num);
     const char *pv[1] = {num};
     if (!ap->lock_prepared) {
-        if (!PQsendPrepare(ap->conn, "aamm_lock", "SELECT pg_catalog.pg_advisory_xact_lock($1::int8)",
-                           1, NULL))
+        if (!PQsendPrepare(ap->conn, "aamm_lock",
+                           "SELECT pg_catalog.pg_advisory_xact_lock($1::int8)", 1, NULL))
             return AAMM_ECONN;
         if (!exp_push(ap, E_PREPARE, t, NULL, idx))
             return AAMM_ENOMEM;
@@ -1063,8 +1081,8 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
     if ((nt && nt->nvalues != nc) || (ot && ot->nvalues != nc) ||
         (c->kind == AAMM_CHANGE_DELETE && !ot))
         return aamm__errf(&ap->err, AAMM_EMALFORMED,
-                          "apply: %s: tuple does not match the relation (%u columns)",
-                          r->label, nc);
+                          "apply: %s: tuple does not match the relation (%u columns)", r->label,
+                          nc);
     size_t need = (size_t)nc + 2;
     if (ap->scratch_cap < need) {
         size_t ncap = need * 2 + 16;
@@ -1099,9 +1117,9 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
                               "apply: %s: key column \"%s\" has no value", r->label,
                               r->rel.columns[r->key_r[k]].name);
     }
-    int op = c->kind == AAMM_CHANGE_INSERT ? OP_INSERT
+    int op = c->kind == AAMM_CHANGE_INSERT   ? OP_INSERT
              : c->kind == AAMM_CHANGE_UPDATE ? OP_UPDATE
-                                              : OP_DELETE;
+                                             : OP_DELETE;
     int rc = 0;
     /* names copied: preparing the second statement may move the statement array */
     char name1[32], name2[32] = "";
@@ -1175,8 +1193,8 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
         struct aamm_change *c = &t->changes[i];
         uint32_t nr = c->kind == AAMM_CHANGE_TRUNCATE ? c->nrelations : (c->relation ? 1 : 0);
         for (uint32_t j = 0; j < nr; j++) {
-            struct lrel *r = lrel_of(c->kind == AAMM_CHANGE_TRUNCATE ? c->relations[j]
-                                                                      : c->relation);
+            struct lrel *r =
+                lrel_of(c->kind == AAMM_CHANGE_TRUNCATE ? c->relations[j] : c->relation);
             if (r->mapped && r->map_code) {
                 ap->block_code = r->map_code;
                 aamm__free(ap->block_msg);
@@ -1335,8 +1353,8 @@ static void txn_committed(struct aamm_apply *ap, struct qtxn *t)
     for (size_t i = 0; i < t->n; i++) {
         struct aamm_change *c = &t->changes[i];
         if (c->kind == AAMM_CHANGE_MESSAGE && ap->opt.on_message)
-            ap->opt.on_message(ap, true, c->prefix ? c->prefix : "", c->content,
-                               c->content_len, ap->opt.message_arg);
+            ap->opt.on_message(ap, true, c->prefix ? c->prefix : "", c->content, c->content_len,
+                               ap->opt.message_arg);
     }
 }
 
@@ -1376,8 +1394,8 @@ static void after_failure(struct aamm_apply *ap)
     exp_push(ap, E_MISC, NULL, NULL, 0);
     /* the failed transaction's xact setup outlives its abort: without this reset, the
      * next commit of this session would move the origin to the failed end LSN */
-    PQsendQueryParams(ap->conn, "SELECT pg_catalog.pg_replication_origin_xact_reset()", 0,
-                      NULL, NULL, NULL, NULL, 0);
+    PQsendQueryParams(ap->conn, "SELECT pg_catalog.pg_replication_origin_xact_reset()", 0, NULL,
+                      NULL, NULL, NULL, 0);
     exp_push(ap, E_MISC, NULL, NULL, 0);
     PQsendQueryParams(ap->conn, "DEALLOCATE ALL", 0, NULL, NULL, NULL, NULL, 0);
     exp_push(ap, E_MISC, NULL, NULL, 0);
@@ -1585,8 +1603,7 @@ static int send_setup(struct aamm_apply *ap)
              "SET application_name = 'aamm apply from %" PRIu32 "';%s"
              "SELECT progress, roident FROM aamm.origin_session('%s')",
              ap->opt.local_node, ap->opt.source_node,
-             ap->opt.synchronous_commit_off ? " SET synchronous_commit = off;" : "",
-             ap->origin);
+             ap->opt.synchronous_commit_off ? " SET synchronous_commit = off;" : "", ap->origin);
     if (!PQsendQuery(ap->conn, sql))
         return conn_error(ap, "session setup");
     ap->state = S_SETUP;

@@ -214,8 +214,7 @@ static const char install_sql[] =
  * Helpers
  * ==================================================================================== */
 
-static int seterr(char *err, size_t errsize, int code, const char *fmt, ...)
-    AAMM_PRINTF(4, 5);
+static int seterr(char *err, size_t errsize, int code, const char *fmt, ...) AAMM_PRINTF(4, 5);
 
 static int seterr(char *err, size_t errsize, int code, const char *fmt, ...)
 {
@@ -388,8 +387,8 @@ int aamm_node_replicate_table(struct pg_conn *conn, const char *schema, const ch
     if (nkeys == 0) {
         PQclear(res);
         return seterr(err, errsize, AAMM_ENOTFOUND,
-                      "node: replicate table %s.%s: no such table or it has no primary key",
-                      schema, table);
+                      "node: replicate table %s.%s: no such table or it has no primary key", schema,
+                      table);
     }
 
     /* 2. build the statements */
@@ -412,8 +411,8 @@ int aamm_node_replicate_table(struct pg_conn *conn, const char *schema, const ch
             }
             size_t al = strlen(args), wl = strlen(when);
             snprintf(args + al, cap - al, "%s%s", i ? ", " : "", lit);
-            snprintf(when + wl, cap - wl, "%sOLD.%s IS DISTINCT FROM NEW.%s", i ? " OR " : "",
-                     id, id);
+            snprintf(when + wl, cap - wl, "%sOLD.%s IS DISTINCT FROM NEW.%s", i ? " OR " : "", id,
+                     id);
             aamm__free(lit);
             aamm__free(id);
         }
@@ -439,7 +438,8 @@ int aamm_node_replicate_table(struct pg_conn *conn, const char *schema, const ch
                 "  THEN EXECUTE pg_catalog.format('CREATE PUBLICATION %%I', %s); END IF;\n"
                 "  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables WHERE\n"
                 "    pubname = %s AND schemaname = %s AND tablename = %s) THEN\n"
-                "    EXECUTE pg_catalog.format('ALTER PUBLICATION %%I ADD TABLE %%I.%%I', %s, %s, %s);\n"
+                "    EXECUTE pg_catalog.format('ALTER PUBLICATION %%I ADD TABLE %%I.%%I', %s, %s, "
+                "%s);\n"
                 "  END IF;\n"
                 "END $d$;\n",
                 lpub, lpub, lpub, ls, lt, lpub, ls, lt);
@@ -455,19 +455,19 @@ int aamm_node_replicate_table(struct pg_conn *conn, const char *schema, const ch
             aamm__free(pub);
             goto out;
         }
-        sql = aamm__asprintf(
-            "BEGIN;\n"
-            "DROP TRIGGER IF EXISTS aamm_tombstone_del ON %s.%s;\n"
-            "DROP TRIGGER IF EXISTS aamm_tombstone_upd ON %s.%s;\n"
-            "CREATE TRIGGER aamm_tombstone_del AFTER DELETE ON %s.%s FOR EACH ROW\n"
-            "  EXECUTE FUNCTION aamm.tombstone_trigger(%s);\n"
-            "CREATE TRIGGER aamm_tombstone_upd AFTER UPDATE ON %s.%s FOR EACH ROW\n"
-            "  WHEN (%s) EXECUTE FUNCTION aamm.tombstone_trigger(%s);\n"
-            "ALTER TABLE %s.%s ENABLE ALWAYS TRIGGER aamm_tombstone_del,\n"
-            "  ENABLE ALWAYS TRIGGER aamm_tombstone_upd, REPLICA IDENTITY FULL;\n"
-            "%s%s"
-            "COMMIT;\n",
-            qs, qt, qs, qt, qs, qt, args, qs, qt, when, args, qs, qt, grant, pub);
+        sql =
+            aamm__asprintf("BEGIN;\n"
+                           "DROP TRIGGER IF EXISTS aamm_tombstone_del ON %s.%s;\n"
+                           "DROP TRIGGER IF EXISTS aamm_tombstone_upd ON %s.%s;\n"
+                           "CREATE TRIGGER aamm_tombstone_del AFTER DELETE ON %s.%s FOR EACH ROW\n"
+                           "  EXECUTE FUNCTION aamm.tombstone_trigger(%s);\n"
+                           "CREATE TRIGGER aamm_tombstone_upd AFTER UPDATE ON %s.%s FOR EACH ROW\n"
+                           "  WHEN (%s) EXECUTE FUNCTION aamm.tombstone_trigger(%s);\n"
+                           "ALTER TABLE %s.%s ENABLE ALWAYS TRIGGER aamm_tombstone_del,\n"
+                           "  ENABLE ALWAYS TRIGGER aamm_tombstone_upd, REPLICA IDENTITY FULL;\n"
+                           "%s%s"
+                           "COMMIT;\n",
+                           qs, qt, qs, qt, qs, qt, args, qs, qt, when, args, qs, qt, grant, pub);
         aamm__free(grant);
         aamm__free(pub);
         if (sql) {
@@ -489,8 +489,8 @@ out:
     return rc;
 }
 
-int aamm_node_gc_tombstones(struct pg_conn *conn, int64_t before_us, uint64_t *removed,
-                            char *err, size_t errsize)
+int aamm_node_gc_tombstones(struct pg_conn *conn, int64_t before_us, uint64_t *removed, char *err,
+                            size_t errsize)
 {
     if (!conn || PQstatus(conn) != CONNECTION_OK)
         return seterr(err, errsize, AAMM_ECONN, "node: gc tombstones: not connected");
@@ -501,8 +501,7 @@ int aamm_node_gc_tombstones(struct pg_conn *conn, int64_t before_us, uint64_t *r
                                  params, NULL, NULL, 0);
     int rc = 0;
     if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
-        rc = seterr(err, errsize, AAMM_ESERVER, "node: gc tombstones: %s",
-                    PQerrorMessage(conn));
+        rc = seterr(err, errsize, AAMM_ESERVER, "node: gc tombstones: %s", PQerrorMessage(conn));
     } else if (removed) {
         *removed = strtoull(PQgetvalue(res, 0, 0), NULL, 10);
     }

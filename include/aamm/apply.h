@@ -62,23 +62,22 @@ struct aamm_apply;
  * are reported after their transaction committed locally, others at the next step.
  * @prefix and @content (@len bytes) are borrowed.
  */
-typedef void (*aamm_apply_message_fn)(struct aamm_apply *ap, bool transactional,
-                                      const char *prefix, const char *content, size_t len,
-                                      void *arg);
+typedef void (*aamm_apply_message_fn)(struct aamm_apply *ap, bool transactional, const char *prefix,
+                                      const char *content, size_t len, void *arg);
 
 /** Options for aamm_apply_new(). Zero-initialize, then set what you need. */
 struct aamm_apply_options {
-    const char *conninfo;    /* copied: libpq connection string of the local node */
-    uint32_t local_node;     /* this node's id (nonzero) */
-    uint32_t source_node;    /* the source node's id (nonzero, != local_node) */
-    size_t max_queued_changes; /* queue bound in changes (0: 100000) */
-    size_t max_pipeline_txns;  /* transactions in flight at once (0: 1000) */
+    const char *conninfo;        /* copied: libpq connection string of the local node */
+    uint32_t local_node;         /* this node's id (nonzero) */
+    uint32_t source_node;        /* the source node's id (nonzero, != local_node) */
+    size_t max_queued_changes;   /* queue bound in changes (0: 100000) */
+    size_t max_pipeline_txns;    /* transactions in flight at once (0: 1000) */
     bool synchronous_commit_off; /* apply with synchronous_commit = off (safe: acks use
                                     the flushed origin progress) */
-    bool lock_keys; /* take a transaction advisory lock per key on the insert/delete/
-                       missing paths so concurrent appliers of different sources cannot
-                       race a delete against an insert (default set by
-                       aamm_apply_options_init: true) */
+    bool lock_keys;              /* take a transaction advisory lock per key on the insert/delete/
+                                    missing paths so concurrent appliers of different sources cannot
+                                    race a delete against an insert (default set by
+                                    aamm_apply_options_init: true) */
     enum aamm_conflict_policy policy; /* global default policy (LWW) */
     aamm_conflict_fn on_conflict;     /* may be NULL */
     void *conflict_arg;
@@ -103,8 +102,8 @@ AAMM_API void aamm_apply_free(struct aamm_apply *ap);
  * Set the policy for one relation (@schema, @name copied), overriding the global one.
  * Returns 0 or AAMM_ENOMEM.
  */
-AAMM_API int aamm_apply_set_policy(struct aamm_apply *ap, const char *schema,
-                                   const char *name, enum aamm_conflict_policy policy);
+AAMM_API int aamm_apply_set_policy(struct aamm_apply *ap, const char *schema, const char *name,
+                                   enum aamm_conflict_policy policy);
 
 /**
  * Start a remote transaction (@txn borrowed: origin node must be the source node; the
@@ -187,8 +186,7 @@ AAMM_API size_t aamm_apply_pending(const struct aamm_apply *ap);
 
 /** Conflict counters (conflicts in committed transactions, plus stream-stopping
  *  UNIQUE_OTHER ones) for @kind; 0 for unknown kinds. */
-AAMM_API uint64_t aamm_apply_conflicts(const struct aamm_apply *ap,
-                                       enum aamm_conflict_kind kind);
+AAMM_API uint64_t aamm_apply_conflicts(const struct aamm_apply *ap, enum aamm_conflict_kind kind);
 
 /** Transactions committed / skipped as duplicates since the handle was made. */
 AAMM_API uint64_t aamm_apply_committed(const struct aamm_apply *ap);

@@ -60,9 +60,9 @@ AAMM_API int aamm_node_create_apply_role(struct pg_conn *conn, const char *role,
  * Refuses tables in schema aamm. Returns 0, AAMM_EINVAL, AAMM_ENOTFOUND (no such table
  * or no primary key), AAMM_ESERVER or AAMM_ECONN.
  */
-AAMM_API int aamm_node_replicate_table(struct pg_conn *conn, const char *schema,
-                                       const char *table, const char *apply_role,
-                                       const char *publication, char *err, size_t errsize);
+AAMM_API int aamm_node_replicate_table(struct pg_conn *conn, const char *schema, const char *table,
+                                       const char *apply_role, const char *publication, char *err,
+                                       size_t errsize);
 
 /**
  * Delete tombstones whose deleting transaction committed before @before_us (microseconds
@@ -70,8 +70,8 @@ AAMM_API int aamm_node_replicate_table(struct pg_conn *conn, const char *schema,
  * everything before. Tombstones whose commit time is unknown are removed too. @removed
  * (may be NULL) gets the count. Returns 0, AAMM_ESERVER or AAMM_ECONN.
  */
-AAMM_API int aamm_node_gc_tombstones(struct pg_conn *conn, int64_t before_us,
-                                     uint64_t *removed, char *err, size_t errsize);
+AAMM_API int aamm_node_gc_tombstones(struct pg_conn *conn, int64_t before_us, uint64_t *removed,
+                                     char *err, size_t errsize);
 
 #ifdef __cplusplus
 }

@@ -66,8 +66,8 @@ static void table(int i, const char *name, const char *cols)
     char err[1024];
     ck_assert_int_eq(pgfx_exec(fx, i, "CREATE TABLE public.%s (%s)", name, cols), 0);
     PGconn *c = pgfx_connect(fx, i);
-    ck_assert_msg(aamm_node_replicate_table(c, "public", name, ROLE, "aamm_pub", err,
-                                            sizeof err) == 0,
+    ck_assert_msg(aamm_node_replicate_table(c, "public", name, ROLE, "aamm_pub", err, sizeof err) ==
+                      0,
                   "%s", err);
     PQfinish(c);
 }
@@ -295,17 +295,19 @@ START_TEST(test_basic)
     /* the row carries the origin's commit time and origin */
     char want[64];
     aamm_time_format(ts + 10, want, sizeof want);
-    char *got = val(0, "SELECT c.timestamp = '%s'::timestamptz AND o.roname = 'aamm_from_2' "
-                       "FROM basic b, pg_xact_commit_timestamp_origin(b.xmin) c "
-                       "JOIN pg_replication_origin o ON o.roident = c.roident WHERE b.id = 1",
+    char *got = val(0,
+                    "SELECT c.timestamp = '%s'::timestamptz AND o.roname = 'aamm_from_2' "
+                    "FROM basic b, pg_xact_commit_timestamp_origin(b.xmin) c "
+                    "JOIN pg_replication_origin o ON o.roident = c.roident WHERE b.id = 1",
                     want);
     ck_assert_str_eq(got, "t");
     free(got);
     assert_val(0, "f", "SELECT rolsuper FROM pg_roles WHERE rolname = '" ROLE "'");
     assert_val(0, "t", "SELECT rolbypassrls FROM pg_roles WHERE rolname = '" ROLE "'");
     /* a tombstone for the deleted key, none for the others */
-    assert_val(0, "[2]", "SELECT string_agg(key::text, ',') FROM aamm.tombstone "
-                         "WHERE relation = 'public.basic'");
+    assert_val(0, "[2]",
+               "SELECT string_agg(key::text, ',') FROM aamm.tombstone "
+               "WHERE relation = 'public.basic'");
     /* the flushed position catches up */
     for (int i = 0; i < 100 && aamm_apply_flushed(ap) < 0x2000; i++) {
         pgfx_exec(fx, 0, "CHECKPOINT");
@@ -401,8 +403,9 @@ START_TEST(test_pipeline_failure)
     usleep(100000);
     ck_assert_int_eq(aamm_apply_step(ap), AAMM_ECONFLICT);
     assert_val(0, "4", "SELECT count(*) FROM pipe WHERE id > 0");
-    assert_val(0, "1", "SELECT count(*) FROM aamm.conflict_log WHERE kind = 'unique_other' "
-                       "AND relation = 'public.pipe' AND resolution = 'error'");
+    assert_val(0, "1",
+               "SELECT count(*) FROM aamm.conflict_log WHERE kind = 'unique_other' "
+               "AND relation = 'public.pipe' AND resolution = 'error'");
     /* fix and resume */
     ck_assert_int_eq(pgfx_exec(fx, 0, "DELETE FROM pipe WHERE id = -1"), 0);
     ck_assert_int_eq(aamm_apply_resume(ap), 0);
@@ -446,8 +449,7 @@ START_TEST(test_bad_input)
     ck_assert_int_eq(aamm_apply_resume(ap), 0);
     rc = aamm_apply_flush(ap, 30000);
     ck_assert_int_eq(rc, AAMM_ESERVER);
-    ck_assert_msg(strstr(aamm_apply_errmsg(ap), "22P02") &&
-                      strstr(aamm_apply_errmsg(ap), "abc"),
+    ck_assert_msg(strstr(aamm_apply_errmsg(ap), "22P02") && strstr(aamm_apply_errmsg(ap), "abc"),
                   "%s", aamm_apply_errmsg(ap));
     assert_val(0, "1", "SELECT string_agg(id::text, ',') FROM late");
     ck_assert_uint_eq(origin_lsn(0, 6), 0x100);
@@ -477,8 +479,7 @@ START_TEST(test_role_grants)
     tcommit(ap);
     int rc = aamm_apply_flush(ap, 30000);
     ck_assert_int_eq(rc, AAMM_ESERVER);
-    ck_assert_msg(strstr(aamm_apply_errmsg(ap), "permission denied"), "%s",
-                  aamm_apply_errmsg(ap));
+    ck_assert_msg(strstr(aamm_apply_errmsg(ap), "permission denied"), "%s", aamm_apply_errmsg(ap));
     char err[1024];
     PGconn *c = pgfx_connect(fx, 0);
     ck_assert_msg(aamm_node_replicate_table(c, "public", "nogrant", ROLE, NULL, err, sizeof err) ==
@@ -500,8 +501,8 @@ START_TEST(test_role_grants)
 END_TEST
 
 /* Helper for the conflict cases: write a row as if node @src had written it at @ts. */
-static void remote_write(struct aamm_apply *ap, uint32_t src, uint64_t *lsn, int64_t ts,
-                         int op, const struct aamm_relation *r, const char *const *vals)
+static void remote_write(struct aamm_apply *ap, uint32_t src, uint64_t *lsn, int64_t ts, int op,
+                         const struct aamm_relation *r, const char *const *vals)
 {
     *lsn += 0x100;
     tbegin(ap, src, *lsn, ts);
@@ -611,8 +612,9 @@ START_TEST(test_delete_conflicts)
     assert_val(0, "0", "SELECT count(*) FROM dc WHERE id = 1");
     ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS], 2);
     ck_assert_int_eq(k2.last_res, AAMM_RESOLVE_APPLY_REMOTE);
-    assert_val(0, "1", "SELECT count(*) FROM aamm.tombstone WHERE relation = 'public.dc' "
-                       "AND key = '[1]'");
+    assert_val(0, "1",
+               "SELECT count(*) FROM aamm.tombstone WHERE relation = 'public.dc' "
+               "AND key = '[1]'");
     /* delete_missing */
     remote_write(a2, 12, &l2, t + 700, 'd', &r, V("9", NULL));
     ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_DELETE_MISSING], 1);
@@ -627,8 +629,9 @@ START_TEST(test_delete_conflicts)
     assert_val(0, "keep_local,apply_remote",
                "SELECT string_agg(resolution, ',' ORDER BY id) FROM aamm.conflict_log WHERE "
                "kind = 'delete_origin_differs' AND relation = 'public.dc'");
-    assert_val(0, "1", "SELECT count(*) FROM aamm.conflict_log WHERE kind = 'delete_missing' "
-                       "AND relation = 'public.dc' AND key = '[9]'");
+    assert_val(0, "1",
+               "SELECT count(*) FROM aamm.conflict_log WHERE kind = 'delete_missing' "
+               "AND relation = 'public.dc' AND key = '[9]'");
     /* GC: everything before now goes */
     char err[1024];
     uint64_t removed = 0;
@@ -653,10 +656,12 @@ START_TEST(test_local_tombstones)
     int64_t before = now_us() - 5000000;
     ck_assert_int_eq(pgfx_exec(fx, 0, "DELETE FROM lt WHERE id = 1"), 0);
     ck_assert_int_eq(pgfx_exec(fx, 0, "UPDATE lt SET id = 3 WHERE id = 2"), 0);
-    assert_val(0, "[1],[2]", "SELECT string_agg(key::text, ',' ORDER BY key) FROM "
-                             "aamm.tombstone WHERE relation = 'public.lt'");
-    assert_val(0, "t", "SELECT bool_and(pg_xact_commit_timestamp(xmin) IS NOT NULL) FROM "
-                       "aamm.tombstone WHERE relation = 'public.lt'");
+    assert_val(0, "[1],[2]",
+               "SELECT string_agg(key::text, ',' ORDER BY key) FROM "
+               "aamm.tombstone WHERE relation = 'public.lt'");
+    assert_val(0, "t",
+               "SELECT bool_and(pg_xact_commit_timestamp(xmin) IS NOT NULL) FROM "
+               "aamm.tombstone WHERE relation = 'public.lt'");
     struct counts k = {0};
     struct aamm_apply *ap = mkapply(0, 14, &k);
     struct aamm_relation r;
@@ -735,8 +740,10 @@ START_TEST(test_toast_truncate_messages)
     remote_write(ap, 17, &l, t + 2, 'u', &r, V("1", "s2", U));
     PGconn *pc = pgfx_connect(fx, 0);
     const char *pv[1] = {big};
-    PGresult *pr = PQexecParams(pc, "SELECT small || ':' || length(big) || ':' || (big = $1) "
-                                    "FROM tt", 1, NULL, pv, NULL, NULL, 0);
+    PGresult *pr = PQexecParams(pc,
+                                "SELECT small || ':' || length(big) || ':' || (big = $1) "
+                                "FROM tt",
+                                1, NULL, pv, NULL, NULL, 0);
     ck_assert_int_eq(PQresultStatus(pr), PGRES_TUPLES_OK);
     char *got = strdup(PQgetvalue(pr, 0, 0));
     PQclear(pr);
@@ -754,8 +761,7 @@ START_TEST(test_toast_truncate_messages)
     flush_ok(ap);
     pc = pgfx_connect(fx, 0);
     pv[0] = big2;
-    pr = PQexecParams(pc, "SELECT small || ':' || (big = $1) FROM tt", 1, NULL, pv, NULL, NULL,
-                      0);
+    pr = PQexecParams(pc, "SELECT small || ':' || (big = $1) FROM tt", 1, NULL, pv, NULL, NULL, 0);
     ck_assert_int_eq(PQresultStatus(pr), PGRES_TUPLES_OK);
     ck_assert_str_eq(PQgetvalue(pr, 0, 0), "s3:true");
     PQclear(pr);
@@ -786,8 +792,9 @@ START_TEST(test_toast_truncate_messages)
     ck_assert_str_eq(k.last_content, "hello");
     assert_val(0, "0", "SELECT count(*) FROM tt");
     ck_assert_int_eq(k.conflicts[AAMM_CONFLICT_TRUNCATE], 1);
-    assert_val(0, "1", "SELECT count(*) FROM aamm.conflict_log WHERE kind = 'truncate' AND "
-                       "relation = 'public.tt'");
+    assert_val(0, "1",
+               "SELECT count(*) FROM aamm.conflict_log WHERE kind = 'truncate' AND "
+               "relation = 'public.tt'");
     aamm_relation_clear(&r);
     aamm_apply_free(ap);
 }
@@ -818,18 +825,19 @@ START_TEST(test_seed_scenario)
     assert_val(1, "Wim", "SELECT name FROM users WHERE id = 2574");
     ck_assert_int_eq(k1.conflicts[AAMM_CONFLICT_INSERT_EXISTS], 1);
     ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_INSERT_EXISTS], 1);
-    assert_val(0, "insert_exists:apply_remote:1:2", "SELECT kind || ':' || resolution || ':' || "
-                                                   "local_node || ':' || remote_node FROM "
-                                                   "aamm.conflict_log");
-    assert_val(1, "insert_exists:keep_local:2:1", "SELECT kind || ':' || resolution || ':' || "
-                                                 "local_node || ':' || remote_node FROM "
-                                                 "aamm.conflict_log");
+    assert_val(0, "insert_exists:apply_remote:1:2",
+               "SELECT kind || ':' || resolution || ':' || "
+               "local_node || ':' || remote_node FROM "
+               "aamm.conflict_log");
+    assert_val(1, "insert_exists:keep_local:2:1",
+               "SELECT kind || ':' || resolution || ':' || "
+               "local_node || ':' || remote_node FROM "
+               "aamm.conflict_log");
     aamm_relation_clear(&r);
     aamm_apply_free(on1);
     aamm_apply_free(on2);
 }
 END_TEST
-
 
 /* LWW is atomic with the write: while a child process hammers the same keys with local
  * updates (each logging its transaction id), apply writes remote updates of those keys;
@@ -838,11 +846,13 @@ END_TEST
 START_TEST(test_lww_hammer)
 {
     table(0, "hk", "id int PRIMARY KEY, v bigint, who text");
-    ck_assert_int_eq(pgfx_exec(fx, 0, "CREATE TABLE public.hlog (id int, v bigint, x xid8 "
-                                      "DEFAULT pg_current_xact_id())"),
+    ck_assert_int_eq(pgfx_exec(fx, 0,
+                               "CREATE TABLE public.hlog (id int, v bigint, x xid8 "
+                               "DEFAULT pg_current_xact_id())"),
                      0);
-    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO hk SELECT g, 0, 'init' FROM "
-                                      "generate_series(1, 5) g"),
+    ck_assert_int_eq(pgfx_exec(fx, 0,
+                               "INSERT INTO hk SELECT g, 0, 'init' FROM "
+                               "generate_series(1, 5) g"),
                      0);
     pid_t pid = fork();
     ck_assert_int_ge(pid, 0);
@@ -882,13 +892,12 @@ START_TEST(test_lww_hammer)
     waitpid(pid, NULL, 0);
     /* the oracle. Local writes: (their commit time, node 1); remote: (origin time, 18) */
     /* every local write's version, and the current row's version */
-    char *bad = val(0,
-                    "WITH lw AS (SELECT h.id, h.v, pg_xact_commit_timestamp(h.xmin) AS ts, 1 AS "
-                    "node FROM hlog h), cur AS (SELECT t.id, t.v, t.who, c.timestamp AS ts, "
-                    "CASE WHEN c.roident = 0 THEN 1 ELSE 18 END AS node FROM hk t, "
-                    "pg_xact_commit_timestamp_origin(t.xmin) c) "
-                    "SELECT count(*) FROM cur WHERE EXISTS (SELECT 1 FROM lw WHERE lw.id = "
-                    "cur.id AND (lw.ts, lw.node) > (cur.ts, cur.node))");
+    char *bad = val(0, "WITH lw AS (SELECT h.id, h.v, pg_xact_commit_timestamp(h.xmin) AS ts, 1 AS "
+                       "node FROM hlog h), cur AS (SELECT t.id, t.v, t.who, c.timestamp AS ts, "
+                       "CASE WHEN c.roident = 0 THEN 1 ELSE 18 END AS node FROM hk t, "
+                       "pg_xact_commit_timestamp_origin(t.xmin) c) "
+                       "SELECT count(*) FROM cur WHERE EXISTS (SELECT 1 FROM lw WHERE lw.id = "
+                       "cur.id AND (lw.ts, lw.node) > (cur.ts, cur.node))");
     ck_assert_str_eq(bad, "0");
     free(bad);
     /* remote writes that lost must be older than the final version of their key */
@@ -1003,8 +1012,7 @@ START_TEST(test_exactly_once_kill)
             usleep(10000);
         }
         if (exited) {
-            ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d",
-                          status);
+            ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
             break; /* finished before the kill */
         }
         kill(pid, SIGKILL);
@@ -1018,16 +1026,17 @@ START_TEST(test_exactly_once_kill)
         kill_child(n);
     int status = 0;
     waitpid(pid, &status, 0);
-    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "final child status %d",
-                  status);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "final child status %d", status);
     ck_assert_int_ge(kills, 10);
     char want[64];
     snprintf(want, sizeof want, "%ld:%ld:%ld", n, n * (n + 1) / 2, n);
-    assert_val(0, want, "SELECT count(*) FILTER (WHERE id > 0) || ':' || "
-                        "sum(id) FILTER (WHERE id > 0) || ':' || max(v) FILTER (WHERE id = 0) "
-                        "FROM ek");
-    char *bad = val(0, "SELECT count(*) FROM ek WHERE id > 0 AND (extract(epoch FROM "
-                       "pg_xact_commit_timestamp(xmin)) * 1000000)::int8 <> %" PRId64 " + id",
+    assert_val(0, want,
+               "SELECT count(*) FILTER (WHERE id > 0) || ':' || "
+               "sum(id) FILTER (WHERE id > 0) || ':' || max(v) FILTER (WHERE id = 0) "
+               "FROM ek");
+    char *bad = val(0,
+                    "SELECT count(*) FROM ek WHERE id > 0 AND (extract(epoch FROM "
+                    "pg_xact_commit_timestamp(xmin)) * 1000000)::int8 <> %" PRId64 " + id",
                     KILL_BASE_US);
     ck_assert_str_eq(bad, "0");
     free(bad);

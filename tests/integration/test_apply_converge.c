@@ -185,12 +185,11 @@ static void pump(bool drain)
             pf[np++] = (struct pollfd){fd, POLLIN, 0};
         fd = aamm_apply_fd(paths[i].ap);
         if (fd >= 0)
-            pf[np++] = (struct pollfd){fd,
-                                        (short)(POLLIN | ((aamm_apply_events(paths[i].ap) &
-                                                           AAMM_APPLY_WRITE)
-                                                              ? POLLOUT
-                                                              : 0)),
-                                        0};
+            pf[np++] = (struct pollfd){
+                fd,
+                (short)(POLLIN |
+                        ((aamm_apply_events(paths[i].ap) & AAMM_APPLY_WRITE) ? POLLOUT : 0)),
+                0};
     }
     poll(pf, (nfds_t)np, 2);
 }
@@ -221,8 +220,8 @@ static void local_op(const char *tbl)
         snprintf(sql, sizeof sql, "UPDATE %s SET s = 'n%d-%d' WHERE id = %d", tbl, node, v, k);
     else if (r < 70)
         snprintf(sql, sizeof sql,
-                 "INSERT INTO %s VALUES (%d, %d, 'i%d', '%s') ON CONFLICT DO NOTHING", tbl, k,
-                 v, node, big);
+                 "INSERT INTO %s VALUES (%d, %d, 'i%d', '%s') ON CONFLICT DO NOTHING", tbl, k, v,
+                 node, big);
     else if (r < 85)
         snprintf(sql, sizeof sql, "DELETE FROM %s WHERE id = %d", tbl, k);
     else
@@ -251,15 +250,14 @@ static void setup(void)
     for (int i = 0; i < N; i++) {
         PGconn *c = pgfx_connect(fx, i);
         ck_assert_msg(aamm_node_install(c, err, sizeof err) == 0, "%s", err);
-        ck_assert_msg(aamm_node_create_apply_role(c, ROLE, NULL, err, sizeof err) == 0, "%s",
-                      err);
+        ck_assert_msg(aamm_node_create_apply_role(c, ROLE, NULL, err, sizeof err) == 0, "%s", err);
         /* the publication exists before the slots: tables are added per seed */
         ck_assert_int_eq(pgfx_exec_conn(c, "CREATE TABLE public.seed0 (id int PRIMARY KEY, "
                                            "a int, s text, big text)"),
                          0);
-        ck_assert_msg(aamm_node_replicate_table(c, "public", "seed0", ROLE, "aamm_pub", err,
-                                                sizeof err) == 0,
-                      "%s", err);
+        ck_assert_msg(
+            aamm_node_replicate_table(c, "public", "seed0", ROLE, "aamm_pub", err, sizeof err) == 0,
+            "%s", err);
         PQfinish(c);
         local[i] = pgfx_connect(fx, i);
         ck_assert_ptr_nonnull(local[i]);
@@ -341,14 +339,15 @@ static void run_seed(int idx, uint64_t seed, int ops)
                                             "s text, big text)",
                                             tbl),
                              0);
-            ck_assert_msg(aamm_node_replicate_table(local[i], "public", tbl, ROLE, "aamm_pub",
-                                                    err, sizeof err) == 0,
+            ck_assert_msg(aamm_node_replicate_table(local[i], "public", tbl, ROLE, "aamm_pub", err,
+                                                    sizeof err) == 0,
                           "%s", err);
         }
     }
     for (int i = 0; i < N; i++)
-        ck_assert_int_eq(pgfx_exec_conn(local[i], "ALTER TABLE public.%s ALTER big SET STORAGE "
-                                                  "EXTERNAL",
+        ck_assert_int_eq(pgfx_exec_conn(local[i],
+                                        "ALTER TABLE public.%s ALTER big SET STORAGE "
+                                        "EXTERNAL",
                                         tbl),
                          0);
     rng = seed;
@@ -404,8 +403,7 @@ static void run_seed(int idx, uint64_t seed, int ops)
                     "pg_xact_commit_timestamp_origin(t.xmin) c",
                     tbl);
                 fprintf(stderr, "node %d rows: %s\nnode %d tombstones: %s\nnode %d log:\n%s\n",
-                        j + 1, rows ? rows : "", j + 1, tomb ? tomb : "", j + 1,
-                        log ? log : "");
+                        j + 1, rows ? rows : "", j + 1, tomb ? tomb : "", j + 1, log ? log : "");
                 free(log);
                 free(tomb);
                 free(rows);
@@ -449,8 +447,7 @@ START_TEST(test_converge)
      * shrunken sanitizer run has too few operations to promise it) */
     if (seeds >= 20) {
         ck_assert_uint_gt(kinds[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 0);
-        ck_assert_uint_gt(kinds[AAMM_CONFLICT_UPDATE_MISSING] +
-                              kinds[AAMM_CONFLICT_DELETE_MISSING],
+        ck_assert_uint_gt(kinds[AAMM_CONFLICT_UPDATE_MISSING] + kinds[AAMM_CONFLICT_DELETE_MISSING],
                           0);
     }
 }

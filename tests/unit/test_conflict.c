@@ -6,8 +6,7 @@
 
 #include "testutil.h"
 
-static struct aamm_row_version V(int64_t t, uint32_t n)
-{
+static struct aamm_row_version V(int64_t t, uint32_t n) {
     struct aamm_row_version v = {true, t, n};
     return v;
 }
@@ -35,12 +34,12 @@ END_TEST
 START_TEST(test_seed_scenario)
 {
     struct aamm_row_version an = V(1000, 1), wim = V(2000, 2);
-    ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_INSERT_EXISTS, AAMM_POLICY_LWW, &an,
-                                          &wim, false),
-                     AAMM_RESOLVE_APPLY_REMOTE);
-    ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_INSERT_EXISTS, AAMM_POLICY_LWW, &wim,
-                                          &an, false),
-                     AAMM_RESOLVE_KEEP_LOCAL);
+    ck_assert_int_eq(
+        aamm_conflict_decide(AAMM_CONFLICT_INSERT_EXISTS, AAMM_POLICY_LWW, &an, &wim, false),
+        AAMM_RESOLVE_APPLY_REMOTE);
+    ck_assert_int_eq(
+        aamm_conflict_decide(AAMM_CONFLICT_INSERT_EXISTS, AAMM_POLICY_LWW, &wim, &an, false),
+        AAMM_RESOLVE_KEEP_LOCAL);
 }
 END_TEST
 
@@ -54,8 +53,9 @@ START_TEST(test_policies)
     for (size_t i = 0; i < 3; i++) {
         ck_assert_int_eq(aamm_conflict_decide(kinds[i], AAMM_POLICY_KEEP_LOCAL, &old, &new, false),
                          AAMM_RESOLVE_KEEP_LOCAL);
-        ck_assert_int_eq(aamm_conflict_decide(kinds[i], AAMM_POLICY_APPLY_REMOTE, &new, &old, false),
-                         AAMM_RESOLVE_APPLY_REMOTE);
+        ck_assert_int_eq(
+            aamm_conflict_decide(kinds[i], AAMM_POLICY_APPLY_REMOTE, &new, &old, false),
+            AAMM_RESOLVE_APPLY_REMOTE);
         ck_assert_int_eq(aamm_conflict_decide(kinds[i], AAMM_POLICY_ERROR, &old, &new, false),
                          AAMM_RESOLVE_ERROR);
         ck_assert_int_eq(aamm_conflict_decide(kinds[i], AAMM_POLICY_LWW, &new, &old, false),
@@ -69,38 +69,43 @@ END_TEST
 START_TEST(test_missing_rules)
 {
     struct aamm_row_version tomb = V(500, 3), rem_old = V(400, 1), rem_new = V(600, 1);
-    ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_UPDATE_MISSING, AAMM_POLICY_LWW, &tomb,
-                                          &rem_old, false),
-                     AAMM_RESOLVE_SKIP);
-    ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_UPDATE_MISSING, AAMM_POLICY_LWW, &tomb,
-                                          &rem_new, false),
-                     AAMM_RESOLVE_APPLY_REMOTE);
-    ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_UPDATE_MISSING, AAMM_POLICY_LWW, NULL,
-                                          &rem_new, false),
-                     AAMM_RESOLVE_APPLY_REMOTE);
-    ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_UPDATE_MISSING, AAMM_POLICY_LWW, NULL,
-                                          &rem_new, true),
-                     AAMM_RESOLVE_SKIP);
+    ck_assert_int_eq(
+        aamm_conflict_decide(AAMM_CONFLICT_UPDATE_MISSING, AAMM_POLICY_LWW, &tomb, &rem_old, false),
+        AAMM_RESOLVE_SKIP);
+    ck_assert_int_eq(
+        aamm_conflict_decide(AAMM_CONFLICT_UPDATE_MISSING, AAMM_POLICY_LWW, &tomb, &rem_new, false),
+        AAMM_RESOLVE_APPLY_REMOTE);
+    ck_assert_int_eq(
+        aamm_conflict_decide(AAMM_CONFLICT_UPDATE_MISSING, AAMM_POLICY_LWW, NULL, &rem_new, false),
+        AAMM_RESOLVE_APPLY_REMOTE);
+    ck_assert_int_eq(
+        aamm_conflict_decide(AAMM_CONFLICT_UPDATE_MISSING, AAMM_POLICY_LWW, NULL, &rem_new, true),
+        AAMM_RESOLVE_SKIP);
     ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_UPDATE_MISSING, AAMM_POLICY_ERROR, NULL,
                                           &rem_new, false),
                      AAMM_RESOLVE_ERROR);
     ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_DELETE_MISSING, AAMM_POLICY_ERROR, NULL,
                                           &rem_new, false),
                      AAMM_RESOLVE_SKIP);
-    ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_UNIQUE_OTHER, AAMM_POLICY_LWW, NULL,
-                                          &rem_new, false),
-                     AAMM_RESOLVE_ERROR);
-    ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_TRUNCATE, AAMM_POLICY_LWW, NULL,
-                                          &rem_new, false),
-                     AAMM_RESOLVE_APPLY_REMOTE);
+    ck_assert_int_eq(
+        aamm_conflict_decide(AAMM_CONFLICT_UNIQUE_OTHER, AAMM_POLICY_LWW, NULL, &rem_new, false),
+        AAMM_RESOLVE_ERROR);
+    ck_assert_int_eq(
+        aamm_conflict_decide(AAMM_CONFLICT_TRUNCATE, AAMM_POLICY_LWW, NULL, &rem_new, false),
+        AAMM_RESOLVE_APPLY_REMOTE);
 }
 END_TEST
 
 /* Names round-trip and match the texts the SQL side writes into aamm.conflict_log. */
 START_TEST(test_names)
 {
-    const char *names[] = {NULL, "insert_exists", "update_origin_differs", "update_missing",
-                           "delete_origin_differs", "delete_missing", "unique_other",
+    const char *names[] = {NULL,
+                           "insert_exists",
+                           "update_origin_differs",
+                           "update_missing",
+                           "delete_origin_differs",
+                           "delete_missing",
+                           "unique_other",
                            "truncate"};
     for (int k = 1; k < AAMM_CONFLICT_NKINDS; k++) {
         ck_assert_str_eq(aamm_conflict_kind_name((enum aamm_conflict_kind)k), names[k]);
@@ -123,10 +128,10 @@ START_TEST(test_lww_symmetric)
 {
     uint64_t seed = 12345;
     for (int i = 0; i < 10000; i++) {
-        struct aamm_row_version a = V((int64_t)(aamm_test_rand(&seed) % 5),
-                                      (uint32_t)(aamm_test_rand(&seed) % 3 + 1));
-        struct aamm_row_version b = V((int64_t)(aamm_test_rand(&seed) % 5),
-                                      (uint32_t)(aamm_test_rand(&seed) % 3 + 1));
+        struct aamm_row_version a =
+            V((int64_t)(aamm_test_rand(&seed) % 5), (uint32_t)(aamm_test_rand(&seed) % 3 + 1));
+        struct aamm_row_version b =
+            V((int64_t)(aamm_test_rand(&seed) % 5), (uint32_t)(aamm_test_rand(&seed) % 3 + 1));
         bool ab = aamm_conflict_lww_remote_wins(&a, &b), ba = aamm_conflict_lww_remote_wins(&b, &a);
         if (a.commit_time == b.commit_time && a.origin_node == b.origin_node)
             ck_assert(!ab && !ba);
