@@ -33,6 +33,16 @@
 #define RBUF_SIZE 65536
 #define MAX_ORIGINS 64
 #define PREAUTH_MAX_PAYLOAD 2048 /* HELLO, AUTH, ERROR: a few hundred bytes at most */
+#define QCHUNK_SIZE 65536        /* one allocation of the send queue (header included) */
+
+/* The send queue: frames taken out of the encoder as soon as they are complete, in a list of
+ * fixed-size chunks (no buffer that doubles as it grows, nothing moved when it drains). */
+struct qchunk {
+    struct qchunk *next;
+    size_t off, len; /* unsent bytes: data[off, len) */
+    uint8_t data[];
+};
+#define QCHUNK_DATA (QCHUNK_SIZE - offsetof(struct qchunk, data))
 
 enum st {
     ST_IDLE,
@@ -70,6 +80,9 @@ struct aamm_link {
 
     struct aamm_wire_encoder *enc;
     struct aamm_wire_decoder *dec;
+    struct qchunk *qhead, *qtail; /* send queue */
+    size_t qbytes;                /* unsent bytes in it */
+    bool split;                   /* sender: a change larger than a frame is partly queued */
     uint8_t rbuf[RBUF_SIZE];
     size_t rb_off, rb_len;
 
@@ -115,6 +128,58 @@ static void close_socket(struct aamm_link *l)
 
 static ssize_t raw_send(struct aamm_link *l, const uint8_t *p, size_t n);
 
+/* Move the encoder's complete frames into the send queue. 0 or AAMM_ENOMEM. */
+static int drain_enc(struct aamm_link *l)
+{
+    size_t n;
+    const uint8_t *p = aamm_wire_encoder_pending(l->enc, &n);
+    while (n > 0) {
+        struct qchunk *c = l->qtail;
+        size_t k;
+        if (c == NULL || c->len == QCHUNK_DATA) {
+            c = aamm__malloc(QCHUNK_SIZE);
+            if (c == NULL)
+                return AAMM_ENOMEM;
+            c->next = NULL;
+            c->off = c->len = 0;
+            if (l->qtail != NULL)
+                l->qtail->next = c;
+            else
+                l->qhead = c;
+            l->qtail = c;
+        }
+        k = QCHUNK_DATA - c->len;
+        if (k > n)
+            k = n;
+        memcpy(c->data + c->len, p, k);
+        c->len += k;
+        l->qbytes += k;
+        aamm_wire_encoder_consume(l->enc, k);
+        p = aamm_wire_encoder_pending(l->enc, &n);
+    }
+    return 0;
+}
+
+/* Mark @n bytes at the head of the queue as sent, freeing chunks that are done. */
+static void queue_consume(struct aamm_link *l, size_t n)
+{
+    struct qchunk *c = l->qhead;
+    c->off += n;
+    l->qbytes -= n;
+    if (c->off == c->len) {
+        l->qhead = c->next;
+        if (l->qhead == NULL)
+            l->qtail = NULL;
+        aamm__free(c);
+    }
+}
+
+/* Bytes the sender holds: the queue plus the encoder's open frame. */
+static size_t held(const struct aamm_link *l)
+{
+    return l->qbytes + aamm_wire_encoder_buffered(l->enc);
+}
+
 /* Fail the link: record the error, tell the peer (best effort, one non-blocking write)
  * unless @tell is false, close the socket. Returns @code. */
 static int link_fail(struct aamm_link *l, int code, bool tell, const char *fmt, ...)
@@ -131,12 +196,16 @@ static int link_fail(struct aamm_link *l, int code, bool tell, const char *fmt, 
     aamm__errf(&l->err, code, "link to node %" PRIu32 ": %s", l->peer_id, buf);
     AAMM_INFO("%s", l->err.msg);
     if (tell && l->fd >= 0 && l->st >= ST_HELLO && l->enc != NULL) {
-        size_t n;
-        const uint8_t *p;
-        /* Only what is already queued plus the error: one attempt, never blocking. */
-        if (aamm_wire_encode_error(l->enc, code, buf) == 0) {
-            p = aamm_wire_encoder_pending(l->enc, &n);
-            (void)raw_send(l, p, n);
+        /* What is already queued plus the error, as far as the socket takes it now: never
+         * blocking, and never a frame cut short before the error. */
+        if (aamm_wire_encode_error(l->enc, code, buf) == 0 && drain_enc(l) == 0) {
+            while (l->qhead != NULL) {
+                struct qchunk *c = l->qhead;
+                ssize_t w = raw_send(l, c->data + c->off, c->len - c->off);
+                if (w <= 0)
+                    break;
+                queue_consume(l, (size_t)w);
+            }
         }
     }
     close_socket(l);
@@ -297,6 +366,8 @@ int aamm_link_new(struct aamm_link **lp, const struct aamm_link_options *opts)
         aamm_link_free(l);
         return rc;
     }
+    if (l->o.role == AAMM_LINK_SENDER)
+        (void)aamm_wire_encoder_set_streaming(l->enc, true);
     /* Until the peer has proven who it is, it may send only small frames. */
     aamm_wire_decoder_set_max_payload(l->dec, PREAUTH_MAX_PAYLOAD);
     l->mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
@@ -324,6 +395,11 @@ void aamm_link_free(struct aamm_link *l)
     EVP_MAC_free(l->mac);
     aamm_wire_encoder_free(l->enc);
     aamm_wire_decoder_free(l->dec);
+    while (l->qhead != NULL) {
+        struct qchunk *c = l->qhead;
+        l->qhead = c->next;
+        aamm__free(c);
+    }
     if (l->secret)
         OPENSSL_cleanse(l->secret, l->o.secret_len);
     OPENSSL_cleanse(l->key_in, sizeof l->key_in);
@@ -890,10 +966,12 @@ static int pump_control(struct aamm_link *l)
 static int do_write(struct aamm_link *l)
 {
     for (;;) {
-        size_t n;
-        const uint8_t *p = aamm_wire_encoder_pending(l->enc, &n);
+        struct qchunk *c;
         ssize_t w;
-        if (n == 0) {
+        if (drain_enc(l) != 0)
+            return link_fail(l, AAMM_ENOMEM, false, "out of memory (send queue)");
+        c = l->qhead;
+        if (c == NULL) {
             /* Socket idle: close the open DATA frame so it goes out now. */
             if (aamm_wire_encoder_buffered(l->enc) == 0)
                 return 0;
@@ -901,13 +979,13 @@ static int do_write(struct aamm_link *l)
                 return link_fail(l, AAMM_ENOMEM, false, "%s", aamm_wire_encoder_errmsg(l->enc));
             continue;
         }
-        w = raw_send(l, p, n);
+        w = raw_send(l, c->data + c->off, c->len - c->off);
         if (w < 0)
             return link_fail(l, AAMM_ECONN, false, "send failed: %s",
                              l->ssl ? "TLS error" : strerror(errno));
         if (w == 0)
             return 0;
-        aamm_wire_encoder_consume(l->enc, (size_t)w);
+        queue_consume(l, (size_t)w);
         l->stats.bytes_sent += (uint64_t)w;
         l->t_last_send = aamm__now_ms();
     }
@@ -967,7 +1045,7 @@ static int check_timers(struct aamm_link *l)
             return link_fail(l, AAMM_ETIMEDOUT, true, "peer silent for %" PRId64 " ms",
                              now - l->t_last_recv);
         }
-        if (now - l->t_last_send >= l->o.heartbeat_ms && aamm_wire_encoder_buffered(l->enc) == 0) {
+        if (now - l->t_last_send >= l->o.heartbeat_ms && held(l) == 0) {
             if (aamm_wire_encode_heartbeat(l->enc, aamm__wall_us()) != 0)
                 return link_fail(l, AAMM_ENOMEM, false, "out of memory");
             l->stats.heartbeats_sent++;
@@ -1041,15 +1119,13 @@ int aamm_link_step(struct aamm_link *l)
     if ((rc = do_write(l)) != 0)
         return rc;
     if (l->st == ST_CLOSING) {
-        size_t n;
-        aamm_wire_encoder_pending(l->enc, &n);
-        if (n == 0 && aamm_wire_encoder_buffered(l->enc) == 0) {
+        if (held(l) == 0) {
             close_socket(l);
             l->st = ST_CLOSED;
             return AAMM_ECLOSED;
         }
     }
-    l->stats.send_queue = aamm_wire_encoder_buffered(l->enc);
+    l->stats.send_queue = held(l);
     return 0;
 }
 
@@ -1069,7 +1145,7 @@ int aamm_link_events(const struct aamm_link *l)
         return l->ssl_want_write ? AAMM_LINK_WRITE : AAMM_LINK_READ;
     if (l->rb_len == 0 && !l->peer_eof)
         ev |= AAMM_LINK_READ;
-    if (aamm_wire_encoder_buffered(l->enc) > 0 || l->ssl_want_write)
+    if (held(l) > 0 || l->ssl_want_write)
         ev |= AAMM_LINK_WRITE;
     return ev;
 }
@@ -1124,7 +1200,7 @@ const char *aamm_link_errmsg(const struct aamm_link *l)
 void aamm_link_stats(const struct aamm_link *l, struct aamm_link_stats *stats)
 {
     *stats = l->stats;
-    stats->send_queue = aamm_wire_encoder_buffered(l->enc);
+    stats->send_queue = held(l);
 }
 
 uint32_t aamm_link_peer_id(const struct aamm_link *l)
@@ -1136,7 +1212,7 @@ int aamm_link_close(struct aamm_link *l)
 {
     if (l->st != ST_READY)
         return aamm__errf(&l->err, AAMM_ESTATE, "link: not ready");
-    if (l->o.role == AAMM_LINK_SENDER && l->in_txn)
+    if (l->o.role == AAMM_LINK_SENDER && (l->in_txn || l->split))
         return aamm__errf(&l->err, AAMM_ESTATE, "link: close inside a transaction");
     if (aamm_wire_encode_error(l->enc, 0, "goodbye") != 0)
         return link_fail(l, AAMM_ENOMEM, false, "out of memory");
@@ -1168,11 +1244,23 @@ static int sender_check(struct aamm_link *l)
         return l->fail_code;
     if (l->st != ST_READY || l->o.role != AAMM_LINK_SENDER)
         return aamm__errf(&l->err, AAMM_ESTATE, "link: not a ready sender");
-    q = aamm_wire_encoder_buffered(l->enc);
+    q = held(l);
     if (q > l->stats.send_queue_high_water)
         l->stats.send_queue_high_water = q;
     if (q >= l->o.send_queue_bytes)
         return AAMM_EAGAIN;
+    return 0;
+}
+
+/* After an encoder call: move complete frames into the queue, note the high-water mark. */
+static int queued(struct aamm_link *l)
+{
+    size_t q;
+    if (drain_enc(l) != 0)
+        return link_fail(l, AAMM_ENOMEM, false, "out of memory (send queue)");
+    q = held(l);
+    if (q > l->stats.send_queue_high_water)
+        l->stats.send_queue_high_water = q;
     return 0;
 }
 
@@ -1189,7 +1277,7 @@ int aamm_link_send_begin(struct aamm_link *l, const struct aamm_transaction *txn
     uint64_t resume;
     if (rc != 0)
         return rc;
-    if (l->in_txn)
+    if (l->in_txn || l->split)
         return aamm__errf(&l->err, AAMM_ESTATE, "link: BEGIN inside a transaction");
     resume = get_pos(l->resume, l->nresume, txn->origin_node);
     /* The transaction after the one that ended at `resume` commits at or after it; one whose
@@ -1198,7 +1286,7 @@ int aamm_link_send_begin(struct aamm_link *l, const struct aamm_transaction *txn
     if (!l->skipping && (rc = aamm_wire_encode_begin(l->enc, txn)) != 0)
         return enc_error(l, rc);
     l->in_txn = true;
-    return 0;
+    return queued(l);
 }
 
 int aamm_link_send_change(struct aamm_link *l, const struct aamm_change *change)
@@ -1215,9 +1303,23 @@ int aamm_link_send_change(struct aamm_link *l, const struct aamm_change *change)
         if ((rc = sender_check(l)) != 0)
             return rc;
     }
-    if ((rc = aamm_wire_encode_change(l->enc, change)) != 0)
-        return enc_error(l, rc);
-    return 0;
+    /* A change larger than a frame goes out piece by piece: as many pieces as the queue
+     * takes now, the rest when the host calls again with the same change. */
+    for (;;) {
+        rc = aamm_wire_encode_change(l->enc, change);
+        if (rc != 0 && rc != AAMM_EAGAIN) {
+            if (l->split)
+                return link_fail(l, rc, false, "%s", aamm_wire_encoder_errmsg(l->enc));
+            return enc_error(l, rc);
+        }
+        l->split = rc == AAMM_EAGAIN;
+        if ((rc = queued(l)) != 0)
+            return rc;
+        if (!l->split)
+            return 0;
+        if (held(l) >= l->o.send_queue_bytes)
+            return AAMM_EAGAIN;
+    }
 }
 
 int aamm_link_send_commit(struct aamm_link *l, const struct aamm_transaction *txn)
@@ -1232,13 +1334,16 @@ int aamm_link_send_commit(struct aamm_link *l, const struct aamm_transaction *tx
     }
     if (l->st == ST_FAILED)
         return l->fail_code;
+    if (l->split)
+        return aamm__errf(&l->err, AAMM_ESTATE,
+                          "link: COMMIT while a change is partly queued (send it again first)");
     /* COMMIT is never refused for space: it is small, and ending the transaction lets the
      * queue drain at a transaction boundary. */
     if ((rc = aamm_wire_encode_commit(l->enc, txn)) != 0)
         return enc_error(l, rc);
     l->in_txn = false;
     l->stats.txns_sent++;
-    return 0;
+    return queued(l);
 }
 
 /* ====================================================================================

@@ -78,7 +78,8 @@ static void wr_varint(struct aamm__wr *w, uint64_t v)
 
 static void wr_zigzag(struct aamm__wr *w, int64_t v)
 {
-    wr_varint(w, ((uint64_t)v << 1) ^ (uint64_t)(v >> 63));
+    /* (uint64_t)0 - sign: all ones for a negative @v, without shifting a signed value */
+    wr_varint(w, ((uint64_t)v << 1) ^ ((uint64_t)0 - ((uint64_t)v >> 63)));
 }
 
 static void wr_str(struct aamm__wr *w, const char *s, size_t len)
@@ -278,9 +279,23 @@ static int enc_nomem(struct aamm_wire_encoder *enc)
 
 /* ---- frames ---------------------------------------------------------------------- */
 
+/* Streaming mode: the output buffer's fixed size, two frames (the one closed by a call and
+ * the next open one) and some slack, allocated once instead of doubling. */
+static size_t stream_out_size(const struct aamm_wire_encoder *enc)
+{
+    return 2 * ((size_t)enc->o.frame_payload + AAMM_WIRE_HEADER_SIZE + AAMM_WIRE_MAC_SIZE) + 4096;
+}
+
 static void open_frame(struct aamm_wire_encoder *enc)
 {
     static const uint8_t zero[AAMM_WIRE_HEADER_SIZE];
+    if (enc->streaming && enc->out.cap < stream_out_size(enc)) {
+        uint8_t *p = aamm__realloc(enc->out.data, stream_out_size(enc));
+        if (p != NULL) {
+            enc->out.data = p;
+            enc->out.cap = stream_out_size(enc);
+        }
+    }
     enc->fstart = enc->out.len;
     aamm__wr_bytes(&enc->out, zero, sizeof zero);
     enc->frame_open = true;
@@ -410,7 +425,8 @@ void aamm_wire_encoder_consume(struct aamm_wire_encoder *enc, size_t n)
         enc->rd = 0;
         enc->out.len = 0;
         /* Give back the memory of a burst (a huge record split into pieces). */
-        if (enc->out.cap > 4 * (size_t)enc->o.frame_payload + 4096)
+        if (enc->out.cap > 4 * (size_t)enc->o.frame_payload + 4096 &&
+            enc->out.cap > stream_out_size(enc))
             aamm__wr_free(&enc->out);
     } else if (enc->rd >= 65536 && enc->rd >= enc->out.len / 2) {
         memmove(enc->out.data, enc->out.data + enc->rd, enc->out.len - enc->rd);
@@ -795,7 +811,14 @@ static int relation_id(struct aamm_wire_encoder *enc, const struct aamm_relation
     enc->rec.len = 0;
     enc->nsegs = 0;
     write_relation(&enc->rec, id, rel);
-    if ((rc = emit_record(enc)) != 0)
+    {
+        /* a relation record goes out whole, even in streaming mode (it is not resumed) */
+        bool streaming = enc->streaming;
+        enc->streaming = false;
+        rc = emit_record(enc);
+        enc->streaming = streaming;
+    }
+    if (rc != 0)
         return rc;
     enc->last_id = id;
     *idp = id;

@@ -66,7 +66,8 @@ struct aamm_link_options {
     int heartbeat_ms;              /* send a heartbeat after this much silence; default 1000 */
     int dead_after_ms;             /* peer silent this long: AAMM_ETIMEDOUT; default 5000 */
     int64_t max_clock_skew_us;     /* report skew above this; default 5 s */
-    size_t send_queue_bytes;       /* back-pressure bound of the send queue; default 8 MiB */
+    size_t send_queue_bytes;       /* back-pressure bound of the send queue; default 8 MiB.
+                                      Sender memory: AAMM_LINK_SEND_MEMORY() below */
     struct aamm_wire_options wire; /* frame limits (zeros: defaults) */
 
     /* TLS (OpenSSL): both sides present a certificate signed by the CA in @tls_ca_file
@@ -78,6 +79,30 @@ struct aamm_link_options {
     const char *tls_key_file;
     const char *tls_server_name;
 };
+
+/**
+ * The most memory (bytes as counted by aamm_memory_stats) the send side of a sender link
+ * holds, for a send_queue_bytes of @q and a frame_payload of @fp (wire options; default
+ * AAMM_WIRE_DEFAULT_FRAME_PAYLOAD), with F = AAMM_WIRE_HEADER_SIZE + @fp + AAMM_WIRE_MAC_SIZE
+ * the largest frame:
+ *   q + F                 frames queued: calls are admitted while fewer than q bytes are
+ *                         held, and one admitted call adds at most one frame (a change
+ *                         larger than a frame is queued piece by piece, see
+ *                         aamm_link_send_change; COMMIT adds < 64 bytes)
+ *   + (q + F) / 2048 + 128 KiB   the queue's 64 KiB chunks: headers, first and last partial
+ *   + 2F + 4 KiB          the encoder's output buffer (open frame + one closed), allocated once
+ *   + @fp + @fp/255 + 16 + 80 KiB   LZ4 scratch, stream state and 64 KiB history
+ *   + 64 KiB              the rest: the wire record scratch (a change's values under 1 KiB;
+ *                         bigger values are never copied whole), handshake leftovers
+ * It does not cover the link's fixed parts present from aamm_link_new (the struct with its
+ * 64 KiB read buffer, the relation dictionary and its copies of the relations sent) nor the
+ * host's own data: a value passed to aamm_link_send_change stays the host's and is copied a
+ * frame at a time. Doubling buffers are not involved: the bound is met, not just approximated.
+ */
+#define AAMM_LINK_SEND_MEMORY(q, fp)                                                            \
+    ((size_t)(q) + ((size_t)(fp) + 32u) + ((size_t)(q) + (size_t)(fp) + 32u) / 2048u +          \
+     128u * 1024u + 2u * ((size_t)(fp) + 32u) + 4096u + (size_t)(fp) + (size_t)(fp) / 255u +   \
+     16u + 80u * 1024u + 64u * 1024u)
 
 /** Counters and figures of one link. */
 struct aamm_link_stats {
@@ -172,17 +197,22 @@ AAMM_API int aamm_link_resume_position(const struct aamm_link *link, uint32_t or
 
 /*
  * Queue a transaction: BEGIN, changes, COMMIT (all pointers borrowed for the call; the
- * data is encoded immediately). A transaction whose commit LSN is below the receiver's resume
+ * data is encoded immediately, a change larger than a frame as far as the queue takes it). A transaction whose commit LSN is below the receiver's resume
  * position for its origin is skipped whole (counted in txns_skipped); one whose end LSN is
  * known only at COMMIT cannot be skipped at BEGIN and is sent (the receiver deduplicates).
- * Returns 0; AAMM_EAGAIN when the send queue holds send_queue_bytes or more (nothing was
- * queued: step and call again with the same event); AAMM_ESTATE when not READY or out of
+ * Returns 0; AAMM_EAGAIN when the send queue holds send_queue_bytes or more (step and
+ * call again with the same event). For a change whose record is larger than a frame (e.g.
+ * one 200 MB text value), AAMM_EAGAIN may come after part of it was queued: pieces are
+ * queued while the queue holds less than send_queue_bytes, and the next call with the same
+ * change (same content; the host keeps it, the link never copies it whole) continues where
+ * the last one stopped; until that returns 0, only aamm_link_step may run on the link
+ * (BEGIN/COMMIT: AAMM_ESTATE; a different change fails the link); AAMM_ESTATE when not READY or out of
  * order; AAMM_EINVAL for an invalid change; the link's error once it failed.
  * A capture PROGRESS position (nothing to deliver up to there) can be forwarded as an empty
  * transaction (BEGIN and COMMIT with commit_lsn = end_lsn = the position): the receiver's
  * ack for it then lets the sender confirm the slot that far.
- * Memory: the queue holds at most send_queue_bytes plus one record (its buffer's capacity
- * at most twice that), so a 200 MB transaction streams through without being held whole.
+ * Memory: at most AAMM_LINK_SEND_MEMORY(send_queue_bytes, frame_payload) on the send side,
+ * whatever the size of the transaction or of one value in it.
  */
 AAMM_API int aamm_link_send_begin(struct aamm_link *link, const struct aamm_transaction *txn);
 AAMM_API int aamm_link_send_change(struct aamm_link *link, const struct aamm_change *change);
