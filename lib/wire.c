@@ -737,14 +737,16 @@ static bool valid_relation(const struct aamm_relation *rel)
     return true;
 }
 
-static bool valid_tuple(const struct aamm_tuple *t, const struct aamm_relation *rel)
+/* @scan: look for NUL in text values (not again when a split record continues: the first
+ * call checked the same content). */
+static bool valid_tuple(const struct aamm_tuple *t, const struct aamm_relation *rel, bool scan)
 {
     if (t->nvalues != rel->ncolumns || (t->nvalues > 0 && t->values == NULL))
         return false;
     for (uint32_t i = 0; i < t->nvalues; i++) {
         const struct aamm_value *v = &t->values[i];
         if (v->kind == AAMM_VALUE_TEXT) {
-            if ((v->data == NULL && v->len > 0) || (v->data && has_nul(v->data, v->len)))
+            if ((v->data == NULL && v->len > 0) || (scan && v->data && has_nul(v->data, v->len)))
                 return false;
         } else if (v->kind != AAMM_VALUE_NULL && v->kind != AAMM_VALUE_UNCHANGED) {
             return false;
@@ -882,8 +884,9 @@ int aamm_wire_encode_change(struct aamm_wire_encoder *enc, const struct aamm_cha
             return aamm__errf(&enc->err, AAMM_EINVAL, "wire: unknown old tuple kind %d",
                               ch->old_kind);
         if ((has_old && ch->old_kind != AAMM_OLD_NONE &&
-             !valid_tuple(&ch->old_tuple, ch->relation)) ||
-            (ch->kind != AAMM_CHANGE_DELETE && !valid_tuple(&ch->new_tuple, ch->relation)))
+             !valid_tuple(&ch->old_tuple, ch->relation, !enc->split_active)) ||
+            (ch->kind != AAMM_CHANGE_DELETE &&
+             !valid_tuple(&ch->new_tuple, ch->relation, !enc->split_active)))
             return aamm__errf(&enc->err, AAMM_EINVAL,
                               "wire: %s on %s.%s: tuple does not match the relation's %" PRIu32
                               " columns (or holds an invalid value)",
