@@ -741,6 +741,8 @@ static int lexec_apply(struct lexec *x)
     struct raft_buffer buf;
     int rv;
     buf.len = x->cmd_len;
+    /* raft's allocator, not aamm__malloc: raft owns the entry buffer once raft_apply()
+     * accepts it and releases it with raft_free(). */
     buf.base = raft_malloc(buf.len);
     if (buf.base == NULL)
         return AAMM_ENOMEM;
@@ -888,32 +890,6 @@ static void lexec_start(struct aamm_consensus *cs, uint8_t op, const uint8_t *cm
 /* ---- forwarding channel
  * ---------------------------------------------------------------------------- */
 
-static void put_result(struct aamm__wr *w, const struct aamm__cs_result *r)
-{
-    aamm__wr_u8(w, r->type);
-    aamm__wr_le32(w, (uint32_t)r->status);
-    aamm__wr_le64(w, r->index);
-    aamm__wr_le64(w, (uint64_t)r->start);
-    aamm__wr_le64(w, (uint64_t)r->end);
-    aamm__wr_le64(w, r->lock.holder);
-    aamm__wr_le64(w, r->lock.token);
-    aamm__wr_le64(w, (uint64_t)r->lock.granted_us);
-    aamm__wr_le64(w, (uint64_t)r->lock.expires_us);
-}
-
-static void get_result(struct aamm__rd *rd, struct aamm__cs_result *r)
-{
-    r->type = aamm__rd_u8(rd);
-    r->status = (int32_t)aamm__rd_le32(rd);
-    r->index = aamm__rd_le64(rd);
-    r->start = (int64_t)aamm__rd_le64(rd);
-    r->end = (int64_t)aamm__rd_le64(rd);
-    r->lock.holder = aamm__rd_le64(rd);
-    r->lock.token = aamm__rd_le64(rd);
-    r->lock.granted_us = (int64_t)aamm__rd_le64(rd);
-    r->lock.expires_us = (int64_t)aamm__rd_le64(rd);
-}
-
 static void fwd_reply(struct aamm_consensus *cs, struct lexec *x)
 {
     size_t i;
@@ -924,7 +900,7 @@ static void fwd_reply(struct aamm_consensus *cs, struct lexec *x)
             aamm__wr_u8(&w, 'R');
             aamm__wr_le64(&w, x->fwd_seq);
             aamm__wr_le32(&w, (uint32_t)x->status);
-            put_result(&w, &x->result);
+            aamm__cs_result_encode(&w, &x->result);
             if (w.ok)
                 aamm__cs_conn_send(cs->srv[i], w.data, w.len);
             aamm__wr_free(&w);
@@ -1003,7 +979,7 @@ static void cli_frame(struct aamm__cs_conn *c, const uint8_t *data, size_t len, 
     seq = aamm__rd_le64(&rd);
     status = (int32_t)aamm__rd_le32(&rd);
     memset(&res, 0, sizeof(res));
-    get_result(&rd, &res);
+    aamm__cs_result_decode(&rd, &res);
     if (!rd.ok) {
         aamm__cs_conn_close(c);
         return;

@@ -539,7 +539,7 @@ void aamm__cs_state_clear(struct aamm__cs_state *st)
 
 #define STATE_MAGIC UINT32_C(0x41435331) /* "ACS1" */
 
-static void wr_result(struct aamm__wr *w, const struct aamm__cs_result *r)
+void aamm__cs_result_encode(struct aamm__wr *w, const struct aamm__cs_result *r)
 {
     aamm__wr_u8(w, r->type);
     aamm__wr_le32(w, (uint32_t)r->status);
@@ -552,7 +552,7 @@ static void wr_result(struct aamm__wr *w, const struct aamm__cs_result *r)
     aamm__wr_le64(w, (uint64_t)r->lock.expires_us);
 }
 
-static void rd_result(struct aamm__rd *r, struct aamm__cs_result *o)
+void aamm__cs_result_decode(struct aamm__rd *r, struct aamm__cs_result *o)
 {
     o->type = aamm__rd_u8(r);
     o->status = (int32_t)aamm__rd_le32(r);
@@ -604,7 +604,7 @@ void aamm__cs_state_encode(const struct aamm__cs_state *st, struct aamm__wr *w)
         aamm__wr_le32(w, d->n);
         for (j = 0; j < d->n; j++) {
             aamm__wr_le64(w, d->reqno[j]);
-            wr_result(w, &d->result[j]);
+            aamm__cs_result_encode(w, &d->result[j]);
         }
     }
     wr_pad8(w);
@@ -693,7 +693,7 @@ int aamm__cs_state_decode(struct aamm__cs_state *out, const void *data, size_t l
             goto malformed;
         for (j = 0; j < d->n && r.ok; j++) {
             d->reqno[j] = aamm__rd_le64(&r);
-            rd_result(&r, &d->result[j]);
+            aamm__cs_result_decode(&r, &d->result[j]);
         }
     }
     if (!rd_only_padding(&r))

@@ -71,6 +71,10 @@ struct aamm__cs_result {
     int64_t start, end;
     struct aamm_consensus_ddl_lock lock;
 };
+/* A result as fixed-size little-endian fields (snapshots and the forwarding channel);
+ * decode leaves @rd->ok false on truncation. */
+void aamm__cs_result_encode(struct aamm__wr *w, const struct aamm__cs_result *r);
+void aamm__cs_result_decode(struct aamm__rd *rd, struct aamm__cs_result *r);
 
 /* ---- the state machine ---------------------------------------------------------------- */
 

@@ -451,48 +451,55 @@ out:
     return rc;
 }
 
-/* I: relation OID, 'N', new tuple. */
-static int parse_insert(struct ctx *c, struct aamm__pgo *p, struct aamm__pgo_event *ev)
+/* I, U, D start alike: relation OID (a relation already sent), then a one-byte tag. */
+static int change_head(struct ctx *c, struct aamm__pgo *p, struct aamm_change *ch, uint8_t *tag)
 {
-    struct aamm_change *ch = &ev->change;
     uint32_t oid = aamm__rd_be32(&c->rd);
-    uint8_t tag;
     int rc;
     if (!c->rd.ok)
         return truncated(c);
     rc = find_relation(c, p, oid, &ch->relation);
     if (rc != AAMM_OK)
         return rc;
-    tag = aamm__rd_u8(&c->rd);
+    *tag = aamm__rd_u8(&c->rd);
     if (!c->rd.ok)
         return truncated(c);
-    if (tag != 'N')
-        return MALFORMED(c, "expected 'N' (new tuple), got 0x%02x", tag);
-    ch->kind = AAMM_CHANGE_INSERT;
-    rc = read_tuple(c, ch->relation, "new", &ch->new_tuple);
+    return AAMM_OK;
+}
+
+/* ... and end alike: after the last tuple (read with result @rc) the message is done. */
+static int change_end(struct ctx *c, struct aamm__pgo_event *ev, int rc)
+{
     if (rc == AAMM_OK)
         rc = expect_end(c);
     if (rc == AAMM_OK)
         ev->type = AAMM__PGO_CHANGE;
     return rc;
 }
+/* I: relation OID, 'N', new tuple. */
+static int parse_insert(struct ctx *c, struct aamm__pgo *p, struct aamm__pgo_event *ev)
+{
+    struct aamm_change *ch = &ev->change;
+    uint8_t tag;
+    int rc = change_head(c, p, ch, &tag);
+    if (rc != AAMM_OK)
+        return rc;
+    if (tag != 'N')
+        return MALFORMED(c, "expected 'N' (new tuple), got 0x%02x", tag);
+    ch->kind = AAMM_CHANGE_INSERT;
+    rc = read_tuple(c, ch->relation, "new", &ch->new_tuple);
+    return change_end(c, ev, rc);
+}
 
 /* U: relation OID, optional 'K'/'O' old tuple, 'N', new tuple. */
 static int parse_update(struct ctx *c, struct aamm__pgo *p, struct aamm__pgo_event *ev)
 {
     struct aamm_change *ch = &ev->change;
-    uint32_t oid = aamm__rd_be32(&c->rd);
     uint8_t tag;
-    int rc;
-    if (!c->rd.ok)
-        return truncated(c);
-    rc = find_relation(c, p, oid, &ch->relation);
+    int rc = change_head(c, p, ch, &tag);
     if (rc != AAMM_OK)
         return rc;
     ch->kind = AAMM_CHANGE_UPDATE;
-    tag = aamm__rd_u8(&c->rd);
-    if (!c->rd.ok)
-        return truncated(c);
     if (tag == 'K' || tag == 'O') {
         ch->old_kind = (char)tag;
         rc = read_tuple(c, ch->relation, tag == 'K' ? "old key" : "old", &ch->old_tuple);
@@ -505,38 +512,23 @@ static int parse_update(struct ctx *c, struct aamm__pgo *p, struct aamm__pgo_eve
     if (tag != 'N')
         return MALFORMED(c, "expected 'N' (new tuple), got 0x%02x", tag);
     rc = read_tuple(c, ch->relation, "new", &ch->new_tuple);
-    if (rc == AAMM_OK)
-        rc = expect_end(c);
-    if (rc == AAMM_OK)
-        ev->type = AAMM__PGO_CHANGE;
-    return rc;
+    return change_end(c, ev, rc);
 }
 
 /* D: relation OID, 'K' or 'O', old tuple. */
 static int parse_delete(struct ctx *c, struct aamm__pgo *p, struct aamm__pgo_event *ev)
 {
     struct aamm_change *ch = &ev->change;
-    uint32_t oid = aamm__rd_be32(&c->rd);
     uint8_t tag;
-    int rc;
-    if (!c->rd.ok)
-        return truncated(c);
-    rc = find_relation(c, p, oid, &ch->relation);
+    int rc = change_head(c, p, ch, &tag);
     if (rc != AAMM_OK)
         return rc;
-    tag = aamm__rd_u8(&c->rd);
-    if (!c->rd.ok)
-        return truncated(c);
     if (tag != 'K' && tag != 'O')
         return MALFORMED(c, "expected 'K' or 'O' (old tuple), got 0x%02x", tag);
     ch->kind = AAMM_CHANGE_DELETE;
     ch->old_kind = (char)tag;
     rc = read_tuple(c, ch->relation, tag == 'K' ? "old key" : "old", &ch->old_tuple);
-    if (rc == AAMM_OK)
-        rc = expect_end(c);
-    if (rc == AAMM_OK)
-        ev->type = AAMM__PGO_CHANGE;
-    return rc;
+    return change_end(c, ev, rc);
 }
 
 /* T: number of relations, flags, relation OIDs. */

@@ -32,12 +32,14 @@ extern "C" {
 
 /* ---- version --------------------------------------------------------------------- */
 
+/** The version of these headers: major (incompatible API changes), minor, patch. */
 #define AAMM_VERSION_MAJOR 0
 #define AAMM_VERSION_MINOR 1
 #define AAMM_VERSION_PATCH 0
 /** The version as one number: major * 10000 + minor * 100 + patch. */
 #define AAMM_VERSION_NUMBER \
     (AAMM_VERSION_MAJOR * 10000 + AAMM_VERSION_MINOR * 100 + AAMM_VERSION_PATCH)
+/** The same version as text. */
 #define AAMM_VERSION_STRING "0.1.0"
 
 /** Features, defined once they are part of the library (like libpq's LIBPQ_HAS_...). */
@@ -116,8 +118,9 @@ typedef void (*aamm_log_fn)(int level, const char *file, int line, const char *m
  * its own: without a callback, messages are dropped — unless the environment variable
  * AAMM_DEBUG is set (to 1..4, the most verbose level to print), which installs a stderr
  * logger for debugging. @cb may be NULL to turn logging off; @max_level filters (messages
- * with level > max_level are not formatted). Call it before creating handles; it is not
- * synchronized against concurrent logging.
+ * with level > max_level are not formatted); @arg (borrowed until the callback is replaced)
+ * is passed to every call of @cb. Call it before creating handles; it is not synchronized
+ * against concurrent logging.
  */
 AAMM_API void aamm_set_log_cb(aamm_log_fn cb, int max_level, void *arg);
 
@@ -171,7 +174,8 @@ AAMM_API void aamm_free(void *ptr);
 AAMM_API char *aamm_lsn_format(uint64_t lsn, char *buf);
 
 /**
- * Parse PostgreSQL's LSN text form "X/X" (hex, each half up to 8 digits) into @out.
+ * Parse PostgreSQL's LSN text form "X/X" (hex, each half up to 8 digits) in @text
+ * (borrowed, NUL-terminated) into @out.
  * Returns 0, or AAMM_EMALFORMED for anything else (nothing written).
  */
 AAMM_API int aamm_lsn_parse(const char *text, uint64_t *out);

@@ -98,6 +98,7 @@
 extern "C" {
 #endif
 
+/** Feature macro (see AAMM_HAS_CHANGE_MODEL): this header's API is in the library. */
 #define AAMM_HAS_CAPTURE 1
 
 /* Bits of aamm_capture_events(). */
@@ -178,6 +179,7 @@ struct aamm_capture_stats {
     uint64_t received_lsn;   /* highest WAL end the server reported */
 };
 
+/** An opaque capture handle: one slot's stream on one server (aamm_capture_new()). */
 struct aamm_capture;
 
 /**
@@ -261,8 +263,9 @@ AAMM_API int aamm_capture_next(struct aamm_capture *c, struct aamm_capture_event
 
 /**
  * Blocking helper: wait up to @timeout_ms (-1: forever) for the next event, polling and
- * stepping as needed. Returns 1 with @ev set (as aamm_capture_next()), 0 on timeout, or an
- * error.
+ * stepping as needed. Returns 1 with @ev set (as aamm_capture_next(): its pointers are
+ * borrowed until the next call), 0 on timeout, or an error as for aamm_capture_next() and
+ * aamm_capture_step().
  */
 AAMM_API int aamm_capture_wait(struct aamm_capture *c, struct aamm_capture_event *ev,
                                int timeout_ms);

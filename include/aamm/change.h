@@ -96,12 +96,13 @@ AAMM_API void aamm_relation_clear(struct aamm_relation *rel);
  */
 AAMM_API int aamm_relation_copy(struct aamm_relation *dst, const struct aamm_relation *src);
 
-/** Whether two relations have the same schema, name, replica identity and columns
- *  (names, type names, type modifiers and flags; node-local OIDs are not compared). */
+/** Whether two relations (both borrowed) have the same schema, name, replica identity and
+ *  columns (names, type names, type modifiers and flags; node-local OIDs are not compared). */
 AAMM_API bool aamm_relation_equal(const struct aamm_relation *a,
                                   const struct aamm_relation *b);
 
-/** Index of the column called @name in @rel, or -1. */
+/** Index (>= 0) of the column called @name (exact, case-sensitive) in @rel, or -1 when
+ *  there is none. Both borrowed. */
 AAMM_API int aamm_relation_column(const struct aamm_relation *rel, const char *name);
 
 /* ---- tuples ---------------------------------------------------------------------- */
@@ -115,14 +116,16 @@ struct aamm_tuple {
 /** Free everything @tuple owns and zero it. NULL is accepted. */
 AAMM_API void aamm_tuple_clear(struct aamm_tuple *tuple);
 
-/** Deep-copy @src into @dst (overwritten). 0 or AAMM_ENOMEM (then @dst is zeroed). */
+/** Deep-copy @src (borrowed) into @dst (overwritten; clear it later with
+ *  aamm_tuple_clear()). Returns 0 or AAMM_ENOMEM (then @dst is zeroed). */
 AAMM_API int aamm_tuple_copy(struct aamm_tuple *dst, const struct aamm_tuple *src);
 
-/** Whether two tuples hold the same kinds and bytes, value by value. */
+/** Whether two tuples (both borrowed) hold the same kinds and bytes, value by value. */
 AAMM_API bool aamm_tuple_equal(const struct aamm_tuple *a, const struct aamm_tuple *b);
 
 /* ---- changes --------------------------------------------------------------------- */
 
+/** What a change does (struct aamm_change's kind). */
 enum aamm_change_kind {
     AAMM_CHANGE_INSERT = 1,
     AAMM_CHANGE_UPDATE = 2,
@@ -203,7 +206,8 @@ struct aamm_transaction {
 /** Free what @txn owns and zero it. NULL accepted. */
 AAMM_API void aamm_transaction_clear(struct aamm_transaction *txn);
 
-/** Deep-copy @src into @dst. 0 or AAMM_ENOMEM (then @dst is zeroed). */
+/** Deep-copy @src (borrowed) into @dst (overwritten; clear it later with
+ *  aamm_transaction_clear()). Returns 0 or AAMM_ENOMEM (then @dst is zeroed). */
 AAMM_API int aamm_transaction_copy(struct aamm_transaction *dst,
                                    const struct aamm_transaction *src);
 

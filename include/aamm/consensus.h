@@ -54,6 +54,7 @@
 extern "C" {
 #endif
 
+/** Feature macro (see AAMM_HAS_CHANGE_MODEL): this header's API is in the library. */
 #define AAMM_HAS_CONSENSUS 1
 
 /** An opaque consensus node. */
@@ -186,8 +187,9 @@ AAMM_API int aamm_consensus_timeout(struct aamm_consensus *cs);
 AAMM_API int aamm_consensus_step(struct aamm_consensus *cs);
 
 /**
- * Convenience: poll and step until @done(@arg) returns true or @timeout_ms passes.
- * Returns 0 (done), AAMM_ETIMEDOUT, or a step error.
+ * Convenience: poll and step until @done(@arg) returns true or @timeout_ms passes
+ * (@done is checked before each step; @arg borrowed for the call). Returns 0 (done),
+ * AAMM_ETIMEDOUT, or a step error.
  */
 AAMM_API int aamm_consensus_run_until(struct aamm_consensus *cs, bool (*done)(void *arg), void *arg,
                                       int timeout_ms);
@@ -324,7 +326,8 @@ AAMM_API int aamm_consensus_add_member(struct aamm_consensus *cs,
 AAMM_API int aamm_consensus_remove_member(struct aamm_consensus *cs, uint64_t node_id,
                                           aamm_consensus_done_cb cb, void *arg);
 
-/** Commit an empty command (benchmarks, liveness probes). @cb as for watermark_set. */
+/** Commit an empty command (benchmarks, liveness probes). @cb and the return codes as for
+ *  aamm_consensus_watermark_set(). */
 AAMM_API int aamm_consensus_noop(struct aamm_consensus *cs, aamm_consensus_done_cb cb, void *arg);
 
 /* ---- membership and sequence accessors (applied state, local) -------------------- */

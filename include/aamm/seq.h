@@ -76,6 +76,7 @@
 extern "C" {
 #endif
 
+/** Feature macro (see AAMM_HAS_CHANGE_MODEL): this header's API is in the library. */
 #define AAMM_HAS_SEQ 1
 
 /* ---- common -------------------------------------------------------------------------- */
@@ -194,8 +195,8 @@ AAMM_API const char *aamm_uuidv7_errmsg(const struct aamm_uuidv7 *g);
 AAMM_API char *aamm_uuid_format(const uint8_t uuid[16], char *buf);
 
 /**
- * Parse the 8-4-4-4-12 hex text form (either case) into @out (16 bytes). Returns 0 or
- * AAMM_EMALFORMED (nothing written).
+ * Parse the 8-4-4-4-12 hex text form (either case) in @text (borrowed, NUL-terminated)
+ * into @out (16 bytes). Returns 0 or AAMM_EMALFORMED (nothing written).
  */
 AAMM_API int aamm_uuid_parse(const char *text, uint8_t out[16]);
 
@@ -204,6 +205,7 @@ AAMM_API int64_t aamm_uuidv7_unix_ms(const uint8_t uuid[16]);
 
 /* ---- galloc client ------------------------------------------------------------------- */
 
+/** The raft node (aamm/consensus.h); declared here so this header stands alone. */
 struct aamm_consensus;
 
 /** An opaque galloc client: one sequence on one node. */
@@ -316,6 +318,8 @@ AAMM_API int aamm_galloc_pump(struct aamm_galloc *g);
 
 /* ---- SQL side: installed functions, serial columns ----------------------------------- */
 
+/** libpq's connection (PGconn is a typedef of it): no libpq-fe.h needed here. The SQL
+ *  functions below borrow the connection for the call and run blocking queries on it. */
 struct pg_conn;
 
 /** Size of the error buffers the functions below fill. */

@@ -22,6 +22,7 @@
 extern "C" {
 #endif
 
+/** Feature macro (see AAMM_HAS_CHANGE_MODEL): this header's API is in the library. */
 #define AAMM_HAS_WIRE 1
 
 /* ---- constants ------------------------------------------------------------------- */
@@ -118,6 +119,7 @@ struct aamm_wire_options {
 
 /* ---- encoder --------------------------------------------------------------------- */
 
+/** An opaque encoder: change model and control messages into frames. */
 struct aamm_wire_encoder;
 
 /**
@@ -160,7 +162,8 @@ AAMM_API int aamm_wire_encode_resume(struct aamm_wire_encoder *enc,
 AAMM_API int aamm_wire_encode_ack(struct aamm_wire_encoder *enc, uint32_t origin_node,
                                   uint64_t lsn);
 AAMM_API int aamm_wire_encode_heartbeat(struct aamm_wire_encoder *enc, int64_t wall_time_us);
-/** ERROR (@code a negative AAMM_E* code) or, with @code 0, GOODBYE. @msg may be NULL. */
+/** ERROR (@code a negative AAMM_E* code) or, with @code 0, GOODBYE. @msg (borrowed) may be
+ *  NULL. Returns as the control frames above. */
 AAMM_API int aamm_wire_encode_error(struct aamm_wire_encoder *enc, int code, const char *msg);
 
 /*
@@ -180,7 +183,7 @@ AAMM_API int aamm_wire_encode_begin(struct aamm_wire_encoder *enc,
                                     const struct aamm_transaction *txn);
 AAMM_API int aamm_wire_encode_change(struct aamm_wire_encoder *enc,
                                      const struct aamm_change *change);
-/** @txn: the same transaction as at BEGIN with end_lsn set (non-zero). */
+/** @txn: the same transaction as at BEGIN with end_lsn set (non-zero). Returns as above. */
 AAMM_API int aamm_wire_encode_commit(struct aamm_wire_encoder *enc,
                                      const struct aamm_transaction *txn);
 
@@ -215,8 +218,10 @@ AAMM_API bool aamm_wire_encoder_in_transaction(const struct aamm_wire_encoder *e
 
 /* ---- decoder --------------------------------------------------------------------- */
 
+/** An opaque decoder: frames back into events. */
 struct aamm_wire_decoder;
 
+/** What a decoded event carries (struct aamm_wire_event's kind). */
 enum aamm_wire_event_kind {
     AAMM_WIRE_EV_HELLO = 1,
     AAMM_WIRE_EV_AUTH,
