@@ -918,6 +918,49 @@ START_TEST(test_lww_hammer)
 }
 END_TEST
 
+/* Connection loss is transient: the apply backend is terminated while transactions are in
+ * flight; apply reconnects (the old backend may still hold the origin), re-reads the
+ * origin's progress and finishes without losing or doubling anything. */
+START_TEST(test_connection_loss)
+{
+    table(0, "cl", "id int PRIMARY KEY, v int");
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 19, &k);
+    struct aamm_relation r;
+    mkrel(&r, "cl", "id,v", "k-");
+    int64_t ts = now_us();
+    char id[32];
+    long n = aamm_test_scaled(3000, 500);
+    int kills = 0;
+    for (long i = 1; i <= n; i++) {
+        snprintf(id, sizeof id, "%ld", i);
+        tbegin(ap, 19, (uint64_t)i * 0x10, ts + i);
+        tins(ap, &r, V(id, id));
+        tcommit(ap);
+        if (i % 50 == 0) {
+            ck_assert_int_eq(aamm_apply_step(ap), 0);
+            ck_assert_int_eq(aamm_apply_step(ap), 0);
+        }
+        if (i % (n / 4) == 0) {
+            ck_assert_int_eq(pgfx_exec(fx, 0, "SELECT pg_terminate_backend(pid) FROM "
+                                              "pg_stat_activity WHERE application_name = "
+                                              "'aamm apply from 19'"),
+                             0);
+            kills++;
+        }
+    }
+    flush_ok(ap);
+    char want[64];
+    snprintf(want, sizeof want, "%ld:%ld", n, n * (n + 1) / 2);
+    assert_val(0, want, "SELECT count(*) || ':' || sum(v) FROM cl");
+    ck_assert_uint_eq(origin_lsn(0, 19), (uint64_t)n * 0x10);
+    assert_val(0, "0", "SELECT count(*) FROM aamm.conflict_log WHERE relation = 'public.cl'");
+    ck_assert_int_eq(kills, 4);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
 /* ---- exactly once under SIGKILL ------------------------------------------------------ */
 
 #define KILL_SRC 30
@@ -1065,6 +1108,7 @@ int main(void)
     tcase_add_test(tc, test_policies);
     tcase_add_test(tc, test_toast_truncate_messages);
     tcase_add_test(tc, test_lww_hammer);
+    tcase_add_test(tc, test_connection_loss);
     suite_add_tcase(s, tc);
     TCase *tck = aamm_test_tcase("kill", 240);
     tcase_add_unchecked_fixture(tck, setup_one, teardown);
