@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <openssl/bio.h>
@@ -979,14 +980,39 @@ static int do_write(struct aamm_link *l)
                 return link_fail(l, AAMM_ENOMEM, false, "%s", aamm_wire_encoder_errmsg(l->enc));
             continue;
         }
-        w = raw_send(l, c->data + c->off, c->len - c->off);
+        if (l->ssl == NULL && c->next != NULL) {
+            /* several chunks in one system call, as a flat buffer would allow */
+            struct iovec iov[16];
+            struct msghdr mh;
+            int k = 0;
+            for (struct qchunk *q = c; q != NULL && k < 16; q = q->next, k++) {
+                iov[k].iov_base = q->data + q->off;
+                iov[k].iov_len = q->len - q->off;
+            }
+            memset(&mh, 0, sizeof mh);
+            mh.msg_iov = iov;
+            mh.msg_iovlen = (size_t)k;
+            do
+                w = sendmsg(l->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+            while (w < 0 && errno == EINTR);
+            if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+                w = 0;
+        } else {
+            w = raw_send(l, c->data + c->off, c->len - c->off);
+        }
         if (w < 0)
             return link_fail(l, AAMM_ECONN, false, "send failed: %s",
                              l->ssl ? "TLS error" : strerror(errno));
         if (w == 0)
             return 0;
-        queue_consume(l, (size_t)w);
         l->stats.bytes_sent += (uint64_t)w;
+        while (w > 0) {
+            size_t k = l->qhead->len - l->qhead->off;
+            if (k > (size_t)w)
+                k = (size_t)w;
+            queue_consume(l, k);
+            w -= (ssize_t)k;
+        }
         l->t_last_send = aamm__now_ms();
     }
 }

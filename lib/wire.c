@@ -479,6 +479,10 @@ static size_t rec_total(const struct aamm_wire_encoder *enc)
 static void rec_put(const struct aamm_wire_encoder *enc, struct aamm__wr *w, size_t off, size_t n)
 {
     size_t pos = 0, rpos = 0, end = off + n;
+    if (enc->nsegs == 0) { /* only small values: all in the scratch */
+        aamm__wr_bytes(w, enc->rec.data + off, n);
+        return;
+    }
     for (uint32_t i = 0; i <= enc->nsegs && pos < end; i++) {
         /* the scratch bytes before segment i (or the tail), then segment i */
         size_t rend = i < enc->nsegs ? enc->segs[i].at : enc->rec.len;
