@@ -172,13 +172,13 @@ struct aamm_wire_encoder {
     size_t rd;
     bool frame_open;
     size_t fstart;
-    struct aamm__wr rec; /* scratch: the record being built (without its big values) */
+    struct aamm__wr rec;  /* scratch: the record being built (without its big values) */
     struct rec_seg *segs; /* big values of the record: referenced, not copied */
     uint32_t nsegs, segs_cap;
     bool streaming;    /* a split record is emitted one piece per call (set_streaming) */
     bool split_active; /* a split record is partly emitted (streaming) */
     size_t split_total, split_off;
-    uint8_t *ztmp;       /* LZ4 scratch */
+    uint8_t *ztmp; /* LZ4 scratch */
     size_t ztmp_cap;
     LZ4_stream_t *lz; /* LZ4 stream over all DATA payloads (doc/protocol.md §1) */
     char *lzdict;     /* its dictionary: the last 64 KiB of those payloads */
@@ -711,7 +711,8 @@ static void write_relation(struct aamm__wr *w, uint32_t id, const struct aamm_re
     }
 }
 
-/* A tuple into the record scratch (kind, then varint length and bytes of text values), big text values referenced (rec_ref). */
+/* A tuple into the record scratch (kind, then varint length and bytes of text values), big text
+ * values referenced (rec_ref). */
 static void rec_tuple(struct aamm_wire_encoder *enc, const struct aamm_tuple *t)
 {
     wr_varint(&enc->rec, t->nvalues);
@@ -838,7 +839,8 @@ int aamm_wire_encode_begin(struct aamm_wire_encoder *enc, const struct aamm_tran
     if (txn->origin_name != NULL && (strlen(txn->origin_name) > enc->o.frame_payload / 2))
         return aamm__errf(&enc->err, AAMM_EINVAL, "wire: origin name too long");
     if (enc->split_active)
-        return aamm__errf(&enc->err, AAMM_ESTATE, "wire: BEGIN while a split record is in progress");
+        return aamm__errf(&enc->err, AAMM_ESTATE,
+                          "wire: BEGIN while a split record is in progress");
     enc->rec.len = 0;
     enc->nsegs = 0;
     write_begin(&enc->rec, txn);

@@ -97,12 +97,15 @@ struct aamm_link_options {
  * It does not cover the link's fixed parts present from aamm_link_new (the struct with its
  * 64 KiB read buffer, the relation dictionary and its copies of the relations sent) nor the
  * host's own data: a value passed to aamm_link_send_change stays the host's and is copied a
- * frame at a time. Doubling buffers are not involved: the bound is met, not just approximated.
+ * frame at a time. Exceptions (not bounded by this formula): a change whose values under
+ * 1 KiB add up to more than 64 KiB (the record scratch holds them), and a call that must
+ * first send relation records which, with the change, close more than one frame (the
+ * encoder's buffer then grows beyond 2F, by doubling). The tests check the formula.
  */
-#define AAMM_LINK_SEND_MEMORY(q, fp)                                                            \
-    ((size_t)(q) + ((size_t)(fp) + 32u) + ((size_t)(q) + (size_t)(fp) + 32u) / 2048u +          \
-     128u * 1024u + 2u * ((size_t)(fp) + 32u) + 4096u + (size_t)(fp) + (size_t)(fp) / 255u +   \
-     16u + 80u * 1024u + 64u * 1024u)
+#define AAMM_LINK_SEND_MEMORY(q, fp)                                                               \
+    ((size_t)(q) + ((size_t)(fp) + 32u) + ((size_t)(q) + (size_t)(fp) + 32u) / 2048u +             \
+     128u * 1024u + 2u * ((size_t)(fp) + 32u) + 4096u + (size_t)(fp) + (size_t)(fp) / 255u + 16u + \
+     80u * 1024u + 64u * 1024u)
 
 /** Counters and figures of one link. */
 struct aamm_link_stats {
@@ -197,20 +200,26 @@ AAMM_API int aamm_link_resume_position(const struct aamm_link *link, uint32_t or
 
 /*
  * Queue a transaction: BEGIN, changes, COMMIT (all pointers borrowed for the call; the
- * data is encoded immediately, a change larger than a frame as far as the queue takes it). A transaction whose commit LSN is below the receiver's resume
- * position for its origin is skipped whole (counted in txns_skipped); one whose end LSN is
- * known only at COMMIT cannot be skipped at BEGIN and is sent (the receiver deduplicates).
- * Returns 0; AAMM_EAGAIN when the send queue holds send_queue_bytes or more (step and
- * call again with the same event). For a change whose record is larger than a frame (e.g.
- * one 200 MB text value), AAMM_EAGAIN may come after part of it was queued: pieces are
- * queued while the queue holds less than send_queue_bytes, and the next call with the same
- * change (same content; the host keeps it, the link never copies it whole) continues where
- * the last one stopped; until that returns 0, only aamm_link_step may run on the link
- * (BEGIN/COMMIT: AAMM_ESTATE; a different change fails the link); AAMM_ESTATE when not READY or out of
- * order; AAMM_EINVAL for an invalid change; the link's error once it failed.
+ * data is encoded immediately, a change larger than a frame as far as the queue takes it).
+ * A transaction whose commit LSN is below the receiver's resume position for its origin is
+ * skipped whole (counted in txns_skipped); one whose end LSN is known only at COMMIT cannot
+ * be skipped at BEGIN and is sent (the receiver deduplicates).
+ *
+ * Returns 0; AAMM_EAGAIN when the send queue holds send_queue_bytes or more (step and call
+ * again with the same event); AAMM_ESTATE when not READY or out of order; AAMM_EINVAL for an
+ * invalid change; the link's error once it failed.
+ *
+ * A change whose record is larger than a frame (e.g. one 200 MB text value) may get
+ * AAMM_EAGAIN after part of it was queued: pieces are queued while the queue holds less than
+ * send_queue_bytes, and the next call with the same change (same content; the host keeps it,
+ * the link never copies it whole) continues where the last one stopped. Until that call
+ * returns 0, only aamm_link_step may run on the link (BEGIN/COMMIT: AAMM_ESTATE; a different
+ * change fails the link).
+ *
  * A capture PROGRESS position (nothing to deliver up to there) can be forwarded as an empty
  * transaction (BEGIN and COMMIT with commit_lsn = end_lsn = the position): the receiver's
  * ack for it then lets the sender confirm the slot that far.
+ *
  * Memory: at most AAMM_LINK_SEND_MEMORY(send_queue_bytes, frame_payload) on the send side,
  * whatever the size of the transaction or of one value in it.
  */

@@ -806,11 +806,10 @@ START_TEST(backpressure_bounded)
     fprintf(stderr, "backpressure: sender memory +%zu bytes (queue bound %zu, formula %zu)\n",
             m.high_water - m0.in_use, bound,
             (size_t)AAMM_LINK_SEND_MEMORY(bound, AAMM_WIRE_DEFAULT_FRAME_PAYLOAD));
-    ck_assert_msg(m.high_water - m0.in_use <=
-                      AAMM_LINK_SEND_MEMORY(bound, AAMM_WIRE_DEFAULT_FRAME_PAYLOAD),
-                  "sender memory grew by %zu bytes (bound %zu, formula %zu)",
-                  m.high_water - m0.in_use, bound,
-                  (size_t)AAMM_LINK_SEND_MEMORY(bound, AAMM_WIRE_DEFAULT_FRAME_PAYLOAD));
+    ck_assert_msg(
+        m.high_water - m0.in_use <= AAMM_LINK_SEND_MEMORY(bound, AAMM_WIRE_DEFAULT_FRAME_PAYLOAD),
+        "sender memory grew by %zu bytes (bound %zu, formula %zu)", m.high_water - m0.in_use, bound,
+        (size_t)AAMM_LINK_SEND_MEMORY(bound, AAMM_WIRE_DEFAULT_FRAME_PAYLOAD));
     /* phase 2: the receiver reads again; everything arrives, memory stays bounded */
     p.step_r = true;
     while (!got_commit) {
