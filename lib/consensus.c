@@ -1308,6 +1308,21 @@ AAMM_API void aamm_consensus_close(struct aamm_consensus *cs)
     }
     cs->n_srv = 0;
     if (cs->raft_open) {
+        /* First let the log writes in flight finish. raft 0.15 crashes when it is closed
+         * as leader with two or more appends still being written: raft_uv cancels each
+         * one, and raft's leader append callback, on any failure, truncates its in-memory
+         * log from that append's first index. The first cancelled append truncates the
+         * entries of the later ones too; the next callback then truncates from an index
+         * past the end of the log and walks its entry-reference table into a NULL (the
+         * bounds assert is compiled out in Debian's build): SEGV inside raft_close.
+         * Several raft_apply (or membership) calls in one step, e.g. galloc requests
+         * forwarded by the other members at once, followed by a close before the disk
+         * write completes, hit it. Nothing submits new entries once cs->closing is set
+         * (lexec_step refuses, the forwarding channels are closed above), so the writes
+         * complete within a disk latency; the deadline only bounds odd cases. */
+        end = aamm__now_ms() + 2000;
+        while (cs->raft.last_stored < raft_last_index(&cs->raft) && aamm__now_ms() < end)
+            uv_run(&cs->loop, UV_RUN_ONCE);
         /* Pending raft requests fail (their callbacks finish our executions). raft closes
          * the io and our transport. */
         raft_close(&cs->raft, raft_closed_cb);
