@@ -29,20 +29,6 @@
 
 #define SECRET "0123456789abcdef-secret"
 
-static int free_port(void)
-{
-    struct sockaddr_in sa;
-    socklen_t len = sizeof(sa);
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-    memset(&sa, 0, sizeof(sa));
-    sa.sin_family = AF_INET;
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-    getsockname(fd, (struct sockaddr *)&sa, &len);
-    port = ntohs(sa.sin_port);
-    close(fd);
-    return port;
-}
 
 static void make_tmpdir(char *out, size_t size)
 {
@@ -84,7 +70,7 @@ static void lc_init(struct lc *c, int n)
     c->n = n;
     for (i = 0; i < LC_MAX; i++) {
         snprintf(c->dir[i], sizeof(c->dir[i]), "%s/n%d", c->base, i + 1);
-        snprintf(c->addr[i], sizeof(c->addr[i]), "127.0.0.1:%d", free_port());
+        snprintf(c->addr[i], sizeof(c->addr[i]), "127.0.0.1:%d", aamm_test_free_port());
         snprintf(c->name[i], sizeof(c->name[i]), "node%d", i + 1);
         c->m[i].node_id = (uint64_t)i + 1;
         c->m[i].name = c->name[i];
@@ -934,7 +920,7 @@ static void ag_setup(void)
         snprintf(g_ag[i].dir, sizeof(g_ag[i].dir), "%s/d%d", g_base, i + 1);
         snprintf(g_ag[i].out, sizeof(g_ag[i].out), "%s/ranges%d", g_base, i + 1);
         snprintf(g_ag[i].status, sizeof(g_ag[i].status), "%s/status%d", g_base, i + 1);
-        snprintf(one, sizeof(one), "%s%d=127.0.0.1:%d", i ? "," : "", i + 1, free_port());
+        snprintf(one, sizeof(one), "%s%d=127.0.0.1:%d", i ? "," : "", i + 1, aamm_test_free_port());
         strcat(g_peers, one);
     }
 }

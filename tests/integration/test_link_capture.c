@@ -597,27 +597,6 @@ static void kill_sender(int port)
     }
 }
 
-static pid_t kspawn(void (*fn)(int), int arg)
-{
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive the test */
-        fn(arg);
-        _exit(0);
-    }
-    return pid;
-}
-
-static void kkill(pid_t *pid)
-{
-    if (*pid > 0) {
-        kill(*pid, SIGKILL);
-        waitpid(*pid, NULL, 0);
-        *pid = 0;
-    }
-}
-
 static long klog_count(void)
 {
     struct stat st;
@@ -649,8 +628,8 @@ START_TEST(sigkill_agents_real_slot)
     lfd = netfx_listen(&port);
     c = pgfx_connect(fx, 0);
     ck_assert_ptr_nonnull(c);
-    rp = kspawn(kill_receiver, lfd);
-    sp = kspawn(kill_sender, port);
+    rp = aamm_test_spawn(kill_receiver, lfd);
+    sp = aamm_test_spawn(kill_sender, port);
     for (int round = 0; round < 8; round++) {
         long batch = rows / 8;
         unsigned what = (unsigned)(aamm_test_rand(&seed) % 3);
@@ -660,17 +639,17 @@ START_TEST(sigkill_agents_real_slot)
         }
         usleep((useconds_t)(50000 + aamm_test_rand(&seed) % 300000));
         if (what != 1) {
-            kkill(&sp);
+            aamm_test_kill(&sp);
             kills_s++;
         }
         if (what != 0) {
-            kkill(&rp);
+            aamm_test_kill(&rp);
             kills_r++;
         }
         if (rp == 0)
-            rp = kspawn(kill_receiver, lfd);
+            rp = aamm_test_spawn(kill_receiver, lfd);
         if (sp == 0)
-            sp = kspawn(kill_sender, port);
+            sp = aamm_test_spawn(kill_sender, port);
     }
     while (inserted < rows) {
         ++inserted;
@@ -680,8 +659,8 @@ START_TEST(sigkill_agents_real_slot)
     while (klog_count() < rows && aamm_test_now_ms() < t_end)
         usleep(50000);
     usleep(300000); /* a duplicate would show up as an extra line */
-    kkill(&sp);
-    kkill(&rp);
+    aamm_test_kill(&sp);
+    aamm_test_kill(&rp);
     PQfinish(c);
     close(lfd);
     ck_assert_int_ge(kills_s, 2);

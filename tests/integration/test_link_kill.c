@@ -247,27 +247,6 @@ static void sender_main(int port)
     }
 }
 
-static pid_t spawn(void (*fn)(int), int arg)
-{
-    pid_t pid = fork();
-    ck_assert_int_ge(pid, 0);
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive the test */
-        fn(arg);
-        _exit(0);
-    }
-    return pid;
-}
-
-static void kill_wait(pid_t *pid)
-{
-    if (*pid > 0) {
-        kill(*pid, SIGKILL);
-        waitpid(*pid, NULL, 0);
-        *pid = 0;
-    }
-}
-
 /* Both agents are SIGKILLed at random moments (each several times, sometimes together);
  * after each restart they resume from their durable files only. The receiver's applied log
  * is exactly 0..N-1. */
@@ -288,8 +267,8 @@ START_TEST(sigkill_both_ends)
     snprintf(confpath, sizeof confpath, "%s/confirmed", dir);
     lfd = netfx_listen(&port);
     ck_assert_int_ge(lfd, 0);
-    r = spawn(receiver_main, lfd);
-    s = spawn(sender_main, port);
+    r = aamm_test_spawn(receiver_main, lfd);
+    s = aamm_test_spawn(sender_main, port);
     for (int round = 0; round < 10; round++) {
         long before = log_count();
         /* Who dies rotates (sender, receiver, both): the sender is killed in 7 of the 10
@@ -300,24 +279,24 @@ START_TEST(sigkill_both_ends)
         for (int w = 0; w < 300 && log_count() < target; w++)
             usleep(10000);
         if (what != 1) {
-            kill_wait(&s);
+            aamm_test_kill(&s);
             kills_s++;
         }
         if (what != 0) {
-            kill_wait(&r);
+            aamm_test_kill(&r);
             kills_r++;
         }
         if (r == 0)
-            r = spawn(receiver_main, lfd);
+            r = aamm_test_spawn(receiver_main, lfd);
         if (s == 0)
-            s = spawn(sender_main, port);
+            s = aamm_test_spawn(sender_main, port);
     }
     t_end = aamm_test_now_ms() + 60000;
     while (log_count() < ntx && aamm_test_now_ms() < t_end)
         usleep(20000);
     usleep(200000); /* anything beyond N would be a duplicate: give it a chance to appear */
-    kill_wait(&s);
-    kill_wait(&r);
+    aamm_test_kill(&s);
+    aamm_test_kill(&r);
     close(lfd);
     ck_assert_int_ge(kills_s, 3);
     ck_assert_int_ge(kills_r, 3);

@@ -31,20 +31,6 @@ struct cluster {
     struct aamm_galloc *g[N];
 };
 
-static int free_port(void)
-{
-    struct sockaddr_in sa;
-    socklen_t len = sizeof sa;
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-    memset(&sa, 0, sizeof sa);
-    sa.sin_family = AF_INET;
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
-    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
-    port = ntohs(sa.sin_port);
-    close(fd);
-    return port;
-}
 
 static void cluster_start(struct cluster *c, int64_t range_size)
 {
@@ -54,7 +40,7 @@ static void cluster_start(struct cluster *c, int64_t range_size)
     ck_assert_ptr_nonnull(mkdtemp(c->base));
     for (int i = 0; i < N; i++) {
         snprintf(c->dir[i], sizeof c->dir[i], "%s/n%d", c->base, i + 1);
-        snprintf(c->addr[i], sizeof c->addr[i], "127.0.0.1:%d", free_port());
+        snprintf(c->addr[i], sizeof c->addr[i], "127.0.0.1:%d", aamm_test_free_port());
         snprintf(c->name[i], sizeof c->name[i], "node%d", i + 1);
         c->m[i].node_id = (uint64_t)i + 1;
         c->m[i].name = c->name[i];

@@ -7,6 +7,7 @@
 
 #include <check.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 /* Run @s (ownership transferred) with the verbosity from CK_VERBOSITY and return an exit
  * status for main(): 0 when every test passed. */
@@ -29,5 +30,15 @@ TCase *aamm_test_tcase(const char *name, double timeout_s);
 /* Fill @buf with @n bytes from a seeded xorshift generator (deterministic per seed). */
 void aamm_test_random_bytes(uint64_t *seed, void *buf, size_t n);
 uint64_t aamm_test_rand(uint64_t *seed);
+
+/* A TCP port on 127.0.0.1 that was free a moment ago (bound, read back, released). */
+int aamm_test_free_port(void);
+
+/* Fork a child that runs fn(arg) and exits; the child is SIGKILLed if the test process
+ * dies (PR_SET_PDEATHSIG), so it never outlives the test. Returns its pid. */
+pid_t aamm_test_spawn(void (*fn)(int), int arg);
+
+/* SIGKILL *pid (if > 0), reap it, and set *pid to 0. */
+void aamm_test_kill(pid_t *pid);
 
 #endif

@@ -18,20 +18,6 @@
 
 #define SECRET "0123456789abcdef-secret"
 
-static int free_port(void)
-{
-    struct sockaddr_in sa;
-    socklen_t len = sizeof(sa);
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-    memset(&sa, 0, sizeof(sa));
-    sa.sin_family = AF_INET;
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-    getsockname(fd, (struct sockaddr *)&sa, &len);
-    port = ntohs(sa.sin_port);
-    close(fd);
-    return port;
-}
 
 /* What a transport handed to "raft". */
 struct sink {
@@ -91,7 +77,7 @@ static void node_open(struct node *n, uv_loop_t *loop, uint64_t id, const char *
                       struct sink *sink)
 {
     n->loop = loop;
-    snprintf(n->addr, sizeof(n->addr), "127.0.0.1:%d", free_port());
+    snprintf(n->addr, sizeof(n->addr), "127.0.0.1:%d", aamm_test_free_port());
     ck_assert_int_eq(aamm__psk_new(&n->t, loop, "c", secret, strlen(secret), NULL, 2000), 0);
     n->t.data = sink;
     ck_assert_int_eq(n->t.init(&n->t, id, n->addr), 0);
