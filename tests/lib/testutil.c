@@ -1,6 +1,7 @@
 /* testutil.c: helpers shared by every test program. */
 #include "config.h"
 
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -79,18 +80,36 @@ void aamm_test_random_bytes(uint64_t *seed, void *buf, size_t n)
 
 int aamm_test_free_port(void)
 {
-    struct sockaddr_in sa;
-    socklen_t len = sizeof sa;
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-    ck_assert_int_ge(fd, 0);
-    memset(&sa, 0, sizeof sa);
-    sa.sin_family = AF_INET;
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
-    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
-    port = ntohs(sa.sin_port);
-    close(fd);
-    return port;
+    /* The kernel may hand the same ephemeral port to two back-to-back binds once the
+     * first socket is closed, and a test asking for three ports wants three different
+     * ones: remember what this process handed out and never repeat it. */
+    static int given[256];
+    static size_t ngiven;
+    int tries;
+    for (tries = 0; tries < 1000; tries++) {
+        struct sockaddr_in sa;
+        socklen_t len = sizeof sa;
+        int fd = socket(AF_INET, SOCK_STREAM, 0), port;
+        size_t i;
+        bool seen = false;
+        ck_assert_int_ge(fd, 0);
+        memset(&sa, 0, sizeof sa);
+        sa.sin_family = AF_INET;
+        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        ck_assert_int_eq(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+        ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sa, &len), 0);
+        port = ntohs(sa.sin_port);
+        close(fd);
+        for (i = 0; i < ngiven && i < 256; i++)
+            if (given[i] == port)
+                seen = true;
+        if (seen)
+            continue;
+        given[ngiven++ % 256] = port;
+        return port;
+    }
+    ck_abort_msg("no fresh free port after 1000 tries");
+    return -1;
 }
 
 pid_t aamm_test_spawn(void (*fn)(int), int arg)
