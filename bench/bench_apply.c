@@ -94,6 +94,21 @@ static void open_capture(void)
         die(cap ? aamm_capture_errmsg(cap) : "capture new");
 }
 
+static void dbg(const char *where)
+{
+    static double last_dbg;
+    static long n;
+    double t = now_s();
+    n++;
+    if (getenv("BENCH_DEBUG") && t - last_dbg > 1) {
+        last_dbg = t;
+        fprintf(stderr, "dbg %s: pending %zu committed %" PRIu64 " iterations %ld events %d\n",
+                where, aamm_apply_pending(ap), aamm_apply_committed(ap), n,
+                aamm_apply_events(ap));
+        n = 0;
+    }
+}
+
 /* run capture -> apply until the marker row count on node 2 reaches @want */
 static double libaamm_catch_up(long want)
 {
@@ -122,8 +137,11 @@ static double libaamm_catch_up(long want)
                 while ((arc = aamm_apply_change(ap, &c)) == AAMM_EBUSY) {
                     if (aamm_apply_step(ap) != 0)
                         die(aamm_apply_errmsg(ap));
+                    dbg("busy");
                     struct pollfd p = {aamm_apply_fd(ap), POLLIN, 0};
-                    poll(&p, 1, 1);
+                    if (aamm_apply_events(ap) & AAMM_APPLY_WRITE)
+                        p.events |= POLLOUT;
+                    poll(&p, 1, aamm_apply_timeout(ap) == 0 ? 0 : 1);
                 }
                 if (arc != 0)
                     die(aamm_apply_errmsg(ap));
@@ -138,6 +156,7 @@ static double libaamm_catch_up(long want)
         if (aamm_apply_flushed(ap))
             aamm_capture_confirm(cap, aamm_apply_flushed(ap));
         double t = now_s();
+        dbg("outer");
         if (t - last_check > 0.05) {
             last_check = t;
             if (marker_count(2) >= want)
@@ -171,7 +190,7 @@ int main(void)
         txns = 1000;
     fx = pgfx_start(3, "max_replication_slots = 10\nmax_wal_senders = 10\n"
                        "max_locks_per_transaction = 256\nshared_buffers = 256MB\n"
-                       "max_wal_size = 4GB\n");
+                       "max_wal_size = 4GB\ntrack_functions = all\n");
     if (!fx)
         die("start clusters");
     for (int i = 0; i < 3; i++)
@@ -185,6 +204,20 @@ int main(void)
         if (aamm_node_replicate_table(c2, "public", tables[i], ROLE, NULL, err, sizeof err) != 0)
             die(err);
     PQfinish(c2);
+    /* node 2 holds what an initial sync from node 1 would have written: the pgbench rows
+     * it loaded itself are rewritten under node 1's origin, so the backlog's updates of
+     * them are not update_origin_differs conflicts (conflicts are the third backlog's job) */
+    exec(2, "SELECT pg_replication_origin_create('aamm_from_1')");
+    {
+        PGconn *o = pgfx_connect(fx, 2);
+        if (pgfx_exec_conn(o, "SELECT pg_replication_origin_session_setup('aamm_from_1')") ||
+            pgfx_exec_conn(o, "UPDATE pgbench_accounts SET abalance = abalance") ||
+            pgfx_exec_conn(o, "UPDATE pgbench_tellers SET tbalance = tbalance") ||
+            pgfx_exec_conn(o, "UPDATE pgbench_branches SET bbalance = bbalance"))
+            die("rewrite under origin");
+        PQfinish(o);
+    }
+    exec(2, "VACUUM ANALYZE");
     exec(0, "CREATE PUBLICATION pub FOR TABLE bulk, bulk2, pgbench_accounts, pgbench_branches, "
             "pgbench_tellers, pgbench_history, bench_marker");
     char sub[1024];
@@ -246,6 +279,22 @@ int main(void)
     printf("BENCH apply_pgbench_libaamm_txn_per_s %.0f txn/s\n", txns / lib);
     printf("BENCH apply_pgbench_ratio %.3f x\n", nat / lib);
     fflush(stdout);
+    if (getenv("BENCH_DEBUG")) {
+        char *f = pgfx_value(fx, 2, "SELECT string_agg(funcname || '=' || calls || '/' || "
+                                    "round(total_time) || 'ms', ' ') FROM pg_stat_user_functions");
+        fprintf(stderr, "dbg functions: %s\n", f ? f : "?");
+        free(f);
+        f = pgfx_value(fx, 2, "SELECT string_agg(kind || ':' || relation || '=' || n, ' ') FROM "
+                              "(SELECT kind, relation, count(*) n FROM aamm.conflict_log GROUP BY "
+                              "1, 2) x");
+        fprintf(stderr, "dbg conflicts: %s\n", f ? f : "?");
+        free(f);
+        f = pgfx_value(fx, 2, "SELECT (SELECT count(*) FROM pgbench_accounts a WHERE "
+                              "pg_xact_commit_timestamp(a.xmin) IS NOT NULL)::text || ' ' || "
+                              "(SELECT count(*) FROM aamm.tombstone)");
+        fprintf(stderr, "dbg accounts with ts, tombstones: %s\n", f ? f : "?");
+        free(f);
+    }
 
     /* 3. 10% conflicting rows on the libaamm target, against its conflict-free bulk rate */
     long rows2 = rows / 5;

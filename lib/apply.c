@@ -20,7 +20,7 @@
  * Types
  * ==================================================================================== */
 
-enum op { OP_INSERT = 1, OP_UPDATE = 2, OP_DELETE = 3, OP_UPDATE_MISSING = 4 };
+enum op { OP_INSERT = 1, OP_UPDATE = 2, OP_DELETE = 3, OP_UPDATE_MISSING = 4, OP_INSERT_MANY = 5 };
 
 struct lcol {
     char *name;
@@ -76,6 +76,7 @@ struct qtxn {
     char sqlstate[6];
     char *errmsg;    /* first error of this transaction (heap) */
     long err_change; /* index of the change that failed, -1 none */
+    bool nobatch;    /* send every change as its own statement (after a failure) */
     struct qconflict *conflicts;
 };
 
@@ -121,7 +122,7 @@ struct aamm_apply {
     bool progress_query_pending;
     bool need_progress;
     bool recovering; /* after a failure, until the origin progress is re-read */
-    bool lock_prepared;
+    bool fixed_prepared; /* aamm_begin, aamm_guard, aamm_conf, aamm_commit */
 
     struct lrel *rels;
     int nrels;
@@ -172,6 +173,7 @@ struct sb {
     char *s;
     size_t len, cap;
     bool oom;
+    bool batch; /* statement text: values come from unnest() columns s.pN, not from $N */
 };
 
 static void sb_add(struct sb *b, const char *fmt, ...) AAMM_PRINTF(2, 3);
@@ -354,7 +356,7 @@ static void drop_conn(struct aamm_apply *ap)
     ap->ninflight = 0;
     ap->progress_query_pending = false;
     ap->recovering = false;
-    ap->lock_prepared = false;
+    ap->fixed_prepared = false;
     ap->want_write = false;
     for (struct lrel *r = ap->rels; r; r = r->next) {
         r->catalog_pending = false;
@@ -741,7 +743,8 @@ static void map_result(struct lrel *r, PGresult *res)
 
 static void sb_param(struct sb *b, const struct lrel *r, int rcol, int pno)
 {
-    sb_add(b, "$%d::%s", pno, r->lcols[r->r2l[rcol] >= 0 ? r->r2l[rcol] : 0].type);
+    sb_add(b, b->batch ? "s.p%d::%s" : "$%d::%s", pno,
+           r->lcols[r->r2l[rcol] >= 0 ? r->r2l[rcol] : 0].type);
 }
 
 /* the key columns' param numbers live in @kparam (per key position) */
@@ -749,9 +752,8 @@ static void sb_keyjson(struct sb *b, const struct lrel *r, const int *kparam)
 {
     sb_add(b, "pg_catalog.jsonb_build_array(");
     for (int k = 0; k < r->nkeys; k++) {
-        int rc = r->key_r[k];
-        sb_add(b, "%s$%d::%s", k ? ", " : "", kparam[k],
-               r->lcols[r->r2l[rc] >= 0 ? r->r2l[rc] : 0].type);
+        sb_add(b, "%s", k ? ", " : "");
+        sb_param(b, r, r->key_r[k], kparam[k]);
     }
     sb_add(b, ")");
 }
@@ -789,6 +791,36 @@ static void sb_rowjson(struct sb *b, const struct lrel *r, const char *mask, con
     sb_add(b, ")");
 }
 
+/* @sql with every parameter $N outside quotes rewritten as ($1[N]): the text a PL/pgSQL
+ * EXECUTE ... USING <text[] of the parameters> runs (NULL: out of memory) */
+static char *dyn_params(const char *sql)
+{
+    struct sb b = {0};
+    char q = 0;
+    for (const char *c = sql; *c; c++) {
+        if (q) {
+            if (*c == q)
+                q = 0;
+            sb_add(&b, "%c", *c);
+        } else if (*c == '"' || *c == '\'') {
+            q = *c;
+            sb_add(&b, "%c", *c);
+        } else if (*c == '$' && c[1] >= '1' && c[1] <= '9') {
+            char *end;
+            long n = strtol(c + 1, &end, 10);
+            sb_add(&b, "($1[%ld])", n);
+            c = end - 1;
+        } else {
+            sb_add(&b, "%c", *c);
+        }
+    }
+    if (b.oom) {
+        aamm__free(b.s);
+        return NULL;
+    }
+    return b.s;
+}
+
 static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_u)
 {
     struct sb b = {0};
@@ -808,7 +840,67 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
     for (int k = 0; k < r->nkeys; k++)
         kparam[k] = (op == OP_DELETE || oldkey) ? p++ : vparam[r->key_r[k]];
 
-    if (op == OP_INSERT) {
+    if (op == OP_INSERT_MANY) {
+        /* a run of inserts with distinct keys: one text[] per written column, unnested
+         * and cast; the tombstone probe runs only when the relation has tombstones, the
+         * decision functions only for the rows that meet a tombstone or an existing key */
+        sb_add(&b, "INSERT INTO %s AS t (", r->qname);
+        int i = 0;
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[c] == '1') {
+                sb_add(&b, "%s", i++ ? ", " : "");
+                sb_ident(&b, r->rel.columns[c].name);
+            }
+        b.batch = true;
+        sb_add(&b, ") SELECT ");
+        i = 0;
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[c] == '1') {
+                sb_add(&b, "%s", i++ ? ", " : "");
+                sb_param(&b, r, (int)c, vparam[c]);
+            }
+        sb_add(&b, " FROM ROWS FROM (");
+        i = 0;
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[c] == '1')
+                sb_add(&b, "%spg_catalog.unnest($%d::text[])", i++ ? ", " : "", vparam[c]);
+        sb_add(&b, ") AS s(");
+        i = 0;
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[c] == '1')
+                sb_add(&b, "%sp%d", i++ ? ", " : "", vparam[c]);
+        sb_add(&b, ") WHERE NOT EXISTS (SELECT 1 FROM aamm.tombstone tb0 WHERE tb0.relation "
+                   "OPERATOR(pg_catalog.=) $3) OR NOT EXISTS (SELECT 1 FROM aamm.tombstone tb "
+                   "WHERE tb.relation OPERATOR(pg_catalog.=) $3 AND tb.key "
+                   "OPERATOR(pg_catalog.=) ");
+        sb_keyjson(&b, r, kparam);
+        sb_add(&b, ") OR aamm.insert_ok($3, ");
+        sb_keyjson(&b, r, kparam);
+        sb_add(&b, ", $1::timestamptz, $2::int, ");
+        sb_rowjson(&b, r, mask, vparam);
+        sb_add(&b, ", $4, $5::int8) ON CONFLICT (");
+        b.batch = false;
+        for (int k = 0; k < r->nkeys; k++) {
+            sb_add(&b, "%s", k ? ", " : "");
+            sb_ident(&b, r->rel.columns[r->key_r[k]].name);
+        }
+        sb_add(&b, ") DO UPDATE SET ");
+        i = 0;
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[c] == '1') {
+                sb_add(&b, "%s", i++ ? ", " : "");
+                sb_ident(&b, r->rel.columns[c].name);
+                sb_add(&b, " = EXCLUDED.");
+                sb_ident(&b, r->rel.columns[c].name);
+            }
+        sb_add(&b, " WHERE aamm.decide('insert_exists', $3, pg_catalog.jsonb_build_array(");
+        for (int k = 0; k < r->nkeys; k++) {
+            sb_add(&b, "%sEXCLUDED.", k ? ", " : "");
+            sb_ident(&b, r->rel.columns[r->key_r[k]].name);
+        }
+        sb_add(&b, "), t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
+                   "$1::timestamptz, $2::int, $4, NULL::int8)");
+    } else if (op == OP_INSERT) {
         sb_add(&b, "INSERT INTO %s AS t (", r->qname);
         int i = 0;
         for (uint32_t c = 0; c < nc; c++)
@@ -823,7 +915,13 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
                 sb_add(&b, "%s", i++ ? ", " : "");
                 sb_param(&b, r, (int)c, vparam[c]);
             }
-        sb_add(&b, " WHERE aamm.insert_ok($3, ");
+        /* the decision function only when the key has a tombstone (see OP_INSERT_MANY) */
+        sb_add(&b, " WHERE NOT EXISTS (SELECT 1 FROM aamm.tombstone tb0 WHERE tb0.relation "
+                   "OPERATOR(pg_catalog.=) $3) OR NOT EXISTS (SELECT 1 FROM aamm.tombstone tb "
+                   "WHERE tb.relation OPERATOR(pg_catalog.=) $3 AND tb.key "
+                   "OPERATOR(pg_catalog.=) ");
+        sb_keyjson(&b, r, kparam);
+        sb_add(&b, ") OR aamm.insert_ok($3, ");
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", $1::timestamptz, $2::int, ");
         sb_rowjson(&b, r, mask, vparam);
@@ -846,7 +944,15 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
                    "$1::timestamptz, $2::int, $4, NULL::int8)");
     } else if (op == OP_UPDATE) {
-        sb_add(&b, "UPDATE %s AS t SET ", r->qname);
+        /* the UPDATE, and when it changed no row the update_missing INSERT, run through
+         * aamm.update_missing_exec() so that its own snapshot sees what concurrent
+         * writers committed meanwhile (a row deleted under the UPDATE) */
+        char *miss = build_sql(r, OP_UPDATE_MISSING, mask, has_u);
+        char *dyn = miss ? dyn_params(miss) : NULL;
+        aamm__free(miss);
+        if (!dyn)
+            b.oom = true;
+        sb_add(&b, "WITH u AS (UPDATE %s AS t SET ", r->qname);
         int i = 0;
         for (uint32_t c = 0; c < nc; c++)
             if (mask[c] == '1') {
@@ -865,7 +971,14 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", $1::timestamptz, $2::int, $4, NULL::int8))");
+        sb_add(&b, ", $1::timestamptz, $2::int, $4, NULL::int8)) RETURNING 1) "
+                   "SELECT aamm.update_missing_exec(");
+        sb_literal(&b, dyn ? dyn : "");
+        aamm__free(dyn);
+        sb_add(&b, ", ARRAY[");
+        for (int pi = 1; pi < p; pi++)
+            sb_add(&b, "%s$%d", pi > 1 ? ", " : "", pi);
+        sb_add(&b, "]::text[]) WHERE NOT EXISTS (SELECT 1 FROM u)");
     } else if (op == OP_UPDATE_MISSING) {
         /* a separate statement, so its snapshot sees what the UPDATE just did and what
          * concurrent writers committed meanwhile (a row deleted under the UPDATE) */
@@ -982,8 +1095,25 @@ static struct stmt *stmt_for(struct aamm_apply *ap, struct qtxn *t, long idx, st
     }
     /* the fixed parameters are declared text (the statement casts each), so a statement
      * that does not use one still prepares */
-    static const Oid fixed_types[NFIXED_ALL] = {25, 25, 25, 25, 25, 25};
-    int ok = PQsendPrepare(ap->conn, s->name, sql, NFIXED_ALL, fixed_types);
+    /* OP_UPDATE hands its parameters on as one text[]: every one of them is text */
+    int ntyped = NFIXED_ALL;
+    if (op == OP_UPDATE) {
+        uint32_t nc = r->rel.ncolumns;
+        for (uint32_t c = 0; c < nc; c++)
+            ntyped += mask[c] == '1';
+        if (mask[nc] == 'k' || mask[nc] == 'K')
+            ntyped += r->nkeys;
+    }
+    Oid *types = aamm__malloc((size_t)ntyped * sizeof *types);
+    if (!types) {
+        aamm__free(sql);
+        *rc = AAMM_ENOMEM;
+        return NULL;
+    }
+    for (int i = 0; i < ntyped; i++)
+        types[i] = 25; /* text */
+    int ok = PQsendPrepare(ap->conn, s->name, sql, ntyped, types);
+    aamm__free(types);
     aamm__free(sql);
     if (!ok || !exp_push(ap, E_PREPARE, t, r, idx)) {
         *rc = ok ? AAMM_ENOMEM : AAMM_ECONN;
@@ -1003,42 +1133,141 @@ static struct stmt *get_stmt(struct aamm_apply *ap, struct qtxn *t, long idx, st
     return stmt_for(ap, t, idx, r, op, mask, has_u, rc);
 }
 
-/* Take the transaction advisory lock of one key (FNV-1a of the relation label and the key
- * texts: the same on every applier of this node, since values arrive in pinned formats). */
-static void key_lock_id(const struct lrel *r, const struct aamm_tuple *kt, char *num, size_t size)
+/* FNV-1a, continued from @h */
+static uint64_t fnv(uint64_t h, const void *p, size_t n)
 {
-    uint64_t h = UINT64_C(14695981039346656037);
-    for (const char *p = r->label; *p; p++)
-        h = (h ^ (unsigned char)*p) * UINT64_C(1099511628211);
-    for (int k = 0; k < r->nkeys; k++) {
-        const struct aamm_value *v = &kt->values[r->key_r[k]];
-        h = (h ^ 0x1f) * UINT64_C(1099511628211);
-        for (uint32_t i = 0; v->data && i < v->len; i++)
-            h = (h ^ (unsigned char)v->data[i]) * UINT64_C(1099511628211);
-    }
-    snprintf(num, size, "%" PRId64, (int64_t)h);
+    const unsigned char *c = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ c[i]) * UINT64_C(1099511628211);
+    return h;
 }
 
-static int send_lock(struct aamm_apply *ap, struct qtxn *t, long idx, const struct lrel *r,
-                     const struct aamm_tuple *kt)
+#define FNV_INIT UINT64_C(14695981039346656037)
+
+/* The advisory lock id of one key: FNV-1a of the relation label and the key texts, the
+ * same on every applier of this node since values arrive in pinned formats. */
+static int64_t key_lock_id(const struct lrel *r, const struct aamm_tuple *kt)
 {
-    char num[32];
-    key_lock_id(r, kt, num, sizeof num);
-    const char *pv[1] = {num};
-    if (!ap->lock_prepared) {
-        if (!PQsendPrepare(ap->conn, "aamm_lock",
-                           "SELECT pg_catalog.pg_advisory_xact_lock($1::int8)", 1, NULL))
-            return AAMM_ECONN;
-        if (!exp_push(ap, E_PREPARE, t, NULL, idx))
-            return AAMM_ENOMEM;
-        ap->lock_prepared = true;
+    uint64_t h = fnv(FNV_INIT, r->label, strlen(r->label));
+    for (int k = 0; k < r->nkeys; k++) {
+        const struct aamm_value *v = &kt->values[r->key_r[k]];
+        h = fnv(h, "\x1f", 1);
+        if (v->data)
+            h = fnv(h, v->data, v->len);
     }
-    if (!PQsendQueryPrepared(ap->conn, "aamm_lock", 1, pv, NULL, NULL, 0))
-        return AAMM_ECONN;
-    if (!exp_push(ap, E_STMT, t, NULL, idx))
-        return AAMM_ENOMEM;
-    return 0;
+    return (int64_t)h;
 }
+
+/* The advisory lock id of a whole relation (a prefix no key hash starts from). */
+static int64_t rel_lock_id(const struct lrel *r)
+{
+    uint64_t h = fnv(FNV_INIT, "\x1e" "relation", 9);
+    return (int64_t)fnv(h, r->label, strlen(r->label));
+}
+
+/* A relation with more keys than this in one transaction is locked as a whole. */
+#define KEYLOCKS_PER_REL 64
+
+struct lockreq {
+    int64_t id;
+    const struct lrel *rel; /* key locks: their relation; relation locks: NULL */
+    bool exclusive;
+    bool dropped; /* a key lock covered by its relation's exclusive lock */
+};
+
+static int lockreq_cmp(const void *a, const void *b)
+{
+    const struct lockreq *x = a, *y = b;
+    return x->id < y->id ? -1 : x->id > y->id;
+}
+
+static bool lockreq_push(struct lockreq **v, size_t *n, size_t *cap, struct lockreq lr)
+{
+    if (*n == *cap) {
+        size_t nc = *cap ? *cap * 2 : 64;
+        struct lockreq *nv = aamm__realloc(*v, nc * sizeof *nv);
+        if (!nv)
+            return false;
+        *v = nv;
+        *cap = nc;
+    }
+    (*v)[(*n)++] = lr;
+    return true;
+}
+
+/*
+ * The locks transaction @t takes before its first change, in one statement: per key an
+ * exclusive lock under a shared lock of its relation, or for a relation with more than
+ * KEYLOCKS_PER_REL keys in @t one exclusive lock of the relation (so a big transaction
+ * holds a bounded number of locks). Every applier takes its locks in ascending id order,
+ * so appliers cannot deadlock on them. Appends the two array literals (ids, modes) to
+ * @ids and @modes.
+ */
+static int build_locks(const struct qtxn *t, struct sb *ids, struct sb *modes)
+{
+    size_t cap = 0, n = 0;
+    struct lockreq *v = NULL;
+    bool ok = true;
+    for (size_t i = 0; i < t->n && ok; i++) {
+        const struct aamm_change *c = &t->changes[i];
+        if (c->kind != AAMM_CHANGE_INSERT && c->kind != AAMM_CHANGE_UPDATE &&
+            c->kind != AAMM_CHANGE_DELETE)
+            continue;
+        const struct lrel *r = lrel_of(c->relation);
+        const struct aamm_tuple *ot = c->old_kind != AAMM_OLD_NONE ? &c->old_tuple : NULL;
+        const struct aamm_tuple *kt[2] = {
+            c->kind == AAMM_CHANGE_DELETE || ot ? ot : &c->new_tuple,
+            c->kind == AAMM_CHANGE_UPDATE && ot ? &c->new_tuple : NULL};
+        for (int j = 0; j < 2 && ok; j++)
+            if (kt[j] && kt[j]->nvalues == r->rel.ncolumns)
+                ok = lockreq_push(&v, &n, &cap,
+                                  (struct lockreq){key_lock_id(r, kt[j]), r, true, false});
+    }
+    /* per relation: its key count decides between key locks and one relation lock */
+    size_t nk = n;
+    for (size_t i = 0; i < nk && ok; i++) {
+        const struct lrel *r = v[i].rel;
+        size_t first = i, cnt = 0;
+        for (size_t j = 0; j < nk; j++)
+            if (v[j].rel == r) {
+                if (j < first)
+                    first = j;
+                cnt++;
+            }
+        if (first != i)
+            continue; /* this relation was handled at its first key */
+        bool whole = cnt > KEYLOCKS_PER_REL;
+        for (size_t j = 0; whole && j < nk; j++)
+            if (v[j].rel == r)
+                v[j].dropped = true;
+        ok = lockreq_push(&v, &n, &cap, (struct lockreq){rel_lock_id(r), NULL, whole, false});
+    }
+    if (ok) {
+        qsort(v, n, sizeof *v, lockreq_cmp);
+        sb_add(ids, "{");
+        sb_add(modes, "{");
+        bool first = true;
+        int64_t last = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (v[i].dropped || (!first && v[i].id == last))
+                continue;
+            last = v[i].id;
+            bool ex = v[i].exclusive; /* one id asked in both modes: exclusive */
+            for (size_t j = i + 1; j < n && v[j].id == v[i].id; j++)
+                ex = ex || (v[j].exclusive && !v[j].dropped);
+            sb_add(ids, "%s%" PRId64, first ? "" : ",", v[i].id);
+            sb_add(modes, "%s%c", first ? "" : ",", ex ? 't' : 'f');
+            first = false;
+        }
+        sb_add(ids, "}");
+        sb_add(modes, "}");
+        ok = !ids->oom && !modes->oom;
+    }
+    aamm__free(v);
+    return ok ? 0 : AAMM_ENOMEM;
+}
+
+static int ensure_scratch(struct aamm_apply *ap, uint32_t nc);
 
 /* Send one change of @t. */
 static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const char **fixed)
@@ -1083,19 +1312,8 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
         return aamm__errf(&ap->err, AAMM_EMALFORMED,
                           "apply: %s: tuple does not match the relation (%u columns)", r->label,
                           nc);
-    size_t need = (size_t)nc + 2;
-    if (ap->scratch_cap < need) {
-        size_t ncap = need * 2 + 16;
-        char *m = aamm__realloc(ap->scratch_mask, ncap);
-        if (!m)
-            return AAMM_ENOMEM;
-        ap->scratch_mask = m;
-        const char **v = aamm__realloc(ap->scratch_vals, (ncap * 2 + NFIXED_ALL) * sizeof *v);
-        if (!v)
-            return AAMM_ENOMEM;
-        ap->scratch_vals = v;
-        ap->scratch_cap = ncap;
-    }
+    if (ensure_scratch(ap, nc) < 0)
+        return AAMM_ENOMEM;
     char *mask = ap->scratch_mask;
     bool has_u = false;
     for (uint32_t i = 0; i < nc; i++) {
@@ -1122,17 +1340,11 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
                                              : OP_DELETE;
     int rc = 0;
     /* names copied: preparing the second statement may move the statement array */
-    char name1[32], name2[32] = "";
+    char name1[32];
     struct stmt *s = get_stmt(ap, t, idx, r, op, mask, has_u, &rc);
     if (!s)
         return rc;
     memcpy(name1, s->name, sizeof name1);
-    if (op == OP_UPDATE) {
-        struct stmt *s2 = get_stmt(ap, t, idx, r, OP_UPDATE_MISSING, mask, has_u, &rc);
-        if (!s2)
-            return rc;
-        memcpy(name2, s2->name, sizeof name2);
-    }
     const char **vals = ap->scratch_vals;
     int np = 0;
     for (int i = 0; i < NFIXED; i++)
@@ -1146,36 +1358,174 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
     if (op == OP_DELETE || ot)
         for (int k = 0; k < r->nkeys; k++)
             vals[np++] = ot->values[r->key_r[k]].data;
-    /* serialize appliers per key. INSERT and DELETE take the lock inside their decision
-     * functions (whose own queries then run on a fresh snapshot); an UPDATE takes it in a
-     * statement of its own, so the UPDATE's snapshot already sees whatever another applier
-     * committed on this key (a row deleted under it must reach the update_missing path) */
-    char lockid[32];
+    /* appliers are serialized per key by the locks the guard statement took, before
+     * this statement's snapshot (build_locks()) */
     vals[4] = NULL;
-    if (ap->opt.lock_keys) {
-        const struct aamm_tuple *kt = (op == OP_DELETE || ot) ? ot : nt;
-        if (op == OP_UPDATE) {
-            if ((rc = send_lock(ap, t, idx, r, kt)) < 0)
-                return rc;
-            if (ot && (rc = send_lock(ap, t, idx, r, nt)) < 0)
-                return rc;
-        } else {
-            key_lock_id(r, kt, lockid, sizeof lockid);
-            vals[4] = lockid;
-        }
-    }
     if (!PQsendQueryPrepared(ap->conn, name1, np, vals, NULL, NULL, 0))
         return AAMM_ECONN;
     if (!exp_push(ap, E_STMT, t, r, idx))
         return AAMM_ENOMEM;
-    if (name2[0]) {
-        if (!PQsendQueryPrepared(ap->conn, name2, np, vals, NULL, NULL, 0))
-            return AAMM_ECONN;
-        if (!exp_push(ap, E_STMT, t, r, idx))
-            return AAMM_ENOMEM;
-    }
     return 0;
 }
+
+/* Append @s (@n bytes) as a double-quoted array element. */
+static void sb_quoted(struct sb *b, const char *s, size_t n)
+{
+    if (b->oom)
+        return;
+    size_t need = b->len + 2 * n + 4;
+    if (need > b->cap) {
+        size_t nc = b->cap ? b->cap : 256;
+        while (nc < need)
+            nc *= 2;
+        char *p = aamm__realloc(b->s, nc);
+        if (!p) {
+            b->oom = true;
+            return;
+        }
+        b->s = p;
+        b->cap = nc;
+    }
+    char *o = b->s + b->len;
+    *o++ = '"';
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '"' || s[i] == '\\')
+            *o++ = '\\';
+        *o++ = s[i];
+    }
+    *o++ = '"';
+    *o = '\0';
+    b->len = (size_t)(o - b->s);
+}
+
+/* Runs of inserts go out as one statement of at most this many rows / value bytes. */
+#define BATCH_MIN 4
+#define BATCH_ROWS 1000
+#define BATCH_BYTES (4u << 20)
+
+/* The end of the run of inserts starting at change @i0 of @t that one OP_INSERT_MANY
+ * statement can apply: same relation, full rows, key values present and distinct. */
+static size_t insert_run_end(const struct qtxn *t, size_t i0)
+{
+    const struct aamm_change *c0 = &t->changes[i0];
+    if (c0->kind != AAMM_CHANGE_INSERT || !c0->relation)
+        return i0;
+    const struct lrel *r = lrel_of(c0->relation);
+    uint32_t nc = r->rel.ncolumns;
+    uint64_t seen[2 * BATCH_ROWS]; /* open addressing on the key hash */
+    memset(seen, 0, sizeof seen);
+    size_t bytes = 0, i;
+    for (i = i0; i < t->n && i - i0 < BATCH_ROWS && bytes < BATCH_BYTES; i++) {
+        const struct aamm_change *c = &t->changes[i];
+        if (c->kind != AAMM_CHANGE_INSERT || c->relation != c0->relation ||
+            c->new_tuple.nvalues != nc)
+            break;
+        bool ok = true;
+        for (uint32_t k = 0; k < nc && ok; k++) {
+            const struct aamm_value *v = &c->new_tuple.values[k];
+            ok = v->kind != AAMM_VALUE_UNCHANGED;
+            bytes += v->len + 3;
+        }
+        for (int k = 0; k < r->nkeys && ok; k++)
+            ok = c->new_tuple.values[r->key_r[k]].kind == AAMM_VALUE_TEXT;
+        if (!ok)
+            break;
+        uint64_t h = (uint64_t)key_lock_id(r, &c->new_tuple) | 1;
+        size_t slot = (size_t)(h % (2 * BATCH_ROWS));
+        while (seen[slot] && seen[slot] != h)
+            slot = (slot + 1) % (2 * BATCH_ROWS);
+        if (seen[slot] == h)
+            break; /* the same key twice (or a hash twin): a new statement from here */
+        seen[slot] = h;
+    }
+    return i;
+}
+
+static int ensure_scratch(struct aamm_apply *ap, uint32_t nc)
+{
+    size_t need = (size_t)nc + 2;
+    if (ap->scratch_cap >= need)
+        return 0;
+    size_t ncap = need * 2 + 16;
+    char *m = aamm__realloc(ap->scratch_mask, ncap);
+    if (!m)
+        return AAMM_ENOMEM;
+    ap->scratch_mask = m;
+    const char **v = aamm__realloc(ap->scratch_vals, (ncap * 2 + NFIXED_ALL) * sizeof *v);
+    if (!v)
+        return AAMM_ENOMEM;
+    ap->scratch_vals = v;
+    ap->scratch_cap = ncap;
+    return 0;
+}
+
+/* Send the inserts @i0..@i1-1 of @t (a run from insert_run_end()) as one statement. */
+static int send_many(struct aamm_apply *ap, struct qtxn *t, size_t i0, size_t i1,
+                     const char **fixed)
+{
+    struct lrel *r = lrel_of(t->changes[i0].relation);
+    uint32_t nc = r->rel.ncolumns;
+    int rc = ensure_scratch(ap, nc);
+    if (rc < 0)
+        return rc;
+    char *mask = ap->scratch_mask;
+    for (uint32_t c = 0; c < nc; c++)
+        mask[c] = r->r2l[c] >= 0 ? '1' : '0';
+    mask[nc] = '-';
+    mask[nc + 1] = '\0';
+    struct stmt *st = get_stmt(ap, t, (long)i0, r, OP_INSERT_MANY, mask, false, &rc);
+    if (!st)
+        return rc;
+    char name[32];
+    memcpy(name, st->name, sizeof name);
+    struct sb *arr = aamm__calloc(nc + 1, sizeof *arr);
+    if (!arr)
+        return AAMM_ENOMEM;
+    const char **vals = ap->scratch_vals;
+    int np = 0;
+    for (int i = 0; i < NFIXED; i++)
+        vals[np++] = fixed[i];
+    vals[np++] = ap->roident;
+    vals[3] = aamm_conflict_policy_name((enum aamm_conflict_policy)policy_of(ap, r));
+    vals[4] = NULL;
+    bool oom = false;
+    for (uint32_t c = 0; c < nc; c++) {
+        if (mask[c] != '1')
+            continue;
+        struct sb *b = &arr[c];
+        sb_add(b, "{");
+        for (size_t i = i0; i < i1; i++) {
+            const struct aamm_value *v = &t->changes[i].new_tuple.values[c];
+            if (i > i0)
+                sb_add(b, ",");
+            if (v->kind == AAMM_VALUE_TEXT)
+                sb_quoted(b, v->data, v->len);
+            else
+                sb_add(b, "NULL");
+        }
+        sb_add(b, "}");
+        oom = oom || b->oom;
+        vals[np++] = b->s;
+    }
+    int ok = !oom && PQsendQueryPrepared(ap->conn, name, np, vals, NULL, NULL, 0);
+    for (uint32_t c = 0; c < nc; c++)
+        aamm__free(arr[c].s);
+    aamm__free(arr);
+    if (oom)
+        return AAMM_ENOMEM;
+    if (!ok)
+        return AAMM_ECONN;
+    if (!exp_push(ap, E_STMT, t, r, (long)i0))
+        return AAMM_ENOMEM;
+    return 0;
+}
+
+static const char guard_sql[] =
+    "SELECT aamm.begin_remote($1, $2::pg_lsn, $3::pg_lsn, $4::timestamptz), "
+    "(SELECT pg_catalog.count(CASE WHEN u.e THEN pg_catalog.pg_advisory_xact_lock(u.x)::text "
+    "ELSE pg_catalog.pg_advisory_xact_lock_shared(u.x)::text END) FROM ROWS FROM ("
+    "pg_catalog.unnest($5::int8[]), pg_catalog.unnest($6::bool[])) WITH ORDINALITY AS "
+    "u(x, e, o))";
 
 static const char conflicts_sql[] =
     "SELECT kind, relation, key::text, local_row::text, remote_row::text,\n"
@@ -1221,28 +1571,59 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
     aamm_lsn_format(t->hdr.end_lsn, lsn_end);
     aamm_time_format(t->hdr.commit_time, ts, sizeof ts);
     snprintf(node, sizeof node, "%" PRIu32, ap->opt.source_node);
-    if (!PQsendQueryParams(ap->conn, "BEGIN", 0, NULL, NULL, NULL, NULL, 0) ||
-        !exp_push(ap, E_BEGIN, t, NULL, -1))
-        return AAMM_ECONN;
-    const char *gp[4] = {ap->origin, lsn_prev, lsn_end, ts};
-    if (!PQsendQueryParams(ap->conn,
-                           "SELECT aamm.begin_remote($1, $2::pg_lsn, $3::pg_lsn, "
-                           "$4::timestamptz)",
-                           4, NULL, gp, NULL, NULL, 0) ||
-        !exp_push(ap, E_GUARD, t, NULL, -1))
-        return AAMM_ECONN;
+    if (!ap->fixed_prepared) {
+        static const struct {
+            const char *name, *sql;
+            int nparams;
+        } fx[] = {{"aamm_begin", "BEGIN", 0},
+                  {"aamm_guard", guard_sql, 6},
+                  {"aamm_conf", conflicts_sql, 0},
+                  {"aamm_commit", "COMMIT", 0}};
+        for (size_t i = 0; i < sizeof fx / sizeof *fx; i++)
+            if (!PQsendPrepare(ap->conn, fx[i].name, fx[i].sql, fx[i].nparams, NULL) ||
+                !exp_push(ap, E_PREPARE, t, NULL, -1))
+                return AAMM_ECONN;
+        ap->fixed_prepared = true;
+    }
+    struct sb ids = {0}, modes = {0};
+    int rc = 0;
+    if (ap->opt.lock_keys)
+        rc = build_locks(t, &ids, &modes);
+    else {
+        sb_add(&ids, "{}");
+        sb_add(&modes, "{}");
+    }
+    if (rc == 0 && (ids.oom || modes.oom))
+        rc = AAMM_ENOMEM;
+    const char *gp[6] = {ap->origin, lsn_prev, lsn_end, ts, ids.s, modes.s};
+    if (rc == 0 && (!PQsendQueryPrepared(ap->conn, "aamm_begin", 0, NULL, NULL, NULL, 0) ||
+                    !exp_push(ap, E_BEGIN, t, NULL, -1) ||
+                    !PQsendQueryPrepared(ap->conn, "aamm_guard", 6, gp, NULL, NULL, 0) ||
+                    !exp_push(ap, E_GUARD, t, NULL, -1)))
+        rc = AAMM_ECONN;
+    aamm__free(ids.s);
+    aamm__free(modes.s);
+    if (rc < 0)
+        return rc;
     const char *fixed[NFIXED] = {ts, node, NULL, NULL, NULL};
-    for (size_t i = 0; i < t->n; i++) {
+    for (size_t i = 0; i < t->n;) {
         if (t->changes[i].relation)
             fixed[2] = lrel_of(t->changes[i].relation)->label;
-        int rc = send_change(ap, t, (long)i, fixed);
+        size_t j = t->nobatch ? i : insert_run_end(t, i);
+        if (j - i >= BATCH_MIN) {
+            rc = send_many(ap, t, i, j, fixed);
+            i = j;
+        } else {
+            rc = send_change(ap, t, (long)i, fixed);
+            i++;
+        }
         if (rc < 0)
             return rc;
     }
-    if (!PQsendQueryParams(ap->conn, conflicts_sql, 0, NULL, NULL, NULL, NULL, 0) ||
+    if (!PQsendQueryPrepared(ap->conn, "aamm_conf", 0, NULL, NULL, NULL, 0) ||
         !exp_push(ap, E_CONFLICTS, t, NULL, -1))
         return AAMM_ECONN;
-    if (!PQsendQueryParams(ap->conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) ||
+    if (!PQsendQueryPrepared(ap->conn, "aamm_commit", 0, NULL, NULL, NULL, 0) ||
         !exp_push(ap, E_COMMIT, t, NULL, -1))
         return AAMM_ECONN;
     if (!PQpipelineSync(ap->conn) || !exp_push(ap, E_SYNC, t, NULL, -1))
@@ -1410,7 +1791,8 @@ static void after_failure(struct aamm_apply *ap)
     for (struct lrel *r = ap->rels; r; r = r->next)
         for (int i = 0; i < r->nstmts; i++)
             r->stmts[i].prepared = false;
-    ap->lock_prepared = false;
+    ap->fixed_prepared = false;
+    t->nobatch = true; /* its retry names the change that fails */
     struct qtxn keep = *t; /* the first failure's details, for the message below */
     t->errmsg = NULL;
     ap->cursor = ap->head;
@@ -1599,7 +1981,8 @@ static int send_setup(struct aamm_apply *ap)
              "SET session_replication_role = replica; SET search_path = '';"
              "SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3;"
              "SET bytea_output = hex; SET TimeZone = 'UTC'; SET client_encoding = 'UTF8';"
-             "SET standard_conforming_strings = on; SET aamm.node_id = '%" PRIu32 "';"
+             "SET standard_conforming_strings = on;"
+             "SET aamm.node_id = '%" PRIu32 "';"
              "SET application_name = 'aamm apply from %" PRIu32 "';%s"
              "SELECT progress, roident FROM aamm.origin_session('%s')",
              ap->opt.local_node, ap->opt.source_node,

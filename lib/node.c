@@ -44,15 +44,23 @@ static const char install_sql[] =
     "  PRIMARY KEY (relation, key));\n"
     /* node id of a replication origin id: 0 = this node (the apply session sets
      * aamm.node_id), aamm_from_<n> = node n, anything else unknown (NULL) */
-    "CREATE OR REPLACE FUNCTION aamm.node_of(r oid) RETURNS int LANGUAGE sql STABLE AS $f$\n"
-    "  SELECT CASE WHEN r = 0 THEN NULLIF(\n"
-    "    pg_catalog.current_setting('aamm.node_id', true), '')::int\n"
-    "  ELSE (SELECT CASE WHEN o.roname OPERATOR(pg_catalog.~) '^aamm_from_[0-9]+$'\n"
-    "        THEN pg_catalog.substr(o.roname, 11)::int END\n"
-    "        FROM pg_catalog.pg_replication_origin o WHERE o.roident = r) END $f$;\n"
-    /* the version (commit timestamp, origin node) of the transaction @x */
-    "CREATE OR REPLACE FUNCTION aamm.version_of(x xid, OUT ts timestamptz, OUT node int)\n"
-    "  LANGUAGE sql STABLE AS $f$\n"
+    /* PL/pgSQL, not SQL: a SQL function that cannot be inlined is parsed again at every
+     * call, PL/pgSQL keeps its plans for the session */
+    "DROP FUNCTION IF EXISTS aamm.node_of(oid) CASCADE;\n"
+    "CREATE FUNCTION aamm.node_of(r oid) RETURNS int LANGUAGE plpgsql STABLE AS $f$\n"
+    "BEGIN\n"
+    "  IF r = 0 THEN\n"
+    "    RETURN NULLIF(pg_catalog.current_setting('aamm.node_id', true), '')::int;\n"
+    "  END IF;\n"
+    "  RETURN (SELECT CASE WHEN o.roname OPERATOR(pg_catalog.~) '^aamm_from_[0-9]+$'\n"
+    "          THEN pg_catalog.substr(o.roname, 11)::int END\n"
+    "          FROM pg_catalog.pg_replication_origin o WHERE o.roident = r);\n"
+    "END $f$;\n"
+    /* the version (commit timestamp, origin node) of the transaction @x; a one-row set
+     * so that a call in FROM is inlined into the caller's plan */
+    "DROP FUNCTION IF EXISTS aamm.version_of(xid) CASCADE;\n"
+    "CREATE FUNCTION aamm.version_of(x xid) RETURNS TABLE (ts timestamptz, node int)\n"
+    "  LANGUAGE sql STABLE ROWS 1 AS $f$\n"
     "  SELECT c.timestamp, aamm.node_of(c.roident)\n"
     "  FROM pg_catalog.pg_xact_commit_timestamp_origin(x) c $f$;\n"
     /* (ts1, n1) newer than (ts2, n2)? unknown (NULL ts) is oldest */
@@ -139,8 +147,9 @@ static const char install_sql[] =
     "  PERFORM aamm.log_conflict(kind, rel, k, lrow, rrow, lts, lnode, rts, rnode, res);\n"
     "  RETURN res = 'apply_remote';\n"
     "END $f$;\n"
-    "CREATE OR REPLACE FUNCTION aamm.tomb_version(rel text, k jsonb, OUT ts timestamptz,\n"
-    "  OUT node int) LANGUAGE sql STABLE AS $f$\n"
+    "DROP FUNCTION IF EXISTS aamm.tomb_version(text, jsonb) CASCADE;\n"
+    "CREATE FUNCTION aamm.tomb_version(rel text, k jsonb) RETURNS TABLE (ts timestamptz,\n"
+    "  node int) LANGUAGE sql STABLE ROWS 1 AS $f$\n"
     "  SELECT v.ts, v.node FROM aamm.tombstone t, aamm.version_of(t.xmin) v\n"
     "  WHERE t.relation OPERATOR(pg_catalog.=) rel AND t.key OPERATOR(pg_catalog.=) k $f$;\n"
     /* remote INSERT of a key that is not present: refused iff a newer delete is known */
@@ -193,6 +202,14 @@ static const char install_sql[] =
     "    'skip');\n"
     "  PERFORM aamm.put_tombstone(rel, k, rts, rnode);\n"
     "  RETURN false;\n"
+    "END $f$;\n"
+    /* the update_missing INSERT of a remote UPDATE that changed no row, run as a statement
+     * of its own (fresh snapshot) with the UPDATE's parameters */
+    "CREATE OR REPLACE FUNCTION aamm.update_missing_exec(q text, p text[]) RETURNS boolean\n"
+    "  LANGUAGE plpgsql AS $f$\n"
+    "BEGIN\n"
+    "  EXECUTE q USING p;\n"
+    "  RETURN true;\n"
     "END $f$;\n"
     "CREATE OR REPLACE FUNCTION aamm.log_truncate(rel text, rts timestamptz, rnode int)\n"
     "  RETURNS void LANGUAGE sql AS $f$\n"
