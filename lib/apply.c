@@ -85,7 +85,6 @@ enum exp_kind {
     E_GUARD,
     E_STMT,
     E_PREPARE,
-    E_CONFLICTS,
     E_COMMIT,
     E_SYNC,
     E_CATALOG,
@@ -279,6 +278,8 @@ static void lrel_unmap(struct lrel *r)
     r->map_code = 0;
 }
 
+static void qtxn_drop_conflicts(struct qtxn *t);
+
 static void qtxn_free(struct qtxn *t)
 {
     if (!t)
@@ -288,15 +289,7 @@ static void qtxn_free(struct qtxn *t)
     aamm__free(t->changes);
     aamm_transaction_clear(&t->hdr);
     aamm__free(t->errmsg);
-    while (t->conflicts) {
-        struct qconflict *c = t->conflicts;
-        t->conflicts = c->next;
-        aamm__free(c->rel);
-        aamm__free(c->key);
-        aamm__free(c->local);
-        aamm__free(c->remote);
-        aamm__free(c);
-    }
+    qtxn_drop_conflicts(t);
     aamm__free(t);
 }
 
@@ -369,6 +362,7 @@ static void drop_conn(struct aamm_apply *ap)
             t->sent = false;
             t->failed = false;
             t->committed_ok = false;
+            qtxn_drop_conflicts(t);
             aamm__free(t->errmsg);
             t->errmsg = NULL;
         }
@@ -1520,19 +1514,18 @@ static int send_many(struct aamm_apply *ap, struct qtxn *t, size_t i0, size_t i1
     return 0;
 }
 
+/* The guard (the origin's progress must be the previous transaction's end LSN, or an
+ * earlier transaction failed: raise), the origin's commit LSN and timestamp, and the key
+ * locks (build_locks()). Plain SQL: the PL/pgSQL function runs only when the guard trips. */
 static const char guard_sql[] =
-    "SELECT aamm.begin_remote($1, $2::pg_lsn, $3::pg_lsn, $4::timestamptz), "
+    "SELECT pg_catalog.pg_replication_origin_xact_setup($3::pg_lsn, $4::timestamptz), "
     "(SELECT pg_catalog.count(CASE WHEN u.e THEN pg_catalog.pg_advisory_xact_lock(u.x)::text "
     "ELSE pg_catalog.pg_advisory_xact_lock_shared(u.x)::text END) FROM ROWS FROM ("
     "pg_catalog.unnest($5::int8[]), pg_catalog.unnest($6::bool[])) WITH ORDINALITY AS "
-    "u(x, e, o))";
+    "u(x, e, o)) FROM (SELECT COALESCE(pg_catalog.pg_replication_origin_progress($1, false), "
+    "'0/0') AS cur) g WHERE CASE WHEN g.cur OPERATOR(pg_catalog.=) $2::pg_lsn THEN true ELSE "
+    "aamm.guard_failed($1, g.cur, $2::pg_lsn) END";
 
-static const char conflicts_sql[] =
-    "SELECT kind, relation, key::text, local_row::text, remote_row::text,\n"
-    "  (extract(epoch FROM local_time) * 1000000)::int8, local_node,\n"
-    "  (extract(epoch FROM remote_time) * 1000000)::int8, remote_node, resolution\n"
-    "FROM aamm.conflict_log WHERE pg_catalog.current_setting('aamm.nconf', true) = 'y'\n"
-    "  AND xid = pg_catalog.pg_current_xact_id_if_assigned() ORDER BY id";
 
 /* Send @t as BEGIN; guard; changes; conflicts; COMMIT; Sync. Returns 0, 1 when it has to
  * wait (catalog), or an error. */
@@ -1577,7 +1570,6 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
             int nparams;
         } fx[] = {{"aamm_begin", "BEGIN", 0},
                   {"aamm_guard", guard_sql, 6},
-                  {"aamm_conf", conflicts_sql, 0},
                   {"aamm_commit", "COMMIT", 0}};
         for (size_t i = 0; i < sizeof fx / sizeof *fx; i++)
             if (!PQsendPrepare(ap->conn, fx[i].name, fx[i].sql, fx[i].nparams, NULL) ||
@@ -1620,9 +1612,6 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
         if (rc < 0)
             return rc;
     }
-    if (!PQsendQueryPrepared(ap->conn, "aamm_conf", 0, NULL, NULL, NULL, 0) ||
-        !exp_push(ap, E_CONFLICTS, t, NULL, -1))
-        return AAMM_ECONN;
     if (!PQsendQueryPrepared(ap->conn, "aamm_commit", 0, NULL, NULL, NULL, 0) ||
         !exp_push(ap, E_COMMIT, t, NULL, -1))
         return AAMM_ECONN;
@@ -1687,34 +1676,77 @@ static int64_t parse_i64(const char *s)
     return s && *s ? strtoll(s, NULL, 10) : 0;
 }
 
-static void store_conflicts(struct qtxn *t, PGresult *res)
+static void qtxn_drop_conflicts(struct qtxn *t)
 {
+    while (t->conflicts) {
+        struct qconflict *c = t->conflicts;
+        t->conflicts = c->next;
+        aamm__free(c->rel);
+        aamm__free(c->key);
+        aamm__free(c->local);
+        aamm__free(c->remote);
+        aamm__free(c);
+    }
+}
+
+/*
+ * libpq's notice receiver: aamm.log_conflict() raises NOTICE "aamm_conflict" with the
+ * conflict's fields in its detail (lib/node.c). libpq parses a statement's messages only
+ * after the previous statement's result was taken, so the statement that met the conflict
+ * is the head of the expect queue. Kept with its transaction, reported when it commits.
+ */
+static void on_notice(void *arg, const PGresult *res)
+{
+    struct aamm_apply *ap = arg;
+    const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    const char *d = PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL);
+    if (!msg || strcmp(msg, "aamm_conflict") != 0 || !d || ap->exp_n == 0)
+        return;
+    struct qtxn *t = ap->exp[ap->exp_head].t;
+    if (!t)
+        return;
+    char *f[10] = {0};
+    char *copy = aamm__strdup(d);
+    if (!copy)
+        return;
+    char *p = copy;
+    for (int i = 0; i < 9; i++) {
+        f[i] = p;
+        char *sep = strchr(p, '\x1f');
+        if (!sep) {
+            aamm__free(copy);
+            return; /* not ours after all */
+        }
+        *sep = '\0';
+        p = sep + 1;
+    }
+    f[9] = p; /* the relation: everything after the ninth separator */
+    struct qconflict *q = aamm__calloc(1, sizeof *q);
+    if (!q) {
+        aamm__free(copy);
+        return;
+    }
+    q->c.kind = (enum aamm_conflict_kind)aamm_conflict_kind_parse(f[0]);
+    q->key = *f[1] ? aamm__strdup(f[1]) : NULL;
+    q->local = *f[2] ? aamm__strdup(f[2]) : NULL;
+    q->remote = *f[3] ? aamm__strdup(f[3]) : NULL;
+    q->c.local.known = *f[4] != '\0';
+    q->c.local.commit_time = parse_i64(f[4]);
+    q->c.local.origin_node = (uint32_t)parse_i64(f[5]);
+    q->c.remote.known = *f[6] != '\0';
+    q->c.remote.commit_time = parse_i64(f[6]);
+    q->c.remote.origin_node = (uint32_t)parse_i64(f[7]);
+    q->c.resolution = (enum aamm_resolution)aamm_resolution_parse(f[8]);
+    q->rel = aamm__strdup(f[9]);
+    aamm__free(copy);
+    q->c.relation = q->rel;
+    q->c.key_json = q->key;
+    q->c.local_json = q->local;
+    q->c.remote_json = q->remote;
     struct qconflict **tailp = &t->conflicts;
     while (*tailp)
         tailp = &(*tailp)->next;
-    for (int i = 0; i < PQntuples(res); i++) {
-        struct qconflict *q = aamm__calloc(1, sizeof *q);
-        if (!q)
-            return;
-        q->c.kind = (enum aamm_conflict_kind)aamm_conflict_kind_parse(PQgetvalue(res, i, 0));
-        q->rel = aamm__strdup(PQgetvalue(res, i, 1));
-        q->key = PQgetisnull(res, i, 2) ? NULL : aamm__strdup(PQgetvalue(res, i, 2));
-        q->local = PQgetisnull(res, i, 3) ? NULL : aamm__strdup(PQgetvalue(res, i, 3));
-        q->remote = PQgetisnull(res, i, 4) ? NULL : aamm__strdup(PQgetvalue(res, i, 4));
-        q->c.local.known = !PQgetisnull(res, i, 5);
-        q->c.local.commit_time = parse_i64(PQgetvalue(res, i, 5));
-        q->c.local.origin_node = (uint32_t)parse_i64(PQgetvalue(res, i, 6));
-        q->c.remote.known = !PQgetisnull(res, i, 7);
-        q->c.remote.commit_time = parse_i64(PQgetvalue(res, i, 7));
-        q->c.remote.origin_node = (uint32_t)parse_i64(PQgetvalue(res, i, 8));
-        q->c.resolution = (enum aamm_resolution)aamm_resolution_parse(PQgetvalue(res, i, 9));
-        q->c.relation = q->rel;
-        q->c.key_json = q->key;
-        q->c.local_json = q->local;
-        q->c.remote_json = q->remote;
-        *tailp = q;
-        tailp = &q->next;
-    }
+    *tailp = q;
 }
 
 /* a transaction committed: report it and let it go when it reaches the head */
@@ -1802,6 +1834,7 @@ static void after_failure(struct aamm_apply *ap)
         q->sent = false;
         q->failed = false;
         q->committed_ok = false;
+        qtxn_drop_conflicts(q);
         q->sqlstate[0] = '\0';
         q->err_change = -1;
         aamm__free(q->errmsg);
@@ -1890,13 +1923,10 @@ static int handle_result(struct aamm_apply *ap, PGresult *res)
     case E_BEGIN:
     case E_GUARD:
     case E_STMT:
-    case E_CONFLICTS:
         if (err)
             record_error(e.t, res, e.idx);
         else if (st == PGRES_PIPELINE_ABORTED && e.t)
             e.t->failed = true;
-        else if (e.kind == E_CONFLICTS && st == PGRES_TUPLES_OK)
-            store_conflicts(e.t, res);
         break;
     case E_COMMIT:
         if (err)
@@ -1969,6 +1999,7 @@ static int start_connect(struct aamm_apply *ap)
         return aamm__errf(&ap->err, AAMM_ENOMEM, "apply: out of memory connecting");
     if (PQstatus(ap->conn) == CONNECTION_BAD)
         return conn_error(ap, "connect");
+    PQsetNoticeReceiver(ap->conn, on_notice, ap);
     ap->state = S_CONNECTING;
     ap->want_write = true;
     return 0;
@@ -1981,7 +2012,7 @@ static int send_setup(struct aamm_apply *ap)
              "SET session_replication_role = replica; SET search_path = '';"
              "SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3;"
              "SET bytea_output = hex; SET TimeZone = 'UTC'; SET client_encoding = 'UTF8';"
-             "SET standard_conforming_strings = on;"
+             "SET standard_conforming_strings = on; SET client_min_messages = notice;"
              "SET aamm.node_id = '%" PRIu32 "';"
              "SET application_name = 'aamm apply from %" PRIu32 "';%s"
              "SELECT progress, roident FROM aamm.origin_session('%s')",

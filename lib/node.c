@@ -77,7 +77,14 @@ static const char install_sql[] =
     "  INSERT INTO aamm.conflict_log (kind, relation, key, local_row, remote_row, local_time,\n"
     "    local_node, remote_time, remote_node, resolution)\n"
     "  VALUES (kind, rel, k, lrow, rrow, lts, lnode, rts, rnode, res);\n"
-    "  PERFORM set_config('aamm.nconf', 'y', true);\n"
+    /* the applier learns of the conflict from this notice (lib/apply.c, on_notice()):
+     * fields separated by chr(31), which JSON text never holds raw; the relation last */
+    "  RAISE NOTICE USING MESSAGE = 'aamm_conflict', DETAIL = concat_ws(chr(31), kind,\n"
+    "    COALESCE(k::text, ''), COALESCE(lrow::text, ''), COALESCE(rrow::text, ''),\n"
+    "    COALESCE((extract(epoch FROM lts) * 1000000)::int8::text, ''),\n"
+    "    COALESCE(lnode::text, ''),\n"
+    "    COALESCE((extract(epoch FROM rts) * 1000000)::int8::text, ''),\n"
+    "    COALESCE(rnode::text, ''), res, rel);\n"
     "END $f$;\n"
     /* remember a delete of @k done by the current transaction unless a newer one is known */
     "CREATE OR REPLACE FUNCTION aamm.put_tombstone(rel text, k jsonb, rts timestamptz,\n"
@@ -111,6 +118,12 @@ static const char install_sql[] =
     "commit)', origin, cur, prev USING ERRCODE = 'AA002';\n"
     "  END IF;\n"
     "  PERFORM pg_catalog.pg_replication_origin_xact_setup(endlsn, ts);\n"
+    "END $f$;\n"
+    "CREATE OR REPLACE FUNCTION aamm.guard_failed(origin text, cur pg_lsn, prev pg_lsn)\n"
+    "  RETURNS boolean LANGUAGE plpgsql AS $f$\n"
+    "BEGIN\n"
+    "  RAISE EXCEPTION 'aamm: origin % is at %, expected % (an earlier transaction did not "
+    "commit)', origin, cur, prev USING ERRCODE = 'AA002';\n"
     "END $f$;\n"
     "CREATE OR REPLACE FUNCTION aamm.origin_session(origin text, OUT progress pg_lsn,\n"
     "  OUT roident oid) LANGUAGE plpgsql AS $f$\n"
