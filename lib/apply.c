@@ -77,6 +77,8 @@ struct qtxn {
     char *errmsg;    /* first error of this transaction (heap) */
     long err_change; /* index of the change that failed, -1 none */
     bool nobatch;    /* send every change as its own statement (after a failure) */
+    char *errdetail; /* the first error's detail (heap), for AA004 */
+    char **verdicts; /* per change: the resolver's verdict (heap), or NULL */
     struct qconflict *conflicts;
 };
 
@@ -152,8 +154,13 @@ struct aamm_apply {
     struct policy {
         struct policy *next;
         char *schema, *name;
-        int policy;
+        int policy; /* AAMM_POLICY_CALLBACK: @fn decides */
+        aamm_resolver_fn fn;
+        void *arg;
     } * policies;
+    aamm_resolver_fn resolver; /* global resolver, or NULL */
+    void *resolver_arg;
+    uint64_t resolver_calls;
 
     uint64_t counters[AAMM_CONFLICT_NKINDS];
     uint64_t committed, skipped;
@@ -289,6 +296,10 @@ static void qtxn_free(struct qtxn *t)
     aamm__free(t->changes);
     aamm_transaction_clear(&t->hdr);
     aamm__free(t->errmsg);
+    aamm__free(t->errdetail);
+    for (size_t i = 0; t->verdicts && i < t->n; i++)
+        aamm__free(t->verdicts[i]);
+    aamm__free(t->verdicts);
     qtxn_drop_conflicts(t);
     aamm__free(t);
 }
@@ -412,11 +423,33 @@ void aamm_apply_free(struct aamm_apply *ap)
     aamm__free(ap);
 }
 
+static int add_policy(struct aamm_apply *ap, const char *schema, const char *name, int policy,
+                      aamm_resolver_fn fn, void *arg);
+
 int aamm_apply_set_policy(struct aamm_apply *ap, const char *schema, const char *name,
                           enum aamm_conflict_policy policy)
 {
     if (!schema || !name || (int)policy < 0 || policy > AAMM_POLICY_ERROR)
         return AAMM_EINVAL;
+    return add_policy(ap, schema, name, (int)policy, NULL, NULL);
+}
+
+int aamm_apply_set_resolver(struct aamm_apply *ap, const char *schema, const char *name,
+                            aamm_resolver_fn fn, void *arg)
+{
+    if (!ap || (!schema) != (!name))
+        return AAMM_EINVAL;
+    if (!schema) {
+        ap->resolver = fn;
+        ap->resolver_arg = arg;
+        return 0;
+    }
+    return add_policy(ap, schema, name, fn ? AAMM_POLICY_CALLBACK : -1, fn, arg);
+}
+
+static int add_policy(struct aamm_apply *ap, const char *schema, const char *name, int policy,
+                      aamm_resolver_fn fn, void *arg)
+{
     struct policy *p = aamm__calloc(1, sizeof *p);
     if (!p)
         return AAMM_ENOMEM;
@@ -428,18 +461,41 @@ int aamm_apply_set_policy(struct aamm_apply *ap, const char *schema, const char 
         aamm__free(p);
         return AAMM_ENOMEM;
     }
-    p->policy = (int)policy;
+    p->policy = policy;
+    p->fn = fn;
+    p->arg = arg;
     p->next = ap->policies;
     ap->policies = p;
     return 0;
 }
 
-static int policy_of(const struct aamm_apply *ap, const struct lrel *r)
+/* The relation's policy entry (the newest), or NULL. */
+static const struct policy *policy_entry(const struct aamm_apply *ap, const struct lrel *r)
 {
     for (const struct policy *p = ap->policies; p; p = p->next)
         if (strcmp(p->schema, r->rel.schema) == 0 && strcmp(p->name, r->rel.name) == 0)
-            return p->policy;
-    return (int)ap->opt.policy;
+            return p->policy >= 0 ? p : NULL; /* -1: resolver removed, global rules */
+    return NULL;
+}
+
+static int policy_of(const struct aamm_apply *ap, const struct lrel *r)
+{
+    const struct policy *p = policy_entry(ap, r);
+    if (p)
+        return p->policy;
+    return ap->resolver ? AAMM_POLICY_CALLBACK : (int)ap->opt.policy;
+}
+
+/* The resolver for @r (and its argument), or NULL. */
+static aamm_resolver_fn resolver_of(const struct aamm_apply *ap, const struct lrel *r, void **arg)
+{
+    const struct policy *p = policy_entry(ap, r);
+    if (p) {
+        *arg = p->arg;
+        return p->policy == AAMM_POLICY_CALLBACK ? p->fn : NULL;
+    }
+    *arg = ap->resolver_arg;
+    return ap->resolver;
 }
 
 /* ====================================================================================
@@ -1344,7 +1400,9 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
     for (int i = 0; i < NFIXED; i++)
         vals[np++] = fixed[i];
     vals[np++] = ap->roident;
-    vals[3] = aamm_conflict_policy_name((enum aamm_conflict_policy)policy_of(ap, r));
+    vals[3] = t->verdicts && t->verdicts[idx]
+                  ? t->verdicts[idx]
+                  : aamm_conflict_policy_name((enum aamm_conflict_policy)policy_of(ap, r));
     if (op != OP_DELETE)
         for (uint32_t i = 0; i < nc; i++)
             if (mask[i] == '1')
@@ -1667,6 +1725,9 @@ static void record_error(struct qtxn *t, PGresult *res, long idx)
         while (n && (t->errmsg[n - 1] == '\n' || t->errmsg[n - 1] == ' '))
             t->errmsg[--n] = '\0';
     }
+    const char *d = PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL);
+    aamm__free(t->errdetail);
+    t->errdetail = d ? aamm__strdup(d) : NULL;
     t->err_change = idx;
     t->failed = true;
 }
@@ -1797,10 +1858,127 @@ static int classify(const char *sqlstate)
     return AAMM_ESERVER;
 }
 
+/* Set change @idx's verdict to "verdict:<res>:<xmin>". */
+static int set_verdict(struct qtxn *t, long idx, const char *res, const char *xmin)
+{
+    if (!t->verdicts) {
+        t->verdicts = aamm__calloc(t->n ? t->n : 1, sizeof *t->verdicts);
+        if (!t->verdicts)
+            return AAMM_ENOMEM;
+    }
+    char *v = aamm__asprintf("verdict:%s:%s", res, *xmin ? xmin : "*");
+    if (!v)
+        return AAMM_ENOMEM;
+    aamm__free(t->verdicts[idx]);
+    t->verdicts[idx] = v;
+    return 0;
+}
+
+/*
+ * The host's resolver for the conflict change @idx of @t met (@detail: the AA004 detail
+ * of aamm.resolve_cb()): call it and record its verdict (a merged row replaces the
+ * change's row; a delete with a merged row becomes an update). Returns 0, or the error
+ * that holds the stream.
+ */
+static int resolve(struct aamm_apply *ap, struct qtxn *t, long idx, const char *detail)
+{
+    struct aamm_change *c = &t->changes[idx];
+    struct lrel *r = c->relation ? lrel_of(c->relation) : NULL;
+    void *arg = NULL;
+    aamm_resolver_fn fn = r ? resolver_of(ap, r, &arg) : NULL;
+    if (!fn)
+        return aamm__errf(&ap->err, AAMM_ECONFLICT,
+                          "apply: %s: a conflict asked for a resolver and none is installed; "
+                          "stream held",
+                          r ? r->label : "?");
+    char *copy = aamm__strdup(detail ? detail : "");
+    if (!copy)
+        return aamm__errf(&ap->err, AAMM_ENOMEM, "apply: out of memory");
+    char *f[7] = {0}, *p = copy;
+    int nf = 0;
+    for (; nf < 6; nf++) {
+        char *sep = strchr(p, '\x1f');
+        if (!sep)
+            break;
+        f[nf] = p;
+        *sep = '\0';
+        p = sep + 1;
+    }
+    if (nf < 6) {
+        aamm__free(copy);
+        return aamm__errf(&ap->err, AAMM_EPROTO, "apply: %s: malformed resolver request from "
+                          "the server; stream held", r->label);
+    }
+    f[6] = p; /* the remote row: the rest */
+    struct aamm_conflict cf = {0};
+    cf.kind = (enum aamm_conflict_kind)aamm_conflict_kind_parse(f[0]);
+    cf.relation = r->label;
+    cf.key_json = *f[4] ? f[4] : NULL;
+    cf.local_json = *f[5] ? f[5] : NULL;
+    cf.remote_json = *f[6] ? f[6] : NULL;
+    cf.local.known = *f[2] != '\0';
+    cf.local.commit_time = parse_i64(f[2]);
+    cf.local.origin_node = (uint32_t)parse_i64(f[3]);
+    cf.remote.known = true;
+    cf.remote.commit_time = t->hdr.commit_time;
+    cf.remote.origin_node = t->hdr.origin_node;
+    struct aamm_tuple merged;
+    const struct aamm_tuple *src = c->kind == AAMM_CHANGE_DELETE ? &c->old_tuple : &c->new_tuple;
+    if (aamm_tuple_copy(&merged, src) < 0) {
+        aamm__free(copy);
+        return aamm__errf(&ap->err, AAMM_ENOMEM, "apply: out of memory");
+    }
+    ap->resolver_calls++;
+    enum aamm_resolution res = fn(ap, &cf, &r->rel, &merged, arg);
+    int rc = 0;
+    switch (res) {
+    case AAMM_RESOLVE_APPLY_REMOTE:
+    case AAMM_RESOLVE_KEEP_LOCAL:
+        rc = set_verdict(t, idx, aamm_resolution_name(res), f[1]);
+        break;
+    case AAMM_RESOLVE_MERGED:
+        if (merged.nvalues != r->rel.ncolumns) {
+            rc = aamm__errf(&ap->err, AAMM_EINVAL,
+                            "apply: %s: the resolver's merged row has %u values, the relation "
+                            "%u columns; stream held",
+                            r->label, merged.nvalues, r->rel.ncolumns);
+            break;
+        }
+        rc = set_verdict(t, idx, "merged", f[1]);
+        if (rc == 0) {
+            if (c->kind == AAMM_CHANGE_DELETE) /* the row stays, with the merged values */
+                c->kind = AAMM_CHANGE_UPDATE;
+            aamm_tuple_clear(&c->new_tuple);
+            c->new_tuple = merged;
+            memset(&merged, 0, sizeof merged);
+        }
+        break;
+    default:
+        rc = aamm__errf(&ap->err, AAMM_ECONFLICT,
+                        "apply: %s: %s conflict on key %s: the resolver returned an error; "
+                        "stream held",
+                        r->label, aamm_conflict_kind_name(cf.kind),
+                        cf.key_json ? cf.key_json : "?");
+        if (ap->opt.on_conflict) {
+            cf.resolution = AAMM_RESOLVE_ERROR;
+            ap->opt.on_conflict(&cf, ap->opt.conflict_arg);
+        }
+        if ((int)cf.kind > 0 && (int)cf.kind < AAMM_CONFLICT_NKINDS)
+            ap->counters[cf.kind]++;
+        break;
+    }
+    if (rc == AAMM_ENOMEM)
+        aamm__errf(&ap->err, AAMM_ENOMEM, "apply: out of memory");
+    aamm_tuple_clear(&merged);
+    aamm__free(copy);
+    return rc;
+}
+
 /* Everything in flight has answered and @fail_txn failed: retry or hold. */
 static void after_failure(struct aamm_apply *ap)
 {
-    struct qtxn *t = ap->fail_txn;
+    struct qtxn *t = ap->fail_txn, *orig = t;
+    bool was_batched = !t->nobatch;
     /* 1. the session may sit in an aborted transaction block: end it; forget statements
      *    that may not exist; re-read the progress the guard compares with */
     PQsendQueryParams(ap->conn, "ROLLBACK", 0, NULL, NULL, NULL, NULL, 0);
@@ -1852,6 +2030,24 @@ static void after_failure(struct aamm_apply *ap)
     const char *label = c && c->relation ? lrel_of(c->relation)->label : "";
     char lsn[AAMM_LSN_BUFSIZE];
     aamm_lsn_format(t->hdr.end_lsn, lsn);
+    if (strcmp(sqlstate, "AA004") == 0 && c) {
+        /* a conflict for the host's resolver: ask it (unless the failing statement held
+         * several changes: the retry, one statement per change, names the one), then
+         * retry at once with its verdict */
+        int rc = was_batched ? 0 : resolve(ap, orig, t->err_change, t->errdetail);
+        aamm__free(orig->errdetail);
+        orig->errdetail = NULL;
+        if (rc == 0) {
+            aamm__free(t->errmsg);
+            ap->state = S_WAIT;
+            ap->wake_ms = aamm__now_ms();
+            return;
+        }
+        aamm__free(t->errmsg);
+        ap->held_code = rc;
+        ap->state = S_HELD;
+        return;
+    }
     if (is_transient(sqlstate)) {
         AAMM_INFO("apply: transaction %s: transient error, retrying: %s", lsn,
                   t->errmsg ? t->errmsg : "");

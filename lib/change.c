@@ -112,6 +112,23 @@ void aamm_tuple_clear(struct aamm_tuple *tuple)
     tuple->nvalues = 0;
 }
 
+int aamm_value_set(struct aamm_value *value, const char *data, size_t len)
+{
+    char *d = NULL;
+    if (data) {
+        d = aamm__malloc(len + 1);
+        if (!d)
+            return AAMM_ENOMEM;
+        memcpy(d, data, len);
+        d[len] = '\0';
+    }
+    aamm__free(value->data);
+    value->data = d;
+    value->len = data ? len : 0;
+    value->kind = data ? AAMM_VALUE_TEXT : AAMM_VALUE_NULL;
+    return 0;
+}
+
 int aamm_tuple_copy(struct aamm_tuple *dst, const struct aamm_tuple *src)
 {
     memset(dst, 0, sizeof *dst);

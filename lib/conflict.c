@@ -23,6 +23,7 @@ static const char *const resolution_names[] = {
     [AAMM_RESOLVE_KEEP_LOCAL] = "keep_local",
     [AAMM_RESOLVE_SKIP] = "skip",
     [AAMM_RESOLVE_ERROR] = "error",
+    [AAMM_RESOLVE_MERGED] = "merged",
 };
 
 static const char *const policy_names[] = {
@@ -30,6 +31,7 @@ static const char *const policy_names[] = {
     [AAMM_POLICY_KEEP_LOCAL] = "keep_local",
     [AAMM_POLICY_APPLY_REMOTE] = "apply_remote",
     [AAMM_POLICY_ERROR] = "error",
+    [AAMM_POLICY_CALLBACK] = "callback",
 };
 
 int aamm_row_version_compare(const struct aamm_row_version *a, const struct aamm_row_version *b)

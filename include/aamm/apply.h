@@ -65,6 +65,34 @@ struct aamm_apply;
 typedef void (*aamm_apply_message_fn)(struct aamm_apply *ap, bool transactional, const char *prefix,
                                       const char *content, size_t len, void *arg);
 
+/**
+ * A host resolver (aamm_apply_set_resolver()): decides one conflict of kind
+ * INSERT_EXISTS, UPDATE_ORIGIN_DIFFERS, DELETE_ORIGIN_DIFFERS or UPDATE_MISSING (the others
+ * have nothing to decide). @conflict (borrowed) carries the relation, the key, the local row
+ * as JSON with its version (commit timestamp, origin node; no local row for UPDATE_MISSING
+ * and for an INSERT_EXISTS met by a remembered delete, whose version is then the delete's)
+ * and the remote row as JSON with its version; its resolution field is 0. @relation
+ * (borrowed) names the remote columns. @merged (owned by apply) holds the remote row (for a
+ * delete: the remote old row) in @relation's column order.
+ *
+ * Return AAMM_RESOLVE_APPLY_REMOTE, AAMM_RESOLVE_KEEP_LOCAL, AAMM_RESOLVE_ERROR (the stream
+ * is held with AAMM_ECONFLICT), or AAMM_RESOLVE_MERGED after editing @merged with
+ * aamm_value_set(): that row is written instead of the remote one (for a delete conflict
+ * the row stays, with these values). Anything else counts as ERROR.
+ *
+ * How it runs: the server-side decision stops the transaction that meets the conflict;
+ * apply calls the resolver from aamm_apply_step(), then retries the transaction with the
+ * verdict, which holds only while the local row is the version the resolver saw (a local
+ * write in between asks again). So a resolver may run more than once for one conflict and
+ * must not assume it ran in the transaction that commits; the conflict is logged and
+ * reported (on_conflict) once, when the transaction commits. Each callback conflict costs
+ * a retry of its transaction: use the built-in policies for hot paths.
+ */
+typedef enum aamm_resolution (*aamm_resolver_fn)(struct aamm_apply *ap,
+                                                 const struct aamm_conflict *conflict,
+                                                 const struct aamm_relation *relation,
+                                                 struct aamm_tuple *merged, void *arg);
+
 /** Options for aamm_apply_new(). Zero-initialize, then set what you need. */
 struct aamm_apply_options {
     const char *conninfo;        /* copied: libpq connection string of the local node */
@@ -104,6 +132,15 @@ AAMM_API void aamm_apply_free(struct aamm_apply *ap);
  */
 AAMM_API int aamm_apply_set_policy(struct aamm_apply *ap, const char *schema, const char *name,
                                    enum aamm_conflict_policy policy);
+
+/**
+ * Install @fn (with @arg) as the resolver for the relation @schema.@name (copied), or for
+ * every relation without a relation-level policy or resolver when both are NULL; @fn NULL
+ * removes it (the policy rules again). A relation-level resolver or policy set later
+ * overrides an earlier one. Returns 0, AAMM_EINVAL or AAMM_ENOMEM.
+ */
+AAMM_API int aamm_apply_set_resolver(struct aamm_apply *ap, const char *schema, const char *name,
+                                     aamm_resolver_fn fn, void *arg);
 
 /**
  * Start a remote transaction (@txn borrowed: origin node must be the source node; the

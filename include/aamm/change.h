@@ -120,6 +120,12 @@ AAMM_API void aamm_tuple_clear(struct aamm_tuple *tuple);
  *  aamm_tuple_clear()). Returns 0 or AAMM_ENOMEM (then @dst is zeroed). */
 AAMM_API int aamm_tuple_copy(struct aamm_tuple *dst, const struct aamm_tuple *src);
 
+/**
+ * Set @value to a copy of the text @data (@len bytes; a NUL is added), or to SQL NULL when
+ * @data is NULL, freeing what it held. Returns 0 or AAMM_ENOMEM (@value unchanged).
+ */
+AAMM_API int aamm_value_set(struct aamm_value *value, const char *data, size_t len);
+
 /** Whether two tuples (both borrowed) hold the same kinds and bytes, value by value. */
 AAMM_API bool aamm_tuple_equal(const struct aamm_tuple *a, const struct aamm_tuple *b);
 

@@ -45,6 +45,8 @@ enum aamm_resolution {
     AAMM_RESOLVE_SKIP = 3,         /* nothing to do (delete of a missing row, update of a
                                       row a newer delete removed) */
     AAMM_RESOLVE_ERROR = 4,        /* the stream stops with an error */
+    AAMM_RESOLVE_MERGED = 5,       /* a row the host's resolver built is written (it
+                                      carries the remote transaction's version) */
 };
 
 /** Resolution policies, global or per relation (aamm_apply_set_policy()). */
@@ -53,6 +55,8 @@ enum aamm_conflict_policy {
     AAMM_POLICY_KEEP_LOCAL = 1,   /* the local row always stays */
     AAMM_POLICY_APPLY_REMOTE = 2, /* the remote change always wins */
     AAMM_POLICY_ERROR = 3,        /* every conflict stops the stream */
+    AAMM_POLICY_CALLBACK = 4,     /* the host's resolver decides (aamm_apply_set_resolver();
+                                     set by it, not by aamm_apply_set_policy()) */
 };
 
 /**
@@ -127,13 +131,13 @@ AAMM_API const char *aamm_conflict_kind_name(enum aamm_conflict_kind kind);
 /** Parse a kind name; returns the kind or 0 when unknown. @name borrowed. */
 AAMM_API int aamm_conflict_kind_parse(const char *name);
 
-/** Static name of a resolution ("apply_remote", "keep_local", "skip", "error"). */
+/** Static name of a resolution ("apply_remote", "keep_local", "skip", "error", "merged"). */
 AAMM_API const char *aamm_resolution_name(enum aamm_resolution resolution);
 
 /** Parse a resolution name; the resolution or 0 when unknown. @name borrowed. */
 AAMM_API int aamm_resolution_parse(const char *name);
 
-/** Static name of a policy ("lww", "keep_local", "apply_remote", "error"). */
+/** Static name of a policy ("lww", "keep_local", "apply_remote", "error", "callback"). */
 AAMM_API const char *aamm_conflict_policy_name(enum aamm_conflict_policy policy);
 
 #ifdef __cplusplus

@@ -719,6 +719,171 @@ START_TEST(test_policies)
 }
 END_TEST
 
+/* ---- host resolvers ------------------------------------------------------------------ */
+
+struct rsv {
+    enum aamm_resolution answer;
+    int calls;
+    enum aamm_conflict_kind kind;
+    char local[256], remote[256], key[64];
+    bool local_known;
+    uint32_t local_node, remote_node;
+};
+
+/* MERGED: v becomes "<local v>+<remote v>" read from the JSON rows (v is the last column
+ * the test tables have, so a crude scan is enough here) */
+static void json_v(const char *json, char *out, size_t size)
+{
+    const char *p = json ? strstr(json, "\"v\": \"") : NULL;
+    snprintf(out, size, "%s", p ? p + 6 : "");
+    char *q = strchr(out, '"');
+    if (q)
+        *q = '\0';
+}
+
+static enum aamm_resolution resolver(struct aamm_apply *ap, const struct aamm_conflict *c,
+                                     const struct aamm_relation *rel, struct aamm_tuple *merged,
+                                     void *arg)
+{
+    (void)ap;
+    struct rsv *r = arg;
+    r->calls++;
+    r->kind = c->kind;
+    snprintf(r->local, sizeof r->local, "%s", c->local_json ? c->local_json : "");
+    snprintf(r->remote, sizeof r->remote, "%s", c->remote_json ? c->remote_json : "");
+    snprintf(r->key, sizeof r->key, "%s", c->key_json ? c->key_json : "");
+    r->local_known = c->local.known;
+    r->local_node = c->local.origin_node;
+    r->remote_node = c->remote.origin_node;
+    if (r->answer == AAMM_RESOLVE_MERGED) {
+        char lv[64], rv[64], m[160];
+        json_v(c->local_json, lv, sizeof lv);
+        json_v(c->remote_json, rv, sizeof rv);
+        snprintf(m, sizeof m, "%s+%s", lv, rv);
+        int vc = aamm_relation_column(rel, "v");
+        ck_assert_int_ge(vc, 0);
+        ck_assert_int_eq(aamm_value_set(&merged->values[vc], m, strlen(m)), 0);
+    }
+    return r->answer;
+}
+
+/* A host resolver decides every conflict kind that has a choice: it sees the local row and
+ * version and the remote row; apply remote, keep local (against LWW), a merged row (also
+ * for a delete: the row stays), error (the stream holds, nothing later commits, resume
+ * after the host changed its mind); a local write between the resolver's answer and the
+ * retry asks again; a per-relation policy overrides the global resolver. */
+START_TEST(test_resolver)
+{
+    table(0, "rsv", "id int PRIMARY KEY, n int DEFAULT 0, v text");
+    table(0, "rsv2", "id int PRIMARY KEY, v text");
+    struct counts k = {0};
+    struct rsv rs = {0};
+    struct aamm_apply *a = mkapply(0, 21, &k);
+    ck_assert_int_eq(aamm_apply_set_resolver(a, NULL, NULL, resolver, &rs), 0);
+    ck_assert_int_eq(aamm_apply_set_resolver(a, "public", NULL, resolver, &rs), AAMM_EINVAL);
+    struct aamm_relation r, r2;
+    mkrel(&r, "rsv", "id,v", "k-");
+    mkrel(&r2, "rsv2", "id,v", "k-");
+    uint64_t l = 0;
+    int64_t t = now_us() - 100000000;
+
+    /* 1. insert_exists, merged: the local row is older, LWW would take the remote one */
+    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO rsv (id, v) VALUES (1, 'An'), (2, 'Bo'), "
+                                      "(3, 'Cy'), (4, 'Di')"),
+                     0);
+    rs.answer = AAMM_RESOLVE_MERGED;
+    remote_write(a, 21, &l, now_us() + 1000000, 'i', &r, V("1", "Wim"));
+    assert_val(0, "An+Wim", "SELECT v FROM rsv WHERE id = 1");
+    ck_assert_int_eq(rs.calls, 1);
+    ck_assert_int_eq(rs.kind, AAMM_CONFLICT_INSERT_EXISTS);
+    ck_assert_msg(strstr(rs.local, "\"v\": \"An\""), "local %s", rs.local);
+    ck_assert_msg(strstr(rs.remote, "\"v\": \"Wim\""), "remote %s", rs.remote);
+    ck_assert_str_eq(rs.key, "[1]");
+    ck_assert(rs.local_known);
+    ck_assert_uint_eq(rs.local_node, 1); /* this node */
+    ck_assert_uint_eq(rs.remote_node, 21);
+    ck_assert_int_eq(k.conflicts[AAMM_CONFLICT_INSERT_EXISTS], 1);
+    ck_assert_int_eq(k.last_res, AAMM_RESOLVE_MERGED);
+    assert_val(0, "merged:21:1",
+               "SELECT resolution || ':' || remote_node || ':' || local_node FROM "
+               "aamm.conflict_log WHERE relation = 'public.rsv' ORDER BY id DESC LIMIT 1");
+    /* the merged row carries the remote transaction's origin */
+    assert_val(0, "t", "SELECT (pg_xact_commit_timestamp_origin(xmin)).roident = "
+                       "pg_replication_origin_oid('aamm_from_21') FROM rsv WHERE id = 1");
+
+    /* 2. update_origin_differs, keep local although the remote update is newer */
+    rs.answer = AAMM_RESOLVE_KEEP_LOCAL;
+    remote_write(a, 21, &l, now_us() + 1000000, 'u', &r, V("2", "Bob-remote"));
+    assert_val(0, "Bo", "SELECT v FROM rsv WHERE id = 2");
+    ck_assert_int_eq(rs.kind, AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS);
+    ck_assert_int_eq(k.last_res, AAMM_RESOLVE_KEEP_LOCAL);
+
+    /* 3. delete_origin_differs, merged: the row stays with the merged values */
+    rs.answer = AAMM_RESOLVE_MERGED;
+    remote_write(a, 21, &l, now_us() + 1000000, 'd', &r, V("3", "Cy"));
+    assert_val(0, "Cy+", "SELECT v FROM rsv WHERE id = 3");
+    ck_assert_int_eq(rs.kind, AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS);
+
+    /* 4. update_missing, apply remote: inserted */
+    rs.answer = AAMM_RESOLVE_APPLY_REMOTE;
+    remote_write(a, 21, &l, now_us() + 1000000, 'u', &r, V("9", "Ninth"));
+    assert_val(0, "Ninth", "SELECT v FROM rsv WHERE id = 9");
+    ck_assert_int_eq(rs.kind, AAMM_CONFLICT_UPDATE_MISSING);
+
+    /* 5. error holds the stream: the transaction and the one queued after it stay out */
+    rs.answer = AAMM_RESOLVE_ERROR;
+    int calls = rs.calls;
+    uint64_t before = origin_lsn(0, 21);
+    l += 0x100;
+    tbegin(a, 21, l, now_us() + 1000000);
+    tupd(a, &r, NULL, V("4", "Dee"));
+    tcommit(a);
+    l += 0x100;
+    tbegin(a, 21, l, now_us() + 1000000);
+    tins(a, &r, V("10", "Tenth"));
+    tcommit(a);
+    int rc = aamm_apply_flush(a, 30000);
+    ck_assert_int_eq(rc, AAMM_ECONFLICT);
+    ck_assert_msg(strstr(aamm_apply_errmsg(a), "resolver"), "%s", aamm_apply_errmsg(a));
+    ck_assert(aamm_apply_held(a));
+    ck_assert_int_gt(rs.calls, calls);
+    assert_val(0, "Di", "SELECT v FROM rsv WHERE id = 4");
+    assert_val(0, "0", "SELECT count(*) FROM rsv WHERE id = 10");
+    ck_assert_uint_eq(origin_lsn(0, 21), before);
+    /* a local write meanwhile; then the host answers apply remote: asked again, applied */
+    ck_assert_int_eq(pgfx_exec(fx, 0, "UPDATE rsv SET v = 'Dora' WHERE id = 4"), 0);
+    rs.answer = AAMM_RESOLVE_APPLY_REMOTE;
+    ck_assert_int_eq(aamm_apply_resume(a), 0);
+    flush_ok(a);
+    assert_val(0, "Dee", "SELECT v FROM rsv WHERE id = 4");
+    assert_val(0, "Tenth", "SELECT v FROM rsv WHERE id = 10");
+    ck_assert_msg(strstr(rs.local, "Dora"), "the resolver saw %s", rs.local);
+
+    /* 6. a relation policy beats the global resolver; removing a relation resolver falls
+     *    back to the global one */
+    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO rsv2 VALUES (1, 'local'), (2, 'local')"), 0);
+    ck_assert_int_eq(aamm_apply_set_policy(a, "public", "rsv2", AAMM_POLICY_APPLY_REMOTE), 0);
+    calls = rs.calls;
+    remote_write(a, 21, &l, now_us() + 1000000, 'u', &r2, V("1", "remote"));
+    assert_val(0, "remote", "SELECT v FROM rsv2 WHERE id = 1");
+    ck_assert_int_eq(rs.calls, calls);
+    ck_assert_int_eq(aamm_apply_set_resolver(a, "public", "rsv2", resolver, &rs), 0);
+    ck_assert_int_eq(aamm_apply_set_resolver(a, "public", "rsv2", NULL, NULL), 0);
+    rs.answer = AAMM_RESOLVE_KEEP_LOCAL;
+    remote_write(a, 21, &l, now_us() + 1000000, 'u', &r2, V("2", "remote"));
+    assert_val(0, "local", "SELECT v FROM rsv2 WHERE id = 2");
+    ck_assert_int_eq(rs.calls, calls + 1);
+
+    /* every conflict of a committed transaction is logged once */
+    assert_val(0, "7", "SELECT count(*) FROM aamm.conflict_log WHERE relation IN "
+                       "('public.rsv', 'public.rsv2') AND resolution <> 'error'");
+    aamm_relation_clear(&r);
+    aamm_relation_clear(&r2);
+    aamm_apply_free(a);
+    (void)t;
+}
+END_TEST
+
 /* Unchanged-TOAST values are left as they are (never NULL); TRUNCATE is applied and
  * logged as non-convergent; logical messages reach the host callback after commit. */
 START_TEST(test_toast_truncate_messages)
@@ -1108,6 +1273,7 @@ int main(void)
     tcase_add_test(tc, test_delete_conflicts);
     tcase_add_test(tc, test_local_tombstones);
     tcase_add_test(tc, test_policies);
+    tcase_add_test(tc, test_resolver);
     tcase_add_test(tc, test_toast_truncate_messages);
     tcase_add_test(tc, test_lww_hammer);
     tcase_add_test(tc, test_connection_loss);
