@@ -22,7 +22,8 @@
  * Pipelining: queued transactions are sent in libpq pipeline mode, each as
  * BEGIN; guard; changes; COMMIT; Sync. The guard raises unless the origin's progress
  * equals the previous transaction's end LSN, so once transaction N fails, no later one
- * can commit.
+ * can commit; it also takes the transaction's key locks. Runs of inserts into one relation
+ * go out as one statement (doc/ARCHITECTURE.md, "Apply statements").
  *
  * Errors: transient ones (deadlock 40P01, lock timeout 55P03, serialization 40001,
  * connection loss) are retried from the first uncommitted transaction with backoff;

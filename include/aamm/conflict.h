@@ -115,7 +115,9 @@ AAMM_API bool aamm_conflict_lww_remote_wins(const struct aamm_row_version *local
  * (the update carries unchanged TOAST values, so no full row exists to insert) or under
  * POLICY_KEEP_LOCAL, else APPLY_REMOTE (inserted); DELETE_MISSING is SKIP;
  * UNIQUE_OTHER is ERROR; TRUNCATE is APPLY_REMOTE. POLICY_ERROR gives ERROR for every
- * kind except DELETE_MISSING and TRUNCATE. @local (may be NULL: no local version) and
+ * kind except DELETE_MISSING and TRUNCATE. POLICY_CALLBACK is the host resolver's to
+ * decide (apply.h); this function cannot call it and answers ERROR where a resolver would
+ * be asked. @local (may be NULL: no local version) and
  * @remote are borrowed.
  */
 AAMM_API enum aamm_resolution aamm_conflict_decide(enum aamm_conflict_kind kind,
