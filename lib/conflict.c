@@ -83,6 +83,8 @@ enum aamm_resolution aamm_conflict_decide(enum aamm_conflict_kind kind,
             return AAMM_RESOLVE_ERROR;
         if (remote_has_unchanged || policy == AAMM_POLICY_KEEP_LOCAL)
             return AAMM_RESOLVE_SKIP;
+        if (policy == AAMM_POLICY_CALLBACK)
+            return AAMM_RESOLVE_ERROR; /* the resolver's to decide */
         return AAMM_RESOLVE_APPLY_REMOTE;
     case AAMM_CONFLICT_DELETE_MISSING:
         return AAMM_RESOLVE_SKIP;

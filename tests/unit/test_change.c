@@ -96,6 +96,28 @@ START_TEST(tuple_copy_equal)
 END_TEST
 
 /* Clearing a change frees what it owns; kind names are stable. */
+/* aamm_value_set: text copies (with a NUL, embedded bytes kept), NULL, old data freed
+ * (ASan would see a leak), and out of memory leaves the value as it was. */
+START_TEST(value_set)
+{
+    struct aamm_value v = {0};
+    ck_assert_int_eq(aamm_value_set(&v, "ab\0c", 4), 0);
+    ck_assert_int_eq(v.kind, AAMM_VALUE_TEXT);
+    ck_assert_uint_eq(v.len, 4);
+    ck_assert_int_eq(memcmp(v.data, "ab\0c", 5), 0);
+    ck_assert_int_eq(aamm_value_set(&v, "xyz", 2), 0);
+    ck_assert_str_eq(v.data, "xy");
+    aamm__alloc_fail_after(1);
+    ck_assert_int_eq(aamm_value_set(&v, "zz", 2), AAMM_ENOMEM);
+    aamm__alloc_fail_after(0);
+    ck_assert_str_eq(v.data, "xy");
+    ck_assert_int_eq(aamm_value_set(&v, NULL, 7), 0);
+    ck_assert_int_eq(v.kind, AAMM_VALUE_NULL);
+    ck_assert_ptr_null(v.data);
+    ck_assert_uint_eq(v.len, 0);
+}
+END_TEST
+
 START_TEST(change_clear_and_names)
 {
     struct aamm_change ch;
@@ -136,6 +158,7 @@ int main(void)
     tcase_add_test(tc, relation_equal_ignores_oids);
     tcase_add_test(tc, relation_copy_out_of_memory);
     tcase_add_test(tc, tuple_copy_equal);
+    tcase_add_test(tc, value_set);
     tcase_add_test(tc, change_clear_and_names);
     tcase_add_test(tc, transaction_copy);
     suite_add_tcase(s, tc);

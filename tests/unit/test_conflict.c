@@ -60,6 +60,8 @@ START_TEST(test_policies)
                          AAMM_RESOLVE_ERROR);
         ck_assert_int_eq(aamm_conflict_decide(kinds[i], AAMM_POLICY_LWW, &new, &old, false),
                          AAMM_RESOLVE_KEEP_LOCAL);
+        ck_assert_int_eq(aamm_conflict_decide(kinds[i], AAMM_POLICY_CALLBACK, &old, &new, false),
+                         AAMM_RESOLVE_ERROR); /* the host resolver's to decide */
     }
 }
 END_TEST
@@ -84,6 +86,12 @@ START_TEST(test_missing_rules)
     ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_UPDATE_MISSING, AAMM_POLICY_ERROR, NULL,
                                           &rem_new, false),
                      AAMM_RESOLVE_ERROR);
+    ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_UPDATE_MISSING, AAMM_POLICY_CALLBACK, NULL,
+                                          &rem_new, false),
+                     AAMM_RESOLVE_ERROR);
+    ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_UPDATE_MISSING, AAMM_POLICY_CALLBACK, NULL,
+                                          &rem_new, true),
+                     AAMM_RESOLVE_SKIP);
     ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_DELETE_MISSING, AAMM_POLICY_ERROR, NULL,
                                           &rem_new, false),
                      AAMM_RESOLVE_SKIP);
@@ -115,11 +123,13 @@ START_TEST(test_names)
     ck_assert_str_eq(aamm_conflict_kind_name((enum aamm_conflict_kind)99), "unknown");
     ck_assert_int_eq(aamm_conflict_kind_parse("nope"), 0);
     ck_assert_int_eq(aamm_conflict_kind_parse(NULL), 0);
-    for (int r = 1; r <= 4; r++)
+    for (int r = 1; r <= 5; r++)
         ck_assert_int_eq(aamm_resolution_parse(aamm_resolution_name((enum aamm_resolution)r)), r);
     ck_assert_str_eq(aamm_resolution_name((enum aamm_resolution)9), "unknown");
     ck_assert_str_eq(aamm_conflict_policy_name(AAMM_POLICY_LWW), "lww");
     ck_assert_str_eq(aamm_conflict_policy_name(AAMM_POLICY_ERROR), "error");
+    ck_assert_str_eq(aamm_conflict_policy_name(AAMM_POLICY_CALLBACK), "callback");
+    ck_assert_str_eq(aamm_resolution_name(AAMM_RESOLVE_MERGED), "merged");
 }
 END_TEST
 
