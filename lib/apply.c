@@ -1293,7 +1293,8 @@ static int build_locks(const struct qtxn *t, struct sb *ids, struct sb *modes)
         ok = lockreq_push(&v, &n, &cap, (struct lockreq){rel_lock_id(r), NULL, whole, false});
     }
     if (ok) {
-        qsort(v, n, sizeof *v, lockreq_cmp);
+        if (n > 1)
+            qsort(v, n, sizeof *v, lockreq_cmp);
         sb_add(ids, "{");
         sb_add(modes, "{");
         bool first = true;
