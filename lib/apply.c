@@ -54,7 +54,18 @@ struct lrel {
     int *key_r; /* per key column (key order): remote column index */
     int nstmts;
     struct stmt *stmts;
+    unsigned gen; /* bumped at every (re)mapping: part of merged statement shapes */
 };
+
+/* A prepared statement applying a whole small transaction (send_merged()). */
+struct mstmt {
+    char *shape; /* per change: relation id, mapping generation, kind, mask */
+    char name[32];
+    bool prepared;
+};
+
+#define MERGED_MAX 64     /* cached shapes */
+#define MERGE_CHANGES 16  /* at most this many changes per merged statement */
 
 struct qconflict {
     struct qconflict *next;
@@ -161,6 +172,10 @@ struct aamm_apply {
     aamm_resolver_fn resolver; /* global resolver, or NULL */
     void *resolver_arg;
     uint64_t resolver_calls;
+
+    struct mstmt merged[MERGED_MAX];
+    int nmerged;
+    unsigned merged_seq;
 
     uint64_t counters[AAMM_CONFLICT_NKINDS];
     uint64_t committed, skipped;
@@ -306,9 +321,12 @@ static void qtxn_free(struct qtxn *t)
 
 static bool is_transient(const char *sqlstate)
 {
+    /* deadlock, lock timeout, serialization, the guard, object in use, query canceled,
+     * the backend terminated or the server shutting down (57P0x), connection exceptions */
     return strcmp(sqlstate, "40P01") == 0 || strcmp(sqlstate, "55P03") == 0 ||
            strcmp(sqlstate, "40001") == 0 || strcmp(sqlstate, "AA002") == 0 ||
-           strcmp(sqlstate, "55006") == 0 || strcmp(sqlstate, "57014") == 0;
+           strcmp(sqlstate, "55006") == 0 || strcmp(sqlstate, "57014") == 0 ||
+           strncmp(sqlstate, "57P0", 4) == 0 || strncmp(sqlstate, "08", 2) == 0;
 }
 
 /* ====================================================================================
@@ -350,6 +368,13 @@ int aamm_apply_new(struct aamm_apply **out, const struct aamm_apply_options *opt
     return 0;
 }
 
+static void merged_clear(struct aamm_apply *ap)
+{
+    for (int i = 0; i < ap->nmerged; i++)
+        aamm__free(ap->merged[i].shape);
+    ap->nmerged = 0;
+}
+
 static void drop_conn(struct aamm_apply *ap)
 {
     if (ap->conn)
@@ -361,6 +386,8 @@ static void drop_conn(struct aamm_apply *ap)
     ap->progress_query_pending = false;
     ap->recovering = false;
     ap->fixed_prepared = false;
+    for (int i = 0; i < ap->nmerged; i++)
+        ap->merged[i].prepared = false;
     ap->want_write = false;
     for (struct lrel *r = ap->rels; r; r = r->next) {
         r->catalog_pending = false;
@@ -415,6 +442,7 @@ void aamm_apply_free(struct aamm_apply *ap)
         aamm__free(p->name);
         aamm__free(p);
     }
+    merged_clear(ap);
     aamm__free(ap->exp);
     aamm__free(ap->scratch_mask);
     aamm__free(ap->scratch_vals);
@@ -711,6 +739,7 @@ static void map_fail(struct lrel *r, int code, const char *fmt, ...)
 static void map_result(struct lrel *r, PGresult *res)
 {
     lrel_unmap(r);
+    r->gen++;
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         map_fail(r, AAMM_ESERVER, "%s: reading the local catalog: %s", r->label,
                  PQresultErrorMessage(res));
@@ -871,7 +900,39 @@ static char *dyn_params(const char *sql)
     return b.s;
 }
 
-static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_u)
+/* @sql with every parameter $N outside quotes renumbered $(N + @offset) (NULL: out of
+ * memory); the text inside literals (update_missing_exec's statement) is left alone */
+static char *renumber(const char *sql, int offset)
+{
+    struct sb b = {0};
+    char q = 0;
+    for (const char *c = sql; *c; c++) {
+        if (q) {
+            if (*c == q)
+                q = 0;
+            sb_add(&b, "%c", *c);
+        } else if (*c == '"' || *c == '\'') {
+            q = *c;
+            sb_add(&b, "%c", *c);
+        } else if (*c == '$' && c[1] >= '1' && c[1] <= '9') {
+            char *end;
+            long n = strtol(c + 1, &end, 10);
+            sb_add(&b, "$%ld", n + offset);
+            c = end - 1;
+        } else {
+            sb_add(&b, "%c", *c);
+        }
+    }
+    if (b.oom) {
+        aamm__free(b.s);
+        return NULL;
+    }
+    return b.s;
+}
+
+/* The statement for one change (@cte 0), or its items c<cte> [, m<cte>] for the WITH list
+ * of a transaction's merged statement. */
+static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_u, int cte)
 {
     struct sb b = {0};
     uint32_t nc = r->rel.ncolumns;
@@ -951,6 +1012,8 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_add(&b, "), t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
                    "$1::timestamptz, $2::int, $4, NULL::int8)");
     } else if (op == OP_INSERT) {
+        if (cte)
+            sb_add(&b, "c%d AS (", cte);
         sb_add(&b, "INSERT INTO %s AS t (", r->qname);
         int i = 0;
         for (uint32_t c = 0; c < nc; c++)
@@ -993,16 +1056,21 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
                    "$1::timestamptz, $2::int, $4, NULL::int8)");
+        if (cte)
+            sb_add(&b, ")");
     } else if (op == OP_UPDATE) {
         /* the UPDATE, and when it changed no row the update_missing INSERT, run through
          * aamm.update_missing_exec() so that its own snapshot sees what concurrent
          * writers committed meanwhile (a row deleted under the UPDATE) */
-        char *miss = build_sql(r, OP_UPDATE_MISSING, mask, has_u);
+        char *miss = build_sql(r, OP_UPDATE_MISSING, mask, has_u, 0);
         char *dyn = miss ? dyn_params(miss) : NULL;
         aamm__free(miss);
         if (!dyn)
             b.oom = true;
-        sb_add(&b, "WITH u AS (UPDATE %s AS t SET ", r->qname);
+        if (cte)
+            sb_add(&b, "c%d AS (UPDATE %s AS t SET ", cte, r->qname);
+        else
+            sb_add(&b, "WITH u AS (UPDATE %s AS t SET ", r->qname);
         int i = 0;
         for (uint32_t c = 0; c < nc; c++)
             if (mask[c] == '1') {
@@ -1015,20 +1083,25 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_keywhere(&b, r, "t", kparam);
         /* fast path: the local row was written by the same source (or is of unknown age):
          * no conflict; otherwise the decision, evaluated on the row version being updated */
-        sb_add(&b, " AND (COALESCE((SELECT x.timestamp IS NULL OR x.roident = "
-                   "$6::oid FROM pg_catalog.pg_xact_commit_timestamp_origin(t.xmin) x), true) "
-                   "OR aamm.decide('update_origin_differs', $3, ");
+        sb_add(&b, " AND ((pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident "
+                   "OPERATOR(pg_catalog.=) $6::oid OR (pg_catalog.pg_xact_commit_timestamp_origin("
+                   "t.xmin)).timestamp IS NULL OR aamm.decide('update_origin_differs', $3, ");
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", $1::timestamptz, $2::int, $4, NULL::int8)) RETURNING 1) "
-                   "SELECT aamm.update_missing_exec(");
+        sb_add(&b, ", $1::timestamptz, $2::int, $4, NULL::int8)) RETURNING 1)");
+        if (cte)
+            sb_add(&b, ", m%d AS (", cte);
+        sb_add(&b, " SELECT aamm.update_missing_exec(");
         sb_literal(&b, dyn ? dyn : "");
         aamm__free(dyn);
         sb_add(&b, ", ARRAY[");
         for (int pi = 1; pi < p; pi++)
             sb_add(&b, "%s$%d", pi > 1 ? ", " : "", pi);
-        sb_add(&b, "]::text[]) WHERE NOT EXISTS (SELECT 1 FROM u)");
+        if (cte)
+            sb_add(&b, "]::text[]) AS x WHERE NOT EXISTS (SELECT 1 FROM c%d))", cte);
+        else
+            sb_add(&b, "]::text[]) WHERE NOT EXISTS (SELECT 1 FROM u)");
     } else if (op == OP_UPDATE_MISSING) {
         /* a separate statement, so its snapshot sees what the UPDATE just did and what
          * concurrent writers committed meanwhile (a row deleted under the UPDATE) */
@@ -1067,19 +1140,29 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_rowjson(&b, r, mask, vparam);
         sb_add(&b, ", %s, $4, NULL::int8) ON CONFLICT DO NOTHING", has_u ? "true" : "false");
     } else {
-        sb_add(&b, "WITH d AS (DELETE FROM %s AS t WHERE ", r->qname);
+        if (cte)
+            sb_add(&b, "c%d AS (DELETE FROM %s AS t WHERE ", cte, r->qname);
+        else
+            sb_add(&b, "WITH d AS (DELETE FROM %s AS t WHERE ", r->qname);
         sb_keywhere(&b, r, "t", kparam);
         sb_add(&b, " AND aamm.decide('delete_origin_differs', $3, ");
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), NULL, $1::timestamptz, $2::int, $4, "
-                   "$5::int8) RETURNING 1) SELECT aamm.delete_missing($3, ");
+                   "$5::int8) RETURNING 1)");
+        if (cte)
+            sb_add(&b, ", m%d AS (", cte);
+        sb_add(&b, " SELECT aamm.delete_missing($3, ");
         sb_keyjson(&b, r, kparam);
-        sb_add(&b,
-               ", $1::timestamptz, $2::int, NULL, $5::int8) WHERE NOT EXISTS (SELECT 1 "
-               "FROM d) AND NOT EXISTS (SELECT 1 FROM %s t2 WHERE ",
-               r->qname);
+        if (cte)
+            sb_add(&b, ", $1::timestamptz, $2::int, NULL, $5::int8) AS x WHERE NOT EXISTS "
+                       "(SELECT 1 FROM c%d)",
+                   cte);
+        else
+            sb_add(&b, ", $1::timestamptz, $2::int, NULL, $5::int8) WHERE NOT EXISTS (SELECT 1 "
+                       "FROM d)");
+        sb_add(&b, " AND NOT EXISTS (SELECT 1 FROM %s t2 WHERE ", r->qname);
         sb_keywhere(&b, r, "t2", kparam);
-        sb_add(&b, ")");
+        sb_add(&b, ")%s", cte ? ")" : "");
     }
     aamm__free(vparam);
     aamm__free(kparam);
@@ -1138,7 +1221,7 @@ static struct stmt *stmt_for(struct aamm_apply *ap, struct qtxn *t, long idx, st
         snprintf(s->name, sizeof s->name, "aamm_%d_%d_%d", r->id, op, r->nstmts);
         r->nstmts++;
     }
-    char *sql = build_sql(r, op, mask, has_u);
+    char *sql = build_sql(r, op, mask, has_u, 0);
     if (!sql) {
         *rc = AAMM_ENOMEM;
         return NULL;
@@ -1319,6 +1402,8 @@ static int build_locks(const struct qtxn *t, struct sb *ids, struct sb *modes)
 }
 
 static int ensure_scratch(struct aamm_apply *ap, uint32_t nc);
+static int prep_row(struct aamm_apply *ap, struct qtxn *t, long idx, const char **fixed,
+                    char *mask, const char **vals, int *np_out, int *op_out, bool *has_u_out);
 
 /* Send one change of @t. */
 static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const char **fixed)
@@ -1355,6 +1440,36 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
         return 0;
     }
     struct lrel *r = lrel_of(c->relation);
+    if (ensure_scratch(ap, r->rel.ncolumns) < 0)
+        return AAMM_ENOMEM;
+    int op = 0, np = 0;
+    bool has_u = false;
+    char *mask = ap->scratch_mask;
+    const char **vals = ap->scratch_vals;
+    int rc = prep_row(ap, t, idx, fixed, mask, vals, &np, &op, &has_u);
+    if (rc < 0)
+        return rc;
+    struct stmt *s = get_stmt(ap, t, idx, r, op, mask, has_u, &rc);
+    if (!s)
+        return rc;
+    if (!PQsendQueryPrepared(ap->conn, s->name, np, vals, NULL, NULL, 0))
+        return AAMM_ECONN;
+    if (!exp_push(ap, E_STMT, t, r, idx))
+        return AAMM_ENOMEM;
+    return 0;
+}
+
+/*
+ * The statement shape and parameters of the row change @idx of @t: @mask (room for the
+ * relation's columns + 2) gets the written-columns mask, @vals (room for NFIXED_ALL + 2 x
+ * columns) the parameters, *@np their count, *@op the statement kind, *@has_u whether
+ * unchanged-TOAST values are left out. Returns 0 or AAMM_EMALFORMED.
+ */
+static int prep_row(struct aamm_apply *ap, struct qtxn *t, long idx, const char **fixed,
+                    char *mask, const char **vals, int *np_out, int *op_out, bool *has_u_out)
+{
+    struct aamm_change *c = &t->changes[idx];
+    struct lrel *r = lrel_of(c->relation);
     uint32_t nc = r->rel.ncolumns;
     const struct aamm_tuple *nt = c->kind == AAMM_CHANGE_DELETE ? NULL : &c->new_tuple;
     const struct aamm_tuple *ot = c->old_kind != AAMM_OLD_NONE ? &c->old_tuple : NULL;
@@ -1363,9 +1478,6 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
         return aamm__errf(&ap->err, AAMM_EMALFORMED,
                           "apply: %s: tuple does not match the relation (%u columns)", r->label,
                           nc);
-    if (ensure_scratch(ap, nc) < 0)
-        return AAMM_ENOMEM;
-    char *mask = ap->scratch_mask;
     bool has_u = false;
     for (uint32_t i = 0; i < nc; i++) {
         bool w = nt && nt->values[i].kind != AAMM_VALUE_UNCHANGED && r->r2l[i] >= 0;
@@ -1389,14 +1501,6 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
     int op = c->kind == AAMM_CHANGE_INSERT   ? OP_INSERT
              : c->kind == AAMM_CHANGE_UPDATE ? OP_UPDATE
                                              : OP_DELETE;
-    int rc = 0;
-    /* names copied: preparing the second statement may move the statement array */
-    char name1[32];
-    struct stmt *s = get_stmt(ap, t, idx, r, op, mask, has_u, &rc);
-    if (!s)
-        return rc;
-    memcpy(name1, s->name, sizeof name1);
-    const char **vals = ap->scratch_vals;
     int np = 0;
     for (int i = 0; i < NFIXED; i++)
         vals[np++] = fixed[i];
@@ -1414,10 +1518,9 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
     /* appliers are serialized per key by the locks the guard statement took, before
      * this statement's snapshot (build_locks()) */
     vals[4] = NULL;
-    if (!PQsendQueryPrepared(ap->conn, name1, np, vals, NULL, NULL, 0))
-        return AAMM_ECONN;
-    if (!exp_push(ap, E_STMT, t, r, idx))
-        return AAMM_ENOMEM;
+    *np_out = np;
+    *op_out = op;
+    *has_u_out = has_u;
     return 0;
 }
 
@@ -1573,17 +1676,160 @@ static int send_many(struct aamm_apply *ap, struct qtxn *t, size_t i0, size_t i1
     return 0;
 }
 
+/*
+ * Whether @t can go out as one merged statement: 2..MERGE_CHANGES row changes, no run of
+ * inserts for send_many(), no verdicts, and every key (old and new) distinct, since the
+ * items of one statement share its snapshot and cannot see each other's rows.
+ */
+static bool mergeable(const struct qtxn *t)
+{
+    if (t->nobatch || t->verdicts || t->n < 2 || t->n > MERGE_CHANGES)
+        return false;
+    uint64_t keys[2 * MERGE_CHANGES];
+    int nk = 0;
+    for (size_t i = 0; i < t->n; i++) {
+        const struct aamm_change *c = &t->changes[i];
+        if ((c->kind != AAMM_CHANGE_INSERT && c->kind != AAMM_CHANGE_UPDATE &&
+             c->kind != AAMM_CHANGE_DELETE) ||
+            !c->relation)
+            return false;
+        if (insert_run_end(t, i) - i >= BATCH_MIN)
+            return false;
+        const struct lrel *r = lrel_of(c->relation);
+        const struct aamm_tuple *ot = c->old_kind != AAMM_OLD_NONE ? &c->old_tuple : NULL;
+        const struct aamm_tuple *kt[2] = {
+            c->kind == AAMM_CHANGE_DELETE || ot ? ot : &c->new_tuple,
+            c->kind == AAMM_CHANGE_UPDATE && ot ? &c->new_tuple : NULL};
+        for (int j = 0; j < 2; j++) {
+            if (!kt[j])
+                continue;
+            if (kt[j]->nvalues != r->rel.ncolumns)
+                return false;
+            uint64_t h = (uint64_t)key_lock_id(r, kt[j]);
+            for (int x = 0; x < nk; x++)
+                if (keys[x] == h && !(j == 1 && x == nk - 1))
+                    return false;
+            keys[nk++] = h;
+        }
+    }
+    return true;
+}
+
+/*
+ * Send @t (mergeable()) as one statement: WITH c1 AS (...), m1 AS (...), ... SELECT ...,
+ * each change's items built as for its own statement (build_sql()) with its parameters
+ * renumbered after the previous change's. Prepared once per shape. Returns 0, 1 when the
+ * shape cache is full (send the changes one by one), or an error.
+ */
+static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed_in)
+{
+    size_t n = t->n;
+    uint32_t widest = 0;
+    for (size_t i = 0; i < n; i++)
+        if (lrel_of(t->changes[i].relation)->rel.ncolumns > widest)
+            widest = lrel_of(t->changes[i].relation)->rel.ncolumns;
+    size_t per = NFIXED_ALL + 2 * (size_t)widest + 2;
+    const char **vals = aamm__calloc(n * per, sizeof *vals);
+    char *masks = aamm__calloc(n, (size_t)widest + 2);
+    int *ops = aamm__calloc(n, sizeof *ops), *nps = aamm__calloc(n, sizeof *nps);
+    bool *hasu = aamm__calloc(n, sizeof *hasu);
+    struct sb shape = {0};
+    int rc = (vals && masks && ops && nps && hasu) ? 0 : AAMM_ENOMEM;
+    int total = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        const char *fixed[NFIXED];
+        memcpy(fixed, fixed_in, sizeof fixed);
+        struct lrel *r = lrel_of(t->changes[i].relation);
+        fixed[2] = r->label;
+        char *mask = masks + i * (widest + 2);
+        rc = prep_row(ap, t, (long)i, fixed, mask, vals + total, &nps[i], &ops[i], &hasu[i]);
+        if (rc < 0)
+            break;
+        vals[total + 3] = aamm_conflict_policy_name((enum aamm_conflict_policy)policy_of(ap, r));
+        total += nps[i];
+        sb_add(&shape, "%d.%u.%d.%s;", r->id, r->gen, ops[i], mask);
+    }
+    if (rc == 0 && shape.oom)
+        rc = AAMM_ENOMEM;
+    struct mstmt *m = NULL;
+    for (int i = 0; rc == 0 && i < ap->nmerged; i++)
+        if (strcmp(ap->merged[i].shape, shape.s) == 0)
+            m = &ap->merged[i];
+    if (rc == 0 && !m && ap->nmerged == MERGED_MAX)
+        rc = 1;
+    if (rc == 0 && !m) {
+        m = &ap->merged[ap->nmerged];
+        memset(m, 0, sizeof *m);
+        m->shape = shape.s;
+        shape.s = NULL;
+        snprintf(m->name, sizeof m->name, "aamm_m%u", ap->merged_seq++);
+        ap->nmerged++;
+        AAMM_DEBUG("apply: merged statement %s for %s", m->name, m->shape);
+    }
+    if (rc == 0 && !m->prepared) {
+        struct sb sql = {0}, tail = {0};
+        sb_add(&sql, "WITH ");
+        int nm = 0;
+        int off = 0;
+        for (size_t i = 0; i < n; i++) {
+            struct lrel *r = lrel_of(t->changes[i].relation);
+            char *item = build_sql(r, ops[i], masks + i * (widest + 2), hasu[i], (int)i + 1);
+            char *ren = item ? renumber(item, off) : NULL;
+            aamm__free(item);
+            if (!ren) {
+                sql.oom = true;
+                break;
+            }
+            sb_add(&sql, "%s%s", i ? ", " : "", ren);
+            aamm__free(ren);
+            if (ops[i] != OP_INSERT) /* an m item runs only when read */
+                sb_add(&tail, "%s SELECT x::text FROM m%zu", nm++ ? " UNION ALL" : "", i + 1);
+            off += nps[i];
+        }
+        sb_add(&sql, "%s", nm ? tail.s : " SELECT NULL::text");
+        Oid *types = aamm__malloc((size_t)total * sizeof *types);
+        if (sql.oom || tail.oom || !types) {
+            rc = AAMM_ENOMEM;
+        } else {
+            for (int i = 0; i < total; i++)
+                types[i] = 25; /* text: every item casts its parameters */
+            if (!PQsendPrepare(ap->conn, m->name, sql.s, total, types))
+                rc = AAMM_ECONN;
+            else if (!exp_push(ap, E_PREPARE, t, NULL, 0))
+                rc = AAMM_ENOMEM;
+            else
+                m->prepared = true;
+        }
+        aamm__free(types);
+        aamm__free(sql.s);
+        aamm__free(tail.s);
+    }
+    if (rc == 0) {
+        if (!PQsendQueryPrepared(ap->conn, m->name, total, vals, NULL, NULL, 0))
+            rc = AAMM_ECONN;
+        else if (!exp_push(ap, E_STMT, t, NULL, 0))
+            rc = AAMM_ENOMEM;
+    }
+    aamm__free(shape.s);
+    aamm__free(vals);
+    aamm__free(masks);
+    aamm__free(ops);
+    aamm__free(nps);
+    aamm__free(hasu);
+    return rc;
+}
+
 /* The guard (the origin's progress must be the previous transaction's end LSN, or an
  * earlier transaction failed: raise), the origin's commit LSN and timestamp, and the key
  * locks (build_locks()). Plain SQL: the PL/pgSQL function runs only when the guard trips. */
 static const char guard_sql[] =
-    "SELECT pg_catalog.pg_replication_origin_xact_setup($3::pg_lsn, $4::timestamptz), "
-    "(SELECT pg_catalog.count(CASE WHEN u.e THEN pg_catalog.pg_advisory_xact_lock(u.x)::text "
-    "ELSE pg_catalog.pg_advisory_xact_lock_shared(u.x)::text END) FROM ROWS FROM ("
-    "pg_catalog.unnest($5::int8[]), pg_catalog.unnest($6::bool[])) WITH ORDINALITY AS "
-    "u(x, e, o)) FROM (SELECT COALESCE(pg_catalog.pg_replication_origin_progress($1, false), "
+    "SELECT pg_catalog.pg_replication_origin_xact_setup($3::pg_lsn, $4::timestamptz)::text "
+    "FROM (SELECT COALESCE(pg_catalog.pg_replication_origin_progress($1, false), "
     "'0/0') AS cur) g WHERE CASE WHEN g.cur OPERATOR(pg_catalog.=) $2::pg_lsn THEN true ELSE "
-    "aamm.guard_failed($1, g.cur, $2::pg_lsn) END";
+    "aamm.guard_failed($1, g.cur, $2::pg_lsn) END "
+    "UNION ALL SELECT CASE WHEN u.e THEN pg_catalog.pg_advisory_xact_lock(u.x)::text "
+    "ELSE pg_catalog.pg_advisory_xact_lock_shared(u.x)::text END FROM ROWS FROM ("
+    "pg_catalog.unnest($5::int8[]), pg_catalog.unnest($6::bool[])) AS u(x, e)";
 
 
 /* Send @t as BEGIN; guard; changes; conflicts; COMMIT; Sync. Returns 0, 1 when it has to
@@ -1657,7 +1903,11 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
     if (rc < 0)
         return rc;
     const char *fixed[NFIXED] = {ts, node, NULL, NULL, NULL};
-    for (size_t i = 0; i < t->n;) {
+    rc = mergeable(t) ? send_merged(ap, t, fixed) : 1;
+    if (rc < 0)
+        return rc;
+    bool merged = rc == 0;
+    for (size_t i = 0; !merged && i < t->n;) {
         if (t->changes[i].relation)
             fixed[2] = lrel_of(t->changes[i].relation)->label;
         size_t j = t->nobatch ? i : insert_run_end(t, i);
@@ -1980,6 +2230,10 @@ static void after_failure(struct aamm_apply *ap)
 {
     struct qtxn *t = ap->fail_txn, *orig = t;
     bool was_batched = !t->nobatch;
+    if (PQstatus(ap->conn) == CONNECTION_BAD) { /* e.g. the backend was terminated */
+        conn_error(ap, "reading results");
+        return;
+    }
     /* 1. the session may sit in an aborted transaction block: end it; forget statements
      *    that may not exist; re-read the progress the guard compares with */
     PQsendQueryParams(ap->conn, "ROLLBACK", 0, NULL, NULL, NULL, NULL, 0);
@@ -2003,6 +2257,8 @@ static void after_failure(struct aamm_apply *ap)
         for (int i = 0; i < r->nstmts; i++)
             r->stmts[i].prepared = false;
     ap->fixed_prepared = false;
+    for (int i = 0; i < ap->nmerged; i++)
+        ap->merged[i].prepared = false;
     t->nobatch = true; /* its retry names the change that fails */
     struct qtxn keep = *t; /* the first failure's details, for the message below */
     t->errmsg = NULL;
@@ -2442,6 +2698,7 @@ int aamm_apply_resume(struct aamm_apply *ap)
         return aamm__errf(&ap->err, AAMM_ESTATE, "apply: resume: the stream is not held");
     for (struct lrel *r = ap->rels; r; r = r->next)
         lrel_unmap(r);
+    merged_clear(ap);
     ap->held_code = 0;
     aamm__errclear(&ap->err);
     if (ap->conn) {

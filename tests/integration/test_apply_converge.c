@@ -222,8 +222,14 @@ static void local_op(const char *tbl)
         snprintf(sql, sizeof sql,
                  "INSERT INTO %s VALUES (%d, %d, 'i%d', '%s') ON CONFLICT DO NOTHING", tbl, k, v,
                  node, big);
-    else if (r < 85)
+    else if (r < 80)
         snprintf(sql, sizeof sql, "DELETE FROM %s WHERE id = %d", tbl, k);
+    else if (r < 88) /* three keys, mostly distinct: apply merges it into one statement */
+        snprintf(sql, sizeof sql,
+                 "BEGIN; UPDATE %s SET a = a + 2, s = 'x%d' WHERE id = %d; DELETE FROM %s WHERE "
+                 "id = %d; INSERT INTO %s VALUES (%d, %d, 'y', '%s') ON CONFLICT DO NOTHING; "
+                 "COMMIT",
+                 tbl, node, k, tbl, k2, tbl, 1 + (k + k2) % NKEYS, v, big);
     else
         snprintf(sql, sizeof sql,
                  "BEGIN; UPDATE %s SET a = a + 1, s = 'm%d' WHERE id = %d; DELETE FROM %s WHERE "
