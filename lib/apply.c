@@ -1356,24 +1356,53 @@ static int build_locks(const struct qtxn *t, struct sb *ids, struct sb *modes)
                 ok = lockreq_push(&v, &n, &cap,
                                   (struct lockreq){key_lock_id(r, kt[j]), r, true, false});
     }
-    /* per relation: its key count decides between key locks and one relation lock */
+    /* per relation: its key count decides between key locks and one relation lock
+     * (a transaction touches few relations: a short list, not a table) */
     size_t nk = n;
-    for (size_t i = 0; i < nk && ok; i++) {
-        const struct lrel *r = v[i].rel;
-        size_t first = i, cnt = 0;
-        for (size_t j = 0; j < nk; j++)
-            if (v[j].rel == r) {
-                if (j < first)
-                    first = j;
-                cnt++;
+    const struct lrel *rels[16];
+    size_t cnt[16];
+    int nr = 0;
+    bool overflow = false;
+    for (size_t i = 0; i < nk; i++) {
+        int j = 0;
+        while (j < nr && rels[j] != v[i].rel)
+            j++;
+        if (j == nr) {
+            if (nr == 16) {
+                overflow = true;
+                continue;
             }
-        if (first != i)
-            continue; /* this relation was handled at its first key */
-        bool whole = cnt > KEYLOCKS_PER_REL;
-        for (size_t j = 0; whole && j < nk; j++)
-            if (v[j].rel == r)
-                v[j].dropped = true;
-        ok = lockreq_push(&v, &n, &cap, (struct lockreq){rel_lock_id(r), NULL, whole, false});
+            rels[nr] = v[i].rel;
+            cnt[nr++] = 0;
+        }
+        cnt[j]++;
+    }
+    if (overflow) { /* many relations: count them the slow way */
+        nr = 0;
+        for (size_t i = 0; i < nk && ok; i++) {
+            bool first = true;
+            size_t c = 0;
+            for (size_t j = 0; j < nk; j++) {
+                if (v[j].rel == v[i].rel && j < i)
+                    first = false;
+                c += v[j].rel == v[i].rel;
+            }
+            if (!first)
+                continue;
+            bool whole = c > KEYLOCKS_PER_REL;
+            for (size_t j = 0; whole && j < nk; j++)
+                if (v[j].rel == v[i].rel)
+                    v[j].dropped = true;
+            ok = lockreq_push(&v, &n, &cap,
+                              (struct lockreq){rel_lock_id(v[i].rel), NULL, whole, false});
+        }
+    }
+    for (int j = 0; j < nr && ok; j++) {
+        bool whole = cnt[j] > KEYLOCKS_PER_REL;
+        for (size_t i = 0; whole && i < nk; i++)
+            if (v[i].rel == rels[j])
+                v[i].dropped = true;
+        ok = lockreq_push(&v, &n, &cap, (struct lockreq){rel_lock_id(rels[j]), NULL, whole, false});
     }
     if (ok) {
         if (n > 1)
@@ -1569,7 +1598,10 @@ static size_t insert_run_end(const struct qtxn *t, size_t i0)
     const struct lrel *r = lrel_of(c0->relation);
     uint32_t nc = r->rel.ncolumns;
     uint64_t seen[2 * BATCH_ROWS]; /* open addressing on the key hash */
-    memset(seen, 0, sizeof seen);
+    size_t slots = 2 * BATCH_ROWS, left = t->n - i0;
+    if (2 * left + 1 < slots)
+        slots = 2 * left + 1;
+    memset(seen, 0, slots * sizeof *seen);
     size_t bytes = 0, i;
     for (i = i0; i < t->n && i - i0 < BATCH_ROWS && bytes < BATCH_BYTES; i++) {
         const struct aamm_change *c = &t->changes[i];
@@ -1587,9 +1619,9 @@ static size_t insert_run_end(const struct qtxn *t, size_t i0)
         if (!ok)
             break;
         uint64_t h = (uint64_t)key_lock_id(r, &c->new_tuple) | 1;
-        size_t slot = (size_t)(h % (2 * BATCH_ROWS));
+        size_t slot = (size_t)(h % slots);
         while (seen[slot] && seen[slot] != h)
-            slot = (slot + 1) % (2 * BATCH_ROWS);
+            slot = (slot + 1) % slots;
         if (seen[slot] == h)
             break; /* the same key twice (or a hash twin): a new statement from here */
         seen[slot] = h;
