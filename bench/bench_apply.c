@@ -1,10 +1,10 @@
-/* bench_apply.c: catch-up from a backlog, end to end libaamm capture -> apply (wired in
- * process) against PostgreSQL's native subscription, between local clusters on this
- * machine. Node 0 is the source; node 1 catches up through a native subscription, node 2
- * through libaamm. Backlogs: bulk rows in 1,000-row transactions; pgbench transactions;
- * then bulk rows with 10% of the keys already present on the libaamm target (conflicts,
- * LWW, logged) against libaamm's own conflict-free bulk rate.
- * Sizes scale with AAMM_BENCH_SCALE (default 1: 1,000,000 rows, 100,000 pgbench txns). */
+/* bench_apply.c: catch-up from a backlog, end to end libaamm capture -> wire (encoded
+ * and decoded in process, as a link carries it) -> apply against PostgreSQL's native subscription,
+ * between local clusters on this machine. Node 0 is the source; node 1 catches up through a native
+ * subscription, node 2 through libaamm. Backlogs: bulk rows in 1,000-row transactions; pgbench
+ * transactions; then bulk rows with 10% of the keys already present on the libaamm target
+ * (conflicts, LWW, logged) against libaamm's own conflict-free bulk rate. Sizes scale with
+ * AAMM_BENCH_SCALE (default 1: 1,000,000 rows, 100,000 pgbench txns). */
 #include <inttypes.h>
 #include <poll.h>
 #include <stdio.h>
@@ -18,6 +18,7 @@
 #include <aamm/apply.h>
 #include <aamm/capture.h>
 #include <aamm/node.h>
+#include <aamm/wire.h>
 
 #include "pgfixture.h"
 
@@ -69,9 +70,18 @@ static void schema(int node)
     exec(node, "CREATE TABLE bench_marker (id int PRIMARY KEY)");
 }
 
+/* one connection per node for polling: a new backend per poll would cost more CPU than
+ * the query (and be charged to whichever side is catching up) */
+static PGconn *pollconn[3];
+
 static long marker_count(int node)
 {
-    return pgfx_value_long(fx, node, -1, "SELECT count(*) FROM bench_marker");
+    if (!pollconn[node])
+        pollconn[node] = pgfx_connect(fx, node);
+    PGresult *res = PQexec(pollconn[node], "SELECT count(*) FROM bench_marker");
+    long n = PQresultStatus(res) == PGRES_TUPLES_OK ? atol(PQgetvalue(res, 0, 0)) : -1;
+    PQclear(res);
+    return n;
 }
 
 /* ---- libaamm: capture (node 0, slot aamm_to_3) -> apply (node 2) ------------------- */
@@ -103,13 +113,67 @@ static void dbg(const char *where)
     if (getenv("BENCH_DEBUG") && t - last_dbg > 1) {
         last_dbg = t;
         fprintf(stderr, "dbg %s: pending %zu committed %" PRIu64 " iterations %ld events %d\n",
-                where, aamm_apply_pending(ap), aamm_apply_committed(ap), n,
-                aamm_apply_events(ap));
+                where, aamm_apply_pending(ap), aamm_apply_committed(ap), n, aamm_apply_events(ap));
         n = 0;
     }
 }
 
 /* run capture -> apply until the marker row count on node 2 reaches @want */
+/* the wire between capture and apply: frames encoded as a link would send them (CRC,
+ * LZ4 above the threshold, relation dictionary), decoded as the peer would */
+static struct aamm_wire_encoder *enc;
+static struct aamm_wire_decoder *dec;
+
+static void apply_change_waiting(struct aamm_change *c)
+{
+    int arc;
+    while ((arc = aamm_apply_change(ap, c)) == AAMM_EBUSY) {
+        if (aamm_apply_step(ap) != 0)
+            die(aamm_apply_errmsg(ap));
+        dbg("busy");
+        struct pollfd p = {aamm_apply_fd(ap), POLLIN, 0};
+        if (aamm_apply_events(ap) & AAMM_APPLY_WRITE)
+            p.events |= POLLOUT;
+        poll(&p, 1, aamm_apply_timeout(ap) == 0 ? 0 : 1);
+    }
+    if (arc != 0)
+        die(aamm_apply_errmsg(ap));
+}
+
+/* move every complete frame from the encoder through the decoder into apply */
+static void pump_wire(void)
+{
+    for (;;) {
+        size_t len = 0, acc = 0;
+        const uint8_t *b = aamm_wire_encoder_pending(enc, &len);
+        if (len == 0)
+            return;
+        if (aamm_wire_decoder_feed(dec, b, len, &acc) != 0)
+            die(aamm_wire_decoder_errmsg(dec));
+        aamm_wire_encoder_consume(enc, acc);
+        struct aamm_wire_event ev;
+        int rc;
+        while ((rc = aamm_wire_decoder_next(dec, &ev)) == 0) {
+            if (ev.kind == AAMM_WIRE_EV_BEGIN) {
+                if (aamm_apply_begin(ap, &ev.txn) != 0)
+                    die(aamm_apply_errmsg(ap));
+            } else if (ev.kind == AAMM_WIRE_EV_CHANGE) {
+                struct aamm_change c;
+                if (aamm_wire_decoder_take_change(dec, &c) != 0)
+                    die("take change");
+                apply_change_waiting(&c);
+                aamm_change_clear(&c);
+            } else if (ev.kind == AAMM_WIRE_EV_COMMIT) {
+                if (aamm_apply_commit(ap, &ev.txn) != 0)
+                    die(aamm_apply_errmsg(ap));
+            }
+        }
+        if (rc != AAMM_EAGAIN)
+            die(aamm_wire_decoder_errmsg(dec));
+    }
+}
+
+/* run capture -> wire -> apply until the marker row count on node 2 reaches @want */
 static double libaamm_catch_up(long want)
 {
     double t0 = now_s(), last_check = 0;
@@ -122,35 +186,22 @@ static double libaamm_catch_up(long want)
         int budget = 20000;
         while (budget-- > 0 && (rc = aamm_capture_next(cap, &ev)) == 1) {
             if (ev.kind == AAMM_CAPTURE_BEGIN) {
-                if (aamm_apply_begin(ap, ev.txn) != 0)
-                    die(aamm_apply_errmsg(ap));
+                if (aamm_wire_encode_begin(enc, ev.txn) != 0)
+                    die(aamm_wire_encoder_errmsg(enc));
                 open_txn = true;
             } else if (ev.kind == AAMM_CAPTURE_CHANGE && open_txn) {
-                struct aamm_change c = *ev.change; /* copy: apply takes the contents */
-                if (aamm_tuple_copy(&c.new_tuple, &ev.change->new_tuple) != 0 ||
-                    aamm_tuple_copy(&c.old_tuple, &ev.change->old_tuple) != 0)
-                    die("copy");
-                c.relations = NULL;
-                c.nrelations = 0;
-                c.prefix = c.content = NULL;
-                int arc;
-                while ((arc = aamm_apply_change(ap, &c)) == AAMM_EBUSY) {
-                    if (aamm_apply_step(ap) != 0)
-                        die(aamm_apply_errmsg(ap));
-                    dbg("busy");
-                    struct pollfd p = {aamm_apply_fd(ap), POLLIN, 0};
-                    if (aamm_apply_events(ap) & AAMM_APPLY_WRITE)
-                        p.events |= POLLOUT;
-                    poll(&p, 1, aamm_apply_timeout(ap) == 0 ? 0 : 1);
-                }
-                if (arc != 0)
-                    die(aamm_apply_errmsg(ap));
+                if (aamm_wire_encode_change(enc, ev.change) != 0)
+                    die(aamm_wire_encoder_errmsg(enc));
             } else if (ev.kind == AAMM_CAPTURE_COMMIT && open_txn) {
-                if (aamm_apply_commit(ap, ev.txn) != 0)
-                    die(aamm_apply_errmsg(ap));
+                if (aamm_wire_encode_commit(enc, ev.txn) != 0)
+                    die(aamm_wire_encoder_errmsg(enc));
                 open_txn = false;
             }
+            pump_wire(); /* full frames */
         }
+        if (!open_txn && aamm_wire_encoder_flush(enc) != 0)
+            die(aamm_wire_encoder_errmsg(enc));
+        pump_wire();
         if (aamm_apply_step(ap) != 0)
             die(aamm_apply_errmsg(ap));
         if (aamm_apply_flushed(ap))
@@ -238,6 +289,8 @@ int main(void)
     o.synchronous_commit_off = true;
     if (aamm_apply_new(&ap, &o) != 0)
         die("apply new");
+    if (aamm_wire_encoder_new(&enc, NULL) != 0 || aamm_wire_decoder_new(&dec, NULL) != 0)
+        die("wire new");
 
     /* 1. bulk backlog */
     fprintf(stderr, "bench_apply: %ld bulk rows\n", rows);
@@ -280,18 +333,21 @@ int main(void)
     printf("BENCH apply_pgbench_ratio %.3f x\n", nat / lib);
     fflush(stdout);
     if (getenv("BENCH_DEBUG")) {
-        char *f = pgfx_value(fx, 2, "SELECT string_agg(funcname || '=' || calls || '/' || "
-                                    "round(total_time) || 'ms', ' ') FROM pg_stat_user_functions");
+        char *f = pgfx_value(fx, 2,
+                             "SELECT string_agg(funcname || '=' || calls || '/' || "
+                             "round(total_time) || 'ms', ' ') FROM pg_stat_user_functions");
         fprintf(stderr, "dbg functions: %s\n", f ? f : "?");
         free(f);
-        f = pgfx_value(fx, 2, "SELECT string_agg(kind || ':' || relation || '=' || n, ' ') FROM "
-                              "(SELECT kind, relation, count(*) n FROM aamm.conflict_log GROUP BY "
-                              "1, 2) x");
+        f = pgfx_value(fx, 2,
+                       "SELECT string_agg(kind || ':' || relation || '=' || n, ' ') FROM "
+                       "(SELECT kind, relation, count(*) n FROM aamm.conflict_log GROUP BY "
+                       "1, 2) x");
         fprintf(stderr, "dbg conflicts: %s\n", f ? f : "?");
         free(f);
-        f = pgfx_value(fx, 2, "SELECT (SELECT count(*) FROM pgbench_accounts a WHERE "
-                              "pg_xact_commit_timestamp(a.xmin) IS NOT NULL)::text || ' ' || "
-                              "(SELECT count(*) FROM aamm.tombstone)");
+        f = pgfx_value(fx, 2,
+                       "SELECT (SELECT count(*) FROM pgbench_accounts a WHERE "
+                       "pg_xact_commit_timestamp(a.xmin) IS NOT NULL)::text || ' ' || "
+                       "(SELECT count(*) FROM aamm.tombstone)");
         fprintf(stderr, "dbg accounts with ts, tombstones: %s\n", f ? f : "?");
         free(f);
     }
@@ -322,7 +378,11 @@ int main(void)
     printf("BENCH apply_conflict10_logged %" PRIu64 " conflicts\n",
            aamm_apply_conflicts(ap, AAMM_CONFLICT_INSERT_EXISTS));
     PQfinish(a);
+    for (int i = 0; i < 3; i++)
+        PQfinish(pollconn[i]);
     aamm_apply_free(ap);
+    aamm_wire_encoder_free(enc);
+    aamm_wire_decoder_free(dec);
     aamm_capture_free(cap);
     pgfx_destroy(fx);
     return 0;

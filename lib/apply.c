@@ -64,8 +64,8 @@ struct mstmt {
     bool prepared;
 };
 
-#define MERGED_MAX 64     /* cached shapes */
-#define MERGE_CHANGES 16  /* at most this many changes per merged statement */
+#define MERGED_MAX 64    /* cached shapes */
+#define MERGE_CHANGES 16 /* at most this many changes per merged statement */
 
 struct qconflict {
     struct qconflict *next;
@@ -133,7 +133,7 @@ struct aamm_apply {
     char roident[16];
     bool progress_query_pending;
     bool need_progress;
-    bool recovering; /* after a failure, until the origin progress is re-read */
+    bool recovering;     /* after a failure, until the origin progress is re-read */
     bool fixed_prepared; /* aamm_begin, aamm_guard, aamm_conf, aamm_commit */
 
     struct lrel *rels;
@@ -1154,8 +1154,9 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_add(&b, " SELECT aamm.delete_missing($3, ");
         sb_keyjson(&b, r, kparam);
         if (cte)
-            sb_add(&b, ", $1::timestamptz, $2::int, NULL, $5::int8) AS x WHERE NOT EXISTS "
-                       "(SELECT 1 FROM c%d)",
+            sb_add(&b,
+                   ", $1::timestamptz, $2::int, NULL, $5::int8) AS x WHERE NOT EXISTS "
+                   "(SELECT 1 FROM c%d)",
                    cte);
         else
             sb_add(&b, ", $1::timestamptz, $2::int, NULL, $5::int8) WHERE NOT EXISTS (SELECT 1 "
@@ -1294,7 +1295,10 @@ static int64_t key_lock_id(const struct lrel *r, const struct aamm_tuple *kt)
 /* The advisory lock id of a whole relation (a prefix no key hash starts from). */
 static int64_t rel_lock_id(const struct lrel *r)
 {
-    uint64_t h = fnv(FNV_INIT, "\x1e" "relation", 9);
+    uint64_t h = fnv(FNV_INIT,
+                     "\x1e"
+                     "relation",
+                     9);
     return (int64_t)fnv(h, r->label, strlen(r->label));
 }
 
@@ -1348,9 +1352,9 @@ static int build_locks(const struct qtxn *t, struct sb *ids, struct sb *modes)
             continue;
         const struct lrel *r = lrel_of(c->relation);
         const struct aamm_tuple *ot = c->old_kind != AAMM_OLD_NONE ? &c->old_tuple : NULL;
-        const struct aamm_tuple *kt[2] = {
-            c->kind == AAMM_CHANGE_DELETE || ot ? ot : &c->new_tuple,
-            c->kind == AAMM_CHANGE_UPDATE && ot ? &c->new_tuple : NULL};
+        const struct aamm_tuple *kt[2] = {c->kind == AAMM_CHANGE_DELETE || ot ? ot : &c->new_tuple,
+                                          c->kind == AAMM_CHANGE_UPDATE && ot ? &c->new_tuple
+                                                                              : NULL};
         for (int j = 0; j < 2 && ok; j++)
             if (kt[j] && kt[j]->nvalues == r->rel.ncolumns)
                 ok = lockreq_push(&v, &n, &cap,
@@ -1431,8 +1435,8 @@ static int build_locks(const struct qtxn *t, struct sb *ids, struct sb *modes)
 }
 
 static int ensure_scratch(struct aamm_apply *ap, uint32_t nc);
-static int prep_row(struct aamm_apply *ap, struct qtxn *t, long idx, const char **fixed,
-                    char *mask, const char **vals, int *np_out, int *op_out, bool *has_u_out);
+static int prep_row(struct aamm_apply *ap, struct qtxn *t, long idx, const char **fixed, char *mask,
+                    const char **vals, int *np_out, int *op_out, bool *has_u_out);
 
 /* Send one change of @t. */
 static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const char **fixed)
@@ -1494,8 +1498,8 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
  * columns) the parameters, *@np their count, *@op the statement kind, *@has_u whether
  * unchanged-TOAST values are left out. Returns 0 or AAMM_EMALFORMED.
  */
-static int prep_row(struct aamm_apply *ap, struct qtxn *t, long idx, const char **fixed,
-                    char *mask, const char **vals, int *np_out, int *op_out, bool *has_u_out)
+static int prep_row(struct aamm_apply *ap, struct qtxn *t, long idx, const char **fixed, char *mask,
+                    const char **vals, int *np_out, int *op_out, bool *has_u_out)
 {
     struct aamm_change *c = &t->changes[idx];
     struct lrel *r = lrel_of(c->relation);
@@ -1729,9 +1733,9 @@ static bool mergeable(const struct qtxn *t)
             return false;
         const struct lrel *r = lrel_of(c->relation);
         const struct aamm_tuple *ot = c->old_kind != AAMM_OLD_NONE ? &c->old_tuple : NULL;
-        const struct aamm_tuple *kt[2] = {
-            c->kind == AAMM_CHANGE_DELETE || ot ? ot : &c->new_tuple,
-            c->kind == AAMM_CHANGE_UPDATE && ot ? &c->new_tuple : NULL};
+        const struct aamm_tuple *kt[2] = {c->kind == AAMM_CHANGE_DELETE || ot ? ot : &c->new_tuple,
+                                          c->kind == AAMM_CHANGE_UPDATE && ot ? &c->new_tuple
+                                                                              : NULL};
         for (int j = 0; j < 2; j++) {
             if (!kt[j])
                 continue;
@@ -1863,7 +1867,6 @@ static const char guard_sql[] =
     "ELSE pg_catalog.pg_advisory_xact_lock_shared(u.x)::text END FROM ROWS FROM ("
     "pg_catalog.unnest($5::int8[]), pg_catalog.unnest($6::bool[])) AS u(x, e)";
 
-
 /* Send @t as BEGIN; guard; changes; conflicts; COMMIT; Sync. Returns 0, 1 when it has to
  * wait (catalog), or an error. */
 static int send_txn(struct aamm_apply *ap, struct qtxn *t)
@@ -1905,9 +1908,8 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
         static const struct {
             const char *name, *sql;
             int nparams;
-        } fx[] = {{"aamm_begin", "BEGIN", 0},
-                  {"aamm_guard", guard_sql, 6},
-                  {"aamm_commit", "COMMIT", 0}};
+        } fx[] = {
+            {"aamm_begin", "BEGIN", 0}, {"aamm_guard", guard_sql, 6}, {"aamm_commit", "COMMIT", 0}};
         for (size_t i = 0; i < sizeof fx / sizeof *fx; i++)
             if (!PQsendPrepare(ap->conn, fx[i].name, fx[i].sql, fx[i].nparams, NULL) ||
                 !exp_push(ap, E_PREPARE, t, NULL, -1))
@@ -2189,8 +2191,10 @@ static int resolve(struct aamm_apply *ap, struct qtxn *t, long idx, const char *
     }
     if (nf < 6) {
         aamm__free(copy);
-        return aamm__errf(&ap->err, AAMM_EPROTO, "apply: %s: malformed resolver request from "
-                          "the server; stream held", r->label);
+        return aamm__errf(&ap->err, AAMM_EPROTO,
+                          "apply: %s: malformed resolver request from "
+                          "the server; stream held",
+                          r->label);
     }
     f[6] = p; /* the remote row: the rest */
     struct aamm_conflict cf = {0};
@@ -2237,11 +2241,11 @@ static int resolve(struct aamm_apply *ap, struct qtxn *t, long idx, const char *
         }
         break;
     default:
-        rc = aamm__errf(&ap->err, AAMM_ECONFLICT,
-                        "apply: %s: %s conflict on key %s: the resolver returned an error; "
-                        "stream held",
-                        r->label, aamm_conflict_kind_name(cf.kind),
-                        cf.key_json ? cf.key_json : "?");
+        rc =
+            aamm__errf(&ap->err, AAMM_ECONFLICT,
+                       "apply: %s: %s conflict on key %s: the resolver returned an error; "
+                       "stream held",
+                       r->label, aamm_conflict_kind_name(cf.kind), cf.key_json ? cf.key_json : "?");
         if (ap->opt.on_conflict) {
             cf.resolution = AAMM_RESOLVE_ERROR;
             ap->opt.on_conflict(&cf, ap->opt.conflict_arg);
@@ -2291,7 +2295,7 @@ static void after_failure(struct aamm_apply *ap)
     ap->fixed_prepared = false;
     for (int i = 0; i < ap->nmerged; i++)
         ap->merged[i].prepared = false;
-    t->nobatch = true; /* its retry names the change that fails */
+    t->nobatch = true;     /* its retry names the change that fails */
     struct qtxn keep = *t; /* the first failure's details, for the message below */
     t->errmsg = NULL;
     ap->cursor = ap->head;

@@ -150,7 +150,8 @@ static const char install_sql[] =
     "  RAISE EXCEPTION USING ERRCODE = 'AA004',\n"
     "    MESSAGE = pg_catalog.format('aamm: %s conflict on key %s is for the resolver', kind, k),\n"
     "    DETAIL = pg_catalog.concat_ws(chr(31), kind, COALESCE(lxmin, ''),\n"
-    "      COALESCE((extract(epoch FROM lts) * 1000000)::int8::text, ''), COALESCE(lnode::text, ''),\n"
+    "      COALESCE((extract(epoch FROM lts) * 1000000)::int8::text, ''), COALESCE(lnode::text, "
+    "''),\n"
     "      COALESCE(k::text, ''), COALESCE(lrow::text, ''), COALESCE(rrow::text, ''));\n"
     "END $f$;\n"
     /* the decision for a remote write that found a local row (doc/conflicts.md);

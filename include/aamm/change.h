@@ -74,14 +74,14 @@ struct aamm_column {
  * order, and which of them form the key.
  */
 struct aamm_relation {
-    uint32_t oid;      /* node-local relation OID (information only, never sent) */
-    char *schema;      /* heap: schema name ("public") */
-    char *name;        /* heap: relation name */
+    uint32_t oid;          /* node-local relation OID (information only, never sent) */
+    char *schema;          /* heap: schema name ("public") */
+    char *name;            /* heap: relation name */
     char replica_identity; /* AAMM_REPLIDENT_* */
     uint32_t ncolumns;
     struct aamm_column *columns; /* heap: ncolumns entries */
-    uint32_t generation; /* bumped every time the producer replaces this relation's
-                            definition (columns added, dropped or renamed) */
+    uint32_t generation;         /* bumped every time the producer replaces this relation's
+                                    definition (columns added, dropped or renamed) */
 };
 
 /**
@@ -98,8 +98,7 @@ AAMM_API int aamm_relation_copy(struct aamm_relation *dst, const struct aamm_rel
 
 /** Whether two relations (both borrowed) have the same schema, name, replica identity and
  *  columns (names, type names, type modifiers and flags; node-local OIDs are not compared). */
-AAMM_API bool aamm_relation_equal(const struct aamm_relation *a,
-                                  const struct aamm_relation *b);
+AAMM_API bool aamm_relation_equal(const struct aamm_relation *a, const struct aamm_relation *b);
 
 /** Index (>= 0) of the column called @name (exact, case-sensitive) in @rel, or -1 when
  *  there is none. Both borrowed. */
@@ -170,15 +169,15 @@ struct aamm_change {
     struct aamm_tuple old_tuple;          /* heap; valid when old_kind != AAMM_OLD_NONE */
     struct aamm_tuple new_tuple;          /* heap; INSERT/UPDATE */
 
-    uint32_t nrelations;                   /* TRUNCATE */
+    uint32_t nrelations;                    /* TRUNCATE */
     const struct aamm_relation **relations; /* heap array of borrowed pointers */
-    uint32_t truncate_flags;               /* AAMM_TRUNCATE_* */
+    uint32_t truncate_flags;                /* AAMM_TRUNCATE_* */
 
-    bool transactional;    /* MESSAGE: part of the transaction, or emitted on its own */
-    uint64_t message_lsn;  /* MESSAGE: LSN of the message record */
-    char *prefix;          /* MESSAGE: heap, NUL-terminated */
-    uint32_t content_len;  /* MESSAGE */
-    char *content;         /* MESSAGE: heap, content_len bytes plus a NUL (may hold NULs) */
+    bool transactional;   /* MESSAGE: part of the transaction, or emitted on its own */
+    uint64_t message_lsn; /* MESSAGE: LSN of the message record */
+    char *prefix;         /* MESSAGE: heap, NUL-terminated */
+    uint32_t content_len; /* MESSAGE */
+    char *content;        /* MESSAGE: heap, content_len bytes plus a NUL (may hold NULs) */
 };
 
 /** Free everything @change owns (not the borrowed relations) and zero it. NULL ok. */

@@ -788,8 +788,9 @@ START_TEST(test_resolver)
     int64_t t = now_us() - 100000000;
 
     /* 1. insert_exists, merged: the local row is older, LWW would take the remote one */
-    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO rsv (id, v) VALUES (1, 'An'), (2, 'Bo'), "
-                                      "(3, 'Cy'), (4, 'Di')"),
+    ck_assert_int_eq(pgfx_exec(fx, 0,
+                               "INSERT INTO rsv (id, v) VALUES (1, 'An'), (2, 'Bo'), "
+                               "(3, 'Cy'), (4, 'Di')"),
                      0);
     rs.answer = AAMM_RESOLVE_MERGED;
     remote_write(a, 21, &l, now_us() + 1000000, 'i', &r, V("1", "Wim"));
@@ -808,8 +809,9 @@ START_TEST(test_resolver)
                "SELECT resolution || ':' || remote_node || ':' || local_node FROM "
                "aamm.conflict_log WHERE relation = 'public.rsv' ORDER BY id DESC LIMIT 1");
     /* the merged row carries the remote transaction's origin */
-    assert_val(0, "t", "SELECT (pg_xact_commit_timestamp_origin(xmin)).roident = "
-                       "pg_replication_origin_oid('aamm_from_21') FROM rsv WHERE id = 1");
+    assert_val(0, "t",
+               "SELECT (pg_xact_commit_timestamp_origin(xmin)).roident = "
+               "pg_replication_origin_oid('aamm_from_21') FROM rsv WHERE id = 1");
 
     /* 2. update_origin_differs, keep local although the remote update is newer */
     rs.answer = AAMM_RESOLVE_KEEP_LOCAL;
@@ -875,8 +877,9 @@ START_TEST(test_resolver)
     ck_assert_int_eq(rs.calls, calls + 1);
 
     /* every conflict of a committed transaction is logged once */
-    assert_val(0, "7", "SELECT count(*) FROM aamm.conflict_log WHERE relation IN "
-                       "('public.rsv', 'public.rsv2') AND resolution <> 'error'");
+    assert_val(0, "7",
+               "SELECT count(*) FROM aamm.conflict_log WHERE relation IN "
+               "('public.rsv', 'public.rsv2') AND resolution <> 'error'");
     aamm_relation_clear(&r);
     aamm_relation_clear(&r2);
     aamm_apply_free(a);
@@ -1107,9 +1110,10 @@ START_TEST(test_connection_loss)
             ck_assert_int_eq(aamm_apply_step(ap), 0);
         }
         if (i % (n / 4) == 0) {
-            ck_assert_int_eq(pgfx_exec(fx, 0, "SELECT pg_terminate_backend(pid) FROM "
-                                              "pg_stat_activity WHERE application_name = "
-                                              "'aamm apply from 19'"),
+            ck_assert_int_eq(pgfx_exec(fx, 0,
+                                       "SELECT pg_terminate_backend(pid) FROM "
+                                       "pg_stat_activity WHERE application_name = "
+                                       "'aamm apply from 19'"),
                              0);
             kills++;
         }

@@ -78,9 +78,8 @@ END_TEST
 /* Tuples copy and compare value by value, kinds included. */
 START_TEST(tuple_copy_equal)
 {
-    struct aamm_value v[] = {{AAMM_VALUE_TEXT, 4, "2574"},
-                             {AAMM_VALUE_NULL, 0, NULL},
-                             {AAMM_VALUE_UNCHANGED, 0, NULL}};
+    struct aamm_value v[] = {
+        {AAMM_VALUE_TEXT, 4, "2574"}, {AAMM_VALUE_NULL, 0, NULL}, {AAMM_VALUE_UNCHANGED, 0, NULL}};
     struct aamm_tuple t = {3, v}, c;
     ck_assert_int_eq(aamm_tuple_copy(&c, &t), 0);
     ck_assert(aamm_tuple_equal(&t, &c));
