@@ -2434,10 +2434,14 @@ static int handle_result(struct aamm_apply *ap, PGresult *res)
             e.t->failed = true;
         }
         break;
-    case E_CATALOG:
+    case E_CATALOG: {
         e.rel->catalog_pending = false;
+        const char *ss = err ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+        if (err && (PQstatus(ap->conn) == CONNECTION_BAD || (ss && is_transient(ss))))
+            break; /* not a verdict on the mapping: read the catalog again later */
         map_result(e.rel, res);
         break;
+    }
     case E_PROGRESS:
         ap->progress_query_pending = false;
         if (st == PGRES_TUPLES_OK && PQntuples(res) == 1 && !PQgetisnull(res, 0, 0))

@@ -91,6 +91,10 @@ struct aamm_consensus {
     bool transport_open;
     struct raft_io io;
     bool io_open;
+    /* io->close interposed (io_close_once()): raft's close callback runs at most once */
+    void (*io_close)(struct raft_io *io, raft_io_close_cb cb);
+    raft_io_close_cb io_close_cb;
+    bool io_close_fired;
     struct raft raft;
     bool raft_open;
     struct aamm__cs_fsm fsm;
@@ -360,6 +364,32 @@ static void fail_new(char *errmsg, size_t size, const struct aamm__err *err)
 
 static void on_fwd_accept(struct aamm__cs_conn *c, void *arg);
 
+/* raft 0.15's uv backend can call its close callback twice when two pending operations
+ * finish after the close began (each completion re-checks "everything closed?" and fires
+ * the callback again); raft's own callback then frees its address copy twice (seen under
+ * ASan as a double free inside raft_close). The io's close method is interposed so that
+ * raft's callback runs exactly once. */
+static void io_close_fired_once(struct raft_io *io)
+{
+    struct aamm_consensus *cs =
+        (struct aamm_consensus *)((char *)io - offsetof(struct aamm_consensus, io));
+    if (cs->io_close_fired) {
+        AAMM_INFO("consensus: raft's io close callback fired again; ignored");
+        return;
+    }
+    cs->io_close_fired = true;
+    if (cs->io_close_cb != NULL)
+        cs->io_close_cb(io);
+}
+
+static void io_close_once(struct raft_io *io, raft_io_close_cb cb)
+{
+    struct aamm_consensus *cs =
+        (struct aamm_consensus *)((char *)io - offsetof(struct aamm_consensus, io));
+    cs->io_close_cb = cb;
+    cs->io_close(io, io_close_fired_once);
+}
+
 AAMM_API int aamm_consensus_new(struct aamm_consensus **out, const struct aamm_consensus_options *o,
                                 char *errmsg, size_t errmsg_size)
 {
@@ -486,6 +516,8 @@ AAMM_API int aamm_consensus_new(struct aamm_consensus **out, const struct aamm_c
         goto fail;
     }
     cs->io_open = true;
+    cs->io_close = cs->io.close;
+    cs->io.close = io_close_once;
     aamm__cs_fsm_init(&cs->fsm, &cs->raft);
     rc = raft_init(&cs->raft, &cs->io, &cs->fsm.fsm, cs->id, cs->address);
     if (rc != 0) {
