@@ -870,9 +870,12 @@ static void sb_rowjson(struct sb *b, const struct lrel *r, const char *mask, con
     sb_add(b, ")");
 }
 
-/* @sql with every parameter $N outside quotes rewritten as ($1[N]): the text a PL/pgSQL
- * EXECUTE ... USING <text[] of the parameters> runs (NULL: out of memory) */
-static char *dyn_params(const char *sql)
+/*
+ * @sql with every parameter $N outside quotes rewritten: as ($1[N]) when @as_array (the text
+ * a PL/pgSQL EXECUTE ... USING <text[] of the parameters> runs), else as $(N + @offset).
+ * Text inside literals (update_missing_exec's statement) is left alone. NULL: no memory.
+ */
+static char *rewrite_params(const char *sql, bool as_array, int offset)
 {
     struct sb b = {0};
     char q = 0;
@@ -887,37 +890,10 @@ static char *dyn_params(const char *sql)
         } else if (*c == '$' && c[1] >= '1' && c[1] <= '9') {
             char *end;
             long n = strtol(c + 1, &end, 10);
-            sb_add(&b, "($1[%ld])", n);
-            c = end - 1;
-        } else {
-            sb_add(&b, "%c", *c);
-        }
-    }
-    if (b.oom) {
-        aamm__free(b.s);
-        return NULL;
-    }
-    return b.s;
-}
-
-/* @sql with every parameter $N outside quotes renumbered $(N + @offset) (NULL: out of
- * memory); the text inside literals (update_missing_exec's statement) is left alone */
-static char *renumber(const char *sql, int offset)
-{
-    struct sb b = {0};
-    char q = 0;
-    for (const char *c = sql; *c; c++) {
-        if (q) {
-            if (*c == q)
-                q = 0;
-            sb_add(&b, "%c", *c);
-        } else if (*c == '"' || *c == '\'') {
-            q = *c;
-            sb_add(&b, "%c", *c);
-        } else if (*c == '$' && c[1] >= '1' && c[1] <= '9') {
-            char *end;
-            long n = strtol(c + 1, &end, 10);
-            sb_add(&b, "$%ld", n + offset);
+            if (as_array)
+                sb_add(&b, "($1[%ld])", n);
+            else
+                sb_add(&b, "$%ld", n + offset);
             c = end - 1;
         } else {
             sb_add(&b, "%c", *c);
@@ -951,10 +927,14 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
     for (int k = 0; k < r->nkeys; k++)
         kparam[k] = (op == OP_DELETE || oldkey) ? p++ : vparam[r->key_r[k]];
 
-    if (op == OP_INSERT_MANY) {
-        /* a run of inserts with distinct keys: one text[] per written column, unnested
-         * and cast; the tombstone probe runs only when the relation has tombstones, the
-         * decision functions only for the rows that meet a tombstone or an existing key */
+    if (op == OP_INSERT || op == OP_INSERT_MANY) {
+        /* OP_INSERT_MANY: a run of inserts with distinct keys, one text[] per written
+         * column, unnested and cast. The tombstone probe runs only when the relation has
+         * tombstones, the decision functions only for the rows that meet a tombstone or an
+         * existing key. */
+        bool many = op == OP_INSERT_MANY;
+        if (cte)
+            sb_add(&b, "c%d AS (", cte);
         sb_add(&b, "INSERT INTO %s AS t (", r->qname);
         int i = 0;
         for (uint32_t c = 0; c < nc; c++)
@@ -962,7 +942,7 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
                 sb_add(&b, "%s", i++ ? ", " : "");
                 sb_ident(&b, r->rel.columns[c].name);
             }
-        b.batch = true;
+        b.batch = many;
         sb_add(&b, ") SELECT ");
         i = 0;
         for (uint32_t c = 0; c < nc; c++)
@@ -970,17 +950,20 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
                 sb_add(&b, "%s", i++ ? ", " : "");
                 sb_param(&b, r, (int)c, vparam[c]);
             }
-        sb_add(&b, " FROM ROWS FROM (");
-        i = 0;
-        for (uint32_t c = 0; c < nc; c++)
-            if (mask[c] == '1')
-                sb_add(&b, "%spg_catalog.unnest($%d::text[])", i++ ? ", " : "", vparam[c]);
-        sb_add(&b, ") AS s(");
-        i = 0;
-        for (uint32_t c = 0; c < nc; c++)
-            if (mask[c] == '1')
-                sb_add(&b, "%sp%d", i++ ? ", " : "", vparam[c]);
-        sb_add(&b, ") WHERE NOT EXISTS (SELECT 1 FROM aamm.tombstone tb0 WHERE tb0.relation "
+        if (many) {
+            sb_add(&b, " FROM ROWS FROM (");
+            i = 0;
+            for (uint32_t c = 0; c < nc; c++)
+                if (mask[c] == '1')
+                    sb_add(&b, "%spg_catalog.unnest($%d::text[])", i++ ? ", " : "", vparam[c]);
+            sb_add(&b, ") AS s(");
+            i = 0;
+            for (uint32_t c = 0; c < nc; c++)
+                if (mask[c] == '1')
+                    sb_add(&b, "%sp%d", i++ ? ", " : "", vparam[c]);
+            sb_add(&b, ")");
+        }
+        sb_add(&b, " WHERE NOT EXISTS (SELECT 1 FROM aamm.tombstone tb0 WHERE tb0.relation "
                    "OPERATOR(pg_catalog.=) $3) OR NOT EXISTS (SELECT 1 FROM aamm.tombstone tb "
                    "WHERE tb.relation OPERATOR(pg_catalog.=) $3 AND tb.key "
                    "OPERATOR(pg_catalog.=) ");
@@ -1011,51 +994,6 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         }
         sb_add(&b, "), t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
                    "$1::timestamptz, $2::int, $4, NULL::int8)");
-    } else if (op == OP_INSERT) {
-        if (cte)
-            sb_add(&b, "c%d AS (", cte);
-        sb_add(&b, "INSERT INTO %s AS t (", r->qname);
-        int i = 0;
-        for (uint32_t c = 0; c < nc; c++)
-            if (mask[c] == '1') {
-                sb_add(&b, "%s", i++ ? ", " : "");
-                sb_ident(&b, r->rel.columns[c].name);
-            }
-        sb_add(&b, ") SELECT ");
-        i = 0;
-        for (uint32_t c = 0; c < nc; c++)
-            if (mask[c] == '1') {
-                sb_add(&b, "%s", i++ ? ", " : "");
-                sb_param(&b, r, (int)c, vparam[c]);
-            }
-        /* the decision function only when the key has a tombstone (see OP_INSERT_MANY) */
-        sb_add(&b, " WHERE NOT EXISTS (SELECT 1 FROM aamm.tombstone tb0 WHERE tb0.relation "
-                   "OPERATOR(pg_catalog.=) $3) OR NOT EXISTS (SELECT 1 FROM aamm.tombstone tb "
-                   "WHERE tb.relation OPERATOR(pg_catalog.=) $3 AND tb.key "
-                   "OPERATOR(pg_catalog.=) ");
-        sb_keyjson(&b, r, kparam);
-        sb_add(&b, ") OR aamm.insert_ok($3, ");
-        sb_keyjson(&b, r, kparam);
-        sb_add(&b, ", $1::timestamptz, $2::int, ");
-        sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", $4, $5::int8) ON CONFLICT (");
-        for (int k = 0; k < r->nkeys; k++) {
-            sb_add(&b, "%s", k ? ", " : "");
-            sb_ident(&b, r->rel.columns[r->key_r[k]].name);
-        }
-        sb_add(&b, ") DO UPDATE SET ");
-        i = 0;
-        for (uint32_t c = 0; c < nc; c++)
-            if (mask[c] == '1') {
-                sb_add(&b, "%s", i++ ? ", " : "");
-                sb_ident(&b, r->rel.columns[c].name);
-                sb_add(&b, " = EXCLUDED.");
-                sb_ident(&b, r->rel.columns[c].name);
-            }
-        sb_add(&b, " WHERE aamm.decide('insert_exists', $3, ");
-        sb_keyjson(&b, r, kparam);
-        sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
-                   "$1::timestamptz, $2::int, $4, NULL::int8)");
         if (cte)
             sb_add(&b, ")");
     } else if (op == OP_UPDATE) {
@@ -1063,7 +1001,7 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
          * aamm.update_missing_exec() so that its own snapshot sees what concurrent
          * writers committed meanwhile (a row deleted under the UPDATE) */
         char *miss = build_sql(r, OP_UPDATE_MISSING, mask, has_u, 0);
-        char *dyn = miss ? dyn_params(miss) : NULL;
+        char *dyn = miss ? rewrite_params(miss, true, 0) : NULL;
         aamm__free(miss);
         if (!dyn)
             b.oom = true;
@@ -1810,7 +1748,7 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
         for (size_t i = 0; i < n; i++) {
             struct lrel *r = lrel_of(t->changes[i].relation);
             char *item = build_sql(r, ops[i], masks + i * (widest + 2), hasu[i], (int)i + 1);
-            char *ren = item ? renumber(item, off) : NULL;
+            char *ren = item ? rewrite_params(item, false, off) : NULL;
             aamm__free(item);
             if (!ren) {
                 sql.oom = true;
