@@ -171,7 +171,6 @@ struct aamm_apply {
     } * policies;
     aamm_resolver_fn resolver; /* global resolver, or NULL */
     void *resolver_arg;
-    uint64_t resolver_calls;
 
     struct mstmt merged[MERGED_MAX];
     int nmerged;
@@ -2153,7 +2152,6 @@ static int resolve(struct aamm_apply *ap, struct qtxn *t, long idx, const char *
         aamm__free(copy);
         return aamm__errf(&ap->err, AAMM_ENOMEM, "apply: out of memory");
     }
-    ap->resolver_calls++;
     enum aamm_resolution res = fn(ap, &cf, &r->rel, &merged, arg);
     int rc = 0;
     switch (res) {

@@ -105,20 +105,9 @@ static const char install_sql[] =
     "  ON CONFLICT (relation, key) DO UPDATE SET relation = EXCLUDED.relation;\n"
     "  RETURN NULL;\n"
     "END $f$;\n"
-    /* open a remote transaction: the guard (pipelining must never commit transaction N+1
-     * after N failed) and the origin's commit LSN and timestamp */
-    "CREATE OR REPLACE FUNCTION aamm.begin_remote(origin text, prev pg_lsn, endlsn pg_lsn,\n"
-    "  ts timestamptz) RETURNS void LANGUAGE plpgsql AS $f$\n"
-    "DECLARE cur pg_lsn;\n"
-    "BEGIN\n"
-    "  cur := COALESCE(pg_catalog.pg_replication_origin_progress(origin, false),\n"
-    "                             '0/0');\n"
-    "  IF cur OPERATOR(pg_catalog.<>) prev THEN\n"
-    "    RAISE EXCEPTION 'aamm: origin % is at %, expected % (an earlier transaction did not "
-    "commit)', origin, cur, prev USING ERRCODE = 'AA002';\n"
-    "  END IF;\n"
-    "  PERFORM pg_catalog.pg_replication_origin_xact_setup(endlsn, ts);\n"
-    "END $f$;\n"
+    /* the guard of a remote transaction is plain SQL in lib/apply.c (guard_sql); this
+     * raises when it trips (pipelining must never commit transaction N+1 after N failed) */
+    "DROP FUNCTION IF EXISTS aamm.begin_remote(text, pg_lsn, pg_lsn, timestamptz);\n"
     "CREATE OR REPLACE FUNCTION aamm.guard_failed(origin text, cur pg_lsn, prev pg_lsn)\n"
     "  RETURNS boolean LANGUAGE plpgsql AS $f$\n"
     "BEGIN\n"
