@@ -374,6 +374,37 @@ static void merged_clear(struct aamm_apply *ap)
     ap->nmerged = 0;
 }
 
+/* The session lost its prepared statements (new connection, DEALLOCATE ALL). */
+static void forget_prepared(struct aamm_apply *ap)
+{
+    ap->fixed_prepared = false;
+    for (int i = 0; i < ap->nmerged; i++)
+        ap->merged[i].prepared = false;
+    for (struct lrel *r = ap->rels; r; r = r->next)
+        for (int i = 0; i < r->nstmts; i++)
+            r->stmts[i].prepared = false;
+}
+
+/* Every transaction not committed goes out again from the first one, as if never sent. */
+static void unsend_all(struct aamm_apply *ap)
+{
+    ap->cursor = ap->head;
+    for (struct qtxn *q = ap->head; q; q = q->next) {
+        if (q->done)
+            continue;
+        q->sent = false;
+        q->failed = false;
+        q->committed_ok = false;
+        qtxn_drop_conflicts(q);
+        q->sqlstate[0] = '\0';
+        q->err_change = -1;
+        aamm__free(q->errmsg);
+        q->errmsg = NULL;
+    }
+    ap->ninflight = 0;
+    ap->fail_txn = NULL;
+}
+
 static void drop_conn(struct aamm_apply *ap)
 {
     if (ap->conn)
@@ -384,27 +415,11 @@ static void drop_conn(struct aamm_apply *ap)
     ap->ninflight = 0;
     ap->progress_query_pending = false;
     ap->recovering = false;
-    ap->fixed_prepared = false;
-    for (int i = 0; i < ap->nmerged; i++)
-        ap->merged[i].prepared = false;
     ap->want_write = false;
-    for (struct lrel *r = ap->rels; r; r = r->next) {
+    for (struct lrel *r = ap->rels; r; r = r->next)
         r->catalog_pending = false;
-        for (int i = 0; i < r->nstmts; i++)
-            r->stmts[i].prepared = false;
-    }
-    ap->cursor = ap->head;
-    for (struct qtxn *t = ap->head; t; t = t->next) {
-        if (!t->done) {
-            t->sent = false;
-            t->failed = false;
-            t->committed_ok = false;
-            qtxn_drop_conflicts(t);
-            aamm__free(t->errmsg);
-            t->errmsg = NULL;
-        }
-    }
-    ap->fail_txn = NULL;
+    forget_prepared(ap);
+    unsend_all(ap);
 }
 
 void aamm_apply_free(struct aamm_apply *ap)
@@ -814,10 +829,10 @@ static void map_result(struct lrel *r, PGresult *res)
  * Statement text
  * ==================================================================================== */
 
-/* Parameters: $1 commit time, $2 source node, $3 relation label, $4 policy, $5 key lock id,
- * $6 the session origin's roident, then values. */
-#define NFIXED 5
-#define NFIXED_ALL 6
+/* Parameters: $1 commit time, $2 source node, $3 relation label, $4 policy (or verdict),
+ * $5 the session origin's roident, then values. */
+#define NFIXED 4
+#define NFIXED_ALL 5
 
 static void sb_param(struct sb *b, const struct lrel *r, int rcol, int pno)
 {
@@ -971,7 +986,7 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", $1::timestamptz, $2::int, ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", $4, $5::int8) ON CONFLICT (");
+        sb_add(&b, ", $4) ON CONFLICT (");
         b.batch = false;
         for (int k = 0; k < r->nkeys; k++) {
             sb_add(&b, "%s", k ? ", " : "");
@@ -992,7 +1007,7 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
             sb_ident(&b, r->rel.columns[r->key_r[k]].name);
         }
         sb_add(&b, "), t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
-                   "$1::timestamptz, $2::int, $4, NULL::int8)");
+                   "$1::timestamptz, $2::int, $4)");
         if (cte)
             sb_add(&b, ")");
     } else if (op == OP_UPDATE) {
@@ -1021,12 +1036,12 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         /* fast path: the local row was written by the same source (or is of unknown age):
          * no conflict; otherwise the decision, evaluated on the row version being updated */
         sb_add(&b, " AND ((pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident "
-                   "OPERATOR(pg_catalog.=) $6::oid OR (pg_catalog.pg_xact_commit_timestamp_origin("
+                   "OPERATOR(pg_catalog.=) $5::oid OR (pg_catalog.pg_xact_commit_timestamp_origin("
                    "t.xmin)).timestamp IS NULL OR aamm.decide('update_origin_differs', $3, ");
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", $1::timestamptz, $2::int, $4, NULL::int8)) RETURNING 1)");
+        sb_add(&b, ", $1::timestamptz, $2::int, $4)) RETURNING 1)");
         if (cte)
             sb_add(&b, ", m%d AS (", cte);
         sb_add(&b, " SELECT aamm.update_missing_exec(");
@@ -1075,7 +1090,7 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", $1::timestamptz, $2::int, ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", %s, $4, NULL::int8) ON CONFLICT DO NOTHING", has_u ? "true" : "false");
+        sb_add(&b, ", %s, $4) ON CONFLICT DO NOTHING", has_u ? "true" : "false");
     } else {
         if (cte)
             sb_add(&b, "c%d AS (DELETE FROM %s AS t WHERE ", cte, r->qname);
@@ -1084,19 +1099,19 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_keywhere(&b, r, "t", kparam);
         sb_add(&b, " AND aamm.decide('delete_origin_differs', $3, ");
         sb_keyjson(&b, r, kparam);
-        sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), NULL, $1::timestamptz, $2::int, $4, "
-                   "$5::int8) RETURNING 1)");
+        sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), NULL, $1::timestamptz, $2::int, $4) "
+                   "RETURNING 1)");
         if (cte)
             sb_add(&b, ", m%d AS (", cte);
         sb_add(&b, " SELECT aamm.delete_missing($3, ");
         sb_keyjson(&b, r, kparam);
         if (cte)
             sb_add(&b,
-                   ", $1::timestamptz, $2::int, NULL, $5::int8) AS x WHERE NOT EXISTS "
+                   ", $1::timestamptz, $2::int, NULL) AS x WHERE NOT EXISTS "
                    "(SELECT 1 FROM c%d)",
                    cte);
         else
-            sb_add(&b, ", $1::timestamptz, $2::int, NULL, $5::int8) WHERE NOT EXISTS (SELECT 1 "
+            sb_add(&b, ", $1::timestamptz, $2::int, NULL) WHERE NOT EXISTS (SELECT 1 "
                        "FROM d)");
         sb_add(&b, " AND NOT EXISTS (SELECT 1 FROM %s t2 WHERE ", r->qname);
         sb_keywhere(&b, r, "t2", kparam);
@@ -1487,7 +1502,6 @@ static int prep_row(struct aamm_apply *ap, struct qtxn *t, long idx, const char 
             vals[np++] = ot->values[r->key_r[k]].data;
     /* appliers are serialized per key by the locks the guard statement took, before
      * this statement's snapshot (build_locks()) */
-    vals[4] = NULL;
     *np_out = np;
     *op_out = op;
     *has_u_out = has_u;
@@ -1616,7 +1630,6 @@ static int send_many(struct aamm_apply *ap, struct qtxn *t, size_t i0, size_t i1
         vals[np++] = fixed[i];
     vals[np++] = ap->roident;
     vals[3] = aamm_conflict_policy_name((enum aamm_conflict_policy)policy_of(ap, r));
-    vals[4] = NULL;
     bool oom = false;
     for (uint32_t c = 0; c < nc; c++) {
         if (mask[c] != '1')
@@ -1873,7 +1886,7 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
     aamm__free(modes.s);
     if (rc < 0)
         return rc;
-    const char *fixed[NFIXED] = {ts, node, NULL, NULL, NULL};
+    const char *fixed[NFIXED] = {ts, node, NULL, NULL};
     rc = mergeable(t) ? send_merged(ap, t, fixed) : 1;
     if (rc < 0)
         return rc;
@@ -1978,6 +1991,23 @@ static void qtxn_drop_conflicts(struct qtxn *t)
  * after the previous statement's result was taken, so the statement that met the conflict
  * is the head of the expect queue. Kept with its transaction, reported when it commits.
  */
+/* Split @s in place at chr(31) into @n fields (the last one takes the rest); false when
+ * there are fewer. The server's messages put JSON (which never holds chr(31) raw) first and
+ * free text last. */
+static bool split_fields(char *s, char **f, int n)
+{
+    for (int i = 0; i < n - 1; i++) {
+        f[i] = s;
+        char *sep = strchr(s, '\x1f');
+        if (!sep)
+            return false;
+        *sep = '\0';
+        s = sep + 1;
+    }
+    f[n - 1] = s;
+    return true;
+}
+
 static void on_notice(void *arg, const PGresult *res)
 {
     struct aamm_apply *ap = arg;
@@ -1988,22 +2018,14 @@ static void on_notice(void *arg, const PGresult *res)
     struct qtxn *t = ap->exp[ap->exp_head].t;
     if (!t)
         return;
-    char *f[10] = {0};
+    char *f[10];
     char *copy = aamm__strdup(d);
     if (!copy)
         return;
-    char *p = copy;
-    for (int i = 0; i < 9; i++) {
-        f[i] = p;
-        char *sep = strchr(p, '\x1f');
-        if (!sep) {
-            aamm__free(copy);
-            return; /* not ours after all */
-        }
-        *sep = '\0';
-        p = sep + 1;
+    if (!split_fields(copy, f, 10)) { /* not ours after all */
+        aamm__free(copy);
+        return;
     }
-    f[9] = p; /* the relation: everything after the ninth separator */
     struct qconflict *q = aamm__calloc(1, sizeof *q);
     if (!q) {
         aamm__free(copy);
@@ -2116,24 +2138,14 @@ static int resolve(struct aamm_apply *ap, struct qtxn *t, long idx, const char *
     char *copy = aamm__strdup(detail ? detail : "");
     if (!copy)
         return aamm__errf(&ap->err, AAMM_ENOMEM, "apply: out of memory");
-    char *f[7] = {0}, *p = copy;
-    int nf = 0;
-    for (; nf < 6; nf++) {
-        char *sep = strchr(p, '\x1f');
-        if (!sep)
-            break;
-        f[nf] = p;
-        *sep = '\0';
-        p = sep + 1;
-    }
-    if (nf < 6) {
+    char *f[7];
+    if (!split_fields(copy, f, 7)) {
         aamm__free(copy);
         return aamm__errf(&ap->err, AAMM_EPROTO,
                           "apply: %s: malformed resolver request from "
                           "the server; stream held",
                           r->label);
     }
-    f[6] = p; /* the remote row: the rest */
     struct aamm_conflict cf = {0};
     cf.kind = (enum aamm_conflict_kind)aamm_conflict_kind_parse(f[0]);
     cf.relation = r->label;
@@ -2225,31 +2237,12 @@ static void after_failure(struct aamm_apply *ap)
     exp_push(ap, E_REPROGRESS, NULL, NULL, 0);
     PQpipelineSync(ap->conn);
     exp_push(ap, E_MISC, NULL, NULL, 0);
-    for (struct lrel *r = ap->rels; r; r = r->next)
-        for (int i = 0; i < r->nstmts; i++)
-            r->stmts[i].prepared = false;
-    ap->fixed_prepared = false;
-    for (int i = 0; i < ap->nmerged; i++)
-        ap->merged[i].prepared = false;
+    forget_prepared(ap);
     t->nobatch = true;     /* its retry names the change that fails */
     struct qtxn keep = *t; /* the first failure's details, for the message below */
     t->errmsg = NULL;
-    ap->cursor = ap->head;
-    for (struct qtxn *q = ap->head; q; q = q->next) {
-        if (q->done)
-            continue;
-        q->sent = false;
-        q->failed = false;
-        q->committed_ok = false;
-        qtxn_drop_conflicts(q);
-        q->sqlstate[0] = '\0';
-        q->err_change = -1;
-        aamm__free(q->errmsg);
-        q->errmsg = NULL;
-    }
+    unsend_all(ap);
     t = &keep;
-    ap->ninflight = 0;
-    ap->fail_txn = NULL;
     /* nothing is sent until the progress re-read answers */
     ap->prev_sent = ap->progress;
     ap->recovering = true;

@@ -405,8 +405,7 @@ AAMM_API int aamm_consensus_new(struct aamm_consensus **out, const struct aamm_c
     heartbeat = o->heartbeat_timeout_ms ? o->heartbeat_timeout_ms : 100;
     /* Debian's raft has its asserts compiled out: check what raft_start would assert. */
     if (o->node_id == 0 || o->node_id > AAMM_NODE_ID_MAX)
-        rc = aamm__errf(&err, AAMM_EINVAL, "consensus: node_id must be in 1..%d",
-                        AAMM_NODE_ID_MAX);
+        rc = aamm__errf(&err, AAMM_EINVAL, "consensus: node_id must be in 1..%d", AAMM_NODE_ID_MAX);
     else if (heartbeat >= election)
         rc = aamm__errf(&err, AAMM_EINVAL,
                         "consensus: heartbeat timeout (%u ms) must be below the election "

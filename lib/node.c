@@ -32,14 +32,22 @@ static const char install_sql[] =
     "  local_row jsonb, remote_row jsonb,\n"
     "  local_time timestamptz, local_node int, remote_time timestamptz, remote_node int,\n"
     "  resolution text NOT NULL);\n"
-    "CREATE INDEX IF NOT EXISTS conflict_log_xid ON aamm.conflict_log (xid);\n"
-    /* signatures of earlier development versions (boolean lock flag) */
+    /* earlier versions: an index for a per-transaction conflict query (conflicts now reach
+     * the applier as notices), decision functions with a key-lock argument (the guard
+     * statement takes the locks now) */
+    "DROP INDEX IF EXISTS aamm.conflict_log_xid;\n"
     "DROP FUNCTION IF EXISTS aamm.decide(text, text, jsonb, xid, jsonb, jsonb, timestamptz, int,\n"
     "  text, boolean);\n"
     "DROP FUNCTION IF EXISTS aamm.insert_ok(text, jsonb, timestamptz, int, jsonb, text, boolean);\n"
     "DROP FUNCTION IF EXISTS aamm.update_missing(text, jsonb, timestamptz, int, jsonb, boolean,\n"
     "  text, boolean);\n"
     "DROP FUNCTION IF EXISTS aamm.delete_missing(text, jsonb, timestamptz, int, jsonb, boolean);\n"
+    "DROP FUNCTION IF EXISTS aamm.decide(text, text, jsonb, xid, jsonb, jsonb, timestamptz, int,\n"
+    "  text, bigint);\n"
+    "DROP FUNCTION IF EXISTS aamm.insert_ok(text, jsonb, timestamptz, int, jsonb, text, bigint);\n"
+    "DROP FUNCTION IF EXISTS aamm.update_missing(text, jsonb, timestamptz, int, jsonb, boolean,\n"
+    "  text, bigint);\n"
+    "DROP FUNCTION IF EXISTS aamm.delete_missing(text, jsonb, timestamptz, int, jsonb, bigint);\n"
     "CREATE TABLE IF NOT EXISTS aamm.tombstone (relation text NOT NULL, key jsonb NOT NULL,\n"
     "  PRIMARY KEY (relation, key));\n"
     /* node id of a replication origin id: 0 = this node (the apply session sets
@@ -146,11 +154,11 @@ static const char install_sql[] =
     /* the decision for a remote write that found a local row (doc/conflicts.md);
      * kind is insert_exists, update_origin_differs or delete_origin_differs */
     "CREATE OR REPLACE FUNCTION aamm.decide(kind text, rel text, k jsonb, lxmin xid,\n"
-    "  lrow jsonb, rrow jsonb, rts timestamptz, rnode int, policy text, lck bigint)\n"
+    "  lrow jsonb, rrow jsonb, rts timestamptz, rnode int, policy text)\n"
     "  RETURNS boolean LANGUAGE plpgsql AS $f$\n"
     "DECLARE lts timestamptz; lnode int; res text;\n"
     "BEGIN\n"
-    "  IF lck IS NOT NULL THEN PERFORM pg_catalog.pg_advisory_xact_lock(lck); END IF;\n"
+
     "  SELECT v.ts, v.node INTO lts, lnode FROM aamm.version_of(lxmin) v;\n"
     "  IF kind <> 'insert_exists' AND (lts IS NULL OR lnode IS NOT DISTINCT FROM rnode) THEN\n"
     "    RETURN true;\n"
@@ -175,10 +183,10 @@ static const char install_sql[] =
     "  WHERE t.relation OPERATOR(pg_catalog.=) rel AND t.key OPERATOR(pg_catalog.=) k $f$;\n"
     /* remote INSERT of a key that is not present: refused iff a newer delete is known */
     "CREATE OR REPLACE FUNCTION aamm.insert_ok(rel text, k jsonb, rts timestamptz, rnode int,\n"
-    "  rrow jsonb, policy text, lck bigint) RETURNS boolean LANGUAGE plpgsql AS $f$\n"
+    "  rrow jsonb, policy text) RETURNS boolean LANGUAGE plpgsql AS $f$\n"
     "DECLARE tts timestamptz; tnode int; res text;\n"
     "BEGIN\n"
-    "  IF lck IS NOT NULL THEN PERFORM pg_catalog.pg_advisory_xact_lock(lck); END IF;\n"
+
     "  SELECT v.ts, v.node INTO tts, tnode FROM aamm.tomb_version(rel, k) v;\n"
     "  IF tts IS NOT NULL AND (policy = 'callback' OR pg_catalog.starts_with(policy, 'verdict:'))\n"
     "  THEN\n"
@@ -201,11 +209,11 @@ static const char install_sql[] =
     /* remote UPDATE found no row: insert it unless a newer delete is known or the update
      * lacks unchanged-TOAST values */
     "CREATE OR REPLACE FUNCTION aamm.update_missing(rel text, k jsonb, rts timestamptz,\n"
-    "  rnode int, rrow jsonb, has_u boolean, policy text, lck bigint) RETURNS boolean\n"
+    "  rnode int, rrow jsonb, has_u boolean, policy text) RETURNS boolean\n"
     "  LANGUAGE plpgsql AS $f$\n"
     "DECLARE tts timestamptz; tnode int; res text;\n"
     "BEGIN\n"
-    "  IF lck IS NOT NULL THEN PERFORM pg_catalog.pg_advisory_xact_lock(lck); END IF;\n"
+
     "  SELECT v.ts, v.node INTO tts, tnode FROM aamm.tomb_version(rel, k) v;\n"
     "  IF aamm.newer(tts, tnode, rts, rnode) THEN res := 'skip';\n"
     "  ELSIF policy = 'error' THEN\n"
@@ -224,10 +232,10 @@ static const char install_sql[] =
     /* remote DELETE found no row: log, and remember the delete (it may overtake the insert
      * or an update from a third node) */
     "CREATE OR REPLACE FUNCTION aamm.delete_missing(rel text, k jsonb, rts timestamptz,\n"
-    "  rnode int, rrow jsonb, lck bigint) RETURNS boolean LANGUAGE plpgsql AS $f$\n"
+    "  rnode int, rrow jsonb) RETURNS boolean LANGUAGE plpgsql AS $f$\n"
     "DECLARE tts timestamptz; tnode int;\n"
     "BEGIN\n"
-    "  IF lck IS NOT NULL THEN PERFORM pg_catalog.pg_advisory_xact_lock(lck); END IF;\n"
+
     "  SELECT v.ts, v.node INTO tts, tnode FROM aamm.tomb_version(rel, k) v;\n"
     "  PERFORM aamm.log_conflict('delete_missing', rel, k, NULL, rrow, tts, tnode, rts, rnode,\n"
     "    'skip');\n"
