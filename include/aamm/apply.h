@@ -96,17 +96,17 @@ typedef enum aamm_resolution (*aamm_resolver_fn)(struct aamm_apply *ap,
 
 /** Options for aamm_apply_new(). Zero-initialize, then set what you need. */
 struct aamm_apply_options {
-    const char *conninfo;        /* copied: libpq connection string of the local node */
-    uint32_t local_node;         /* this node's id (nonzero) */
-    uint32_t source_node;        /* the source node's id (nonzero, != local_node) */
-    size_t max_queued_changes;   /* queue bound in changes (0: 100000) */
-    size_t max_pipeline_txns;    /* transactions in flight at once (0: 1000) */
-    bool synchronous_commit_off; /* apply with synchronous_commit = off (safe: acks use
-                                    the flushed origin progress) */
-    bool lock_keys;              /* take a transaction advisory lock per key on the insert/delete/
-                                    missing paths so concurrent appliers of different sources cannot
-                                    race a delete against an insert (default set by
-                                    aamm_apply_options_init: true) */
+    const char *conninfo;             /* copied: libpq connection string of the local node */
+    uint32_t local_node;              /* this node's id (nonzero) */
+    uint32_t source_node;             /* the source node's id (nonzero, != local_node) */
+    size_t max_queued_changes;        /* queue bound in changes (0: 100000) */
+    size_t max_pipeline_txns;         /* transactions in flight at once (0: 1000) */
+    bool synchronous_commit_off;      /* apply with synchronous_commit = off (safe: acks use
+                                         the flushed origin progress) */
+    bool lock_keys;                   /* lock each transaction's keys (advisory locks, taken by the
+                                         guard statement; a relation lock above 64 keys) so
+                                         concurrent appliers of different sources cannot race a
+                                         delete against an insert (aamm_apply_options_init: true) */
     enum aamm_conflict_policy policy; /* global default policy (LWW) */
     aamm_conflict_fn on_conflict;     /* may be NULL */
     void *conflict_arg;
