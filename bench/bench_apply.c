@@ -220,6 +220,17 @@ static double libaamm_catch_up(long want)
     }
 }
 
+/* the bulk backlog: @rows rows into @table on the source, in 1,000-row transactions */
+static void load_bulk(PGconn *a, const char *table, long rows)
+{
+    for (long b = 0; b < rows / 1000; b++)
+        if (pgfx_exec_conn(a,
+                           "INSERT INTO %s SELECT g, md5(g::text), g %% 1000 FROM "
+                           "generate_series(%ld, %ld) g",
+                           table, b * 1000 + 1, b * 1000 + 1000) != 0)
+            die("bulk insert");
+}
+
 static double native_catch_up(long want)
 {
     double t0 = now_s();
@@ -239,9 +250,13 @@ int main(void)
         rows = 10000;
     if (txns < 1000)
         txns = 1000;
-    fx = pgfx_start(3, "max_replication_slots = 10\nmax_wal_senders = 10\n"
-                       "max_locks_per_transaction = 256\nshared_buffers = 256MB\n"
-                       "max_wal_size = 4GB\ntrack_functions = all\n");
+    char conf[512];
+    snprintf(conf, sizeof conf, "%s%s",
+             "max_replication_slots = 10\nmax_wal_senders = 10\n"
+             "max_locks_per_transaction = 256\nshared_buffers = 256MB\nmax_wal_size = 4GB\n",
+             /* function counters only for BENCH_DEBUG: they cost time */
+             getenv("BENCH_DEBUG") ? "track_functions = all\n" : "");
+    fx = pgfx_start(3, conf);
     if (!fx)
         die("start clusters");
     for (int i = 0; i < 3; i++)
@@ -295,15 +310,7 @@ int main(void)
     /* 1. bulk backlog */
     fprintf(stderr, "bench_apply: %ld bulk rows\n", rows);
     PGconn *a = pgfx_connect(fx, 0);
-    for (long b = 0; b < rows / 1000; b++) {
-        char sql[256];
-        snprintf(sql, sizeof sql,
-                 "INSERT INTO bulk SELECT g, md5(g::text), g %% 1000 FROM generate_series(%ld, "
-                 "%ld) g",
-                 b * 1000 + 1, b * 1000 + 1000);
-        if (pgfx_exec_conn(a, "%s", sql) != 0)
-            die("bulk insert");
-    }
+    load_bulk(a, "bulk", rows);
     exec(0, "INSERT INTO bench_marker VALUES (1)");
     double nat = native_catch_up(1);
     double lib = libaamm_catch_up(1);
@@ -362,15 +369,7 @@ int main(void)
                  rows2);
         exec(2, sql);
     }
-    for (long b = 0; b < rows2 / 1000; b++) {
-        char sql[256];
-        snprintf(sql, sizeof sql,
-                 "INSERT INTO bulk2 SELECT g, md5(g::text), g %% 1000 FROM generate_series(%ld, "
-                 "%ld) g",
-                 b * 1000 + 1, b * 1000 + 1000);
-        if (pgfx_exec_conn(a, "%s", sql) != 0)
-            die("bulk2 insert");
-    }
+    load_bulk(a, "bulk2", rows2);
     exec(0, "INSERT INTO bench_marker VALUES (3)");
     double lib2 = libaamm_catch_up(3);
     printf("BENCH apply_conflict10_libaamm_rows_per_s %.0f rows/s\n", rows2 / lib2);
