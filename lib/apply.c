@@ -133,8 +133,9 @@ struct aamm_apply {
     char roident[16];
     bool progress_query_pending;
     bool need_progress;
-    bool recovering;     /* after a failure, until the origin progress is re-read */
-    bool fixed_prepared; /* aamm_begin, aamm_guard, aamm_conf, aamm_commit */
+    int64_t progress_sent_ms; /* when the last flushed-progress query went out */
+    bool recovering;          /* after a failure, until the origin progress is re-read */
+    bool fixed_prepared;      /* aamm_begin, aamm_guard, aamm_conf, aamm_commit */
 
     struct lrel *rels;
     int nrels;
@@ -828,6 +829,9 @@ static void map_result(struct lrel *r, PGresult *res)
 /* ====================================================================================
  * Statement text
  * ==================================================================================== */
+
+/* While transactions are in flight, the flushed position is re-read at most this often. */
+#define PROGRESS_EVERY_MS 20
 
 /* Parameters: $1 commit time, $2 source node, $3 relation label, $4 policy (or verdict),
  * $5 the session origin's roident, then values. */
@@ -2571,7 +2575,12 @@ int aamm_apply_step(struct aamm_apply *ap)
             return conn_error(ap, "sending");
         return rc;
     }
-    if (ap->need_progress && !ap->progress_query_pending && !ap->fail_txn) {
+    /* the flushed position (for acks) is read at most every PROGRESS_EVERY_MS while
+     * transactions are in flight, at once when the pipeline is empty: a query per step
+     * would cost the applier's backend a statement and a commit per round trip */
+    int64_t now = aamm__now_ms();
+    if (ap->need_progress && !ap->progress_query_pending && !ap->fail_txn &&
+        (ap->ninflight == 0 || now - ap->progress_sent_ms >= PROGRESS_EVERY_MS)) {
         const char *pv[1] = {ap->origin};
         if (!PQsendQueryParams(ap->conn,
                                "SELECT pg_catalog.pg_replication_origin_progress($1, true)", 1,
@@ -2582,6 +2591,7 @@ int aamm_apply_step(struct aamm_apply *ap)
         exp_push(ap, E_MISC, NULL, NULL, 0);
         ap->progress_query_pending = true;
         ap->need_progress = false;
+        ap->progress_sent_ms = now;
     }
     int f = PQflush(ap->conn);
     if (f < 0)
@@ -2618,7 +2628,13 @@ int aamm_apply_timeout(const struct aamm_apply *ap)
             return 0;
         if ((ap->fail_txn || ap->block_code) && ap->exp_n == 0)
             return 0;
-        return ap->msgs ? 0 : -1;
+        if (ap->msgs)
+            return 0;
+        if (ap->need_progress && !ap->progress_query_pending && !ap->fail_txn) {
+            int64_t d = ap->progress_sent_ms + PROGRESS_EVERY_MS - aamm__now_ms();
+            return ap->ninflight == 0 || d <= 0 ? 0 : (int)d;
+        }
+        return -1;
     default:
         return ap->msgs ? 0 : -1;
     }
