@@ -926,7 +926,19 @@ static char *rewrite_params(const char *sql, bool as_array, int offset)
 
 /* The statement for one change (@cte 0), or its items c<cte> [, m<cte>] for the WITH list
  * of a transaction's merged statement. */
-static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_u, int cte)
+/* The fast-path test of the local row version: written by this source's origin, or of
+ * unknown age (no commit timestamp). Either way no conflict and no decision. The record's
+ * fields are NULL together, so one call answers both. */
+static const char same_origin_sql[] =
+    "COALESCE((pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident, $5::oid) "
+    "OPERATOR(pg_catalog.=) $5::oid";
+
+/*
+ * The whole statement for the change kind @op, with every conflict check and decision
+ * (doc/conflicts.md): what aamm.apply_slow() runs when the fast statement (build_sql())
+ * wrote nothing, and the statement for runs of inserts (OP_INSERT_MANY).
+ */
+static char *build_full(const struct lrel *r, int op, const char *mask, bool has_u)
 {
     struct sb b = {0};
     uint32_t nc = r->rel.ncolumns;
@@ -951,8 +963,6 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
          * tombstones, the decision functions only for the rows that meet a tombstone or an
          * existing key. */
         bool many = op == OP_INSERT_MANY;
-        if (cte)
-            sb_add(&b, "c%d AS (", cte);
         sb_add(&b, "INSERT INTO %s AS t (", r->qname);
         int i = 0;
         for (uint32_t c = 0; c < nc; c++)
@@ -1012,21 +1022,10 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         }
         sb_add(&b, "), t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
                    "$1::timestamptz, $2::int, $4)");
-        if (cte)
-            sb_add(&b, ")");
     } else if (op == OP_UPDATE) {
-        /* the UPDATE, and when it changed no row the update_missing INSERT, run through
-         * aamm.update_missing_exec() so that its own snapshot sees what concurrent
-         * writers committed meanwhile (a row deleted under the UPDATE) */
-        char *miss = build_sql(r, OP_UPDATE_MISSING, mask, has_u, 0);
-        char *dyn = miss ? rewrite_params(miss, true, 0) : NULL;
-        aamm__free(miss);
-        if (!dyn)
-            b.oom = true;
-        if (cte)
-            sb_add(&b, "c%d AS (UPDATE %s AS t SET ", cte, r->qname);
-        else
-            sb_add(&b, "WITH u AS (UPDATE %s AS t SET ", r->qname);
+        /* the decision is evaluated on the row version being updated (a concurrent writer
+         * makes the UPDATE re-check it on the newer version) */
+        sb_add(&b, "UPDATE %s AS t SET ", r->qname);
         int i = 0;
         for (uint32_t c = 0; c < nc; c++)
             if (mask[c] == '1') {
@@ -1037,30 +1036,14 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
             }
         sb_add(&b, " WHERE ");
         sb_keywhere(&b, r, "t", kparam);
-        /* fast path: the local row was written by the same source (or is of unknown age):
-         * no conflict; otherwise the decision, evaluated on the row version being updated */
-        sb_add(&b, " AND ((pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident "
-                   "OPERATOR(pg_catalog.=) $5::oid OR (pg_catalog.pg_xact_commit_timestamp_origin("
-                   "t.xmin)).timestamp IS NULL OR aamm.decide('update_origin_differs', $3, ");
+        sb_add(&b, " AND (%s OR aamm.decide('update_origin_differs', $3, ", same_origin_sql);
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", $1::timestamptz, $2::int, $4)) RETURNING 1)");
-        if (cte)
-            sb_add(&b, ", m%d AS (", cte);
-        sb_add(&b, " SELECT aamm.update_missing_exec(");
-        sb_literal(&b, dyn ? dyn : "");
-        aamm__free(dyn);
-        sb_add(&b, ", ARRAY[");
-        for (int pi = 1; pi < p; pi++)
-            sb_add(&b, "%s$%d", pi > 1 ? ", " : "", pi);
-        if (cte)
-            sb_add(&b, "]::text[]) AS x WHERE NOT EXISTS (SELECT 1 FROM c%d))", cte);
-        else
-            sb_add(&b, "]::text[]) WHERE NOT EXISTS (SELECT 1 FROM u)");
+        sb_add(&b, ", $1::timestamptz, $2::int, $4))");
     } else if (op == OP_UPDATE_MISSING) {
-        /* a separate statement, so its snapshot sees what the UPDATE just did and what
-         * concurrent writers committed meanwhile (a row deleted under the UPDATE) */
+        /* a statement of its own after the UPDATE, so its snapshot sees what the UPDATE
+         * did and what concurrent writers committed meanwhile (a row deleted under it) */
         sb_add(&b, "INSERT INTO %s (", r->qname);
         int i = 0;
         for (uint32_t c = 0; c < nc; c++)
@@ -1096,31 +1079,130 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_rowjson(&b, r, mask, vparam);
         sb_add(&b, ", %s, $4) ON CONFLICT DO NOTHING", has_u ? "true" : "false");
     } else {
-        if (cte)
-            sb_add(&b, "c%d AS (DELETE FROM %s AS t WHERE ", cte, r->qname);
-        else
-            sb_add(&b, "WITH d AS (DELETE FROM %s AS t WHERE ", r->qname);
+        sb_add(&b, "WITH d AS (DELETE FROM %s AS t WHERE ", r->qname);
         sb_keywhere(&b, r, "t", kparam);
         sb_add(&b, " AND aamm.decide('delete_origin_differs', $3, ");
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), NULL, $1::timestamptz, $2::int, $4) "
-                   "RETURNING 1)");
-        if (cte)
-            sb_add(&b, ", m%d AS (", cte);
-        sb_add(&b, " SELECT aamm.delete_missing($3, ");
+                   "RETURNING 1) SELECT aamm.delete_missing($3, ");
         sb_keyjson(&b, r, kparam);
-        if (cte)
-            sb_add(&b,
-                   ", $1::timestamptz, $2::int, NULL) AS x WHERE NOT EXISTS "
-                   "(SELECT 1 FROM c%d)",
-                   cte);
-        else
-            sb_add(&b, ", $1::timestamptz, $2::int, NULL) WHERE NOT EXISTS (SELECT 1 "
-                       "FROM d)");
-        sb_add(&b, " AND NOT EXISTS (SELECT 1 FROM %s t2 WHERE ", r->qname);
+        sb_add(&b,
+               ", $1::timestamptz, $2::int, NULL) WHERE NOT EXISTS (SELECT 1 FROM d) "
+               "AND NOT EXISTS (SELECT 1 FROM %s t2 WHERE ",
+               r->qname);
         sb_keywhere(&b, r, "t2", kparam);
-        sb_add(&b, ")%s", cte ? ")" : "");
+        sb_add(&b, ")");
     }
+    aamm__free(vparam);
+    aamm__free(kparam);
+    if (b.oom) {
+        aamm__free(b.s);
+        return NULL;
+    }
+    return b.s;
+}
+
+/*
+ * The statement for one row change (@cte 0), or its items c<cte>, m<cte> for the WITH list
+ * of a transaction's merged statement; OP_INSERT_MANY: build_full().
+ *
+ * c is the fast statement: it writes only when there is nothing to decide (an insert of a
+ * key that is neither present nor remembered as deleted; an update or delete of a row this
+ * source wrote, or of unknown age). Its expressions stay small because a prepared
+ * statement's executor start-up builds every one of them at every execution. When it wrote
+ * nothing, m hands the whole statement (build_full()) and the parameters to
+ * aamm.apply_slow(), which runs it as a statement of its own (a fresh snapshot: it sees
+ * what concurrent writers committed meanwhile) and, for an UPDATE that changed no row, the
+ * update_missing INSERT after it.
+ */
+static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_u, int cte)
+{
+    if (op == OP_INSERT_MANY || op == OP_UPDATE_MISSING)
+        return build_full(r, op, mask, has_u);
+    struct sb b = {0};
+    uint32_t nc = r->rel.ncolumns;
+    int *vparam = aamm__calloc(nc + 1, sizeof *vparam);
+    int *kparam = aamm__calloc((size_t)r->nkeys + 1, sizeof *kparam);
+    char *full = build_full(r, op, mask, has_u);
+    char *miss = op == OP_UPDATE ? build_full(r, OP_UPDATE_MISSING, mask, has_u) : NULL;
+    char *dfull = full ? rewrite_params(full, true, 0) : NULL;
+    char *dmiss = miss ? rewrite_params(miss, true, 0) : NULL;
+    if (!vparam || !kparam || !dfull || (op == OP_UPDATE && !dmiss))
+        b.oom = true;
+    aamm__free(full);
+    aamm__free(miss);
+    int p = NFIXED_ALL + 1;
+    for (uint32_t c = 0; vparam && c < nc; c++)
+        if (mask[c] == '1')
+            vparam[c] = p++;
+    bool oldkey = mask[nc] == 'k' || mask[nc] == 'K';
+    for (int k = 0; kparam && vparam && k < r->nkeys; k++)
+        kparam[k] = (op == OP_DELETE || oldkey) ? p++ : vparam[r->key_r[k]];
+    if (cte)
+        sb_add(&b, "c%d AS (", cte);
+    else
+        sb_add(&b, "WITH c0 AS (");
+    if (b.oom) {
+        /* nothing more to build */
+    } else if (op == OP_INSERT) {
+        sb_add(&b, "INSERT INTO %s AS t (", r->qname);
+        int i = 0;
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[c] == '1') {
+                sb_add(&b, "%s", i++ ? ", " : "");
+                sb_ident(&b, r->rel.columns[c].name);
+            }
+        sb_add(&b, ") SELECT ");
+        i = 0;
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[c] == '1') {
+                sb_add(&b, "%s", i++ ? ", " : "");
+                sb_param(&b, r, (int)c, vparam[c]);
+            }
+        sb_add(&b, " WHERE NOT EXISTS (SELECT 1 FROM aamm.tombstone tb0 WHERE tb0.relation "
+                   "OPERATOR(pg_catalog.=) $3) OR NOT EXISTS (SELECT 1 FROM aamm.tombstone tb "
+                   "WHERE tb.relation OPERATOR(pg_catalog.=) $3 AND tb.key "
+                   "OPERATOR(pg_catalog.=) ");
+        sb_keyjson(&b, r, kparam);
+        sb_add(&b, ") ON CONFLICT (");
+        for (int k = 0; k < r->nkeys; k++) {
+            sb_add(&b, "%s", k ? ", " : "");
+            sb_ident(&b, r->rel.columns[r->key_r[k]].name);
+        }
+        sb_add(&b, ") DO NOTHING RETURNING 1)");
+    } else if (op == OP_UPDATE) {
+        sb_add(&b, "UPDATE %s AS t SET ", r->qname);
+        int i = 0;
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[c] == '1') {
+                sb_add(&b, "%s", i++ ? ", " : "");
+                sb_ident(&b, r->rel.columns[c].name);
+                sb_add(&b, " = ");
+                sb_param(&b, r, (int)c, vparam[c]);
+            }
+        sb_add(&b, " WHERE ");
+        sb_keywhere(&b, r, "t", kparam);
+        sb_add(&b, " AND %s RETURNING 1)", same_origin_sql);
+    } else {
+        sb_add(&b, "DELETE FROM %s AS t WHERE ", r->qname);
+        sb_keywhere(&b, r, "t", kparam);
+        sb_add(&b, " AND %s RETURNING 1)", same_origin_sql);
+    }
+    if (cte)
+        sb_add(&b, ", m%d AS (", cte);
+    sb_add(&b, " SELECT aamm.apply_slow(");
+    sb_literal(&b, dfull ? dfull : "");
+    sb_add(&b, ", ");
+    if (dmiss)
+        sb_literal(&b, dmiss);
+    else
+        sb_add(&b, "NULL");
+    sb_add(&b, ", ARRAY[");
+    for (int pi = 1; pi < p; pi++)
+        sb_add(&b, "%s$%d", pi > 1 ? ", " : "", pi);
+    sb_add(&b, "]::text[]) AS x WHERE NOT EXISTS (SELECT 1 FROM c%d)%s", cte, cte ? ")" : "");
+    aamm__free(dfull);
+    aamm__free(dmiss);
     aamm__free(vparam);
     aamm__free(kparam);
     if (b.oom) {
@@ -1185,13 +1267,14 @@ static struct stmt *stmt_for(struct aamm_apply *ap, struct qtxn *t, long idx, st
     }
     /* the fixed parameters are declared text (the statement casts each), so a statement
      * that does not use one still prepares */
-    /* OP_UPDATE hands its parameters on as one text[]: every one of them is text */
+    /* a single-change statement hands its parameters on as one text[] (build_sql()):
+     * every one of them is text */
     int ntyped = NFIXED_ALL;
-    if (op == OP_UPDATE) {
+    if (op != OP_INSERT_MANY) {
         uint32_t nc = r->rel.ncolumns;
         for (uint32_t c = 0; c < nc; c++)
             ntyped += mask[c] == '1';
-        if (mask[nc] == 'k' || mask[nc] == 'K')
+        if (op == OP_DELETE || mask[nc] == 'k' || mask[nc] == 'K')
             ntyped += r->nkeys;
     }
     Oid *types = aamm__malloc((size_t)ntyped * sizeof *types);
@@ -1772,8 +1855,8 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
             }
             sb_add(&sql, "%s%s", i ? ", " : "", ren);
             aamm__free(ren);
-            if (ops[i] != OP_INSERT) /* an m item runs only when read */
-                sb_add(&tail, "%s SELECT x::text FROM m%zu", nm++ ? " UNION ALL" : "", i + 1);
+            /* an m item runs only when read; reading it runs its c item first */
+            sb_add(&tail, "%s SELECT x::text FROM m%zu", nm++ ? " UNION ALL" : "", i + 1);
             off += nps[i];
         }
         sb_add(&sql, "%s", nm ? tail.s : " SELECT NULL::text");

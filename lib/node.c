@@ -242,12 +242,22 @@ static const char install_sql[] =
     "  PERFORM aamm.put_tombstone(rel, k, rts, rnode);\n"
     "  RETURN false;\n"
     "END $f$;\n"
-    /* the update_missing INSERT of a remote UPDATE that changed no row, run as a statement
-     * of its own (fresh snapshot) with the UPDATE's parameters */
-    "CREATE OR REPLACE FUNCTION aamm.update_missing_exec(q text, p text[]) RETURNS boolean\n"
+    /* the slow path of a row change whose fast statement wrote nothing (lib/apply.c,
+     * build_sql()): the whole statement @q with every check and decision, run as a
+     * statement of its own (fresh snapshot) with the change's parameters; @q2, when
+     * given, runs when @q changed no row (an UPDATE's update_missing INSERT) */
+    "DROP FUNCTION IF EXISTS aamm.update_missing_exec(text, text[]);\n"
+    "CREATE OR REPLACE FUNCTION aamm.apply_slow(q text, q2 text, p text[]) RETURNS boolean\n"
     "  LANGUAGE plpgsql AS $f$\n"
+    "DECLARE n bigint;\n"
     "BEGIN\n"
     "  EXECUTE q USING p;\n"
+    "  IF q2 IS NOT NULL THEN\n"
+    "    GET DIAGNOSTICS n = ROW_COUNT;\n"
+    "    IF n = 0 THEN\n"
+    "      EXECUTE q2 USING p;\n"
+    "    END IF;\n"
+    "  END IF;\n"
     "  RETURN true;\n"
     "END $f$;\n"
     "CREATE OR REPLACE FUNCTION aamm.log_truncate(rel text, rts timestamptz, rnode int)\n"
