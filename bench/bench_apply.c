@@ -113,11 +113,23 @@ static double self_cpu(void)
 
 /* where the CPU of a catch-up went, per 1,000 units (stderr: the wall-clock ratio is what
  * the issue asks for, this is the figure that noise on a shared machine moves least) */
-static void cpu_report(const char *what, long units, double decoder, double applier, double client)
+static void cpu_report(const char *what, long units, double decoder, double applier, double client,
+                       double wal)
 {
-    fprintf(stderr, "cpu %s: per 1000: walsender %.3f s, applier %.3f s, client %.3f s\n", what,
-            decoder * 1000 / (double)units, applier * 1000 / (double)units,
-            client * 1000 / (double)units);
+    fprintf(stderr,
+            "cpu %s: per 1000: walsender %.3f s, applier %.3f s, client %.3f s; target WAL "
+            "%.0f kB\n",
+            what, decoder * 1000 / (double)units, applier * 1000 / (double)units,
+            client * 1000 / (double)units, wal / (double)units);
+}
+
+/* the WAL position of node @i in bytes */
+static double wal_pos(int i)
+{
+    char *v = pgfx_value(fx, i, "SELECT pg_current_wal_lsn() - '0/0'");
+    double d = v ? atof(v) : 0;
+    free(v);
+    return d;
 }
 
 /* ---- libaamm: capture (node 0, slot aamm_to_3) -> apply (node 2) ------------------- */
@@ -219,11 +231,18 @@ static double libaamm_catch_up(long want, long units)
     long spid = pgfx_value_long(fx, 0, 0,
                                 "SELECT active_pid FROM pg_replication_slots "
                                 "WHERE slot_name = 'aamm_to_3'");
-    double c0[3] = {proc_cpu(spid), proc_cpu(wpid), self_cpu()};
+    double c0[4] = {proc_cpu(spid), proc_cpu(wpid), self_cpu(), wal_pos(2)};
     bool open_txn = false;
     /* BENCH_PERF=<phase>: a system-wide perf profile of 3 s from the start of that phase */
+    /* (BENCH_PERF_CMD: another command, which finds node 2 at BENCH_NODE2_SOCK, _PORT) */
+    char port2[16];
+    snprintf(port2, sizeof port2, "%d", pgfx_port(fx, 2));
+    setenv("BENCH_NODE2_SOCK", pgfx_sockdir(fx, 2), 1);
+    setenv("BENCH_NODE2_PORT", port2, 1);
     if (getenv("BENCH_PERF") && atol(getenv("BENCH_PERF")) == want &&
-        system("perf record -q -a -g -o /tmp/aamm-bench.perf -- sleep 3 >/dev/null 2>&1 &") != 0)
+        system(getenv("BENCH_PERF_CMD") ? getenv("BENCH_PERF_CMD")
+                                        : "perf record -q -a -g -o /tmp/aamm-bench.perf -- sleep 3 "
+                                          ">/dev/null 2>&1 &") != 0)
         fprintf(stderr, "bench_apply: perf did not start\n");
     for (;;) {
         if (aamm_capture_step(cap) != 0)
@@ -266,7 +285,7 @@ static double libaamm_catch_up(long want, long units)
                                               "'" ROLE "' AND backend_type = 'client backend' "
                                               "LIMIT 1");
                 cpu_report("libaamm", units, proc_cpu(spid) - c0[0], proc_cpu(wpid) - c0[1],
-                           self_cpu() - c0[2]);
+                           self_cpu() - c0[2], wal_pos(2) - c0[3]);
                 return t - t0;
             }
         }
@@ -290,7 +309,7 @@ static void load_bulk(PGconn *a, const char *table, long rows)
 
 static double native_catch_up(long want, long units)
 {
-    double t0 = now_s();
+    double t0 = now_s(), w0 = wal_pos(1);
     exec(1, "ALTER SUBSCRIPTION sub ENABLE");
     while (marker_count(1) < want)
         usleep(20000);
@@ -302,7 +321,7 @@ static double native_catch_up(long want, long units)
     long spid = pgfx_value_long(fx, 0, 0,
                                 "SELECT active_pid FROM pg_replication_slots "
                                 "WHERE slot_name = 'sub'");
-    cpu_report("native", units, proc_cpu(spid), proc_cpu(wpid), 0);
+    cpu_report("native", units, proc_cpu(spid), proc_cpu(wpid), 0, wal_pos(1) - w0);
     exec(1, "ALTER SUBSCRIPTION sub DISABLE");
     return d;
 }

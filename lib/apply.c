@@ -82,7 +82,6 @@ struct qtxn {
     bool sent;
     bool done; /* committed or skipped */
     bool skipped;
-    bool committed_ok; /* COMMIT result said COMMIT */
     bool failed;
     char sqlstate[6];
     char *errmsg;    /* first error of this transaction (heap) */
@@ -94,12 +93,11 @@ struct qtxn {
 };
 
 enum exp_kind {
-    E_BEGIN = 1,
-    E_GUARD,
+    E_GUARD = 1,
     E_STMT,
     E_PREPARE,
-    E_COMMIT,
-    E_SYNC,
+    E_SYNC,  /* a transaction's Sync: its commit */
+    E_MSYNC, /* any other Sync */
     E_CATALOG,
     E_PROGRESS,
     E_MISC,
@@ -395,7 +393,6 @@ static void unsend_all(struct aamm_apply *ap)
             continue;
         q->sent = false;
         q->failed = false;
-        q->committed_ok = false;
         qtxn_drop_conflicts(q);
         q->sqlstate[0] = '\0';
         q->err_change = -1;
@@ -1904,7 +1901,8 @@ static const char guard_sql[] =
     "ELSE pg_catalog.pg_advisory_xact_lock_shared(u.x)::text END FROM ROWS FROM ("
     "pg_catalog.unnest($5::int8[]), pg_catalog.unnest($6::bool[])) AS u(x, e)";
 
-/* Send @t as BEGIN; guard; changes; conflicts; COMMIT; Sync. Returns 0, 1 when it has to
+/* Send @t as guard; changes; Sync: one implicit transaction, committed by the Sync (no
+ * BEGIN and COMMIT statements: each costs the backend a statement). Returns 0, 1 when it has to
  * wait (catalog), or an error. */
 static int send_txn(struct aamm_apply *ap, struct qtxn *t)
 {
@@ -1928,7 +1926,7 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
                 if (!PQsendQueryParams(ap->conn, catalog_sql, 2, NULL, pv, NULL, NULL, 0) ||
                     !PQpipelineSync(ap->conn))
                     return AAMM_ECONN;
-                if (!exp_push(ap, E_CATALOG, NULL, r, 0) || !exp_push(ap, E_MISC, NULL, NULL, 0))
+                if (!exp_push(ap, E_CATALOG, NULL, r, 0) || !exp_push(ap, E_MSYNC, NULL, NULL, 0))
                     return AAMM_ENOMEM;
                 r->catalog_pending = true;
             }
@@ -1942,15 +1940,9 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
     aamm_time_format(t->hdr.commit_time, ts, sizeof ts);
     snprintf(node, sizeof node, "%" PRIu32, ap->opt.source_node);
     if (!ap->fixed_prepared) {
-        static const struct {
-            const char *name, *sql;
-            int nparams;
-        } fx[] = {
-            {"aamm_begin", "BEGIN", 0}, {"aamm_guard", guard_sql, 6}, {"aamm_commit", "COMMIT", 0}};
-        for (size_t i = 0; i < sizeof fx / sizeof *fx; i++)
-            if (!PQsendPrepare(ap->conn, fx[i].name, fx[i].sql, fx[i].nparams, NULL) ||
-                !exp_push(ap, E_PREPARE, t, NULL, -1))
-                return AAMM_ECONN;
+        if (!PQsendPrepare(ap->conn, "aamm_guard", guard_sql, 6, NULL) ||
+            !exp_push(ap, E_PREPARE, t, NULL, -1))
+            return AAMM_ECONN;
         ap->fixed_prepared = true;
     }
     struct sb ids = {0}, modes = {0};
@@ -1964,9 +1956,7 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
     if (rc == 0 && (ids.oom || modes.oom))
         rc = AAMM_ENOMEM;
     const char *gp[6] = {ap->origin, lsn_prev, lsn_end, ts, ids.s, modes.s};
-    if (rc == 0 && (!PQsendQueryPrepared(ap->conn, "aamm_begin", 0, NULL, NULL, NULL, 0) ||
-                    !exp_push(ap, E_BEGIN, t, NULL, -1) ||
-                    !PQsendQueryPrepared(ap->conn, "aamm_guard", 6, gp, NULL, NULL, 0) ||
+    if (rc == 0 && (!PQsendQueryPrepared(ap->conn, "aamm_guard", 6, gp, NULL, NULL, 0) ||
                     !exp_push(ap, E_GUARD, t, NULL, -1)))
         rc = AAMM_ECONN;
     aamm__free(ids.s);
@@ -1992,9 +1982,7 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
         if (rc < 0)
             return rc;
     }
-    if (!PQsendQueryPrepared(ap->conn, "aamm_commit", 0, NULL, NULL, NULL, 0) ||
-        !exp_push(ap, E_COMMIT, t, NULL, -1))
-        return AAMM_ECONN;
+    /* the Sync commits the implicit transaction its statements ran in */
     if (!PQpipelineSync(ap->conn) || !exp_push(ap, E_SYNC, t, NULL, -1))
         return AAMM_ECONN;
     t->sent = true;
@@ -2305,10 +2293,9 @@ static void after_failure(struct aamm_apply *ap)
         conn_error(ap, "reading results");
         return;
     }
-    /* 1. the session may sit in an aborted transaction block: end it; forget statements
-     *    that may not exist; re-read the progress the guard compares with */
-    PQsendQueryParams(ap->conn, "ROLLBACK", 0, NULL, NULL, NULL, NULL, 0);
-    exp_push(ap, E_MISC, NULL, NULL, 0);
+    /* 1. the failed transaction ended at its Sync (the rest of the pipeline failed its
+     *    guards): forget statements that may not exist; re-read the progress the guard
+     *    compares with */
     /* the failed transaction's xact setup outlives its abort: without this reset, the
      * next commit of this session would move the origin to the failed end LSN */
     PQsendQueryParams(ap->conn, "SELECT pg_catalog.pg_replication_origin_xact_reset()", 0, NULL,
@@ -2323,7 +2310,7 @@ static void after_failure(struct aamm_apply *ap)
                       1, NULL, pv, NULL, NULL, 0);
     exp_push(ap, E_REPROGRESS, NULL, NULL, 0);
     PQpipelineSync(ap->conn);
-    exp_push(ap, E_MISC, NULL, NULL, 0);
+    exp_push(ap, E_MSYNC, NULL, NULL, 0);
     forget_prepared(ap);
     t->nobatch = true;     /* its retry names the change that fails */
     struct qtxn keep = *t; /* the first failure's details, for the message below */
@@ -2390,7 +2377,7 @@ static void after_failure(struct aamm_apply *ap)
                           3, NULL, lp, NULL, NULL, 0);
         exp_push(ap, E_MISC, NULL, NULL, 0);
         PQpipelineSync(ap->conn);
-        exp_push(ap, E_MISC, NULL, NULL, 0);
+        exp_push(ap, E_MSYNC, NULL, NULL, 0);
     }
     aamm__errf(&ap->err, code, "apply: transaction %s%s%s: %s (%s); stream held", lsn,
                *label ? ": " : "", label, t->errmsg ? t->errmsg : "failed", sqlstate);
@@ -2406,6 +2393,15 @@ static int handle_result(struct aamm_apply *ap, PGresult *res)
         PQclear(res);
         return aamm__errf(&ap->err, AAMM_EINTERNAL, "apply: unexpected result from the server");
     }
+    /* an error before a Sync's result is the implicit transaction's commit failing
+     * (a deferred constraint, say): the Sync's own result still follows */
+    struct expect *head = &ap->exp[ap->exp_head];
+    if ((head->kind == E_SYNC || head->kind == E_MSYNC) && st != PGRES_PIPELINE_SYNC) {
+        if (head->kind == E_SYNC)
+            record_error(head->t, res, -1);
+        PQclear(res);
+        return 0;
+    }
     struct expect e = exp_pop(ap);
     bool err = st == PGRES_FATAL_ERROR;
     AAMM_DEBUG("apply: result for %d: %s %s %s", e.kind, PQresStatus((ExecStatusType)st),
@@ -2413,7 +2409,7 @@ static int handle_result(struct aamm_apply *ap, PGresult *res)
     switch (e.kind) {
     case E_SYNC:
         ap->ninflight--;
-        if (e.t->committed_ok && !e.t->failed) {
+        if (st == PGRES_PIPELINE_SYNC && !e.t->failed && !e.t->errmsg) {
             txn_committed(ap, e.t);
         } else {
             e.t->failed = true;
@@ -2425,20 +2421,11 @@ static int handle_result(struct aamm_apply *ap, PGresult *res)
                 ap->fail_txn = e.t;
         }
         break;
-    case E_BEGIN:
     case E_GUARD:
     case E_STMT:
         if (err)
             record_error(e.t, res, e.idx);
         else if (st == PGRES_PIPELINE_ABORTED && e.t)
-            e.t->failed = true;
-        break;
-    case E_COMMIT:
-        if (err)
-            record_error(e.t, res, -1);
-        else if (st == PGRES_COMMAND_OK && strcmp(PQcmdStatus(res), "COMMIT") == 0)
-            e.t->committed_ok = true;
-        else
             e.t->failed = true;
         break;
     case E_PREPARE:
@@ -2522,6 +2509,9 @@ static int send_setup(struct aamm_apply *ap)
              "SET DateStyle = ISO; SET IntervalStyle = postgres; SET extra_float_digits = 3;"
              "SET bytea_output = hex; SET TimeZone = 'UTC'; SET client_encoding = 'UTF8';"
              "SET standard_conforming_strings = on; SET client_min_messages = notice;"
+             /* every apply statement finds its rows by key: through the key's index even
+              * on a table the statistics call tiny (a hot, bloated one, as often as not) */
+             "SET enable_seqscan = off;"
              "SET aamm.node_id = '%" PRIu32 "';"
              "SET application_name = 'aamm apply from %" PRIu32 "';%s"
              "SELECT progress, roident FROM aamm.origin_session('%s')",
@@ -2671,7 +2661,7 @@ int aamm_apply_step(struct aamm_apply *ap)
             !PQpipelineSync(ap->conn))
             return conn_error(ap, "sending");
         exp_push(ap, E_PROGRESS, NULL, NULL, 0);
-        exp_push(ap, E_MISC, NULL, NULL, 0);
+        exp_push(ap, E_MSYNC, NULL, NULL, 0);
         ap->progress_query_pending = true;
         ap->need_progress = false;
         ap->progress_sent_ms = now;

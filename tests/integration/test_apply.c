@@ -417,6 +417,59 @@ START_TEST(test_pipeline_failure)
 }
 END_TEST
 
+/* A transaction that fails only when it commits (a deferred constraint trigger the
+ * table's owner enabled ALWAYS; the commit happens at the Sync that ends the transaction's
+ * statements) holds the stream the same way: nothing after it commits, the origin stays
+ * put, a fix and a resume apply all. (A DEFERRABLE unique constraint would not do: its
+ * recheck is a trigger that does not fire under session_replication_role = replica.) */
+START_TEST(test_commit_failure)
+{
+    table(0, "defer", "id int PRIMARY KEY, u int");
+    ck_assert_int_eq(
+        pgfx_exec(fx, 0,
+                  "CREATE FUNCTION defer_check() RETURNS trigger LANGUAGE plpgsql AS $f$ "
+                  "BEGIN IF (SELECT count(*) FROM public.defer d WHERE d.u = NEW.u) > 1 THEN "
+                  "RAISE EXCEPTION 'u %% taken', NEW.u USING ERRCODE = '23514'; END IF; "
+                  "RETURN NULL; END $f$; "
+                  "CREATE CONSTRAINT TRIGGER defer_u AFTER INSERT ON defer DEFERRABLE "
+                  "INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION defer_check(); "
+                  "ALTER TABLE defer ENABLE ALWAYS TRIGGER defer_u"),
+        0);
+    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO defer VALUES (-1, 5)"), 0);
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 30, &k);
+    struct aamm_relation r;
+    mkrel(&r, "defer", "id,u", "k-");
+    int64_t ts = now_us();
+    char id[16], u[16];
+    for (int i = 1; i <= 25; i++) {
+        snprintf(id, sizeof id, "%d", i);
+        snprintf(u, sizeof u, "%d", i == 5 ? 5 : 100 + i);
+        tbegin(ap, 30, 0x100 * (uint64_t)i, ts + i);
+        tins(ap, &r, V(id, u));
+        tcommit(ap);
+    }
+    int rc = aamm_apply_flush(ap, 30000);
+    ck_assert_int_eq(rc, AAMM_ESERVER);
+    ck_assert(aamm_apply_held(ap));
+    ck_assert_msg(strstr(aamm_apply_errmsg(ap), "23514") &&
+                      strstr(aamm_apply_errmsg(ap), "u 5 taken"),
+                  "%s", aamm_apply_errmsg(ap));
+    assert_val(0, "4", "SELECT count(*) FROM defer WHERE id > 0");
+    ck_assert_uint_eq(origin_lsn(0, 30), 0x400);
+    ck_assert_int_eq(aamm_apply_step(ap), AAMM_ESERVER);
+    assert_val(0, "4", "SELECT count(*) FROM defer WHERE id > 0");
+    ck_assert_int_eq(pgfx_exec(fx, 0, "DELETE FROM defer WHERE id = -1"), 0);
+    ck_assert_int_eq(aamm_apply_resume(ap), 0);
+    flush_ok(ap);
+    assert_val(0, "25", "SELECT count(*) FROM defer WHERE id > 0");
+    assert_val(0, "5", "SELECT u FROM defer WHERE id = 5");
+    ck_assert_uint_eq(origin_lsn(0, 30), 0x1900);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
 /* Bad input holds the stream with a clear error, loses nothing, and resumes once the
  * schema catches up: a missing table, a source column the target lacks, a value that does
  * not parse as the local type. */
@@ -1270,6 +1323,7 @@ int main(void)
     tcase_add_test(tc, test_basic);
     tcase_add_test(tc, test_skip_duplicates);
     tcase_add_test(tc, test_pipeline_failure);
+    tcase_add_test(tc, test_commit_failure);
     tcase_add_test(tc, test_bad_input);
     tcase_add_test(tc, test_role_grants);
     tcase_add_test(tc, test_update_origin_differs);
