@@ -284,6 +284,9 @@ static double libaamm_catch_up(long want, long units)
                                               "SELECT pid FROM pg_stat_activity WHERE usename = "
                                               "'" ROLE "' AND backend_type = 'client backend' "
                                               "LIMIT 1");
+                if (getenv("BENCH_PERF") && atol(getenv("BENCH_PERF")) == want &&
+                    system("pkill -INT -x perf; sleep 0.3") != 0)
+                    fprintf(stderr, "bench_apply: no perf to stop\n");
                 cpu_report("libaamm", units, proc_cpu(spid) - c0[0], proc_cpu(wpid) - c0[1],
                            self_cpu() - c0[2], wal_pos(2) - c0[3]);
                 return t - t0;
@@ -311,6 +314,14 @@ static double native_catch_up(long want, long units)
 {
     double t0 = now_s(), w0 = wal_pos(1);
     exec(1, "ALTER SUBSCRIPTION sub ENABLE");
+    if (getenv("BENCH_PERF_NATIVE") && atol(getenv("BENCH_PERF_NATIVE")) == want) {
+        char port1[16];
+        snprintf(port1, sizeof port1, "%d", pgfx_port(fx, 1));
+        setenv("BENCH_NODE1_SOCK", pgfx_sockdir(fx, 1), 1);
+        setenv("BENCH_NODE1_PORT", port1, 1);
+        if (system(getenv("BENCH_PERF_NATIVE_CMD")) != 0)
+            fprintf(stderr, "bench_apply: BENCH_PERF_NATIVE_CMD failed\n");
+    }
     while (marker_count(1) < want)
         usleep(20000);
     double d = now_s() - t0;

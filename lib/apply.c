@@ -64,7 +64,8 @@ struct mstmt {
     bool prepared;
 };
 
-#define MERGED_MAX 64    /* cached shapes */
+#define MERGED_MAX 128   /* cached shapes */
+#define FOLD_OFF_MS 1000 /* no folded guards for this long after one met a busy key lock */
 #define MERGE_CHANGES 16 /* at most this many changes per merged statement */
 
 struct qconflict {
@@ -131,9 +132,10 @@ struct aamm_apply {
     char roident[16];
     bool progress_query_pending;
     bool need_progress;
-    int64_t progress_sent_ms; /* when the last flushed-progress query went out */
-    bool recovering;          /* after a failure, until the origin progress is re-read */
-    bool fixed_prepared;      /* aamm_begin, aamm_guard, aamm_conf, aamm_commit */
+    int64_t progress_sent_ms;  /* when the last flushed-progress query went out */
+    int64_t fold_off_until_ms; /* no merged statements (folded guards) until then */
+    bool recovering;           /* after a failure, until the origin progress is re-read */
+    bool fixed_prepared;       /* aamm_begin, aamm_guard, aamm_conf, aamm_commit */
 
     struct lrel *rels;
     int nrels;
@@ -319,12 +321,14 @@ static void qtxn_free(struct qtxn *t)
 
 static bool is_transient(const char *sqlstate)
 {
-    /* deadlock, lock timeout, serialization, the guard, object in use, query canceled,
+    /* deadlock, lock timeout, serialization, the guard, a key lock another applier held
+     * (AA005, a merged statement's guard), object in use, query canceled,
      * the backend terminated or the server shutting down (57P0x), connection exceptions */
     return strcmp(sqlstate, "40P01") == 0 || strcmp(sqlstate, "55P03") == 0 ||
            strcmp(sqlstate, "40001") == 0 || strcmp(sqlstate, "AA002") == 0 ||
-           strcmp(sqlstate, "55006") == 0 || strcmp(sqlstate, "57014") == 0 ||
-           strncmp(sqlstate, "57P0", 4) == 0 || strncmp(sqlstate, "08", 2) == 0;
+           strcmp(sqlstate, "AA005") == 0 || strcmp(sqlstate, "55006") == 0 ||
+           strcmp(sqlstate, "57014") == 0 || strncmp(sqlstate, "57P0", 4) == 0 ||
+           strncmp(sqlstate, "08", 2) == 0;
 }
 
 /* ====================================================================================
@@ -1328,6 +1332,17 @@ static int64_t key_lock_id(const struct lrel *r, const struct aamm_tuple *kt)
     return (int64_t)h;
 }
 
+int64_t aamm__apply_lock_id(const char *label, const char *const *keys, int nkeys)
+{
+    uint64_t h = fnv(FNV_INIT, label, strlen(label));
+    for (int k = 0; k < nkeys; k++) {
+        h = fnv(h, "\x1f", 1);
+        if (keys[k])
+            h = fnv(h, keys[k], strlen(keys[k]));
+    }
+    return (int64_t)h;
+}
+
 /* The advisory lock id of a whole relation (a prefix no key hash starts from). */
 static int64_t rel_lock_id(const struct lrel *r)
 {
@@ -1747,13 +1762,13 @@ static int send_many(struct aamm_apply *ap, struct qtxn *t, size_t i0, size_t i1
 }
 
 /*
- * Whether @t can go out as one merged statement: 2..MERGE_CHANGES row changes, no run of
+ * Whether @t can go out as one merged statement: 1..MERGE_CHANGES row changes, no run of
  * inserts for send_many(), no verdicts, and every key (old and new) distinct, since the
  * items of one statement share its snapshot and cannot see each other's rows.
  */
 static bool mergeable(const struct qtxn *t)
 {
-    if (t->nobatch || t->verdicts || t->n < 2 || t->n > MERGE_CHANGES)
+    if (t->nobatch || t->verdicts || t->n < 1 || t->n > MERGE_CHANGES)
         return false;
     uint64_t keys[2 * MERGE_CHANGES];
     int nk = 0;
@@ -1785,13 +1800,29 @@ static bool mergeable(const struct qtxn *t)
     return true;
 }
 
+/* The guard folded into a merged statement (send_merged()): the same, but a key lock that
+ * another applier holds raises AA005 instead of waiting, since the statement's snapshot
+ * was taken before its locks. The transaction is then retried with the guard as a
+ * statement of its own (after_failure()). */
+static const char guard_fold_sql[] =
+    "g AS MATERIALIZED (SELECT pg_catalog.pg_replication_origin_xact_setup($3::pg_lsn, "
+    "$4::timestamptz)::text AS w "
+    "FROM (SELECT COALESCE(pg_catalog.pg_replication_origin_progress($1, false), "
+    "'0/0') AS cur) g WHERE CASE WHEN g.cur OPERATOR(pg_catalog.=) $2::pg_lsn THEN true ELSE "
+    "aamm.guard_failed($1, g.cur, $2::pg_lsn) END "
+    "UNION ALL SELECT CASE WHEN CASE WHEN u.e THEN pg_catalog.pg_try_advisory_xact_lock(u.x) "
+    "ELSE pg_catalog.pg_try_advisory_xact_lock_shared(u.x) END THEN NULL ELSE "
+    "aamm.key_lock_busy(u.x) END FROM ROWS FROM (pg_catalog.unnest($5::int8[]), "
+    "pg_catalog.unnest($6::bool[])) AS u(x, e))";
+
 /*
  * Send @t (mergeable()) as one statement: WITH c1 AS (...), m1 AS (...), ... SELECT ...,
  * each change's items built as for its own statement (build_sql()) with its parameters
  * renumbered after the previous change's. Prepared once per shape. Returns 0, 1 when the
  * shape cache is full (send the changes one by one), or an error.
  */
-static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed_in)
+static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed_in,
+                       const char *const *guard)
 {
     size_t n = t->n;
     uint32_t widest = 0;
@@ -1799,7 +1830,7 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
         if (lrel_of(t->changes[i].relation)->rel.ncolumns > widest)
             widest = lrel_of(t->changes[i].relation)->rel.ncolumns;
     size_t per = NFIXED_ALL + 2 * (size_t)widest + 2;
-    const char **vals = aamm__calloc(n * per, sizeof *vals);
+    const char **vals = aamm__calloc(n * per + 6, sizeof *vals);
     char *masks = aamm__calloc(n, (size_t)widest + 2);
     int *ops = aamm__calloc(n, sizeof *ops), *nps = aamm__calloc(n, sizeof *nps);
     bool *hasu = aamm__calloc(n, sizeof *hasu);
@@ -1821,6 +1852,8 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
     }
     if (rc == 0 && shape.oom)
         rc = AAMM_ENOMEM;
+    for (int i = 0; rc == 0 && i < 6; i++) /* the guard's parameters come last */
+        vals[total + i] = guard[i];
     struct mstmt *m = NULL;
     for (int i = 0; rc == 0 && i < ap->nmerged; i++)
         if (strcmp(ap->merged[i].shape, shape.s) == 0)
@@ -1838,8 +1871,14 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
     }
     if (rc == 0 && !m->prepared) {
         struct sb sql = {0}, tail = {0};
-        sb_add(&sql, "WITH ");
-        int nm = 0;
+        char *g = rewrite_params(guard_fold_sql, false, total);
+        if (!g)
+            sql.oom = true;
+        sb_add(&sql, "WITH %s", g ? g : "");
+        aamm__free(g);
+        /* the guard first: the Append reads g (locks and all) before any m item runs
+         * its c item */
+        sb_add(&tail, " SELECT w FROM g");
         int off = 0;
         for (size_t i = 0; i < n; i++) {
             struct lrel *r = lrel_of(t->changes[i].relation);
@@ -1850,20 +1889,20 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
                 sql.oom = true;
                 break;
             }
-            sb_add(&sql, "%s%s", i ? ", " : "", ren);
+            sb_add(&sql, ", %s", ren);
             aamm__free(ren);
             /* an m item runs only when read; reading it runs its c item first */
-            sb_add(&tail, "%s SELECT x::text FROM m%zu", nm++ ? " UNION ALL" : "", i + 1);
+            sb_add(&tail, " UNION ALL SELECT x::text FROM m%zu", i + 1);
             off += nps[i];
         }
-        sb_add(&sql, "%s", nm ? tail.s : " SELECT NULL::text");
-        Oid *types = aamm__malloc((size_t)total * sizeof *types);
+        sb_add(&sql, "%s", tail.s ? tail.s : "");
+        Oid *types = aamm__malloc((size_t)(total + 6) * sizeof *types);
         if (sql.oom || tail.oom || !types) {
             rc = AAMM_ENOMEM;
         } else {
-            for (int i = 0; i < total; i++)
+            for (int i = 0; i < total + 6; i++)
                 types[i] = 25; /* text: every item casts its parameters */
-            if (!PQsendPrepare(ap->conn, m->name, sql.s, total, types))
+            if (!PQsendPrepare(ap->conn, m->name, sql.s, total + 6, types))
                 rc = AAMM_ECONN;
             else if (!exp_push(ap, E_PREPARE, t, NULL, 0))
                 rc = AAMM_ENOMEM;
@@ -1875,7 +1914,7 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
         aamm__free(tail.s);
     }
     if (rc == 0) {
-        if (!PQsendQueryPrepared(ap->conn, m->name, total, vals, NULL, NULL, 0))
+        if (!PQsendQueryPrepared(ap->conn, m->name, total + 6, vals, NULL, NULL, 0))
             rc = AAMM_ECONN;
         else if (!exp_push(ap, E_STMT, t, NULL, 0))
             rc = AAMM_ENOMEM;
@@ -1956,18 +1995,24 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
     if (rc == 0 && (ids.oom || modes.oom))
         rc = AAMM_ENOMEM;
     const char *gp[6] = {ap->origin, lsn_prev, lsn_end, ts, ids.s, modes.s};
-    if (rc == 0 && (!PQsendQueryPrepared(ap->conn, "aamm_guard", 6, gp, NULL, NULL, 0) ||
-                    !exp_push(ap, E_GUARD, t, NULL, -1)))
+    const char *fixed[NFIXED] = {ts, node, NULL, NULL};
+    /* a small transaction: one statement with the guard folded in (1 when the shape cache
+     * is full: nothing sent, the guard and the changes go one by one) */
+    bool merged = false;
+    if (rc == 0 && mergeable(t) && aamm__now_ms() >= ap->fold_off_until_ms) {
+        rc = send_merged(ap, t, fixed, gp);
+        merged = rc == 0;
+        if (rc > 0)
+            rc = 0;
+    }
+    if (rc == 0 && !merged &&
+        (!PQsendQueryPrepared(ap->conn, "aamm_guard", 6, gp, NULL, NULL, 0) ||
+         !exp_push(ap, E_GUARD, t, NULL, -1)))
         rc = AAMM_ECONN;
     aamm__free(ids.s);
     aamm__free(modes.s);
     if (rc < 0)
         return rc;
-    const char *fixed[NFIXED] = {ts, node, NULL, NULL};
-    rc = mergeable(t) ? send_merged(ap, t, fixed) : 1;
-    if (rc < 0)
-        return rc;
-    bool merged = rc == 0;
     for (size_t i = 0; !merged && i < t->n;) {
         if (t->changes[i].relation)
             fixed[2] = lrel_of(t->changes[i].relation)->label;
@@ -2344,6 +2389,17 @@ static void after_failure(struct aamm_apply *ap)
         ap->state = S_HELD;
         return;
     }
+    if (strcmp(sqlstate, "AA005") == 0) {
+        /* another applier held one of its keys while a merged statement's guard ran:
+         * retry at once, the guard a statement of its own that waits for the lock (it
+         * is retried unbatched), and fold no guard for a while (the keys are contended) */
+        AAMM_DEBUG("apply: transaction %s: key lock busy, retrying", lsn);
+        aamm__free(t->errmsg);
+        ap->fold_off_until_ms = aamm__now_ms() + FOLD_OFF_MS;
+        ap->state = S_WAIT;
+        ap->wake_ms = aamm__now_ms();
+        return;
+    }
     if (is_transient(sqlstate)) {
         AAMM_INFO("apply: transaction %s: transient error, retrying: %s", lsn,
                   t->errmsg ? t->errmsg : "");
@@ -2510,8 +2566,9 @@ static int send_setup(struct aamm_apply *ap)
              "SET bytea_output = hex; SET TimeZone = 'UTC'; SET client_encoding = 'UTF8';"
              "SET standard_conforming_strings = on; SET client_min_messages = notice;"
              /* every apply statement finds its rows by key: through the key's index even
-              * on a table the statistics call tiny (a hot, bloated one, as often as not) */
-             "SET enable_seqscan = off;"
+              * on a table the statistics call tiny (a hot, bloated one, as often as not);
+              * no JIT for statements this small */
+             "SET enable_seqscan = off; SET jit = off;"
              "SET aamm.node_id = '%" PRIu32 "';"
              "SET application_name = 'aamm apply from %" PRIu32 "';%s"
              "SELECT progress, roident FROM aamm.origin_session('%s')",

@@ -58,10 +58,10 @@ const char *aamm__errmsg(const struct aamm__err *err);
 
 bool aamm__log_enabled(int level);
 void aamm__log(int level, const char *file, int line, const char *fmt, ...) AAMM_PRINTF(4, 5);
-#define AAMM_LOG(level, ...)                                        \
-    do {                                                            \
-        if (aamm__log_enabled(level))                               \
-            aamm__log((level), __FILE__, __LINE__, __VA_ARGS__);    \
+#define AAMM_LOG(level, ...)                                                                       \
+    do {                                                                                           \
+        if (aamm__log_enabled(level))                                                              \
+            aamm__log((level), __FILE__, __LINE__, __VA_ARGS__);                                   \
     } while (0)
 #define AAMM_ERROR(...) AAMM_LOG(AAMM_LOG_ERROR, __VA_ARGS__)
 #define AAMM_WARN(...) AAMM_LOG(AAMM_LOG_WARNING, __VA_ARGS__)
@@ -72,6 +72,9 @@ void aamm__log(int level, const char *file, int line, const char *fmt, ...) AAMM
 
 /* Monotonic clock in milliseconds (CLOCK_MONOTONIC). */
 int64_t aamm__now_ms(void);
+/* apply's advisory lock id of a key (lib/apply.c): the relation as schema.name and the key
+ * columns' texts in key order; for tests that hold a key's lock */
+int64_t aamm__apply_lock_id(const char *label, const char *const *keys, int nkeys);
 /* Wall clock in microseconds since the Unix epoch (CLOCK_REALTIME). */
 int64_t aamm__wall_us(void);
 

@@ -122,6 +122,14 @@ static const char install_sql[] =
     "  RAISE EXCEPTION 'aamm: origin % is at %, expected % (an earlier transaction did not "
     "commit)', origin, cur, prev USING ERRCODE = 'AA002';\n"
     "END $f$;\n"
+    /* a merged statement's guard met a key lock another applier holds (lib/apply.c,
+     * guard_fold_sql): its snapshot predates the lock, so it must not go on */
+    "CREATE OR REPLACE FUNCTION aamm.key_lock_busy(id bigint) RETURNS text\n"
+    "  LANGUAGE plpgsql AS $f$\n"
+    "BEGIN\n"
+    "  RAISE EXCEPTION 'aamm: key lock % is held by another applier', id\n"
+    "    USING ERRCODE = 'AA005';\n"
+    "END $f$;\n"
     "CREATE OR REPLACE FUNCTION aamm.origin_session(origin text, OUT progress pg_lsn,\n"
     "  OUT roident oid) LANGUAGE plpgsql AS $f$\n"
     "BEGIN\n"

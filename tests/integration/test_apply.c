@@ -470,6 +470,59 @@ START_TEST(test_commit_failure)
 }
 END_TEST
 
+/* A small transaction goes out as one statement with its guard folded in, which may not
+ * wait for a key lock (its snapshot predates the lock): a key another applier holds makes
+ * it retry with the guard as a statement of its own, which waits. Nothing is applied
+ * while the lock is held; after it, the transaction sees what the holder committed (here
+ * a newer delete of key 7, which its insert of 7 must not undo). */
+START_TEST(test_key_lock_busy)
+{
+    table(0, "busy", "id int PRIMARY KEY, v text");
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 31, &k);
+    struct aamm_relation r;
+    mkrel(&r, "busy", "id,v", "k-");
+    const char *key[1] = {"7"};
+    PGconn *holder = pgfx_connect(fx, 0);
+    char sql[128];
+    snprintf(sql, sizeof sql,
+             "BEGIN; SELECT pg_advisory_xact_lock(%" PRId64 "); INSERT INTO aamm.tombstone "
+             "VALUES ('public.busy', '[7]')",
+             aamm__apply_lock_id("public.busy", key, 1));
+    PGresult *res = PQexec(holder, sql);
+    ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+    PQclear(res);
+    int64_t ts = now_us();
+    tbegin(ap, 31, 0x100, ts);
+    tins(ap, &r, V("6", "a"));
+    tcommit(ap);
+    tbegin(ap, 31, 0x200, ts + 1);
+    tins(ap, &r, V("7", "b"));
+    tins(ap, &r, V("8", "c"));
+    tcommit(ap);
+    tbegin(ap, 31, 0x300, ts + 2);
+    tins(ap, &r, V("9", "d"));
+    tcommit(ap);
+    /* the first transaction commits, the second waits for the lock, the third after it */
+    int64_t until = aamm__now_ms() + 1500;
+    while (aamm__now_ms() < until) {
+        ck_assert_int_eq(aamm_apply_step(ap), 0);
+        usleep(10000);
+    }
+    assert_val(0, "6", "SELECT string_agg(id::text, ',' ORDER BY id) FROM busy");
+    ck_assert_uint_eq(origin_lsn(0, 31), 0x100);
+    res = PQexec(holder, "COMMIT");
+    PQclear(res);
+    flush_ok(ap);
+    assert_val(0, "6,8,9", "SELECT string_agg(id::text, ',' ORDER BY id) FROM busy");
+    ck_assert_uint_eq(origin_lsn(0, 31), 0x300);
+    ck_assert_uint_eq(aamm_apply_conflicts(ap, AAMM_CONFLICT_INSERT_EXISTS), 1);
+    PQfinish(holder);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
 /* Bad input holds the stream with a clear error, loses nothing, and resumes once the
  * schema catches up: a missing table, a source column the target lacks, a value that does
  * not parse as the local type. */
@@ -1324,6 +1377,7 @@ int main(void)
     tcase_add_test(tc, test_skip_duplicates);
     tcase_add_test(tc, test_pipeline_failure);
     tcase_add_test(tc, test_commit_failure);
+    tcase_add_test(tc, test_key_lock_busy);
     tcase_add_test(tc, test_bad_input);
     tcase_add_test(tc, test_role_grants);
     tcase_add_test(tc, test_update_origin_differs);
