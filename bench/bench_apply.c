@@ -117,7 +117,7 @@ static void cpu_report(const char *what, long units, double decoder, double appl
                        double wal)
 {
     fprintf(stderr,
-            "cpu %s: per 1000: walsender %.3f s, applier %.3f s, client %.3f s; target WAL "
+            "cpu %s: per 1000: walsender %.4f s, applier %.4f s, client %.4f s; target WAL "
             "%.0f kB\n",
             what, decoder * 1000 / (double)units, applier * 1000 / (double)units,
             client * 1000 / (double)units, wal / (double)units);

@@ -20,7 +20,14 @@
  * Types
  * ==================================================================================== */
 
-enum op { OP_INSERT = 1, OP_UPDATE = 2, OP_DELETE = 3, OP_UPDATE_MISSING = 4, OP_INSERT_MANY = 5 };
+enum op {
+    OP_INSERT = 1,
+    OP_UPDATE = 2,
+    OP_DELETE = 3,
+    OP_UPDATE_MISSING = 4,
+    OP_INSERT_MANY = 5,  /* a run of inserts, ON CONFLICT (key) DO UPDATE WHERE decide */
+    OP_INSERT_PLAIN = 6, /* a run of inserts, no ON CONFLICT: a present key fails it */
+};
 
 struct lcol {
     char *name;
@@ -45,8 +52,9 @@ struct lrel {
     char *qname; /* "schema"."name" */
     bool mapped;
     bool catalog_pending;
-    int map_code;  /* mapping error, or 0 */
-    char *map_msg; /* heap */
+    bool runs_upsert; /* a run met a present key: runs go out as OP_INSERT_MANY */
+    int map_code;     /* mapping error, or 0 */
+    char *map_msg;    /* heap */
     int nlocal;
     struct lcol *lcols;
     int *r2l; /* per remote column: local index, or -1 (generated: not written) */
@@ -87,6 +95,7 @@ struct qtxn {
     char sqlstate[6];
     char *errmsg;    /* first error of this transaction (heap) */
     long err_change; /* index of the change that failed, -1 none */
+    bool err_plain;  /* ... in an OP_INSERT_PLAIN run */
     bool nobatch;    /* send every change as its own statement (after a failure) */
     char *errdetail; /* the first error's detail (heap), for AA004 */
     char **verdicts; /* per change: the resolver's verdict (heap), or NULL */
@@ -110,6 +119,7 @@ struct expect {
     struct qtxn *t;
     struct lrel *rel;
     long idx;
+    bool plain; /* an OP_INSERT_PLAIN run */
 };
 
 enum state { S_IDLE, S_CONNECTING, S_SETUP, S_WAIT, S_READY, S_HELD };
@@ -259,7 +269,7 @@ static bool exp_push(struct aamm_apply *ap, int kind, struct qtxn *t, struct lre
         ap->exp_cap = nc;
         ap->exp_head = 0;
     }
-    ap->exp[(ap->exp_head + ap->exp_n) % ap->exp_cap] = (struct expect){kind, t, rel, idx};
+    ap->exp[(ap->exp_head + ap->exp_n) % ap->exp_cap] = (struct expect){kind, t, rel, idx, false};
     ap->exp_n++;
     return true;
 }
@@ -400,6 +410,7 @@ static void unsend_all(struct aamm_apply *ap)
         qtxn_drop_conflicts(q);
         q->sqlstate[0] = '\0';
         q->err_change = -1;
+        q->err_plain = false;
         aamm__free(q->errmsg);
         q->errmsg = NULL;
     }
@@ -958,12 +969,14 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
     for (int k = 0; k < r->nkeys; k++)
         kparam[k] = (op == OP_DELETE || oldkey) ? p++ : vparam[r->key_r[k]];
 
-    if (op == OP_INSERT || op == OP_INSERT_MANY) {
+    if (op == OP_INSERT || op == OP_INSERT_MANY || op == OP_INSERT_PLAIN) {
         /* OP_INSERT_MANY: a run of inserts with distinct keys, one text[] per written
          * column, unnested and cast. The tombstone probe runs only when the relation has
          * tombstones, the decision functions only for the rows that meet a tombstone or an
-         * existing key. */
-        bool many = op == OP_INSERT_MANY;
+         * existing key. OP_INSERT_PLAIN: the same run without ON CONFLICT, which costs an
+         * index probe per row before the insert's own: a present key fails the statement
+         * (23505) and the relation's runs go out as OP_INSERT_MANY from then on. */
+        bool many = op == OP_INSERT_MANY || op == OP_INSERT_PLAIN;
         sb_add(&b, "INSERT INTO %s AS t (", r->qname);
         int i = 0;
         for (uint32_t c = 0; c < nc; c++)
@@ -1001,28 +1014,31 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", $1::timestamptz, $2::int, ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", $4) ON CONFLICT (");
+        sb_add(&b, ", $4)");
         b.batch = false;
-        for (int k = 0; k < r->nkeys; k++) {
-            sb_add(&b, "%s", k ? ", " : "");
-            sb_ident(&b, r->rel.columns[r->key_r[k]].name);
-        }
-        sb_add(&b, ") DO UPDATE SET ");
-        i = 0;
-        for (uint32_t c = 0; c < nc; c++)
-            if (mask[c] == '1') {
-                sb_add(&b, "%s", i++ ? ", " : "");
-                sb_ident(&b, r->rel.columns[c].name);
-                sb_add(&b, " = EXCLUDED.");
-                sb_ident(&b, r->rel.columns[c].name);
+        if (op != OP_INSERT_PLAIN) {
+            sb_add(&b, " ON CONFLICT (");
+            for (int k = 0; k < r->nkeys; k++) {
+                sb_add(&b, "%s", k ? ", " : "");
+                sb_ident(&b, r->rel.columns[r->key_r[k]].name);
             }
-        sb_add(&b, " WHERE aamm.decide('insert_exists', $3, pg_catalog.jsonb_build_array(");
-        for (int k = 0; k < r->nkeys; k++) {
-            sb_add(&b, "%sEXCLUDED.", k ? ", " : "");
-            sb_ident(&b, r->rel.columns[r->key_r[k]].name);
+            sb_add(&b, ") DO UPDATE SET ");
+            i = 0;
+            for (uint32_t c = 0; c < nc; c++)
+                if (mask[c] == '1') {
+                    sb_add(&b, "%s", i++ ? ", " : "");
+                    sb_ident(&b, r->rel.columns[c].name);
+                    sb_add(&b, " = EXCLUDED.");
+                    sb_ident(&b, r->rel.columns[c].name);
+                }
+            sb_add(&b, " WHERE aamm.decide('insert_exists', $3, pg_catalog.jsonb_build_array(");
+            for (int k = 0; k < r->nkeys; k++) {
+                sb_add(&b, "%sEXCLUDED.", k ? ", " : "");
+                sb_ident(&b, r->rel.columns[r->key_r[k]].name);
+            }
+            sb_add(&b, "), t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
+                       "$1::timestamptz, $2::int, $4)");
         }
-        sb_add(&b, "), t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
-                   "$1::timestamptz, $2::int, $4)");
     } else if (op == OP_UPDATE) {
         /* the decision is evaluated on the row version being updated (a concurrent writer
          * makes the UPDATE re-check it on the newer version) */
@@ -1118,7 +1134,7 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
  */
 static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_u, int cte)
 {
-    if (op == OP_INSERT_MANY || op == OP_UPDATE_MISSING)
+    if (op == OP_INSERT_MANY || op == OP_INSERT_PLAIN || op == OP_UPDATE_MISSING)
         return build_full(r, op, mask, has_u);
     struct sb b = {0};
     uint32_t nc = r->rel.ncolumns;
@@ -1271,7 +1287,7 @@ static struct stmt *stmt_for(struct aamm_apply *ap, struct qtxn *t, long idx, st
     /* a single-change statement hands its parameters on as one text[] (build_sql()):
      * every one of them is text */
     int ntyped = NFIXED_ALL;
-    if (op != OP_INSERT_MANY) {
+    if (op != OP_INSERT_MANY && op != OP_INSERT_PLAIN) {
         uint32_t nc = r->rel.ncolumns;
         for (uint32_t c = 0; c < nc; c++)
             ntyped += mask[c] == '1';
@@ -1715,7 +1731,8 @@ static int send_many(struct aamm_apply *ap, struct qtxn *t, size_t i0, size_t i1
         mask[c] = r->r2l[c] >= 0 ? '1' : '0';
     mask[nc] = '-';
     mask[nc + 1] = '\0';
-    struct stmt *st = get_stmt(ap, t, (long)i0, r, OP_INSERT_MANY, mask, false, &rc);
+    int op = r->runs_upsert ? OP_INSERT_MANY : OP_INSERT_PLAIN;
+    struct stmt *st = get_stmt(ap, t, (long)i0, r, op, mask, false, &rc);
     if (!st)
         return rc;
     char name[32];
@@ -1758,6 +1775,7 @@ static int send_many(struct aamm_apply *ap, struct qtxn *t, size_t i0, size_t i1
         return AAMM_ECONN;
     if (!exp_push(ap, E_STMT, t, r, (long)i0))
         return AAMM_ENOMEM;
+    ap->exp[(ap->exp_head + ap->exp_n - 1) % ap->exp_cap].plain = op == OP_INSERT_PLAIN;
     return 0;
 }
 
@@ -2389,6 +2407,19 @@ static void after_failure(struct aamm_apply *ap)
         ap->state = S_HELD;
         return;
     }
+    if (strcmp(sqlstate, "23505") == 0 && t->err_plain && c && c->relation &&
+        !lrel_of(c->relation)->runs_upsert) {
+        /* a run of inserts without ON CONFLICT met a present key (or another unique
+         * index: the retry says which): the relation's runs take the ON CONFLICT path
+         * from now on; retry at once, batched as before */
+        AAMM_DEBUG("apply: transaction %s: %s: a run met a present key, retrying", lsn, label);
+        lrel_of(c->relation)->runs_upsert = true;
+        orig->nobatch = !was_batched;
+        aamm__free(t->errmsg);
+        ap->state = S_WAIT;
+        ap->wake_ms = aamm__now_ms();
+        return;
+    }
     if (strcmp(sqlstate, "AA005") == 0) {
         /* another applier held one of its keys while a merged statement's guard ran:
          * retry at once, the guard a statement of its own that waits for the lock (it
@@ -2479,6 +2510,8 @@ static int handle_result(struct aamm_apply *ap, PGresult *res)
         break;
     case E_GUARD:
     case E_STMT:
+        if (err && e.t && !e.t->errmsg)
+            e.t->err_plain = e.plain;
         if (err)
             record_error(e.t, res, e.idx);
         else if (st == PGRES_PIPELINE_ABORTED && e.t)

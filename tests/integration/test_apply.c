@@ -523,6 +523,39 @@ START_TEST(test_key_lock_busy)
 }
 END_TEST
 
+/* A run of inserts goes out without ON CONFLICT until one meets a present key: that
+ * transaction is retried with the run's ON CONFLICT form (the conflict decided and logged
+ * as any other), and so are the relation's later runs. */
+START_TEST(test_run_meets_present_key)
+{
+    table(0, "runs", "id int PRIMARY KEY, v text");
+    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO runs VALUES (3, 'local'), (15, 'local')"), 0);
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 32, &k);
+    struct aamm_relation r;
+    mkrel(&r, "runs", "id,v", "k-");
+    int64_t ts = now_us() + 1000000; /* newer than the local rows: the remote wins */
+    char id[16];
+    for (int x = 0; x < 3; x++) {
+        tbegin(ap, 32, 0x100 * (uint64_t)(x + 1), ts + x);
+        for (int i = 1; i <= 10; i++) {
+            snprintf(id, sizeof id, "%d", x * 10 + i);
+            tins(ap, &r, V(id, "r"));
+        }
+        tcommit(ap);
+    }
+    flush_ok(ap);
+    assert_val(0, "30 30", "SELECT count(*) || ' ' || count(*) FILTER (WHERE v = 'r') FROM runs");
+    ck_assert_uint_eq(origin_lsn(0, 32), 0x300);
+    ck_assert_uint_eq(aamm_apply_conflicts(ap, AAMM_CONFLICT_INSERT_EXISTS), 2);
+    assert_val(0, "2",
+               "SELECT count(*) FROM aamm.conflict_log WHERE relation = 'public.runs' AND "
+               "kind = 'insert_exists' AND resolution = 'apply_remote'");
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
 /* Bad input holds the stream with a clear error, loses nothing, and resumes once the
  * schema catches up: a missing table, a source column the target lacks, a value that does
  * not parse as the local type. */
@@ -1378,6 +1411,7 @@ int main(void)
     tcase_add_test(tc, test_pipeline_failure);
     tcase_add_test(tc, test_commit_failure);
     tcase_add_test(tc, test_key_lock_busy);
+    tcase_add_test(tc, test_run_meets_present_key);
     tcase_add_test(tc, test_bad_input);
     tcase_add_test(tc, test_role_grants);
     tcase_add_test(tc, test_update_origin_differs);
