@@ -1623,34 +1623,13 @@ static int prep_row(struct aamm_apply *ap, struct qtxn *t, long idx, const char 
     return 0;
 }
 
-/* Append @s (@n bytes) as a double-quoted array element. */
-static void sb_quoted(struct sb *b, const char *s, size_t n)
+static uint8_t *put_be32(uint8_t *o, uint32_t v)
 {
-    if (b->oom)
-        return;
-    size_t need = b->len + 2 * n + 4;
-    if (need > b->cap) {
-        size_t nc = b->cap ? b->cap : 256;
-        while (nc < need)
-            nc *= 2;
-        char *p = aamm__realloc(b->s, nc);
-        if (!p) {
-            b->oom = true;
-            return;
-        }
-        b->s = p;
-        b->cap = nc;
-    }
-    char *o = b->s + b->len;
-    *o++ = '"';
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] == '"' || s[i] == '\\')
-            *o++ = '\\';
-        *o++ = s[i];
-    }
-    *o++ = '"';
-    *o = '\0';
-    b->len = (size_t)(o - b->s);
+    o[0] = (uint8_t)(v >> 24);
+    o[1] = (uint8_t)(v >> 16);
+    o[2] = (uint8_t)(v >> 8);
+    o[3] = (uint8_t)v;
+    return o + 4;
 }
 
 /* Runs of inserts go out as one statement of at most this many rows / value bytes. */
@@ -1737,38 +1716,60 @@ static int send_many(struct aamm_apply *ap, struct qtxn *t, size_t i0, size_t i1
         return rc;
     char name[32];
     memcpy(name, st->name, sizeof name);
-    struct sb *arr = aamm__calloc(nc + 1, sizeof *arr);
-    if (!arr)
-        return AAMM_ENOMEM;
+    /* one text[] per written column, in the binary array format: no quoting here and no
+     * array parsing on the server (array_recv takes length-prefixed elements) */
+    char **arr = aamm__calloc(nc + 1, sizeof *arr);
+    int *lens = aamm__calloc(NFIXED_ALL + nc + 1, sizeof *lens);
+    int *fmts = aamm__calloc(NFIXED_ALL + nc + 1, sizeof *fmts);
+    bool oom = !arr || !lens || !fmts;
     const char **vals = ap->scratch_vals;
     int np = 0;
     for (int i = 0; i < NFIXED; i++)
         vals[np++] = fixed[i];
     vals[np++] = ap->roident;
     vals[3] = aamm_conflict_policy_name((enum aamm_conflict_policy)policy_of(ap, r));
-    bool oom = false;
-    for (uint32_t c = 0; c < nc; c++) {
+    for (uint32_t c = 0; c < nc && !oom; c++) {
         if (mask[c] != '1')
             continue;
-        struct sb *b = &arr[c];
-        sb_add(b, "{");
+        size_t n = i1 - i0, size = 20;
+        bool nulls = false;
         for (size_t i = i0; i < i1; i++) {
             const struct aamm_value *v = &t->changes[i].new_tuple.values[c];
-            if (i > i0)
-                sb_add(b, ",");
-            if (v->kind == AAMM_VALUE_TEXT)
-                sb_quoted(b, v->data, v->len);
-            else
-                sb_add(b, "NULL");
+            size += 4 + (v->kind == AAMM_VALUE_TEXT ? v->len : 0);
+            nulls = nulls || v->kind != AAMM_VALUE_TEXT;
         }
-        sb_add(b, "}");
-        oom = oom || b->oom;
-        vals[np++] = b->s;
+        uint8_t *b = aamm__malloc(size), *o = b;
+        if (!b || size > INT32_MAX) {
+            aamm__free(b);
+            oom = true;
+            break;
+        }
+        o = put_be32(o, 1);           /* dimensions */
+        o = put_be32(o, nulls);       /* has nulls */
+        o = put_be32(o, 25);          /* element type: text */
+        o = put_be32(o, (uint32_t)n); /* length */
+        o = put_be32(o, 1);           /* lower bound */
+        for (size_t i = i0; i < i1; i++) {
+            const struct aamm_value *v = &t->changes[i].new_tuple.values[c];
+            if (v->kind != AAMM_VALUE_TEXT) {
+                o = put_be32(o, UINT32_MAX); /* -1: NULL */
+                continue;
+            }
+            o = put_be32(o, v->len);
+            memcpy(o, v->data, v->len);
+            o += v->len;
+        }
+        arr[c] = (char *)b;
+        lens[np] = (int)size;
+        fmts[np] = 1;
+        vals[np++] = arr[c];
     }
-    int ok = !oom && PQsendQueryPrepared(ap->conn, name, np, vals, NULL, NULL, 0);
-    for (uint32_t c = 0; c < nc; c++)
-        aamm__free(arr[c].s);
+    int ok = !oom && PQsendQueryPrepared(ap->conn, name, np, vals, lens, fmts, 0);
+    for (uint32_t c = 0; arr && c < nc; c++)
+        aamm__free(arr[c]);
     aamm__free(arr);
+    aamm__free(lens);
+    aamm__free(fmts);
     if (oom)
         return AAMM_ENOMEM;
     if (!ok)

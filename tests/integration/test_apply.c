@@ -556,6 +556,31 @@ START_TEST(test_run_meets_present_key)
 }
 END_TEST
 
+/* A run's values travel as binary text[] parameters: NULLs, quotes, backslashes, braces,
+ * commas, empty strings and multibyte text arrive as they left. */
+START_TEST(test_run_values)
+{
+    table(0, "runv", "id int PRIMARY KEY, v text, n numeric");
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 33, &k);
+    struct aamm_relation r;
+    mkrel(&r, "runv", "id,v,n", "k--");
+    tbegin(ap, 33, 0x100, now_us());
+    tins(ap, &r, V("1", NULL, "1.50"));
+    tins(ap, &r, V("2", "a\"b,{c}", NULL));
+    tins(ap, &r, V("3", "back\\slash", "-2"));
+    tins(ap, &r, V("4", "", "0"));
+    tins(ap, &r, V("5", "caf\xc3\xa9 NULL", "3"));
+    tcommit(ap);
+    flush_ok(ap);
+    assert_val(0, "1:<null>:1.50|2:a\"b,{c}:<null>|3:back\\slash:-2|4::0|5:caf\xc3\xa9 NULL:3",
+               "SELECT string_agg(id || ':' || COALESCE(v, '<null>') || ':' || "
+               "COALESCE(n::text, '<null>'), '|' ORDER BY id) FROM runv");
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
 /* Bad input holds the stream with a clear error, loses nothing, and resumes once the
  * schema catches up: a missing table, a source column the target lacks, a value that does
  * not parse as the local type. */
@@ -1412,6 +1437,7 @@ int main(void)
     tcase_add_test(tc, test_commit_failure);
     tcase_add_test(tc, test_key_lock_busy);
     tcase_add_test(tc, test_run_meets_present_key);
+    tcase_add_test(tc, test_run_values);
     tcase_add_test(tc, test_bad_input);
     tcase_add_test(tc, test_role_grants);
     tcase_add_test(tc, test_update_origin_differs);
