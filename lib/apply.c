@@ -950,6 +950,44 @@ static const char same_origin_sql[] =
  * (doc/conflicts.md): what aamm.apply_slow() runs when the fast statement (build_sql())
  * wrote nothing, and the statement for runs of inserts (OP_INSERT_MANY).
  */
+/* Whether an UPDATE of shape @mask moves its row to another key: the old key travels and
+ * every key column is written (prep_row() sends the old key only when its text differs). */
+static bool moves_key(const struct lrel *r, const char *mask)
+{
+    uint32_t nc = r->rel.ncolumns;
+    if (mask[nc] != 'k' && mask[nc] != 'K')
+        return false;
+    for (int k = 0; k < r->nkeys; k++)
+        if (mask[r->key_r[k]] != '1')
+            return false;
+    return true;
+}
+
+/* The tombstone apply leaves for the key in @kparam: a remote DELETE's, or (@vparam not
+ * NULL) a key-changing UPDATE's old key unless the new key equals it. The tombstone
+ * triggers fire for local writers only (session_replication_role = replica skips them). */
+static void sb_tomb(struct sb *b, const struct lrel *r, const int *kparam, const int *vparam)
+{
+    sb_add(b, "(");
+    if (vparam) {
+        int *nk = aamm__calloc((size_t)r->nkeys + 1, sizeof *nk);
+        if (!nk) {
+            b->oom = true;
+            return;
+        }
+        for (int k = 0; k < r->nkeys; k++)
+            nk[k] = vparam[r->key_r[k]];
+        sb_keyjson(b, r, kparam);
+        sb_add(b, " IS NOT DISTINCT FROM ");
+        sb_keyjson(b, r, nk);
+        sb_add(b, " OR ");
+        aamm__free(nk);
+    }
+    sb_add(b, "aamm.remember_delete($3, ");
+    sb_keyjson(b, r, kparam);
+    sb_add(b, ", $1::timestamptz, $2::int))");
+}
+
 static char *build_full(const struct lrel *r, int op, const char *mask, bool has_u)
 {
     struct sb b = {0};
@@ -1042,7 +1080,10 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
     } else if (op == OP_UPDATE) {
         /* the decision is evaluated on the row version being updated (a concurrent writer
          * makes the UPDATE re-check it on the newer version) */
-        sb_add(&b, "UPDATE %s AS t SET ", r->qname);
+        /* a key change leaves a tombstone on the old key; the statement then returns a
+         * row when it updated one (apply_slow() counts it) */
+        bool moves = moves_key(r, mask);
+        sb_add(&b, "%sUPDATE %s AS t SET ", moves ? "WITH u AS (" : "", r->qname);
         int i = 0;
         for (uint32_t c = 0; c < nc; c++)
             if (mask[c] == '1') {
@@ -1058,6 +1099,11 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), ");
         sb_rowjson(&b, r, mask, vparam);
         sb_add(&b, ", $1::timestamptz, $2::int, $4))");
+        if (moves) {
+            sb_add(&b, " RETURNING 1) SELECT ");
+            sb_tomb(&b, r, kparam, vparam);
+            sb_add(&b, " FROM u");
+        }
     } else if (op == OP_UPDATE_MISSING) {
         /* a statement of its own after the UPDATE, so its snapshot sees what the UPDATE
          * did and what concurrent writers committed meanwhile (a row deleted under it) */
@@ -1101,14 +1147,13 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
         sb_add(&b, " AND aamm.decide('delete_origin_differs', $3, ");
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), NULL, $1::timestamptz, $2::int, $4) "
-                   "RETURNING 1) SELECT aamm.delete_missing($3, ");
-        sb_keyjson(&b, r, kparam);
-        sb_add(&b,
-               ", $1::timestamptz, $2::int, NULL) WHERE NOT EXISTS (SELECT 1 FROM d) "
-               "AND NOT EXISTS (SELECT 1 FROM %s t2 WHERE ",
-               r->qname);
+                   "RETURNING 1) SELECT CASE WHEN EXISTS (SELECT 1 FROM d) THEN ");
+        sb_tomb(&b, r, kparam, NULL);
+        sb_add(&b, " WHEN NOT EXISTS (SELECT 1 FROM %s t2 WHERE ", r->qname);
         sb_keywhere(&b, r, "t2", kparam);
-        sb_add(&b, ")");
+        sb_add(&b, ") THEN aamm.delete_missing($3, ");
+        sb_keyjson(&b, r, kparam);
+        sb_add(&b, ", $1::timestamptz, $2::int, NULL) END");
     }
     aamm__free(vparam);
     aamm__free(kparam);
@@ -1205,9 +1250,17 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         sb_keywhere(&b, r, "t", kparam);
         sb_add(&b, " AND %s RETURNING 1)", same_origin_sql);
     }
+    /* a DELETE or key-changing UPDATE that wrote leaves its tombstone; one that did not
+     * takes the slow path */
+    bool tomb = !b.oom && (op == OP_DELETE || (op == OP_UPDATE && moves_key(r, mask)));
     if (cte)
         sb_add(&b, ", m%d AS (", cte);
-    sb_add(&b, " SELECT aamm.apply_slow(");
+    if (tomb) {
+        sb_add(&b, " SELECT CASE WHEN EXISTS (SELECT 1 FROM c%d) THEN ", cte);
+        sb_tomb(&b, r, kparam, op == OP_UPDATE ? vparam : NULL);
+        sb_add(&b, " ELSE");
+    }
+    sb_add(&b, " %saamm.apply_slow(", tomb ? "" : "SELECT ");
     sb_literal(&b, dfull ? dfull : "");
     sb_add(&b, ", ");
     if (dmiss)
@@ -1217,7 +1270,10 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
     sb_add(&b, ", ARRAY[");
     for (int pi = 1; pi < p; pi++)
         sb_add(&b, "%s$%d", pi > 1 ? ", " : "", pi);
-    sb_add(&b, "]::text[]) AS x WHERE NOT EXISTS (SELECT 1 FROM c%d)%s", cte, cte ? ")" : "");
+    if (tomb)
+        sb_add(&b, "]::text[]) END AS x%s", cte ? ")" : "");
+    else
+        sb_add(&b, "]::text[]) AS x WHERE NOT EXISTS (SELECT 1 FROM c%d)%s", cte, cte ? ")" : "");
     aamm__free(dfull);
     aamm__free(dmiss);
     aamm__free(vparam);
@@ -1585,13 +1641,20 @@ static int prep_row(struct aamm_apply *ap, struct qtxn *t, long idx, const char 
             has_u = true;
         mask[i] = w ? '1' : '0';
     }
-    /* key values come from the old tuple when there is one (key change or FULL) */
-    mask[nc] = (c->kind == AAMM_CHANGE_UPDATE && ot) ? 'k' : '-';
+    /* key values come from the old tuple when the key changed (an old tuple whose key
+     * texts equal the new ones, REPLICA IDENTITY FULL's, adds nothing) */
+    bool keychg = false;
+    for (int k = 0; c->kind == AAMM_CHANGE_UPDATE && ot && !keychg && k < r->nkeys; k++) {
+        const struct aamm_value *o = &ot->values[r->key_r[k]], *n = &nt->values[r->key_r[k]];
+        keychg = o->kind != n->kind || (o->kind == AAMM_VALUE_TEXT &&
+                                        (o->len != n->len || memcmp(o->data, n->data, o->len)));
+    }
+    mask[nc] = keychg ? 'k' : '-';
     mask[nc + 1] = '\0';
     if (c->kind == AAMM_CHANGE_UPDATE && has_u)
         mask[nc] = mask[nc] == 'k' ? 'K' : 'U';
     for (int k = 0; k < r->nkeys; k++) {
-        const struct aamm_tuple *kt = (c->kind == AAMM_CHANGE_DELETE || ot) ? ot : nt;
+        const struct aamm_tuple *kt = (c->kind == AAMM_CHANGE_DELETE || keychg) ? ot : nt;
         const struct aamm_value *v = &kt->values[r->key_r[k]];
         if (v->kind != AAMM_VALUE_TEXT)
             return aamm__errf(&ap->err, AAMM_EMALFORMED,
@@ -1612,7 +1675,7 @@ static int prep_row(struct aamm_apply *ap, struct qtxn *t, long idx, const char 
         for (uint32_t i = 0; i < nc; i++)
             if (mask[i] == '1')
                 vals[np++] = nt->values[i].kind == AAMM_VALUE_TEXT ? nt->values[i].data : NULL;
-    if (op == OP_DELETE || ot)
+    if (op == OP_DELETE || keychg)
         for (int k = 0; k < r->nkeys; k++)
             vals[np++] = ot->values[r->key_r[k]].data;
     /* appliers are serialized per key by the locks the guard statement took, before

@@ -103,6 +103,16 @@ static const char install_sql[] =
     "  DO UPDATE SET relation = EXCLUDED.relation\n"
     "  WHERE NOT (SELECT aamm.newer(v.ts, v.node, rts, rnode) FROM aamm.version_of(t.xmin) v);\n"
     "END $f$;\n"
+    /* the tombstone of a remote DELETE (or key-changing UPDATE) apply did: the triggers
+     * below fire for local writers only (apply runs with session_replication_role =
+     * replica), which spares every applied UPDATE their WHEN clause */
+    "CREATE OR REPLACE FUNCTION aamm.remember_delete(rel text, k jsonb, rts timestamptz,\n"
+    "  rnode int) RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER\n"
+    "  SET search_path = pg_catalog AS $f$\n"
+    "BEGIN\n"
+    "  PERFORM aamm.put_tombstone(rel, k, rts, rnode);\n"
+    "  RETURN true;\n"
+    "END $f$;\n"
     "CREATE OR REPLACE FUNCTION aamm.tombstone_trigger() RETURNS trigger LANGUAGE plpgsql\n"
     "  SECURITY DEFINER SET search_path = pg_catalog AS $f$\n"
     "DECLARE o jsonb := to_jsonb(OLD); k jsonb;\n"
@@ -279,8 +289,8 @@ static const char install_sql[] =
     "    RETURNING 1)\n"
     "  SELECT pg_catalog.count(*) FROM d $f$;\n"
     "REVOKE EXECUTE ON FUNCTION aamm.log_conflict(text, text, jsonb, jsonb, jsonb, timestamptz,\n"
-    "  int, timestamptz, int, text), aamm.put_tombstone(text, jsonb, timestamptz, int)\n"
-    "  FROM PUBLIC;\n"
+    "  int, timestamptz, int, text), aamm.put_tombstone(text, jsonb, timestamptz, int),\n"
+    "  aamm.remember_delete(text, jsonb, timestamptz, int) FROM PUBLIC;\n"
     "DELETE FROM aamm.apply_meta;\n"
     "INSERT INTO aamm.apply_meta VALUES (1);\n";
 
@@ -410,7 +420,8 @@ int aamm_node_create_apply_role(struct pg_conn *conn, const char *role, const ch
             "GRANT SELECT ON aamm.tombstone, aamm.conflict_log TO %s;\n"
             "GRANT EXECUTE ON FUNCTION aamm.log_conflict(text, text, jsonb, jsonb, jsonb,\n"
             "  timestamptz, int, timestamptz, int, text),\n"
-            "  aamm.put_tombstone(text, jsonb, timestamptz, int) TO %s;\n"
+            "  aamm.put_tombstone(text, jsonb, timestamptz, int),\n"
+            "  aamm.remember_delete(text, jsonb, timestamptz, int) TO %s;\n"
             "COMMIT;\n",
             lr, qr, qr, lp ? " PASSWORD " : "", lp ? lp : "", qr, qr, qr, qr, qr);
         if (sql)
@@ -537,8 +548,7 @@ int aamm_node_replicate_table(struct pg_conn *conn, const char *schema, const ch
                            "  EXECUTE FUNCTION aamm.tombstone_trigger(%s);\n"
                            "CREATE TRIGGER aamm_tombstone_upd AFTER UPDATE ON %s.%s FOR EACH ROW\n"
                            "  WHEN (%s) EXECUTE FUNCTION aamm.tombstone_trigger(%s);\n"
-                           "ALTER TABLE %s.%s ENABLE ALWAYS TRIGGER aamm_tombstone_del,\n"
-                           "  ENABLE ALWAYS TRIGGER aamm_tombstone_upd, REPLICA IDENTITY FULL;\n"
+                           "ALTER TABLE %s.%s REPLICA IDENTITY FULL;\n"
                            "%s%s"
                            "COMMIT;\n",
                            qs, qt, qs, qt, qs, qt, args, qs, qt, when, args, qs, qt, grant, pub);

@@ -52,7 +52,8 @@ AAMM_API int aamm_node_create_apply_role(struct pg_conn *conn, const char *role,
 
 /**
  * Make @schema.@table (copied) a replicated table: it must have a primary key; installs
- * the tombstone trigger (ENABLE ALWAYS: it also fires under apply's replica role),
+ * the tombstone triggers (they fire for local writers; apply, which runs with
+ * session_replication_role = replica, writes the tombstones of what it applies itself),
  * sets REPLICA IDENTITY FULL (needed for unchanged-TOAST convergence, doc/conflicts.md),
  * grants SELECT, INSERT, UPDATE, DELETE, TRUNCATE to @apply_role (may be NULL: no grant)
  * and, when @publication is not NULL, adds the table to that publication (created FOR

@@ -581,6 +581,57 @@ START_TEST(test_run_values)
 }
 END_TEST
 
+/* Apply leaves the tombstones of what it applies (the triggers fire for local writers
+ * only): a remote key-changing UPDATE remembers its old key, an UPDATE whose old tuple
+ * carries the same key (REPLICA IDENTITY FULL) remembers nothing, a remote DELETE its key;
+ * single statements and merged ones alike. */
+START_TEST(test_remote_tombstones)
+{
+    table(0, "rt", "id int PRIMARY KEY, v text");
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 34, &k);
+    struct aamm_relation r;
+    mkrel(&r, "rt", "id,v", "k-");
+    int64_t ts = now_us();
+    tbegin(ap, 34, 0x100, ts);
+    for (int i = 1; i <= 6; i++) {
+        char id[8];
+        snprintf(id, sizeof id, "%d", i);
+        tins(ap, &r, V(id, "x"));
+    }
+    tcommit(ap);
+    tbegin(ap, 34, 0x200, ts + 1); /* merged */
+    tupd(ap, &r, V("1", "x"), V("11", "moved"));
+    tupd(ap, &r, V("2", "x"), V("2", "same key"));
+    tdel(ap, &r, V("3", NULL));
+    tcommit(ap);
+    tbegin(ap, 34, 0x300, ts + 2); /* one change */
+    tupd(ap, &r, V("4", "x"), V("14", "moved"));
+    tcommit(ap);
+    tbegin(ap, 34, 0x400, ts + 3);
+    tdel(ap, &r, V("5", NULL));
+    tcommit(ap);
+    flush_ok(ap);
+    assert_val(0, "2:same key|6:x|11:moved|14:moved",
+               "SELECT string_agg(id || ':' || v, '|' ORDER BY id) FROM rt");
+    assert_val(0, "[1],[3],[4],[5]",
+               "SELECT string_agg(key::text, ',' ORDER BY key) FROM aamm.tombstone "
+               "WHERE relation = 'public.rt'");
+    /* each with the version of the transaction that applied it */
+    char want[64];
+    aamm_time_format(ts + 1, want, sizeof want);
+    char *got = val(0,
+                    "SELECT bool_and(v.ts = '%s'::timestamptz AND v.node = 34) FROM "
+                    "aamm.tombstone t, aamm.version_of(t.xmin) v WHERE t.relation = "
+                    "'public.rt' AND t.key IN ('[1]', '[3]')",
+                    want);
+    ck_assert_str_eq(got, "t");
+    free(got);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
 /* Bad input holds the stream with a clear error, loses nothing, and resumes once the
  * schema catches up: a missing table, a source column the target lacks, a value that does
  * not parse as the local type. */
@@ -1438,6 +1489,7 @@ int main(void)
     tcase_add_test(tc, test_key_lock_busy);
     tcase_add_test(tc, test_run_meets_present_key);
     tcase_add_test(tc, test_run_values);
+    tcase_add_test(tc, test_remote_tombstones);
     tcase_add_test(tc, test_bad_input);
     tcase_add_test(tc, test_role_grants);
     tcase_add_test(tc, test_update_origin_differs);
