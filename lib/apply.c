@@ -988,24 +988,79 @@ static void sb_tomb(struct sb *b, const struct lrel *r, const int *kparam, const
     sb_add(b, ", $1::timestamptz, $2::int))");
 }
 
-static char *build_full(const struct lrel *r, int op, const char *mask, bool has_u)
+/* The parameter numbers of a change of shape @mask: per remote column its value's (0:
+ * not written) in *@vparam, per key column its key value's in *@kparam (the old key for
+ * a DELETE or a key change, else the new value's); *@next: the first number after them.
+ * Returns false when out of memory. */
+static bool number_params(const struct lrel *r, int op, const char *mask, int **vparam,
+                          int **kparam, int *next)
 {
-    struct sb b = {0};
     uint32_t nc = r->rel.ncolumns;
-    int *vparam = aamm__calloc(nc + 1, sizeof *vparam);
-    int *kparam = aamm__calloc((size_t)r->nkeys + 1, sizeof *kparam);
-    if (!vparam || !kparam) {
-        aamm__free(vparam);
-        aamm__free(kparam);
-        return NULL;
+    int *v = aamm__calloc(nc + 1, sizeof *v);
+    int *k = aamm__calloc((size_t)r->nkeys + 1, sizeof *k);
+    if (!v || !k) {
+        aamm__free(v);
+        aamm__free(k);
+        return false;
     }
     int p = NFIXED_ALL + 1;
     for (uint32_t c = 0; c < nc; c++)
         if (mask[c] == '1')
-            vparam[c] = p++;
+            v[c] = p++;
     bool oldkey = mask[nc] == 'k' || mask[nc] == 'K';
-    for (int k = 0; k < r->nkeys; k++)
-        kparam[k] = (op == OP_DELETE || oldkey) ? p++ : vparam[r->key_r[k]];
+    for (int i = 0; i < r->nkeys; i++)
+        k[i] = (op == OP_DELETE || oldkey) ? p++ : v[r->key_r[i]];
+    *vparam = v;
+    *kparam = k;
+    *next = p;
+    return true;
+}
+
+/* "INSERT INTO <table> [AS t] (<written columns>) SELECT <their values>" */
+static void sb_insert_head(struct sb *b, const struct lrel *r, const char *mask, const int *vparam,
+                           bool alias)
+{
+    sb_add(b, "INSERT INTO %s%s (", r->qname, alias ? " AS t" : "");
+    int i = 0;
+    for (uint32_t c = 0; c < r->rel.ncolumns; c++)
+        if (mask[c] == '1') {
+            sb_add(b, "%s", i++ ? ", " : "");
+            sb_ident(b, r->rel.columns[c].name);
+        }
+    sb_add(b, ") SELECT ");
+    i = 0;
+    for (uint32_t c = 0; c < r->rel.ncolumns; c++)
+        if (mask[c] == '1') {
+            sb_add(b, "%s", i++ ? ", " : "");
+            sb_param(b, r, (int)c, vparam[c]);
+        }
+}
+
+/* "UPDATE <table> AS t SET <written column> = <value>, ... WHERE <key>" */
+static void sb_update_head(struct sb *b, const struct lrel *r, const char *mask, const int *vparam,
+                           const int *kparam)
+{
+    sb_add(b, "UPDATE %s AS t SET ", r->qname);
+    int i = 0;
+    for (uint32_t c = 0; c < r->rel.ncolumns; c++)
+        if (mask[c] == '1') {
+            sb_add(b, "%s", i++ ? ", " : "");
+            sb_ident(b, r->rel.columns[c].name);
+            sb_add(b, " = ");
+            sb_param(b, r, (int)c, vparam[c]);
+        }
+    sb_add(b, " WHERE ");
+    sb_keywhere(b, r, "t", kparam);
+}
+
+static char *build_full(const struct lrel *r, int op, const char *mask, bool has_u)
+{
+    struct sb b = {0};
+    uint32_t nc = r->rel.ncolumns;
+    int *vparam, *kparam, p;
+    if (!number_params(r, op, mask, &vparam, &kparam, &p))
+        return NULL;
+    bool oldkey = mask[nc] == 'k' || mask[nc] == 'K';
 
     if (op == OP_INSERT || op == OP_INSERT_MANY || op == OP_INSERT_PLAIN) {
         /* OP_INSERT_MANY: a run of inserts with distinct keys, one text[] per written
@@ -1015,21 +1070,9 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
          * index probe per row before the insert's own: a present key fails the statement
          * (23505) and the relation's runs go out as OP_INSERT_MANY from then on. */
         bool many = op == OP_INSERT_MANY || op == OP_INSERT_PLAIN;
-        sb_add(&b, "INSERT INTO %s AS t (", r->qname);
-        int i = 0;
-        for (uint32_t c = 0; c < nc; c++)
-            if (mask[c] == '1') {
-                sb_add(&b, "%s", i++ ? ", " : "");
-                sb_ident(&b, r->rel.columns[c].name);
-            }
         b.batch = many;
-        sb_add(&b, ") SELECT ");
-        i = 0;
-        for (uint32_t c = 0; c < nc; c++)
-            if (mask[c] == '1') {
-                sb_add(&b, "%s", i++ ? ", " : "");
-                sb_param(&b, r, (int)c, vparam[c]);
-            }
+        sb_insert_head(&b, r, mask, vparam, true);
+        int i;
         if (many) {
             sb_add(&b, " FROM ROWS FROM (");
             i = 0;
@@ -1083,17 +1126,8 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
         /* a key change leaves a tombstone on the old key; the statement then returns a
          * row when it updated one (apply_slow() counts it) */
         bool moves = moves_key(r, mask);
-        sb_add(&b, "%sUPDATE %s AS t SET ", moves ? "WITH u AS (" : "", r->qname);
-        int i = 0;
-        for (uint32_t c = 0; c < nc; c++)
-            if (mask[c] == '1') {
-                sb_add(&b, "%s", i++ ? ", " : "");
-                sb_ident(&b, r->rel.columns[c].name);
-                sb_add(&b, " = ");
-                sb_param(&b, r, (int)c, vparam[c]);
-            }
-        sb_add(&b, " WHERE ");
-        sb_keywhere(&b, r, "t", kparam);
+        sb_add(&b, "%s", moves ? "WITH u AS (" : "");
+        sb_update_head(&b, r, mask, vparam, kparam);
         sb_add(&b, " AND (%s OR aamm.decide('update_origin_differs', $3, ", same_origin_sql);
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), ");
@@ -1107,20 +1141,7 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
     } else if (op == OP_UPDATE_MISSING) {
         /* a statement of its own after the UPDATE, so its snapshot sees what the UPDATE
          * did and what concurrent writers committed meanwhile (a row deleted under it) */
-        sb_add(&b, "INSERT INTO %s (", r->qname);
-        int i = 0;
-        for (uint32_t c = 0; c < nc; c++)
-            if (mask[c] == '1') {
-                sb_add(&b, "%s", i++ ? ", " : "");
-                sb_ident(&b, r->rel.columns[c].name);
-            }
-        sb_add(&b, ") SELECT ");
-        i = 0;
-        for (uint32_t c = 0; c < nc; c++)
-            if (mask[c] == '1') {
-                sb_add(&b, "%s", i++ ? ", " : "");
-                sb_param(&b, r, (int)c, vparam[c]);
-            }
+        sb_insert_head(&b, r, mask, vparam, false);
         sb_add(&b, " WHERE NOT EXISTS (SELECT 1 FROM %s t2 WHERE ", r->qname);
         sb_keywhere(&b, r, "t2", kparam);
         sb_add(&b, ")");
@@ -1182,24 +1203,17 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
     if (op == OP_INSERT_MANY || op == OP_INSERT_PLAIN || op == OP_UPDATE_MISSING)
         return build_full(r, op, mask, has_u);
     struct sb b = {0};
-    uint32_t nc = r->rel.ncolumns;
-    int *vparam = aamm__calloc(nc + 1, sizeof *vparam);
-    int *kparam = aamm__calloc((size_t)r->nkeys + 1, sizeof *kparam);
+    int *vparam = NULL, *kparam = NULL, p = 0;
+    if (!number_params(r, op, mask, &vparam, &kparam, &p))
+        b.oom = true;
     char *full = build_full(r, op, mask, has_u);
     char *miss = op == OP_UPDATE ? build_full(r, OP_UPDATE_MISSING, mask, has_u) : NULL;
     char *dfull = full ? rewrite_params(full, true, 0) : NULL;
     char *dmiss = miss ? rewrite_params(miss, true, 0) : NULL;
-    if (!vparam || !kparam || !dfull || (op == OP_UPDATE && !dmiss))
+    if (!dfull || (op == OP_UPDATE && !dmiss))
         b.oom = true;
     aamm__free(full);
     aamm__free(miss);
-    int p = NFIXED_ALL + 1;
-    for (uint32_t c = 0; vparam && c < nc; c++)
-        if (mask[c] == '1')
-            vparam[c] = p++;
-    bool oldkey = mask[nc] == 'k' || mask[nc] == 'K';
-    for (int k = 0; kparam && vparam && k < r->nkeys; k++)
-        kparam[k] = (op == OP_DELETE || oldkey) ? p++ : vparam[r->key_r[k]];
     if (cte)
         sb_add(&b, "c%d AS (", cte);
     else
@@ -1207,20 +1221,7 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
     if (b.oom) {
         /* nothing more to build */
     } else if (op == OP_INSERT) {
-        sb_add(&b, "INSERT INTO %s AS t (", r->qname);
-        int i = 0;
-        for (uint32_t c = 0; c < nc; c++)
-            if (mask[c] == '1') {
-                sb_add(&b, "%s", i++ ? ", " : "");
-                sb_ident(&b, r->rel.columns[c].name);
-            }
-        sb_add(&b, ") SELECT ");
-        i = 0;
-        for (uint32_t c = 0; c < nc; c++)
-            if (mask[c] == '1') {
-                sb_add(&b, "%s", i++ ? ", " : "");
-                sb_param(&b, r, (int)c, vparam[c]);
-            }
+        sb_insert_head(&b, r, mask, vparam, true);
         sb_add(&b, " WHERE NOT EXISTS (SELECT 1 FROM aamm.tombstone tb0 WHERE tb0.relation "
                    "OPERATOR(pg_catalog.=) $3) OR NOT EXISTS (SELECT 1 FROM aamm.tombstone tb "
                    "WHERE tb.relation OPERATOR(pg_catalog.=) $3 AND tb.key "
@@ -1233,17 +1234,7 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         }
         sb_add(&b, ") DO NOTHING RETURNING 1)");
     } else if (op == OP_UPDATE) {
-        sb_add(&b, "UPDATE %s AS t SET ", r->qname);
-        int i = 0;
-        for (uint32_t c = 0; c < nc; c++)
-            if (mask[c] == '1') {
-                sb_add(&b, "%s", i++ ? ", " : "");
-                sb_ident(&b, r->rel.columns[c].name);
-                sb_add(&b, " = ");
-                sb_param(&b, r, (int)c, vparam[c]);
-            }
-        sb_add(&b, " WHERE ");
-        sb_keywhere(&b, r, "t", kparam);
+        sb_update_head(&b, r, mask, vparam, kparam);
         sb_add(&b, " AND %s RETURNING 1)", same_origin_sql);
     } else {
         sb_add(&b, "DELETE FROM %s AS t WHERE ", r->qname);

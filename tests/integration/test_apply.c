@@ -367,6 +367,21 @@ START_TEST(test_skip_duplicates)
 }
 END_TEST
 
+/* 25 one-row transactions (id i, u 100 + i; u 5 for id 5) from @source, end LSNs 0x100 *
+ * i: the stream the two pipeline-failure tests hold at transaction 5 */
+static void queue_25(struct aamm_apply *ap, const struct aamm_relation *r, uint32_t source)
+{
+    int64_t ts = now_us();
+    char id[16], u[16];
+    for (int i = 1; i <= 25; i++) {
+        snprintf(id, sizeof id, "%d", i);
+        snprintf(u, sizeof u, "%d", i == 5 ? 5 : 100 + i);
+        tbegin(ap, source, 0x100 * (uint64_t)i, ts + i);
+        tins(ap, r, V(id, u));
+        tcommit(ap);
+    }
+}
+
 /* Pipelining keeps order and atomicity: a unique violation (non-key index) in
  * transaction N with N+1..N+20 queued behind it: none of them is visible, the origin
  * stays at N-1, the stream is held with a clear error and an unique_other conflict is
@@ -379,15 +394,7 @@ START_TEST(test_pipeline_failure)
     struct aamm_apply *ap = mkapply(0, 5, &k);
     struct aamm_relation r;
     mkrel(&r, "pipe", "id,u", "k-");
-    int64_t ts = now_us();
-    char id[16], u[16];
-    for (int i = 1; i <= 25; i++) {
-        snprintf(id, sizeof id, "%d", i);
-        snprintf(u, sizeof u, "%d", i == 5 ? 5 : 100 + i);
-        tbegin(ap, 5, 0x100 * (uint64_t)i, ts + i);
-        tins(ap, &r, V(id, u));
-        tcommit(ap);
-    }
+    queue_25(ap, &r, 5);
     int rc = aamm_apply_flush(ap, 30000);
     ck_assert_int_eq(rc, AAMM_ECONFLICT);
     ck_assert(aamm_apply_held(ap));
@@ -440,15 +447,7 @@ START_TEST(test_commit_failure)
     struct aamm_apply *ap = mkapply(0, 30, &k);
     struct aamm_relation r;
     mkrel(&r, "defer", "id,u", "k-");
-    int64_t ts = now_us();
-    char id[16], u[16];
-    for (int i = 1; i <= 25; i++) {
-        snprintf(id, sizeof id, "%d", i);
-        snprintf(u, sizeof u, "%d", i == 5 ? 5 : 100 + i);
-        tbegin(ap, 30, 0x100 * (uint64_t)i, ts + i);
-        tins(ap, &r, V(id, u));
-        tcommit(ap);
-    }
+    queue_25(ap, &r, 30);
     int rc = aamm_apply_flush(ap, 30000);
     ck_assert_int_eq(rc, AAMM_ESERVER);
     ck_assert(aamm_apply_held(ap));
