@@ -53,6 +53,7 @@ struct lrel {
     bool mapped;
     bool catalog_pending;
     bool runs_upsert; /* a run met a present key: runs go out as OP_INSERT_MANY */
+    int clean_runs;   /* OP_INSERT_MANY runs committed in a row without a conflict */
     int map_code;     /* mapping error, or 0 */
     char *map_msg;    /* heap */
     int nlocal;
@@ -93,12 +94,13 @@ struct qtxn {
     bool skipped;
     bool failed;
     char sqlstate[6];
-    char *errmsg;    /* first error of this transaction (heap) */
-    long err_change; /* index of the change that failed, -1 none */
-    bool err_plain;  /* ... in an OP_INSERT_PLAIN run */
-    bool nobatch;    /* send every change as its own statement (after a failure) */
-    char *errdetail; /* the first error's detail (heap), for AA004 */
-    char **verdicts; /* per change: the resolver's verdict (heap), or NULL */
+    char *errmsg;            /* first error of this transaction (heap) */
+    long err_change;         /* index of the change that failed, -1 none */
+    struct lrel *upsert_run; /* the relation of an OP_INSERT_MANY run it holds, or NULL */
+    bool err_plain;          /* ... in an OP_INSERT_PLAIN run */
+    bool nobatch;            /* send every change as its own statement (after a failure) */
+    char *errdetail;         /* the first error's detail (heap), for AA004 */
+    char **verdicts;         /* per change: the resolver's verdict (heap), or NULL */
     struct qconflict *conflicts;
 };
 
@@ -1686,6 +1688,12 @@ static uint8_t *put_be32(uint8_t *o, uint32_t v)
     return o + 4;
 }
 
+/* A relation's runs of inserts go out without ON CONFLICT (OP_INSERT_PLAIN) once this many
+ * ON CONFLICT runs committed in a row without a conflict: a plain run that meets a present
+ * key fails, and with it every transaction sent behind it, so it is kept for relations
+ * that show none. */
+#define PLAIN_AFTER 8
+
 /* Runs of inserts go out as one statement of at most this many rows / value bytes. */
 #define BATCH_MIN 4
 #define BATCH_ROWS 1000
@@ -1764,7 +1772,9 @@ static int send_many(struct aamm_apply *ap, struct qtxn *t, size_t i0, size_t i1
         mask[c] = r->r2l[c] >= 0 ? '1' : '0';
     mask[nc] = '-';
     mask[nc + 1] = '\0';
-    int op = r->runs_upsert ? OP_INSERT_MANY : OP_INSERT_PLAIN;
+    int op = r->runs_upsert || r->clean_runs < PLAIN_AFTER ? OP_INSERT_MANY : OP_INSERT_PLAIN;
+    if (op == OP_INSERT_MANY)
+        t->upsert_run = r;
     struct stmt *st = get_stmt(ap, t, (long)i0, r, op, mask, false, &rc);
     if (!st)
         return rc;
@@ -2046,6 +2056,7 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
         }
     }
     /* 2. the transaction */
+    t->upsert_run = NULL;
     char lsn_prev[AAMM_LSN_BUFSIZE], lsn_end[AAMM_LSN_BUFSIZE], ts[64], node[16];
     aamm_lsn_format(ap->prev_sent, lsn_prev);
     aamm_lsn_format(t->hdr.end_lsn, lsn_end);
@@ -2255,6 +2266,13 @@ static void txn_committed(struct aamm_apply *ap, struct qtxn *t)
     ap->committed++;
     ap->need_progress = true;
     ap->backoff_ms = 10;
+    if (t->upsert_run) { /* was the relation's run clean? */
+        struct lrel *r = t->upsert_run;
+        bool clean = true;
+        for (struct qconflict *q = t->conflicts; q && clean; q = q->next)
+            clean = !q->rel || strcmp(q->rel, r->label) != 0;
+        r->clean_runs = clean ? r->clean_runs + 1 : 0;
+    }
     for (struct qconflict *q = t->conflicts; q; q = q->next) {
         if ((int)q->c.kind > 0 && (int)q->c.kind < AAMM_CONFLICT_NKINDS)
             ap->counters[q->c.kind]++;

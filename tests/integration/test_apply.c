@@ -522,9 +522,10 @@ START_TEST(test_key_lock_busy)
 }
 END_TEST
 
-/* A run of inserts goes out without ON CONFLICT until one meets a present key: that
- * transaction is retried with the run's ON CONFLICT form (the conflict decided and logged
- * as any other), and so are the relation's later runs. */
+/* A relation's runs of inserts go out with ON CONFLICT until 8 committed without a
+ * conflict, then without, until one meets a present key: that transaction is retried with
+ * the run's ON CONFLICT form (the conflict decided and logged as any other), and so are
+ * the relation's later runs. */
 START_TEST(test_run_meets_present_key)
 {
     table(0, "runs", "id int PRIMARY KEY, v text");
@@ -535,17 +536,20 @@ START_TEST(test_run_meets_present_key)
     mkrel(&r, "runs", "id,v", "k-");
     int64_t ts = now_us() + 1000000; /* newer than the local rows: the remote wins */
     char id[16];
-    for (int x = 0; x < 3; x++) {
+    for (int x = 0; x < 13; x++) {
+        if (x == 10) /* 10 clean runs committed: the next ones go out plain */
+            flush_ok(ap);
+        int base = x < 10 ? 100 + x * 10 : (x - 10) * 10; /* 3 and 15 come with x 10, 11 */
         tbegin(ap, 32, 0x100 * (uint64_t)(x + 1), ts + x);
         for (int i = 1; i <= 10; i++) {
-            snprintf(id, sizeof id, "%d", x * 10 + i);
+            snprintf(id, sizeof id, "%d", base + i);
             tins(ap, &r, V(id, "r"));
         }
         tcommit(ap);
     }
     flush_ok(ap);
-    assert_val(0, "30 30", "SELECT count(*) || ' ' || count(*) FILTER (WHERE v = 'r') FROM runs");
-    ck_assert_uint_eq(origin_lsn(0, 32), 0x300);
+    assert_val(0, "130 130", "SELECT count(*) || ' ' || count(*) FILTER (WHERE v = 'r') FROM runs");
+    ck_assert_uint_eq(origin_lsn(0, 32), 0xd00);
     ck_assert_uint_eq(aamm_apply_conflicts(ap, AAMM_CONFLICT_INSERT_EXISTS), 2);
     assert_val(0, "2",
                "SELECT count(*) FROM aamm.conflict_log WHERE relation = 'public.runs' AND "
