@@ -147,7 +147,7 @@ struct aamm_apply {
     int64_t progress_sent_ms;  /* when the last flushed-progress query went out */
     int64_t fold_off_until_ms; /* no merged statements (folded guards) until then */
     bool recovering;           /* after a failure, until the origin progress is re-read */
-    bool fixed_prepared;       /* aamm_begin, aamm_guard, aamm_conf, aamm_commit */
+    bool fixed_prepared;       /* the guard statement (aamm_guard) */
 
     struct lrel *rels;
     int nrels;
@@ -947,11 +947,6 @@ static const char same_origin_sql[] =
     "COALESCE((pg_catalog.pg_xact_commit_timestamp_origin(t.xmin)).roident, $5::oid) "
     "OPERATOR(pg_catalog.=) $5::oid";
 
-/*
- * The whole statement for the change kind @op, with every conflict check and decision
- * (doc/conflicts.md): what aamm.apply_slow() runs when the fast statement (build_sql())
- * wrote nothing, and the statement for runs of inserts (OP_INSERT_MANY).
- */
 /* Whether an UPDATE of shape @mask moves its row to another key: the old key travels and
  * every key column is written (prep_row() sends the old key only when its text differs). */
 static bool moves_key(const struct lrel *r, const char *mask)
@@ -1055,6 +1050,11 @@ static void sb_update_head(struct sb *b, const struct lrel *r, const char *mask,
     sb_keywhere(b, r, "t", kparam);
 }
 
+/*
+ * The whole statement for the change kind @op, with every conflict check and decision
+ * (doc/conflicts.md): what aamm.apply_slow() runs when the fast statement (build_sql())
+ * wrote nothing, and the statements for runs of inserts (OP_INSERT_MANY, _PLAIN).
+ */
 static char *build_full(const struct lrel *r, int op, const char *mask, bool has_u)
 {
     struct sb b = {0};
