@@ -257,13 +257,15 @@ static void sb_literal(struct sb *b, const char *s)
     sb_add(b, "'");
 }
 
-static bool exp_push(struct aamm_apply *ap, int kind, struct qtxn *t, struct lrel *rel, long idx)
+/* Queue what the next result answers; the entry (NULL: out of memory). */
+static struct expect *exp_push(struct aamm_apply *ap, int kind, struct qtxn *t, struct lrel *rel,
+                               long idx)
 {
     if (ap->exp_n == ap->exp_cap) {
         size_t nc = ap->exp_cap ? ap->exp_cap * 2 : 256;
         struct expect *e = aamm__malloc(nc * sizeof *e);
         if (!e)
-            return false;
+            return NULL;
         for (size_t i = 0; i < ap->exp_n; i++)
             e[i] = ap->exp[(ap->exp_head + i) % ap->exp_cap];
         aamm__free(ap->exp);
@@ -271,9 +273,10 @@ static bool exp_push(struct aamm_apply *ap, int kind, struct qtxn *t, struct lre
         ap->exp_cap = nc;
         ap->exp_head = 0;
     }
-    ap->exp[(ap->exp_head + ap->exp_n) % ap->exp_cap] = (struct expect){kind, t, rel, idx, false};
+    struct expect *e = &ap->exp[(ap->exp_head + ap->exp_n) % ap->exp_cap];
+    *e = (struct expect){kind, t, rel, idx, false};
     ap->exp_n++;
-    return true;
+    return e;
 }
 
 static struct expect exp_pop(struct aamm_apply *ap)
@@ -980,7 +983,7 @@ static void sb_tomb(struct sb *b, const struct lrel *r, const int *kparam, const
         sb_add(b, " OR ");
         aamm__free(nk);
     }
-    sb_add(b, "aamm.remember_delete($3, ");
+    sb_add(b, "aamm.put_tombstone($3, ");
     sb_keyjson(b, r, kparam);
     sb_add(b, ", $1::timestamptz, $2::int))");
 }
@@ -1013,24 +1016,33 @@ static bool number_params(const struct lrel *r, int op, const char *mask, int **
     return true;
 }
 
+/* The written columns of shape @mask: their names (@names), their values (@vparam), or
+ * both as "name = value" (@names and @vparam), comma-separated. */
+static void sb_written(struct sb *b, const struct lrel *r, const char *mask, bool names,
+                       const int *vparam)
+{
+    int i = 0;
+    for (uint32_t c = 0; c < r->rel.ncolumns; c++) {
+        if (mask[c] != '1')
+            continue;
+        sb_add(b, "%s", i++ ? ", " : "");
+        if (names)
+            sb_ident(b, r->rel.columns[c].name);
+        if (names && vparam)
+            sb_add(b, " = ");
+        if (vparam)
+            sb_param(b, r, (int)c, vparam[c]);
+    }
+}
+
 /* "INSERT INTO <table> [AS t] (<written columns>) SELECT <their values>" */
 static void sb_insert_head(struct sb *b, const struct lrel *r, const char *mask, const int *vparam,
                            bool alias)
 {
     sb_add(b, "INSERT INTO %s%s (", r->qname, alias ? " AS t" : "");
-    int i = 0;
-    for (uint32_t c = 0; c < r->rel.ncolumns; c++)
-        if (mask[c] == '1') {
-            sb_add(b, "%s", i++ ? ", " : "");
-            sb_ident(b, r->rel.columns[c].name);
-        }
+    sb_written(b, r, mask, true, NULL);
     sb_add(b, ") SELECT ");
-    i = 0;
-    for (uint32_t c = 0; c < r->rel.ncolumns; c++)
-        if (mask[c] == '1') {
-            sb_add(b, "%s", i++ ? ", " : "");
-            sb_param(b, r, (int)c, vparam[c]);
-        }
+    sb_written(b, r, mask, false, vparam);
 }
 
 /* "UPDATE <table> AS t SET <written column> = <value>, ... WHERE <key>" */
@@ -1038,16 +1050,30 @@ static void sb_update_head(struct sb *b, const struct lrel *r, const char *mask,
                            const int *kparam)
 {
     sb_add(b, "UPDATE %s AS t SET ", r->qname);
-    int i = 0;
-    for (uint32_t c = 0; c < r->rel.ncolumns; c++)
-        if (mask[c] == '1') {
-            sb_add(b, "%s", i++ ? ", " : "");
-            sb_ident(b, r->rel.columns[c].name);
-            sb_add(b, " = ");
-            sb_param(b, r, (int)c, vparam[c]);
-        }
+    sb_written(b, r, mask, true, vparam);
     sb_add(b, " WHERE ");
     sb_keywhere(b, r, "t", kparam);
+}
+
+/* the key columns' names, comma-separated (an ON CONFLICT target) */
+static void sb_keycols(struct sb *b, const struct lrel *r)
+{
+    for (int k = 0; k < r->nkeys; k++) {
+        sb_add(b, "%s", k ? ", " : "");
+        sb_ident(b, r->rel.columns[r->key_r[k]].name);
+    }
+}
+
+/* " WHERE <the key is not remembered as deleted>": no tombstone in the relation at all
+ * (one probe per statement), or none for the key */
+static void sb_not_tombstoned(struct sb *b, const struct lrel *r, const int *kparam)
+{
+    sb_add(b, " WHERE NOT EXISTS (SELECT 1 FROM aamm.tombstone tb0 WHERE tb0.relation "
+              "OPERATOR(pg_catalog.=) $3) OR NOT EXISTS (SELECT 1 FROM aamm.tombstone tb "
+              "WHERE tb.relation OPERATOR(pg_catalog.=) $3 AND tb.key "
+              "OPERATOR(pg_catalog.=) ");
+    sb_keyjson(b, r, kparam);
+    sb_add(b, ")");
 }
 
 /*
@@ -1088,12 +1114,8 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
                     sb_add(&b, "%sp%d", i++ ? ", " : "", vparam[c]);
             sb_add(&b, ")");
         }
-        sb_add(&b, " WHERE NOT EXISTS (SELECT 1 FROM aamm.tombstone tb0 WHERE tb0.relation "
-                   "OPERATOR(pg_catalog.=) $3) OR NOT EXISTS (SELECT 1 FROM aamm.tombstone tb "
-                   "WHERE tb.relation OPERATOR(pg_catalog.=) $3 AND tb.key "
-                   "OPERATOR(pg_catalog.=) ");
-        sb_keyjson(&b, r, kparam);
-        sb_add(&b, ") OR aamm.insert_ok($3, ");
+        sb_not_tombstoned(&b, r, kparam);
+        sb_add(&b, " OR aamm.insert_ok($3, ");
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", $1::timestamptz, $2::int, ");
         sb_rowjson(&b, r, mask, vparam);
@@ -1101,10 +1123,7 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
         b.batch = false;
         if (op != OP_INSERT_PLAIN) {
             sb_add(&b, " ON CONFLICT (");
-            for (int k = 0; k < r->nkeys; k++) {
-                sb_add(&b, "%s", k ? ", " : "");
-                sb_ident(&b, r->rel.columns[r->key_r[k]].name);
-            }
+            sb_keycols(&b, r);
             sb_add(&b, ") DO UPDATE SET ");
             i = 0;
             for (uint32_t c = 0; c < nc; c++)
@@ -1124,9 +1143,9 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
         }
     } else if (op == OP_UPDATE) {
         /* the decision is evaluated on the row version being updated (a concurrent writer
-         * makes the UPDATE re-check it on the newer version) */
-        /* a key change leaves a tombstone on the old key; the statement then returns a
-         * row when it updated one (apply_slow() counts it) */
+         * makes the UPDATE re-check it on the newer version); a key change leaves a
+         * tombstone on the old key, the statement then returning a row when it updated one
+         * (apply_slow() counts it) */
         bool moves = moves_key(r, mask);
         sb_add(&b, "%s", moves ? "WITH u AS (" : "");
         sb_update_head(&b, r, mask, vparam, kparam);
@@ -1224,16 +1243,9 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
         /* nothing more to build */
     } else if (op == OP_INSERT) {
         sb_insert_head(&b, r, mask, vparam, true);
-        sb_add(&b, " WHERE NOT EXISTS (SELECT 1 FROM aamm.tombstone tb0 WHERE tb0.relation "
-                   "OPERATOR(pg_catalog.=) $3) OR NOT EXISTS (SELECT 1 FROM aamm.tombstone tb "
-                   "WHERE tb.relation OPERATOR(pg_catalog.=) $3 AND tb.key "
-                   "OPERATOR(pg_catalog.=) ");
-        sb_keyjson(&b, r, kparam);
-        sb_add(&b, ") ON CONFLICT (");
-        for (int k = 0; k < r->nkeys; k++) {
-            sb_add(&b, "%s", k ? ", " : "");
-            sb_ident(&b, r->rel.columns[r->key_r[k]].name);
-        }
+        sb_not_tombstoned(&b, r, kparam);
+        sb_add(&b, " ON CONFLICT (");
+        sb_keycols(&b, r);
         sb_add(&b, ") DO NOTHING RETURNING 1)");
     } else if (op == OP_UPDATE) {
         sb_update_head(&b, r, mask, vparam, kparam);
@@ -1335,13 +1347,16 @@ static struct stmt *stmt_for(struct aamm_apply *ap, struct qtxn *t, long idx, st
      * that does not use one still prepares */
     /* a single-change statement hands its parameters on as one text[] (build_sql()):
      * every one of them is text */
-    int ntyped = NFIXED_ALL;
+    int ntyped = NFIXED_ALL, *vparam, *kparam;
     if (op != OP_INSERT_MANY && op != OP_INSERT_PLAIN) {
-        uint32_t nc = r->rel.ncolumns;
-        for (uint32_t c = 0; c < nc; c++)
-            ntyped += mask[c] == '1';
-        if (op == OP_DELETE || mask[nc] == 'k' || mask[nc] == 'K')
-            ntyped += r->nkeys;
+        if (!number_params(r, op, mask, &vparam, &kparam, &ntyped)) {
+            aamm__free(sql);
+            *rc = AAMM_ENOMEM;
+            return NULL;
+        }
+        ntyped--; /* the next number after them */
+        aamm__free(vparam);
+        aamm__free(kparam);
     }
     Oid *types = aamm__malloc((size_t)ntyped * sizeof *types);
     if (!types) {
@@ -1838,9 +1853,10 @@ static int send_many(struct aamm_apply *ap, struct qtxn *t, size_t i0, size_t i1
         return AAMM_ENOMEM;
     if (!ok)
         return AAMM_ECONN;
-    if (!exp_push(ap, E_STMT, t, r, (long)i0))
+    struct expect *e = exp_push(ap, E_STMT, t, r, (long)i0);
+    if (!e)
         return AAMM_ENOMEM;
-    ap->exp[(ap->exp_head + ap->exp_n - 1) % ap->exp_cap].plain = op == OP_INSERT_PLAIN;
+    e->plain = op == OP_INSERT_PLAIN;
     return 0;
 }
 
@@ -1883,20 +1899,33 @@ static bool mergeable(const struct qtxn *t)
     return true;
 }
 
-/* The guard folded into a merged statement (send_merged()): the same, but a key lock that
- * another applier holds raises AA005 instead of waiting, since the statement's snapshot
- * was taken before its locks. The transaction is then retried with the guard as a
+/* The guard (the origin's progress must be the previous transaction's end LSN, or an
+ * earlier transaction failed: raise), the origin's commit LSN and timestamp, and the key
+ * locks (build_locks()). Plain SQL: the PL/pgSQL function runs only when the guard trips.
+ * GUARD_CHECK and GUARD_LOCKS (rows (x id, e exclusive) in ascending id order) are shared
+ * by its two forms below. */
+#define GUARD_CHECK                                                                                \
+    "SELECT pg_catalog.pg_replication_origin_xact_setup($3::pg_lsn, $4::timestamptz)::text "       \
+    "AS w FROM (SELECT COALESCE(pg_catalog.pg_replication_origin_progress($1, false), "            \
+    "'0/0') AS cur) g WHERE CASE WHEN g.cur OPERATOR(pg_catalog.=) $2::pg_lsn THEN true ELSE "     \
+    "aamm.guard_failed($1, g.cur, $2::pg_lsn) END UNION ALL "
+#define GUARD_LOCKS                                                                                \
+    " FROM ROWS FROM (pg_catalog.unnest($5::int8[]), pg_catalog.unnest($6::bool[])) AS u(x, e)"
+
+/* the guard as a statement of its own: it waits for the locks */
+static const char guard_sql[] =
+    GUARD_CHECK "SELECT CASE WHEN u.e THEN pg_catalog.pg_advisory_xact_lock(u.x)::text "
+                "ELSE pg_catalog.pg_advisory_xact_lock_shared(u.x)::text END" GUARD_LOCKS;
+
+/* The guard folded into a merged statement (send_merged()), read before any change item.
+ * The statement's snapshot was taken before its locks, so a key lock another applier holds
+ * raises AA005 instead of waiting; the transaction is then retried with guard_sql, a
  * statement of its own (after_failure()). */
 static const char guard_fold_sql[] =
-    "g AS MATERIALIZED (SELECT pg_catalog.pg_replication_origin_xact_setup($3::pg_lsn, "
-    "$4::timestamptz)::text AS w "
-    "FROM (SELECT COALESCE(pg_catalog.pg_replication_origin_progress($1, false), "
-    "'0/0') AS cur) g WHERE CASE WHEN g.cur OPERATOR(pg_catalog.=) $2::pg_lsn THEN true ELSE "
-    "aamm.guard_failed($1, g.cur, $2::pg_lsn) END "
-    "UNION ALL SELECT CASE WHEN CASE WHEN u.e THEN pg_catalog.pg_try_advisory_xact_lock(u.x) "
+    "g AS MATERIALIZED (" GUARD_CHECK
+    "SELECT CASE WHEN CASE WHEN u.e THEN pg_catalog.pg_try_advisory_xact_lock(u.x) "
     "ELSE pg_catalog.pg_try_advisory_xact_lock_shared(u.x) END THEN NULL ELSE "
-    "aamm.key_lock_busy(u.x) END FROM ROWS FROM (pg_catalog.unnest($5::int8[]), "
-    "pg_catalog.unnest($6::bool[])) AS u(x, e))";
+    "aamm.key_lock_busy(u.x) END" GUARD_LOCKS ")";
 
 /*
  * Send @t (mergeable()) as one statement: WITH c1 AS (...), m1 AS (...), ... SELECT ...,
@@ -2010,18 +2039,6 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
     aamm__free(hasu);
     return rc;
 }
-
-/* The guard (the origin's progress must be the previous transaction's end LSN, or an
- * earlier transaction failed: raise), the origin's commit LSN and timestamp, and the key
- * locks (build_locks()). Plain SQL: the PL/pgSQL function runs only when the guard trips. */
-static const char guard_sql[] =
-    "SELECT pg_catalog.pg_replication_origin_xact_setup($3::pg_lsn, $4::timestamptz)::text "
-    "FROM (SELECT COALESCE(pg_catalog.pg_replication_origin_progress($1, false), "
-    "'0/0') AS cur) g WHERE CASE WHEN g.cur OPERATOR(pg_catalog.=) $2::pg_lsn THEN true ELSE "
-    "aamm.guard_failed($1, g.cur, $2::pg_lsn) END "
-    "UNION ALL SELECT CASE WHEN u.e THEN pg_catalog.pg_advisory_xact_lock(u.x)::text "
-    "ELSE pg_catalog.pg_advisory_xact_lock_shared(u.x)::text END FROM ROWS FROM ("
-    "pg_catalog.unnest($5::int8[]), pg_catalog.unnest($6::bool[])) AS u(x, e)";
 
 /* Send @t as guard; changes; Sync: one implicit transaction, committed by the Sync (no
  * BEGIN and COMMIT statements: each costs the backend a statement). Returns 0, 1 when it has to
@@ -2421,6 +2438,13 @@ static int resolve(struct aamm_apply *ap, struct qtxn *t, long idx, const char *
 }
 
 /* Everything in flight has answered and @fail_txn failed: retry or hold. */
+/* Resend from the failed transaction in @ms (after_failure() has reset the pipeline). */
+static void retry_in(struct aamm_apply *ap, int64_t ms)
+{
+    ap->state = S_WAIT;
+    ap->wake_ms = aamm__now_ms() + ms;
+}
+
 static void after_failure(struct aamm_apply *ap)
 {
     struct qtxn *t = ap->fail_txn, *orig = t;
@@ -2471,8 +2495,7 @@ static void after_failure(struct aamm_apply *ap)
         orig->errdetail = NULL;
         if (rc == 0) {
             aamm__free(t->errmsg);
-            ap->state = S_WAIT;
-            ap->wake_ms = aamm__now_ms();
+            retry_in(ap, 0);
             return;
         }
         aamm__free(t->errmsg);
@@ -2489,8 +2512,7 @@ static void after_failure(struct aamm_apply *ap)
         lrel_of(c->relation)->runs_upsert = true;
         orig->nobatch = !was_batched;
         aamm__free(t->errmsg);
-        ap->state = S_WAIT;
-        ap->wake_ms = aamm__now_ms();
+        retry_in(ap, 0);
         return;
     }
     if (strcmp(sqlstate, "AA005") == 0) {
@@ -2500,16 +2522,14 @@ static void after_failure(struct aamm_apply *ap)
         AAMM_DEBUG("apply: transaction %s: key lock busy, retrying", lsn);
         aamm__free(t->errmsg);
         ap->fold_off_until_ms = aamm__now_ms() + FOLD_OFF_MS;
-        ap->state = S_WAIT;
-        ap->wake_ms = aamm__now_ms();
+        retry_in(ap, 0);
         return;
     }
     if (is_transient(sqlstate)) {
         AAMM_INFO("apply: transaction %s: transient error, retrying: %s", lsn,
                   t->errmsg ? t->errmsg : "");
         aamm__free(t->errmsg);
-        ap->state = S_WAIT;
-        ap->wake_ms = aamm__now_ms() + ap->backoff_ms;
+        retry_in(ap, ap->backoff_ms);
         if (ap->backoff_ms < 2000)
             ap->backoff_ms *= 2;
         return;

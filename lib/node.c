@@ -94,23 +94,24 @@ static const char install_sql[] =
     "    COALESCE((extract(epoch FROM rts) * 1000000)::int8::text, ''),\n"
     "    COALESCE(rnode::text, ''), res, rel);\n"
     "END $f$;\n"
-    /* remember a delete of @k done by the current transaction unless a newer one is known */
+    /* remember a delete of @k done by the current transaction unless a newer one is known:
+     * apply's remote deletes, key-changing updates (the old key) and deletes of absent rows
+     * (the triggers below fire for local writers only: apply runs with
+     * session_replication_role = replica, which spares every applied UPDATE their WHEN
+     * clause). Returns true, so that a statement can call it in an expression. */
+    "DO $d$ BEGIN\n"
+    "  IF (SELECT prorettype = 'void'::regtype FROM pg_catalog.pg_proc WHERE oid =\n"
+    "      to_regprocedure('aamm.put_tombstone(text, jsonb, timestamptz, int)')) THEN\n"
+    "    DROP FUNCTION aamm.put_tombstone(text, jsonb, timestamptz, int);\n"
+    "  END IF;\n"
+    "END $d$;\n"
     "CREATE OR REPLACE FUNCTION aamm.put_tombstone(rel text, k jsonb, rts timestamptz,\n"
-    "  rnode int) RETURNS void LANGUAGE plpgsql SECURITY DEFINER\n"
+    "  rnode int) RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER\n"
     "  SET search_path = pg_catalog AS $f$\n"
     "BEGIN\n"
     "  INSERT INTO aamm.tombstone AS t VALUES (rel, k) ON CONFLICT (relation, key)\n"
     "  DO UPDATE SET relation = EXCLUDED.relation\n"
     "  WHERE NOT (SELECT aamm.newer(v.ts, v.node, rts, rnode) FROM aamm.version_of(t.xmin) v);\n"
-    "END $f$;\n"
-    /* the tombstone of a remote DELETE (or key-changing UPDATE) apply did: the triggers
-     * below fire for local writers only (apply runs with session_replication_role =
-     * replica), which spares every applied UPDATE their WHEN clause */
-    "CREATE OR REPLACE FUNCTION aamm.remember_delete(rel text, k jsonb, rts timestamptz,\n"
-    "  rnode int) RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER\n"
-    "  SET search_path = pg_catalog AS $f$\n"
-    "BEGIN\n"
-    "  PERFORM aamm.put_tombstone(rel, k, rts, rnode);\n"
     "  RETURN true;\n"
     "END $f$;\n"
     "CREATE OR REPLACE FUNCTION aamm.tombstone_trigger() RETURNS trigger LANGUAGE plpgsql\n"
@@ -289,8 +290,8 @@ static const char install_sql[] =
     "    RETURNING 1)\n"
     "  SELECT pg_catalog.count(*) FROM d $f$;\n"
     "REVOKE EXECUTE ON FUNCTION aamm.log_conflict(text, text, jsonb, jsonb, jsonb, timestamptz,\n"
-    "  int, timestamptz, int, text), aamm.put_tombstone(text, jsonb, timestamptz, int),\n"
-    "  aamm.remember_delete(text, jsonb, timestamptz, int) FROM PUBLIC;\n"
+    "  int, timestamptz, int, text), aamm.put_tombstone(text, jsonb, timestamptz, int)\n"
+    "  FROM PUBLIC;\n"
     "DELETE FROM aamm.apply_meta;\n"
     "INSERT INTO aamm.apply_meta VALUES (1);\n";
 
@@ -420,8 +421,7 @@ int aamm_node_create_apply_role(struct pg_conn *conn, const char *role, const ch
             "GRANT SELECT ON aamm.tombstone, aamm.conflict_log TO %s;\n"
             "GRANT EXECUTE ON FUNCTION aamm.log_conflict(text, text, jsonb, jsonb, jsonb,\n"
             "  timestamptz, int, timestamptz, int, text),\n"
-            "  aamm.put_tombstone(text, jsonb, timestamptz, int),\n"
-            "  aamm.remember_delete(text, jsonb, timestamptz, int) TO %s;\n"
+            "  aamm.put_tombstone(text, jsonb, timestamptz, int) TO %s;\n"
             "COMMIT;\n",
             lr, qr, qr, lp ? " PASSWORD " : "", lp ? lp : "", qr, qr, qr, qr, qr);
         if (sql)
