@@ -132,6 +132,34 @@ static double wal_pos(int i)
     return d;
 }
 
+/* Profiling hook: when the environment variable @var names catch-up @phase, run $@var_CMD
+ * (default: a system-wide 3 s perf record into /tmp/aamm-bench.perf) in the background,
+ * with the applying node's socket directory and port in BENCH_NODE_SOCK, BENCH_NODE_PORT. */
+static void perf_hook(const char *var, long phase, int node)
+{
+    const char *v = getenv(var);
+    if (!v || atol(v) != phase)
+        return;
+    char cmdvar[64], port[16];
+    snprintf(cmdvar, sizeof cmdvar, "%s_CMD", var);
+    snprintf(port, sizeof port, "%d", pgfx_port(fx, node));
+    setenv("BENCH_NODE_SOCK", pgfx_sockdir(fx, node), 1);
+    setenv("BENCH_NODE_PORT", port, 1);
+    const char *cmd = getenv(cmdvar);
+    if (system(cmd ? cmd
+                   : "perf record -q -a -g -o /tmp/aamm-bench.perf -- sleep 3 >/dev/null 2>&1 &") !=
+        0)
+        fprintf(stderr, "bench_apply: %s did not start\n", cmd ? cmdvar : "perf");
+}
+
+/* the pid of the libaamm applier's backend on node 2 (0: not connected yet) */
+static long applier_pid(void)
+{
+    return pgfx_value_long(fx, 2, 0,
+                           "SELECT pid FROM pg_stat_activity WHERE usename = '" ROLE
+                           "' AND backend_type = 'client backend' LIMIT 1");
+}
+
 /* ---- libaamm: capture (node 0, slot aamm_to_3) -> apply (node 2) ------------------- */
 
 static struct aamm_capture *cap;
@@ -225,25 +253,13 @@ static void pump_wire(void)
 static double libaamm_catch_up(long want, long units)
 {
     double t0 = now_s(), last_check = 0;
-    long wpid = pgfx_value_long(fx, 2, 0,
-                                "SELECT pid FROM pg_stat_activity WHERE usename = "
-                                "'" ROLE "' AND backend_type = 'client backend' LIMIT 1");
+    long wpid = applier_pid();
     long spid = pgfx_value_long(fx, 0, 0,
                                 "SELECT active_pid FROM pg_replication_slots "
                                 "WHERE slot_name = 'aamm_to_3'");
     double c0[4] = {proc_cpu(spid), proc_cpu(wpid), self_cpu(), wal_pos(2)};
     bool open_txn = false;
-    /* BENCH_PERF=<phase>: a system-wide perf profile of 3 s from the start of that phase */
-    /* (BENCH_PERF_CMD: another command, which finds node 2 at BENCH_NODE2_SOCK, _PORT) */
-    char port2[16];
-    snprintf(port2, sizeof port2, "%d", pgfx_port(fx, 2));
-    setenv("BENCH_NODE2_SOCK", pgfx_sockdir(fx, 2), 1);
-    setenv("BENCH_NODE2_PORT", port2, 1);
-    if (getenv("BENCH_PERF") && atol(getenv("BENCH_PERF")) == want &&
-        system(getenv("BENCH_PERF_CMD") ? getenv("BENCH_PERF_CMD")
-                                        : "perf record -q -a -g -o /tmp/aamm-bench.perf -- sleep 3 "
-                                          ">/dev/null 2>&1 &") != 0)
-        fprintf(stderr, "bench_apply: perf did not start\n");
+    perf_hook("BENCH_PERF", want, 2);
     for (;;) {
         if (aamm_capture_step(cap) != 0)
             die(aamm_capture_errmsg(cap));
@@ -279,14 +295,7 @@ static double libaamm_catch_up(long want, long units)
             if (marker_count(2) >= want) {
                 if (!wpid) /* the apply session was opened during this catch-up */
                     c0[1] = 0;
-                wpid = wpid ? wpid
-                            : pgfx_value_long(fx, 2, 0,
-                                              "SELECT pid FROM pg_stat_activity WHERE usename = "
-                                              "'" ROLE "' AND backend_type = 'client backend' "
-                                              "LIMIT 1");
-                if (getenv("BENCH_PERF") && atol(getenv("BENCH_PERF")) == want &&
-                    system("pkill -INT -x perf; sleep 0.3") != 0)
-                    fprintf(stderr, "bench_apply: no perf to stop\n");
+                wpid = wpid ? wpid : applier_pid();
                 cpu_report("libaamm", units, proc_cpu(spid) - c0[0], proc_cpu(wpid) - c0[1],
                            self_cpu() - c0[2], wal_pos(2) - c0[3]);
                 return t - t0;
@@ -314,14 +323,7 @@ static double native_catch_up(long want, long units)
 {
     double t0 = now_s(), w0 = wal_pos(1);
     exec(1, "ALTER SUBSCRIPTION sub ENABLE");
-    if (getenv("BENCH_PERF_NATIVE") && atol(getenv("BENCH_PERF_NATIVE")) == want) {
-        char port1[16];
-        snprintf(port1, sizeof port1, "%d", pgfx_port(fx, 1));
-        setenv("BENCH_NODE1_SOCK", pgfx_sockdir(fx, 1), 1);
-        setenv("BENCH_NODE1_PORT", port1, 1);
-        if (system(getenv("BENCH_PERF_NATIVE_CMD")) != 0)
-            fprintf(stderr, "bench_apply: BENCH_PERF_NATIVE_CMD failed\n");
-    }
+    perf_hook("BENCH_PERF_NATIVE", want, 1);
     while (marker_count(1) < want)
         usleep(20000);
     double d = now_s() - t0;
@@ -435,23 +437,21 @@ int main(void)
     printf("BENCH apply_pgbench_ratio %.3f x\n", nat / lib);
     fflush(stdout);
     if (getenv("BENCH_DEBUG")) {
-        char *f = pgfx_value(fx, 2,
-                             "SELECT string_agg(funcname || '=' || calls || '/' || "
-                             "round(total_time) || 'ms', ' ') FROM pg_stat_user_functions");
-        fprintf(stderr, "dbg functions: %s\n", f ? f : "?");
-        free(f);
-        f = pgfx_value(fx, 2,
-                       "SELECT string_agg(kind || ':' || relation || '=' || n, ' ') FROM "
-                       "(SELECT kind, relation, count(*) n FROM aamm.conflict_log GROUP BY "
-                       "1, 2) x");
-        fprintf(stderr, "dbg conflicts: %s\n", f ? f : "?");
-        free(f);
-        f = pgfx_value(fx, 2,
-                       "SELECT (SELECT count(*) FROM pgbench_accounts a WHERE "
-                       "pg_xact_commit_timestamp(a.xmin) IS NOT NULL)::text || ' ' || "
-                       "(SELECT count(*) FROM aamm.tombstone)");
-        fprintf(stderr, "dbg accounts with ts, tombstones: %s\n", f ? f : "?");
-        free(f);
+        static const char *const dbgq[][2] = {
+            {"functions", "SELECT string_agg(funcname || '=' || calls || '/' || "
+                          "round(total_time) || 'ms', ' ') FROM pg_stat_user_functions"},
+            {"conflicts", "SELECT string_agg(kind || ':' || relation || '=' || n, ' ') FROM "
+                          "(SELECT kind, relation, count(*) n FROM aamm.conflict_log GROUP BY "
+                          "1, 2) x"},
+            {"accounts with ts, tombstones",
+             "SELECT (SELECT count(*) FROM pgbench_accounts a WHERE "
+             "pg_xact_commit_timestamp(a.xmin) IS NOT NULL)::text || ' ' || "
+             "(SELECT count(*) FROM aamm.tombstone)"}};
+        for (size_t i = 0; i < sizeof dbgq / sizeof *dbgq; i++) {
+            char *f = pgfx_value(fx, 2, "%s", dbgq[i][1]);
+            fprintf(stderr, "dbg %s: %s\n", dbgq[i][0], f ? f : "?");
+            free(f);
+        }
     }
 
     /* 3. 10% conflicting rows on the libaamm target, against its conflict-free bulk rate */
