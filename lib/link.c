@@ -94,6 +94,7 @@ struct aamm_link {
     unsigned version;
     uint8_t key_out[32], key_in[32];
     uint64_t seq_out, seq_in;
+    char mac_note[160]; /* why the last incoming frame failed its MAC (sequence diagnosis) */
     EVP_MAC *mac;
     EVP_MAC_CTX *mac_ctx;
 
@@ -648,6 +649,44 @@ static int seal_cb(void *arg, const uint8_t *frame, size_t len, uint8_t *mac)
     return frame_mac(l, l->key_out, l->seq_out++, frame, len, mac);
 }
 
+/* How far from the expected sequence number a frame that failed its MAC is looked for. */
+#define MAC_DIAG_WINDOW 8
+
+/*
+ * A frame failed its MAC for sequence number seq_in. Find out whether it carries a nearby
+ * sequence number instead (a frame dropped or held back before it, or a repeat of an earlier
+ * frame) so that the error names the problem. Only on this failure path, which ends the link:
+ * at most 2 * MAC_DIAG_WINDOW more MACs of the frame.
+ */
+static void mac_diagnose(struct aamm_link *l, const uint8_t *frame, size_t len, const uint8_t *mac)
+{
+    uint8_t m[AAMM_WIRE_MAC_SIZE];
+    uint64_t want = l->seq_in;
+    for (uint64_t d = 1; d <= MAC_DIAG_WINDOW; d++) {
+        if (frame_mac(l, l->key_in, want + d, frame, len, m) == 0 &&
+            CRYPTO_memcmp(m, mac, sizeof m) == 0) {
+            snprintf(l->mac_note, sizeof l->mac_note,
+                     "frame sequence number %" PRIu64 " expected, this is frame %" PRIu64
+                     ": %" PRIu64 " frame(s) before it missing (dropped or reordered)",
+                     want, want + d, d);
+            return;
+        }
+        if (d <= want && frame_mac(l, l->key_in, want - d, frame, len, m) == 0 &&
+            CRYPTO_memcmp(m, mac, sizeof m) == 0) {
+            snprintf(l->mac_note, sizeof l->mac_note,
+                     "frame sequence number %" PRIu64
+                     " expected, this is a repeat of frame %" PRIu64
+                     " (duplicated, replayed or reordered)",
+                     want, want - d);
+            return;
+        }
+    }
+    snprintf(l->mac_note, sizeof l->mac_note,
+             "frame sequence number %" PRIu64 " expected; the MAC fits no sequence number within "
+             "%d of it (altered or forged frame)",
+             want, MAC_DIAG_WINDOW);
+}
+
 static int verify_cb(void *arg, const uint8_t *frame, size_t len, const uint8_t *mac)
 {
     struct aamm_link *l = arg;
@@ -655,8 +694,10 @@ static int verify_cb(void *arg, const uint8_t *frame, size_t len, const uint8_t 
     int rc = frame_mac(l, l->key_in, l->seq_in, frame, len, want);
     if (rc != 0)
         return rc;
-    if (CRYPTO_memcmp(want, mac, sizeof want) != 0)
+    if (CRYPTO_memcmp(want, mac, sizeof want) != 0) {
+        mac_diagnose(l, frame, len, mac);
         return AAMM_EAUTH;
+    }
     l->seq_in++;
     return 0;
 }
@@ -854,6 +895,8 @@ static int decoder_error(struct aamm_link *l, int rc)
         l->stats.mac_failures++;
     else if (rc != AAMM_ENOMEM)
         l->stats.protocol_errors++;
+    if (rc == AAMM_EAUTH && l->mac_note[0] != '\0')
+        return link_fail(l, rc, true, "%s: %s", aamm_wire_decoder_errmsg(l->dec), l->mac_note);
     return link_fail(l, rc, rc != AAMM_ENOMEM, "%s", aamm_wire_decoder_errmsg(l->dec));
 }
 

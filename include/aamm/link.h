@@ -243,6 +243,10 @@ AAMM_API uint64_t aamm_link_acked(const struct aamm_link *link, uint32_t origin)
  * Returns 0, AAMM_EAGAIN (nothing complete yet), AAMM_ECLOSED (peer said goodbye), or the
  * link's error (AAMM_EAUTH for a frame that fails its MAC, AAMM_EMALFORMED...; AAMM_ECONN
  * once the peer closed the connection and everything received before was handed out).
+ * The MAC covers each frame's implicit sequence number, so a frame dropped, repeated or
+ * reordered on the way fails the link with AAMM_EAUTH and a message naming the expected and
+ * the found sequence number (doc/protocol.md §4.4); nothing of that frame or after it is
+ * handed out, so the host never sees a transaction twice, out of order or with a gap.
  */
 AAMM_API int aamm_link_recv(struct aamm_link *link, struct aamm_wire_event *ev);
 

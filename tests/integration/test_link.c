@@ -1,6 +1,7 @@
 /*
  * test_link.c: agent-to-agent links over loopback: handshake, every authentication failure,
- * tampering, garbage, half-open and dead peers, back-pressure, resume after cuts, TLS.
+ * tampering, dropped / repeated / reordered frames, garbage, half-open and dead peers,
+ * back-pressure, resume after cuts, TLS.
  */
 #include "config.h"
 
@@ -747,6 +748,80 @@ START_TEST(tampered_frame_rejected)
 }
 END_TEST
 
+/* Whole-frame faults after authentication: the proxy drops, duplicates or swaps one DATA
+ * frame (each transaction travels in a frame of its own), with LZ4 off and on. The frame
+ * MAC covers the implicit sequence number, so the receiver refuses the first frame out of
+ * place with AAMM_EAUTH and a message naming the expected and the found sequence number;
+ * the sink sees every transaction before the fault exactly once and in order, and nothing
+ * after it (no gap, no repeat: sink_event fails on either). */
+struct frame_fault_case {
+    enum netfx_fault fault;
+    bool lz4;
+    long committed;  /* transactions delivered before the failure */
+    const char *msg; /* expected in the receiver's error message */
+};
+static const struct frame_fault_case frame_fault_cases[] = {
+    {NETFX_FAULT_DROP, false, 2,
+     "frame sequence number 2 expected, this is frame 3: 1 frame(s) before it missing"},
+    {NETFX_FAULT_DROP, true, 2,
+     "frame sequence number 2 expected, this is frame 3: 1 frame(s) before it missing"},
+    {NETFX_FAULT_DUP, false, 3, "frame sequence number 3 expected, this is a repeat of frame 2"},
+    {NETFX_FAULT_DUP, true, 3, "frame sequence number 3 expected, this is a repeat of frame 2"},
+    {NETFX_FAULT_SWAP, false, 2,
+     "frame sequence number 2 expected, this is frame 3: 1 frame(s) before it missing"},
+    {NETFX_FAULT_SWAP, true, 2,
+     "frame sequence number 2 expected, this is frame 3: 1 frame(s) before it missing"},
+};
+
+START_TEST(frame_faults_rejected)
+{
+    const struct frame_fault_case *fc = &frame_fault_cases[_i];
+    struct aamm_link_options so = base_opts(AAMM_LINK_SENDER, 1, SECRET, CLUSTER);
+    struct aamm_link_options ro = base_opts(AAMM_LINK_RECEIVER, 2, SECRET, CLUSTER);
+    struct netfx_proxy px;
+    struct pair p;
+    struct sink k = {0, 0, false, 0, 0, 0};
+    struct gen g = {0, UINT32_MAX, false};
+    struct aamm_link_stats rs;
+    /* no sender heartbeat between the DATA frames: frame sequence number = transaction */
+    so.heartbeat_ms = 2500;
+    so.wire.compress_min = fc->lz4 ? 16 : UINT32_MAX;
+    pair_open(&p, &so, &ro, false, &px);
+    px.fault = fc->fault;
+    px.fault_data = 2; /* DATA frames 0, 1 pass; 2 is dropped, doubled or swapped with 3 */
+    ck_assert(pair_run(&p, 3000, both_ready));
+    for (int t = 0; t < 6; t++) {
+        if (gen_push(p.s, &g) != 0) { /* the receiver refused the link already */
+            ck_assert_int_ge(t, 3);
+            break;
+        }
+        for (int i = 0; i < 20; i++) { /* each transaction in its own frame */
+            pair_round(&p, 5);
+            sink_drain(&k, p.r, 1000);
+        }
+    }
+    ck_assert(pair_run(&p, 2000, r_done));
+    sink_drain(&k, p.r, 1000);
+    ck_assert(px.faulted);
+    ck_assert_int_ge(px.data_ab, 3);
+    if (fc->lz4)
+        ck_assert_int_ge(px.lz4_ab, 2);
+    else
+        ck_assert_int_eq(px.lz4_ab, 0);
+    ck_assert_int_eq(aamm_link_state(p.r), AAMM_LINK_FAILED);
+    ck_assert_int_eq(aamm_link_step(p.r), AAMM_EAUTH);
+    ck_assert_msg(strstr(aamm_link_errmsg(p.r), "MAC check failed") != NULL, "%s",
+                  aamm_link_errmsg(p.r));
+    ck_assert_msg(strstr(aamm_link_errmsg(p.r), fc->msg) != NULL, "%s", aamm_link_errmsg(p.r));
+    aamm_link_stats(p.r, &rs);
+    ck_assert_uint_eq(rs.mac_failures, 1);
+    ck_assert_uint_eq(rs.txns_received, (uint64_t)fc->committed);
+    ck_assert_int_eq(k.committed, fc->committed);
+    ck_assert(!k.open);
+    pair_close(&p);
+}
+END_TEST
+
 /* ====================================================================================
  * Back-pressure
  * ==================================================================================== */
@@ -1239,6 +1314,8 @@ static Suite *link_suite(void)
     tcase_add_test(tc, half_open_times_out);
     tcase_add_test(tc, oversize_before_auth_refused);
     tcase_add_test(tc, tampered_frame_rejected);
+    tcase_add_loop_test(tc, frame_faults_rejected, 0,
+                        (int)(sizeof frame_fault_cases / sizeof frame_fault_cases[0]));
     suite_add_tcase(s, tc);
     tc = aamm_test_tcase("flow", 150);
     tcase_add_test(tc, backpressure_bounded);

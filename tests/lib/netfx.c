@@ -116,9 +116,8 @@ void netfx_proxy_cut(struct netfx_proxy *p)
     if (p->b >= 0)
         close(p->b);
     p->a = p->b = -1;
-    p->ab.len = p->ba.len = 0;
-    p->frames_ab = 0;
-    p->scanned = 0;
+    p->ab.len = p->ba.len = p->abin.len = p->held.len = 0;
+    p->frames_ab = 0; /* data_ab, lz4_ab stay for the test to read until the next connection */
 }
 
 void netfx_proxy_free(struct netfx_proxy *p)
@@ -129,6 +128,8 @@ void netfx_proxy_free(struct netfx_proxy *p)
     free(p->ab.p);
     free(p->ba.p);
     free(p->recorded.p);
+    free(p->abin.p);
+    free(p->held.p);
     memset(p, 0, sizeof *p);
     p->lfd = p->a = p->b = -1;
 }
@@ -145,16 +146,24 @@ int netfx_proxy_pollfds(struct netfx_proxy *p, struct pollfd *fds)
     return n;
 }
 
-/* Bytes of complete frames at the front of @g (tamper mode forwards whole frames only). */
-static size_t complete_frames(struct netfx_proxy *p, struct netfx_growbuf *g)
+static bool frame_mode(const struct netfx_proxy *p)
 {
-    size_t off = p->scanned;
-    while (g->len - off >= AAMM_WIRE_HEADER_SIZE) {
-        uint8_t *h = g->p + off;
+    return p->tamper_frame >= 0 || p->fault != NETFX_FAULT_NONE;
+}
+
+/* Frame mode: move the complete frames at the front of p->abin to @out, altering, dropping,
+ * duplicating or holding back the one the test asked for. */
+static void take_frames(struct netfx_proxy *p, struct netfx_growbuf *out)
+{
+    size_t off = 0;
+    struct netfx_growbuf *in = &p->abin;
+    while (in->len - off >= AAMM_WIRE_HEADER_SIZE) {
+        uint8_t *h = in->p + off;
         uint32_t plen = (uint32_t)h[8] | ((uint32_t)h[9] << 8) | ((uint32_t)h[10] << 16) |
                         ((uint32_t)h[11] << 24);
         size_t total = AAMM_WIRE_HEADER_SIZE + plen + ((h[6] & AAMM_WIRE_F_MAC) ? 16 : 0);
-        if (g->len - off < total)
+        bool data = h[5] == AAMM_WIRE_DATA;
+        if (in->len - off < total)
             break;
         if (p->frames_ab == p->tamper_frame && plen > 0) {
             uint32_t crc;
@@ -167,16 +176,37 @@ static size_t complete_frames(struct netfx_proxy *p, struct netfx_growbuf *g)
             p->tampered = true;
         }
         p->frames_ab++;
+        if (p->held.len > 0) { /* SWAP: this frame first, then the one held back */
+            gb_add(out, h, total);
+            gb_add(out, p->held.p, p->held.len);
+            p->held.len = 0;
+            p->faulted = true;
+        } else if (data && p->data_ab == p->fault_data && p->fault != NETFX_FAULT_NONE) {
+            if (p->fault == NETFX_FAULT_DUP) {
+                gb_add(out, h, total);
+                gb_add(out, h, total);
+            } else if (p->fault == NETFX_FAULT_SWAP) {
+                gb_add(&p->held, h, total);
+            }
+            if (p->fault != NETFX_FAULT_SWAP)
+                p->faulted = true;
+        } else {
+            gb_add(out, h, total);
+        }
+        if (data)
+            p->data_ab++;
+        if (data && (h[6] & AAMM_WIRE_F_LZ4))
+            p->lz4_ab++;
         off += total;
     }
-    p->scanned = off;
-    return off;
+    gb_drop(in, off);
 }
 
 /* Relay @from -> @to through @g. Returns false when the connection ended. */
 static bool relay(struct netfx_proxy *p, int from, int to, struct netfx_growbuf *g, bool ab)
 {
     uint8_t buf[65536];
+    bool frames = ab && frame_mode(p);
     for (int i = 0; i < 8 && g->len < (1u << 22); i++) {
         ssize_t r = recv(from, buf, sizeof buf, MSG_DONTWAIT);
         if (r == 0)
@@ -188,23 +218,17 @@ static bool relay(struct netfx_proxy *p, int from, int to, struct netfx_growbuf 
         }
         if (ab && p->record)
             gb_add(&p->recorded, buf, (size_t)r);
-        gb_add(g, buf, (size_t)r);
+        gb_add(frames ? &p->abin : g, buf, (size_t)r);
     }
+    if (frames)
+        take_frames(p, g);
     while (g->len > 0) {
-        size_t n = g->len;
-        ssize_t w;
-        if (ab && p->tamper_frame >= 0)
-            n = complete_frames(p, g);
-        if (n == 0)
-            break;
-        w = send(to, g->p, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        ssize_t w = send(to, g->p, g->len, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 break;
             return false;
         }
-        if (ab && p->tamper_frame >= 0)
-            p->scanned -= (size_t)w;
         gb_drop(g, (size_t)w);
     }
     return true;
@@ -226,6 +250,7 @@ void netfx_proxy_step(struct netfx_proxy *p)
         nonblock(p->b);
         p->connections++;
         p->frames_ab = 0;
+        p->data_ab = p->lz4_ab = 0;
     }
     if (!relay(p, p->a, p->b, &p->ab, true) || !relay(p, p->b, p->a, &p->ba, false)) {
         netfx_proxy_cut(p);

@@ -1,7 +1,8 @@
 /*
  * netfx.h: socket helpers for link tests: loopback listeners, raw clients, and an in-process
  * TCP proxy (single-threaded, stepped from the test's poll loop) that can cut the connection,
- * record the bytes one side sent, and alter a frame in flight.
+ * record the bytes one side sent, alter a frame in flight, and drop, duplicate or reorder a
+ * whole frame (it parses frame boundaries: 16-byte header, length, MAC trailer).
  */
 #ifndef AAMM_NETFX_H
 #define AAMM_NETFX_H
@@ -25,6 +26,14 @@ struct netfx_growbuf {
     size_t len, cap;
 };
 
+/* Whole-frame faults on the a->b direction (netfx_proxy.fault). */
+enum netfx_fault {
+    NETFX_FAULT_NONE = 0,
+    NETFX_FAULT_DROP, /* DATA frame N never reaches b */
+    NETFX_FAULT_DUP,  /* DATA frame N reaches b twice in a row */
+    NETFX_FAULT_SWAP, /* DATA frame N reaches b after the frame that follows it */
+};
+
 struct netfx_proxy {
     int lfd, port, target_port;
     int a, b;                    /* a: the dialing side (accepted), b: upstream */
@@ -34,8 +43,13 @@ struct netfx_proxy {
     struct netfx_growbuf recorded;
     long tamper_frame; /* >= 0: alter frame number N (0-based) a->b, CRC fixed */
     long frames_ab;    /* frames forwarded a->b on this connection (tamper mode) */
-    size_t scanned;    /* bytes at the front of ab already parsed into frames */
     bool tampered;
+    enum netfx_fault fault; /* applied to DATA frame number fault_data (0-based) a->b */
+    long fault_data;
+    long data_ab; /* DATA frames seen a->b on the last connection (frame mode) */
+    long lz4_ab;  /* of which LZ4-compressed */
+    bool faulted; /* the fault was applied (SWAP: both frames went out swapped) */
+    struct netfx_growbuf abin, held; /* frame mode: unparsed a->b bytes; a frame held back */
 };
 
 void netfx_proxy_init(struct netfx_proxy *p, int target_port);
