@@ -204,6 +204,19 @@ void aamm__psk_derive_key(const char *cluster, const void *secret, size_t secret
 void aamm__psk_mac(const uint8_t key[32], char label, const uint8_t *hello, size_t hello_len,
                    const uint8_t nonce[AAMM__PSK_NONCE], uint8_t out[AAMM__PSK_MAC]);
 
+/* Session key of one direction (@dir "c2a": the connector sends, "a2c": the acceptor sends):
+ * HMAC(key, "aamm-cs-session-v1\0" | dir | hello | nonce_a). */
+void aamm__psk_session_key(const uint8_t key[32], const char dir[3], const uint8_t *hello,
+                           size_t hello_len, const uint8_t nonce_a[AAMM__PSK_NONCE],
+                           uint8_t out[32]);
+/* Write record number @seq (len u32 LE | data | MAC) of @len bytes of @data under @key into
+ * @out (room for 4 + len + 32 bytes; @data may point at out + 4). Returns its size, 0 on a
+ * crypto failure. For the tests; the transport seals in place. */
+size_t aamm__psk_seal(const uint8_t key[32], uint64_t seq, const void *data, size_t len,
+                      uint8_t *out);
+/* Test hook: pending handshakes closed so far to make room for newcomers. */
+uint64_t aamm__psk_evicted(struct raft_uv_transport *t);
+
 /* Parse "a.b.c.d:port" strictly. Returns 0 or AAMM_EINVAL. */
 int aamm__cs_parse_addr(const char *text, void *sockaddr_in_out);
 

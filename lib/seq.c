@@ -33,25 +33,37 @@ static int64_t realtime_ms(void *arg)
     (AAMM_SNOWFLAKE_COUNTER_BITS + AAMM_SNOWFLAKE_SOURCE_BITS + AAMM_SNOWFLAKE_NODE_BITS)
 #define SF_LOW_MASK ((INT64_C(1) << SF_TIME_SHIFT) - 1) /* node, source and counter */
 #define SF_MAX_MS ((INT64_C(1) << AAMM_SNOWFLAKE_TIME_BITS) - 1)
+/* A blocking aamm_snowflake_next gives up after sleeping max_borrow_ms + this: the clock
+ * does not advance (a host's injected clock standing still). */
+#define SF_WAIT_SLACK_MS 1000
 
 struct aamm_snowflake {
-    struct aamm_snowflake_options opts;
-    int64_t base; /* node and source bits, counter 0 */
-    int64_t last; /* last id issued, or resume_after, or -1 */
+    struct aamm_snowflake_options opts; /* max_borrow_ms resolved (never 0) */
+    int64_t base;                       /* node and source bits, counter 0 */
+    int64_t last;                       /* last id issued, or resume_after, or -1 */
+    int64_t floor;   /* no id below this one: the first id after the start wait (see new) */
+    int64_t wait_ms; /* after AAMM_EAGAIN: ms until the clock allows the next id */
     struct aamm__err err;
 };
+
+/* The clock, relative to the snowflake epoch. */
+static int64_t sf_now(const struct aamm_snowflake *g)
+{
+    return g->opts.clock(g->opts.clock_arg) - AAMM_SNOWFLAKE_EPOCH_MS;
+}
 
 int aamm_snowflake_new(struct aamm_snowflake **out, const struct aamm_snowflake_options *opts)
 {
     struct aamm_snowflake *g;
-    int64_t base;
+    int64_t base, start;
     if (out == NULL || opts == NULL)
         return AAMM_EINVAL;
     *out = NULL;
     if (opts->node_id < 0 || opts->node_id > AAMM_SNOWFLAKE_MAX_NODE)
         return AAMM_EINVAL;
     base = (int64_t)opts->node_id << (AAMM_SNOWFLAKE_COUNTER_BITS + AAMM_SNOWFLAKE_SOURCE_BITS);
-    if (opts->resume_after < 0 || opts->max_borrow_ms < 0)
+    if (opts->resume_after < 0 || opts->max_borrow_ms < 0 ||
+        opts->max_borrow_ms > AAMM_SNOWFLAKE_MAX_BORROW_LIMIT_MS)
         return AAMM_EINVAL;
     if (opts->resume_after > 0 && (opts->resume_after & SF_LOW_MASK & ~SF_COUNTER_MASK) != base)
         return AAMM_EINVAL; /* an id of another node or source */
@@ -61,8 +73,20 @@ int aamm_snowflake_new(struct aamm_snowflake **out, const struct aamm_snowflake_
     g->opts = *opts;
     if (g->opts.clock == NULL)
         g->opts.clock = realtime_ms;
+    if (g->opts.max_borrow_ms == 0)
+        g->opts.max_borrow_ms = AAMM_SNOWFLAKE_DEFAULT_MAX_BORROW_MS;
     g->base = base;
     g->last = opts->resume_after > 0 ? opts->resume_after : -1;
+    /* The start wait. Every id an earlier run of this node issued has a time part at most
+     * max_borrow_ms ahead of the clock when it was issued, so (the clock not having stepped
+     * back since) at most start + max_borrow_ms: this run begins one millisecond above. It
+     * can issue that id, within its own bound, once the clock has passed start. */
+    start = sf_now(g);
+    if (start < 0)
+        start = 0;
+    g->floor = start + g->opts.max_borrow_ms + 1 <= SF_MAX_MS
+                   ? ((start + g->opts.max_borrow_ms + 1) << SF_TIME_SHIFT) | base
+                   : INT64_MAX;
     *out = g;
     return 0;
 }
@@ -72,12 +96,12 @@ void aamm_snowflake_free(struct aamm_snowflake *g)
     aamm__free(g);
 }
 
-int aamm_snowflake_next(struct aamm_snowflake *g, int64_t *id)
+/* One attempt at the next id (never waits). */
+static int sf_next(struct aamm_snowflake *g, int64_t *id)
 {
-    int64_t now, cand, next;
-    if (g == NULL || id == NULL)
-        return AAMM_EINVAL;
-    now = g->opts.clock(g->opts.clock_arg) - AAMM_SNOWFLAKE_EPOCH_MS;
+    int64_t now, cand, next, ahead;
+    g->wait_ms = 0;
+    now = sf_now(g);
     if (now < 0)
         now = 0; /* a clock before the epoch: count as the epoch (we borrow from last) */
     if (now > SF_MAX_MS)
@@ -93,7 +117,13 @@ int aamm_snowflake_next(struct aamm_snowflake *g, int64_t *id)
                           "snowflake: time part would pass 2^41 ms after the epoch");
     else
         next = (((g->last >> SF_TIME_SHIFT) + 1) << SF_TIME_SHIFT) | g->base;
-    /* 2. The first id of the current millisecond. */
+    /* 2. Nothing an earlier run of this node may have issued (the start wait). */
+    if (next < g->floor)
+        next = g->floor;
+    if (next == INT64_MAX)
+        return aamm__errf(&g->err, AAMM_EEXHAUSTED,
+                          "snowflake: time part would pass 2^41 ms after the epoch");
+    /* 3. The first id of the current millisecond. */
     cand = now <= SF_MAX_MS ? ((now << SF_TIME_SHIFT) | g->base) : INT64_MAX;
     if (next < cand) {
         if (now > SF_MAX_MS)
@@ -104,14 +134,43 @@ int aamm_snowflake_next(struct aamm_snowflake *g, int64_t *id)
     if ((next >> SF_TIME_SHIFT) > SF_MAX_MS)
         return aamm__errf(&g->err, AAMM_EEXHAUSTED,
                           "snowflake: time part would pass 2^41 ms after the epoch");
-    if (g->opts.max_borrow_ms > 0 && (next >> SF_TIME_SHIFT) - now > g->opts.max_borrow_ms)
+    /* 4. Never more than max_borrow_ms ahead of the clock: what makes the start wait of
+     *    the next run enough. */
+    ahead = (next >> SF_TIME_SHIFT) - now;
+    if (ahead > g->opts.max_borrow_ms) {
+        g->wait_ms = ahead - g->opts.max_borrow_ms;
         return aamm__errf(&g->err, AAMM_EAGAIN,
                           "snowflake: node %d: next id would run %" PRId64
-                          " ms ahead of the clock (limit %" PRId64 " ms); retry later",
-                          g->opts.node_id, (next >> SF_TIME_SHIFT) - now, g->opts.max_borrow_ms);
+                          " ms ahead of the clock (limit %" PRId64 " ms%s); retry in %" PRId64
+                          " ms",
+                          g->opts.node_id, ahead, g->opts.max_borrow_ms,
+                          next == g->floor ? ", start wait of a new generator" : "", g->wait_ms);
+    }
     g->last = next;
     *id = next;
     return 0;
+}
+
+int aamm_snowflake_next(struct aamm_snowflake *g, int64_t *id)
+{
+    int64_t slept = 0;
+    int rc;
+    if (g == NULL || id == NULL)
+        return AAMM_EINVAL;
+    while ((rc = sf_next(g, id)) == AAMM_EAGAIN && !g->opts.nonblocking &&
+           slept + g->wait_ms <= g->opts.max_borrow_ms + SF_WAIT_SLACK_MS) {
+        /* Wait for the clock (at most max_borrow_ms + 1 with a clock that runs). */
+        struct timespec ts = {(time_t)(g->wait_ms / 1000), (long)(g->wait_ms % 1000) * 1000000L};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+            ;
+        slept += g->wait_ms;
+    }
+    return rc;
+}
+
+int64_t aamm_snowflake_wait_ms(const struct aamm_snowflake *g)
+{
+    return g == NULL ? 0 : g->wait_ms;
 }
 
 int64_t aamm_snowflake_last(const struct aamm_snowflake *g)

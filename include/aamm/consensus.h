@@ -6,9 +6,12 @@
  * Implementation: Canonical raft 0.15 with its libuv backend (raft_uv) on a PRIVATE libuv
  * loop owned by the handle, and our own TCP transport that performs a mutual pre-shared-key
  * handshake (HMAC-SHA256 over nonces of both sides, bound to the cluster name, both node
- * ids and the channel role) before raft sees a byte of the stream. The handshake
- * authenticates; it does not encrypt or integrity-protect what follows: run the raft port
- * on a private network (or a tunnel) when on-path attackers are a concern.
+ * ids and the channel role) before raft sees a byte of the stream. Everything after it
+ * (raft's messages and forwarded commands) travels in records MAC'd under per-direction
+ * session keys derived from both nonces, with a sequence number per direction: an altered,
+ * dropped, replayed or reordered record closes the connection (logged as an error). The
+ * traffic is not encrypted: membership, sequence names and DDL lock state are visible on
+ * the path (run the raft port on a private network or a tunnel if that matters).
  *
  * Host-driven I/O: poll aamm_consensus_fd() for aamm_consensus_events() with
  * aamm_consensus_timeout() and call aamm_consensus_step() (every callback of this header

@@ -33,14 +33,26 @@
  * (last id + 1, carrying a full counter into the next millisecond) and (now, node, source,
  * counter 0). So when the clock goes back or more than 2,048 ids are wanted in one
  * millisecond, ids "borrow" milliseconds from the future: they stay unique and increasing
- * and their time part runs ahead of the clock until the clock catches up. A generator
- * never waits on its own; options.max_borrow_ms makes it refuse (AAMM_EAGAIN) instead of
- * running further ahead.
+ * and their time part runs ahead of the clock until the clock catches up.
  *
- * A node id must be unique in the cluster (consensus membership refuses a node id used
- * twice) and one C generator per node id may run at a time (one process). A generator
- * does not persist its last id: if the clock may have stepped back across a restart,
- * persist aamm_snowflake_last() and pass it as options.resume_after.
+ * Borrowing is bounded: no id's time part is ever more than options.max_borrow_ms (default
+ * AAMM_SNOWFLAKE_DEFAULT_MAX_BORROW_MS, 100 ms) ahead of the clock reading it is issued at.
+ * That bound is what keeps ids unique across a crash without any persisted state: a new
+ * generator (a restart, after kill -9 or anything else) issues no id whose time part is at
+ * or below its creation time + max_borrow_ms, which is above every id an earlier run of the
+ * node can have issued. Its first id therefore waits until the clock has passed the creation
+ * millisecond (at most 1 ms), and the new run starts with its borrowing used up. Where the
+ * next id would break the bound (sustained more than 2,048 ids/ms, a clock step back, the
+ * start wait), aamm_snowflake_next() sleeps until the clock allows it (at most
+ * max_borrow_ms + 1 ms with a running clock); with options.nonblocking it returns
+ * AAMM_EAGAIN instead and aamm_snowflake_wait_ms() says how long to wait. A clock step
+ * back by D ms thus holds the C generator for about D - max_borrow_ms ms.
+ *
+ * Assumptions of the crash guarantee: the clock does not step back across the restart
+ * (if it may, persist aamm_snowflake_last() and pass it as options.resume_after), the
+ * earlier run used the same or a smaller max_borrow_ms, a node id is unique in the cluster
+ * (consensus membership refuses a node id used twice), and one C generator per node id runs
+ * at a time (one process).
  *
  * ---- UUIDv7 layout (RFC 9562, section 5.7, monotonicity by method 1) -----------------
  *
@@ -100,6 +112,10 @@ typedef int64_t (*aamm_seq_clock_fn)(void *arg);
 #define AAMM_SNOWFLAKE_MAX_NODE ((1 << AAMM_SNOWFLAKE_NODE_BITS) - 1)
 /** Ids per millisecond per node and source before borrowing (2048). */
 #define AAMM_SNOWFLAKE_PER_MS (1 << AAMM_SNOWFLAKE_COUNTER_BITS)
+/** Default of options.max_borrow_ms: how far ids may run ahead of the clock. */
+#define AAMM_SNOWFLAKE_DEFAULT_MAX_BORROW_MS 100
+/** Largest options.max_borrow_ms accepted (one hour). */
+#define AAMM_SNOWFLAKE_MAX_BORROW_LIMIT_MS 3600000
 /** Source bit values. */
 #define AAMM_SNOWFLAKE_SOURCE_C 0
 #define AAMM_SNOWFLAKE_SOURCE_SQL 1
@@ -113,8 +129,11 @@ struct aamm_snowflake_options {
     aamm_seq_clock_fn clock; /* NULL: CLOCK_REALTIME */
     void *clock_arg;         /* passed to clock (borrowed) */
     int64_t resume_after;    /* 0, or an id of this node issued before: ids start above */
-    int64_t max_borrow_ms;   /* 0: borrow without limit; else refuse (AAMM_EAGAIN) ids
-                                whose time part would be more than this ahead of clock */
+    int64_t max_borrow_ms;   /* how far ids may run ahead of the clock, and the start wait
+                                of a new generator (see above); 0: the default (100 ms);
+                                at most AAMM_SNOWFLAKE_MAX_BORROW_LIMIT_MS */
+    bool nonblocking;        /* aamm_snowflake_next returns AAMM_EAGAIN instead of sleeping
+                                until the clock allows the next id */
 };
 
 /** The fields of a snowflake id, as aamm_snowflake_decode() returns them. */
@@ -127,8 +146,11 @@ struct aamm_snowflake_parts {
 
 /**
  * Create a snowflake generator. @out receives the handle (owned by the caller; free with
- * aamm_snowflake_free). @opts is copied. Returns 0, AAMM_EINVAL (NULL argument, node id
- * outside 0..1023, resume_after negative or of another node), AAMM_ENOMEM.
+ * aamm_snowflake_free). @opts is copied. Reads the clock once: the generator issues no id
+ * whose time part is at or below that reading + max_borrow_ms (the start wait, see above).
+ * Returns 0, AAMM_EINVAL (NULL argument, node id outside 0..1023, resume_after negative or
+ * of another node, max_borrow_ms negative or above AAMM_SNOWFLAKE_MAX_BORROW_LIMIT_MS),
+ * AAMM_ENOMEM.
  */
 AAMM_API int aamm_snowflake_new(struct aamm_snowflake **out,
                                 const struct aamm_snowflake_options *opts);
@@ -137,13 +159,24 @@ AAMM_API int aamm_snowflake_new(struct aamm_snowflake **out,
 AAMM_API void aamm_snowflake_free(struct aamm_snowflake *g);
 
 /**
- * The next id into *@id: unique in the cluster, larger than every id this generator
- * issued before. Never blocks. Returns 0; AAMM_EAGAIN when options.max_borrow_ms is set
- * and the id would run more than that ahead of the clock (call again later);
- * AAMM_EEXHAUSTED when the time part would pass 2^41 ms (year 2093). On error *@id is
- * untouched and aamm_snowflake_errmsg() says why.
+ * The next id into *@id: unique in the cluster, also across crashes and restarts of this
+ * node (assumptions above), and larger than every id this generator issued before.
+ * When the id would run more than max_borrow_ms ahead of the clock (first call within the
+ * creation millisecond, more than 2,048 ids/ms sustained, a clock step back), it sleeps
+ * until the clock allows it: at most max_borrow_ms + 1 ms with a running clock. It sleeps
+ * no more than max_borrow_ms + 1000 ms in one call: a longer wait (a clock stepped back
+ * further, a clock that does not advance) returns AAMM_EAGAIN. With options.nonblocking it
+ * never sleeps and returns AAMM_EAGAIN at once. After AAMM_EAGAIN, aamm_snowflake_wait_ms()
+ * says how long to wait. Returns 0; AAMM_EAGAIN; AAMM_EEXHAUSTED when the time part would
+ * pass 2^41 ms (year 2093). On error *@id is untouched and aamm_snowflake_errmsg() says why.
  */
 AAMM_API int aamm_snowflake_next(struct aamm_snowflake *g, int64_t *id);
+
+/**
+ * After aamm_snowflake_next() returned AAMM_EAGAIN: the milliseconds (by the generator's
+ * clock) until the next call can succeed; 0 after any other result.
+ */
+AAMM_API int64_t aamm_snowflake_wait_ms(const struct aamm_snowflake *g);
 
 /** The last id issued (or options.resume_after when none yet). */
 AAMM_API int64_t aamm_snowflake_last(const struct aamm_snowflake *g);

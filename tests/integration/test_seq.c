@@ -336,6 +336,10 @@ START_TEST(c_and_sql_same_node_never_collide)
             freeze_sql_clock(fx, 0, T0);
             o.clock = frozen_ms;
             o.clock_arg = &clock;
+            /* the C generator may borrow as far as the SQL one does; created that long
+             * before T0 so that its first id falls in T0 (its start wait, seq.h) */
+            o.max_borrow_ms = 10000;
+            clock = T0 - 10001;
         } else {
             ck_assert_int_eq(pgfx_exec(fx, 0,
                                        "CREATE OR REPLACE FUNCTION aamm.seq_clock_ms() "
@@ -345,6 +349,7 @@ START_TEST(c_and_sql_same_node_never_collide)
                              0);
         }
         ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+        clock = T0;
         snprintf(sql, sizeof sql, "SELECT aamm.snowflake_nextval('t') FROM generate_series(1, %ld)",
                  per_session / 4);
         memset(jobs, 0, sizeof jobs);

@@ -1,11 +1,16 @@
 /* test_seq.c: the C generators without a server: snowflake ids, UUIDv7, the galloc client. */
 #include "config.h"
 
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <aamm/seq.h>
@@ -53,6 +58,19 @@ static int cmp_uuid(const void *a, const void *b)
 
 #define T0 (AAMM_SNOWFLAKE_EPOCH_MS + INT64_C(86400000) * 1000) /* ~2026-09 */
 
+/* Create a generator whose first id can fall in millisecond @t: created with the fake
+ * clock at t - max_borrow_ms - 1 (the start wait, see seq.h), then the clock is set to @t. */
+static int sf_new_at(struct aamm_snowflake **g, struct aamm_snowflake_options *o,
+                     struct fake_clock *clk, int64_t t)
+{
+    int64_t b = o->max_borrow_ms ? o->max_borrow_ms : AAMM_SNOWFLAKE_DEFAULT_MAX_BORROW_MS;
+    int rc;
+    clk->now = t - b - 1;
+    rc = aamm_snowflake_new(g, o);
+    clk->now = t;
+    return rc;
+}
+
 /* ==== snowflake ======================================================================= */
 
 /* The bit layout is the documented one: time, node, source bit 0 for C, counter. */
@@ -63,7 +81,7 @@ START_TEST(snowflake_layout)
     struct aamm_snowflake *g;
     struct aamm_snowflake_parts p;
     int64_t id, id2;
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+    ck_assert_int_eq(sf_new_at(&g, &o, &clk, T0), 0);
     ck_assert_int_eq(aamm_snowflake_next(g, &id), 0);
     ck_assert_int_gt(id, 0);
     ck_assert_int_eq(id, ((T0 - AAMM_SNOWFLAKE_EPOCH_MS) << 22) | (INT64_C(517) << 12));
@@ -82,7 +100,7 @@ START_TEST(snowflake_layout)
 }
 END_TEST
 
-/* Node ids outside 0..1023 and foreign resume ids are refused. */
+/* Node ids outside 0..1023, foreign resume ids and borrow bounds out of range are refused. */
 START_TEST(snowflake_node_range)
 {
     struct aamm_snowflake_options o = {0};
@@ -98,6 +116,11 @@ START_TEST(snowflake_node_range)
     o.resume_after = (INT64_C(1000) << 22) | (INT64_C(3) << 12) | 2048; /* node 3, SQL */
     ck_assert_int_eq(aamm_snowflake_new(&g, &o), AAMM_EINVAL);
     o.resume_after = 0;
+    o.max_borrow_ms = -1;
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o), AAMM_EINVAL);
+    o.max_borrow_ms = AAMM_SNOWFLAKE_MAX_BORROW_LIMIT_MS + 1;
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o), AAMM_EINVAL);
+    o.max_borrow_ms = 0;
     o.node_id = 1023;
     ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
     aamm_snowflake_free(g);
@@ -109,18 +132,23 @@ START_TEST(snowflake_node_range)
 END_TEST
 
 /* 3 nodes x 1,000,000 ids: all unique, each node's ids strictly increasing, although each
- * node's clock steps back by 2 s half-way (and the clocks of the nodes differ). */
+ * node's clock steps back by 2 s half-way (and the clocks of the nodes differ); with a
+ * borrow bound of 3 s the generators borrow across the step without waiting. */
 START_TEST(snowflake_three_nodes_unique_monotonic)
 {
     long per = aamm_test_scaled(1000000, 20000);
     int64_t *all = malloc(sizeof *all * (size_t)per * 3);
     ck_assert_ptr_nonnull(all);
     for (int n = 0; n < 3; n++) {
-        struct fake_clock clk = {.now = T0 + n * 7, .every = 997, .step = 1};
-        struct aamm_snowflake_options o = {.node_id = n + 1, .clock = fake_ms, .clock_arg = &clk};
+        struct fake_clock clk = {.every = 997, .step = 1};
+        struct aamm_snowflake_options o = {.node_id = n + 1,
+                                           .clock = fake_ms,
+                                           .clock_arg = &clk,
+                                           .max_borrow_ms = 3000,
+                                           .nonblocking = true};
         struct aamm_snowflake *g;
         int64_t prev = -1, borrowed_max = 0;
-        ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+        ck_assert_int_eq(sf_new_at(&g, &o, &clk, T0 + n * 7), 0);
         for (long i = 0; i < per; i++) {
             int64_t id;
             if (i == per / 2)
@@ -152,11 +180,12 @@ END_TEST
 START_TEST(snowflake_counter_full_borrows)
 {
     struct fake_clock clk = {.now = T0}; /* the clock stands still */
-    struct aamm_snowflake_options o = {.node_id = 9, .clock = fake_ms, .clock_arg = &clk};
+    struct aamm_snowflake_options o = {
+        .node_id = 9, .clock = fake_ms, .clock_arg = &clk, .nonblocking = true};
     struct aamm_snowflake *g;
     int64_t id, prev = -1;
     struct aamm_snowflake_parts p;
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+    ck_assert_int_eq(sf_new_at(&g, &o, &clk, T0), 0);
     for (int i = 0; i < 10000; i++) {
         FAST_CHECK(aamm_snowflake_next(g, &id) == 0, "next failed");
         FAST_CHECK(id > prev, "not increasing at %d", i);
@@ -170,18 +199,19 @@ START_TEST(snowflake_counter_full_borrows)
 }
 END_TEST
 
-/* max_borrow_ms turns borrowing into "wait": AAMM_EAGAIN with a message, and ids resume
- * (still increasing) once the clock has caught up. */
+/* Borrowing stops at max_borrow_ms: nonblocking, AAMM_EAGAIN with a message and the wait
+ * in aamm_snowflake_wait_ms, and ids resume (still increasing) once the clock has caught
+ * up. */
 START_TEST(snowflake_max_borrow_waits)
 {
     struct fake_clock clk = {.now = T0};
     struct aamm_snowflake_options o = {
-        .node_id = 2, .clock = fake_ms, .clock_arg = &clk, .max_borrow_ms = 5};
+        .node_id = 2, .clock = fake_ms, .clock_arg = &clk, .max_borrow_ms = 5, .nonblocking = true};
     struct aamm_snowflake *g;
     int64_t id = 0, last = 0;
     int rc = 0;
     long n = 0;
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+    ck_assert_int_eq(sf_new_at(&g, &o, &clk, T0), 0);
     while ((rc = aamm_snowflake_next(g, &id)) == 0) {
         last = id;
         n++;
@@ -189,6 +219,13 @@ START_TEST(snowflake_max_borrow_waits)
     ck_assert_int_eq(rc, AAMM_EAGAIN);
     ck_assert_int_eq(n, 6 * 2048); /* ms T0 .. T0+5 */
     ck_assert_ptr_nonnull(strstr(aamm_snowflake_errmsg(g), "ahead of the clock"));
+    ck_assert_int_eq(aamm_snowflake_wait_ms(g), 1);
+    clk.now = T0 + 3; /* ms T0+6 is 3 ahead: allowed */
+    ck_assert_int_eq(aamm_snowflake_next(g, &id), 0);
+    ck_assert_int_eq(aamm_snowflake_wait_ms(g), 0);
+    ck_assert_int_eq(id, ((T0 + 6 - AAMM_SNOWFLAKE_EPOCH_MS) << 22) | (INT64_C(2) << 12));
+    ck_assert_int_gt(id, last);
+    last = id;
     clk.now = T0 + 100;
     ck_assert_int_eq(aamm_snowflake_next(g, &id), 0);
     ck_assert_int_gt(id, last);
@@ -203,14 +240,19 @@ START_TEST(snowflake_resume_after_restart)
     struct aamm_snowflake_options o = {.node_id = 5, .clock = fake_ms, .clock_arg = &clk};
     struct aamm_snowflake *g;
     int64_t id, saved;
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+    ck_assert_int_eq(sf_new_at(&g, &o, &clk, T0), 0);
     for (int i = 0; i < 100; i++)
         ck_assert_int_eq(aamm_snowflake_next(g, &id), 0);
     saved = aamm_snowflake_last(g);
     aamm_snowflake_free(g);
     clk.now = T0 - 60000;
     o.resume_after = saved;
+    o.nonblocking = true;
     ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+    /* saved + 1 is a minute ahead of this clock: it waits for the clock to catch up */
+    ck_assert_int_eq(aamm_snowflake_next(g, &id), AAMM_EAGAIN);
+    ck_assert_int_eq(aamm_snowflake_wait_ms(g), 60000 - AAMM_SNOWFLAKE_DEFAULT_MAX_BORROW_MS);
+    clk.now = T0;
     ck_assert_int_eq(aamm_snowflake_next(g, &id), 0);
     ck_assert_int_eq(id, saved + 1);
     aamm_snowflake_free(g);
@@ -220,11 +262,13 @@ END_TEST
 /* Past the 41-bit time range the generator refuses with AAMM_EEXHAUSTED. */
 START_TEST(snowflake_time_range_end)
 {
-    struct fake_clock clk = {.now = AAMM_SNOWFLAKE_EPOCH_MS + (INT64_C(1) << 41)};
-    struct aamm_snowflake_options o = {.node_id = 5, .clock = fake_ms, .clock_arg = &clk};
+    struct fake_clock clk = {0};
+    struct aamm_snowflake_options o = {
+        .node_id = 5, .clock = fake_ms, .clock_arg = &clk, .nonblocking = true};
     struct aamm_snowflake *g;
     int64_t id = 42;
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+    ck_assert_int_eq(sf_new_at(&g, &o, &clk, AAMM_SNOWFLAKE_EPOCH_MS + (INT64_C(1) << 41) - 1), 0);
+    clk.now += 1;
     ck_assert_int_eq(aamm_snowflake_next(g, &id), AAMM_EEXHAUSTED);
     ck_assert_int_eq(id, 42);
     clk.now -= 1; /* last millisecond: 2048 ids, then nothing */
@@ -234,6 +278,192 @@ START_TEST(snowflake_time_range_end)
     ck_assert_int_eq(aamm_snowflake_next(g, &id), AAMM_EEXHAUSTED);
     ck_assert_ptr_nonnull(strstr(aamm_snowflake_errmsg(g), "2^41"));
     aamm_snowflake_free(g);
+}
+END_TEST
+
+/* Issue ids from @g until it refuses (nonblocking: it has run max_borrow_ms ahead of a
+ * standing clock) into @ids from *@n on; returns the refusal. */
+static int sf_drain(struct aamm_snowflake *g, int64_t *ids, long *n, long cap)
+{
+    int rc;
+    while (*n < cap && (rc = aamm_snowflake_next(g, &ids[*n])) == 0)
+        (*n)++;
+    ck_assert_int_lt(*n, cap);
+    return rc;
+}
+
+/* The crash-restart case, deterministic: a generator issues as fast as it can (the clock
+ * standing still, so it runs ahead to its bound), is abandoned without any shutdown, and a
+ * new generator of the same node is created at the same clock reading, five times in a row,
+ * then again one millisecond later. The new generator's first call in its creation
+ * millisecond waits (AAMM_EAGAIN, 1 ms); then it continues above everything the earlier runs
+ * issued. No id is issued twice, and no run holds any id more than max_borrow_ms ahead. */
+START_TEST(snowflake_restart_after_borrowing)
+{
+    const int64_t b = AAMM_SNOWFLAKE_DEFAULT_MAX_BORROW_MS;
+    long cap = 8 * (b + 2) * AAMM_SNOWFLAKE_PER_MS, n = 0, first_run;
+    int64_t *ids = malloc(sizeof *ids * (size_t)cap);
+    struct fake_clock clk = {.now = T0};
+    struct aamm_snowflake_options o = {
+        .node_id = 77, .clock = fake_ms, .clock_arg = &clk, .nonblocking = true};
+    struct aamm_snowflake *g;
+    ck_assert_ptr_nonnull(ids);
+    ck_assert_int_eq(sf_new_at(&g, &o, &clk, T0), 0);
+    ck_assert_int_eq(sf_drain(g, ids, &n, cap), AAMM_EAGAIN);
+    first_run = n;
+    ck_assert_int_eq(first_run, (b + 1) * AAMM_SNOWFLAKE_PER_MS); /* T0 .. T0 + b, full */
+    /* killed: no free, no state saved (the handle is only freed at the end of the test) */
+    for (int r = 0; r < 6; r++) {
+        struct aamm_snowflake *g2;
+        long before = n;
+        struct aamm_snowflake_parts p;
+        if (r == 5)
+            clk.now += 1; /* the last restart one millisecond later */
+        ck_assert_int_eq(aamm_snowflake_new(&g2, &o), 0);
+        ck_assert_int_eq(aamm_snowflake_next(g2, &ids[n]), AAMM_EAGAIN);
+        ck_assert_int_eq(aamm_snowflake_wait_ms(g2), 1);
+        ck_assert_ptr_nonnull(strstr(aamm_snowflake_errmsg(g2), "start wait"));
+        clk.now += 1; /* the clock passes the creation millisecond */
+        ck_assert_int_eq(sf_drain(g2, ids, &n, cap), AAMM_EAGAIN);
+        ck_assert_int_gt(n, before);
+        aamm_snowflake_decode(ids[before], &p);
+        ck_assert_int_eq(p.unix_ms, clk.now - 1 + b + 1); /* creation + bound + 1 */
+        ck_assert_int_eq(p.counter, 0);
+        aamm_snowflake_decode(ids[n - 1], &p);
+        ck_assert_int_le(p.unix_ms - clk.now, b);
+        /* abandoned, like the first */
+        aamm_snowflake_free(g2);
+    }
+    qsort(ids, (size_t)n, sizeof *ids, cmp_i64);
+    for (long i = 1; i < n; i++)
+        FAST_CHECK(ids[i] != ids[i - 1], "id %ld issued twice (%ld ids)", (long)ids[i], n);
+    aamm_snowflake_free(g);
+    free(ids);
+}
+END_TEST
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Without nonblocking, aamm_snowflake_next sleeps until the clock allows the next id: a new
+ * generator's first call (the start wait) and calls beyond the bound return ids; with a
+ * clock that stands still it gives up with AAMM_EAGAIN after max_borrow_ms + 1 s. */
+START_TEST(snowflake_blocking_waits_for_clock)
+{
+    struct aamm_snowflake_options o = {.node_id = 12, .max_borrow_ms = 5};
+    struct aamm_snowflake *g;
+    struct aamm_snowflake_parts p;
+    struct fake_clock clk = {.now = T0};
+    int64_t id = 0, t0, created;
+    created = wall_ms();
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+    for (long i = 0; i < 20 * AAMM_SNOWFLAKE_PER_MS; i++) /* 20 ms of ids, as fast as it can */
+        FAST_CHECK(aamm_snowflake_next(g, &id) == 0, "next: %s", aamm_snowflake_errmsg(g));
+    aamm_snowflake_decode(id, &p);
+    ck_assert_int_gt(p.unix_ms, created + 5); /* above the start wait */
+    ck_assert_int_le(p.unix_ms, wall_ms() + 5);
+    aamm_snowflake_free(g);
+    o.clock = fake_ms;
+    o.clock_arg = &clk;
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+    t0 = aamm_test_now_ms();
+    ck_assert_int_eq(aamm_snowflake_next(g, &id), AAMM_EAGAIN);
+    ck_assert_int_ge(aamm_test_now_ms() - t0, 1000);
+    ck_assert_int_lt(aamm_test_now_ms() - t0, 3000);
+    aamm_snowflake_free(g);
+}
+END_TEST
+
+/* The crash-restart case for real: a child process issues ids as fast as it can with the
+ * real clock and the default bound, writing them to a pipe; the parent kills it with
+ * SIGKILL after 40 ms and starts the next child at once, four times. Every child ran ahead
+ * of the clock (its ids' time parts passed the parent's clock at the kill), and among all
+ * ids read no id appears twice. */
+static void sf_child(int wfd)
+{
+    struct aamm_snowflake_options o = {.node_id = 345};
+    struct aamm_snowflake *g;
+    int64_t buf[512];
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (aamm_snowflake_new(&g, &o) != 0)
+        _exit(2);
+    for (;;) {
+        size_t off = 0;
+        for (int i = 0; i < 512; i++)
+            if (aamm_snowflake_next(g, &buf[i]) != 0)
+                _exit(3);
+        while (off < sizeof buf) {
+            ssize_t w = write(wfd, (char *)buf + off, sizeof buf - off);
+            if (w < 0 && errno != EINTR)
+                _exit(4);
+            if (w > 0)
+                off += (size_t)w;
+        }
+    }
+}
+
+START_TEST(snowflake_crash_restart_fork)
+{
+    size_t cap = (size_t)1 << 22, n = 0; /* 32 MiB: 4 runs issue about 1 M ids */
+    int64_t *ids = malloc(cap * sizeof *ids);
+    long ahead_runs = 0;
+    ck_assert_ptr_nonnull(ids);
+    for (int r = 0; r < 4; r++) {
+        int pfd[2], status = 0;
+        pid_t pid;
+        int64_t end, killed_at, max_ms = 0;
+        size_t start = n, part = 0;
+        ck_assert_int_eq(pipe(pfd), 0);
+        pid = fork();
+        ck_assert_int_ge(pid, 0);
+        if (pid == 0) {
+            close(pfd[0]);
+            sf_child(pfd[1]);
+        }
+        close(pfd[1]);
+        end = wall_ms() + 40;
+        killed_at = 0;
+        for (;;) {
+            struct pollfd pf = {pfd[0], POLLIN, 0};
+            ssize_t got;
+            if (killed_at == 0 && wall_ms() >= end) {
+                kill(pid, SIGKILL); /* no shutdown of any kind */
+                killed_at = wall_ms();
+            }
+            if (poll(&pf, 1, 5) <= 0)
+                continue;
+            got = read(pfd[0], (char *)(ids + n) + part, (cap - n) * sizeof *ids - part);
+            if (got <= 0)
+                break; /* EOF: the child is gone and the pipe drained */
+            part += (size_t)got;
+            n += part / sizeof *ids;
+            part %= sizeof *ids;
+            ck_assert_uint_lt(n, cap);
+        }
+        close(pfd[0]);
+        ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+        ck_assert(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+        ck_assert_uint_gt(n, start);
+        for (size_t i = start; i < n; i++) {
+            struct aamm_snowflake_parts p;
+            aamm_snowflake_decode(ids[i], &p);
+            FAST_CHECK(p.node_id == 345, "not an id of node 345: %ld", (long)ids[i]);
+            if (p.unix_ms > max_ms)
+                max_ms = p.unix_ms;
+        }
+        if (max_ms > killed_at)
+            ahead_runs++;
+        /* the next child starts at once */
+    }
+    ck_assert_int_ge(ahead_runs, 1); /* the children did borrow */
+    qsort(ids, n, sizeof *ids, cmp_i64);
+    for (size_t i = 1; i < n; i++)
+        FAST_CHECK(ids[i] != ids[i - 1], "id %ld issued twice (%zu ids)", (long)ids[i], n);
+    free(ids);
 }
 END_TEST
 
@@ -652,6 +882,9 @@ int main(void)
     tcase_add_test(tc, snowflake_max_borrow_waits);
     tcase_add_test(tc, snowflake_resume_after_restart);
     tcase_add_test(tc, snowflake_time_range_end);
+    tcase_add_test(tc, snowflake_restart_after_borrowing);
+    tcase_add_test(tc, snowflake_blocking_waits_for_clock);
+    tcase_add_test(tc, snowflake_crash_restart_fork);
     suite_add_tcase(s, tc);
     tc = aamm_test_tcase("uuidv7", 20);
     tcase_add_test(tc, uuidv7_bits);
