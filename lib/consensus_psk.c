@@ -13,12 +13,30 @@
  * reaches raft and no forwarded command is read.
  *
  * Handshake reads ask the kernel for exactly the bytes still missing, so whatever the peer
- * sent after its last handshake message (raft's first message, possibly in the same TCP
- * segment) stays in the socket and is read by raft from its own uv_tcp_t stream.
+ * sent after its last handshake message (its first record, possibly in the same TCP
+ * segment) stays in the socket for the record layer.
+ *
+ * After the handshake every byte travels in records (both channels, both directions):
+ *   u32 LE length | payload [length] | HMAC-SHA256(K_dir, seq u64 LE | length u32 LE | payload)
+ * K_dir = HMAC(K, "aamm-cs-session-v1" | "c2a" or "a2c" | HELLO | nonce_A): one key per
+ * direction from both nonces, so a record cannot be reflected back or carried into another
+ * connection. seq counts the records of one direction from 0; the receiver expects the next
+ * one, so a tampered, dropped, replayed or reordered record fails its MAC and the connection
+ * is closed (logged as an error through the log callback). The forwarding channel sends one
+ * frame per record. Raft gets one end of a socketpair (a uv_pipe_t, owned by raft from
+ * then on: raft uv_close()s it and raft_free()s its memory); we relay between that end and
+ * the TCP socket, sealing what raft writes in records of at most RELAY_CHUNK bytes and
+ * writing into the pair only payloads whose MAC checked out.
+ *
+ * Strangers: a connection that has not authenticated holds one of MAX_PENDING_HANDSHAKES
+ * slots, at most MAX_PENDING_PER_SOURCE of them per source address. When a new connection
+ * finds no slot, the oldest pending connection of the busiest source is closed instead of
+ * refusing the newcomer (see admit()). A member finishes its handshake within a round trip
+ * of being accepted, so a flood that keeps hundreds of connections open cannot keep a member
+ * out; refusing newcomers (the old rule) let it do exactly that.
  *
  * Our sockets are raw non-blocking fds driven by uv_poll_t and written with
- * send(MSG_NOSIGNAL). An authenticated raft stream becomes a uv_tcp_t (uv_tcp_open) owned
- * by raft from then on (raft uv_close()s it and raft_free()s its memory).
+ * send(MSG_NOSIGNAL).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -30,13 +48,22 @@
 #include <unistd.h>
 
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/params.h>
 #include <openssl/rand.h>
 
 #include "consensus_int.h"
 
 #define FRAME_MAX (1u << 20)
+/* Raft's bytes are sealed in records of at most this many. */
+#define RELAY_CHUNK (64u * 1024)
+/* Stop reading one side while this much is waiting to be written to the other. */
+#define RELAY_HIGH (1u << 20)
+/* Pre-authentication slots (see admit()). */
+#define MAX_PENDING_HANDSHAKES 64
+#define MAX_PENDING_PER_SOURCE 16
 
 enum {
     PH_CONNECTING = 1,
@@ -45,7 +72,7 @@ enum {
     PH_WAIT_HELLO_ADDR, /* A: address part */
     PH_WAIT_CHALLENGE,  /* C */
     PH_WAIT_PROOF,      /* A */
-    PH_UP,              /* FWD channel ready */
+    PH_UP,              /* authenticated: records flow (FWD frames, or raft's relay) */
     PH_CLOSING,
 };
 
@@ -53,6 +80,8 @@ struct aamm__psk {
     struct raft_uv_transport *t;
     uv_loop_t *loop;
     uint8_t key[32];
+    EVP_MAC *mac;
+    EVP_MAC_CTX *mac_ctx;
     uint64_t id;
     char address[64];
     char bind[64];
@@ -72,11 +101,7 @@ struct aamm__psk {
     uint64_t serial;
     /* test hook: a simulated network partition (see aamm__psk_partition) */
     bool partitioned;
-    struct handed {
-        int fd;
-        struct sockaddr_in local, peer;
-    } * handed;
-    size_t n_handed;
+    uint64_t evicted; /* pending handshakes closed to make room (tests) */
 };
 
 struct aamm__cs_conn {
@@ -88,7 +113,7 @@ struct aamm__cs_conn {
     int open_handles;
     int events;
     bool outgoing;
-    bool handed; /* fd now belongs to a raft uv_tcp_t */
+    struct sockaddr_in src; /* incoming: the peer's address (per-source slot limit) */
     uint8_t role;
     int phase;
     uint64_t peer_id;
@@ -98,10 +123,19 @@ struct aamm__cs_conn {
     size_t hello_len;
     uint8_t hs[AAMM__PSK_CHALLENGE];
     size_t hs_have, hs_need;
-    uint8_t *in;
+    /* record layer (after the handshake) */
+    uint8_t key_tx[32], key_rx[32];
+    uint64_t seq_tx, seq_rx;
+    uint8_t *in; /* records from the network, not yet verified */
     size_t in_len, in_cap;
-    uint8_t *out;
-    size_t out_len, out_off;
+    uint8_t *out; /* sealed records for the network */
+    size_t out_len, out_off, out_cap;
+    /* raft relay: our end of the socketpair whose other end raft owns */
+    int lfd;
+    uv_poll_t lpoll;
+    int levents;
+    uint8_t *lout; /* verified payloads for raft */
+    size_t lout_len, lout_off, lout_cap;
     struct raft_uv_connect *req;
     raft_uv_connect_cb connect_cb;
     aamm__cs_conn_frame_fn frame_fn;
@@ -139,6 +173,69 @@ void aamm__psk_mac(const uint8_t key[32], char label, const uint8_t *hello, size
     HMAC(EVP_sha256(), key, 32, msg, 1 + hello_len + AAMM__PSK_NONCE, out, &len);
 }
 
+void aamm__psk_session_key(const uint8_t key[32], const char dir[3], const uint8_t *hello,
+                           size_t hello_len, const uint8_t nonce_a[AAMM__PSK_NONCE],
+                           uint8_t out[32])
+{
+    static const char label[] = "aamm-cs-session-v1";
+    uint8_t msg[sizeof(label) + 3 + AAMM__PSK_HELLO_FIXED + AAMM_CONSENSUS_NAME_MAX +
+                AAMM__PSK_NONCE];
+    unsigned len = 32;
+    size_t n = 0;
+    if (hello_len > AAMM__PSK_HELLO_FIXED + AAMM_CONSENSUS_NAME_MAX)
+        hello_len = AAMM__PSK_HELLO_FIXED + AAMM_CONSENSUS_NAME_MAX;
+    memcpy(msg, label, sizeof(label)); /* with its NUL as a separator */
+    n = sizeof(label);
+    memcpy(msg + n, dir, 3);
+    n += 3;
+    memcpy(msg + n, hello, hello_len);
+    n += hello_len;
+    memcpy(msg + n, nonce_a, AAMM__PSK_NONCE);
+    n += AAMM__PSK_NONCE;
+    HMAC(EVP_sha256(), key, 32, msg, n, out, &len);
+    OPENSSL_cleanse(msg, sizeof(msg));
+}
+
+/* MAC of one record: HMAC-SHA256(key, seq u64 LE | length u32 LE | payload); @rec points at
+ * the length field. Returns 0 or AAMM_EINTERNAL. */
+static int record_mac(EVP_MAC_CTX *ctx, const uint8_t key[32], uint64_t seq, const uint8_t *rec,
+                      size_t len, uint8_t out[AAMM__PSK_MAC])
+{
+    uint8_t s[8];
+    size_t outl = 0;
+    OSSL_PARAM params[2];
+    int i;
+    params[0] = OSSL_PARAM_construct_utf8_string("digest", (char *)"SHA256", 0);
+    params[1] = OSSL_PARAM_construct_end();
+    for (i = 0; i < 8; i++)
+        s[i] = (uint8_t)(seq >> (8 * i));
+    if (EVP_MAC_init(ctx, key, 32, params) != 1 || EVP_MAC_update(ctx, s, sizeof(s)) != 1 ||
+        EVP_MAC_update(ctx, rec, 4 + len) != 1 ||
+        EVP_MAC_final(ctx, out, &outl, AAMM__PSK_MAC) != 1 || outl != AAMM__PSK_MAC) {
+        ERR_clear_error();
+        return AAMM_EINTERNAL;
+    }
+    return 0;
+}
+
+size_t aamm__psk_seal(const uint8_t key[32], uint64_t seq, const void *data, size_t len,
+                      uint8_t *out)
+{
+    EVP_MAC *mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
+    EVP_MAC_CTX *ctx = mac != NULL ? EVP_MAC_CTX_new(mac) : NULL;
+    size_t n = 0;
+    out[0] = (uint8_t)len;
+    out[1] = (uint8_t)(len >> 8);
+    out[2] = (uint8_t)(len >> 16);
+    out[3] = (uint8_t)(len >> 24);
+    memmove(out + 4, data, len);
+    if (ctx != NULL && record_mac(ctx, key, seq, out, len, out + 4 + len) == 0)
+        n = 4 + len + AAMM__PSK_MAC;
+    EVP_MAC_CTX_free(ctx);
+    EVP_MAC_free(mac);
+    return n;
+}
+
 /* ---- addresses ---------------------------------------------------------------------------- */
 
 int aamm__cs_parse_addr(const char *text, void *out)
@@ -171,10 +268,11 @@ int aamm__cs_parse_addr(const char *text, void *out)
 /* ---- connections ----------------------------------------------------------------------- */
 
 static void conn_poll_cb(uv_poll_t *h, int status, int events);
+static void relay_poll_cb(uv_poll_t *h, int status, int events);
 static void conn_fail(struct aamm__cs_conn *c);
 static void close_done(struct aamm__psk *p);
 
-static void free_tcp(uv_handle_t *h)
+static void free_pipe(uv_handle_t *h)
 {
     raft_free(h);
 }
@@ -195,14 +293,18 @@ static void conn_handle_closed(uv_handle_t *h)
         c->connect_cb(c->req, NULL, p->closing ? RAFT_CANCELED : RAFT_NOCONNECTION);
     if (c->state_fn != NULL && c->role == AAMM__CS_ROLE_FWD)
         c->state_fn(c, false, c->arg);
+    OPENSSL_cleanse(c->key_tx, sizeof(c->key_tx));
+    OPENSSL_cleanse(c->key_rx, sizeof(c->key_rx));
     aamm__free(c->in);
     aamm__free(c->out);
+    aamm__free(c->lout);
     aamm__free(c);
     if (p->closing)
         close_done(p);
 }
 
-/* Stop our handles; the fd is closed unless raft owns it now. */
+/* Stop our handles and close our fds (raft's end of a relay pair is raft's to close: it sees
+ * EOF on its reads and EPIPE on its writes). */
 static void conn_shutdown(struct aamm__cs_conn *c)
 {
     if (c->phase == PH_CLOSING)
@@ -212,7 +314,13 @@ static void conn_shutdown(struct aamm__cs_conn *c)
     uv_timer_stop(&c->timer);
     uv_close((uv_handle_t *)&c->poll, conn_handle_closed);
     uv_close((uv_handle_t *)&c->timer, conn_handle_closed);
-    if (!c->handed && c->fd >= 0)
+    if (c->lfd >= 0) {
+        uv_poll_stop(&c->lpoll);
+        uv_close((uv_handle_t *)&c->lpoll, conn_handle_closed);
+        close(c->lfd);
+        c->lfd = -1;
+    }
+    if (c->fd >= 0)
         close(c->fd);
     c->fd = -1;
 }
@@ -234,7 +342,37 @@ static void conn_want(struct aamm__cs_conn *c, int events)
     if (c->phase == PH_CLOSING || events == c->events)
         return;
     c->events = events;
-    uv_poll_start(&c->poll, events, conn_poll_cb);
+    if (events == 0)
+        uv_poll_stop(&c->poll);
+    else
+        uv_poll_start(&c->poll, events, conn_poll_cb);
+}
+
+/* Poll interest once authenticated: read the network unless raft's side is backed up,
+ * write it while sealed records wait; the same, mirrored, on the relay pair. */
+static void conn_interest(struct aamm__cs_conn *c)
+{
+    int net = 0, loc = 0;
+    if (c->phase != PH_UP)
+        return;
+    if (c->out_len > c->out_off)
+        net |= UV_WRITABLE;
+    if (c->lfd < 0 || c->lout_len - c->lout_off < RELAY_HIGH)
+        net |= UV_READABLE;
+    conn_want(c, net);
+    if (c->lfd < 0)
+        return;
+    if (c->lout_len > c->lout_off)
+        loc |= UV_WRITABLE;
+    if (c->out_len - c->out_off < RELAY_HIGH)
+        loc |= UV_READABLE;
+    if (loc != c->levents) {
+        c->levents = loc;
+        if (loc == 0)
+            uv_poll_stop(&c->lpoll);
+        else
+            uv_poll_start(&c->lpoll, loc, relay_poll_cb);
+    }
 }
 
 static struct aamm__cs_conn *conn_new(struct aamm__psk *p, int fd, bool outgoing)
@@ -244,6 +382,7 @@ static struct aamm__cs_conn *conn_new(struct aamm__psk *p, int fd, bool outgoing
         return NULL;
     c->p = p;
     c->fd = fd;
+    c->lfd = -1;
     c->outgoing = outgoing;
     c->serial = ++p->serial;
     if (uv_poll_init_socket(p->loop, &c->poll, fd) != 0) {
@@ -300,68 +439,69 @@ static void hs_expect(struct aamm__cs_conn *c, int phase, size_t need)
     c->hs_need = need;
 }
 
-/* Remember which sockets raft owns, so the partition test hook can cut them. */
-static void remember_handed(struct aamm__psk *p, int fd)
+/* Derive the session keys: C sends under "c2a", A under "a2c". */
+static void conn_keys(struct aamm__cs_conn *c, const uint8_t nonce_a[AAMM__PSK_NONCE])
 {
-    struct handed h, *v;
-    socklen_t len = sizeof(h.local);
-    size_t i;
-    h.fd = fd;
-    if (getsockname(fd, (struct sockaddr *)&h.local, &len) != 0)
-        return;
-    len = sizeof(h.peer);
-    if (getpeername(fd, (struct sockaddr *)&h.peer, &len) != 0)
-        return;
-    for (i = 0; i < p->n_handed; i++)
-        if (p->handed[i].fd == fd) {
-            p->handed[i] = h;
-            return;
-        }
-    v = aamm__realloc(p->handed, (p->n_handed + 1) * sizeof(*v));
-    if (v == NULL)
-        return;
-    p->handed = v;
-    p->handed[p->n_handed++] = h;
+    uint8_t *c2a = c->outgoing ? c->key_tx : c->key_rx;
+    uint8_t *a2c = c->outgoing ? c->key_rx : c->key_tx;
+    aamm__psk_session_key(c->p->key, "c2a", c->hello, c->hello_len, nonce_a, c2a);
+    aamm__psk_session_key(c->p->key, "a2c", c->hello, c->hello_len, nonce_a, a2c);
+    c->seq_tx = c->seq_rx = 0;
 }
 
-/* Authenticated: give the socket to raft or open the forwarding channel. */
+/* Authenticated: open the forwarding channel, or give raft its end of a relay pair. */
 static void conn_established(struct aamm__cs_conn *c)
 {
     struct aamm__psk *p = c->p;
     uv_timer_stop(&c->timer);
     if (c->role == AAMM__CS_ROLE_RAFT) {
-        uv_tcp_t *tcp = raft_malloc(sizeof(*tcp));
-        int fd = c->fd;
+        uv_pipe_t *pipe = raft_malloc(sizeof(*pipe));
         raft_uv_connect_cb cb = c->connect_cb;
         struct raft_uv_connect *req = c->req;
+        int sv[2] = {-1, -1};
         c->connect_cb = NULL;
-        c->handed = true;
-        conn_shutdown(c); /* closes the poll handle (epoll forgets the fd), keeps the fd */
-        if (tcp == NULL || uv_tcp_init(p->loop, tcp) != 0) {
-            raft_free(tcp);
-            close(fd);
+        if (pipe == NULL ||
+            socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) != 0 ||
+            uv_poll_init_socket(p->loop, &c->lpoll, sv[0]) != 0) {
+            raft_free(pipe);
+            if (sv[0] >= 0) {
+                close(sv[0]);
+                close(sv[1]);
+            }
             if (cb != NULL)
                 cb(req, NULL, RAFT_NOCONNECTION);
+            conn_fail(c);
             return;
         }
-        if (uv_tcp_open(tcp, fd) != 0) {
-            close(fd);
-            tcp->data = NULL;
-            uv_close((uv_handle_t *)tcp, free_tcp);
+        c->lfd = sv[0];
+        c->lpoll.data = c;
+        c->open_handles++;
+        if (uv_pipe_init(p->loop, pipe, 0) != 0) {
+            raft_free(pipe);
+            close(sv[1]);
             if (cb != NULL)
                 cb(req, NULL, RAFT_NOCONNECTION);
+            conn_fail(c);
             return;
         }
-        uv_tcp_nodelay(tcp, 1);
-        remember_handed(p, fd);
+        if (uv_pipe_open(pipe, sv[1]) != 0) {
+            close(sv[1]);
+            uv_close((uv_handle_t *)pipe, free_pipe);
+            if (cb != NULL)
+                cb(req, NULL, RAFT_NOCONNECTION);
+            conn_fail(c);
+            return;
+        }
+        c->phase = PH_UP;
+        conn_interest(c);
         if (c->outgoing)
-            cb(req, (uv_stream_t *)tcp, 0);
+            cb(req, (uv_stream_t *)pipe, 0);
         else
-            p->accept_cb(p->t, c->peer_id, c->peer_addr, (uv_stream_t *)tcp);
+            p->accept_cb(p->t, c->peer_id, c->peer_addr, (uv_stream_t *)pipe);
         return;
     }
     c->phase = PH_UP;
-    conn_want(c, UV_READABLE);
+    conn_interest(c);
     if (c->outgoing) {
         if (c->state_fn != NULL)
             c->state_fn(c, true, c->arg);
@@ -494,6 +634,7 @@ static void hs_progress(struct aamm__cs_conn *c)
                 conn_fail(c);
                 return;
             }
+            conn_keys(c, c->hs + 8);
             conn_established(c);
             return;
         case PH_WAIT_PROOF:
@@ -504,6 +645,7 @@ static void hs_progress(struct aamm__cs_conn *c)
                 conn_fail(c);
                 return;
             }
+            conn_keys(c, c->nonce_mine);
             conn_established(c);
             return;
         default:
@@ -512,9 +654,47 @@ static void hs_progress(struct aamm__cs_conn *c)
     }
 }
 
-/* ---- the forwarding channel (framed) ----------------------------------------------------- */
+/* ---- the record layer: forwarding frames and raft's relay ------------------------------- */
 
-static void fwd_flush(struct aamm__cs_conn *c)
+/* Room for @extra more bytes at the end of c->out (sent bytes are dropped first). */
+static bool out_reserve(struct aamm__cs_conn *c, size_t extra)
+{
+    uint8_t *b;
+    size_t cap;
+    if (c->out_off > 0) {
+        memmove(c->out, c->out + c->out_off, c->out_len - c->out_off);
+        c->out_len -= c->out_off;
+        c->out_off = 0;
+    }
+    if (c->out_cap - c->out_len >= extra)
+        return true;
+    cap = c->out_cap ? c->out_cap : 8192;
+    while (cap - c->out_len < extra)
+        cap *= 2;
+    b = aamm__realloc(c->out, cap);
+    if (b == NULL)
+        return false;
+    c->out = b;
+    c->out_cap = cap;
+    return true;
+}
+
+/* Seal the @len payload bytes already at c->out + c->out_len + 4 into a record. */
+static bool seal_in_place(struct aamm__cs_conn *c, size_t len)
+{
+    uint8_t *rec = c->out + c->out_len;
+    rec[0] = (uint8_t)len;
+    rec[1] = (uint8_t)(len >> 8);
+    rec[2] = (uint8_t)(len >> 16);
+    rec[3] = (uint8_t)(len >> 24);
+    if (record_mac(c->p->mac_ctx, c->key_tx, c->seq_tx, rec, len, rec + 4 + len) != 0)
+        return false;
+    c->seq_tx++;
+    c->out_len += 4 + len + AAMM__PSK_MAC;
+    return true;
+}
+
+static void net_flush(struct aamm__cs_conn *c)
 {
     while (c->out_off < c->out_len) {
         ssize_t n =
@@ -524,23 +704,117 @@ static void fwd_flush(struct aamm__cs_conn *c)
         } else if (n < 0 && errno == EINTR) {
             continue;
         } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            conn_want(c, UV_READABLE | UV_WRITABLE);
-            return;
+            break;
         } else {
             conn_fail(c);
             return;
         }
     }
-    c->out_off = c->out_len = 0;
-    conn_want(c, UV_READABLE);
+    if (c->out_off == c->out_len)
+        c->out_off = c->out_len = 0;
+    conn_interest(c);
 }
 
-static void fwd_read(struct aamm__cs_conn *c)
+/* Write verified payloads into raft's end of the pair. */
+static void relay_flush(struct aamm__cs_conn *c)
+{
+    while (c->lout_off < c->lout_len) {
+        ssize_t n = send(c->lfd, c->lout + c->lout_off, c->lout_len - c->lout_off,
+                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0) {
+            c->lout_off += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            break;
+        } else {
+            conn_fail(c); /* raft closed its end */
+            return;
+        }
+    }
+    if (c->lout_off == c->lout_len)
+        c->lout_off = c->lout_len = 0;
+    conn_interest(c);
+}
+
+static bool relay_queue(struct aamm__cs_conn *c, const uint8_t *data, size_t len)
+{
+    if (c->lout_off > 0) {
+        memmove(c->lout, c->lout + c->lout_off, c->lout_len - c->lout_off);
+        c->lout_len -= c->lout_off;
+        c->lout_off = 0;
+    }
+    if (c->lout_cap - c->lout_len < len) {
+        size_t cap = c->lout_cap ? c->lout_cap : 8192;
+        uint8_t *b;
+        while (cap - c->lout_len < len)
+            cap *= 2;
+        b = aamm__realloc(c->lout, cap);
+        if (b == NULL)
+            return false;
+        c->lout = b;
+        c->lout_cap = cap;
+    }
+    memcpy(c->lout + c->lout_len, data, len);
+    c->lout_len += len;
+    return true;
+}
+
+/* Verify and deliver every whole record in c->in. Any record that fails its MAC (tampered,
+ * or not the next one in sequence: dropped, replayed, reordered) closes the connection. */
+static void net_records(struct aamm__cs_conn *c)
 {
     size_t off = 0;
-    uint64_t serial = c->serial;
-    for (;;) {
+    uint8_t want[AAMM__PSK_MAC];
+    while (c->phase == PH_UP && c->in_len - off >= 4) {
+        const uint8_t *h = c->in + off;
+        size_t len =
+            (size_t)h[0] | ((size_t)h[1] << 8) | ((size_t)h[2] << 16) | ((size_t)h[3] << 24);
+        if (len > FRAME_MAX) {
+            AAMM_ERROR("consensus: record %llu from node %llu is too long (%zu bytes): "
+                       "connection closed",
+                       (unsigned long long)c->seq_rx, (unsigned long long)c->peer_id, len);
+            conn_fail(c);
+            return;
+        }
+        if (c->in_len - off < 4 + len + AAMM__PSK_MAC)
+            break;
+        if (record_mac(c->p->mac_ctx, c->key_rx, c->seq_rx, h, len, want) != 0 ||
+            CRYPTO_memcmp(want, h + 4 + len, AAMM__PSK_MAC) != 0) {
+            AAMM_ERROR("consensus: record %llu from node %llu failed its MAC (altered, dropped, "
+                       "replayed or reordered): connection closed",
+                       (unsigned long long)c->seq_rx, (unsigned long long)c->peer_id);
+            if (c->lfd >= 0 && c->lout_len > c->lout_off) /* what was verified before it */
+                (void)!send(c->lfd, c->lout + c->lout_off, c->lout_len - c->lout_off,
+                            MSG_NOSIGNAL | MSG_DONTWAIT);
+            conn_fail(c);
+            return;
+        }
+        c->seq_rx++;
+        off += 4 + len + AAMM__PSK_MAC;
+        if (c->lfd >= 0) {
+            if (!relay_queue(c, h + 4, len)) {
+                conn_fail(c);
+                return;
+            }
+        } else if (c->frame_fn != NULL) {
+            c->frame_fn(c, h + 4, len, c->arg); /* may close this connection */
+        }
+    }
+    if (c->phase != PH_UP)
+        return;
+    memmove(c->in, c->in + off, c->in_len - off);
+    c->in_len -= off;
+    if (c->lfd >= 0 && c->lout_len > c->lout_off)
+        relay_flush(c);
+}
+
+static void net_read(struct aamm__cs_conn *c)
+{
+    while (c->phase == PH_UP) {
         ssize_t n;
+        if (c->lfd >= 0 && c->lout_len - c->lout_off >= RELAY_HIGH)
+            break; /* raft is behind: leave the rest in the kernel (conn_interest pauses) */
         if (c->in_cap - c->in_len < 4096) {
             size_t cap = c->in_cap ? c->in_cap * 2 : 8192;
             uint8_t *b;
@@ -559,6 +833,7 @@ static void fwd_read(struct aamm__cs_conn *c)
         n = recv(c->fd, c->in + c->in_len, c->in_cap - c->in_len, 0);
         if (n > 0) {
             c->in_len += (size_t)n;
+            net_records(c);
             continue;
         }
         if (n < 0 && errno == EINTR)
@@ -568,50 +843,63 @@ static void fwd_read(struct aamm__cs_conn *c)
         conn_fail(c); /* EOF or error */
         return;
     }
-    /* Deliver whole frames; the callback may close this connection. */
-    while (c->phase == PH_UP && c->in_len - off >= 4) {
-        const uint8_t *h = c->in + off;
-        size_t len =
-            (size_t)h[0] | ((size_t)h[1] << 8) | ((size_t)h[2] << 16) | ((size_t)h[3] << 24);
-        if (len > FRAME_MAX) {
+    conn_interest(c);
+}
+
+/* Raft wrote: seal what it wrote into records for the network. */
+static void relay_read(struct aamm__cs_conn *c)
+{
+    while (c->phase == PH_UP && c->out_len - c->out_off < RELAY_HIGH) {
+        ssize_t n;
+        if (!out_reserve(c, 4 + RELAY_CHUNK + AAMM__PSK_MAC)) {
             conn_fail(c);
             return;
         }
-        if (c->in_len - off - 4 < len)
+        n = recv(c->lfd, c->out + c->out_len + 4, RELAY_CHUNK, 0);
+        if (n > 0) {
+            if (!seal_in_place(c, (size_t)n)) {
+                conn_fail(c);
+                return;
+            }
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
             break;
-        off += 4 + len;
-        if (c->frame_fn != NULL)
-            c->frame_fn(c, h + 4, len, c->arg);
-        if (c->serial != serial)
-            return;
+        conn_fail(c); /* raft closed its end */
+        return;
     }
+    net_flush(c);
+}
+
+static void relay_poll_cb(uv_poll_t *h, int status, int events)
+{
+    struct aamm__cs_conn *c = h->data;
     if (c->phase != PH_UP)
         return;
-    memmove(c->in, c->in + off, c->in_len - off);
-    c->in_len -= off;
+    if (status < 0) {
+        conn_fail(c);
+        return;
+    }
+    if (events & UV_WRITABLE)
+        relay_flush(c);
+    if (c->phase == PH_UP && (events & (UV_READABLE | UV_DISCONNECT)))
+        relay_read(c);
 }
 
 int aamm__cs_conn_send(struct aamm__cs_conn *c, const void *data, size_t len)
 {
-    size_t need;
     if (c == NULL || c->phase != PH_UP)
         return AAMM_ECLOSED;
     if (len > FRAME_MAX)
         return AAMM_ETOOBIG;
-    need = c->out_len + 4 + len;
-    {
-        uint8_t *b = aamm__realloc(c->out, need);
-        if (b == NULL)
-            return AAMM_ENOMEM;
-        c->out = b;
-    }
-    c->out[c->out_len] = (uint8_t)len;
-    c->out[c->out_len + 1] = (uint8_t)(len >> 8);
-    c->out[c->out_len + 2] = (uint8_t)(len >> 16);
-    c->out[c->out_len + 3] = (uint8_t)(len >> 24);
+    if (!out_reserve(c, 4 + len + AAMM__PSK_MAC))
+        return AAMM_ENOMEM;
     memcpy(c->out + c->out_len + 4, data, len);
-    c->out_len = need;
-    fwd_flush(c);
+    if (!seal_in_place(c, len))
+        return AAMM_EINTERNAL;
+    net_flush(c);
     return 0;
 }
 
@@ -636,9 +924,9 @@ static void conn_poll_cb(uv_poll_t *h, int status, int events)
     }
     if (c->phase == PH_UP) {
         if (events & UV_WRITABLE)
-            fwd_flush(c);
+            net_flush(c);
         if (c->phase == PH_UP && (events & (UV_READABLE | UV_DISCONNECT)))
-            fwd_read(c);
+            net_read(c);
         return;
     }
     hs_progress(c);
@@ -728,16 +1016,65 @@ static int t_init(struct raft_uv_transport *t, raft_id id, const char *address)
     return 0;
 }
 
-#define MAX_PENDING_HANDSHAKES 64
-
-static size_t pending_incoming(const struct aamm__psk *p)
+static bool is_pending(const struct aamm__cs_conn *c)
 {
-    const struct aamm__cs_conn *c;
-    size_t n = 0;
-    for (c = p->conns; c != NULL; c = c->next)
-        if (!c->outgoing && c->phase != PH_UP && c->phase != PH_CLOSING)
-            n++;
-    return n;
+    return !c->outgoing && c->phase != PH_UP && c->phase != PH_CLOSING;
+}
+
+/*
+ * Make room for a connection from @src before it is accepted into a pre-authentication slot.
+ * A source holding MAX_PENDING_PER_SOURCE slots loses its oldest one; when all
+ * MAX_PENDING_HANDSHAKES slots are taken, the source holding the most loses its oldest.
+ * Why evict rather than refuse: a member finishes its handshake within one round trip of
+ * being accepted (its HELLO is usually already in the socket, see listen_cb), while a stranger
+ * without the key never finishes. Refusing newcomers once the slots are full lets a stranger
+ * that just holds its connections open lock the members out (that stretched fail-overs from
+ * about 2 s to 5-9 s). With eviction, pushing a member's handshake out needs a whole source's
+ * share of new connections (16, or 64 from many sources) inside that one round trip, again
+ * and again; and a stranger on another address cannot touch a member's slots at all while
+ * it holds more than the member does. The handshake deadline still closes what stalls.
+ */
+static void admit(struct aamm__psk *p, const struct sockaddr_in *src)
+{
+    struct aamm__cs_conn *c, *oldest_same = NULL, *victim = NULL;
+    size_t total = 0, same = 0, best = 0;
+    for (c = p->conns; c != NULL; c = c->next) { /* newest first: the last seen is oldest */
+        if (!is_pending(c))
+            continue;
+        total++;
+        if (c->src.sin_addr.s_addr == src->sin_addr.s_addr) {
+            same++;
+            oldest_same = c;
+        }
+    }
+    if (same >= MAX_PENDING_PER_SOURCE) {
+        victim = oldest_same;
+    } else if (total >= MAX_PENDING_HANDSHAKES) {
+        /* the busiest source's oldest connection (at most 64 x 64 comparisons) */
+        for (c = p->conns; c != NULL; c = c->next) {
+            struct aamm__cs_conn *d;
+            size_t n = 0;
+            if (!is_pending(c))
+                continue;
+            for (d = p->conns; d != NULL; d = d->next)
+                if (is_pending(d) && d->src.sin_addr.s_addr == c->src.sin_addr.s_addr)
+                    n++;
+            if (n >= best) { /* ">=": a later (older) connection of an equal source wins */
+                best = n;
+                victim = c;
+            }
+        }
+        if (victim != NULL)
+            for (c = victim->next; c != NULL; c = c->next)
+                if (is_pending(c) && c->src.sin_addr.s_addr == victim->src.sin_addr.s_addr)
+                    victim = c;
+    }
+    if (victim != NULL) {
+        p->evicted++;
+        AAMM_DEBUG("consensus: closed an unauthenticated connection to make room (%zu pending)",
+                   total);
+        conn_fail(victim);
+    }
 }
 
 static void listen_cb(uv_poll_t *h, int status, int events)
@@ -748,25 +1085,33 @@ static void listen_cb(uv_poll_t *h, int status, int events)
         return;
     for (;;) {
         struct aamm__cs_conn *c;
-        int fd = accept4(p->lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        int one = 1;
+        struct sockaddr_in src;
+        socklen_t slen = sizeof(src);
+        int fd, one = 1;
+        memset(&src, 0, sizeof(src));
+        fd = accept4(p->lfd, (struct sockaddr *)&src, &slen, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
             return; /* EAGAIN, or out of fds: try again on the next event */
         }
-        if (p->partitioned || pending_incoming(p) >= MAX_PENDING_HANDSHAKES) {
-            close(fd); /* strangers cannot pile up half-open handshakes */
+        if (p->partitioned) {
+            close(fd);
             continue;
         }
+        admit(p, &src);
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         c = conn_new(p, fd, false);
         if (c == NULL) {
             close(fd);
             continue;
         }
+        c->src = src;
         hs_expect(c, PH_WAIT_MAGIC, 8);
         conn_want(c, UV_READABLE);
+        /* A member sends its HELLO right after connecting: answer it now, before accepting
+         * more, so a burst of strangers queued behind it cannot push it out first. */
+        hs_progress(c);
     }
 }
 
@@ -784,7 +1129,7 @@ static int t_listen(struct raft_uv_transport *t, raft_uv_accept_cb cb)
     if (p->lfd < 0)
         return RAFT_NOCONNECTION;
     setsockopt(p->lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(p->lfd, (struct sockaddr *)&sa, sizeof(sa)) != 0 || listen(p->lfd, 64) != 0) {
+    if (bind(p->lfd, (struct sockaddr *)&sa, sizeof(sa)) != 0 || listen(p->lfd, SOMAXCONN) != 0) {
         snprintf(t->errmsg, sizeof(t->errmsg), "listen on %s: %s", addr, strerror(errno));
         close(p->lfd);
         p->lfd = -1;
@@ -879,6 +1224,14 @@ int aamm__psk_new(struct raft_uv_transport *t, uv_loop_t *loop, const char *clus
     p->loop = loop;
     p->lfd = -1;
     p->hs_timeout_ms = handshake_timeout_ms;
+    p->mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
+    p->mac_ctx = p->mac != NULL ? EVP_MAC_CTX_new(p->mac) : NULL;
+    if (p->mac_ctx == NULL) {
+        EVP_MAC_free(p->mac);
+        aamm__free(p);
+        ERR_clear_error();
+        return AAMM_ENOMEM;
+    }
     aamm__psk_derive_key(cluster, secret, secret_len, p->key);
     if (bind_address != NULL)
         snprintf(p->bind, sizeof(p->bind), "%s", bind_address);
@@ -916,19 +1269,19 @@ void aamm__psk_free(struct raft_uv_transport *t)
                 break;
     }
     OPENSSL_cleanse(p->key, sizeof(p->key));
-    aamm__free(p->handed);
+    EVP_MAC_CTX_free(p->mac_ctx);
+    EVP_MAC_free(p->mac);
     aamm__free(p);
     t->impl = NULL;
 }
 
 /* Test hook: simulate a network partition of this node. While on, every connection in or
- * out is refused, and turning it on cuts every open one: ours, and raft's streams (only
- * sockets still connected between the same two addresses we handed over are shut down). */
+ * out is refused, and turning it on cuts every open one (raft's streams all run through our
+ * relays, so they are cut too). */
 void aamm__psk_partition(struct raft_uv_transport *t, bool on)
 {
     struct aamm__psk *p = t->impl;
     struct aamm__cs_conn *c, *next;
-    size_t i;
     if (p == NULL)
         return;
     p->partitioned = on;
@@ -938,15 +1291,10 @@ void aamm__psk_partition(struct raft_uv_transport *t, bool on)
         next = c->next;
         conn_shutdown(c);
     }
-    for (i = 0; i < p->n_handed; i++) {
-        struct sockaddr_in l, r;
-        socklen_t ll = sizeof(l), rl = sizeof(r);
-        struct handed *h = &p->handed[i];
-        if (getsockname(h->fd, (struct sockaddr *)&l, &ll) == 0 &&
-            getpeername(h->fd, (struct sockaddr *)&r, &rl) == 0 &&
-            l.sin_port == h->local.sin_port && l.sin_addr.s_addr == h->local.sin_addr.s_addr &&
-            r.sin_port == h->peer.sin_port && r.sin_addr.s_addr == h->peer.sin_addr.s_addr)
-            shutdown(h->fd, SHUT_RDWR);
-    }
-    p->n_handed = 0;
+}
+
+uint64_t aamm__psk_evicted(struct raft_uv_transport *t)
+{
+    struct aamm__psk *p = t->impl;
+    return p != NULL ? p->evicted : 0;
 }
