@@ -94,6 +94,8 @@ static void gb_add(struct netfx_growbuf *g, const void *p, size_t n)
 
 static void gb_drop(struct netfx_growbuf *g, size_t n)
 {
+    if (n == 0)
+        return; /* also for a buffer never allocated (memmove of NULL) */
     memmove(g->p, g->p + n, g->len - n);
     g->len -= n;
 }
