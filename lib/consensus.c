@@ -99,8 +99,10 @@ struct aamm_consensus {
     bool raft_open;
     struct aamm__cs_fsm fsm;
     bool started, closing, closed, raft_closed, failed;
-    /* request numbers */
+    /* request numbers (incarnation: of the request counter file, survives restarts) */
     uint64_t incarnation, reqno_next, reqno_limit;
+    /* this handle's own incarnation (new at every aamm_consensus_new): DDL leases bind to it */
+    uint64_t handle_inc;
     /* requests submitted here, in reqno order */
     struct req *reqs, **reqs_tail;
     uint64_t fwd_seq;
@@ -492,6 +494,11 @@ AAMM_API int aamm_consensus_new(struct aamm_consensus **out, const struct aamm_c
         rc = reqno_load(cs);
         if (rc != 0)
             goto fail;
+        while (cs->handle_inc == 0)
+            if (RAND_bytes((unsigned char *)&cs->handle_inc, sizeof(cs->handle_inc)) != 1) {
+                rc = aamm__errf(&cs->err, AAMM_EIO, "consensus: no random bytes");
+                goto fail;
+            }
         boot_load(cs);
         if (uv_loop_init(&cs->loop) != 0) {
             rc = aamm__errf(&cs->err, AAMM_EIO, "consensus: uv_loop_init failed");
@@ -1433,6 +1440,11 @@ AAMM_API uint64_t aamm_consensus_node_id(const struct aamm_consensus *cs)
     return cs ? cs->id : 0;
 }
 
+AAMM_API uint64_t aamm_consensus_incarnation(const struct aamm_consensus *cs)
+{
+    return cs != NULL ? cs->handle_inc : 0;
+}
+
 AAMM_API uint64_t aamm_consensus_term(const struct aamm_consensus *cs)
 {
     return cs && cs->raft_open ? cs->raft.current_term : 0;
@@ -1484,6 +1496,7 @@ AAMM_API int aamm_consensus_ddl_acquire(struct aamm_consensus *cs, uint32_t leas
     memset(&c, 0, sizeof(c));
     c.type = AAMM__CS_DDL_ACQUIRE;
     c.lease_ms = lease_ms;
+    c.holder_inc = cs->handle_inc;
     return submit(cs, OP_APPLY, CB_DDL, &c, (void (*)(void))cb, arg);
 }
 
@@ -1496,6 +1509,7 @@ AAMM_API int aamm_consensus_ddl_release(struct aamm_consensus *cs, uint64_t toke
     memset(&c, 0, sizeof(c));
     c.type = AAMM__CS_DDL_RELEASE;
     c.count = token;
+    c.holder_inc = cs->handle_inc;
     return submit(cs, OP_APPLY, CB_DDL, &c, (void (*)(void))cb, arg);
 }
 

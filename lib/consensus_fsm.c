@@ -72,9 +72,11 @@ void aamm__cs_cmd_encode(struct aamm__wr *w, const struct aamm__cs_cmd *c)
         break;
     case AAMM__CS_DDL_ACQUIRE:
         aamm__wr_le32(w, c->lease_ms);
+        aamm__wr_le64(w, c->holder_inc);
         break;
     case AAMM__CS_DDL_RELEASE:
         aamm__wr_le64(w, c->count);
+        aamm__wr_le64(w, c->holder_inc);
         break;
     case AAMM__CS_WATERMARK:
         aamm__wr_le64(w, c->id);
@@ -89,9 +91,11 @@ void aamm__cs_cmd_encode(struct aamm__wr *w, const struct aamm__cs_cmd *c)
 int aamm__cs_cmd_decode(const void *data, size_t len, struct aamm__cs_cmd *c)
 {
     struct aamm__rd r;
+    uint8_t version;
     memset(c, 0, sizeof(*c));
     aamm__rd_init(&r, data, len);
-    if (aamm__rd_u8(&r) != AAMM__CS_CMD_VERSION)
+    version = aamm__rd_u8(&r);
+    if (version != AAMM__CS_CMD_VERSION && version != AAMM__CS_CMD_VERSION_1)
         return AAMM_EMALFORMED;
     c->type = aamm__rd_u8(&r);
     c->origin = aamm__rd_le64(&r);
@@ -117,9 +121,13 @@ int aamm__cs_cmd_decode(const void *data, size_t len, struct aamm__cs_cmd *c)
         break;
     case AAMM__CS_DDL_ACQUIRE:
         c->lease_ms = aamm__rd_le32(&r);
+        if (version >= 2)
+            c->holder_inc = aamm__rd_le64(&r);
         break;
     case AAMM__CS_DDL_RELEASE:
         c->count = aamm__rd_le64(&r);
+        if (version >= 2)
+            c->holder_inc = aamm__rd_le64(&r);
         break;
     case AAMM__CS_WATERMARK:
         c->id = aamm__rd_le64(&r);
@@ -372,23 +380,29 @@ static int apply_ddl(struct aamm__cs_state *st, const struct aamm__cs_cmd *c, ui
 {
     struct aamm_consensus_ddl_lock *l = &st->ddl;
     int64_t now = st->clock_us;
+    /* A lease belongs to one incarnation of its node (a process), not to the node id: a
+     * restarted process must not renew the dead one's lease and inherit its token. */
+    bool mine = l->holder != 0 && l->holder == c->origin && l->holder_incarnation == c->holder_inc;
+    bool live = l->holder != 0 && now < l->expires_us;
     if (c->type == AAMM__CS_DDL_ACQUIRE) {
         if (c->lease_ms == 0 || c->lease_ms > 3600000) {
             res->status = AAMM_EMALFORMED;
-        } else if (l->holder != 0 && l->holder != c->origin && now < l->expires_us) {
+        } else if (live && !mine) {
             res->status = AAMM_EBUSY;
         } else {
-            if (!(l->holder == c->origin && now < l->expires_us))
+            if (!(live && mine))
                 l->token = index > l->token ? index : l->token + 1; /* a new grant */
             l->holder = c->origin;
+            l->holder_incarnation = c->holder_inc;
             l->granted_us = now;
             l->expires_us = now + (int64_t)c->lease_ms * 1000;
         }
     } else {
-        if (l->holder != c->origin || l->holder == 0 || l->token != c->count) {
+        if (!mine || l->token != c->count) {
             res->status = AAMM_ESTATE;
         } else {
             l->holder = 0;
+            l->holder_incarnation = 0;
             l->expires_us = now;
         }
     }
@@ -537,7 +551,10 @@ void aamm__cs_state_clear(struct aamm__cs_state *st)
 
 /* ---- snapshot encoding ------------------------------------------------------------------ */
 
-#define STATE_MAGIC UINT32_C(0x41435331) /* "ACS1" */
+/* Snapshot versions: "ACS1" had no holder incarnation (in the lock and in remembered
+ * results); "ACS2" adds it after each lock's expires_us. We write ACS2 and read both. */
+#define STATE_MAGIC_1 UINT32_C(0x41435331) /* "ACS1" */
+#define STATE_MAGIC UINT32_C(0x41435332)   /* "ACS2" */
 
 void aamm__cs_result_encode(struct aamm__wr *w, const struct aamm__cs_result *r)
 {
@@ -550,9 +567,10 @@ void aamm__cs_result_encode(struct aamm__wr *w, const struct aamm__cs_result *r)
     aamm__wr_le64(w, r->lock.token);
     aamm__wr_le64(w, (uint64_t)r->lock.granted_us);
     aamm__wr_le64(w, (uint64_t)r->lock.expires_us);
+    aamm__wr_le64(w, r->lock.holder_incarnation);
 }
 
-void aamm__cs_result_decode(struct aamm__rd *r, struct aamm__cs_result *o)
+static void result_decode(struct aamm__rd *r, struct aamm__cs_result *o, bool v1)
 {
     o->type = aamm__rd_u8(r);
     o->status = (int32_t)aamm__rd_le32(r);
@@ -563,6 +581,12 @@ void aamm__cs_result_decode(struct aamm__rd *r, struct aamm__cs_result *o)
     o->lock.token = aamm__rd_le64(r);
     o->lock.granted_us = (int64_t)aamm__rd_le64(r);
     o->lock.expires_us = (int64_t)aamm__rd_le64(r);
+    o->lock.holder_incarnation = v1 ? 0 : aamm__rd_le64(r);
+}
+
+void aamm__cs_result_decode(struct aamm__rd *r, struct aamm__cs_result *o)
+{
+    result_decode(r, o, false);
 }
 
 void aamm__cs_state_encode(const struct aamm__cs_state *st, struct aamm__wr *w)
@@ -590,6 +614,7 @@ void aamm__cs_state_encode(const struct aamm__cs_state *st, struct aamm__wr *w)
     aamm__wr_le64(w, st->ddl.token);
     aamm__wr_le64(w, (uint64_t)st->ddl.granted_us);
     aamm__wr_le64(w, (uint64_t)st->ddl.expires_us);
+    aamm__wr_le64(w, st->ddl.holder_incarnation);
     aamm__wr_le32(w, (uint32_t)st->n_wms);
     for (i = 0; i < st->n_wms; i++) {
         aamm__wr_le64(w, st->wms[i].reporter);
@@ -627,12 +652,14 @@ int aamm__cs_state_decode(struct aamm__cs_state *out, const void *data, size_t l
 {
     struct aamm__cs_state st;
     struct aamm__rd r;
-    bool nomem = false;
-    uint32_t n, i, j;
+    bool nomem = false, v1;
+    uint32_t n, i, j, magic;
     memset(&st, 0, sizeof(st));
     aamm__rd_init(&r, data, len);
-    if (aamm__rd_le32(&r) != STATE_MAGIC)
+    magic = aamm__rd_le32(&r);
+    if (magic != STATE_MAGIC && magic != STATE_MAGIC_1)
         return AAMM_EMALFORMED;
+    v1 = magic == STATE_MAGIC_1;
     st.clock_us = (int64_t)aamm__rd_le64(&r);
     st.applied = aamm__rd_le64(&r);
     n = aamm__rd_le32(&r);
@@ -667,6 +694,7 @@ int aamm__cs_state_decode(struct aamm__cs_state *out, const void *data, size_t l
     st.ddl.token = aamm__rd_le64(&r);
     st.ddl.granted_us = (int64_t)aamm__rd_le64(&r);
     st.ddl.expires_us = (int64_t)aamm__rd_le64(&r);
+    st.ddl.holder_incarnation = v1 ? 0 : aamm__rd_le64(&r);
     n = aamm__rd_le32(&r);
     if (r.ok && n > r.left / 24)
         goto malformed;
@@ -693,7 +721,7 @@ int aamm__cs_state_decode(struct aamm__cs_state *out, const void *data, size_t l
             goto malformed;
         for (j = 0; j < d->n && r.ok; j++) {
             d->reqno[j] = aamm__rd_le64(&r);
-            aamm__cs_result_decode(&r, &d->result[j]);
+            result_decode(&r, &d->result[j], v1);
         }
     }
     if (!rd_only_padding(&r))

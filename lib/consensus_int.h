@@ -21,12 +21,13 @@
 
 /* ---- commands (log entry payloads) --------------------------------------------------
  *
- * Every entry: u8 version (1) | u8 type | u64 origin | u64 incarnation | u64 reqno |
+ * Every entry: u8 version (2; 1 is still read) | u8 type | u64 origin | u64 incarnation | u64 reqno |
  * i64 stamp_us | body (little endian; strings as u16 length + bytes). stamp_us is the
  * leader's wall clock written by the leader right before raft_apply (offset 26).
  * (origin, incarnation, reqno) identifies the request for deduplication; reqno 0 means
  * "no deduplication". */
-#define AAMM__CS_CMD_VERSION 1
+#define AAMM__CS_CMD_VERSION 2
+#define AAMM__CS_CMD_VERSION_1 1 /* DDL commands without the holder incarnation */
 #define AAMM__CS_STAMP_OFFSET 26
 #define AAMM__CS_HDR_SIZE 34
 
@@ -35,8 +36,8 @@ enum {
     AAMM__CS_MEMBER_PUT = 2,  /* u64 id | str name | str link | str raft */
     AAMM__CS_MEMBER_DEL = 3,  /* u64 id */
     AAMM__CS_GALLOC = 4,      /* str seq | u64 count | i64 min_start */
-    AAMM__CS_DDL_ACQUIRE = 5, /* u32 lease_ms */
-    AAMM__CS_DDL_RELEASE = 6, /* u64 token */
+    AAMM__CS_DDL_ACQUIRE = 5, /* u32 lease_ms | u64 holder incarnation (v2) */
+    AAMM__CS_DDL_RELEASE = 6, /* u64 token | u64 holder incarnation (v2) */
     AAMM__CS_WATERMARK = 7,   /* u64 stream origin | u64 value */
 };
 
@@ -54,6 +55,7 @@ struct aamm__cs_cmd {
     uint64_t count; /* GALLOC count; DDL_RELEASE token; WATERMARK value */
     int64_t min_start;
     uint32_t lease_ms;
+    uint64_t holder_inc; /* DDL: the requesting handle's incarnation (0 in version 1) */
 };
 
 /* Encode @c into @w (appends). */

@@ -213,6 +213,13 @@ AAMM_API int aamm_consensus_leader(const struct aamm_consensus *cs, uint64_t *id
 /** This node's id. */
 AAMM_API uint64_t aamm_consensus_node_id(const struct aamm_consensus *cs);
 
+/**
+ * This handle's incarnation: a random non-zero 64-bit id chosen by aamm_consensus_new(),
+ * different for every handle (every process start) of the same node id. DDL leases are
+ * bound to it (see aamm_consensus_ddl_acquire()).
+ */
+AAMM_API uint64_t aamm_consensus_incarnation(const struct aamm_consensus *cs);
+
 /** raft's current term and last applied log index (for tests and monitoring). */
 AAMM_API uint64_t aamm_consensus_term(const struct aamm_consensus *cs);
 AAMM_API uint64_t aamm_consensus_applied_index(const struct aamm_consensus *cs);
@@ -259,29 +266,40 @@ struct aamm_consensus_ddl_lock {
     uint64_t token;     /* fencing token: the log index of the acquiring entry; grows */
     int64_t granted_us; /* leader-stamped time of the last grant/renewal (µs, Unix) */
     int64_t expires_us; /* leader-stamped lease expiry (µs, Unix) */
+    /* The holder's incarnation (aamm_consensus_incarnation() of the handle that acquired
+     * it), 0 when free. A lease belongs to one incarnation of its node: a restarted process
+     * of the same node id does not inherit it. (Added in this version: the struct grew.) */
+    uint64_t holder_incarnation;
 };
 
 /**
  * DDL lock completion. Acquire: status 0 = granted (or renewed: same token) and @lock the
- * new state; AAMM_EBUSY = another node holds an unexpired lease, @lock shows it.
- * Release: 0 = released; AAMM_ESTATE = not held by this node with that token (@lock shows
- * the current state). AAMM_ETIMEDOUT / AAMM_ECLOSED as for galloc (@lock NULL).
+ * new state; AAMM_EBUSY = another holder (another node, or another incarnation of this
+ * node: a process that died and was restarted) holds an unexpired lease, @lock shows it.
+ * Release: 0 = released; AAMM_ESTATE = not held by this handle's incarnation with that
+ * token (@lock shows the current state). AAMM_ETIMEDOUT / AAMM_ECLOSED as for galloc (@lock NULL).
  * @lock is borrowed for the call.
  */
 typedef void (*aamm_consensus_ddl_cb)(struct aamm_consensus *cs, int status,
                                       const struct aamm_consensus_ddl_lock *lock, void *arg);
 
 /**
- * Acquire (or renew, when this node holds it) the global DDL lock for @lease_ms
- * (1..3,600,000) measured from the leader-stamped time of the entry. A lock whose lease
- * expired (by the stamped time of a later entry) is free for anyone. The fencing token is
- * the log index of the granting entry: a holder passes it along with its DDL so receivers
- * can refuse a stale holder. Returns 0, AAMM_EINVAL, AAMM_ESTATE, AAMM_ENOMEM.
+ * Acquire (or renew, when this handle holds it) the global DDL lock for @lease_ms
+ * (1..3,600,000) measured from the leader-stamped time of the entry. A lease belongs to the
+ * incarnation that acquired it (aamm_consensus_incarnation()), not just to the node id: a
+ * new handle of the same node (a restarted process) gets AAMM_EBUSY while the old lease
+ * runs, and once it has expired a NEW grant with a new, larger token, so the token tells
+ * the dead process's in-flight DDL from the new one's. Only the same incarnation renews
+ * (same token). A lock whose lease expired (by the stamped time of a later entry) is free
+ * for anyone. The fencing token is the log index of the granting entry: a holder passes it
+ * along with its DDL so receivers can refuse a stale holder. Returns 0, AAMM_EINVAL,
+ * AAMM_ESTATE, AAMM_ENOMEM.
  */
 AAMM_API int aamm_consensus_ddl_acquire(struct aamm_consensus *cs, uint32_t lease_ms,
                                         aamm_consensus_ddl_cb cb, void *arg);
 
-/** Release the DDL lock held by this node under @token. Returns as for acquire. */
+/** Release the DDL lock held by this handle's incarnation under @token. Returns as for
+ *  acquire. */
 AAMM_API int aamm_consensus_ddl_release(struct aamm_consensus *cs, uint64_t token,
                                         aamm_consensus_ddl_cb cb, void *arg);
 

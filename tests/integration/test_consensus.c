@@ -501,6 +501,73 @@ START_TEST(local_restart_catches_up)
 }
 END_TEST
 
+/* A DDL lease belongs to the process that took it, not to its node id: a holder that dies
+ * (its handle freed without a release) and restarts at once from the same data dir is NOT
+ * handed the dead process's lease as a renewal. It is refused (the lock shows the old
+ * incarnation and token) until the old lease has expired, and then granted a NEW lease with
+ * a larger token, under its own incarnation. */
+START_TEST(ddl_lease_not_inherited_by_restart)
+{
+    struct lc c;
+    struct waiter w;
+    struct aamm_consensus_ddl_lock old;
+    int three = 3, h, tries = 0;
+    uint64_t inc_old, inc_new;
+    int64_t t_restart;
+    lc_init(&c, 3);
+    lc_start(&c);
+    ck_assert(lc_run(&c, members_known, &three, 10000));
+    h = (lc_leader(&c) + 1) % 3; /* a follower holds it: its restart costs no election */
+    memset(&w, 0, sizeof(w));
+    w.pending = 1;
+    ck_assert_int_eq(aamm_consensus_ddl_acquire(c.cs[h], 3000, w_ddl, &w), 0);
+    ck_assert(lc_run(&c, w_finished, &w, 10000));
+    ck_assert_int_eq(w.status[0], 0);
+    old = w.lock[0];
+    inc_old = aamm_consensus_incarnation(c.cs[h]);
+    ck_assert_uint_ne(inc_old, 0);
+    ck_assert_uint_eq(old.holder, (uint64_t)h + 1);
+    ck_assert_uint_eq(old.holder_incarnation, inc_old);
+    /* "kill" and restart within the lease */
+    aamm_consensus_free(c.cs[h]);
+    c.cs[h] = NULL;
+    t_restart = aamm_test_now_ms();
+    lc_open(&c, h, false);
+    inc_new = aamm_consensus_incarnation(c.cs[h]);
+    ck_assert_uint_ne(inc_new, 0);
+    ck_assert_uint_ne(inc_new, inc_old);
+    for (;;) {
+        memset(&w, 0, sizeof(w));
+        w.pending = 1;
+        ck_assert_int_eq(aamm_consensus_ddl_acquire(c.cs[h], 3000, w_ddl, &w), 0);
+        ck_assert(lc_run(&c, w_finished, &w, 10000));
+        tries++;
+        if (w.status[0] == 0)
+            break;
+        ck_assert_int_eq(w.status[0], AAMM_EBUSY); /* the dead process's lease, untouched */
+        ck_assert_uint_eq(w.lock[0].token, old.token);
+        ck_assert_uint_eq(w.lock[0].holder_incarnation, inc_old);
+        ck_assert_int_eq(w.lock[0].expires_us, old.expires_us);
+        ck_assert_msg(aamm_test_now_ms() - t_restart < 15000, "never granted");
+        lc_run(&c, NULL, NULL, 200);
+    }
+    ck_assert_int_gt(tries, 1); /* the first attempt, within the lease, was refused */
+    ck_assert_uint_gt(w.lock[0].token, old.token);
+    ck_assert_uint_eq(w.lock[0].holder, (uint64_t)h + 1);
+    ck_assert_uint_eq(w.lock[0].holder_incarnation, inc_new);
+    ck_assert_int_ge(w.lock[0].granted_us, old.expires_us);
+    /* the dead incarnation's token releases nothing; the new one's does */
+    memset(&w, 0, sizeof(w));
+    w.pending = 1;
+    ck_assert_int_eq(aamm_consensus_ddl_release(c.cs[h], old.token, w_ddl, &w), 0);
+    ck_assert(lc_run(&c, w_finished, &w, 10000));
+    ck_assert_int_eq(w.status[0], AAMM_ESTATE);
+    fprintf(stderr, "ddl restart: refused %d times, new token %llu after %llu\n", tries - 1,
+            (unsigned long long)w.lock[0].token, (unsigned long long)old.token);
+    lc_close(&c);
+}
+END_TEST
+
 /* Settings are validated before raft sees them; a second open of a data dir is refused. */
 START_TEST(options_and_lock)
 {
@@ -1172,6 +1239,7 @@ int main(void)
     tcase_add_test(tl, local_commands_from_any_member);
     tcase_add_test(tl, local_join_and_remove);
     tcase_add_test(tl, local_restart_catches_up);
+    tcase_add_test(tl, ddl_lease_not_inherited_by_restart);
     tcase_add_test(tl, lost_reply_is_retried_idempotently);
     tcase_add_test(tl, stranger_cannot_join_or_inject);
     tcase_add_test(tl, wrong_secret_is_refused);

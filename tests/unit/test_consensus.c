@@ -61,6 +61,16 @@ static struct aamm__cs_cmd cmd_ddl(uint8_t type, uint64_t origin, uint64_t reqno
     return c;
 }
 
+/* A DDL command from incarnation @inc of node @origin (a process of that node). */
+static struct aamm__cs_cmd cmd_ddl_inc(uint8_t type, uint64_t origin, uint64_t inc,
+                                       uint64_t reqno, int64_t stamp, uint32_t lease_ms,
+                                       uint64_t token)
+{
+    struct aamm__cs_cmd c = cmd_ddl(type, origin, reqno, stamp, lease_ms, token);
+    c.holder_inc = inc;
+    return c;
+}
+
 static struct aamm__cs_cmd cmd_member(uint64_t id, const char *name)
 {
     struct aamm__cs_cmd c;
@@ -200,6 +210,108 @@ START_TEST(fsm_ddl_lock)
 }
 END_TEST
 
+/* A lease belongs to one incarnation of its node: a restarted process (same node id, new
+ * incarnation) is refused while the dead one's lease runs, cannot release it, and after the
+ * expiry gets a NEW grant with a new token; then the old incarnation is a stranger. The same
+ * incarnation still renews with the same token. */
+START_TEST(fsm_ddl_lock_incarnation)
+{
+    struct aamm__cs_state st;
+    struct aamm__cs_result r;
+    const int64_t t0 = INT64_C(1700000000000000);
+    const uint64_t A = UINT64_C(0xa11ce), B = UINT64_C(0xb0b);
+    memset(&st, 0, sizeof(st));
+    r = st_apply(&st, 10, cmd_ddl_inc(AAMM__CS_DDL_ACQUIRE, 1, A, 10, t0, 1000, 0));
+    ck_assert_int_eq(r.status, 0);
+    ck_assert_uint_eq(r.lock.token, 10);
+    ck_assert_uint_eq(r.lock.holder_incarnation, A);
+    /* the process died; its successor asks 300 ms later: not a renewal */
+    r = st_apply(&st, 11, cmd_ddl_inc(AAMM__CS_DDL_ACQUIRE, 1, B, 11, t0 + 300000, 1000, 0));
+    ck_assert_int_eq(r.status, AAMM_EBUSY);
+    ck_assert_uint_eq(r.lock.holder, 1);
+    ck_assert_uint_eq(r.lock.holder_incarnation, A);
+    ck_assert_uint_eq(r.lock.token, 10);
+    ck_assert_int_eq(r.lock.expires_us, t0 + 1000000); /* the old lease was not extended */
+    r = st_apply(&st, 12, cmd_ddl_inc(AAMM__CS_DDL_RELEASE, 1, B, 12, t0 + 400000, 0, 10));
+    ck_assert_int_eq(r.status, AAMM_ESTATE); /* nor can it release the old lease */
+    ck_assert_uint_eq(st.ddl.holder, 1);
+    /* the same incarnation renews: same token */
+    r = st_apply(&st, 13, cmd_ddl_inc(AAMM__CS_DDL_ACQUIRE, 1, A, 13, t0 + 500000, 1000, 0));
+    ck_assert_int_eq(r.status, 0);
+    ck_assert_uint_eq(r.lock.token, 10);
+    ck_assert_int_eq(r.lock.expires_us, t0 + 1500000);
+    r = st_apply(&st, 14, cmd_ddl_inc(AAMM__CS_DDL_ACQUIRE, 1, B, 14, t0 + 1499999, 1000, 0));
+    ck_assert_int_eq(r.status, AAMM_EBUSY);
+    /* expired: the new incarnation gets a new grant and a new, larger token */
+    r = st_apply(&st, 15, cmd_ddl_inc(AAMM__CS_DDL_ACQUIRE, 1, B, 15, t0 + 1500000, 1000, 0));
+    ck_assert_int_eq(r.status, 0);
+    ck_assert_uint_eq(r.lock.token, 15);
+    ck_assert_uint_eq(r.lock.holder_incarnation, B);
+    r = st_apply(&st, 16, cmd_ddl_inc(AAMM__CS_DDL_ACQUIRE, 1, A, 16, t0 + 1600000, 1000, 0));
+    ck_assert_int_eq(r.status, AAMM_EBUSY); /* the old incarnation is now a stranger */
+    r = st_apply(&st, 17, cmd_ddl_inc(AAMM__CS_DDL_RELEASE, 1, A, 17, t0 + 1600000, 0, 15));
+    ck_assert_int_eq(r.status, AAMM_ESTATE);
+    r = st_apply(&st, 18, cmd_ddl_inc(AAMM__CS_DDL_RELEASE, 1, B, 18, t0 + 1600000, 0, 15));
+    ck_assert_int_eq(r.status, 0);
+    ck_assert_uint_eq(r.lock.holder, 0);
+    ck_assert_uint_eq(r.lock.holder_incarnation, 0);
+    aamm__cs_state_clear(&st);
+}
+END_TEST
+
+/* Version 1 entries (no holder incarnation) and "ACS1" snapshots still decode, as
+ * incarnation 0; version 2 carries it. */
+START_TEST(fsm_ddl_old_formats)
+{
+    uint8_t buf[128];
+    struct aamm__cs_cmd c = cmd_ddl_inc(AAMM__CS_DDL_ACQUIRE, 3, 0x77, 9, 5, 250, 0), d;
+    struct aamm__cs_state st;
+    size_t len = enc(buf, sizeof(buf), &c), i;
+    ck_assert_uint_eq(buf[0], 2);
+    ck_assert_int_eq(aamm__cs_cmd_decode(buf, len, &d), 0);
+    ck_assert_uint_eq(d.holder_inc, 0x77);
+    ck_assert_uint_eq(d.lease_ms, 250);
+    /* version 1: header | u32 lease | zero padding to 40 bytes */
+    buf[0] = 1;
+    memset(buf + AAMM__CS_HDR_SIZE + 4, 0, 8);
+    ck_assert_int_eq(aamm__cs_cmd_decode(buf, 40, &d), 0);
+    ck_assert_uint_eq(d.holder_inc, 0);
+    ck_assert_uint_eq(d.lease_ms, 250);
+    ck_assert_uint_eq(d.origin, 3);
+    /* an ACS1 snapshot: magic, clock, applied, no members, no sequences, the lock
+     * (holder 2, token 4, granted 99, expires 10099), no watermarks, no dedup windows */
+    {
+        static const uint64_t lock[4] = {2, 4, 99, 10099};
+        size_t n = 0;
+        memcpy(buf, "1SCA", 4); /* 0x41435331 little endian */
+        n = 4;
+        memset(buf + n, 0, 16);
+        buf[n] = 99; /* clock */
+        n += 16;
+        memset(buf + n, 0, 8); /* member and sequence counts */
+        n += 8;
+        for (i = 0; i < 4; i++) {
+            memset(buf + n, 0, 8);
+            buf[n] = (uint8_t)lock[i];
+            buf[n + 1] = (uint8_t)(lock[i] >> 8);
+            n += 8;
+        }
+        memset(buf + n, 0, 8); /* watermark and dedup counts */
+        n += 8;
+        while (n % 8 != 0)
+            buf[n++] = 0;
+        memset(&st, 0, sizeof(st));
+        ck_assert_int_eq(aamm__cs_state_decode(&st, buf, n), 0);
+        ck_assert_uint_eq(st.ddl.holder, 2);
+        ck_assert_uint_eq(st.ddl.token, 4);
+        ck_assert_int_eq(st.ddl.expires_us, 10099);
+        ck_assert_uint_eq(st.ddl.holder_incarnation, 0);
+        ck_assert_int_eq(st.clock_us, 99);
+        aamm__cs_state_clear(&st);
+    }
+}
+END_TEST
+
 /* A retried request (same origin, incarnation, number) returns the first answer and is not
  * applied again; a new incarnation of the origin (wiped data dir) is never mistaken for it;
  * numbers far outside the window are applied. */
@@ -288,7 +400,8 @@ START_TEST(fsm_snapshot_roundtrip)
     st_apply(&st, 1, cmd_member(1, "one"));
     st_apply(&st, 2, cmd_member(2, "two"));
     st_apply(&st, 3, cmd_galloc(1, 1, "seq", 10, 0));
-    st_apply(&st, 4, cmd_ddl(AAMM__CS_DDL_ACQUIRE, 2, 1, 99, 10, 0));
+    st_apply(&st, 4, cmd_ddl_inc(AAMM__CS_DDL_ACQUIRE, 2, 0xfeed, 1, 99, 10, 0));
+    st_apply(&st, 5, cmd_ddl_inc(AAMM__CS_DDL_ACQUIRE, 1, 0xbeef, 2, 100, 10, 0));
     h = aamm__cs_state_hash(&st);
     aamm__wr_init(&w);
     aamm__cs_state_encode(&st, &w);
@@ -300,6 +413,15 @@ START_TEST(fsm_snapshot_roundtrip)
     ck_assert_uint_eq(aamm__cs_state_hash(&copy), h);
     ck_assert_str_eq(aamm__cs_state_member(&copy, 2)->name, "two");
     ck_assert_uint_eq(copy.ddl.holder, 2);
+    ck_assert_uint_eq(copy.ddl.holder_incarnation, 0xfeed); /* the lease's incarnation */
+    {
+        /* and the remembered answer to node 1 (refused, showing node 2's lease) keeps it */
+        struct aamm__cs_result r = st_apply(&copy, 6, cmd_ddl_inc(AAMM__CS_DDL_ACQUIRE, 1,
+                                                                  0xbeef, 2, 100, 10, 0));
+        ck_assert_int_eq(r.status, AAMM_EBUSY);
+        ck_assert_uint_eq(r.index, 5);
+        ck_assert_uint_eq(r.lock.holder_incarnation, 0xfeed);
+    }
     aamm__wr_free(&w);
     aamm__cs_state_clear(&st);
     aamm__cs_state_clear(&copy);
@@ -705,6 +827,8 @@ int main(void)
     tcase_add_test(tc, cmd_codec);
     tcase_add_test(tc, fsm_galloc);
     tcase_add_test(tc, fsm_ddl_lock);
+    tcase_add_test(tc, fsm_ddl_lock_incarnation);
+    tcase_add_test(tc, fsm_ddl_old_formats);
     tcase_add_test(tc, fsm_dedup);
     tcase_add_test(tc, fsm_watermark);
     tcase_add_test(tc, fsm_snapshot_roundtrip);
