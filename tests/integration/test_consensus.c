@@ -1227,6 +1227,212 @@ START_TEST(partitioned_minority_gets_no_range)
 }
 END_TEST
 
+/* ---- a stranger's flood during a leader kill ------------------------------------------ */
+
+#define FLOOD_PER_PEER 300
+static char g_flood_stats[300];
+
+/* The stranger (a child process): keeps FLOOD_PER_PEER connections open to every member's
+ * port, each sending a well-formed HELLO addressed to that member (ids are not secret) and
+ * then stalling: it holds a pre-authentication slot as long as it is let. A connection the
+ * member closes is reopened at once; one that cannot connect (the member is down) is retried
+ * after 20 ms. Writes "opened closed_by_peer challenges" to g_flood_stats every 100 ms. */
+static void flood_main(int unused)
+{
+    struct slot {
+        int fd, state; /* 0 idle, 1 connecting, 2 waiting */
+        int64_t retry_at;
+    } *sl;
+    struct sockaddr_in sa[AG_N];
+    struct pollfd *pfd;
+    int *map, i, n = AG_N * FLOOD_PER_PEER;
+    unsigned long long opened = 0, closed = 0, challenges = 0;
+    int64_t last = 0;
+    (void)unused;
+    sl = calloc((size_t)n, sizeof(*sl));
+    pfd = calloc((size_t)n, sizeof(*pfd));
+    map = calloc((size_t)n, sizeof(*map));
+    {
+        char *list = strdup(g_peers), *save = NULL, *tok;
+        int k = 0;
+        for (tok = strtok_r(list, ",", &save); tok && k < AG_N; tok = strtok_r(NULL, ",", &save))
+            aamm__cs_parse_addr(strchr(tok, '=') + 1, &sa[k++]);
+        free(list);
+    }
+    for (i = 0; i < n; i++)
+        sl[i].fd = -1;
+    for (;;) {
+        int64_t now = aamm_test_now_ms();
+        int np = 0;
+        for (i = 0; i < n; i++) {
+            if (sl[i].state == 0 && now >= sl[i].retry_at) {
+                int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+                if (fd < 0)
+                    continue;
+                if (connect(fd, (struct sockaddr *)&sa[i / FLOOD_PER_PEER], sizeof(sa[0])) != 0 &&
+                    errno != EINPROGRESS) {
+                    close(fd);
+                    sl[i].retry_at = now + 20;
+                    continue;
+                }
+                sl[i].fd = fd;
+                sl[i].state = 1;
+            }
+            if (sl[i].state != 0) {
+                pfd[np].fd = sl[i].fd;
+                pfd[np].events = sl[i].state == 1 ? POLLOUT : POLLIN;
+                pfd[np].revents = 0;
+                map[np++] = i;
+            }
+        }
+        poll(pfd, (nfds_t)np, 10);
+        now = aamm_test_now_ms();
+        for (i = 0; i < np; i++) {
+            struct slot *s = &sl[map[i]];
+            if (pfd[i].revents == 0)
+                continue;
+            if (s->state == 1) {
+                int err = 0;
+                socklen_t el = sizeof(err);
+                uint8_t hello[AAMM__PSK_HELLO_FIXED + 16];
+                size_t alen = strlen("127.0.0.1:9"), k;
+                getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &el);
+                if (err != 0) {
+                    close(s->fd);
+                    s->state = 0;
+                    s->retry_at = now + 20;
+                    continue;
+                }
+                opened++;
+                memcpy(hello, AAMM__PSK_MAGIC, 8);
+                hello[8] = AAMM__CS_ROLE_RAFT;
+                hello[9] = hello[10] = hello[11] = 0;
+                for (k = 0; k < 8; k++) {
+                    hello[12 + k] = (uint8_t)(k == 0 ? 99 : 0);
+                    hello[20 + k] = (uint8_t)(k == 0 ? map[i] / FLOOD_PER_PEER + 1 : 0);
+                }
+                for (k = 0; k < 32; k++)
+                    hello[28 + k] = (uint8_t)(opened * 31 + k);
+                hello[60] = (uint8_t)alen;
+                hello[61] = 0;
+                memcpy(hello + 62, "127.0.0.1:9", alen);
+                (void)!send(s->fd, hello, AAMM__PSK_HELLO_FIXED + alen, MSG_NOSIGNAL);
+                s->state = 2;
+            } else {
+                uint8_t b[256];
+                ssize_t r = recv(s->fd, b, sizeof(b), 0);
+                if (r > 0) {
+                    challenges++; /* a CHALLENGE we cannot answer: keep stalling */
+                } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
+                    close(s->fd);
+                    closed++;
+                    s->state = 0; /* reopen at once */
+                    s->retry_at = now;
+                }
+            }
+        }
+        if (now - last >= 100) {
+            FILE *f = fopen(g_flood_stats, "w");
+            if (f != NULL) {
+                fprintf(f, "%llu %llu %llu\n", opened, closed, challenges);
+                fclose(f);
+            }
+            last = now;
+        }
+    }
+}
+
+/* Kill the leader with SIGKILL; return the ms until another agent leads (bounded by
+ * 15 s), then restart the killed agent and wait until it follows that leader. */
+static int64_t failover_once(int round, const char *what)
+{
+    int l, nl;
+    struct ag_status s;
+    unsigned long long term;
+    int64_t t0, dt;
+    t0 = aamm_test_now_ms();
+    while ((l = ag_leader(0)) < 0) {
+        ck_assert_msg(aamm_test_now_ms() - t0 < 15000, "%s: no leader", what);
+        sleep_ms(10);
+    }
+    ck_assert(ag_read(l, &s));
+    term = s.term;
+    kill(g_ag[l].pid, SIGKILL);
+    waitpid(g_ag[l].pid, NULL, 0);
+    g_ag[l].pid = 0;
+    t0 = aamm_test_now_ms();
+    while ((nl = ag_leader(term + 1)) < 0) {
+        ck_assert_msg(aamm_test_now_ms() - t0 < 15000, "%s: no new leader after kill %d", what,
+                      round);
+        sleep_ms(5);
+    }
+    dt = aamm_test_now_ms() - t0;
+    ag_spawn(l, false, false, 2000);
+    t0 = aamm_test_now_ms();
+    while (!ag_read(l, &s) || s.state != AAMM_CONSENSUS_FOLLOWER || s.leader == 0) {
+        ck_assert_msg(aamm_test_now_ms() - t0 < 15000, "%s: restarted agent %d never follows",
+                      what, l + 1);
+        sleep_ms(10);
+    }
+    return dt;
+}
+
+/* A stranger without the key that keeps 300 connections open to every member (well-formed
+ * HELLOs, then silence; reopened as soon as they are closed) must not delay the members: a
+ * leader killed during the flood is replaced within the normal bound (3 election timeouts +
+ * 1 s; the agents run 500 ms), as without it, and a restarted member gets back in. Before,
+ * pending slots were refused to newcomers once full, and the same flood stretched
+ * fail-overs to several seconds (until the stranger's handshakes timed out). */
+START_TEST(stranger_flood_does_not_delay_failover)
+{
+    const int64_t bound = 3 * 500 + 1000;
+    int64_t normal[2], flooded[3], t0;
+    unsigned long long opened = 0, closed = 0, challenges = 0;
+    pid_t flooder;
+    int i;
+    for (i = 0; i < AG_N; i++)
+        ag_spawn(i, true, false, 2000);
+    for (i = 0; i < 2; i++)
+        normal[i] = failover_once(i, "normal");
+    snprintf(g_flood_stats, sizeof(g_flood_stats), "%s/flood", g_base);
+    flooder = aamm_test_spawn(flood_main, 0);
+    t0 = aamm_test_now_ms();
+    while (closed < 500) { /* the flood is on: the members are closing its connections */
+        FILE *f = fopen(g_flood_stats, "r");
+        if (f != NULL) {
+            if (fscanf(f, "%llu %llu %llu", &opened, &closed, &challenges) != 3)
+                closed = 0;
+            fclose(f);
+        }
+        ck_assert_msg(aamm_test_now_ms() - t0 < 10000, "flood never saturated: %llu closed",
+                      closed);
+        sleep_ms(50);
+    }
+    for (i = 0; i < 3; i++)
+        flooded[i] = failover_once(i, "flooded");
+    {
+        FILE *f = fopen(g_flood_stats, "r");
+        ck_assert_ptr_nonnull(f);
+        ck_assert_int_eq(fscanf(f, "%llu %llu %llu", &opened, &closed, &challenges), 3);
+        fclose(f);
+    }
+    aamm_test_kill(&flooder);
+    fprintf(stderr,
+            "flood: fail-over normal %lld %lld ms, flooded %lld %lld %lld ms (bound %lld); "
+            "stranger opened %llu, members closed %llu, challenges %llu\n",
+            (long long)normal[0], (long long)normal[1], (long long)flooded[0],
+            (long long)flooded[1], (long long)flooded[2], (long long)bound, opened, closed,
+            challenges);
+    for (i = 0; i < 2; i++)
+        ck_assert_int_le(normal[i], bound);
+    for (i = 0; i < 3; i++)
+        ck_assert_msg(flooded[i] <= bound, "fail-over %d under the flood took %lld ms (bound %lld)",
+                      i, (long long)flooded[i], (long long)bound);
+    ck_assert_uint_ge(opened, (unsigned long long)AG_N * FLOOD_PER_PEER);
+    agents_kill_all();
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("consensus-integration");
@@ -1248,6 +1454,7 @@ int main(void)
     tcase_add_checked_fixture(tp, ag_setup, ag_teardown);
     tcase_add_test(tp, kill9_leader_galloc_never_duplicates);
     tcase_add_test(tp, partitioned_minority_gets_no_range);
+    tcase_add_test(tp, stranger_flood_does_not_delay_failover);
     suite_add_tcase(s, tp);
     return aamm_test_run(s);
 }
