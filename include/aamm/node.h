@@ -41,11 +41,21 @@ struct pg_conn;
 AAMM_API int aamm_node_install(struct pg_conn *conn, char *err, size_t errsize);
 
 /**
- * Create (or update) the apply role @role (copied; LOGIN, NOSUPERUSER, BYPASSRLS) with
- * @password (may be NULL) and grant it exactly what apply needs: SET on
- * session_replication_role, EXECUTE on the replication origin functions apply calls,
- * USAGE on schema aamm and EXECUTE on its functions. Tables are granted one by one by
- * aamm_node_replicate_table(). Returns 0, AAMM_EINVAL, AAMM_ESERVER or AAMM_ECONN.
+ * Create (or update) the apply role @role (copied; LOGIN NOSUPERUSER NOCREATEDB
+ * NOCREATEROLE NOREPLICATION BYPASSRLS) and grant it exactly what apply needs, revoking
+ * what earlier versions granted beyond that: SET on session_replication_role, EXECUTE on
+ * pg_replication_origin_xact_setup, _xact_reset and _progress, the session's origin only
+ * through aamm.origin_session() (names aamm_from_<n> only), USAGE on schema aamm, SELECT
+ * on aamm.tombstone, EXECUTE on aamm's SECURITY DEFINER functions apply calls. Tables are
+ * granted one by one by aamm_node_replicate_table(). What the role can do, and who must
+ * therefore hold its credentials (only that node's agent): doc/security.md.
+ *
+ * @password (borrowed, may be NULL: the role's password is left as it is) is hashed here
+ * into a SCRAM-SHA-256 verifier; only the verifier reaches the server, so no server log
+ * or statement view can show the password. Call after aamm_node_install(), and again
+ * after each upgrade of it (an upgraded install can need other grants). Returns 0,
+ * AAMM_EINVAL (empty or unquotable name), AAMM_ENOMEM, AAMM_ESERVER (e.g. the connection's
+ * role may not set these attributes: it must be a superuser) or AAMM_ECONN.
  */
 AAMM_API int aamm_node_create_apply_role(struct pg_conn *conn, const char *role,
                                          const char *password, char *err, size_t errsize);

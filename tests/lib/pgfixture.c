@@ -444,6 +444,11 @@ const char *pgfx_sockdir(const struct pgfx *fx, int i)
     return fx->nodes[i].dir;
 }
 
+const char *pgfx_logfile(const struct pgfx *fx, int i)
+{
+    return fx->nodes[i].log;
+}
+
 int pgfx_port(const struct pgfx *fx, int i)
 {
     return fx->nodes[i].port;

@@ -41,6 +41,9 @@ const char *pgfx_conninfo_with(const struct pgfx *fx, int i, const char *extra);
 
 const char *pgfx_datadir(const struct pgfx *fx, int i);
 const char *pgfx_sockdir(const struct pgfx *fx, int i);
+/* Node @i's server log (borrowed path): the server's stderr, collected by pg_ctl -l;
+ * failing statements land there (log_min_error_statement = error). */
+const char *pgfx_logfile(const struct pgfx *fx, int i);
 int pgfx_port(const struct pgfx *fx, int i);
 /* The fixture's temporary root directory (world-writable scratch space under it is fine). */
 const char *pgfx_root(const struct pgfx *fx);
