@@ -4,11 +4,13 @@
 
 #include <inttypes.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <libpq-fe.h>
+#include <openssl/crypto.h>
 
 #include <aamm/node.h>
 
@@ -141,9 +143,18 @@ static const char install_sql[] =
     "  RAISE EXCEPTION 'aamm: key lock % is held by another applier', id\n"
     "    USING ERRCODE = 'AA005';\n"
     "END $f$;\n"
+    /* the apply session's origin (created when missing): SECURITY DEFINER, so that the
+     * apply role needs no grant on pg_replication_origin_create/_session_setup, which
+     * would let it take up any origin (a native subscription's too); it may take up only
+     * the origins named aamm_from_<node id> (doc/security.md) */
     "CREATE OR REPLACE FUNCTION aamm.origin_session(origin text, OUT progress pg_lsn,\n"
-    "  OUT roident oid) LANGUAGE plpgsql AS $f$\n"
+    "  OUT roident oid) LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog\n"
+    "  AS $f$\n"
     "BEGIN\n"
+    "  IF origin IS NULL OR origin OPERATOR(pg_catalog.!~) '^aamm_from_[0-9]+$' THEN\n"
+    "    RAISE EXCEPTION 'aamm: % is not the origin of a peer (aamm_from_<node id>)',\n"
+    "      origin USING ERRCODE = '42501';\n"
+    "  END IF;\n"
     "  IF pg_catalog.pg_replication_origin_oid(origin) IS NULL THEN\n"
     "    PERFORM pg_catalog.pg_replication_origin_create(origin);\n"
     "  END IF;\n"
@@ -290,7 +301,8 @@ static const char install_sql[] =
     "    RETURNING 1)\n"
     "  SELECT pg_catalog.count(*) FROM d $f$;\n"
     "REVOKE EXECUTE ON FUNCTION aamm.log_conflict(text, text, jsonb, jsonb, jsonb, timestamptz,\n"
-    "  int, timestamptz, int, text), aamm.put_tombstone(text, jsonb, timestamptz, int)\n"
+    "  int, timestamptz, int, text), aamm.put_tombstone(text, jsonb, timestamptz, int),\n"
+    "  aamm.origin_session(text)\n"
     "  FROM PUBLIC;\n"
     "DELETE FROM aamm.apply_meta;\n"
     "INSERT INTO aamm.apply_meta VALUES (1);\n";
@@ -390,51 +402,103 @@ int aamm_node_install(struct pg_conn *conn, char *err, size_t errsize)
     return rc;
 }
 
+/* Overwrite @s (libpq's or ours, NUL-terminated; NULL accepted): it held a password
+ * verifier. */
+static void wipe(char *s)
+{
+    if (s)
+        OPENSSL_cleanse(s, strlen(s));
+}
+
 int aamm_node_create_apply_role(struct pg_conn *conn, const char *role, const char *password,
                                 char *err, size_t errsize)
 {
     if (!role || !*role)
         return seterr(err, errsize, AAMM_EINVAL, "node: apply role: empty role name");
-    char *qr = qident(role);
-    char *lr = qliteral(role);
-    char *lp = password ? qliteral(password) : NULL;
-    char *sql = NULL;
-    int rc = AAMM_ENOMEM;
-    if (qr && lr && (!password || lp)) {
-        sql = aamm__asprintf(
-            "BEGIN;\n"
-            "DO $d$ BEGIN\n"
-            "  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s) THEN\n"
-            "    CREATE ROLE %s;\n"
-            "  END IF;\n"
-            "END $d$;\n"
-            "ALTER ROLE %s LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE BYPASSRLS%s%s;\n"
-            "GRANT SET ON PARAMETER session_replication_role TO %s;\n"
-            "GRANT EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_create(text),\n"
-            "  pg_catalog.pg_replication_origin_oid(text),\n"
-            "  pg_catalog.pg_replication_origin_session_setup(text),\n"
-            "  pg_catalog.pg_replication_origin_xact_setup(pg_lsn, timestamptz),\n"
-            "  pg_catalog.pg_replication_origin_xact_reset(),\n"
-            "  pg_catalog.pg_replication_origin_progress(text, boolean),\n"
-            "  pg_catalog.pg_replication_origin_session_reset() TO %s;\n"
-            "GRANT USAGE ON SCHEMA aamm TO %s;\n"
-            "GRANT SELECT ON aamm.tombstone, aamm.conflict_log TO %s;\n"
-            "GRANT EXECUTE ON FUNCTION aamm.log_conflict(text, text, jsonb, jsonb, jsonb,\n"
-            "  timestamptz, int, timestamptz, int, text),\n"
-            "  aamm.put_tombstone(text, jsonb, timestamptz, int) TO %s;\n"
-            "COMMIT;\n",
-            lr, qr, qr, lp ? " PASSWORD " : "", lp ? lp : "", qr, qr, qr, qr, qr);
-        if (sql)
-            rc = run(conn, "apply role", sql, err, errsize);
-        if (rc < 0 && rc != AAMM_ENOMEM)
-            run(conn, "rollback", "ROLLBACK", NULL, 0);
+    if (!conn || PQstatus(conn) != CONNECTION_OK)
+        return seterr(err, errsize, AAMM_ECONN, "node: apply role: not connected");
+
+    /* 1. the name quoted by libpq (it knows the connection's encoding); the password hashed
+     *    here into a SCRAM verifier, as psql's \password does: the server never sees the
+     *    password, so no statement it logs (log_min_error_statement, log_statement) holds
+     *    it. The verifier is not the secret, but it is kept out of the log where it can
+     *    be (a failing script is logged whole) and wiped after use. */
+    char *qr = PQescapeIdentifier(conn, role, strlen(role));
+    if (!qr)
+        return seterr(err, errsize, AAMM_EINVAL, "node: apply role: %s", PQerrorMessage(conn));
+    char *verifier = NULL, *lv = NULL, *sql = NULL;
+    int rc = 0;
+    if (password) {
+        verifier = PQencryptPasswordConn(conn, password, role, "scram-sha-256");
+        if (verifier)
+            lv = PQescapeLiteral(conn, verifier, strlen(verifier));
+        if (!lv) {
+            rc = seterr(err, errsize, AAMM_ENOMEM, "node: apply role: password: %s",
+                        PQerrorMessage(conn));
+            goto out;
+        }
     }
-    if (rc == AAMM_ENOMEM)
-        seterr(err, errsize, rc, "node: apply role: out of memory");
+
+    /* 2. one transaction, serialized with install: does the role exist? (a bound
+     *    parameter: no literal to quote) */
+    rc = run(conn, "apply role", "BEGIN; SELECT pg_catalog.pg_advisory_xact_lock(4242001)", err,
+             errsize);
+    if (rc < 0)
+        goto fail;
+    const char *pv[1] = {role};
+    PGresult *res = PQexecParams(conn, "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1", 1,
+                                 NULL, pv, NULL, NULL, 0);
+    bool exists = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK)
+        rc = seterr(err, errsize, PQstatus(conn) == CONNECTION_OK ? AAMM_ESERVER : AAMM_ECONN,
+                    "node: apply role: %s", PQerrorMessage(conn));
+    PQclear(res);
+    if (rc < 0)
+        goto fail;
+
+    /* 3. the attributes and exactly the grants apply needs (doc/security.md); what earlier
+     *    versions granted beyond them is revoked, so that calling this again after an
+     *    upgrade narrows an existing role */
+    sql = aamm__asprintf(
+        "%s%s%s"
+        "ALTER ROLE %s LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION BYPASSRLS%s%s;\n"
+        "GRANT SET ON PARAMETER session_replication_role TO %s;\n"
+        "GRANT EXECUTE ON FUNCTION\n"
+        "  pg_catalog.pg_replication_origin_xact_setup(pg_lsn, timestamptz),\n"
+        "  pg_catalog.pg_replication_origin_xact_reset(),\n"
+        "  pg_catalog.pg_replication_origin_progress(text, boolean) TO %s;\n"
+        "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_replication_origin_create(text),\n"
+        "  pg_catalog.pg_replication_origin_oid(text),\n"
+        "  pg_catalog.pg_replication_origin_session_setup(text),\n"
+        "  pg_catalog.pg_replication_origin_session_reset() FROM %s;\n"
+        "GRANT USAGE ON SCHEMA aamm TO %s;\n"
+        "GRANT SELECT ON aamm.tombstone TO %s;\n"
+        "REVOKE SELECT ON aamm.conflict_log FROM %s;\n"
+        "GRANT EXECUTE ON FUNCTION aamm.origin_session(text),\n"
+        "  aamm.log_conflict(text, text, jsonb, jsonb, jsonb, timestamptz, int, timestamptz,\n"
+        "  int, text),\n"
+        "  aamm.put_tombstone(text, jsonb, timestamptz, int) TO %s;\n"
+        "COMMIT;\n",
+        exists ? "" : "CREATE ROLE ", exists ? "" : qr, exists ? "" : ";\n", qr,
+        lv ? " PASSWORD " : "", lv ? lv : "", qr, qr, qr, qr, qr, qr, qr);
+    if (!sql) {
+        rc = seterr(err, errsize, AAMM_ENOMEM, "node: apply role: out of memory");
+        goto fail;
+    }
+    rc = run(conn, "apply role", sql, err, errsize);
+    if (rc == 0)
+        goto out;
+fail:
+    if (PQtransactionStatus(conn) != PQTRANS_IDLE) /* no WARNING from a needless ROLLBACK */
+        run(conn, "rollback", "ROLLBACK", NULL, 0);
+out:
+    wipe(sql);
     aamm__free(sql);
-    aamm__free(qr);
-    aamm__free(lr);
-    aamm__free(lp);
+    wipe(lv);
+    PQfreemem(lv);
+    wipe(verifier);
+    PQfreemem(verifier);
+    PQfreemem(qr);
     return rc;
 }
 

@@ -683,10 +683,51 @@ START_TEST(test_bad_input)
 }
 END_TEST
 
+/* Everything @role may do beyond what PUBLIC may (doc/security.md, "The apply role"), as
+ * one line: attributes, origin functions, SECURITY DEFINER functions in aamm, privileges
+ * on aamm's tables, parameters it may SET, roles it is a member of. */
+static char *role_reach(const char *role)
+{
+    return val(0,
+               "SELECT concat_ws(' | ', (SELECT concat_ws(' ', 'super=' || rolsuper, "
+               "'createrole=' || rolcreaterole, 'createdb=' || rolcreatedb, 'replication=' || "
+               "rolreplication, 'bypassrls=' || rolbypassrls, 'login=' || rolcanlogin) FROM "
+               "pg_roles WHERE rolname = '%s'), "
+               "'origin: ' || (SELECT string_agg(p.proname, ',' ORDER BY p.proname) FROM pg_proc "
+               "p WHERE p.proname LIKE 'pg_replication_origin%%' AND has_function_privilege('%s', "
+               "p.oid, 'EXECUTE')), "
+               "'definer: ' || (SELECT string_agg(p.proname, ',' ORDER BY p.proname) FROM pg_proc "
+               "p WHERE p.pronamespace = 'aamm'::regnamespace AND p.prosecdef AND p.prorettype "
+               "<> 'trigger'::regtype AND has_function_privilege('%s', p.oid, 'EXECUTE')), "
+               "'tables: ' || (SELECT string_agg(c.relname || '=' || concat("
+               "CASE WHEN has_table_privilege('%s', c.oid, 'SELECT') THEN 'r' END, "
+               "CASE WHEN has_table_privilege('%s', c.oid, 'INSERT') THEN 'a' END, "
+               "CASE WHEN has_table_privilege('%s', c.oid, 'UPDATE') THEN 'w' END, "
+               "CASE WHEN has_table_privilege('%s', c.oid, 'DELETE') THEN 'd' END, "
+               "CASE WHEN has_table_privilege('%s', c.oid, 'TRUNCATE') THEN 'D' END), ',' "
+               "ORDER BY c.relname) FROM pg_class c WHERE c.relnamespace = 'aamm'::regnamespace "
+               "AND c.relkind = 'r' AND has_table_privilege('%s', c.oid, "
+               "'SELECT, INSERT, UPDATE, DELETE, TRUNCATE')), "
+               "'set: ' || (SELECT string_agg(parname, ',' ORDER BY parname) FROM "
+               "pg_parameter_acl WHERE has_parameter_privilege('%s', parname, 'SET')), "
+               "'member of: ' || (SELECT count(*) FROM pg_auth_members WHERE member = "
+               "'%s'::regrole))",
+               role, role, role, role, role, role, role, role, role, role, role);
+}
+
+#define APPLY_ROLE_REACH                                                                           \
+    "super=false createrole=false createdb=false replication=false bypassrls=true login=true | "   \
+    "origin: pg_replication_origin_progress,pg_replication_origin_xact_reset,"                     \
+    "pg_replication_origin_xact_setup | definer: log_conflict,origin_session,put_tombstone | "     \
+    "tables: tombstone=r | set: session_replication_role | member of: 0"
+
 /* Without DML grants the apply role cannot write: a clear permission error holds the
- * stream; after GRANT it resumes (the role has exactly the grants node setup gives). */
+ * stream; after GRANT it resumes. The role has exactly the reach doc/security.md lists. */
 START_TEST(test_role_grants)
 {
+    char *reach = role_reach(ROLE);
+    ck_assert_msg(reach && strcmp(reach, APPLY_ROLE_REACH) == 0, "apply role's reach: %s", reach);
+    free(reach);
     ck_assert_int_eq(pgfx_exec(fx, 0, "CREATE TABLE public.nogrant (id int PRIMARY KEY)"), 0);
     struct counts k = {0};
     struct aamm_apply *ap = mkapply(0, 7, &k);
@@ -715,6 +756,197 @@ START_TEST(test_role_grants)
     assert_val(0, "0", "SELECT count(*) FROM pg_publication_tables WHERE schemaname = 'aamm'");
     aamm_relation_clear(&r);
     aamm_apply_free(ap);
+}
+END_TEST
+
+/* SQLSTATE of @sql run as @role (trust login), "00000" when it worked; static buffer. */
+static const char *sqlstate_as(const char *role, const char *sql)
+{
+    static char state[8];
+    char ci[512], user[128];
+    snprintf(user, sizeof user, "user=%s", role);
+    snprintf(ci, sizeof ci, "%s", pgfx_conninfo_with(fx, 0, user));
+    PGconn *c = PQconnectdb(ci);
+    ck_assert_msg(PQstatus(c) == CONNECTION_OK, "%s", PQerrorMessage(c));
+    PGresult *res = PQexec(c, sql);
+    const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    snprintf(state, sizeof state, "%s", st ? st : "00000");
+    PQclear(res);
+    PQfinish(c);
+    return state;
+}
+
+/* What the apply role may not do: take up an origin that is not a peer's, call the origin
+ * functions apply does not (advance, create, session setup), read the conflict log or
+ * write tombstones directly; PUBLIC may not take up origins through aamm. Setting up an
+ * existing role that earlier versions (or a careless host) gave more narrows it to the
+ * same reach as a fresh one. */
+START_TEST(test_role_reach)
+{
+    ck_assert_str_eq(sqlstate_as(ROLE, "SELECT aamm.origin_session('aamm_from_71')"), "00000");
+    ck_assert_int_eq(pgfx_exec(fx, 0, "SELECT pg_replication_origin_create('sub_native')"), 0);
+    ck_assert_str_eq(sqlstate_as(ROLE, "SELECT aamm.origin_session('sub_native')"), "42501");
+    ck_assert_str_eq(sqlstate_as(ROLE, "SELECT aamm.origin_session('pg_16384')"), "42501");
+    ck_assert_str_eq(sqlstate_as(ROLE, "SELECT aamm.origin_session('aamm_from_7x')"), "42501");
+    ck_assert_str_eq(
+        sqlstate_as(ROLE, "SELECT pg_catalog.pg_replication_origin_session_setup('aamm_from_71')"),
+        "42501");
+    ck_assert_str_eq(sqlstate_as(ROLE, "SELECT pg_catalog.pg_replication_origin_create('x')"),
+                     "42501");
+    ck_assert_str_eq(sqlstate_as(ROLE,
+                                 "SELECT pg_catalog.pg_replication_origin_advance('aamm_from_71', "
+                                 "'0/10')"),
+                     "42501");
+    ck_assert_str_eq(sqlstate_as(ROLE, "SELECT count(*) FROM aamm.conflict_log"), "42501");
+    ck_assert_str_eq(sqlstate_as(ROLE, "INSERT INTO aamm.tombstone VALUES ('public.x', '[1]')"),
+                     "42501");
+    ck_assert_str_eq(sqlstate_as(ROLE, "SET session_replication_role = replica"), "00000");
+    assert_val(0, "0", "SELECT count(*) FROM pg_replication_origin WHERE roname = 'pg_16384'");
+    /* BYPASSRLS: row security was enforced where the row was written; here a policy that
+     * hides every row must neither hide the local row from a remote update nor refuse a
+     * remote insert */
+    table(0, "rls", "id int PRIMARY KEY, v text");
+    ck_assert_int_eq(pgfx_exec(fx, 0,
+                               "INSERT INTO rls VALUES (1, 'local');"
+                               "ALTER TABLE rls ENABLE ROW LEVEL SECURITY;"
+                               "CREATE POLICY none ON rls USING (false) WITH CHECK (false)"),
+                     0);
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 73, &k);
+    struct aamm_relation r;
+    mkrel(&r, "rls", "id,v", "k-");
+    tbegin(ap, 73, 0x100, now_us());
+    tupd(ap, &r, NULL, V("1", "remote"));
+    tins(ap, &r, V("2", "remote"));
+    tcommit(ap);
+    flush_ok(ap);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+    assert_val(0, "1:remote,2:remote",
+               "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM rls");
+    /* another role, even one the host lets into schema aamm (to read the conflict log) */
+    ck_assert_int_eq(pgfx_exec(fx, 0,
+                               "CREATE ROLE aamm_nobody LOGIN; GRANT USAGE ON SCHEMA aamm TO "
+                               "aamm_nobody; GRANT SELECT ON aamm.conflict_log TO aamm_nobody"),
+                     0);
+    ck_assert_str_eq(sqlstate_as("aamm_nobody", "SELECT aamm.origin_session('aamm_from_72')"),
+                     "42501");
+    /* an older, wider role is narrowed */
+    ck_assert_int_eq(
+        pgfx_exec(fx, 0,
+                  "CREATE ROLE aamm_wide LOGIN CREATEDB CREATEROLE REPLICATION;"
+                  "GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), "
+                  "pg_replication_origin_oid(text), pg_replication_origin_session_setup(text), "
+                  "pg_replication_origin_session_reset() TO aamm_wide;"
+                  "GRANT SELECT ON aamm.conflict_log TO aamm_wide"),
+        0);
+    char err[1024];
+    PGconn *c = pgfx_connect(fx, 0);
+    ck_assert_msg(aamm_node_create_apply_role(c, "aamm_wide", NULL, err, sizeof err) == 0, "%s",
+                  err);
+    PQfinish(c);
+    char *reach = role_reach("aamm_wide");
+    ck_assert_msg(reach && strcmp(reach, APPLY_ROLE_REACH) == 0, "narrowed role's reach: %s",
+                  reach);
+    free(reach);
+}
+END_TEST
+
+/* The whole of the file @path (malloc'ed), or NULL. */
+static char *slurp(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    size_t cap = 1 << 16, n = 0;
+    char *b = malloc(cap);
+    for (size_t k; b && (k = fread(b + n, 1, cap - n - 1, f)) > 0;) {
+        n += k;
+        if (cap - n < 2) {
+            char *nb = realloc(b, cap *= 2);
+            if (!nb)
+                free(b);
+            b = nb;
+        }
+    }
+    fclose(f);
+    if (b)
+        b[n] = '\0';
+    return b;
+}
+
+/* Connect to node 0 as @user with @password (libpq keywords: no conninfo quoting). */
+static PGconn *connect_pw(const char *user, const char *password)
+{
+    char port[16];
+    snprintf(port, sizeof port, "%d", pgfx_port(fx, 0));
+    const char *kw[] = {"host", "port", "dbname", "user", "password", NULL};
+    const char *vals[] = {pgfx_sockdir(fx, 0), port, "postgres", user, password, NULL};
+    return PQconnectdbParams(kw, vals, 0);
+}
+
+#define PW_MARK "aamm-pw-5e1d0c" /* the part of the password no quoting changes */
+
+/* The apply role's password never reaches the server: setup by an installer that may
+ * create roles but not set their attributes fails at the statement that sets the password,
+ * and the server log has that statement but not the password; setup by a superuser lets
+ * the role log in with the password by SCRAM (and not with another). */
+START_TEST(test_role_password)
+{
+    static const char pw[] = PW_MARK "'\\x\"";
+    char err[1024];
+    /* 1. the failing setup, rolled back */
+    ck_assert_int_eq(pgfx_exec(fx, 0, "CREATE ROLE aamm_installer LOGIN CREATEROLE"), 0);
+    char ci[512];
+    snprintf(ci, sizeof ci, "%s", pgfx_conninfo_with(fx, 0, "user=aamm_installer"));
+    PGconn *c = PQconnectdb(ci);
+    ck_assert_msg(PQstatus(c) == CONNECTION_OK, "%s", PQerrorMessage(c));
+    ck_assert_int_eq(aamm_node_create_apply_role(c, "aamm_pw", pw, err, sizeof err), AAMM_ESERVER);
+    ck_assert_msg(strstr(err, "superuser"), "%s", err);
+    ck_assert_msg(!strstr(err, PW_MARK), "%s", err);
+    PQfinish(c);
+    assert_val(0, "0", "SELECT count(*) FROM pg_roles WHERE rolname = 'aamm_pw'");
+    /* 2. the working setup stores a SCRAM verifier */
+    c = pgfx_connect(fx, 0);
+    ck_assert_msg(aamm_node_create_apply_role(c, "aamm_pw", pw, err, sizeof err) == 0, "%s", err);
+    PQfinish(c);
+    assert_val(0, "SCRAM-SHA-256",
+               "SELECT split_part(rolpassword, '$', 1) FROM pg_authid WHERE rolname = 'aamm_pw'");
+    /* 3. the role must log in by password: a line for it ahead of the fixture's trust */
+    char path[700];
+    snprintf(path, sizeof path, "%s/pg_hba.conf", pgfx_datadir(fx, 0));
+    char *hba = slurp(path);
+    ck_assert_ptr_nonnull(hba);
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    fprintf(f, "local all aamm_pw scram-sha-256\n%s", hba);
+    fclose(f);
+    free(hba);
+    ck_assert_int_eq(pgfx_exec(fx, 0, "SELECT pg_reload_conf()"), 0);
+    int64_t until = aamm_test_now_ms() + 10000;
+    for (;;) { /* the reload is asynchronous: until a wrong password is refused */
+        c = connect_pw("aamm_pw", "wrong");
+        bool refused = PQstatus(c) != CONNECTION_OK;
+        if (refused)
+            ck_assert_msg(strstr(PQerrorMessage(c), "password authentication failed"), "%s",
+                          PQerrorMessage(c));
+        PQfinish(c);
+        if (refused)
+            break;
+        ck_assert_msg(aamm_test_now_ms() < until, "pg_hba.conf reload not seen");
+        usleep(50000);
+    }
+    c = connect_pw("aamm_pw", pw);
+    ck_assert_msg(PQstatus(c) == CONNECTION_OK, "%s", PQerrorMessage(c));
+    PQfinish(c);
+    /* 4. the server log holds the failed statement, never the password */
+    char *log = slurp(pgfx_logfile(fx, 0));
+    ck_assert_ptr_nonnull(log);
+    ck_assert_msg(strstr(log, "STATEMENT:") && strstr(log, "ALTER ROLE \"aamm_pw\" LOGIN"),
+                  "the failed setup is not in the server log %s", pgfx_logfile(fx, 0));
+    ck_assert_msg(!strstr(log, PW_MARK), "the password is in the server log:\n%s",
+                  strstr(log, PW_MARK) - (strstr(log, PW_MARK) - log > 300 ? 300 : 0));
+    free(log);
 }
 END_TEST
 
@@ -1499,6 +1731,8 @@ int main(void)
     tcase_add_test(tc, test_remote_tombstones);
     tcase_add_test(tc, test_bad_input);
     tcase_add_test(tc, test_role_grants);
+    tcase_add_test(tc, test_role_reach);
+    tcase_add_test(tc, test_role_password);
     tcase_add_test(tc, test_update_origin_differs);
     tcase_add_test(tc, test_update_missing);
     tcase_add_test(tc, test_delete_conflicts);
