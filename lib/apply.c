@@ -48,7 +48,7 @@ struct lrel {
     struct aamm_relation rel; /* first: change->relation points here */
     struct lrel *next;
     int id;
-    char *label; /* schema.name, as the tombstone trigger spells it */
+    char *label; /* the relation's label (sb_label()), as the tombstone trigger spells it */
     char *qname; /* "schema"."name" */
     bool mapped;
     bool catalog_pending;
@@ -249,6 +249,19 @@ static void sb_ident(struct sb *b, const char *id)
     sb_add(b, "\"");
 }
 
+/* One part of a relation's label (aamm.label_part() in lib/node.c builds the same text):
+ * bare when a plain lower-case identifier, else quoted as an identifier. */
+static void sb_label(struct sb *b, const char *id)
+{
+    bool plain = (*id >= 'a' && *id <= 'z') || *id == '_';
+    for (const char *c = id; *c && plain; c++)
+        plain = (*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') || *c == '_';
+    if (plain)
+        sb_add(b, "%s", id);
+    else
+        sb_ident(b, id);
+}
+
 static void sb_literal(struct sb *b, const char *s)
 {
     sb_add(b, "'");
@@ -337,11 +350,13 @@ static void qtxn_free(struct qtxn *t)
 static bool is_transient(const char *sqlstate)
 {
     /* deadlock, lock timeout, serialization, the guard, a key lock another applier held
-     * (AA005, a merged statement's guard), object in use, query canceled,
+     * (AA005, a merged statement's guard), a write that raced a local writer (AA006,
+     * aamm.recheck_tombs(), aamm.write_raced()), object in use, query canceled,
      * the backend terminated or the server shutting down (57P0x), connection exceptions */
     return strcmp(sqlstate, "40P01") == 0 || strcmp(sqlstate, "55P03") == 0 ||
            strcmp(sqlstate, "40001") == 0 || strcmp(sqlstate, "AA002") == 0 ||
-           strcmp(sqlstate, "AA005") == 0 || strcmp(sqlstate, "55006") == 0 ||
+           strcmp(sqlstate, "AA005") == 0 || strcmp(sqlstate, "AA006") == 0 ||
+           strcmp(sqlstate, "55006") == 0 ||
            strcmp(sqlstate, "57014") == 0 || strncmp(sqlstate, "57P0", 4) == 0 ||
            strncmp(sqlstate, "08", 2) == 0;
 }
@@ -588,7 +603,9 @@ static struct lrel *rel_lookup(struct aamm_apply *ap, const struct aamm_relation
         sb_ident(&q, src->schema);
         sb_add(&q, ".");
         sb_ident(&q, src->name);
-        sb_add(&l, "%s.%s", src->schema, src->name);
+        sb_label(&l, src->schema);
+        sb_add(&l, ".");
+        sb_label(&l, src->name);
         if (q.oom || l.oom) {
             aamm__free(q.s);
             aamm__free(l.s);
@@ -1076,6 +1093,25 @@ static void sb_not_tombstoned(struct sb *b, const struct lrel *r, const int *kpa
     sb_add(b, ")");
 }
 
+/* The recheck after a write that inserted a row with the key in @kparam (NULL: @keys, an
+ * expression for the jsonb[] of the inserted keys): aamm.recheck_tombs() raises AA006 when
+ * a delete of one of them committed while the insert waited for the deleting transaction
+ * (the decision, made in the statement's snapshot, could not see it). @upd: the rule of
+ * update_missing. */
+static void sb_recheck(struct sb *b, const struct lrel *r, const int *kparam, const char *keys,
+                       bool upd)
+{
+    sb_add(b, "aamm.recheck_tombs($3, ");
+    if (kparam) {
+        sb_add(b, "ARRAY[");
+        sb_keyjson(b, r, kparam);
+        sb_add(b, "]");
+    } else {
+        sb_add(b, "%s", keys);
+    }
+    sb_add(b, ", $1::timestamptz, $2::int, $4, %s)", upd ? "true" : "false");
+}
+
 /*
  * The whole statement for the change kind @op, with every conflict check and decision
  * (doc/conflicts.md): what aamm.apply_slow() runs when the fast statement (build_sql())
@@ -1099,6 +1135,7 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
          * (23505) and the relation's runs go out as OP_INSERT_MANY from then on. */
         bool many = op == OP_INSERT_MANY || op == OP_INSERT_PLAIN;
         b.batch = many;
+        sb_add(&b, "WITH i AS (");
         sb_insert_head(&b, r, mask, vparam, true);
         int i;
         if (many) {
@@ -1141,6 +1178,22 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
             sb_add(&b, "), t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
                        "$1::timestamptz, $2::int, $4)");
         }
+        /* the keys written (a row the ON CONFLICT clause updated instead was decided on
+         * against its latest version, and the check below cannot misjudge it: a remembered
+         * delete the decision saw would have stopped the write) */
+        if (many) {
+            sb_add(&b, " RETURNING pg_catalog.jsonb_build_array(");
+            for (int k = 0; k < r->nkeys; k++) {
+                sb_add(&b, "%st.", k ? ", " : "");
+                sb_ident(&b, r->rel.columns[r->key_r[k]].name);
+            }
+            sb_add(&b, ") AS k) SELECT ");
+            sb_recheck(&b, r, NULL, "(SELECT pg_catalog.array_agg(i.k) FROM i)", false);
+        } else {
+            sb_add(&b, " RETURNING 1) SELECT CASE WHEN EXISTS (SELECT 1 FROM i) THEN ");
+            sb_recheck(&b, r, kparam, NULL, false);
+            sb_add(&b, " END");
+        }
     } else if (op == OP_UPDATE) {
         /* the decision is evaluated on the row version being updated (a concurrent writer
          * makes the UPDATE re-check it on the newer version); a key change leaves a
@@ -1162,6 +1215,7 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
     } else if (op == OP_UPDATE_MISSING) {
         /* a statement of its own after the UPDATE, so its snapshot sees what the UPDATE
          * did and what concurrent writers committed meanwhile (a row deleted under it) */
+        sb_add(&b, "WITH i AS (");
         sb_insert_head(&b, r, mask, vparam, false);
         sb_add(&b, " WHERE NOT EXISTS (SELECT 1 FROM %s t2 WHERE ", r->qname);
         sb_keywhere(&b, r, "t2", kparam);
@@ -1182,7 +1236,21 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
         sb_keyjson(&b, r, kparam);
         sb_add(&b, ", $1::timestamptz, $2::int, ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", %s, $4) ON CONFLICT DO NOTHING", has_u ? "true" : "false");
+        /* a key present now was written after the snapshot the checks above read (a
+         * concurrent insert the statement waited for): the update must be decided against
+         * that row, so the transaction is retried (aamm.write_raced(), AA006); likewise a
+         * delete committed meanwhile (sb_recheck()) */
+        sb_add(&b, ", %s, $4) ON CONFLICT (", has_u ? "true" : "false");
+        sb_keycols(&b, r);
+        sb_add(&b, ") DO UPDATE SET ");
+        sb_ident(&b, r->rel.columns[r->key_r[0]].name);
+        sb_add(&b, " = EXCLUDED.");
+        sb_ident(&b, r->rel.columns[r->key_r[0]].name);
+        sb_add(&b, " WHERE aamm.write_raced($3, ");
+        sb_keyjson(&b, r, kparam);
+        sb_add(&b, ") RETURNING 1) SELECT CASE WHEN EXISTS (SELECT 1 FROM i) THEN ");
+        sb_recheck(&b, r, kparam, NULL, true);
+        sb_add(&b, " END");
     } else {
         sb_add(&b, "WITH d AS (DELETE FROM %s AS t WHERE ", r->qname);
         sb_keywhere(&b, r, "t", kparam);
@@ -1258,14 +1326,19 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
     /* a DELETE or key-changing UPDATE that wrote leaves its tombstone; one that did not
      * takes the slow path */
     bool tomb = !b.oom && (op == OP_DELETE || (op == OP_UPDATE && moves_key(r, mask)));
+    /* an INSERT that wrote checks that no delete committed while it waited (sb_recheck()) */
+    bool then = tomb || (!b.oom && op == OP_INSERT);
     if (cte)
         sb_add(&b, ", m%d AS (", cte);
-    if (tomb) {
+    if (then) {
         sb_add(&b, " SELECT CASE WHEN EXISTS (SELECT 1 FROM c%d) THEN ", cte);
-        sb_tomb(&b, r, kparam, op == OP_UPDATE ? vparam : NULL);
+        if (tomb)
+            sb_tomb(&b, r, kparam, op == OP_UPDATE ? vparam : NULL);
+        else
+            sb_recheck(&b, r, kparam, NULL, false);
         sb_add(&b, " ELSE");
     }
-    sb_add(&b, " %saamm.apply_slow(", tomb ? "" : "SELECT ");
+    sb_add(&b, " %saamm.apply_slow(", then ? "" : "SELECT ");
     sb_literal(&b, dfull ? dfull : "");
     sb_add(&b, ", ");
     if (dmiss)
@@ -1275,7 +1348,7 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
     sb_add(&b, ", ARRAY[");
     for (int pi = 1; pi < p; pi++)
         sb_add(&b, "%s$%d", pi > 1 ? ", " : "", pi);
-    if (tomb)
+    if (then)
         sb_add(&b, "]::text[]) END AS x%s", cte ? ")" : "");
     else
         sb_add(&b, "]::text[]) AS x WHERE NOT EXISTS (SELECT 1 FROM c%d)%s", cte, cte ? ")" : "");
@@ -1916,6 +1989,11 @@ static bool mergeable(const struct qtxn *t)
 static const char guard_sql[] =
     GUARD_CHECK "SELECT CASE WHEN u.e THEN pg_catalog.pg_advisory_xact_lock(u.x)::text "
                 "ELSE pg_catalog.pg_advisory_xact_lock_shared(u.x)::text END" GUARD_LOCKS;
+
+const char *aamm__apply_guard_sql(void)
+{
+    return guard_sql;
+}
 
 /* The guard folded into a merged statement (send_merged()), read before any change item.
  * The statement's snapshot was taken before its locks, so a key lock another applier holds

@@ -116,13 +116,34 @@ static const char install_sql[] =
     "  WHERE NOT (SELECT aamm.newer(v.ts, v.node, rts, rnode) FROM aamm.version_of(t.xmin) v);\n"
     "  RETURN true;\n"
     "END $f$;\n"
+    /* A relation's label, which keys tombstones, apply's advisory locks and the conflict
+     * log: schema and name each bare when they are plain lower-case identifiers, else
+     * double-quoted with quotes doubled, joined by a dot. Unambiguous ("a.b".c is not
+     * a."b.c"), and plain names read as before. lib/apply.c (rel_label()) builds the same
+     * text. */
+    "CREATE OR REPLACE FUNCTION aamm.label_part(s text) RETURNS text LANGUAGE sql IMMUTABLE\n"
+    "  AS $f$ SELECT CASE WHEN s OPERATOR(pg_catalog.~) '^[a-z_][a-z0-9_]*$' THEN s\n"
+    "  ELSE '\"' OPERATOR(pg_catalog.||) pg_catalog.replace(s, '\"', '\"\"')\n"
+    "    OPERATOR(pg_catalog.||) '\"' END $f$;\n"
+    "CREATE OR REPLACE FUNCTION aamm.rel_label(schema text, name text) RETURNS text\n"
+    "  LANGUAGE sql IMMUTABLE AS $f$ SELECT aamm.label_part(schema) OPERATOR(pg_catalog.||)\n"
+    "  '.' OPERATOR(pg_catalog.||) aamm.label_part(name) $f$;\n"
+    /* tombstones written under the earlier, ambiguous labels (schema.name unquoted): read
+     * as split at the first dot */
+    "UPDATE aamm.tombstone SET relation = aamm.rel_label(pg_catalog.split_part(relation, '.', 1),\n"
+    "  pg_catalog.substr(relation, pg_catalog.strpos(relation, '.') + 1))\n"
+    "  WHERE relation OPERATOR(pg_catalog.<>) aamm.rel_label(\n"
+    "    pg_catalog.split_part(relation, '.', 1),\n"
+    "    pg_catalog.substr(relation, pg_catalog.strpos(relation, '.') + 1))\n"
+    "  AND pg_catalog.left(relation, 1) OPERATOR(pg_catalog.<>) '\"'\n"
+    "  AND pg_catalog.strpos(relation, '\"') OPERATOR(pg_catalog.=) 0;\n"
     "CREATE OR REPLACE FUNCTION aamm.tombstone_trigger() RETURNS trigger LANGUAGE plpgsql\n"
     "  SECURITY DEFINER SET search_path = pg_catalog AS $f$\n"
     "DECLARE o jsonb := to_jsonb(OLD); k jsonb;\n"
     "BEGIN\n"
     "  SELECT jsonb_agg(o -> u.a ORDER BY u.i) INTO k\n"
     "  FROM unnest(TG_ARGV) WITH ORDINALITY AS u(a, i);\n"
-    "  INSERT INTO aamm.tombstone VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, k)\n"
+    "  INSERT INTO aamm.tombstone VALUES (aamm.rel_label(TG_TABLE_SCHEMA, TG_TABLE_NAME), k)\n"
     "  ON CONFLICT (relation, key) DO UPDATE SET relation = EXCLUDED.relation;\n"
     "  RETURN NULL;\n"
     "END $f$;\n"
@@ -235,6 +256,42 @@ static const char install_sql[] =
     "  PERFORM aamm.log_conflict('insert_exists', rel, k, NULL, rrow, tts, tnode, rts, rnode,\n"
     "    'keep_local');\n"
     "  RETURN false;\n"
+    "END $f$;\n"
+    /* After a remote write inserted rows with the keys @keys (lib/apply.c, sb_recheck()):
+     * a tombstone for one of them that the write's own decision would have acted on, had
+     * it seen it, can only be one committed after the write's snapshot was taken: a local
+     * transaction deleted the row and the insert waited for it (ON CONFLICT, or the unique
+     * check, waits for the deleter, then inserts once the row is gone). Raise AA006
+     * (transient): the transaction is retried, and its decision sees the delete. A VOLATILE
+     * function: its query runs under a snapshot of its own, taken now. @upd: the rule of
+     * update_missing (a newer delete wins, whatever the policy), else insert_ok's. */
+    "CREATE OR REPLACE FUNCTION aamm.recheck_tombs(rel text, keys jsonb[], rts timestamptz,\n"
+    "  rnode int, policy text, upd boolean) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $f$\n"
+    "DECLARE k jsonb;\n"
+    "BEGIN\n"
+    "  IF keys IS NULL OR (NOT upd AND (policy = 'apply_remote'\n"
+    "      OR pg_catalog.starts_with(policy, 'verdict:'))) THEN\n"
+    "    RETURN true;\n"
+    "  END IF;\n"
+    "  SELECT t.key INTO k FROM aamm.tombstone t, aamm.version_of(t.xmin) v\n"
+    "  WHERE t.relation OPERATOR(pg_catalog.=) rel AND t.key OPERATOR(pg_catalog.=) ANY (keys)\n"
+    "    AND v.ts IS NOT NULL AND CASE WHEN upd THEN aamm.newer(v.ts, v.node, rts, rnode)\n"
+    "      ELSE policy = 'callback' OR NOT aamm.newer(rts, rnode, v.ts, v.node) END\n"
+    "  LIMIT 1;\n"
+    "  IF FOUND THEN\n"
+    "    RAISE EXCEPTION 'aamm: % key % was deleted by a concurrent transaction while the '\n"
+    "      'remote write waited for it', rel, k USING ERRCODE = 'AA006';\n"
+    "  END IF;\n"
+    "  RETURN true;\n"
+    "END $f$;\n"
+    /* update_missing's INSERT met a key that its checks did not see (a concurrent insert,
+     * committed after the statement's snapshot): retry, so that the update is decided
+     * against that row (lib/apply.c, build_full()) */
+    "CREATE OR REPLACE FUNCTION aamm.write_raced(rel text, k jsonb) RETURNS boolean\n"
+    "  LANGUAGE plpgsql AS $f$\n"
+    "BEGIN\n"
+    "  RAISE EXCEPTION 'aamm: % key % was written by a concurrent transaction while the '\n"
+    "    'remote write waited for it', rel, k USING ERRCODE = 'AA006';\n"
     "END $f$;\n"
     /* remote UPDATE found no row: insert it unless a newer delete is known or the update
      * lacks unchanged-TOAST values */

@@ -39,16 +39,20 @@ static void node_setup(int i)
     PQfinish(c);
 }
 
+/* every source a test applies from keeps a replication state slot of the node busy (one
+ * per origin that has been set up: max_replication_slots bounds them) */
+#define NODE_CONF "max_replication_slots = 100\n"
+
 static void setup_one(void)
 {
-    fx = pgfx_start(1, NULL);
+    fx = pgfx_start(1, NODE_CONF);
     ck_assert_ptr_nonnull(fx);
     node_setup(0);
 }
 
 static void setup_two(void)
 {
-    fx = pgfx_start(2, NULL);
+    fx = pgfx_start(2, NODE_CONF);
     ck_assert_ptr_nonnull(fx);
     node_setup(0);
     node_setup(1);
@@ -635,6 +639,160 @@ START_TEST(test_remote_tombstones)
 }
 END_TEST
 
+/* ---- apply racing local writers --------------------------------------------------- */
+
+/* A local session on node 0 with an open transaction that ran @sql (borrowed). */
+static PGconn *local_open(const char *sql)
+{
+    PGconn *c = pgfx_connect(fx, 0);
+    ck_assert_ptr_nonnull(c);
+    PGresult *res = PQexec(c, "BEGIN");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+    PQclear(res);
+    res = PQexec(c, sql);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s: %s", sql, PQerrorMessage(c));
+    PQclear(res);
+    return c;
+}
+
+static void local_commit(PGconn *c)
+{
+    PGresult *res = PQexec(c, "COMMIT");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+    PQclear(res);
+    PQfinish(c);
+}
+
+/* Step @ap until its session waits for a lock (a row the local transaction writes), at
+ * most 10 s: the interleaving the race tests need, observed rather than hoped for. */
+static void step_until_waiting(struct aamm_apply *ap)
+{
+    int64_t until = aamm__now_ms() + 10000;
+    for (;;) {
+        int rc = aamm_apply_step(ap);
+        ck_assert_msg(rc == 0, "%s", aamm_apply_errmsg(ap));
+        if (pgfx_value_long(fx, 0, 0,
+                            "SELECT count(*) FROM pg_stat_activity WHERE usename = '" ROLE
+                            "' AND wait_event_type = 'Lock' AND wait_event = 'transactionid'") > 0)
+            return;
+        ck_assert_msg(aamm__now_ms() < until, "apply never waited for the local transaction");
+        usleep(5000);
+    }
+}
+
+/* The divergence a review found (an older remote INSERT brought back a row a local
+ * session deleted last): the local session deletes key 1 and keeps its transaction open;
+ * apply's insert of key 1 (older than the delete) waits for it; the delete commits; the
+ * row must stay deleted, on every path that inserts: the single-row statement, a run with
+ * ON CONFLICT, a plain run, and the slow path (taken here because an older tombstone for
+ * the key exists), and the remote write is logged as refused. */
+START_TEST(test_race_local_delete)
+{
+    const char *tables[4] = {"race_fast", "race_run", "race_plain", "race_slow"};
+    for (int v = 0; v < 4; v++) {
+        const char *tbl = tables[v];
+        uint32_t src = 40 + (uint32_t)v;
+        table(0, tbl, "id int PRIMARY KEY, v text");
+        struct counts k = {0};
+        struct aamm_apply *ap = mkapply(0, src, &k);
+        struct aamm_relation r;
+        mkrel(&r, tbl, "id,v", "k-");
+        uint64_t lsn = 0;
+        char id[16];
+        if (v == 2) { /* 8 clean runs: the relation's runs go out without ON CONFLICT */
+            for (int x = 0; x < 9; x++) {
+                tbegin(ap, src, lsn += 0x100, now_us() - 20000000);
+                for (int i = 0; i < 5; i++) {
+                    snprintf(id, sizeof id, "%d", 100 + x * 10 + i);
+                    tins(ap, &r, V(id, "warm"));
+                }
+                tcommit(ap);
+            }
+            flush_ok(ap);
+        }
+        if (v == 3)
+            ck_assert_int_eq(
+                pgfx_exec(fx, 0, "INSERT INTO aamm.tombstone VALUES ('public.%s', '[1]')", tbl),
+                0);
+        ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO public.%s VALUES (1, 'local')", tbl), 0);
+        /* older than the delete below; newer than the slow variant's tombstone */
+        int64_t rts = now_us();
+        usleep(20000);
+        char sql[128];
+        snprintf(sql, sizeof sql, "DELETE FROM public.%s WHERE id = 1", tbl);
+        PGconn *l = local_open(sql);
+        tbegin(ap, src, lsn += 0x100, rts);
+        int n = v == 1 || v == 2 ? 5 : 1;
+        for (int i = 1; i <= n; i++) {
+            snprintf(id, sizeof id, "%d", i);
+            tins(ap, &r, V(id, "remote"));
+        }
+        tcommit(ap);
+        step_until_waiting(ap);
+        local_commit(l);
+        flush_ok(ap);
+        char *got = val(0, "SELECT string_agg(id::text, ',' ORDER BY id) FROM public.%s "
+                           "WHERE id < 100", tbl);
+        ck_assert_msg(got == NULL ? n == 1 : strcmp(got, "2,3,4,5") == 0,
+                      "%s: the deleted key came back: ids %s", tbl, got ? got : "(none)");
+        free(got);
+        char *log = val(0, "SELECT string_agg(kind || ':' || resolution, ',') FROM "
+                           "aamm.conflict_log WHERE relation = 'public.%s' AND key = '[1]'", tbl);
+        ck_assert_msg(log && strcmp(log, "insert_exists:keep_local") == 0, "%s: log %s", tbl,
+                      log ? log : "(none)");
+        free(log);
+        ck_assert_uint_eq(origin_lsn(0, src), lsn);
+        aamm_relation_clear(&r);
+        aamm_apply_free(ap);
+    }
+}
+END_TEST
+
+/* update_missing racing a local transaction: (a) the local transaction inserts the key
+ * and keeps its transaction open while apply's update_missing insert waits for it; the
+ * remote update is newer, so after the local commit it must be decided against the local
+ * row and win (before: ON CONFLICT DO NOTHING kept the older local row); (b) the local
+ * transaction inserts and deletes the key (a delete newer than the remote update): the
+ * update must not bring the row back. */
+START_TEST(test_race_update_missing)
+{
+    table(0, "race_um", "id int PRIMARY KEY, v text");
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 45, &k);
+    struct aamm_relation r;
+    mkrel(&r, "race_um", "id,v", "k-");
+    uint64_t lsn = 0;
+    /* (a) */
+    PGconn *l = local_open("INSERT INTO public.race_um VALUES (1, 'local')");
+    tbegin(ap, 45, lsn += 0x100, now_us() + 60000000);
+    tupd(ap, &r, NULL, V("1", "remote-newer"));
+    tcommit(ap);
+    step_until_waiting(ap);
+    local_commit(l);
+    flush_ok(ap);
+    assert_val(0, "remote-newer", "SELECT v FROM public.race_um WHERE id = 1");
+    assert_val(0, "update_origin_differs:apply_remote",
+               "SELECT string_agg(kind || ':' || resolution, ',' ORDER BY id) FROM "
+               "aamm.conflict_log WHERE relation = 'public.race_um' AND key = '[1]' AND kind "
+               "<> 'update_missing'");
+    /* (b) */
+    int64_t rts = now_us();
+    usleep(20000);
+    l = local_open("INSERT INTO public.race_um VALUES (2, 'local'); "
+                   "DELETE FROM public.race_um WHERE id = 2");
+    tbegin(ap, 45, lsn += 0x100, rts);
+    tupd(ap, &r, NULL, V("2", "remote-older"));
+    tcommit(ap);
+    step_until_waiting(ap);
+    local_commit(l);
+    flush_ok(ap);
+    assert_val(0, "0", "SELECT count(*) FROM public.race_um WHERE id = 2");
+    ck_assert_uint_eq(origin_lsn(0, 45), lsn);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
 /* Bad input holds the stream with a clear error, loses nothing, and resumes once the
  * schema catches up: a missing table, a source column the target lacks, a value that does
  * not parse as the local type. */
@@ -965,6 +1123,160 @@ static void remote_write(struct aamm_apply *ap, uint32_t src, uint64_t *lsn, int
     tcommit(ap);
     flush_ok(ap);
 }
+
+/* Relations whose names need quoting keep apart: "a.b".c and a."b.c" have different
+ * labels, so a remote delete (remembered) or a local delete (tombstone trigger) of key 1
+ * in one does not refuse an older remote insert of key 1 into the other, and the labels
+ * in the tombstones and the conflict log are the quoted ones. */
+START_TEST(test_label_quoting)
+{
+    char err[1024];
+    ck_assert_int_eq(pgfx_exec(fx, 0,
+                               "CREATE SCHEMA \"a.b\"; CREATE SCHEMA a; "
+                               "CREATE TABLE \"a.b\".c (id int PRIMARY KEY, v text); "
+                               "CREATE TABLE a.\"b.c\" (id int PRIMARY KEY, v text); "
+                               "GRANT USAGE ON SCHEMA \"a.b\", a TO " ROLE),
+                     0);
+    PGconn *c = pgfx_connect(fx, 0);
+    ck_assert_msg(aamm_node_replicate_table(c, "a.b", "c", ROLE, NULL, err, sizeof err) == 0,
+                  "%s", err);
+    ck_assert_msg(aamm_node_replicate_table(c, "a", "b.c", ROLE, NULL, err, sizeof err) == 0,
+                  "%s", err);
+    PQfinish(c);
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 46, &k);
+    struct aamm_relation r1, r2;
+    mkrel(&r1, "c", "id,v", "k-");
+    aamm__free(r1.schema);
+    r1.schema = aamm__strdup("a.b");
+    mkrel(&r2, "b.c", "id,v", "k-");
+    aamm__free(r2.schema);
+    r2.schema = aamm__strdup("a");
+    uint64_t lsn = 0;
+    int64_t t = now_us() - 100000000;
+    /* a remote delete of an absent key 1 in "a.b".c is remembered ... */
+    remote_write(ap, 46, &lsn, t + 200, 'd', &r1, V("1", NULL));
+    /* ... and an older remote insert of key 1 into a."b.c" is not refused by it */
+    remote_write(ap, 46, &lsn, t + 100, 'i', &r2, V("1", "other table"));
+    assert_val(0, "other table", "SELECT v FROM a.\"b.c\" WHERE id = 1");
+    /* a local delete in a."b.c" leaves its tombstone under its own label */
+    ck_assert_int_eq(pgfx_exec(fx, 0, "DELETE FROM a.\"b.c\" WHERE id = 1"), 0);
+    remote_write(ap, 46, &lsn, t + 300, 'i', &r1, V("1", "first table"));
+    assert_val(0, "first table", "SELECT v FROM \"a.b\".c WHERE id = 1");
+    assert_val(0, "\"a.b\".c:[1],a.\"b.c\":[1]",
+               "SELECT string_agg(relation || ':' || key::text, ',' ORDER BY relation) FROM "
+               "aamm.tombstone WHERE relation IN ('\"a.b\".c', 'a.\"b.c\"')");
+    assert_val(0, "\"a.b\".c:delete_missing",
+               "SELECT string_agg(relation || ':' || kind, ',') FROM aamm.conflict_log "
+               "WHERE relation IN ('\"a.b\".c', 'a.\"b.c\"')");
+    aamm_relation_clear(&r1);
+    aamm_relation_clear(&r2);
+    aamm_apply_free(ap);
+}
+END_TEST
+
+/* The SQL decision breaks a tie of commit timestamps by node id, the higher winning
+ * (doc/conflicts.md), on every path that compares versions: insert_exists, a tombstone met
+ * by an insert, update_origin_differs and delete_origin_differs; two sources (nodes 48
+ * and 49) write the same keys with the same commit timestamp, in both orders. */
+START_TEST(test_lww_tiebreak)
+{
+    table(0, "tie", "id int PRIMARY KEY, v text");
+    struct counts k8 = {0}, k9 = {0};
+    struct aamm_apply *a8 = mkapply(0, 48, &k8), *a9 = mkapply(0, 49, &k9);
+    struct aamm_relation r;
+    mkrel(&r, "tie", "id,v", "k-");
+    uint64_t l8 = 0, l9 = 0;
+    int64_t t = now_us() - 100000000, t0 = t - 1000;
+    /* insert_exists, both orders: 49 wins */
+    remote_write(a8, 48, &l8, t, 'i', &r, V("1", "48"));
+    remote_write(a9, 49, &l9, t, 'i', &r, V("1", "49"));
+    remote_write(a9, 49, &l9, t, 'i', &r, V("2", "49"));
+    remote_write(a8, 48, &l8, t, 'i', &r, V("2", "48"));
+    /* update_origin_differs, both orders (rows first written by a third time) */
+    remote_write(a8, 48, &l8, t0, 'i', &r, V("3", "old"));
+    remote_write(a8, 48, &l8, t0, 'i', &r, V("4", "old"));
+    remote_write(a9, 49, &l9, t, 'u', &r, V("3", "49"));
+    remote_write(a8, 48, &l8, t, 'u', &r, V("3", "48"));
+    remote_write(a8, 48, &l8, t0 + 1, 'u', &r, V("4", "48"));
+    remote_write(a9, 49, &l9, t0 + 1, 'u', &r, V("4", "49"));
+    /* delete_origin_differs: 48's delete at the time of 49's update loses, 49's wins */
+    remote_write(a9, 49, &l9, t0, 'i', &r, V("5", "49"));
+    remote_write(a8, 48, &l8, t0, 'i', &r, V("6", "48"));
+    remote_write(a8, 48, &l8, t0, 'd', &r, V("5", NULL));
+    remote_write(a9, 49, &l9, t0, 'd', &r, V("6", NULL));
+    /* a remembered delete met by an insert at the same time: 48's insert loses against
+     * 49's delete, 49's insert wins against 48's delete */
+    remote_write(a9, 49, &l9, t, 'd', &r, V("7", NULL));
+    remote_write(a8, 48, &l8, t, 'i', &r, V("7", "48"));
+    remote_write(a8, 48, &l8, t, 'd', &r, V("8", NULL));
+    remote_write(a9, 49, &l9, t, 'i', &r, V("8", "49"));
+    assert_val(0, "1:49,2:49,3:49,4:49,5:49,8:49",
+               "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM public.tie");
+    aamm_relation_clear(&r);
+    aamm_apply_free(a8);
+    aamm_apply_free(a9);
+}
+END_TEST
+
+/* The guard's own check, where apply's skip of duplicates (end LSN at or below what it
+ * knows is committed) cannot help: the guard lets a transaction through only when the
+ * origin's progress equals the previous end LSN it names; progress ahead of it (the
+ * transaction is a duplicate of one committed behind apply's back) and behind it (an
+ * earlier transaction did not commit) both raise AA002, and nothing is written. */
+START_TEST(test_guard_check)
+{
+    table(0, "guardt", "id int PRIMARY KEY");
+    PGconn *c = PQconnectdb(pgfx_conninfo_with(fx, 0, "user=" ROLE));
+    ck_assert_int_eq(PQstatus(c), CONNECTION_OK);
+    PGresult *res = PQexec(c, "SELECT progress FROM aamm.origin_session('aamm_from_47')");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+    PQclear(res);
+    res = PQexec(c, "BEGIN; SELECT pg_replication_origin_xact_setup('0/300', now()); "
+                    "INSERT INTO public.guardt VALUES (0); COMMIT");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+    PQclear(res);
+    ck_assert_uint_eq(origin_lsn(0, 47), 0x300);
+    res = PQprepare(c, "g", aamm__apply_guard_sql(), 6, NULL);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s", PQerrorMessage(c));
+    PQclear(res);
+    const struct {
+        const char *prev, *end, *sqlstate;
+    } cases[] = {
+        {"0/200", "0/300", "AA002"}, /* a duplicate: progress ahead of the previous end */
+        {"0/100", "0/400", "AA002"}, /* progress ahead, end beyond it */
+        {"0/400", "0/500", "AA002"}, /* progress behind: an earlier transaction failed */
+        {"0/300", "0/400", NULL},    /* in order */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        res = PQexec(c, "BEGIN");
+        PQclear(res);
+        const char *p[6] = {"aamm_from_47", cases[i].prev, cases[i].end,
+                            "2026-01-01 00:00:00+00", "{}", "{}"};
+        res = PQexecPrepared(c, "g", 6, p, NULL, NULL, 0);
+        const char *ss = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        if (cases[i].sqlstate)
+            ck_assert_msg(ss && strcmp(ss, cases[i].sqlstate) == 0,
+                          "guard with previous %s passed a progress of 0/300", cases[i].prev);
+        else
+            ck_assert_msg(PQresultStatus(res) == PGRES_TUPLES_OK, "in order: %s",
+                          PQerrorMessage(c));
+        PQclear(res);
+        if (!cases[i].sqlstate) {
+            res = PQexec(c, "INSERT INTO public.guardt VALUES (1)");
+            ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+            PQclear(res);
+        }
+        res = PQexec(c, cases[i].sqlstate ? "ROLLBACK" : "COMMIT");
+        PQclear(res);
+        res = PQexec(c, "SELECT pg_replication_origin_xact_reset()");
+        PQclear(res);
+    }
+    ck_assert_uint_eq(origin_lsn(0, 47), 0x400);
+    assert_val(0, "0,1", "SELECT string_agg(id::text, ',' ORDER BY id) FROM public.guardt");
+    PQfinish(c);
+}
+END_TEST
 
 /* update_origin_differs: a remote update of a row last written by another node applies
  * iff it is newer (LWW), both logged with the right resolution. */
@@ -1726,6 +2038,11 @@ int main(void)
     tcase_add_test(tc, test_pipeline_failure);
     tcase_add_test(tc, test_commit_failure);
     tcase_add_test(tc, test_key_lock_busy);
+    tcase_add_test(tc, test_race_local_delete);
+    tcase_add_test(tc, test_race_update_missing);
+    tcase_add_test(tc, test_label_quoting);
+    tcase_add_test(tc, test_lww_tiebreak);
+    tcase_add_test(tc, test_guard_check);
     tcase_add_test(tc, test_run_meets_present_key);
     tcase_add_test(tc, test_run_values);
     tcase_add_test(tc, test_remote_tombstones);
