@@ -15,6 +15,7 @@
 #include <aamm/apply.h>
 
 #include "internal.h"
+#include "sqlbuf.h"
 
 /* ====================================================================================
  * Types
@@ -48,7 +49,7 @@ struct lrel {
     struct aamm_relation rel; /* first: change->relation points here */
     struct lrel *next;
     int id;
-    char *label; /* the relation's label (sb_label()), as the tombstone trigger spells it */
+    char *label; /* the relation's label (aamm__sb_label()), as the tombstone trigger spells it */
     char *qname; /* "schema"."name" */
     bool mapped;
     bool catalog_pending;
@@ -200,75 +201,6 @@ struct aamm_apply {
 /* ====================================================================================
  * Small helpers
  * ==================================================================================== */
-
-/* Append printf output to a growable heap string. */
-struct sb {
-    char *s;
-    size_t len, cap;
-    bool oom;
-    bool batch; /* statement text: values come from unnest() columns s.pN, not from $N */
-};
-
-static void sb_add(struct sb *b, const char *fmt, ...) AAMM_PRINTF(2, 3);
-static void sb_add(struct sb *b, const char *fmt, ...)
-{
-    if (b->oom)
-        return;
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(b->s ? b->s + b->len : NULL, b->s ? b->cap - b->len : 0, fmt, ap);
-        va_end(ap);
-        if (n < 0) {
-            b->oom = true;
-            return;
-        }
-        if (b->s && b->len + (size_t)n < b->cap) {
-            b->len += (size_t)n;
-            return;
-        }
-        size_t nc = (b->cap ? b->cap * 2 : 256);
-        while (nc < b->len + (size_t)n + 1)
-            nc *= 2;
-        char *p = aamm__realloc(b->s, nc);
-        if (!p) {
-            b->oom = true;
-            return;
-        }
-        b->s = p;
-        b->cap = nc;
-    }
-}
-
-/* Quote an identifier (always quoted: the catalog spelling is kept exactly). */
-static void sb_ident(struct sb *b, const char *id)
-{
-    sb_add(b, "\"");
-    for (const char *c = id; *c; c++)
-        sb_add(b, *c == '"' ? "\"\"" : "%c", *c);
-    sb_add(b, "\"");
-}
-
-/* One part of a relation's label (aamm.label_part() in lib/node.c builds the same text):
- * bare when a plain lower-case identifier, else quoted as an identifier. */
-static void sb_label(struct sb *b, const char *id)
-{
-    bool plain = (*id >= 'a' && *id <= 'z') || *id == '_';
-    for (const char *c = id; *c && plain; c++)
-        plain = (*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9') || *c == '_';
-    if (plain)
-        sb_add(b, "%s", id);
-    else
-        sb_ident(b, id);
-}
-
-static void sb_literal(struct sb *b, const char *s)
-{
-    sb_add(b, "'");
-    for (const char *c = s; *c; c++)
-        sb_add(b, *c == '\'' ? "''" : "%c", *c);
-    sb_add(b, "'");
-}
 
 /* Queue what the next result answers; the entry (NULL: out of memory). */
 static struct expect *exp_push(struct aamm_apply *ap, int kind, struct qtxn *t, struct lrel *rel,
@@ -599,13 +531,13 @@ static struct lrel *rel_lookup(struct aamm_apply *ap, const struct aamm_relation
             aamm__free(found);
             return NULL;
         }
-        struct sb q = {0}, l = {0};
-        sb_ident(&q, src->schema);
-        sb_add(&q, ".");
-        sb_ident(&q, src->name);
-        sb_label(&l, src->schema);
-        sb_add(&l, ".");
-        sb_label(&l, src->name);
+        struct aamm__sb q = {0}, l = {0};
+        aamm__sb_ident(&q, src->schema);
+        aamm__sb_add(&q, ".");
+        aamm__sb_ident(&q, src->name);
+        aamm__sb_label(&l, src->schema);
+        aamm__sb_add(&l, ".");
+        aamm__sb_label(&l, src->name);
         if (q.oom || l.oom) {
             aamm__free(q.s);
             aamm__free(l.s);
@@ -872,54 +804,56 @@ static void map_result(struct lrel *r, PGresult *res)
 #define NFIXED 4
 #define NFIXED_ALL 5
 
-static void sb_param(struct sb *b, const struct lrel *r, int rcol, int pno)
+static void sb_param(struct aamm__sb *b, const struct lrel *r, int rcol, int pno)
 {
-    sb_add(b, b->batch ? "s.p%d::%s" : "$%d::%s", pno,
-           r->lcols[r->r2l[rcol] >= 0 ? r->r2l[rcol] : 0].type);
+    aamm__sb_add(b, b->batch ? "s.p%d::%s" : "$%d::%s", pno,
+                 r->lcols[r->r2l[rcol] >= 0 ? r->r2l[rcol] : 0].type);
 }
 
 /* the key columns' param numbers live in @kparam (per key position) */
-static void sb_keyjson(struct sb *b, const struct lrel *r, const int *kparam)
+static void sb_keyjson(struct aamm__sb *b, const struct lrel *r, const int *kparam)
 {
-    sb_add(b, "pg_catalog.jsonb_build_array(");
+    aamm__sb_add(b, "pg_catalog.jsonb_build_array(");
     for (int k = 0; k < r->nkeys; k++) {
-        sb_add(b, "%s", k ? ", " : "");
+        aamm__sb_add(b, "%s", k ? ", " : "");
         sb_param(b, r, r->key_r[k], kparam[k]);
     }
-    sb_add(b, ")");
+    aamm__sb_add(b, ")");
 }
 
-static void sb_keywhere(struct sb *b, const struct lrel *r, const char *alias, const int *kparam)
+static void sb_keywhere(struct aamm__sb *b, const struct lrel *r, const char *alias,
+                        const int *kparam)
 {
     for (int k = 0; k < r->nkeys; k++) {
         int rc = r->key_r[k];
-        sb_add(b, "%s%s.", k ? " AND " : "", alias);
-        sb_ident(b, r->rel.columns[rc].name);
-        sb_add(b, " = $%d::%s", kparam[k], r->lcols[r->r2l[rc] >= 0 ? r->r2l[rc] : 0].type);
+        aamm__sb_add(b, "%s%s.", k ? " AND " : "", alias);
+        aamm__sb_ident(b, r->rel.columns[rc].name);
+        aamm__sb_add(b, " = $%d::%s", kparam[k], r->lcols[r->r2l[rc] >= 0 ? r->r2l[rc] : 0].type);
     }
 }
 
 /* remote row as JSON (columns written), or NULL for very wide rows (argument limit) */
-static void sb_rowjson(struct sb *b, const struct lrel *r, const char *mask, const int *vparam)
+static void sb_rowjson(struct aamm__sb *b, const struct lrel *r, const char *mask,
+                       const int *vparam)
 {
     int n = 0;
     for (uint32_t c = 0; c < r->rel.ncolumns; c++)
         n += mask[c] == '1';
     if (n == 0 || n > 45) {
-        sb_add(b, "NULL::jsonb");
+        aamm__sb_add(b, "NULL::jsonb");
         return;
     }
-    sb_add(b, "pg_catalog.jsonb_build_object(");
+    aamm__sb_add(b, "pg_catalog.jsonb_build_object(");
     int i = 0;
     for (uint32_t c = 0; c < r->rel.ncolumns; c++) {
         if (mask[c] != '1')
             continue;
-        sb_add(b, "%s", i++ ? ", " : "");
-        sb_literal(b, r->rel.columns[c].name);
-        sb_add(b, ", ");
+        aamm__sb_add(b, "%s", i++ ? ", " : "");
+        aamm__sb_literal(b, r->rel.columns[c].name);
+        aamm__sb_add(b, ", ");
         sb_param(b, r, (int)c, vparam[c]);
     }
-    sb_add(b, ")");
+    aamm__sb_add(b, ")");
 }
 
 /*
@@ -929,26 +863,26 @@ static void sb_rowjson(struct sb *b, const struct lrel *r, const char *mask, con
  */
 static char *rewrite_params(const char *sql, bool as_array, int offset)
 {
-    struct sb b = {0};
+    struct aamm__sb b = {0};
     char q = 0;
     for (const char *c = sql; *c; c++) {
         if (q) {
             if (*c == q)
                 q = 0;
-            sb_add(&b, "%c", *c);
+            aamm__sb_add(&b, "%c", *c);
         } else if (*c == '"' || *c == '\'') {
             q = *c;
-            sb_add(&b, "%c", *c);
+            aamm__sb_add(&b, "%c", *c);
         } else if (*c == '$' && c[1] >= '1' && c[1] <= '9') {
             char *end;
             long n = strtol(c + 1, &end, 10);
             if (as_array)
-                sb_add(&b, "($1[%ld])", n);
+                aamm__sb_add(&b, "($1[%ld])", n);
             else
-                sb_add(&b, "$%ld", n + offset);
+                aamm__sb_add(&b, "$%ld", n + offset);
             c = end - 1;
         } else {
-            sb_add(&b, "%c", *c);
+            aamm__sb_add(&b, "%c", *c);
         }
     }
     if (b.oom) {
@@ -983,9 +917,9 @@ static bool moves_key(const struct lrel *r, const char *mask)
 /* The tombstone apply leaves for the key in @kparam: a remote DELETE's, or (@vparam not
  * NULL) a key-changing UPDATE's old key unless the new key equals it. The tombstone
  * triggers fire for local writers only (session_replication_role = replica skips them). */
-static void sb_tomb(struct sb *b, const struct lrel *r, const int *kparam, const int *vparam)
+static void sb_tomb(struct aamm__sb *b, const struct lrel *r, const int *kparam, const int *vparam)
 {
-    sb_add(b, "(");
+    aamm__sb_add(b, "(");
     if (vparam) {
         int *nk = aamm__calloc((size_t)r->nkeys + 1, sizeof *nk);
         if (!nk) {
@@ -995,14 +929,14 @@ static void sb_tomb(struct sb *b, const struct lrel *r, const int *kparam, const
         for (int k = 0; k < r->nkeys; k++)
             nk[k] = vparam[r->key_r[k]];
         sb_keyjson(b, r, kparam);
-        sb_add(b, " IS NOT DISTINCT FROM ");
+        aamm__sb_add(b, " IS NOT DISTINCT FROM ");
         sb_keyjson(b, r, nk);
-        sb_add(b, " OR ");
+        aamm__sb_add(b, " OR ");
         aamm__free(nk);
     }
-    sb_add(b, "aamm.put_tombstone($3, ");
+    aamm__sb_add(b, "aamm.put_tombstone($3, ");
     sb_keyjson(b, r, kparam);
-    sb_add(b, ", $1::timestamptz, $2::int))");
+    aamm__sb_add(b, ", $1::timestamptz, $2::int))");
 }
 
 /* The parameter numbers of a change of shape @mask: per remote column its value's (0:
@@ -1035,62 +969,62 @@ static bool number_params(const struct lrel *r, int op, const char *mask, int **
 
 /* The written columns of shape @mask: their names (@names), their values (@vparam), or
  * both as "name = value" (@names and @vparam), comma-separated. */
-static void sb_written(struct sb *b, const struct lrel *r, const char *mask, bool names,
+static void sb_written(struct aamm__sb *b, const struct lrel *r, const char *mask, bool names,
                        const int *vparam)
 {
     int i = 0;
     for (uint32_t c = 0; c < r->rel.ncolumns; c++) {
         if (mask[c] != '1')
             continue;
-        sb_add(b, "%s", i++ ? ", " : "");
+        aamm__sb_add(b, "%s", i++ ? ", " : "");
         if (names)
-            sb_ident(b, r->rel.columns[c].name);
+            aamm__sb_ident(b, r->rel.columns[c].name);
         if (names && vparam)
-            sb_add(b, " = ");
+            aamm__sb_add(b, " = ");
         if (vparam)
             sb_param(b, r, (int)c, vparam[c]);
     }
 }
 
 /* "INSERT INTO <table> [AS t] (<written columns>) SELECT <their values>" */
-static void sb_insert_head(struct sb *b, const struct lrel *r, const char *mask, const int *vparam,
-                           bool alias)
+static void sb_insert_head(struct aamm__sb *b, const struct lrel *r, const char *mask,
+                           const int *vparam, bool alias)
 {
-    sb_add(b, "INSERT INTO %s%s (", r->qname, alias ? " AS t" : "");
+    aamm__sb_add(b, "INSERT INTO %s%s (", r->qname, alias ? " AS t" : "");
     sb_written(b, r, mask, true, NULL);
-    sb_add(b, ") SELECT ");
+    aamm__sb_add(b, ") SELECT ");
     sb_written(b, r, mask, false, vparam);
 }
 
 /* "UPDATE <table> AS t SET <written column> = <value>, ... WHERE <key>" */
-static void sb_update_head(struct sb *b, const struct lrel *r, const char *mask, const int *vparam,
-                           const int *kparam)
+static void sb_update_head(struct aamm__sb *b, const struct lrel *r, const char *mask,
+                           const int *vparam, const int *kparam)
 {
-    sb_add(b, "UPDATE %s AS t SET ", r->qname);
+    aamm__sb_add(b, "UPDATE %s AS t SET ", r->qname);
     sb_written(b, r, mask, true, vparam);
-    sb_add(b, " WHERE ");
+    aamm__sb_add(b, " WHERE ");
     sb_keywhere(b, r, "t", kparam);
 }
 
 /* the key columns' names, comma-separated (an ON CONFLICT target) */
-static void sb_keycols(struct sb *b, const struct lrel *r)
+static void sb_keycols(struct aamm__sb *b, const struct lrel *r)
 {
     for (int k = 0; k < r->nkeys; k++) {
-        sb_add(b, "%s", k ? ", " : "");
-        sb_ident(b, r->rel.columns[r->key_r[k]].name);
+        aamm__sb_add(b, "%s", k ? ", " : "");
+        aamm__sb_ident(b, r->rel.columns[r->key_r[k]].name);
     }
 }
 
 /* " WHERE <the key is not remembered as deleted>": no tombstone in the relation at all
  * (one probe per statement), or none for the key */
-static void sb_not_tombstoned(struct sb *b, const struct lrel *r, const int *kparam)
+static void sb_not_tombstoned(struct aamm__sb *b, const struct lrel *r, const int *kparam)
 {
-    sb_add(b, " WHERE NOT EXISTS (SELECT 1 FROM aamm.tombstone tb0 WHERE tb0.relation "
-              "OPERATOR(pg_catalog.=) $3) OR NOT EXISTS (SELECT 1 FROM aamm.tombstone tb "
-              "WHERE tb.relation OPERATOR(pg_catalog.=) $3 AND tb.key "
-              "OPERATOR(pg_catalog.=) ");
+    aamm__sb_add(b, " WHERE NOT EXISTS (SELECT 1 FROM aamm.tombstone tb0 WHERE tb0.relation "
+                    "OPERATOR(pg_catalog.=) $3) OR NOT EXISTS (SELECT 1 FROM aamm.tombstone tb "
+                    "WHERE tb.relation OPERATOR(pg_catalog.=) $3 AND tb.key "
+                    "OPERATOR(pg_catalog.=) ");
     sb_keyjson(b, r, kparam);
-    sb_add(b, ")");
+    aamm__sb_add(b, ")");
 }
 
 /* The recheck after a write that inserted a row with the key in @kparam (NULL: @keys, an
@@ -1098,18 +1032,18 @@ static void sb_not_tombstoned(struct sb *b, const struct lrel *r, const int *kpa
  * a delete of one of them committed while the insert waited for the deleting transaction
  * (the decision, made in the statement's snapshot, could not see it). @upd: the rule of
  * update_missing. */
-static void sb_recheck(struct sb *b, const struct lrel *r, const int *kparam, const char *keys,
-                       bool upd)
+static void sb_recheck(struct aamm__sb *b, const struct lrel *r, const int *kparam,
+                       const char *keys, bool upd)
 {
-    sb_add(b, "aamm.recheck_tombs($3, ");
+    aamm__sb_add(b, "aamm.recheck_tombs($3, ");
     if (kparam) {
-        sb_add(b, "ARRAY[");
+        aamm__sb_add(b, "ARRAY[");
         sb_keyjson(b, r, kparam);
-        sb_add(b, "]");
+        aamm__sb_add(b, "]");
     } else {
-        sb_add(b, "%s", keys);
+        aamm__sb_add(b, "%s", keys);
     }
-    sb_add(b, ", $1::timestamptz, $2::int, $4, %s)", upd ? "true" : "false");
+    aamm__sb_add(b, ", $1::timestamptz, $2::int, $4, %s)", upd ? "true" : "false");
 }
 
 /*
@@ -1119,7 +1053,7 @@ static void sb_recheck(struct sb *b, const struct lrel *r, const int *kparam, co
  */
 static char *build_full(const struct lrel *r, int op, const char *mask, bool has_u)
 {
-    struct sb b = {0};
+    struct aamm__sb b = {0};
     uint32_t nc = r->rel.ncolumns;
     int *vparam, *kparam, p;
     if (!number_params(r, op, mask, &vparam, &kparam, &p))
@@ -1135,64 +1069,66 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
          * (23505) and the relation's runs go out as OP_INSERT_MANY from then on. */
         bool many = op == OP_INSERT_MANY || op == OP_INSERT_PLAIN;
         b.batch = many;
-        sb_add(&b, "WITH i AS (");
+        aamm__sb_add(&b, "WITH i AS (");
         sb_insert_head(&b, r, mask, vparam, true);
         int i;
         if (many) {
-            sb_add(&b, " FROM ROWS FROM (");
+            aamm__sb_add(&b, " FROM ROWS FROM (");
             i = 0;
             for (uint32_t c = 0; c < nc; c++)
                 if (mask[c] == '1')
-                    sb_add(&b, "%spg_catalog.unnest($%d::text[])", i++ ? ", " : "", vparam[c]);
-            sb_add(&b, ") AS s(");
+                    aamm__sb_add(&b, "%spg_catalog.unnest($%d::text[])", i++ ? ", " : "",
+                                 vparam[c]);
+            aamm__sb_add(&b, ") AS s(");
             i = 0;
             for (uint32_t c = 0; c < nc; c++)
                 if (mask[c] == '1')
-                    sb_add(&b, "%sp%d", i++ ? ", " : "", vparam[c]);
-            sb_add(&b, ")");
+                    aamm__sb_add(&b, "%sp%d", i++ ? ", " : "", vparam[c]);
+            aamm__sb_add(&b, ")");
         }
         sb_not_tombstoned(&b, r, kparam);
-        sb_add(&b, " OR aamm.insert_ok($3, ");
+        aamm__sb_add(&b, " OR aamm.insert_ok($3, ");
         sb_keyjson(&b, r, kparam);
-        sb_add(&b, ", $1::timestamptz, $2::int, ");
+        aamm__sb_add(&b, ", $1::timestamptz, $2::int, ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", $4)");
+        aamm__sb_add(&b, ", $4)");
         b.batch = false;
         if (op != OP_INSERT_PLAIN) {
-            sb_add(&b, " ON CONFLICT (");
+            aamm__sb_add(&b, " ON CONFLICT (");
             sb_keycols(&b, r);
-            sb_add(&b, ") DO UPDATE SET ");
+            aamm__sb_add(&b, ") DO UPDATE SET ");
             i = 0;
             for (uint32_t c = 0; c < nc; c++)
                 if (mask[c] == '1') {
-                    sb_add(&b, "%s", i++ ? ", " : "");
-                    sb_ident(&b, r->rel.columns[c].name);
-                    sb_add(&b, " = EXCLUDED.");
-                    sb_ident(&b, r->rel.columns[c].name);
+                    aamm__sb_add(&b, "%s", i++ ? ", " : "");
+                    aamm__sb_ident(&b, r->rel.columns[c].name);
+                    aamm__sb_add(&b, " = EXCLUDED.");
+                    aamm__sb_ident(&b, r->rel.columns[c].name);
                 }
-            sb_add(&b, " WHERE aamm.decide('insert_exists', $3, pg_catalog.jsonb_build_array(");
+            aamm__sb_add(&b,
+                         " WHERE aamm.decide('insert_exists', $3, pg_catalog.jsonb_build_array(");
             for (int k = 0; k < r->nkeys; k++) {
-                sb_add(&b, "%sEXCLUDED.", k ? ", " : "");
-                sb_ident(&b, r->rel.columns[r->key_r[k]].name);
+                aamm__sb_add(&b, "%sEXCLUDED.", k ? ", " : "");
+                aamm__sb_ident(&b, r->rel.columns[r->key_r[k]].name);
             }
-            sb_add(&b, "), t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
-                       "$1::timestamptz, $2::int, $4)");
+            aamm__sb_add(&b, "), t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
+                             "$1::timestamptz, $2::int, $4)");
         }
         /* the keys written (a row the ON CONFLICT clause updated instead was decided on
          * against its latest version, and the check below cannot misjudge it: a remembered
          * delete the decision saw would have stopped the write) */
         if (many) {
-            sb_add(&b, " RETURNING pg_catalog.jsonb_build_array(");
+            aamm__sb_add(&b, " RETURNING pg_catalog.jsonb_build_array(");
             for (int k = 0; k < r->nkeys; k++) {
-                sb_add(&b, "%st.", k ? ", " : "");
-                sb_ident(&b, r->rel.columns[r->key_r[k]].name);
+                aamm__sb_add(&b, "%st.", k ? ", " : "");
+                aamm__sb_ident(&b, r->rel.columns[r->key_r[k]].name);
             }
-            sb_add(&b, ") AS k) SELECT ");
+            aamm__sb_add(&b, ") AS k) SELECT ");
             sb_recheck(&b, r, NULL, "(SELECT pg_catalog.array_agg(i.k) FROM i)", false);
         } else {
-            sb_add(&b, " RETURNING 1) SELECT CASE WHEN EXISTS (SELECT 1 FROM i) THEN ");
+            aamm__sb_add(&b, " RETURNING 1) SELECT CASE WHEN EXISTS (SELECT 1 FROM i) THEN ");
             sb_recheck(&b, r, kparam, NULL, false);
-            sb_add(&b, " END");
+            aamm__sb_add(&b, " END");
         }
     } else if (op == OP_UPDATE) {
         /* the decision is evaluated on the row version being updated (a concurrent writer
@@ -1200,70 +1136,70 @@ static char *build_full(const struct lrel *r, int op, const char *mask, bool has
          * tombstone on the old key, the statement then returning a row when it updated one
          * (apply_slow() counts it) */
         bool moves = moves_key(r, mask);
-        sb_add(&b, "%s", moves ? "WITH u AS (" : "");
+        aamm__sb_add(&b, "%s", moves ? "WITH u AS (" : "");
         sb_update_head(&b, r, mask, vparam, kparam);
-        sb_add(&b, " AND (%s OR aamm.decide('update_origin_differs', $3, ", same_origin_sql);
+        aamm__sb_add(&b, " AND (%s OR aamm.decide('update_origin_differs', $3, ", same_origin_sql);
         sb_keyjson(&b, r, kparam);
-        sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), ");
+        aamm__sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), ");
         sb_rowjson(&b, r, mask, vparam);
-        sb_add(&b, ", $1::timestamptz, $2::int, $4))");
+        aamm__sb_add(&b, ", $1::timestamptz, $2::int, $4))");
         if (moves) {
-            sb_add(&b, " RETURNING 1) SELECT ");
+            aamm__sb_add(&b, " RETURNING 1) SELECT ");
             sb_tomb(&b, r, kparam, vparam);
-            sb_add(&b, " FROM u");
+            aamm__sb_add(&b, " FROM u");
         }
     } else if (op == OP_UPDATE_MISSING) {
         /* a statement of its own after the UPDATE, so its snapshot sees what the UPDATE
          * did and what concurrent writers committed meanwhile (a row deleted under it) */
-        sb_add(&b, "WITH i AS (");
+        aamm__sb_add(&b, "WITH i AS (");
         sb_insert_head(&b, r, mask, vparam, false);
-        sb_add(&b, " WHERE NOT EXISTS (SELECT 1 FROM %s t2 WHERE ", r->qname);
+        aamm__sb_add(&b, " WHERE NOT EXISTS (SELECT 1 FROM %s t2 WHERE ", r->qname);
         sb_keywhere(&b, r, "t2", kparam);
-        sb_add(&b, ")");
+        aamm__sb_add(&b, ")");
         if (oldkey) { /* nor the new key (the UPDATE moved the row there) */
             int *nk = aamm__calloc((size_t)r->nkeys + 1, sizeof *nk);
             if (!nk)
                 b.oom = true;
             for (int k = 0; nk && k < r->nkeys; k++)
                 nk[k] = vparam[r->key_r[k]];
-            sb_add(&b, " AND NOT EXISTS (SELECT 1 FROM %s t3 WHERE ", r->qname);
+            aamm__sb_add(&b, " AND NOT EXISTS (SELECT 1 FROM %s t3 WHERE ", r->qname);
             if (nk)
                 sb_keywhere(&b, r, "t3", nk);
-            sb_add(&b, ")");
+            aamm__sb_add(&b, ")");
             aamm__free(nk);
         }
-        sb_add(&b, " AND aamm.update_missing($3, ");
+        aamm__sb_add(&b, " AND aamm.update_missing($3, ");
         sb_keyjson(&b, r, kparam);
-        sb_add(&b, ", $1::timestamptz, $2::int, ");
+        aamm__sb_add(&b, ", $1::timestamptz, $2::int, ");
         sb_rowjson(&b, r, mask, vparam);
         /* a key present now was written after the snapshot the checks above read (a
          * concurrent insert the statement waited for): the update must be decided against
          * that row, so the transaction is retried (aamm.write_raced(), AA006); likewise a
          * delete committed meanwhile (sb_recheck()) */
-        sb_add(&b, ", %s, $4) ON CONFLICT (", has_u ? "true" : "false");
+        aamm__sb_add(&b, ", %s, $4) ON CONFLICT (", has_u ? "true" : "false");
         sb_keycols(&b, r);
-        sb_add(&b, ") DO UPDATE SET ");
-        sb_ident(&b, r->rel.columns[r->key_r[0]].name);
-        sb_add(&b, " = EXCLUDED.");
-        sb_ident(&b, r->rel.columns[r->key_r[0]].name);
-        sb_add(&b, " WHERE aamm.write_raced($3, ");
+        aamm__sb_add(&b, ") DO UPDATE SET ");
+        aamm__sb_ident(&b, r->rel.columns[r->key_r[0]].name);
+        aamm__sb_add(&b, " = EXCLUDED.");
+        aamm__sb_ident(&b, r->rel.columns[r->key_r[0]].name);
+        aamm__sb_add(&b, " WHERE aamm.write_raced($3, ");
         sb_keyjson(&b, r, kparam);
-        sb_add(&b, ") RETURNING 1) SELECT CASE WHEN EXISTS (SELECT 1 FROM i) THEN ");
+        aamm__sb_add(&b, ") RETURNING 1) SELECT CASE WHEN EXISTS (SELECT 1 FROM i) THEN ");
         sb_recheck(&b, r, kparam, NULL, true);
-        sb_add(&b, " END");
+        aamm__sb_add(&b, " END");
     } else {
-        sb_add(&b, "WITH d AS (DELETE FROM %s AS t WHERE ", r->qname);
+        aamm__sb_add(&b, "WITH d AS (DELETE FROM %s AS t WHERE ", r->qname);
         sb_keywhere(&b, r, "t", kparam);
-        sb_add(&b, " AND aamm.decide('delete_origin_differs', $3, ");
+        aamm__sb_add(&b, " AND aamm.decide('delete_origin_differs', $3, ");
         sb_keyjson(&b, r, kparam);
-        sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), NULL, $1::timestamptz, $2::int, $4) "
-                   "RETURNING 1) SELECT CASE WHEN EXISTS (SELECT 1 FROM d) THEN ");
+        aamm__sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), NULL, $1::timestamptz, $2::int, $4) "
+                         "RETURNING 1) SELECT CASE WHEN EXISTS (SELECT 1 FROM d) THEN ");
         sb_tomb(&b, r, kparam, NULL);
-        sb_add(&b, " WHEN NOT EXISTS (SELECT 1 FROM %s t2 WHERE ", r->qname);
+        aamm__sb_add(&b, " WHEN NOT EXISTS (SELECT 1 FROM %s t2 WHERE ", r->qname);
         sb_keywhere(&b, r, "t2", kparam);
-        sb_add(&b, ") THEN aamm.delete_missing($3, ");
+        aamm__sb_add(&b, ") THEN aamm.delete_missing($3, ");
         sb_keyjson(&b, r, kparam);
-        sb_add(&b, ", $1::timestamptz, $2::int, NULL) END");
+        aamm__sb_add(&b, ", $1::timestamptz, $2::int, NULL) END");
     }
     aamm__free(vparam);
     aamm__free(kparam);
@@ -1291,7 +1227,7 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
 {
     if (op == OP_INSERT_MANY || op == OP_INSERT_PLAIN || op == OP_UPDATE_MISSING)
         return build_full(r, op, mask, has_u);
-    struct sb b = {0};
+    struct aamm__sb b = {0};
     int *vparam = NULL, *kparam = NULL, p = 0;
     if (!number_params(r, op, mask, &vparam, &kparam, &p))
         b.oom = true;
@@ -1304,24 +1240,24 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
     aamm__free(full);
     aamm__free(miss);
     if (cte)
-        sb_add(&b, "c%d AS (", cte);
+        aamm__sb_add(&b, "c%d AS (", cte);
     else
-        sb_add(&b, "WITH c0 AS (");
+        aamm__sb_add(&b, "WITH c0 AS (");
     if (b.oom) {
         /* nothing more to build */
     } else if (op == OP_INSERT) {
         sb_insert_head(&b, r, mask, vparam, true);
         sb_not_tombstoned(&b, r, kparam);
-        sb_add(&b, " ON CONFLICT (");
+        aamm__sb_add(&b, " ON CONFLICT (");
         sb_keycols(&b, r);
-        sb_add(&b, ") DO NOTHING RETURNING 1)");
+        aamm__sb_add(&b, ") DO NOTHING RETURNING 1)");
     } else if (op == OP_UPDATE) {
         sb_update_head(&b, r, mask, vparam, kparam);
-        sb_add(&b, " AND %s RETURNING 1)", same_origin_sql);
+        aamm__sb_add(&b, " AND %s RETURNING 1)", same_origin_sql);
     } else {
-        sb_add(&b, "DELETE FROM %s AS t WHERE ", r->qname);
+        aamm__sb_add(&b, "DELETE FROM %s AS t WHERE ", r->qname);
         sb_keywhere(&b, r, "t", kparam);
-        sb_add(&b, " AND %s RETURNING 1)", same_origin_sql);
+        aamm__sb_add(&b, " AND %s RETURNING 1)", same_origin_sql);
     }
     /* a DELETE or key-changing UPDATE that wrote leaves its tombstone; one that did not
      * takes the slow path */
@@ -1329,29 +1265,30 @@ static char *build_sql(const struct lrel *r, int op, const char *mask, bool has_
     /* an INSERT that wrote checks that no delete committed while it waited (sb_recheck()) */
     bool then = tomb || (!b.oom && op == OP_INSERT);
     if (cte)
-        sb_add(&b, ", m%d AS (", cte);
+        aamm__sb_add(&b, ", m%d AS (", cte);
     if (then) {
-        sb_add(&b, " SELECT CASE WHEN EXISTS (SELECT 1 FROM c%d) THEN ", cte);
+        aamm__sb_add(&b, " SELECT CASE WHEN EXISTS (SELECT 1 FROM c%d) THEN ", cte);
         if (tomb)
             sb_tomb(&b, r, kparam, op == OP_UPDATE ? vparam : NULL);
         else
             sb_recheck(&b, r, kparam, NULL, false);
-        sb_add(&b, " ELSE");
+        aamm__sb_add(&b, " ELSE");
     }
-    sb_add(&b, " %saamm.apply_slow(", then ? "" : "SELECT ");
-    sb_literal(&b, dfull ? dfull : "");
-    sb_add(&b, ", ");
+    aamm__sb_add(&b, " %saamm.apply_slow(", then ? "" : "SELECT ");
+    aamm__sb_literal(&b, dfull ? dfull : "");
+    aamm__sb_add(&b, ", ");
     if (dmiss)
-        sb_literal(&b, dmiss);
+        aamm__sb_literal(&b, dmiss);
     else
-        sb_add(&b, "NULL");
-    sb_add(&b, ", ARRAY[");
+        aamm__sb_add(&b, "NULL");
+    aamm__sb_add(&b, ", ARRAY[");
     for (int pi = 1; pi < p; pi++)
-        sb_add(&b, "%s$%d", pi > 1 ? ", " : "", pi);
+        aamm__sb_add(&b, "%s$%d", pi > 1 ? ", " : "", pi);
     if (then)
-        sb_add(&b, "]::text[]) END AS x%s", cte ? ")" : "");
+        aamm__sb_add(&b, "]::text[]) END AS x%s", cte ? ")" : "");
     else
-        sb_add(&b, "]::text[]) AS x WHERE NOT EXISTS (SELECT 1 FROM c%d)%s", cte, cte ? ")" : "");
+        aamm__sb_add(&b, "]::text[]) AS x WHERE NOT EXISTS (SELECT 1 FROM c%d)%s", cte,
+                     cte ? ")" : "");
     aamm__free(dfull);
     aamm__free(dmiss);
     aamm__free(vparam);
@@ -1544,7 +1481,7 @@ static bool lockreq_push(struct lockreq **v, size_t *n, size_t *cap, struct lock
  * so appliers cannot deadlock on them. Appends the two array literals (ids, modes) to
  * @ids and @modes.
  */
-static int build_locks(const struct qtxn *t, struct sb *ids, struct sb *modes)
+static int build_locks(const struct qtxn *t, struct aamm__sb *ids, struct aamm__sb *modes)
 {
     size_t cap = 0, n = 0;
     struct lockreq *v = NULL;
@@ -1615,8 +1552,8 @@ static int build_locks(const struct qtxn *t, struct sb *ids, struct sb *modes)
     if (ok) {
         if (n > 1)
             qsort(v, n, sizeof *v, lockreq_cmp);
-        sb_add(ids, "{");
-        sb_add(modes, "{");
+        aamm__sb_add(ids, "{");
+        aamm__sb_add(modes, "{");
         bool first = true;
         int64_t last = 0;
         for (size_t i = 0; i < n; i++) {
@@ -1626,12 +1563,12 @@ static int build_locks(const struct qtxn *t, struct sb *ids, struct sb *modes)
             bool ex = v[i].exclusive; /* one id asked in both modes: exclusive */
             for (size_t j = i + 1; j < n && v[j].id == v[i].id; j++)
                 ex = ex || (v[j].exclusive && !v[j].dropped);
-            sb_add(ids, "%s%" PRId64, first ? "" : ",", v[i].id);
-            sb_add(modes, "%s%c", first ? "" : ",", ex ? 't' : 'f');
+            aamm__sb_add(ids, "%s%" PRId64, first ? "" : ",", v[i].id);
+            aamm__sb_add(modes, "%s%c", first ? "" : ",", ex ? 't' : 'f');
             first = false;
         }
-        sb_add(ids, "}");
-        sb_add(modes, "}");
+        aamm__sb_add(ids, "}");
+        aamm__sb_add(modes, "}");
         ok = !ids->oom && !modes->oom;
     }
     aamm__free(v);
@@ -1649,14 +1586,14 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
     if (c->kind == AAMM_CHANGE_MESSAGE)
         return 0;
     if (c->kind == AAMM_CHANGE_TRUNCATE) {
-        struct sb b = {0};
-        sb_add(&b, "TRUNCATE ONLY ");
+        struct aamm__sb b = {0};
+        aamm__sb_add(&b, "TRUNCATE ONLY ");
         for (uint32_t i = 0; i < c->nrelations; i++)
-            sb_add(&b, "%s%s", i ? ", " : "", lrel_of(c->relations[i])->qname);
+            aamm__sb_add(&b, "%s%s", i ? ", " : "", lrel_of(c->relations[i])->qname);
         if (c->truncate_flags & AAMM_TRUNCATE_RESTART_IDENTITY)
-            sb_add(&b, " RESTART IDENTITY");
+            aamm__sb_add(&b, " RESTART IDENTITY");
         if (c->truncate_flags & AAMM_TRUNCATE_CASCADE)
-            sb_add(&b, " CASCADE");
+            aamm__sb_add(&b, " CASCADE");
         if (b.oom)
             return AAMM_ENOMEM;
         int ok = PQsendQueryParams(ap->conn, b.s, 0, NULL, NULL, NULL, NULL, 0);
@@ -2024,7 +1961,7 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
     char *masks = aamm__calloc(n, (size_t)widest + 2);
     int *ops = aamm__calloc(n, sizeof *ops), *nps = aamm__calloc(n, sizeof *nps);
     bool *hasu = aamm__calloc(n, sizeof *hasu);
-    struct sb shape = {0};
+    struct aamm__sb shape = {0};
     int rc = (vals && masks && ops && nps && hasu) ? 0 : AAMM_ENOMEM;
     int total = 0;
     for (size_t i = 0; i < n && rc == 0; i++) {
@@ -2038,7 +1975,7 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
             break;
         vals[total + 3] = aamm_conflict_policy_name((enum aamm_conflict_policy)policy_of(ap, r));
         total += nps[i];
-        sb_add(&shape, "%d.%u.%d.%s;", r->id, r->gen, ops[i], mask);
+        aamm__sb_add(&shape, "%d.%u.%d.%s;", r->id, r->gen, ops[i], mask);
     }
     if (rc == 0 && shape.oom)
         rc = AAMM_ENOMEM;
@@ -2060,15 +1997,15 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
         AAMM_DEBUG("apply: merged statement %s for %s", m->name, m->shape);
     }
     if (rc == 0 && !m->prepared) {
-        struct sb sql = {0}, tail = {0};
+        struct aamm__sb sql = {0}, tail = {0};
         char *g = rewrite_params(guard_fold_sql, false, total);
         if (!g)
             sql.oom = true;
-        sb_add(&sql, "WITH %s", g ? g : "");
+        aamm__sb_add(&sql, "WITH %s", g ? g : "");
         aamm__free(g);
         /* the guard first: the Append reads g (locks and all) before any m item runs
          * its c item */
-        sb_add(&tail, " SELECT w FROM g");
+        aamm__sb_add(&tail, " SELECT w FROM g");
         int off = 0;
         for (size_t i = 0; i < n; i++) {
             struct lrel *r = lrel_of(t->changes[i].relation);
@@ -2079,13 +2016,13 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
                 sql.oom = true;
                 break;
             }
-            sb_add(&sql, ", %s", ren);
+            aamm__sb_add(&sql, ", %s", ren);
             aamm__free(ren);
             /* an m item runs only when read; reading it runs its c item first */
-            sb_add(&tail, " UNION ALL SELECT x::text FROM m%zu", i + 1);
+            aamm__sb_add(&tail, " UNION ALL SELECT x::text FROM m%zu", i + 1);
             off += nps[i];
         }
-        sb_add(&sql, "%s", tail.s ? tail.s : "");
+        aamm__sb_add(&sql, "%s", tail.s ? tail.s : "");
         Oid *types = aamm__malloc((size_t)(total + 6) * sizeof *types);
         if (sql.oom || tail.oom || !types) {
             rc = AAMM_ENOMEM;
@@ -2163,13 +2100,13 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
             return AAMM_ECONN;
         ap->fixed_prepared = true;
     }
-    struct sb ids = {0}, modes = {0};
+    struct aamm__sb ids = {0}, modes = {0};
     int rc = 0;
     if (ap->opt.lock_keys)
         rc = build_locks(t, &ids, &modes);
     else {
-        sb_add(&ids, "{}");
-        sb_add(&modes, "{}");
+        aamm__sb_add(&ids, "{}");
+        aamm__sb_add(&modes, "{}");
     }
     if (rc == 0 && (ids.oom || modes.oom))
         rc = AAMM_ENOMEM;
