@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include <aamm/wire.h>
+#include <lz4.h>
 
 #include "internal.h"
 #include "testutil.h"
@@ -918,6 +919,660 @@ START_TEST(alloc_failures)
 }
 END_TEST
 
+/* ====================================================================================
+ * Golden frames (tests/golden/wire/): bytes deployed peers send
+ * ==================================================================================== */
+
+/*
+ * Each scenario below is a script of encoder calls whose arguments are literal values. The
+ * same script runs twice: once driving an encoder (whose output must equal the checked-in
+ * tests/golden/wire/<name>.bin byte for byte) and once checking, event by event, that a
+ * decoder fed the checked-in file hands out exactly those literal values. So a codec change
+ * that alters the bytes on the wire fails here even when it round-trips with itself: such a
+ * change needs a new protocol version (doc/protocol.md §6) and new golden files, never an
+ * edited old one. AAMM_GOLDEN_UPDATE=1 rewrites the files from the current encoder (only
+ * for new scenarios; tests/golden/wire/README.md says when).
+ */
+
+#define GOLDEN_LZ4_VERSION 10904 /* liblz4 that wrote the LZ4 files (LZ4_versionNumber) */
+
+struct gctx {
+    bool encoding;
+    bool streaming;                /* encode split records one piece per call */
+    struct aamm_wire_encoder *enc; /* encoding */
+    struct bytes out;
+    struct aamm_wire_decoder *dec; /* checking */
+    uint64_t seal_seq, verify_seq; /* toy MAC sequence numbers, as the link's HMAC has */
+    int step;
+};
+
+/* A toy MAC over a per-direction sequence number and the frame (the link uses HMAC-SHA256
+ * in lib/link.c; the wire layer only places the 16-byte trailer and sets the flag). */
+static void golden_mac(uint64_t seq, const uint8_t *frame, size_t len, uint8_t *mac)
+{
+    uint8_t s[8];
+    uint32_t c;
+    for (int i = 0; i < 8; i++)
+        s[i] = (uint8_t)(seq >> (8 * i));
+    c = aamm_crc32c(aamm_crc32c(0, s, 8), frame, len);
+    for (int i = 0; i < AAMM_WIRE_MAC_SIZE; i++)
+        mac[i] = (uint8_t)((c >> ((i % 4) * 8)) ^ (uint8_t)(i * 17));
+}
+
+static int golden_seal(void *arg, const uint8_t *frame, size_t len, uint8_t *mac)
+{
+    struct gctx *g = arg;
+    golden_mac(g->seal_seq++, frame, len, mac);
+    return 0;
+}
+
+static int golden_verify(void *arg, const uint8_t *frame, size_t len, const uint8_t *mac)
+{
+    struct gctx *g = arg;
+    uint8_t want[AAMM_WIRE_MAC_SIZE];
+    golden_mac(g->verify_seq++, frame, len, want);
+    return memcmp(want, mac, sizeof want) == 0 ? 0 : AAMM_EAUTH;
+}
+
+/* The next decoded event, which must be of @kind. */
+static const struct aamm_wire_event *g_next(struct gctx *g, enum aamm_wire_event_kind kind)
+{
+    static struct aamm_wire_event ev;
+    int rc = aamm_wire_decoder_next(g->dec, &ev);
+    g->step++;
+    ck_assert_msg(rc == 0, "step %d: decoding: %s (rc %d)", g->step,
+                  aamm_wire_decoder_errmsg(g->dec), rc);
+    ck_assert_msg(ev.kind == kind, "step %d: event %d, expected %d", g->step, (int)ev.kind,
+                  (int)kind);
+    ck_assert_uint_eq(ev.frame_version, 1);
+    return &ev;
+}
+
+static void g_enc_ok(struct gctx *g, int rc)
+{
+    ck_assert_msg(rc == 0, "encoding: %s (rc %d)", aamm_wire_encoder_errmsg(g->enc), rc);
+    drain(g->enc, &g->out);
+}
+
+static void g_hello(struct gctx *g, const struct aamm_wire_hello *h)
+{
+    const struct aamm_wire_event *ev;
+    if (g->encoding)
+        return g_enc_ok(g, aamm_wire_encode_hello(g->enc, h));
+    ev = g_next(g, AAMM_WIRE_EV_HELLO);
+    ck_assert_uint_eq(ev->hello.min_version, h->min_version);
+    ck_assert_uint_eq(ev->hello.max_version, h->max_version);
+    ck_assert_uint_eq(ev->hello.role, h->role);
+    ck_assert_uint_eq(ev->hello.flags, h->flags);
+    ck_assert_uint_eq(ev->hello.node_id, h->node_id);
+    ck_assert_int_eq(ev->hello.wall_time_us, h->wall_time_us);
+    ck_assert_mem_eq(ev->hello.nonce, h->nonce, AAMM_WIRE_NONCE_SIZE);
+    ck_assert_str_eq(ev->hello.cluster, h->cluster);
+}
+
+static void g_auth(struct gctx *g, const uint8_t *proof)
+{
+    if (g->encoding)
+        return g_enc_ok(g, aamm_wire_encode_auth(g->enc, proof));
+    ck_assert_mem_eq(g_next(g, AAMM_WIRE_EV_AUTH)->proof, proof, AAMM_WIRE_PROOF_SIZE);
+}
+
+static void g_resume(struct gctx *g, const struct aamm_wire_position *pos, uint32_t n)
+{
+    const struct aamm_wire_event *ev;
+    if (g->encoding)
+        return g_enc_ok(g, aamm_wire_encode_resume(g->enc, pos, n));
+    ev = g_next(g, AAMM_WIRE_EV_RESUME);
+    ck_assert_uint_eq(ev->npositions, n);
+    for (uint32_t i = 0; i < n; i++) {
+        ck_assert_uint_eq(ev->positions[i].origin_node, pos[i].origin_node);
+        ck_assert_uint_eq(ev->positions[i].lsn, pos[i].lsn);
+    }
+}
+
+static void g_ack(struct gctx *g, uint32_t origin, uint64_t lsn)
+{
+    const struct aamm_wire_event *ev;
+    if (g->encoding)
+        return g_enc_ok(g, aamm_wire_encode_ack(g->enc, origin, lsn));
+    ev = g_next(g, AAMM_WIRE_EV_ACK);
+    ck_assert_uint_eq(ev->origin_node, origin);
+    ck_assert_uint_eq(ev->lsn, lsn);
+}
+
+static void g_heartbeat(struct gctx *g, int64_t t)
+{
+    if (g->encoding)
+        return g_enc_ok(g, aamm_wire_encode_heartbeat(g->enc, t));
+    ck_assert_int_eq(g_next(g, AAMM_WIRE_EV_HEARTBEAT)->wall_time_us, t);
+}
+
+static void g_error(struct gctx *g, int code, const char *msg)
+{
+    const struct aamm_wire_event *ev;
+    if (g->encoding)
+        return g_enc_ok(g, aamm_wire_encode_error(g->enc, code, msg));
+    ev = g_next(g, code == 0 ? AAMM_WIRE_EV_GOODBYE : AAMM_WIRE_EV_ERROR);
+    ck_assert_int_eq(ev->code, code);
+    ck_assert_str_eq(ev->message, msg ? msg : "");
+}
+
+static void g_begin(struct gctx *g, const struct aamm_transaction *t)
+{
+    struct aamm_transaction want = *t;
+    if (g->encoding)
+        return g_enc_ok(g, aamm_wire_encode_begin(g->enc, t));
+    want.end_lsn = AAMM_LSN_INVALID;
+    ck_assert_msg(wg_txn_header_equal(&g_next(g, AAMM_WIRE_EV_BEGIN)->txn, &want),
+                  "step %d: BEGIN differs", g->step);
+}
+
+static void g_change(struct gctx *g, const struct aamm_change *ch)
+{
+    const struct aamm_wire_event *ev;
+    if (g->encoding) {
+        int rc;
+        while ((rc = aamm_wire_encode_change(g->enc, ch)) == AAMM_EAGAIN) {
+            ck_assert(g->streaming);
+            drain(g->enc, &g->out);
+        }
+        return g_enc_ok(g, rc);
+    }
+    ev = g_next(g, AAMM_WIRE_EV_CHANGE);
+    ck_assert_msg(wg_change_equal(&ev->change, ch), "step %d: %s differs", g->step,
+                  aamm_change_kind_name(ch->kind));
+}
+
+static void g_commit(struct gctx *g, const struct aamm_transaction *t)
+{
+    if (g->encoding)
+        return g_enc_ok(g, aamm_wire_encode_commit(g->enc, t));
+    ck_assert_msg(wg_txn_header_equal(&g_next(g, AAMM_WIRE_EV_COMMIT)->txn, t),
+                  "step %d: COMMIT differs", g->step);
+}
+
+static void g_txn(struct gctx *g, const struct aamm_transaction *t, const struct aamm_change *ch,
+                  int n)
+{
+    g_begin(g, t);
+    for (int i = 0; i < n; i++)
+        g_change(g, &ch[i]);
+    g_commit(g, t);
+}
+
+static void g_flush(struct gctx *g)
+{
+    if (g->encoding)
+        g_enc_ok(g, aamm_wire_encoder_flush(g->enc));
+}
+
+/* Frames from here on carry the toy MAC (the link switches after AUTH, §4.1 step 3). */
+static void g_mac_on(struct gctx *g)
+{
+    if (g->encoding)
+        g_enc_ok(g, aamm_wire_encoder_set_mac(g->enc, golden_seal, g));
+    else
+        aamm_wire_decoder_set_mac(g->dec, golden_verify, g);
+}
+
+/* ---- the literal values ---------------------------------------------------------- */
+
+static struct aamm_column gcols_acc[3] = {{"id", "bigint", 20, -1, AAMM_COLUMN_KEY},
+                                          {"owner", "character varying(40)", 1043, 44, 0},
+                                          {"balance", "numeric(12,2)", 1700, 786438, 0}};
+static struct aamm_relation grel_acc = {16384, "public",  "accounts", AAMM_REPLIDENT_DEFAULT,
+                                        3,     gcols_acc, 1};
+static struct aamm_column gcols_log[2] = {{"at", "timestamp with time zone", 1184, -1, 0},
+                                          {"what", NULL, 0, -1, 0}};
+static struct aamm_relation grel_log = {16390, "Audit Schema", "log", AAMM_REPLIDENT_FULL,
+                                        2,     gcols_log,      1};
+static struct aamm_column gcols_kv[2] = {{"k", "text", 25, -1, AAMM_COLUMN_KEY},
+                                         {"v", "bytea", 17, -1, 0}};
+static struct aamm_relation grel_kv = {16400, "app", "kv", AAMM_REPLIDENT_INDEX, 2, gcols_kv, 1};
+static struct aamm_relation grel_empty = {16410, "public", "no_columns", AAMM_REPLIDENT_NOTHING, 0,
+                                          NULL,  1};
+
+/* clang-format off */
+#define TXT(s) {AAMM_VALUE_TEXT, sizeof(s) - 1, s}
+#define VNULL {AAMM_VALUE_NULL, 0, NULL}
+#define VUNCH {AAMM_VALUE_UNCHANGED, 0, NULL}
+/* clang-format on */
+
+static void golden_hello(struct gctx *g)
+{
+    struct aamm_wire_hello s = {1, 1, AAMM_WIRE_ROLE_SENDER, 0, 1, 1700000000123456, {0}, "prod"};
+    struct aamm_wire_hello r = {
+        1,  1,   AAMM_WIRE_ROLE_RECEIVER,     AAMM_WIRE_HELLO_TLS, 0xFEDCBA98u,
+        -5, {0}, "a cluster name with spaces"};
+    for (int i = 0; i < AAMM_WIRE_NONCE_SIZE; i++) {
+        s.nonce[i] = (uint8_t)(0xA0 + i);
+        r.nonce[i] = (uint8_t)(255 - 7 * i);
+    }
+    g_hello(g, &s);
+    g_hello(g, &r);
+}
+
+static void golden_auth(struct gctx *g)
+{
+    uint8_t proof[AAMM_WIRE_PROOF_SIZE];
+    for (int i = 0; i < AAMM_WIRE_PROOF_SIZE; i++)
+        proof[i] = (uint8_t)(i * 37 + 1);
+    g_auth(g, proof);
+}
+
+static void golden_resume(struct gctx *g)
+{
+    static const struct aamm_wire_position pos[3] = {{1, 0x16B3F28}, {2, UINT64_MAX}, {200, 0}};
+    g_resume(g, pos, 3);
+    g_resume(g, NULL, 0);
+}
+
+static void golden_ack(struct gctx *g)
+{
+    g_ack(g, 3, 0x1234ABCD5678ull);
+}
+
+static void golden_heartbeat(struct gctx *g)
+{
+    g_heartbeat(g, 1767225600000001);
+    g_heartbeat(g, -1);
+}
+
+static void golden_error(struct gctx *g)
+{
+    g_error(g, AAMM_EAUTH, "proof does not verify");
+    g_error(g, AAMM_EMALFORMED, NULL);
+}
+
+static void golden_goodbye(struct gctx *g)
+{
+    g_error(g, 0, "shutting down");
+}
+
+/* Every record type but 'P': BEGIN with and without origin, RELATION (every replica
+ * identity but 'n', a column without type name, type modifiers), INSERT, UPDATE with each old
+ * kind and an unchanged-TOAST value, DELETE by key and full row, TRUNCATE with both flags,
+ * transactional and non-transactional MESSAGE (content with a NUL), COMMIT with and without
+ * new commit LSN/time, a negative end-commit delta. */
+static void golden_data_records(struct gctx *g)
+{
+    struct aamm_value a1[3] = {TXT("1"), TXT("Zoë O'Brien"), TXT("-12.50")};
+    struct aamm_value a2[3] = {TXT("1"), VUNCH, TXT("100.00")};
+    struct aamm_value k1[3] = {TXT("1"), VNULL, VNULL};
+    struct aamm_value a3[3] = {TXT("2"), TXT(""), VNULL};
+    struct aamm_value l1[2] = {TXT("2026-01-01 00:00:00+00"), TXT("a\tb\nc \"quoted\" \\")};
+    struct aamm_value kv1[2] = {TXT("key"), TXT("\\x00ff")};
+    struct aamm_value kv2[2] = {TXT("key2"), VNULL};
+    const struct aamm_relation *trunc[2] = {&grel_acc, &grel_log};
+    struct aamm_change ch[] = {
+        {.kind = AAMM_CHANGE_INSERT, .relation = &grel_acc, .new_tuple = {3, a1}},
+        {.kind = AAMM_CHANGE_UPDATE, .relation = &grel_acc, .new_tuple = {3, a2}},
+        {.kind = AAMM_CHANGE_UPDATE,
+         .relation = &grel_acc,
+         .old_kind = AAMM_OLD_KEY,
+         .old_tuple = {3, k1},
+         .new_tuple = {3, a3}},
+        {.kind = AAMM_CHANGE_INSERT, .relation = &grel_log, .new_tuple = {2, l1}},
+        {.kind = AAMM_CHANGE_UPDATE,
+         .relation = &grel_log,
+         .old_kind = AAMM_OLD_FULL,
+         .old_tuple = {2, l1},
+         .new_tuple = {2, l1}},
+        {.kind = AAMM_CHANGE_DELETE,
+         .relation = &grel_acc,
+         .old_kind = AAMM_OLD_KEY,
+         .old_tuple = {3, k1}},
+        {.kind = AAMM_CHANGE_DELETE,
+         .relation = &grel_log,
+         .old_kind = AAMM_OLD_FULL,
+         .old_tuple = {2, l1}},
+        {.kind = AAMM_CHANGE_TRUNCATE,
+         .nrelations = 2,
+         .relations = trunc,
+         .truncate_flags = AAMM_TRUNCATE_CASCADE | AAMM_TRUNCATE_RESTART_IDENTITY},
+        {.kind = AAMM_CHANGE_MESSAGE,
+         .transactional = true,
+         .message_lsn = 0x16B3F00,
+         .prefix = "aamm_ddl",
+         .content_len = 9,
+         .content = "ALTER\0TAB"},
+    };
+    struct aamm_change ch2[] = {
+        {.kind = AAMM_CHANGE_INSERT, .relation = &grel_kv, .new_tuple = {2, kv1}},
+        {.kind = AAMM_CHANGE_INSERT, .relation = &grel_kv, .new_tuple = {2, kv2}},
+        {.kind = AAMM_CHANGE_INSERT, .relation = &grel_empty, .new_tuple = {0, NULL}},
+        {.kind = AAMM_CHANGE_TRUNCATE, .nrelations = 1, .relations = trunc, .truncate_flags = 0},
+        {.kind = AAMM_CHANGE_MESSAGE,
+         .transactional = true,
+         .message_lsn = 7,
+         .prefix = "",
+         .content_len = 0,
+         .content = ""},
+    };
+    struct aamm_change nontx = {.kind = AAMM_CHANGE_MESSAGE,
+                                .transactional = false,
+                                .message_lsn = 0x16B4000,
+                                .prefix = "app/notice",
+                                .content_len = 5,
+                                .content = "hello"};
+    struct aamm_transaction t1 = {1, 731, 0x16B3F28, 0x16B3F58, 1767225600000000, NULL, 0};
+    struct aamm_transaction t2 = {2,
+                                  4000000000u,
+                                  0x1000000000ull,
+                                  0x1000000040ull,
+                                  -86400000000,
+                                  "aamm_from_2",
+                                  0xFFFFFFFF00000001ull};
+    g_txn(g, &t1, ch, (int)(sizeof ch / sizeof ch[0]));
+    g_change(g, &nontx);
+    g_flush(g);
+    /* the second transaction's commit moved (streamed transaction): 'C' carries it */
+    g_begin(g, &t2);
+    for (size_t i = 0; i < sizeof ch2 / sizeof ch2[0]; i++)
+        g_change(g, &ch2[i]);
+    t2.commit_lsn = 0x1000000100ull; /* end - commit < 0: the zigzag delta is negative */
+    t2.commit_time = -86399999999;
+    g_commit(g, &t2);
+    g_flush(g);
+}
+
+/* Small similar transactions flushed one by one: the first frames plain or compressed on
+ * their own, later ones compressed against the history of earlier frames; one payload below
+ * compress_min stays plain. */
+static void golden_data_lz4(struct gctx *g)
+{
+    for (int i = 0; i < 5; i++) {
+        char id[8], owner[64];
+        struct aamm_value v[3] = {
+            {AAMM_VALUE_TEXT, 0, id}, {AAMM_VALUE_TEXT, 0, owner}, TXT("0.00")};
+        struct aamm_change ch = {
+            .kind = AAMM_CHANGE_INSERT, .relation = &grel_acc, .new_tuple = {3, v}};
+        struct aamm_transaction t = {1,
+                                     100u + (uint32_t)i,
+                                     0x2000000 + (uint64_t)i * 0x100,
+                                     0x2000030 + (uint64_t)i * 0x100,
+                                     1767225600000000 + i * 1000,
+                                     NULL,
+                                     0};
+        v[0].len = (uint32_t)snprintf(id, sizeof id, "%d", 1000 + i);
+        v[1].len = (uint32_t)snprintf(owner, sizeof owner,
+                                      "owner number %d of the accounts table, a longish name", i);
+        g_txn(g, &t, &ch, 1);
+        g_flush(g);
+    }
+    {
+        struct aamm_change m = {.kind = AAMM_CHANGE_MESSAGE,
+                                .message_lsn = 1,
+                                .prefix = "p",
+                                .content_len = 1,
+                                .content = "x"};
+        g_change(g, &m); /* 15 bytes: below compress_min */
+        g_flush(g);
+    }
+}
+
+/* Records larger than a frame (frame_payload 1024): a text value and a message content
+ * split into 'P' pieces, each alone in a DATA frame. */
+static void golden_pieces(struct gctx *g, bool compressible)
+{
+    static char big[3000], content[2500];
+    struct aamm_value v[2] = {TXT("big"), {AAMM_VALUE_TEXT, sizeof big, big}};
+    struct aamm_change ch[3] = {
+        {.kind = AAMM_CHANGE_INSERT, .relation = &grel_kv, .new_tuple = {2, v}},
+        {.kind = AAMM_CHANGE_MESSAGE,
+         .transactional = true,
+         .message_lsn = 0x3000000,
+         .prefix = "aamm_ddl",
+         .content_len = sizeof content,
+         .content = content},
+        {.kind = AAMM_CHANGE_DELETE,
+         .relation = &grel_kv,
+         .old_kind = AAMM_OLD_FULL,
+         .old_tuple = {2, v}},
+    };
+    struct aamm_transaction t = {5, 9, 0x3000100, 0x3000130, 1767225600000000, NULL, 0};
+    uint64_t seed = 0x601DE4;
+    for (size_t i = 0; i < sizeof big; i++)
+        big[i] = compressible ? "abcabcabd"[i % 9] : (char)('!' + aamm_test_rand(&seed) % 90);
+    for (size_t i = 0; i < sizeof content; i++)
+        content[i] = compressible ? (char)('a' + i % 7) : (char)(aamm_test_rand(&seed) & 0xFF);
+    g_txn(g, &t, ch, 3);
+    g_flush(g);
+}
+
+static void golden_pieces_plain(struct gctx *g)
+{
+    golden_pieces(g, false);
+}
+
+static void golden_pieces_lz4(struct gctx *g)
+{
+    golden_pieces(g, true);
+}
+
+/* The relation dictionary with room for 2: a third relation evicts the oldest entry not
+ * needed by the current change, a changed definition is sent again under its id. */
+static void golden_dictionary(struct gctx *g)
+{
+    struct aamm_column cols2[3] = {{"id", "bigint", 20, -1, AAMM_COLUMN_KEY},
+                                   {"owner_name", "character varying(40)", 1043, 44, 0},
+                                   {"balance", "numeric(12,2)", 1700, 786438, 0}};
+    struct aamm_relation acc2 = {16384, "public", "accounts", AAMM_REPLIDENT_DEFAULT, 3, cols2, 2};
+    struct aamm_value a[3] = {TXT("7"), TXT("x"), VNULL};
+    struct aamm_value k[2] = {TXT("k"), VNULL};
+    struct aamm_value l[2] = {VNULL, TXT("l")};
+    const struct aamm_relation *both[2] = {&grel_kv, &grel_log};
+    struct aamm_change ch[] = {
+        {.kind = AAMM_CHANGE_INSERT, .relation = &grel_acc, .new_tuple = {3, a}},
+        {.kind = AAMM_CHANGE_INSERT, .relation = &grel_kv, .new_tuple = {2, k}},
+        {.kind = AAMM_CHANGE_INSERT, .relation = &grel_log, .new_tuple = {2, l}},
+        {.kind = AAMM_CHANGE_INSERT, .relation = &grel_acc, .new_tuple = {3, a}},
+        {.kind = AAMM_CHANGE_TRUNCATE, .nrelations = 2, .relations = both},
+        {.kind = AAMM_CHANGE_INSERT, .relation = &acc2, .new_tuple = {3, a}},
+        {.kind = AAMM_CHANGE_INSERT, .relation = &acc2, .new_tuple = {3, a}},
+    };
+    struct aamm_transaction t = {3, 77, 0x4000000, 0x4000030, 1, NULL, 0};
+    g_txn(g, &t, ch, (int)(sizeof ch / sizeof ch[0]));
+    g_flush(g);
+}
+
+/* A link's first frames: HELLO and AUTH plain, then MAC mode for control and (compressed)
+ * DATA frames alike. */
+static void golden_mac_session(struct gctx *g)
+{
+    struct aamm_wire_hello h = {1, 1, AAMM_WIRE_ROLE_SENDER, 0, 4, 1767225600000000, {0}, "prod"};
+    uint8_t proof[AAMM_WIRE_PROOF_SIZE];
+    struct aamm_wire_position pos = {4, 0x5000000};
+    struct aamm_value v[3] = {TXT("42"),
+                              TXT("a value that repeats, a value that repeats, "
+                                  "a value that repeats"),
+                              TXT("1.00")};
+    struct aamm_change ch = {
+        .kind = AAMM_CHANGE_INSERT, .relation = &grel_acc, .new_tuple = {3, v}};
+    struct aamm_transaction t = {4, 5, 0x5000100, 0x5000130, 1767225600000001, NULL, 0};
+    for (int i = 0; i < AAMM_WIRE_NONCE_SIZE; i++)
+        h.nonce[i] = (uint8_t)i;
+    memset(proof, 0x5A, sizeof proof);
+    g_hello(g, &h);
+    g_auth(g, proof);
+    g_mac_on(g);
+    g_resume(g, &pos, 1);
+    g_txn(g, &t, &ch, 1);
+    g_flush(g);
+    g_ack(g, 4, 0x5000130);
+    g_heartbeat(g, 1767225600500000);
+    g_error(g, 0, "bye");
+}
+
+static const struct golden {
+    const char *name;
+    void (*script)(struct gctx *g);
+    struct aamm_wire_options opts;
+    bool lz4;           /* holds LZ4 frames: bytes depend on liblz4's compressor */
+    bool streaming;     /* encode it a second time in streaming mode: same bytes */
+    const char *frames; /* each frame's type and flags, in order */
+} goldens[] = {
+    {"hello", golden_hello, {0}, false, false, "HELLO HELLO"},
+    {"auth", golden_auth, {0}, false, false, "AUTH"},
+    {"resume", golden_resume, {0}, false, false, "RESUME RESUME"},
+    {"ack", golden_ack, {0}, false, false, "ACK"},
+    {"heartbeat", golden_heartbeat, {0}, false, false, "HEARTBEAT HEARTBEAT"},
+    {"error", golden_error, {0}, false, false, "ERROR ERROR"},
+    {"goodbye", golden_goodbye, {0}, false, false, "GOODBYE"},
+    {"data_records", golden_data_records, {.compress_min = UINT32_MAX}, false, false, "DATA DATA"},
+    {"data_lz4",
+     golden_data_lz4,
+     {0},
+     true,
+     false,
+     "DATA DATA+LZ4 DATA+LZ4 DATA+LZ4 DATA+LZ4 DATA"},
+    {"pieces",
+     golden_pieces_plain,
+     {.frame_payload = 1024, .compress_min = UINT32_MAX},
+     false,
+     true,
+     "DATA DATA DATA DATA DATA DATA DATA DATA DATA DATA DATA DATA DATA"},
+    {"pieces_lz4",
+     golden_pieces_lz4,
+     {.frame_payload = 1024},
+     true,
+     true,
+     "DATA DATA+LZ4 DATA+LZ4 DATA+LZ4 DATA DATA+LZ4 DATA+LZ4 DATA+LZ4 DATA+LZ4 DATA+LZ4 "
+     "DATA+LZ4 DATA DATA"},
+    {"dictionary",
+     golden_dictionary,
+     {.max_relations = 2, .compress_min = UINT32_MAX},
+     false,
+     false,
+     "DATA"},
+    {"mac_session",
+     golden_mac_session,
+     {0},
+     true,
+     false,
+     "HELLO AUTH RESUME+MAC DATA+LZ4+MAC ACK+MAC HEARTBEAT+MAC GOODBYE+MAC"},
+};
+
+/* The frames of @b as "TYPE[+LZ4][+MAC] ..." (walking headers only). */
+static void frame_list(const struct bytes *b, char *out, size_t cap)
+{
+    static const char *names[17] = {NULL,        "HELLO", "AUTH",    "RESUME",     "ACK",
+                                    "HEARTBEAT", "ERROR", "GOODBYE", [16] = "DATA"};
+    size_t off = 0, n = 0;
+    out[0] = '\0';
+    while (off + AAMM_WIRE_HEADER_SIZE <= b->len) {
+        const uint8_t *h = b->p + off;
+        uint16_t flags = (uint16_t)(h[6] | h[7] << 8);
+        uint32_t plen =
+            (uint32_t)h[8] | (uint32_t)h[9] << 8 | (uint32_t)h[10] << 16 | (uint32_t)h[11] << 24;
+        n += (size_t)snprintf(out + n, cap - n, "%s%s%s%s", n ? " " : "",
+                              h[5] < 17 && names[h[5]] ? names[h[5]] : "?",
+                              flags & AAMM_WIRE_F_LZ4 ? "+LZ4" : "",
+                              flags & AAMM_WIRE_F_MAC ? "+MAC" : "");
+        ck_assert_uint_lt(n, cap);
+        off += AAMM_WIRE_HEADER_SIZE + plen + (flags & AAMM_WIRE_F_MAC ? AAMM_WIRE_MAC_SIZE : 0);
+    }
+    ck_assert_uint_eq(off, b->len);
+}
+
+static void golden_encode(const struct golden *gd, bool streaming, struct bytes *out)
+{
+    struct gctx g = {.encoding = true, .streaming = streaming};
+    ck_assert_int_eq(aamm_wire_encoder_new(&g.enc, &gd->opts), 0);
+    ck_assert_int_eq(aamm_wire_encoder_set_streaming(g.enc, streaming), 0);
+    gd->script(&g);
+    ck_assert_int_eq(aamm_wire_encoder_flush(g.enc), 0);
+    drain(g.enc, &g.out);
+    ck_assert_uint_eq(aamm_wire_encoder_buffered(g.enc), 0);
+    aamm_wire_encoder_free(g.enc);
+    *out = g.out;
+}
+
+static void golden_path(const struct golden *gd, char *path, size_t cap)
+{
+    snprintf(path, cap, "%s/tests/golden/wire/%s.bin", AAMM_TOP_SRCDIR, gd->name);
+}
+
+static bool golden_read(const char *path, struct bytes *b)
+{
+    FILE *f = fopen(path, "rb");
+    uint8_t buf[4096];
+    size_t n;
+    if (f == NULL)
+        return false;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0)
+        bytes_add(b, buf, n);
+    fclose(f);
+    return true;
+}
+
+/* Each checked-in golden stream decodes, event by event, to the literal values of its
+ * scenario, and today's encoder reproduces it byte for byte from those values (in streaming
+ * mode too where records are split). */
+START_TEST(golden_frames)
+{
+    const struct golden *gd = &goldens[_i];
+    const char *update = getenv("AAMM_GOLDEN_UPDATE");
+    char path[4096], frames[4096];
+    struct bytes file = {0}, mine = {0};
+    golden_path(gd, path, sizeof path);
+    golden_encode(gd, false, &mine);
+    if (update != NULL && strcmp(update, "1") == 0) {
+        FILE *f = fopen(path, "wb");
+        ck_assert_msg(f != NULL, "cannot write %s", path);
+        ck_assert_uint_eq(fwrite(mine.p, 1, mine.len, f), mine.len);
+        ck_assert_int_eq(fclose(f), 0);
+        frame_list(&mine, frames, sizeof frames);
+        printf("golden: wrote %s (%zu bytes: %s)\n", path, mine.len, frames);
+    }
+    ck_assert_msg(golden_read(path, &file), "cannot read %s", path);
+
+    /* 1. the frames it holds */
+    frame_list(&file, frames, sizeof frames);
+    ck_assert_msg(strcmp(frames, gd->frames) == 0, "%s holds %s, expected %s", path, frames,
+                  gd->frames);
+
+    /* 2. today's decoder: exactly the scenario's values, nothing more */
+    {
+        struct gctx g = {.encoding = false};
+        struct aamm_wire_event ev;
+        size_t acc = 0;
+        ck_assert_int_eq(aamm_wire_decoder_new(&g.dec, &gd->opts), 0);
+        ck_assert_int_eq(aamm_wire_decoder_feed(g.dec, file.p, file.len, &acc), 0);
+        ck_assert_uint_eq(acc, file.len);
+        gd->script(&g);
+        ck_assert_int_eq(aamm_wire_decoder_next(g.dec, &ev), AAMM_EAGAIN);
+        ck_assert_int_eq(aamm_wire_decoder_finish(g.dec), 0);
+        aamm_wire_decoder_free(g.dec);
+    }
+
+    /* 3. today's encoder: the same bytes */
+    if (gd->lz4 && LZ4_versionNumber() != GOLDEN_LZ4_VERSION) {
+        printf("golden %s: liblz4 %d, files written with %d: byte comparison skipped\n", gd->name,
+               LZ4_versionNumber(), GOLDEN_LZ4_VERSION);
+    } else {
+        for (int streaming = 0; streaming <= (gd->streaming ? 1 : 0); streaming++) {
+            struct bytes b = {0};
+            size_t at = 0;
+            if (streaming)
+                golden_encode(gd, true, &b);
+            else
+                b = mine;
+            while (at < b.len && at < file.len && b.p[at] == file.p[at])
+                at++;
+            ck_assert_msg(b.len == file.len && at == file.len,
+                          "%s%s: encoder output (%zu bytes) differs from the golden file (%zu "
+                          "bytes) at offset %zu",
+                          path, streaming ? " (streaming)" : "", b.len, file.len, at);
+            if (streaming)
+                free(b.p);
+        }
+    }
+    free(mine.p);
+    free(file.p);
+}
+END_TEST
+
 static Suite *wire_suite(void)
 {
     Suite *s = suite_create("wire");
@@ -940,6 +1595,9 @@ static Suite *wire_suite(void)
     tcase_add_test(tc, encoder_validation);
     tcase_add_test(tc, mac_hooks);
     tcase_add_test(tc, alloc_failures);
+    suite_add_tcase(s, tc);
+    tc = aamm_test_tcase("golden", 60);
+    tcase_add_loop_test(tc, golden_frames, 0, (int)(sizeof goldens / sizeof goldens[0]));
     suite_add_tcase(s, tc);
     return s;
 }
