@@ -190,6 +190,17 @@ char *aamm__strdup(const char *s)
     return aamm__strndup(s, strlen(s));
 }
 
+char *aamm__strdup_opt(const char *s, bool *ok)
+{
+    char *d;
+    if (s == NULL)
+        return NULL;
+    d = aamm__strdup(s);
+    if (d == NULL)
+        *ok = false;
+    return d;
+}
+
 char *aamm__asprintf(const char *fmt, ...)
 {
     va_list ap;

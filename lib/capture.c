@@ -339,7 +339,10 @@ const char *aamm_capture_errmsg(const struct aamm_capture *c)
 }
 
 /* ====================================================================================
- * Setup (blocking)
+ * Setup: a non-blocking state machine (setup_step: catalog connection, settings,
+ * publications, slot, type names, then the replication connection and START_REPLICATION),
+ * driven by aamm_capture_step(); aamm_capture_open() is the blocking wrapper. Only
+ * load_types() blocks, mid-stream and rarely.
  * ==================================================================================== */
 
 /* Set the error from a failed query or connection: AAMM_ECONN when the connection is

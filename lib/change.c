@@ -25,17 +25,6 @@ void aamm_relation_clear(struct aamm_relation *rel)
     memset(rel, 0, sizeof *rel);
 }
 
-static char *dup_or_null(const char *s, bool *ok)
-{
-    char *d;
-    if (s == NULL)
-        return NULL;
-    d = aamm__strdup(s);
-    if (d == NULL)
-        *ok = false;
-    return d;
-}
-
 int aamm_relation_copy(struct aamm_relation *dst, const struct aamm_relation *src)
 {
     bool ok = true;
@@ -43,8 +32,8 @@ int aamm_relation_copy(struct aamm_relation *dst, const struct aamm_relation *sr
     dst->oid = src->oid;
     dst->replica_identity = src->replica_identity;
     dst->generation = src->generation;
-    dst->schema = dup_or_null(src->schema, &ok);
-    dst->name = dup_or_null(src->name, &ok);
+    dst->schema = aamm__strdup_opt(src->schema, &ok);
+    dst->name = aamm__strdup_opt(src->name, &ok);
     if (src->ncolumns > 0) {
         dst->columns = aamm__calloc(src->ncolumns, sizeof *dst->columns);
         if (dst->columns == NULL)
@@ -55,8 +44,8 @@ int aamm_relation_copy(struct aamm_relation *dst, const struct aamm_relation *sr
     for (uint32_t i = 0; ok && i < dst->ncolumns; i++) {
         const struct aamm_column *s = &src->columns[i];
         struct aamm_column *d = &dst->columns[i];
-        d->name = dup_or_null(s->name, &ok);
-        d->type_name = dup_or_null(s->type_name, &ok);
+        d->name = aamm__strdup_opt(s->name, &ok);
+        d->type_name = aamm__strdup_opt(s->type_name, &ok);
         d->type_oid = s->type_oid;
         d->type_mod = s->type_mod;
         d->flags = s->flags;

@@ -25,6 +25,9 @@ void *aamm__realloc(void *ptr, size_t size);
 void aamm__free(void *ptr);
 char *aamm__strdup(const char *s);
 char *aamm__strndup(const char *s, size_t n);
+/* A copy of @s, or NULL for NULL; clears *@ok when the copy fails (so a constructor copies
+ * every optional string and checks once). */
+char *aamm__strdup_opt(const char *s, bool *ok);
 /* printf into a fresh heap string; NULL on failure. */
 char *aamm__asprintf(const char *fmt, ...) AAMM_PRINTF(1, 2);
 

@@ -300,17 +300,6 @@ static int tls_setup(struct aamm_link *l)
     return 0;
 }
 
-static char *dup_opt(const char *s, bool *ok)
-{
-    char *d;
-    if (s == NULL)
-        return NULL;
-    d = aamm__strdup(s);
-    if (d == NULL)
-        *ok = false;
-    return d;
-}
-
 int aamm_link_new(struct aamm_link **lp, const struct aamm_link_options *opts)
 {
     struct aamm_link *l;
@@ -331,11 +320,11 @@ int aamm_link_new(struct aamm_link **lp, const struct aamm_link_options *opts)
         return AAMM_ENOMEM;
     l->fd = -1;
     l->o = *opts;
-    l->cluster = dup_opt(opts->cluster, &ok);
-    l->o.tls_ca_file = dup_opt(opts->tls_ca_file, &ok);
-    l->o.tls_cert_file = dup_opt(opts->tls_cert_file, &ok);
-    l->o.tls_key_file = dup_opt(opts->tls_key_file, &ok);
-    l->o.tls_server_name = dup_opt(opts->tls_server_name, &ok);
+    l->cluster = aamm__strdup_opt(opts->cluster, &ok);
+    l->o.tls_ca_file = aamm__strdup_opt(opts->tls_ca_file, &ok);
+    l->o.tls_cert_file = aamm__strdup_opt(opts->tls_cert_file, &ok);
+    l->o.tls_key_file = aamm__strdup_opt(opts->tls_key_file, &ok);
+    l->o.tls_server_name = aamm__strdup_opt(opts->tls_server_name, &ok);
     l->peer_ids = aamm__calloc(opts->npeer_ids, sizeof *l->peer_ids);
     l->secret = aamm__malloc(opts->secret_len);
     if (!ok || l->peer_ids == NULL || l->secret == NULL) {
