@@ -75,12 +75,6 @@ void aamm__log(int level, const char *file, int line, const char *fmt, ...) AAMM
 
 /* Monotonic clock in milliseconds (CLOCK_MONOTONIC). */
 int64_t aamm__now_ms(void);
-/* apply's advisory lock id of a key (lib/apply.c): the relation's label (plain names:
- * schema.name) and the key columns' texts in key order; for tests that hold a key's lock */
-int64_t aamm__apply_lock_id(const char *label, const char *const *keys, int nkeys);
-/* apply's guard statement (lib/apply.c; parameters: origin, previous end LSN, end LSN,
- * commit time, key lock ids, their modes), for the test of its own check */
-const char *aamm__apply_guard_sql(void);
 /* Wall clock in microseconds since the Unix epoch (CLOCK_REALTIME). */
 int64_t aamm__wall_us(void);
 

@@ -17,6 +17,7 @@
 #include <aamm/apply.h>
 #include <aamm/node.h>
 
+#include "apply_int.h"
 #include "internal.h"
 #include "pgfixture.h"
 #include "testutil.h"
