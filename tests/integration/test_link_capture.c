@@ -1,8 +1,9 @@
 /*
- * test_link_capture.c: end to end without apply: capture from a real PostgreSQL 15 slot on
- * node A -> wire -> authenticated link over loopback -> a receiver that records
- * transactions. What the receiver records equals what capture produced on A (and what was
- * written there); acks from the receiver move the slot.
+ * test_link_capture.c: end to end: capture from a real PostgreSQL 15 slot on node A -> wire
+ * -> authenticated link over loopback -> a receiver that records transactions. What the
+ * receiver records equals what capture produced on A (and what was written there); acks
+ * from the receiver move the slot. The "ack" case puts apply behind the receiver and
+ * crashes the applying PostgreSQL server: acks never run ahead of what is durable there.
  */
 #include "config.h"
 
@@ -19,8 +20,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <aamm/apply.h>
 #include <aamm/capture.h>
 #include <aamm/link.h>
+#include <aamm/node.h>
 
 #include "internal.h"
 #include "netfx.h"
@@ -690,6 +693,554 @@ START_TEST(sigkill_agents_real_slot)
 }
 END_TEST
 
+/* ====================================================================================
+ * Acks never run ahead of what is durable: capture -> link -> apply, PostgreSQL crashes
+ * ==================================================================================== */
+
+/* Node A (fixture node 0, id 1) is the source, node B (fixture node 1, id 2) applies with
+ * synchronous_commit = off. B runs with wal_writer_delay = 10 s: an asynchronous commit
+ * stays unflushed until apply itself asks for the flushed progress (or 10 s pass), long
+ * enough for an ack taken from anything but the flushed position to be caught. */
+#define ACK_CONF "wal_writer_delay = 10000ms\nautovacuum = off\n"
+
+/* On B, read-only (no transaction id, so no commit flushes WAL behind apply's back): the
+ * highest origin LSN among the COMMIT records of WAL flushed from @start on, and how far the
+ * scan got. A COMMIT applied under an origin reads "...; origin: node N, lsn X/Y, at ...".
+ * A record cut by the flush point ends the scan early (the next call goes on from @upto);
+ * a scan that finds no complete record yet raises, which means "nothing new". */
+static const char ack_fn_sql[] =
+    "CREATE FUNCTION ack_flushed_origin(start pg_lsn, OUT upto pg_lsn, OUT remote pg_lsn, "
+    "OUT flushed pg_lsn) LANGUAGE plpgsql AS $$ "
+    "BEGIN "
+    "  flushed := pg_current_wal_flush_lsn(); upto := start; "
+    "  IF flushed > start THEN "
+    "    SELECT coalesce(max(w.end_lsn), start), "
+    "           max(substring(w.description FROM "
+    "               'origin: node [0-9]+, lsn ([0-9A-F]+/[0-9A-F]+)')::pg_lsn) "
+    "             FILTER (WHERE w.resource_manager = 'Transaction' AND w.record_type = 'COMMIT') "
+    "      INTO upto, remote FROM pg_get_wal_records_info(start, flushed) w; "
+    "  END IF; "
+    "EXCEPTION WHEN others THEN upto := start; remote := NULL; "
+    "END $$";
+
+struct ack_host {
+    int lfd, port;
+    /* sending agent (A): capture -> sender link; the slot moves with the acks it gets */
+    struct aamm_capture *cap;
+    struct aamm_link *s;
+    struct aamm_capture_event cev;
+    bool have;
+    uint64_t confirmed;  /* the sender's durable state: slot confirmed this far */
+    uint64_t s_seen;     /* aamm_link_acked() last seen on this sender link */
+    uint64_t acked_max;  /* the highest ack the sender ever received */
+    long cur_max;        /* highest id in the transaction being captured */
+    uint64_t *ends;      /* captured transactions in commit order: end LSN ... */
+    long *maxids;        /* ... and the highest id written by it (and before it) */
+    size_t ntx, captx;
+    /* receiving agent (B): receiver link -> apply; acks only what apply reports flushed */
+    struct aamm_apply *ap;
+    struct aamm_link *r;
+    struct aamm_change pend;
+    bool have_pend;
+    uint64_t last_ack; /* last ack sent on this receiver link */
+    uint64_t max_ack;  /* highest ack ever sent */
+    long nacks;
+    /* the direct check: origin progress flushed on B, read from B's flushed WAL */
+    PGconn *chk;
+    uint64_t wal_scanned, flushed_remote, wal_flushed;
+    long nchecks, nqueries;
+};
+
+static struct ack_host ah;
+
+/* The writer on A: transactions of 1, 2, 3, 1, ... rows with ids 1, 2, 3, ... in commit
+ * order, about one per millisecond, until it is killed. */
+static void ack_writer(int unused)
+{
+    PGconn *c = PQconnectdb(pgfx_conninfo(fx, 0));
+    long n = 0;
+    (void)unused;
+    if (PQstatus(c) != CONNECTION_OK)
+        _exit(2);
+    for (long j = 0;; j++) {
+        long k = j % 3 + 1;
+        char sql[128];
+        PGresult *res;
+        snprintf(sql, sizeof sql, "INSERT INTO k SELECT g FROM generate_series(%ld, %ld) g", n + 1,
+                 n + k);
+        res = PQexec(c, sql);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK)
+            _exit(3);
+        PQclear(res);
+        n += k;
+        usleep(1000);
+    }
+}
+
+static uint64_t lsn_of(const char *text)
+{
+    uint64_t v = 0;
+    if (text != NULL && *text != '\0')
+        ck_assert_int_eq(aamm_lsn_parse(text, &v), 0);
+    return v;
+}
+
+/* Read more of B's flushed WAL: ah.flushed_remote only grows. */
+static void ack_scan_wal(void)
+{
+    char start[AAMM_LSN_BUFSIZE];
+    const char *pv[1] = {aamm_lsn_format(ah.wal_scanned, start)};
+    PGresult *res = PQexecParams(ah.chk, "SELECT upto, remote, flushed FROM ack_flushed_origin($1)",
+                                 1, NULL, pv, NULL, NULL, 0);
+    ck_assert_msg(PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1,
+                  "reading B's flushed WAL: %s", PQerrorMessage(ah.chk));
+    ah.nqueries++;
+    if (lsn_of(PQgetvalue(res, 0, 0)) > ah.wal_scanned)
+        ah.wal_scanned = lsn_of(PQgetvalue(res, 0, 0));
+    if (!PQgetisnull(res, 0, 1) && lsn_of(PQgetvalue(res, 0, 1)) > ah.flushed_remote)
+        ah.flushed_remote = lsn_of(PQgetvalue(res, 0, 1));
+    ah.wal_flushed = lsn_of(PQgetvalue(res, 0, 2));
+    PQclear(res);
+}
+
+/* An ack position @lsn (@what: who holds it) is at or below the origin progress flushed on
+ * B. The ack was taken before this reads B and the flushed progress only grows, so an ack
+ * above it is a definite bug, not a race. */
+static void ack_check(uint64_t lsn, const char *what)
+{
+    char a[AAMM_LSN_BUFSIZE], f[AAMM_LSN_BUFSIZE], w[AAMM_LSN_BUFSIZE];
+    ah.nchecks++;
+    if (lsn <= ah.flushed_remote)
+        return;
+    ack_scan_wal();
+    ck_assert_msg(lsn <= ah.flushed_remote,
+                  "%s %s runs ahead of the origin progress flushed on B (%s; B's WAL flushed to "
+                  "%s)",
+                  what, aamm_lsn_format(lsn, a), aamm_lsn_format(ah.flushed_remote, f),
+                  aamm_lsn_format(ah.wal_flushed, w));
+}
+
+/* The sending agent takes the receiver's acks: checked, then confirmed to the slot. */
+static void ack_sender_acks(void)
+{
+    uint64_t a = aamm_link_acked(ah.s, 1);
+    if (a == ah.s_seen)
+        return;
+    ah.s_seen = a;
+    ack_check(a, "an ack received by the sender");
+    if (a > ah.acked_max)
+        ah.acked_max = a;
+    if (a > ah.confirmed) {
+        ck_assert_msg(aamm_capture_confirm(ah.cap, a) == 0, "%s", aamm_capture_errmsg(ah.cap));
+        ah.confirmed = a;
+    }
+}
+
+static struct aamm_link_options ack_lopts(int role)
+{
+    struct aamm_link_options o = lopts(role);
+    o.dead_after_ms = 30000; /* the loop stands still while B restarts */
+    o.heartbeat_ms = 500;
+    return o;
+}
+
+/* (Re)connect the agents: the sender's capture starts at its confirmed position (the slot
+ * may still be held by the walsender of a capture just freed: retry), the receiver resumes
+ * from what apply reports flushed. */
+static void ack_connect(void)
+{
+    const char *pubs[] = {"pk"};
+    struct aamm_link_options so = ack_lopts(AAMM_LINK_SENDER), ro = ack_lopts(AAMM_LINK_RECEIVER);
+    struct aamm_wire_position pos;
+    char portstr[16];
+    int fd = -1;
+    int64_t t_end = aamm_test_now_ms() + 30000;
+    for (;;) {
+        struct aamm_capture_options co;
+        int rc;
+        memset(&co, 0, sizeof co);
+        co.conninfo = pgfx_conninfo(fx, 0);
+        co.slot = "aamm_to_2";
+        co.publications = pubs;
+        co.npublications = 1;
+        co.node_id = 1;
+        co.start_lsn = ah.confirmed;
+        ck_assert_int_eq(aamm_capture_new(&ah.cap, &co), 0);
+        rc = aamm_capture_open(ah.cap);
+        if (rc == 0)
+            break;
+        ck_assert_msg(rc == AAMM_EBUSY && aamm_test_now_ms() < t_end, "capture: %s",
+                      aamm_capture_errmsg(ah.cap));
+        aamm_capture_free(ah.cap);
+        ah.cap = NULL;
+        usleep(50000);
+    }
+    ah.have = false;
+    snprintf(portstr, sizeof portstr, "%d", ah.port);
+    ck_assert_int_eq(aamm_link_new(&ah.s, &so), 0);
+    ck_assert_int_eq(aamm_link_connect(ah.s, "127.0.0.1", portstr), 0);
+    for (int i = 0; i < 2000 && (fd = netfx_accept(ah.lfd)) < 0; i++)
+        usleep(1000);
+    ck_assert_int_ge(fd, 0);
+    pos.origin_node = 1;
+    pos.lsn = aamm_apply_flushed(ah.ap);
+    ro.resume = &pos;
+    ro.nresume = 1;
+    ck_assert_int_eq(aamm_link_new(&ah.r, &ro), 0);
+    ck_assert_int_eq(aamm_link_adopt_fd(ah.r, fd), 0);
+    ah.last_ack = pos.lsn;
+    ah.s_seen = 0;
+}
+
+static void ack_new_apply(void)
+{
+    struct aamm_apply_options o;
+    aamm_apply_options_init(&o);
+    o.conninfo = pgfx_conninfo(fx, 1);
+    o.local_node = 2;
+    o.source_node = 1;
+    o.synchronous_commit_off = true;
+    ck_assert_int_eq(aamm_apply_new(&ah.ap, &o), 0);
+    ah.have_pend = false;
+}
+
+/* The receiving agent gives up its links and apply handle (it restarts with its node). */
+static void ack_drop_agents(void)
+{
+    if (ah.have_pend)
+        aamm_change_clear(&ah.pend);
+    ah.have_pend = false;
+    aamm_link_free(ah.r);
+    aamm_link_free(ah.s);
+    aamm_capture_free(ah.cap);
+    aamm_apply_free(ah.ap);
+    ah.r = ah.s = NULL;
+    ah.cap = NULL;
+    ah.ap = NULL;
+}
+
+/* One round of both hosts' loops. Returns true when the receiver sent an ack. */
+static bool ack_iter(void)
+{
+    struct pollfd fds[4];
+    int n = 0, t = 20, ev, rc;
+    struct aamm_wire_event wev;
+    bool acked = false;
+    uint64_t f;
+
+    /* sending agent: capture -> link, recording each transaction's end LSN and ids */
+    while (aamm_link_state(ah.s) == AAMM_LINK_READY) {
+        if (!ah.have) {
+            rc = aamm_capture_next(ah.cap, &ah.cev);
+            ck_assert_msg(rc >= 0, "%s", aamm_capture_errmsg(ah.cap));
+            if (rc == 0)
+                break;
+            ah.have = true;
+        }
+        rc = 0;
+        if (ah.cev.kind == AAMM_CAPTURE_BEGIN) {
+            rc = aamm_link_send_begin(ah.s, ah.cev.txn);
+            if (rc == 0)
+                ah.cur_max = 0;
+        } else if (ah.cev.kind == AAMM_CAPTURE_CHANGE) {
+            rc = aamm_link_send_change(ah.s, ah.cev.change);
+            if (rc == 0 && ah.cev.change->kind == AAMM_CHANGE_INSERT) {
+                long id = strtol(ah.cev.change->new_tuple.values[0].data, NULL, 10);
+                if (id > ah.cur_max)
+                    ah.cur_max = id;
+            }
+        } else if (ah.cev.kind == AAMM_CAPTURE_COMMIT) {
+            rc = aamm_link_send_commit(ah.s, ah.cev.txn);
+            if (rc == 0 && (ah.ntx == 0 || ah.cev.txn->end_lsn > ah.ends[ah.ntx - 1])) {
+                if (ah.ntx == ah.captx) {
+                    ah.captx = ah.captx ? 2 * ah.captx : 1024;
+                    ah.ends = realloc(ah.ends, ah.captx * sizeof *ah.ends);
+                    ah.maxids = realloc(ah.maxids, ah.captx * sizeof *ah.maxids);
+                    ck_assert(ah.ends != NULL && ah.maxids != NULL);
+                }
+                ck_assert_int_eq(ah.cur_max, (ah.ntx ? ah.maxids[ah.ntx - 1] : 0) + 1 +
+                                                 (long)(ah.ntx % 3));
+                ah.ends[ah.ntx] = ah.cev.txn->end_lsn;
+                ah.maxids[ah.ntx++] = ah.cur_max;
+            }
+        }
+        if (rc == AAMM_EAGAIN)
+            break;
+        ck_assert_msg(rc == 0, "sender: %s (%s)", aamm_link_errmsg(ah.s), aamm_errname(rc));
+        ah.have = false;
+    }
+    ack_sender_acks();
+
+    ev = aamm_capture_events(ah.cap);
+    add_fd(fds, &n, aamm_capture_fd(ah.cap), ev & AAMM_CAPTURE_READ, ev & AAMM_CAPTURE_WRITE);
+    ev = aamm_link_events(ah.s);
+    add_fd(fds, &n, aamm_link_fd(ah.s), ev & AAMM_LINK_READ, ev & AAMM_LINK_WRITE);
+    ev = aamm_link_events(ah.r);
+    add_fd(fds, &n, aamm_link_fd(ah.r), ev & AAMM_LINK_READ, ev & AAMM_LINK_WRITE);
+    ev = aamm_apply_events(ah.ap);
+    add_fd(fds, &n, aamm_apply_fd(ah.ap), ev & AAMM_APPLY_READ, ev & AAMM_APPLY_WRITE);
+    t = min_t(t, aamm_capture_timeout(ah.cap));
+    t = min_t(t, aamm_link_timeout(ah.s));
+    t = min_t(t, aamm_link_timeout(ah.r));
+    t = min_t(t, aamm_apply_timeout(ah.ap));
+    poll(fds, (nfds_t)n, t);
+    if (!ah.have)
+        ck_assert_msg(aamm_capture_step(ah.cap) == 0, "%s", aamm_capture_errmsg(ah.cap));
+    ck_assert_msg(aamm_link_step(ah.s) == 0, "sender: %s", aamm_link_errmsg(ah.s));
+    ck_assert_msg(aamm_link_step(ah.r) == 0, "receiver: %s", aamm_link_errmsg(ah.r));
+    ck_assert_msg(aamm_apply_step(ah.ap) == 0, "%s", aamm_apply_errmsg(ah.ap));
+
+    /* receiving agent: link -> apply (a change apply cannot queue yet waits) */
+    for (;;) {
+        if (ah.have_pend) {
+            rc = aamm_apply_change(ah.ap, &ah.pend);
+            if (rc == AAMM_EBUSY)
+                break;
+            ck_assert_msg(rc == 0, "%s", aamm_apply_errmsg(ah.ap));
+            ah.have_pend = false;
+        }
+        rc = aamm_link_recv(ah.r, &wev);
+        if (rc == AAMM_EAGAIN)
+            break;
+        ck_assert_msg(rc == 0, "receiver: %s", aamm_link_errmsg(ah.r));
+        if (wev.kind == AAMM_WIRE_EV_BEGIN) {
+            ck_assert_msg(aamm_apply_begin(ah.ap, &wev.txn) == 0, "%s", aamm_apply_errmsg(ah.ap));
+        } else if (wev.kind == AAMM_WIRE_EV_CHANGE) {
+            ck_assert_int_eq(aamm_link_take_change(ah.r, &ah.pend), 0);
+            ah.have_pend = true;
+        } else if (wev.kind == AAMM_WIRE_EV_COMMIT) {
+            ck_assert_msg(aamm_apply_commit(ah.ap, &wev.txn) == 0, "%s", aamm_apply_errmsg(ah.ap));
+        }
+    }
+    /* ... and acks exactly what apply reports flushed, nothing else */
+    f = aamm_apply_flushed(ah.ap);
+    if (aamm_link_state(ah.r) == AAMM_LINK_READY && f > ah.last_ack) {
+        ck_assert_int_eq(aamm_link_ack(ah.r, 1, f), 0);
+        ah.last_ack = f;
+        if (f > ah.max_ack)
+            ah.max_ack = f;
+        ah.nacks++;
+        ack_check(f, "an ack sent by the receiver");
+        acked = true;
+    }
+    return acked;
+}
+
+/* After B came back: its origin progress covers every ack sent or received, and every row
+ * of every transaction at or below those acks is there. */
+/* The lowest id in 1..@m missing on B (0: none). */
+static long ack_first_missing(long m)
+{
+    return pgfx_value_long(fx, 1, 0,
+                           "SELECT min(g) FROM generate_series(1, %ld) g "
+                           "WHERE NOT EXISTS (SELECT 1 FROM k WHERE id = g)",
+                           m);
+}
+
+static void ack_check_recovered(int crash)
+{
+    uint64_t must = ah.max_ack, prog;
+    char *v, a[AAMM_LSN_BUFSIZE], p[AAMM_LSN_BUFSIZE], r[AAMM_LSN_BUFSIZE], sg[AAMM_LSN_BUFSIZE];
+    long m = 0, have;
+    if (ah.acked_max > must)
+        must = ah.acked_max;
+    if (ah.confirmed > must)
+        must = ah.confirmed;
+    v = pgfx_value(fx, 1, "SELECT pg_replication_origin_progress('aamm_from_1', false)");
+    prog = lsn_of(v);
+    free(v);
+    ck_assert_msg(prog >= must,
+                  "crash %d: B recovered its origin progress to %s, but %s was acked "
+                  "(receiver sent %s, sender got %s)",
+                  crash, aamm_lsn_format(prog, p), aamm_lsn_format(must, a),
+                  aamm_lsn_format(ah.max_ack, r), aamm_lsn_format(ah.acked_max, sg));
+    for (size_t i = 0; i < ah.ntx && ah.ends[i] <= must; i++)
+        m = ah.maxids[i];
+    have = pgfx_value_long(fx, 1, -1, "SELECT count(*) FROM k WHERE id <= %ld", m);
+    ck_assert_msg(have == m,
+                  "crash %d: %ld of the %ld rows acked are on B after the restart (first missing: "
+                  "%ld)",
+                  crash, have, m, ack_first_missing(m));
+}
+
+/* Crash B's PostgreSQL (SIGKILL of the postmaster) right after an ack went out, restart it
+ * and check what it recovered. With @agents_restart the receiving agent restarts too (new
+ * apply handle and links, the sender resumes from the receiver's position and its slot);
+ * otherwise the agents live on and apply reconnects by itself. */
+static void ack_crash(int crash, bool agents_restart)
+{
+    /* the ack reaches the sender, which confirms the slot (only the links step: apply
+     * must not get the chance to flush anything more) */
+    for (int i = 0; i < 500 && aamm_link_acked(ah.s, 1) < ah.last_ack; i++) {
+        struct pollfd p = {aamm_link_fd(ah.s), POLLIN, 0};
+        aamm_link_step(ah.r);
+        poll(&p, 1, 2);
+        aamm_link_step(ah.s);
+    }
+    ack_sender_acks();
+    ck_assert_int_eq(pgfx_crash_node(fx, 1), 0);
+    PQfinish(ah.chk);
+    ah.chk = NULL;
+    if (agents_restart)
+        ack_drop_agents();
+    ck_assert_int_eq(pgfx_start_node(fx, 1), 0);
+    ack_check_recovered(crash);
+    ah.chk = pgfx_connect(fx, 1);
+    ck_assert_ptr_nonnull(ah.chk);
+    if (agents_restart) {
+        ack_new_apply();
+        ack_connect();
+    }
+}
+
+/* The body of both crash tests. Crashes come 0.7-1.5 s apart, right after an ack reached
+ * the sender, preferably while apply has committed transactions it does not yet know to be
+ * flushed (aamm_apply_progress() > aamm_apply_flushed()) or transactions in flight (it then
+ * puts off reading the flushed progress): the moments a wrong ack or a lost commit shows. @agents_restart: the receiving agent restarts with its node each time
+ * (new apply handle and links); otherwise the agents live on and apply reconnects. */
+static void ack_run(const char *name, bool agents_restart)
+{
+    const int crashes = (int)aamm_test_scaled(5, 3);
+    uint64_t seed = 11, last_end;
+    pid_t wp;
+    long rows, nrows;
+    int64_t t0 = aamm_test_now_ms(), t_end, next_crash;
+    int crash = 0, unflushed = 0;
+    char err[1024], e[AAMM_LSN_BUFSIZE], g[AAMM_LSN_BUFSIZE];
+    PGconn *c;
+
+    memset(&ah, 0, sizeof ah);
+    SQL("CREATE TABLE k (id int PRIMARY KEY)");
+    SQL("CREATE PUBLICATION pk FOR TABLE k");
+    SQL("SELECT pg_create_logical_replication_slot('aamm_to_2', 'pgoutput')");
+    c = pgfx_connect(fx, 1);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_msg(aamm_node_install(c, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(pgfx_exec_conn(c, "CREATE TABLE k (id int PRIMARY KEY)"), 0);
+    ck_assert_msg(aamm_node_replicate_table(c, "public", "k", NULL, NULL, err, sizeof err) == 0,
+                  "%s", err);
+    ck_assert_int_eq(pgfx_exec_conn(c, "CREATE EXTENSION pg_walinspect"), 0);
+    ck_assert_int_eq(pgfx_exec_conn(c, "%s", ack_fn_sql), 0);
+    PQfinish(c);
+    ah.chk = pgfx_connect(fx, 1);
+    ck_assert_ptr_nonnull(ah.chk);
+    {
+        char *v = pgfx_value(fx, 1, "SELECT pg_current_wal_flush_lsn()");
+        ah.wal_scanned = lsn_of(v);
+        free(v);
+    }
+    ah.lfd = netfx_listen(&ah.port);
+    ack_new_apply();
+    ack_connect();
+    wp = aamm_test_spawn(ack_writer, 0);
+
+    /* crash after 0.7-1.5 s of streaming each time, right after an ack went out */
+    next_crash = aamm_test_now_ms() + 700 + (int64_t)(aamm_test_rand(&seed) % 800);
+    while (crash < crashes) {
+        ck_assert_msg(aamm_test_now_ms() < t0 + 90000, "timed out before crash %d", crash);
+        int64_t now;
+        if (!ack_iter() || (now = aamm_test_now_ms()) < next_crash)
+            continue;
+        if (aamm_apply_progress(ah.ap) > aamm_apply_flushed(ah.ap) ||
+            aamm_apply_pending(ah.ap) > 0 || now >= next_crash + 500) {
+            ck_assert_msg(waitpid(wp, NULL, WNOHANG) == 0, "the writer on A stopped");
+            if (aamm_apply_progress(ah.ap) > aamm_apply_flushed(ah.ap))
+                unflushed++;
+            ack_crash(crash, agents_restart);
+            crash++;
+            next_crash = aamm_test_now_ms() + 700 + (int64_t)(aamm_test_rand(&seed) % 800);
+        }
+    }
+    /* stream a little more, then stop the writer and let everything arrive and be acked */
+    while (aamm_test_now_ms() < next_crash)
+        ack_iter();
+    aamm_test_kill(&wp);
+    rows = pgfx_value_long(fx, 0, -1, "SELECT count(*) FROM k");
+    ck_assert_int_eq(pgfx_value_long(fx, 0, -1, "SELECT max(id) FROM k"), rows);
+    t_end = aamm_test_now_ms() + 60000;
+    while (ah.ntx == 0 || ah.maxids[ah.ntx - 1] < rows || ah.confirmed < ah.ends[ah.ntx - 1]) {
+        ck_assert_msg(aamm_test_now_ms() < t_end,
+                      "timed out: %ld of %ld rows captured, slot confirmed to %s of %s",
+                      ah.ntx ? ah.maxids[ah.ntx - 1] : 0, rows, aamm_lsn_format(ah.confirmed, e),
+                      aamm_lsn_format(ah.ntx ? ah.ends[ah.ntx - 1] : 0, g));
+        ack_iter();
+    }
+    last_end = ah.ends[ah.ntx - 1];
+    ck_assert_uint_eq(ah.maxids[ah.ntx - 1], (uint64_t)rows);
+    ck_assert_uint_eq(ah.confirmed, last_end);
+    ck_assert_uint_eq(ah.max_ack, last_end);
+    ck_assert_uint_eq(aamm_apply_flushed(ah.ap), last_end);
+    /* the direct check saw the last transaction in B's flushed WAL (it reads it right) */
+    ack_scan_wal();
+    ck_assert_uint_eq(ah.flushed_remote, last_end);
+
+    nrows = rows;
+    ck_assert_int_ge(nrows, 1000);
+    {
+        char want[96], *got;
+        snprintf(want, sizeof want, "%ld:%ld:1:%ld", nrows, nrows, nrows);
+        got = pgfx_value(fx, 1,
+                         "SELECT count(*) || ':' || count(DISTINCT id) || ':' || min(id) || ':' || "
+                         "max(id) FROM k");
+        ck_assert_ptr_nonnull(got);
+        ck_assert_str_eq(got, want);
+        free(got);
+    }
+    ck_assert_int_eq(pgfx_value_long(fx, 1, -1, "SELECT count(*) FROM aamm.conflict_log"), 0);
+    {
+        char *v = pgfx_value(fx, 1, "SELECT pg_replication_origin_progress('aamm_from_1', false)");
+        ck_assert_uint_eq(lsn_of(v), last_end);
+        free(v);
+    }
+    ck_assert_int_gt(ah.nacks, 20);
+    fprintf(stderr,
+            "%s: %ld rows in %zu transactions, %d crashes of B (%d with commits not yet "
+            "known flushed), %ld acks, %ld ack checks (%ld WAL reads), %.1f s\n",
+            name, nrows, ah.ntx, crashes, unflushed, ah.nacks, ah.nchecks, ah.nqueries,
+            (double)(aamm_test_now_ms() - t0) / 1000.0);
+    ack_drop_agents();
+    PQfinish(ah.chk);
+    close(ah.lfd);
+    free(ah.ends);
+    free(ah.maxids);
+}
+
+/* An ack never runs ahead of what is durable, and acked data survives a crash of the
+ * applying PostgreSQL server. A writer inserts numbered rows on A; capture -> link -> apply
+ * (synchronous_commit = off) carries them to B; the receiving host acks only what
+ * aamm_apply_flushed() reports, the sender confirms its slot with what it receives. Every ack
+ * sent and every ack received is checked against the origin progress flushed on B, read
+ * from B's flushed WAL. B's postmaster is SIGKILLed 5 times (scaled, at least 3) right
+ * after an ack reached the sender; each time B's origin progress covers every ack and every
+ * row they cover is there; the receiving agent then restarts (new apply handle, new links:
+ * the sender resumes from the receiver's position and its slot). At the end every row
+ * written on A is on B exactly once and no conflict was logged. */
+START_TEST(ack_durable_pg_crash)
+{
+    ack_run("ack_durable_pg_crash", true);
+}
+END_TEST
+
+/* The same with the agents living on: the apply handle reconnects to the restarted server
+ * by itself (connection loss is transient, apply.h) and must neither lose nor skip what
+ * the crash took back. OPEN BUG, so registered only with AAMM_TEST_OPEN_BUGS=1: apply
+ * retires a transaction once it committed; under synchronous_commit = off a server crash
+ * can take the commit back, and after reconnecting apply's guard starts from the recovered
+ * progress, so the next transaction commits past the gap and its rows are gone for good
+ * (e.g. "crash 3: 8021 of the 8059 rows acked are on B after the restart (first missing:
+ * 6638)", the rows committed just before crash 2). The acks themselves stay correct. */
+START_TEST(apply_kept_across_pg_crash)
+{
+    ack_run("apply_kept_across_pg_crash", false);
+}
+END_TEST
+
+static void setup_ack(void)
+{
+    fx = pgfx_start(2, ACK_CONF);
+    ck_assert_ptr_nonnull(fx);
+}
+
 static void setup(void)
 {
     fx = pgfx_start(1, "logical_decoding_work_mem = 64MB\n");
@@ -708,6 +1259,12 @@ int main(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, capture_to_receiver);
     tcase_add_test(tc, sigkill_agents_real_slot);
+    suite_add_tcase(s, tc);
+    tc = aamm_test_tcase("ack", 120);
+    tcase_add_checked_fixture(tc, setup_ack, teardown);
+    tcase_add_test(tc, ack_durable_pg_crash);
+    if (getenv("AAMM_TEST_OPEN_BUGS") != NULL) /* see apply_kept_across_pg_crash */
+        tcase_add_test(tc, apply_kept_across_pg_crash);
     suite_add_tcase(s, tc);
     return aamm_test_run(s);
 }
