@@ -1,6 +1,6 @@
 /*
- * test_consensus.c: real raft_uv nodes on 127.0.0.1: in one process (several handles
- * driven by one poll loop) and as separate processes (tests/integration/consensus_agent,
+ * test_consensus_cluster.c: real raft_uv nodes on 127.0.0.1: in one process (several handles
+ * driven by one poll loop) and as separate processes (tests/lib/consensus_agent,
  * fork + exec, killed by pid). Covers forwarding from followers, membership, restart from
  * disk, the data dir lock, option checks, strangers on the raft port, SIGPIPE, and the
  * kill -9 / partition galloc safety runs.
@@ -910,7 +910,7 @@ static void ag_spawn(int i, bool boot, bool galloc, int timeout_ms)
     char *argv[24];
     int n = 0;
     pid_t parent = getpid();
-    snprintf(path, sizeof(path), "%s/tests/integration/consensus_agent", AAMM_TOP_BUILDDIR);
+    snprintf(path, sizeof(path), "%s/tests/lib/consensus_agent", AAMM_TOP_BUILDDIR);
     snprintf(id, sizeof(id), "%d", i + 1);
     snprintf(tmo, sizeof(tmo), "%d", timeout_ms);
     argv[n++] = path;
