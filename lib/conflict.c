@@ -1,5 +1,6 @@
-/* conflict.c: conflict kinds, last-writer-wins and the built-in policies (pure; the
- * server-side functions node.c installs implement the same rules). */
+/* conflict.c: conflict kinds, last-writer-wins and the built-in policies (pure). The rule
+ * that runs is the SQL of sql/aamm--*.sql (aamm.decide, aamm.update_missing, aamm.newer);
+ * tests/integration/test_conflict_rule.c holds both to one decision table. */
 #include "config.h"
 
 #include <string.h>
@@ -61,9 +62,14 @@ enum aamm_resolution aamm_conflict_decide(enum aamm_conflict_kind kind,
     if (!local)
         local = &unknown;
     switch (kind) {
-    case AAMM_CONFLICT_INSERT_EXISTS:
     case AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS:
     case AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS:
+        /* a local row of unknown version, or last written by the remote's own node, is
+         * no conflict: the change applies whatever the policy (aamm.decide) */
+        if (!local->known || local->origin_node == remote->origin_node)
+            return AAMM_RESOLVE_APPLY_REMOTE;
+        /* fall through */
+    case AAMM_CONFLICT_INSERT_EXISTS:
         switch (policy) {
         case AAMM_POLICY_KEEP_LOCAL:
             return AAMM_RESOLVE_KEEP_LOCAL;

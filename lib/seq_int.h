@@ -9,7 +9,4 @@
 /* Tests: set the 30-bit UUIDv7 counter (e.g. just below rollover). 0 or AAMM_EINVAL. */
 int aamm__uuidv7_set_counter(struct aamm_uuidv7 *g, uint32_t counter);
 
-/* The SQL install script (static text with one %d for the node id). */
-extern const char aamm__seq_sql_install[];
-
 #endif

@@ -108,8 +108,12 @@ AAMM_API bool aamm_conflict_lww_remote_wins(const struct aamm_row_version *local
                                             const struct aamm_row_version *remote);
 
 /**
- * Decide a conflict of @kind under @policy (the rule the server-side functions apply):
- * INSERT_EXISTS / *_ORIGIN_DIFFERS follow the policy (LWW compares the versions);
+ * Decide a conflict of @kind under @policy: the rule the server-side functions apply
+ * (held to it row by row by tests/integration/test_conflict_rule.c), so a resolver that
+ * wants the default answer can call this. INSERT_EXISTS / *_ORIGIN_DIFFERS follow the
+ * policy (LWW compares the versions), except that *_ORIGIN_DIFFERS with an unknown local
+ * version or one written by @remote's own node is no conflict: APPLY_REMOTE under every
+ * policy;
  * UPDATE_MISSING (@local: the remembered delete of the key, if any) is SKIP when that
  * delete is newer, else ERROR under POLICY_ERROR, else SKIP when @remote_has_unchanged
  * (the update carries unchanged TOAST values, so no full row exists to insert) or under

@@ -31,12 +31,18 @@ extern "C" {
 
 struct pg_conn;
 
-/** Version of the SQL objects aamm_node_install() installs (stored in aamm.apply_meta). */
-#define AAMM_NODE_SQL_VERSION 1
+/** Version of libaamm's SQL schema aamm_node_install() installs: the highest of the
+ *  scripts sql/aamm--<n>.sql, aamm--<n>--<m>.sql; the node records it in aamm.apply_meta. */
+#define AAMM_NODE_SQL_VERSION 2
 
 /**
- * Install or upgrade (idempotent) apply's SQL objects on the node @conn (borrowed) is
- * connected to. Returns 0, AAMM_ESERVER or AAMM_ECONN.
+ * Install or upgrade libaamm's SQL schema (apply's objects and the SQL generators of
+ * seq.h) on the node @conn (borrowed) is connected to: reads the version the node has,
+ * runs the scripts from it to AAMM_NODE_SQL_VERSION in order, in one transaction under one
+ * advisory lock (a concurrent install waits; a failed one leaves the node as it was).
+ * Idempotent. aamm_seq_install() runs the same installer. Returns 0, AAMM_EUNSUPPORTED (the
+ * node's schema is newer than this library knows: upgrade the library), AAMM_ESERVER or
+ * AAMM_ECONN.
  */
 AAMM_API int aamm_node_install(struct pg_conn *conn, char *err, size_t errsize);
 

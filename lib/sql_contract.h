@@ -1,0 +1,69 @@
+/* sql_contract.h: the contract between libaamm's C code and the SQL it installs
+ * (sql/aamm--*.sql): the functions apply calls, the SQLSTATEs the functions raise, the
+ * notice apply listens for, the policy texts it passes, the installer's lock. The scripts
+ * name this header where they define these; a change on one side is a change here.
+ * Internal: no public header includes it. */
+#ifndef AAMM_SQL_CONTRACT_H
+#define AAMM_SQL_CONTRACT_H
+
+/* ---- the installer ------------------------------------------------------------------ */
+
+/* Advisory lock (two int4 keys: 'aamm' and 0) held by the schema installer and by
+ * aamm_node_create_apply_role() for their transaction. The seq functions' own locks use
+ * (AAMM_SQL_LOCK_SPACE, 1), (..., 2) and (..., hashtext(seqname)). */
+#define AAMM_SQL_LOCK_SPACE "1633774957"
+#define AAMM_SQL_INSTALL_LOCK "pg_catalog.pg_advisory_xact_lock(" AAMM_SQL_LOCK_SPACE ", 0)"
+
+/* The table that records the installed schema version (one row, one int column). */
+#define AAMM_SQL_VERSION_TABLE "aamm.apply_meta"
+
+/* ---- functions apply calls (argument lists in sql/aamm--*.sql) ---------------------- */
+
+#define AAMM_SQL_FN_ORIGIN_SESSION "aamm.origin_session"   /* (origin) -> progress, roident */
+#define AAMM_SQL_FN_GUARD_FAILED "aamm.guard_failed"       /* raises AA002 */
+#define AAMM_SQL_FN_KEY_LOCK_BUSY "aamm.key_lock_busy"     /* raises AA005 */
+#define AAMM_SQL_FN_DECIDE "aamm.decide"                   /* row present: LWW/policy */
+#define AAMM_SQL_FN_INSERT_OK "aamm.insert_ok"             /* insert of an absent key */
+#define AAMM_SQL_FN_UPDATE_MISSING "aamm.update_missing"   /* update of an absent key */
+#define AAMM_SQL_FN_DELETE_MISSING "aamm.delete_missing"   /* delete of an absent key */
+#define AAMM_SQL_FN_PUT_TOMBSTONE "aamm.put_tombstone"     /* remember a remote delete */
+#define AAMM_SQL_FN_RECHECK_TOMBS "aamm.recheck_tombs"     /* raises AA006 */
+#define AAMM_SQL_FN_WRITE_RACED "aamm.write_raced"         /* raises AA006 */
+#define AAMM_SQL_FN_APPLY_SLOW "aamm.apply_slow"           /* a change's slow statement */
+#define AAMM_SQL_FN_LOG_CONFLICT "aamm.log_conflict"       /* logs, raises the notice */
+#define AAMM_SQL_FN_LOG_TRUNCATE "aamm.log_truncate"
+#define AAMM_SQL_FN_GC_TOMBSTONES "aamm.gc_tombstones"
+#define AAMM_SQL_TOMBSTONE_TABLE "aamm.tombstone"
+/* the apply session's node id (a custom setting aamm.node_of() reads for roident 0) */
+#define AAMM_SQL_GUC_NODE_ID "aamm.node_id"
+
+/* ---- SQLSTATEs (class AA is libaamm's) --------------------------------------------- */
+
+#define AAMM_SQLSTATE_POLICY_ERROR "AA001" /* policy 'error' met a conflict: the stream stops */
+#define AAMM_SQLSTATE_GUARD "AA002"        /* origin progress is not the previous end LSN */
+#define AAMM_SQLSTATE_NOT_COMMITTED "AA003" /* client side only: a transaction's sync came
+                                               back without its commit */
+#define AAMM_SQLSTATE_RESOLVER "AA004"     /* policy 'callback': the host's resolver decides;
+                                              detail: AAMM_SQL_SEP-separated fields kind,
+                                              local xmin, local ts (us), local node, key,
+                                              local row, remote row */
+#define AAMM_SQLSTATE_KEY_LOCK_BUSY "AA005" /* a merged statement met a held key lock */
+#define AAMM_SQLSTATE_RACED "AA006"         /* a concurrent local write: retry */
+
+/* ---- the conflict notice ------------------------------------------------------------ */
+
+/* aamm.log_conflict() raises NOTICE with this message; its detail holds AAMM_SQL_SEP-
+ * separated fields: kind, key, local row, remote row, local ts (us), local node, remote ts
+ * (us), remote node, resolution, relation (the relation last: it may hold anything). */
+#define AAMM_SQL_NOTICE_CONFLICT "aamm_conflict"
+#define AAMM_SQL_SEP '\x1f' /* chr(31): JSON text never holds it raw */
+#define AAMM_SQL_NOTICE_CONFLICT_NFIELDS 10
+
+/* ---- policy texts passed to the decision functions ---------------------------------- */
+
+/* aamm_conflict_policy_name() of each policy ("lww", "keep_local", "apply_remote",
+ * "error", "callback"), or "verdict:<resolution>:<local xmin or *>" for a resolver's
+ * answer on the retry. */
+#define AAMM_SQL_POLICY_VERDICT "verdict:"
+
+#endif /* AAMM_SQL_CONTRACT_H */
