@@ -1,7 +1,9 @@
 /* testutil.c: helpers shared by every test program. */
 #include "config.h"
 
+#include <inttypes.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -54,6 +56,26 @@ TCase *aamm_test_tcase(const char *name, double timeout_s)
     TCase *tc = tcase_create(name);
     tcase_set_timeout(tc, timeout_s);
     return tc;
+}
+
+uint64_t aamm_test_seed(const char *name)
+{
+    const char *env = getenv("AAMM_TEST_SEED");
+    uint64_t seed;
+    if (env != NULL && *env != '\0') {
+        char *end;
+        seed = strtoull(env, &end, 0);
+        ck_assert_msg(*end == '\0', "AAMM_TEST_SEED=%s is not a number", env);
+    } else {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        seed =
+            ((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec) ^ ((uint64_t)getpid() << 32);
+        seed %= 1000000000000ull; /* short enough to copy from a log */
+    }
+    fprintf(stderr, "%s: seed %" PRIu64 " (replay: AAMM_TEST_SEED=%" PRIu64 ")\n", name, seed,
+            seed);
+    return seed;
 }
 
 uint64_t aamm_test_rand(uint64_t *seed)

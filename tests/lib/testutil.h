@@ -27,6 +27,12 @@ int64_t aamm_test_now_ms(void);
  * does). */
 TCase *aamm_test_tcase(const char *name, double timeout_s);
 
+/* The seed of a randomized test: AAMM_TEST_SEED when set (decimal or 0x hex), else a fresh
+ * one from the clock and pid. Prints "<name>: seed N (replay: AAMM_TEST_SEED=N)" to stderr
+ * (unbuffered: it is in the test log even if the test crashes), so a failure can be
+ * replayed exactly. */
+uint64_t aamm_test_seed(const char *name);
+
 /* Fill @buf with @n bytes from a seeded xorshift generator (deterministic per seed). */
 void aamm_test_random_bytes(uint64_t *seed, void *buf, size_t n);
 uint64_t aamm_test_rand(uint64_t *seed);

@@ -661,7 +661,7 @@ START_TEST(garbage_refused)
     struct raw w;
     struct aamm_link_stats rs;
     uint8_t junk[1000];
-    uint64_t seed = 77;
+    uint64_t seed = aamm_test_seed("garbage_refused");
     aamm_test_random_bytes(&seed, junk, sizeof junk);
     raw_open(&w, &ro);
     ck_assert_int_eq(send(w.fd, junk, sizeof junk, MSG_NOSIGNAL), (ssize_t)sizeof junk);
@@ -1126,7 +1126,7 @@ START_TEST(stream_with_cuts)
     long next_cut_at = ntx / (want_cuts + 1);
     long sessions = 1, discarded = 0;
     uint64_t skipped = 0;
-    uint64_t seed = 4242;
+    uint64_t seed = aamm_test_seed("stream_with_cuts");
     int64_t t_end = aamm_test_now_ms() + 150000;
     so.send_queue_bytes = 256 * 1024;
     so.handshake_timeout_ms = ro.handshake_timeout_ms = 2000;

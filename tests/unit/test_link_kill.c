@@ -254,7 +254,7 @@ START_TEST(sigkill_both_ends)
 {
     int port, lfd;
     pid_t s = 0, r = 0;
-    uint64_t seed = 99;
+    uint64_t seed = aamm_test_seed("sigkill_both_ends");
     int kills_s = 0, kills_r = 0;
     int64_t t_end;
     FILE *f;
