@@ -874,10 +874,13 @@ static char *role_reach(const char *role)
                role, role, role, role, role, role, role, role, role, role, role);
 }
 
+/* the seq generators (galloc_*, snowflake_nextval, uuid_v7) are every role's: column
+ * defaults run as the inserting role (sql/aamm--1--2.sql, doc/security.md) */
 #define APPLY_ROLE_REACH                                                                           \
     "super=false createrole=false createdb=false replication=false bypassrls=true login=true | "   \
     "origin: pg_replication_origin_progress,pg_replication_origin_xact_reset,"                     \
-    "pg_replication_origin_xact_setup | definer: log_conflict,origin_session,put_tombstone | "     \
+    "pg_replication_origin_xact_setup | definer: galloc_nextval,galloc_remaining,log_conflict,"   \
+    "origin_session,put_tombstone,snowflake_nextval,uuid_v7 | "                                    \
     "tables: tombstone=r | set: session_replication_role | member of: 0"
 
 /* Without DML grants the apply role cannot write: a clear permission error holds the

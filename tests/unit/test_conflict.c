@@ -66,6 +66,28 @@ START_TEST(test_policies)
 }
 END_TEST
 
+/* An update or delete that finds a local row of unknown version, or one its own node
+ * wrote, is no conflict: it applies whatever the policy (as aamm.decide() does). */
+START_TEST(test_origin_differs_not_a_conflict)
+{
+    struct aamm_row_version unknown = {false, 0, 0}, mine = V(900, 2), remote = V(800, 2);
+    enum aamm_conflict_policy pols[] = {AAMM_POLICY_LWW, AAMM_POLICY_KEEP_LOCAL,
+                                        AAMM_POLICY_ERROR, AAMM_POLICY_CALLBACK};
+    for (size_t i = 0; i < 4; i++) {
+        ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS, pols[i],
+                                              &unknown, &remote, false),
+                         AAMM_RESOLVE_APPLY_REMOTE);
+        ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS, pols[i], &mine,
+                                              &remote, false),
+                         AAMM_RESOLVE_APPLY_REMOTE);
+    }
+    /* an insert over a row is always a conflict: LWW keeps the newer local row */
+    ck_assert_int_eq(aamm_conflict_decide(AAMM_CONFLICT_INSERT_EXISTS, AAMM_POLICY_LWW, &mine,
+                                          &remote, false),
+                     AAMM_RESOLVE_KEEP_LOCAL);
+}
+END_TEST
+
 /* update_missing: a newer remembered delete wins; unchanged-TOAST updates cannot become
  * inserts; otherwise the row is inserted. delete_missing skips; unique_other errors. */
 START_TEST(test_missing_rules)
@@ -158,6 +180,7 @@ int main(void)
     tcase_add_test(tc, test_lww_order);
     tcase_add_test(tc, test_seed_scenario);
     tcase_add_test(tc, test_policies);
+    tcase_add_test(tc, test_origin_differs_not_a_conflict);
     tcase_add_test(tc, test_missing_rules);
     tcase_add_test(tc, test_names);
     tcase_add_test(tc, test_lww_symmetric);
