@@ -1,6 +1,7 @@
 /* test_aamm.c: version, error codes, allocator statistics and failure injection, LSNs. */
 #include "config.h"
 
+#include <stdio.h>
 #include <string.h>
 
 #include <aamm/aamm.h>
@@ -8,11 +9,23 @@
 #include "internal.h"
 #include "testutil.h"
 
-/* The version functions agree with the header the program was compiled against. */
-START_TEST(version_matches_header)
+/* The library's version (aamm.h's macros and aamm_version_*()) is the package version that
+ * configure.ac's AC_INIT declares independently (config.h's PACKAGE_VERSION, which is also
+ * aamm.pc's Version), and the number encodes the string: bumping one without the other
+ * fails here. (Comparing the functions with the header alone could not fail inside the
+ * tree: both come from the same macros.) */
+START_TEST(version_matches_package)
 {
-    ck_assert_int_eq(aamm_version_number(), AAMM_VERSION_NUMBER);
-    ck_assert_str_eq(aamm_version_string(), AAMM_VERSION_STRING);
+    unsigned major = 0, minor = 0, patch = 0;
+    char tail;
+    ck_assert_str_eq(AAMM_VERSION_STRING, PACKAGE_VERSION);
+    ck_assert_str_eq(aamm_version_string(), PACKAGE_VERSION);
+    ck_assert_int_eq(sscanf(PACKAGE_VERSION, "%u.%u.%u%c", &major, &minor, &patch, &tail), 3);
+    ck_assert_int_eq(aamm_version_number(), (int)(major * 10000 + minor * 100 + patch));
+    ck_assert_int_eq(AAMM_VERSION_NUMBER, aamm_version_number());
+    ck_assert_uint_eq(AAMM_VERSION_MAJOR, major);
+    ck_assert_uint_eq(AAMM_VERSION_MINOR, minor);
+    ck_assert_uint_eq(AAMM_VERSION_PATCH, patch);
 }
 END_TEST
 
@@ -147,7 +160,7 @@ int main(void)
 {
     Suite *s = suite_create("aamm");
     TCase *tc = aamm_test_tcase("core", 10);
-    tcase_add_test(tc, version_matches_header);
+    tcase_add_test(tc, version_matches_package);
     tcase_add_test(tc, error_codes_have_texts);
     tcase_add_test(tc, allocator_statistics);
     tcase_add_test(tc, allocator_failure_injection);
