@@ -16,6 +16,7 @@
 #include <libpq-fe.h>
 
 #include "apply_int.h"
+#include "sql_contract.h"
 
 /* While transactions are in flight, the flushed position is re-read at most this often. */
 #define PROGRESS_EVERY_MS 20
@@ -502,7 +503,7 @@ static int send_setup(struct aamm_apply *ap)
              "SET enable_seqscan = off; SET jit = off;"
              "SET aamm.node_id = '%" PRIu32 "';"
              "SET application_name = 'aamm apply from %" PRIu32 "';%s"
-             "SELECT progress, roident FROM aamm.origin_session('%s')",
+             "SELECT progress, roident FROM " AAMM_SQL_FN_ORIGIN_SESSION "('%s')",
              ap->opt.local_node, ap->opt.source_node,
              ap->opt.synchronous_commit_off ? " SET synchronous_commit = off;" : "", ap->origin);
     if (!PQsendQuery(ap->conn, sql))

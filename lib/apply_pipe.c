@@ -11,6 +11,7 @@
 #include <libpq-fe.h>
 
 #include "apply_int.h"
+#include "sql_contract.h"
 
 /* ====================================================================================
  * Queues
@@ -111,8 +112,9 @@ static bool is_transient(const char *sqlstate)
      * aamm.recheck_tombs(), aamm.write_raced()), object in use, query canceled,
      * the backend terminated or the server shutting down (57P0x), connection exceptions */
     return strcmp(sqlstate, "40P01") == 0 || strcmp(sqlstate, "55P03") == 0 ||
-           strcmp(sqlstate, "40001") == 0 || strcmp(sqlstate, "AA002") == 0 ||
-           strcmp(sqlstate, "AA005") == 0 || strcmp(sqlstate, "AA006") == 0 ||
+           strcmp(sqlstate, "40001") == 0 || strcmp(sqlstate, AAMM_SQLSTATE_GUARD) == 0 ||
+           strcmp(sqlstate, AAMM_SQLSTATE_KEY_LOCK_BUSY) == 0 ||
+           strcmp(sqlstate, AAMM_SQLSTATE_RACED) == 0 ||
            strcmp(sqlstate, "55006") == 0 ||
            strcmp(sqlstate, "57014") == 0 || strncmp(sqlstate, "57P0", 4) == 0 ||
            strncmp(sqlstate, "08", 2) == 0;
@@ -259,8 +261,9 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
         for (uint32_t i = 0; i < c->nrelations; i++) {
             const char *pv[3] = {fixed[0], fixed[1], lrel_of(c->relations[i])->label};
             if (!PQsendQueryParams(ap->conn,
-                                   "SELECT aamm.log_truncate($3, $1::timestamptz, $2::int)", 3,
-                                   NULL, pv, NULL, NULL, 0))
+                                   "SELECT " AAMM_SQL_FN_LOG_TRUNCATE
+                                   "($3, $1::timestamptz, $2::int)",
+                                   3, NULL, pv, NULL, NULL, 0))
                 return AAMM_ECONN;
             if (!aamm__apply_exp_push(ap, E_STMT, t, NULL, idx))
                 return AAMM_ENOMEM;
@@ -819,7 +822,7 @@ static bool split_fields(char *s, char **f, int n)
 {
     for (int i = 0; i < n - 1; i++) {
         f[i] = s;
-        char *sep = strchr(s, '\x1f');
+        char *sep = strchr(s, AAMM_SQL_SEP);
         if (!sep)
             return false;
         *sep = '\0';
@@ -834,7 +837,7 @@ void aamm__apply_on_notice(void *arg, const PGresult *res)
     struct aamm_apply *ap = arg;
     const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
     const char *d = PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL);
-    if (!msg || strcmp(msg, "aamm_conflict") != 0 || !d || ap->exp_n == 0)
+    if (!msg || strcmp(msg, AAMM_SQL_NOTICE_CONFLICT) != 0 || !d || ap->exp_n == 0)
         return;
     struct qtxn *t = ap->exp[ap->exp_head].t;
     if (!t)
@@ -923,7 +926,7 @@ static void retire(struct aamm_apply *ap)
 
 static int classify(const char *sqlstate)
 {
-    if (strcmp(sqlstate, "23505") == 0 || strcmp(sqlstate, "AA001") == 0)
+    if (strcmp(sqlstate, "23505") == 0 || strcmp(sqlstate, AAMM_SQLSTATE_POLICY_ERROR) == 0)
         return AAMM_ECONFLICT;
     if (strcmp(sqlstate, "42P01") == 0 || strcmp(sqlstate, "42703") == 0)
         return AAMM_ENOTFOUND;
@@ -1086,7 +1089,7 @@ void aamm__apply_after_failure(struct aamm_apply *ap)
     const char *label = c && c->relation ? lrel_of(c->relation)->label : "";
     char lsn[AAMM_LSN_BUFSIZE];
     aamm_lsn_format(t->hdr.end_lsn, lsn);
-    if (strcmp(sqlstate, "AA004") == 0 && c) {
+    if (strcmp(sqlstate, AAMM_SQLSTATE_RESOLVER) == 0 && c) {
         /* a conflict for the host's resolver: ask it (unless the failing statement held
          * several changes: the retry, one statement per change, names the one), then
          * retry at once with its verdict */
@@ -1115,7 +1118,7 @@ void aamm__apply_after_failure(struct aamm_apply *ap)
         retry_in(ap, 0);
         return;
     }
-    if (strcmp(sqlstate, "AA005") == 0) {
+    if (strcmp(sqlstate, AAMM_SQLSTATE_KEY_LOCK_BUSY) == 0) {
         /* another applier held one of its keys while a merged statement's guard ran:
          * retry at once, the guard a statement of its own that waits for the lock (it
          * is retried unbatched), and fold no guard for a while (the keys are contended) */
@@ -1152,7 +1155,8 @@ void aamm__apply_after_failure(struct aamm_apply *ap)
         snprintf(node, sizeof node, "%" PRIu32, t->hdr.origin_node);
         const char *lp[3] = {label, ts, node};
         PQsendQueryParams(ap->conn,
-                          "SELECT aamm.log_conflict('unique_other', $1, NULL, NULL, NULL, NULL, "
+                          "SELECT " AAMM_SQL_FN_LOG_CONFLICT
+                          "('unique_other', $1, NULL, NULL, NULL, NULL, "
                           "NULL, $2::timestamptz, $3::int, 'error')",
                           3, NULL, lp, NULL, NULL, 0);
         aamm__apply_exp_push(ap, E_MISC, NULL, NULL, 0);
@@ -1195,7 +1199,7 @@ static int handle_result(struct aamm_apply *ap, PGresult *res)
             e.t->failed = true;
             if (!e.t->errmsg) {
                 e.t->errmsg = aamm__strdup("the transaction did not commit");
-                snprintf(e.t->sqlstate, sizeof e.t->sqlstate, "AA003");
+                snprintf(e.t->sqlstate, sizeof e.t->sqlstate, AAMM_SQLSTATE_NOT_COMMITTED);
             }
             if (!ap->fail_txn)
                 ap->fail_txn = e.t;

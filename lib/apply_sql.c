@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "apply_int.h"
+#include "sql_contract.h"
 
 /* ====================================================================================
  * Relation names
@@ -182,7 +183,7 @@ static void sb_tomb(struct aamm__sb *b, const struct lrel *r, const int *kparam,
         aamm__sb_add(b, " OR ");
         aamm__free(nk);
     }
-    aamm__sb_add(b, "aamm.put_tombstone($3, ");
+    aamm__sb_add(b, AAMM_SQL_FN_PUT_TOMBSTONE "($3, ");
     sb_keyjson(b, r, kparam);
     aamm__sb_add(b, ", $1::timestamptz, $2::int))");
 }
@@ -283,7 +284,7 @@ static void sb_not_tombstoned(struct aamm__sb *b, const struct lrel *r, const in
 static void sb_recheck(struct aamm__sb *b, const struct lrel *r, const int *kparam,
                        const char *keys, bool upd)
 {
-    aamm__sb_add(b, "aamm.recheck_tombs($3, ");
+    aamm__sb_add(b, AAMM_SQL_FN_RECHECK_TOMBS "($3, ");
     if (kparam) {
         aamm__sb_add(b, "ARRAY[");
         sb_keyjson(b, r, kparam);
@@ -335,7 +336,7 @@ char *aamm__apply_build_full(const struct lrel *r, int op, const char *mask, boo
             aamm__sb_add(&b, ")");
         }
         sb_not_tombstoned(&b, r, kparam);
-        aamm__sb_add(&b, " OR aamm.insert_ok($3, ");
+        aamm__sb_add(&b, " OR " AAMM_SQL_FN_INSERT_OK "($3, ");
         sb_keyjson(&b, r, kparam);
         aamm__sb_add(&b, ", $1::timestamptz, $2::int, ");
         sb_rowjson(&b, r, mask, vparam);
@@ -353,8 +354,8 @@ char *aamm__apply_build_full(const struct lrel *r, int op, const char *mask, boo
                     aamm__sb_add(&b, " = EXCLUDED.");
                     aamm__sb_ident(&b, r->rel.columns[c].name);
                 }
-            aamm__sb_add(&b,
-                         " WHERE aamm.decide('insert_exists', $3, pg_catalog.jsonb_build_array(");
+            aamm__sb_add(&b, " WHERE " AAMM_SQL_FN_DECIDE
+                             "('insert_exists', $3, pg_catalog.jsonb_build_array(");
             for (int k = 0; k < r->nkeys; k++) {
                 aamm__sb_add(&b, "%sEXCLUDED.", k ? ", " : "");
                 aamm__sb_ident(&b, r->rel.columns[r->key_r[k]].name);
@@ -386,7 +387,8 @@ char *aamm__apply_build_full(const struct lrel *r, int op, const char *mask, boo
         bool moves = moves_key(r, mask);
         aamm__sb_add(&b, "%s", moves ? "WITH u AS (" : "");
         sb_update_head(&b, r, mask, vparam, kparam);
-        aamm__sb_add(&b, " AND (%s OR aamm.decide('update_origin_differs', $3, ", same_origin_sql);
+        aamm__sb_add(&b, " AND (%s OR " AAMM_SQL_FN_DECIDE "('update_origin_differs', $3, ",
+                     same_origin_sql);
         sb_keyjson(&b, r, kparam);
         aamm__sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), ");
         sb_rowjson(&b, r, mask, vparam);
@@ -416,7 +418,7 @@ char *aamm__apply_build_full(const struct lrel *r, int op, const char *mask, boo
             aamm__sb_add(&b, ")");
             aamm__free(nk);
         }
-        aamm__sb_add(&b, " AND aamm.update_missing($3, ");
+        aamm__sb_add(&b, " AND " AAMM_SQL_FN_UPDATE_MISSING "($3, ");
         sb_keyjson(&b, r, kparam);
         aamm__sb_add(&b, ", $1::timestamptz, $2::int, ");
         sb_rowjson(&b, r, mask, vparam);
@@ -430,7 +432,7 @@ char *aamm__apply_build_full(const struct lrel *r, int op, const char *mask, boo
         aamm__sb_ident(&b, r->rel.columns[r->key_r[0]].name);
         aamm__sb_add(&b, " = EXCLUDED.");
         aamm__sb_ident(&b, r->rel.columns[r->key_r[0]].name);
-        aamm__sb_add(&b, " WHERE aamm.write_raced($3, ");
+        aamm__sb_add(&b, " WHERE " AAMM_SQL_FN_WRITE_RACED "($3, ");
         sb_keyjson(&b, r, kparam);
         aamm__sb_add(&b, ") RETURNING 1) SELECT CASE WHEN EXISTS (SELECT 1 FROM i) THEN ");
         sb_recheck(&b, r, kparam, NULL, true);
@@ -438,14 +440,14 @@ char *aamm__apply_build_full(const struct lrel *r, int op, const char *mask, boo
     } else {
         aamm__sb_add(&b, "WITH d AS (DELETE FROM %s AS t WHERE ", r->qname);
         sb_keywhere(&b, r, "t", kparam);
-        aamm__sb_add(&b, " AND aamm.decide('delete_origin_differs', $3, ");
+        aamm__sb_add(&b, " AND " AAMM_SQL_FN_DECIDE "('delete_origin_differs', $3, ");
         sb_keyjson(&b, r, kparam);
         aamm__sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), NULL, $1::timestamptz, $2::int, $4) "
                          "RETURNING 1) SELECT CASE WHEN EXISTS (SELECT 1 FROM d) THEN ");
         sb_tomb(&b, r, kparam, NULL);
         aamm__sb_add(&b, " WHEN NOT EXISTS (SELECT 1 FROM %s t2 WHERE ", r->qname);
         sb_keywhere(&b, r, "t2", kparam);
-        aamm__sb_add(&b, ") THEN aamm.delete_missing($3, ");
+        aamm__sb_add(&b, ") THEN " AAMM_SQL_FN_DELETE_MISSING "($3, ");
         sb_keyjson(&b, r, kparam);
         aamm__sb_add(&b, ", $1::timestamptz, $2::int, NULL) END");
     }
@@ -522,7 +524,7 @@ char *aamm__apply_build_sql(const struct lrel *r, int op, const char *mask, bool
             sb_recheck(&b, r, kparam, NULL, false);
         aamm__sb_add(&b, " ELSE");
     }
-    aamm__sb_add(&b, " %saamm.apply_slow(", then ? "" : "SELECT ");
+    aamm__sb_add(&b, " %s" AAMM_SQL_FN_APPLY_SLOW "(", then ? "" : "SELECT ");
     aamm__sb_literal(&b, dfull ? dfull : "");
     aamm__sb_add(&b, ", ");
     if (dmiss)
@@ -579,7 +581,7 @@ char *aamm__apply_truncate_sql(const struct aamm_change *c)
     "SELECT pg_catalog.pg_replication_origin_xact_setup($3::pg_lsn, $4::timestamptz)::text "       \
     "AS w FROM (SELECT COALESCE(pg_catalog.pg_replication_origin_progress($1, false), "            \
     "'0/0') AS cur) g WHERE CASE WHEN g.cur OPERATOR(pg_catalog.=) $2::pg_lsn THEN true ELSE "     \
-    "aamm.guard_failed($1, g.cur, $2::pg_lsn) END UNION ALL "
+    AAMM_SQL_FN_GUARD_FAILED "($1, g.cur, $2::pg_lsn) END UNION ALL "
 #define GUARD_LOCKS                                                                                \
     " FROM ROWS FROM (pg_catalog.unnest($5::int8[]), pg_catalog.unnest($6::bool[])) AS u(x, e)"
 
@@ -601,7 +603,7 @@ static const char guard_fold_sql[] =
     "g AS MATERIALIZED (" GUARD_CHECK
     "SELECT CASE WHEN CASE WHEN u.e THEN pg_catalog.pg_try_advisory_xact_lock(u.x) "
     "ELSE pg_catalog.pg_try_advisory_xact_lock_shared(u.x) END THEN NULL ELSE "
-    "aamm.key_lock_busy(u.x) END" GUARD_LOCKS ")";
+    AAMM_SQL_FN_KEY_LOCK_BUSY "(u.x) END" GUARD_LOCKS ")";
 
 /*
  * The merged statement (send_merged()): WITH g (guard_fold_sql), c1 AS (...), m1 AS (...),
