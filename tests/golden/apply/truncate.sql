@@ -1,0 +1,1 @@
+TRUNCATE ONLY "public"."users", "Sales"."Order ""Lines"" 2" RESTART IDENTITY CASCADE
