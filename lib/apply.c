@@ -525,6 +525,7 @@ static int step_setup(struct aamm_apply *ap)
             if (!PQenterPipelineMode(ap->conn) || PQsetnonblocking(ap->conn, 1) != 0)
                 return aamm__apply_conn_error(ap, "pipeline mode");
             ap->state = S_READY;
+            aamm__apply_reclaim(ap);
             ap->prev_sent = ap->progress;
             AAMM_INFO("apply: origin %s ready at %" PRIX64, ap->origin, ap->progress);
             return 0;
@@ -779,7 +780,7 @@ uint64_t aamm_apply_flushed(const struct aamm_apply *ap)
 
 size_t aamm_apply_pending(const struct aamm_apply *ap)
 {
-    return ap->ntxns;
+    return ap->ntxns - ap->nunflushed;
 }
 
 uint64_t aamm_apply_conflicts(const struct aamm_apply *ap, enum aamm_conflict_kind kind)

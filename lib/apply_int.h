@@ -167,6 +167,7 @@ struct aamm_apply {
     struct qtxn *cursor; /* every transaction before it is sent or done */
     size_t nqueued_changes;
     size_t ntxns;
+    size_t nunflushed; /* of them committed, kept until the flushed position passes them */
     size_t ninflight;
 
     struct expect *exp;
@@ -291,6 +292,7 @@ void aamm__apply_qtxn_free(struct qtxn *t);
 void aamm__apply_forget_prepared(struct aamm_apply *ap);
 /* Every transaction not committed goes out again from the first one, as if never sent. */
 void aamm__apply_unsend_all(struct aamm_apply *ap);
+void aamm__apply_reclaim(struct aamm_apply *ap);
 /* Send what the pipeline has room for. Returns 0 or an error (AAMM_ECONN: connection). */
 int aamm__apply_send_pending(struct aamm_apply *ap);
 /* Take every result that arrived. Returns 0 or an error. */

@@ -86,6 +86,32 @@ void aamm__apply_forget_prepared(struct aamm_apply *ap)
             r->stmts[i].prepared = false;
 }
 
+/* The origin's progress read after connecting (or after a failure) is behind
+ * transactions apply committed: a server crash took back commits that were not flushed.
+ * Those transactions are still queued (retire() keeps them until flushed): send them
+ * again, in order, from the progress read. */
+void aamm__apply_reclaim(struct aamm_apply *ap)
+{
+    bool any = false;
+    for (struct qtxn *q = ap->head; q; q = q->next) {
+        if (!q->done || q->skipped || q->hdr.end_lsn <= ap->progress)
+            continue;
+        q->done = false;
+        q->sent = false;
+        ap->nunflushed--;
+        ap->committed--;
+        any = true;
+    }
+    if (any) {
+        AAMM_WARN("apply: origin %s is back at %" PRIX64 " (a server crash took back commits "
+                  "not yet flushed): applying them again",
+                  ap->origin, ap->progress);
+        if (ap->flushed > ap->progress)
+            ap->flushed = ap->progress;
+        aamm__apply_unsend_all(ap);
+    }
+}
+
 void aamm__apply_unsend_all(struct aamm_apply *ap)
 {
     ap->cursor = ap->head;
@@ -884,6 +910,7 @@ static void txn_committed(struct aamm_apply *ap, struct qtxn *t)
     t->done = true;
     ap->progress = t->hdr.end_lsn;
     ap->committed++;
+    ap->nunflushed++;
     ap->need_progress = true;
     ap->backoff_ms = 10;
     if (t->upsert_run) { /* was the relation's run clean? */
@@ -907,10 +934,17 @@ static void txn_committed(struct aamm_apply *ap, struct qtxn *t)
     }
 }
 
+/* Free the transactions at the head that are skipped, or committed and flushed. A
+ * committed transaction stays until the flushed position passes it: a server crash takes
+ * back commits not yet flushed (synchronous_commit = off), and aamm__apply_reclaim() then
+ * sends them again. */
 static void retire(struct aamm_apply *ap)
 {
-    while (ap->head && ap->head->done) {
+    while (ap->head && ap->head->done &&
+           (ap->head->skipped || ap->head->hdr.end_lsn <= ap->flushed)) {
         struct qtxn *t = ap->head;
+        if (!t->skipped)
+            ap->nunflushed--;
         ap->head = t->next;
         if (!ap->head)
             ap->tail = NULL;
@@ -1238,8 +1272,10 @@ static int handle_result(struct aamm_apply *ap, PGresult *res)
         break;
     case E_REPROGRESS:
         if (st == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
-            aamm_lsn_parse(PQgetvalue(res, 0, 0), &ap->progress) == 0)
+            aamm_lsn_parse(PQgetvalue(res, 0, 0), &ap->progress) == 0) {
+            aamm__apply_reclaim(ap);
             ap->prev_sent = ap->progress;
+        }
         ap->recovering = false;
         break;
     default:

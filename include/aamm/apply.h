@@ -10,8 +10,10 @@
  * commit as the data.
  *
  * Feeding: aamm_apply_begin(), aamm_apply_change() for each change, aamm_apply_commit().
- * The handle keeps every transaction until it is committed locally (so it can retry
- * transient failures and resume a held stream without the source resending); at most
+ * The handle keeps every transaction until its local commit is flushed (so it can retry
+ * transient failures, resume a held stream without the source resending, and apply again
+ * what a crash of the local server took back from an unflushed commit under
+ * synchronous_commit_off; the callbacks of such a transaction then run again); at most
  * max_queued_changes changes may be queued (AAMM_EBUSY beyond: step and try again).
  * Transactions at or below the origin's progress are skipped (at-least-once delivery
  * becomes exactly-once).
