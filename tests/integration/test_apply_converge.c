@@ -1,8 +1,11 @@
 /* test_apply_converge.c: randomized 3-node convergence. Every node runs random local
  * inserts, updates (small and out-of-line columns) and deletes on a small overlapping key
  * space while capture (slot per peer) -> in-memory delay queue per path -> apply runs in
- * this process for all six paths, with random holds so delivery order differs per path;
- * then the nodes quiesce and every table is compared row by row. */
+ * this process for all six paths, with random holds so delivery order differs per path.
+ * Besides, racer sessions on every node keep local transactions open for a while after
+ * their write (deletes, updates, inserts, insert-then-delete), so apply's statements meet
+ * rows that a local transaction is writing and wait for it. Then the nodes quiesce and
+ * every table is compared row by row. */
 #include <check.h>
 #include <inttypes.h>
 #include <poll.h>
@@ -54,6 +57,20 @@ struct path {
 static struct path paths[N * (N - 1)];
 static PGconn *local[N];
 static uint64_t rng;
+
+/* Racers: local sessions driven without blocking, each a transaction at a time: BEGIN and
+ * a write on the shared keys, then the transaction held open for up to RACE_HOLD_MS, then
+ * COMMIT (a ROLLBACK when the write failed, e.g. a deadlock with apply). */
+#define RACERS 2
+#define RACE_HOLD_MS 60
+enum { R_IDLE, R_WRITING, R_HOLDING, R_COMMITTING };
+struct racer {
+    PGconn *c;
+    int node, state;
+    int64_t until;
+};
+static struct racer racers[N * RACERS];
+static uint64_t race_writes;
 
 static void on_message(struct aamm_apply *ap, bool tx, const char *prefix, const char *content,
                        size_t len, void *arg)
@@ -238,6 +255,75 @@ static void local_op(const char *tbl)
                  tbl, node, k, tbl, k2, tbl, k2, v, big);
     PGresult *res = PQexec(local[node], sql);
     PQclear(res);
+    /* a failed statement of a BEGIN ... COMMIT string leaves its transaction open */
+    if (PQtransactionStatus(local[node]) != PQTRANS_IDLE)
+        PQclear(PQexec(local[node], "ROLLBACK"));
+}
+
+/* Whether @r's current query has answered (its results consumed). */
+static bool racer_done(struct racer *r)
+{
+    ck_assert_msg(PQconsumeInput(r->c), "racer: %s", PQerrorMessage(r->c));
+    if (PQisBusy(r->c))
+        return false;
+    PGresult *res;
+    while ((res = PQgetResult(r->c)) != NULL)
+        PQclear(res);
+    return true;
+}
+
+/* Advance every racer one step; @start: whether idle ones may begin a transaction. */
+static void race(const char *tbl, bool start)
+{
+    int64_t now = aamm_test_now_ms();
+    for (int i = 0; i < N * RACERS; i++) {
+        struct racer *r = &racers[i];
+        if (r->state == R_IDLE && start && aamm_test_rand(&rng) % 3 == 0) {
+            int k = 1 + (int)(aamm_test_rand(&rng) % NKEYS);
+            int v = (int)(aamm_test_rand(&rng) % 1000);
+            char sql[512];
+            int op = (int)(aamm_test_rand(&rng) % 5);
+            if (op == 0)
+                snprintf(sql, sizeof sql, "BEGIN; DELETE FROM %s WHERE id = %d", tbl, k);
+            else if (op == 1)
+                snprintf(sql, sizeof sql, "BEGIN; UPDATE %s SET a = %d, s = 'race%d' WHERE id = %d",
+                         tbl, v, r->node, k);
+            else if (op == 2)
+                snprintf(sql, sizeof sql,
+                         "BEGIN; INSERT INTO %s VALUES (%d, %d, 'race%d', 'r') ON CONFLICT DO "
+                         "NOTHING",
+                         tbl, k, v, r->node);
+            else if (op == 3)
+                snprintf(sql, sizeof sql,
+                         "BEGIN; INSERT INTO %s VALUES (%d, %d, 'race%d', 'r') ON CONFLICT DO "
+                         "NOTHING; DELETE FROM %s WHERE id = %d",
+                         tbl, k, v, r->node, tbl, k);
+            else
+                snprintf(sql, sizeof sql,
+                         "BEGIN; DELETE FROM %s WHERE id = %d; INSERT INTO %s VALUES (%d, %d, "
+                         "'again%d', 'r')",
+                         tbl, k, tbl, k, v, r->node);
+            ck_assert_msg(PQsendQuery(r->c, sql), "racer: %s", PQerrorMessage(r->c));
+            r->state = R_WRITING;
+            race_writes++;
+        } else if (r->state == R_WRITING && racer_done(r)) {
+            r->state = R_HOLDING;
+            r->until = now + (int64_t)(aamm_test_rand(&rng) % RACE_HOLD_MS);
+        } else if (r->state == R_HOLDING && now >= r->until) {
+            ck_assert_msg(PQsendQuery(r->c, "COMMIT"), "racer: %s", PQerrorMessage(r->c));
+            r->state = R_COMMITTING;
+        } else if (r->state == R_COMMITTING && racer_done(r)) {
+            r->state = R_IDLE;
+        }
+    }
+}
+
+static bool racers_idle(void)
+{
+    for (int i = 0; i < N * RACERS; i++)
+        if (racers[i].state != R_IDLE)
+            return false;
+    return true;
 }
 
 static char *table_text(int node, const char *tbl)
@@ -267,6 +353,17 @@ static void setup(void)
         PQfinish(c);
         local[i] = pgfx_connect(fx, i);
         ck_assert_ptr_nonnull(local[i]);
+        /* the workload's blocking writes give up on a key a racer holds (this loop also
+         * drives the racers: waiting would wait for ever) */
+        ck_assert_int_eq(pgfx_exec_conn(local[i], "SET lock_timeout = '100ms'"), 0);
+        for (int j = 0; j < RACERS; j++) {
+            struct racer *r = &racers[i * RACERS + j];
+            r->node = i;
+            r->state = R_IDLE;
+            r->c = pgfx_connect(fx, i);
+            ck_assert_ptr_nonnull(r->c);
+            ck_assert_int_eq(PQsetnonblocking(r->c, 1), 0);
+        }
     }
     size_t pi = 0;
     for (int from = 0; from < N; from++) {
@@ -329,6 +426,9 @@ static void teardown(void)
     for (int i = 0; i < N; i++)
         if (local[i])
             PQfinish(local[i]);
+    for (int i = 0; i < N * RACERS; i++)
+        if (racers[i].c)
+            PQfinish(racers[i].c);
     pgfx_destroy(fx);
 }
 
@@ -359,7 +459,16 @@ static void run_seed(int idx, uint64_t seed, int ops)
     rng = seed;
     for (int op = 0; op < ops; op++) {
         local_op(tbl);
+        race(tbl, true);
         pump(false);
+    }
+    /* the racers finish what they hold */
+    int64_t racing = aamm_test_now_ms() + 30000;
+    while (!racers_idle()) {
+        race(tbl, false);
+        pump(false);
+        ck_assert_msg(aamm_test_now_ms() < racing, "seed %" PRIu64 ": racers never finished",
+                      seed);
     }
     /* quiesce: a marker from every node, then until every path applied it */
     char marker[32];
@@ -444,7 +553,8 @@ START_TEST(test_converge)
     for (size_t i = 0; i < N * (N - 1); i++)
         for (int k = 1; k < AAMM_CONFLICT_NKINDS; k++)
             kinds[k] += aamm_apply_conflicts(paths[i].ap, (enum aamm_conflict_kind)k);
-    fprintf(stderr, "test_converge: conflicts:");
+    fprintf(stderr, "test_converge: %" PRIu64 " racing local transactions; conflicts:",
+            race_writes);
     for (int k = 1; k < AAMM_CONFLICT_NKINDS; k++)
         fprintf(stderr, " %s=%" PRIu64, aamm_conflict_kind_name((enum aamm_conflict_kind)k),
                 kinds[k]);
