@@ -14,7 +14,6 @@
 
 #define MAX_COLUMNS 1664u
 #define PIECE_OVERHEAD 31u /* 'P' + three varints of at most 10 bytes */
-#define SEG_MIN 1024       /* text values and message contents of this size are referenced */
 
 static bool has_nul(const char *s, size_t n)
 {
