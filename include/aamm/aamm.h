@@ -11,6 +11,7 @@
 #define AAMM_AAMM_H
 
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -158,6 +159,13 @@ AAMM_API void aamm_free(void *ptr);
  * a node id (and with it a snowflake id space) is never used twice.
  */
 #define AAMM_NODE_ID_MAX 1023
+
+/**
+ * Whether @id is a valid node id: 1..AAMM_NODE_ID_MAX (0 is never a node id). Every
+ * component that takes a node id (capture, link, apply, consensus, snowflake) checks it
+ * with this function, so the range is defined in one place. Pure; thread-safe.
+ */
+AAMM_API bool aamm_node_id_valid(uint32_t id);
 
 /* ---- LSNs and times -------------------------------------------------------------- */
 
