@@ -176,7 +176,7 @@ static void open_capture(void)
     co.publications = pubs;
     co.npublications = 1;
     co.node_id = 1;
-    if (aamm_capture_new(&cap, &co) != 0 || aamm_capture_open(cap) != 0)
+    if (aamm_capture_new(&cap, &co, NULL, 0) != 0 || aamm_capture_open(cap) != 0)
         die(cap ? aamm_capture_errmsg(cap) : "capture new");
 }
 
@@ -203,12 +203,12 @@ static struct aamm_wire_decoder *dec;
 static void apply_change_waiting(struct aamm_change *c)
 {
     int arc;
-    while ((arc = aamm_apply_change(ap, c)) == AAMM_EBUSY) {
+    while ((arc = aamm_apply_change(ap, c)) == AAMM_EAGAIN) {
         if (aamm_apply_step(ap) != 0)
             die(aamm_apply_errmsg(ap));
         dbg("busy");
         struct pollfd p = {aamm_apply_fd(ap), POLLIN, 0};
-        if (aamm_apply_events(ap) & AAMM_APPLY_WRITE)
+        if (aamm_apply_events(ap) & AAMM_WRITE)
             p.events |= POLLOUT;
         poll(&p, 1, aamm_apply_timeout(ap) == 0 ? 0 : 1);
     }
@@ -266,7 +266,7 @@ static double libaamm_catch_up(long want, long units)
         struct aamm_capture_event ev;
         int rc;
         int budget = 20000;
-        while (budget-- > 0 && (rc = aamm_capture_next(cap, &ev)) == 1) {
+        while (budget-- > 0 && (rc = aamm_capture_next(cap, &ev)) == 0) {
             if (ev.kind == AAMM_CAPTURE_BEGIN) {
                 if (aamm_wire_encode_begin(enc, ev.txn) != 0)
                     die(aamm_wire_encoder_errmsg(enc));
@@ -302,7 +302,7 @@ static double libaamm_catch_up(long want, long units)
             }
         }
         struct pollfd p[2] = {{aamm_capture_fd(cap), POLLIN, 0}, {aamm_apply_fd(ap), POLLIN, 0}};
-        if (aamm_apply_events(ap) & AAMM_APPLY_WRITE)
+        if (aamm_apply_events(ap) & AAMM_WRITE)
             p[1].events |= POLLOUT;
         poll(p, 2, aamm_capture_timeout(cap) == 0 || aamm_apply_timeout(ap) == 0 ? 0 : 1);
     }
@@ -399,9 +399,9 @@ int main(void)
     o.local_node = 3;
     o.source_node = 1;
     o.synchronous_commit_off = true;
-    if (aamm_apply_new(&ap, &o) != 0)
+    if (aamm_apply_new(&ap, &o, NULL, 0) != 0)
         die("apply new");
-    if (aamm_wire_encoder_new(&enc, NULL) != 0 || aamm_wire_decoder_new(&dec, NULL) != 0)
+    if (aamm_wire_encoder_new(&enc, NULL, NULL, 0) != 0 || aamm_wire_decoder_new(&dec, NULL, NULL, 0) != 0)
         die("wire new");
 
     /* 1. bulk backlog */

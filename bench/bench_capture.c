@@ -120,12 +120,12 @@ static double run_capture(const char *base, const char *pub, long ntxns, long *c
     *changes = 0;
     c0 = cpu_s(RUSAGE_SELF);
     t0 = now_s();
-    if (aamm_capture_new(&c, &o) != 0 || aamm_capture_open(c) != 0)
+    if (aamm_capture_new(&c, &o, NULL, 0) != 0 || aamm_capture_open(c) != 0)
         die(aamm_capture_errmsg(c));
     while (txns < ntxns) {
         int rc = aamm_capture_wait(c, &ev, 60000);
-        if (rc <= 0)
-            die(rc == 0 ? "capture: timeout" : aamm_capture_errmsg(c));
+        if (rc != 0)
+            die(rc == AAMM_EAGAIN ? "capture: timeout" : aamm_capture_errmsg(c));
         if (ev.kind == AAMM_CAPTURE_CHANGE) {
             (*changes)++;
         } else if (ev.kind == AAMM_CAPTURE_COMMIT) {

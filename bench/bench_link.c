@@ -38,7 +38,7 @@ static void add(struct pollfd *fds, int *n, struct aamm_link *l, int *t)
         return;
     fds[*n].fd = aamm_link_fd(l);
     fds[*n].events =
-        (short)(((ev & AAMM_LINK_READ) ? POLLIN : 0) | ((ev & AAMM_LINK_WRITE) ? POLLOUT : 0));
+        (short)(((ev & AAMM_READ) ? POLLIN : 0) | ((ev & AAMM_WRITE) ? POLLOUT : 0));
     (*n)++;
     if (to >= 0 && to < *t)
         *t = to;
@@ -81,7 +81,7 @@ static int run(const char *name, long ntx, int nch, int vlen)
         getsockname(lfd, (struct sockaddr *)&sa, &sl))
         return 1;
     snprintf(port, sizeof port, "%d", ntohs(sa.sin_port));
-    if (aamm_link_new(&s, &so) || aamm_link_new(&r, &ro) || aamm_link_connect(s, "127.0.0.1", port))
+    if (aamm_link_new(&s, &so, NULL, 0) || aamm_link_new(&r, &ro, NULL, 0) || aamm_link_connect(s, "127.0.0.1", port))
         return 1;
     {
         int fd = accept(lfd, NULL, NULL);

@@ -46,7 +46,7 @@ static double c_snowflake(long n)
     struct aamm_snowflake *g;
     int64_t id = 0;
     double t;
-    if (aamm_snowflake_new(&g, &o) != 0)
+    if (aamm_snowflake_new(&g, &o, NULL, 0) != 0)
         return 0;
     t = now_s();
     for (long i = 0; i < n; i++)
@@ -63,7 +63,7 @@ static double c_uuidv7(long n)
     struct aamm_uuidv7 *g;
     uint8_t u[16];
     double t;
-    if (aamm_uuidv7_new(&g, NULL) != 0)
+    if (aamm_uuidv7_new(&g, NULL, NULL, 0) != 0)
         return 0;
     t = now_s();
     for (long i = 0; i < n; i++)
@@ -83,7 +83,7 @@ static double c_galloc(long n)
     int64_t v = 0, next = 1;
     uint64_t count;
     double t;
-    if (aamm_galloc_new(&g, &o) != 0)
+    if (aamm_galloc_new(&g, &o, NULL, 0) != 0)
         return 0;
     t = now_s();
     for (long i = 0; i < n; i++) {

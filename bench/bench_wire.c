@@ -189,8 +189,8 @@ static int run(const char *name, struct txn *x, long ntxn, int bulkmode)
     uint64_t id = 0;
     double t0, enc_s = 0, dec_s;
     long events = 0;
-    aamm_wire_encoder_new(&enc, NULL);
-    aamm_wire_encoder_new(&raw, &nocomp);
+    aamm_wire_encoder_new(&enc, NULL, NULL, 0);
+    aamm_wire_encoder_new(&raw, &nocomp, NULL, 0);
     for (long i = 0; i < ntxn; i++) {
         size_t n;
         const uint8_t *p;
@@ -229,7 +229,7 @@ static int run(const char *name, struct txn *x, long ntxn, int bulkmode)
         rawlen += n;
         aamm_wire_encoder_consume(raw, n);
     }
-    aamm_wire_decoder_new(&dec, NULL);
+    aamm_wire_decoder_new(&dec, NULL, NULL, 0);
     t0 = now_s();
     for (size_t off = 0;;) {
         struct aamm_wire_event ev;

@@ -67,8 +67,8 @@ static int consume(PGconn *c, struct tally *t)
         return -1;
     }
     aamm__pgo_new(&pgo);
-    aamm_wire_encoder_new(&batched, NULL);
-    aamm_wire_encoder_new(&per_txn, NULL);
+    aamm_wire_encoder_new(&batched, NULL, NULL, 0);
+    aamm_wire_encoder_new(&per_txn, NULL, NULL, 0);
     for (int i = 0; i < PQntuples(r); i++) {
         const uint8_t *data = (const uint8_t *)PQgetvalue(r, i, 1);
         size_t len = (size_t)PQgetlength(r, i, 1);

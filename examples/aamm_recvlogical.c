@@ -115,6 +115,7 @@ int main(int argc, char **argv)
     struct aamm_capture_stats st;
     long max_txns = -1, txns = 0, changes = 0;
     int idle_s = -1, quiet = 0, opt, rc;
+    char err[256];
     char lsn[AAMM_LSN_BUFSIZE], ts[64];
 
     memset(&o, 0, sizeof o);
@@ -155,8 +156,8 @@ int main(int argc, char **argv)
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
 
-    if (aamm_capture_new(&c, &o) != 0) {
-        fprintf(stderr, "aamm_recvlogical: invalid options (slot names are a-z, 0-9, _)\n");
+    if (aamm_capture_new(&c, &o, err, sizeof err) != 0) {
+        fprintf(stderr, "aamm_recvlogical: %s\n", err);
         return 2;
     }
     if ((rc = aamm_capture_open(c)) != 0) {
@@ -170,12 +171,12 @@ int main(int argc, char **argv)
 
     while (!stop && (max_txns < 0 || txns < max_txns)) {
         rc = aamm_capture_wait(c, &ev, idle_s < 0 ? 1000 : idle_s * 1000);
-        if (rc < 0) {
+        if (rc < 0 && rc != AAMM_EAGAIN) {
             fprintf(stderr, "aamm_recvlogical: %s (%s)\n", aamm_capture_errmsg(c),
                     aamm_errname(rc));
             break;
         }
-        if (rc == 0) {
+        if (rc == AAMM_EAGAIN) {
             if (idle_s >= 0)
                 break;
             continue;
@@ -217,5 +218,5 @@ int main(int argc, char **argv)
             txns, changes, (unsigned long long)st.bytes_received,
             aamm_lsn_format(aamm_capture_confirmed(c), lsn));
     aamm_capture_free(c);
-    return rc < 0 ? 1 : 0;
+    return rc < 0 && rc != AAMM_EAGAIN ? 1 : 0;
 }

@@ -279,6 +279,24 @@ const char *aamm__errmsg(const struct aamm__err *err)
     return err->msg;
 }
 
+int aamm__newerrf(char *buf, size_t size, int code, const char *fmt, ...)
+{
+    va_list ap;
+    if (buf == NULL || size == 0)
+        return code;
+    va_start(ap, fmt);
+    vsnprintf(buf, size, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+int aamm__newerr_copy(char *buf, size_t size, const struct aamm__err *err)
+{
+    if (buf != NULL && size > 0)
+        snprintf(buf, size, "%s", err->msg);
+    return err->code;
+}
+
 /* ====================================================================================
  * Logging
  * ==================================================================================== */

@@ -34,14 +34,27 @@ void aamm_apply_options_init(struct aamm_apply_options *opts)
     opts->policy = AAMM_POLICY_LWW;
 }
 
-int aamm_apply_new(struct aamm_apply **out, const struct aamm_apply_options *opts)
+int aamm_apply_new(struct aamm_apply **out, const struct aamm_apply_options *opts, char *err,
+                   size_t errsize)
 {
-    if (!out || !opts || !opts->conninfo || !opts->local_node || !opts->source_node ||
-        opts->local_node == opts->source_node)
-        return AAMM_EINVAL;
+    if (!out)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "apply: no handle pointer");
+    *out = NULL;
+    if (!opts)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "apply: no options");
+    if (!opts->conninfo)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "apply: conninfo is required");
+    if (!aamm_node_id_valid(opts->local_node) || !aamm_node_id_valid(opts->source_node))
+        return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                             "apply: local_node %" PRIu32 " / source_node %" PRIu32
+                             " outside 1..%d",
+                             opts->local_node, opts->source_node, AAMM_NODE_ID_MAX);
+    if (opts->local_node == opts->source_node)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                             "apply: source_node %" PRIu32 " is the local node", opts->source_node);
     struct aamm_apply *ap = aamm__calloc(1, sizeof *ap);
     if (!ap)
-        return AAMM_ENOMEM;
+        return aamm__newerrf(err, errsize, AAMM_ENOMEM, "apply: out of memory");
     ap->opt = *opts;
     if (!ap->opt.max_queued_changes)
         ap->opt.max_queued_changes = 100000;
@@ -50,7 +63,7 @@ int aamm_apply_new(struct aamm_apply **out, const struct aamm_apply_options *opt
     ap->conninfo = aamm__strdup(opts->conninfo);
     if (!ap->conninfo) {
         aamm__free(ap);
-        return AAMM_ENOMEM;
+        return aamm__newerrf(err, errsize, AAMM_ENOMEM, "apply: out of memory");
     }
     ap->opt.conninfo = ap->conninfo;
     snprintf(ap->origin, sizeof ap->origin, "aamm_from_%" PRIu32, opts->source_node);
@@ -296,7 +309,7 @@ int aamm_apply_change(struct aamm_apply *ap, struct aamm_change *change)
     }
     /* back-pressure, but never against the open transaction alone */
     if (ap->nqueued_changes >= ap->opt.max_queued_changes && ap->head)
-        return AAMM_EBUSY;
+        return AAMM_EAGAIN;
     struct qtxn *t = ap->open;
     if (t->n == t->cap) {
         size_t nc = t->cap ? t->cap * 2 : 16;
@@ -672,7 +685,7 @@ int aamm_apply_events(const struct aamm_apply *ap)
 {
     if (!ap->conn)
         return 0;
-    return AAMM_APPLY_READ | (ap->want_write ? AAMM_APPLY_WRITE : 0);
+    return AAMM_READ | (ap->want_write ? AAMM_WRITE : 0);
 }
 
 int aamm_apply_timeout(const struct aamm_apply *ap)
@@ -728,9 +741,9 @@ int aamm_apply_flush(struct aamm_apply *ap, int timeout_ms)
         if (fd >= 0 && to > 0) {
             struct pollfd p = {fd, 0, 0};
             int ev = aamm_apply_events(ap);
-            if (ev & AAMM_APPLY_READ)
+            if (ev & AAMM_READ)
                 p.events |= POLLIN;
-            if (ev & AAMM_APPLY_WRITE)
+            if (ev & AAMM_WRITE)
                 p.events |= POLLOUT;
             poll(&p, 1, to > 100 ? 100 : to);
         } else if (to > 0) {

@@ -891,7 +891,7 @@ void aamm__apply_on_notice(void *arg, const PGresult *res)
     q->c.remote.known = *f[6] != '\0';
     q->c.remote.commit_time = parse_i64(f[6]);
     q->c.remote.origin_node = (uint32_t)parse_i64(f[7]);
-    q->c.resolution = (enum aamm_resolution)aamm_resolution_parse(f[8]);
+    q->c.resolution = (enum aamm_resolution)aamm_conflict_resolution_parse(f[8]);
     q->rel = aamm__strdup(f[9]);
     aamm__free(copy);
     q->c.relation = q->rel;
@@ -1034,7 +1034,7 @@ static int resolve(struct aamm_apply *ap, struct qtxn *t, long idx, const char *
     switch (res) {
     case AAMM_RESOLVE_APPLY_REMOTE:
     case AAMM_RESOLVE_KEEP_LOCAL:
-        rc = set_verdict(t, idx, aamm_resolution_name(res), f[1]);
+        rc = set_verdict(t, idx, aamm_conflict_resolution_name(res), f[1]);
         break;
     case AAMM_RESOLVE_MERGED:
         if (merged.nvalues != r->rel.ncolumns) {

@@ -257,29 +257,40 @@ static bool valid_slot_name(const char *s)
     return true;
 }
 
-int aamm_capture_new(struct aamm_capture **out, const struct aamm_capture_options *opts)
+int aamm_capture_new(struct aamm_capture **out, const struct aamm_capture_options *opts,
+                     char *err, size_t errsize)
 {
     struct aamm_capture *c;
     *out = NULL;
-    if (opts == NULL || opts->conninfo == NULL || opts->slot == NULL ||
-        opts->publications == NULL || opts->npublications == 0 || opts->npublications > 64 ||
-        opts->status_interval_ms < 0 || opts->step_budget < 0 || opts->setup_timeout_ms < 0) {
-        AAMM_DEBUG("capture: missing or invalid option");
-        return AAMM_EINVAL;
-    }
-    if (!valid_slot_name(opts->slot)) {
-        AAMM_DEBUG("capture: invalid slot name \"%s\" (1..63 of a-z, 0-9, _)", opts->slot);
-        return AAMM_EINVAL;
-    }
+    if (opts == NULL)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "capture: no options");
+    if (opts->conninfo == NULL)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "capture: conninfo is required");
+    if (opts->slot == NULL)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "capture: slot is required");
+    if (!aamm_node_id_valid(opts->node_id))
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "capture: node_id %" PRIu32 " outside 1..%d",
+                             opts->node_id, AAMM_NODE_ID_MAX);
+    if (opts->publications == NULL || opts->npublications == 0 || opts->npublications > 64)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                             "capture: %" PRIu32 " publications (1..64 needed)",
+                             opts->publications == NULL ? 0 : opts->npublications);
+    if (opts->status_interval_ms < 0 || opts->step_budget < 0 || opts->setup_timeout_ms < 0)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                             "capture: status_interval_ms, step_budget and setup_timeout_ms "
+                             "must not be negative");
+    if (!valid_slot_name(opts->slot))
+        return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                             "capture: invalid slot name \"%s\" (1..63 of a-z, 0-9, _)",
+                             opts->slot);
     for (uint32_t i = 0; i < opts->npublications; i++) {
-        if (opts->publications[i] == NULL || opts->publications[i][0] == '\0') {
-            AAMM_DEBUG("capture: empty publication name");
-            return AAMM_EINVAL;
-        }
+        if (opts->publications[i] == NULL || opts->publications[i][0] == '\0')
+            return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                                 "capture: publication %" PRIu32 " has no name", i);
     }
     c = aamm__calloc(1, sizeof *c);
     if (c == NULL)
-        return AAMM_ENOMEM;
+        return aamm__newerrf(err, errsize, AAMM_ENOMEM, "capture: out of memory");
     c->conninfo = aamm__strdup(opts->conninfo);
     c->slot = aamm__strdup(opts->slot);
     c->publications = aamm__calloc(opts->npublications, sizeof *c->publications);
@@ -304,7 +315,7 @@ int aamm_capture_new(struct aamm_capture **out, const struct aamm_capture_option
     return AAMM_OK;
 oom:
     aamm_capture_free(c);
-    return AAMM_ENOMEM;
+    return aamm__newerrf(err, errsize, AAMM_ENOMEM, "capture: out of memory");
 }
 
 void aamm_capture_free(struct aamm_capture *c)
@@ -819,8 +830,8 @@ static int poll_and_step(struct aamm_capture *c, int timeout_ms)
     if (t < 0 || t > timeout_ms)
         t = timeout_ms;
     pfd.fd = aamm_capture_fd(c);
-    pfd.events = (short)(((events & AAMM_CAPTURE_READ) ? POLLIN : 0) |
-                         ((events & AAMM_CAPTURE_WRITE) ? POLLOUT : 0));
+    pfd.events = (short)(((events & AAMM_READ) ? POLLIN : 0) |
+                         ((events & AAMM_WRITE) ? POLLOUT : 0));
     pfd.revents = 0;
     if (pfd.fd >= 0 && poll(&pfd, 1, t) < 0 && errno != EINTR)
         return fail(c, AAMM_EIO, "poll: %s", strerror(errno));
@@ -928,15 +939,15 @@ int aamm_capture_events(const struct aamm_capture *c)
     int ev = 0;
     if (c != NULL && c->state == ST_SETUP) {
         if (c->phase == PH_CAT_CONNECT || c->phase == PH_REPL_CONNECT)
-            return c->poll_status == PGRES_POLLING_READING ? AAMM_CAPTURE_READ : AAMM_CAPTURE_WRITE;
-        return AAMM_CAPTURE_READ | (c->flush_pending ? AAMM_CAPTURE_WRITE : 0);
+            return c->poll_status == PGRES_POLLING_READING ? AAMM_READ : AAMM_WRITE;
+        return AAMM_READ | (c->flush_pending ? AAMM_WRITE : 0);
     }
     if (c == NULL || c->state != ST_STREAMING)
         return 0;
     if (c->drained)
-        ev |= AAMM_CAPTURE_READ;
+        ev |= AAMM_READ;
     if (c->flush_pending)
-        ev |= AAMM_CAPTURE_WRITE;
+        ev |= AAMM_WRITE;
     return ev;
 }
 
@@ -1252,7 +1263,8 @@ static int maybe_progress(struct aamm_capture *c, bool idle, struct aamm_capture
     return 1;
 }
 
-int aamm_capture_next(struct aamm_capture *c, struct aamm_capture_event *ev)
+/* The next event: 1 with @ev set, 0 when none is available now, or a negative error. */
+static int next_event(struct aamm_capture *c, struct aamm_capture_event *ev)
 {
     int rc;
     memset(ev, 0, sizeof *ev);
@@ -1293,17 +1305,23 @@ int aamm_capture_next(struct aamm_capture *c, struct aamm_capture_event *ev)
     return 0;
 }
 
+int aamm_capture_next(struct aamm_capture *c, struct aamm_capture_event *ev)
+{
+    int rc = next_event(c, ev);
+    return rc == 1 ? AAMM_OK : rc == 0 ? AAMM_EAGAIN : rc;
+}
+
 int aamm_capture_wait(struct aamm_capture *c, struct aamm_capture_event *ev, int timeout_ms)
 {
     int64_t deadline = timeout_ms < 0 ? INT64_MAX : aamm__now_ms() + timeout_ms;
     for (;;) {
-        int rc = aamm_capture_next(c, ev);
+        int rc = next_event(c, ev);
         int64_t now;
         if (rc != 0)
-            return rc;
+            return rc == 1 ? AAMM_OK : rc;
         now = aamm__now_ms();
         if (now >= deadline)
-            return 0;
+            return AAMM_EAGAIN;
         rc = poll_and_step(c, deadline - now > 1000000 ? 1000000 : (int)(deadline - now));
         if (rc != AAMM_OK)
             return rc;

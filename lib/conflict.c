@@ -35,7 +35,8 @@ static const char *const policy_names[] = {
     [AAMM_POLICY_CALLBACK] = "callback",
 };
 
-int aamm_row_version_compare(const struct aamm_row_version *a, const struct aamm_row_version *b)
+int aamm_conflict_version_compare(const struct aamm_conflict_version *a,
+                                  const struct aamm_conflict_version *b)
 {
     if (!a->known || !b->known)
         return (int)a->known - (int)b->known;
@@ -46,19 +47,19 @@ int aamm_row_version_compare(const struct aamm_row_version *a, const struct aamm
     return 0;
 }
 
-bool aamm_conflict_lww_remote_wins(const struct aamm_row_version *local,
-                                   const struct aamm_row_version *remote)
+bool aamm_conflict_lww_remote_wins(const struct aamm_conflict_version *local,
+                                   const struct aamm_conflict_version *remote)
 {
-    return aamm_row_version_compare(remote, local) > 0;
+    return aamm_conflict_version_compare(remote, local) > 0;
 }
 
 enum aamm_resolution aamm_conflict_decide(enum aamm_conflict_kind kind,
                                           enum aamm_conflict_policy policy,
-                                          const struct aamm_row_version *local,
-                                          const struct aamm_row_version *remote,
+                                          const struct aamm_conflict_version *local,
+                                          const struct aamm_conflict_version *remote,
                                           bool remote_has_unchanged)
 {
-    static const struct aamm_row_version unknown = {false, 0, 0};
+    static const struct aamm_conflict_version unknown = {false, 0, 0};
     if (!local)
         local = &unknown;
     switch (kind) {
@@ -83,7 +84,7 @@ enum aamm_resolution aamm_conflict_decide(enum aamm_conflict_kind kind,
         }
     case AAMM_CONFLICT_UPDATE_MISSING:
         /* @local is the remembered delete of the key, if any */
-        if (aamm_row_version_compare(local, remote) > 0)
+        if (aamm_conflict_version_compare(local, remote) > 0)
             return AAMM_RESOLVE_SKIP;
         if (policy == AAMM_POLICY_ERROR)
             return AAMM_RESOLVE_ERROR;
@@ -117,14 +118,14 @@ int aamm_conflict_kind_parse(const char *name)
     return 0;
 }
 
-const char *aamm_resolution_name(enum aamm_resolution resolution)
+const char *aamm_conflict_resolution_name(enum aamm_resolution resolution)
 {
     if ((int)resolution <= 0 || (size_t)resolution >= AAMM__ARRAY_SIZE(resolution_names))
         return "unknown";
     return resolution_names[resolution];
 }
 
-int aamm_resolution_parse(const char *name)
+int aamm_conflict_resolution_parse(const char *name)
 {
     for (size_t r = 1; name && r < AAMM__ARRAY_SIZE(resolution_names); r++)
         if (strcmp(resolution_names[r], name) == 0)

@@ -358,12 +358,6 @@ static void boot_load(struct aamm_consensus *cs)
 
 /* ---- life cycle ------------------------------------------------------------------------------ */
 
-static void fail_new(char *errmsg, size_t size, const struct aamm__err *err)
-{
-    if (errmsg != NULL && size > 0)
-        snprintf(errmsg, size, "%s", aamm__errmsg(err));
-}
-
 static void on_fwd_accept(struct aamm__cs_conn *c, void *arg);
 
 /* raft 0.15's uv backend can call its close callback twice when two pending operations
@@ -393,16 +387,18 @@ static void io_close_once(struct raft_io *io, raft_io_close_cb cb)
 }
 
 AAMM_API int aamm_consensus_new(struct aamm_consensus **out, const struct aamm_consensus_options *o,
-                                char *errmsg, size_t errmsg_size)
+                                char *errbuf, size_t errsize)
 {
     struct aamm_consensus *cs;
     struct aamm__err err;
     unsigned election, heartbeat;
     int rc;
     aamm__errclear(&err);
-    if (out == NULL || o == NULL)
-        return AAMM_EINVAL;
+    if (out == NULL)
+        return aamm__newerrf(errbuf, errsize, AAMM_EINVAL, "consensus: no handle pointer");
     *out = NULL;
+    if (o == NULL)
+        return aamm__newerrf(errbuf, errsize, AAMM_EINVAL, "consensus: no options");
     election = o->election_timeout_ms ? o->election_timeout_ms : 1000;
     heartbeat = o->heartbeat_timeout_ms ? o->heartbeat_timeout_ms : 100;
     /* Debian's raft has its asserts compiled out: check what raft_start would assert. */
@@ -422,13 +418,11 @@ AAMM_API int aamm_consensus_new(struct aamm_consensus **out, const struct aamm_c
         rc = aamm__errf(&err, AAMM_EINVAL, "consensus: data_dir is required");
     else
         rc = 0;
-    if (rc != 0) {
-        fail_new(errmsg, errmsg_size, &err);
-        return rc;
-    }
+    if (rc != 0)
+        return aamm__newerr_copy(errbuf, errsize, &err);
     cs = aamm__calloc(1, sizeof(*cs));
     if (cs == NULL)
-        return AAMM_ENOMEM;
+        return aamm__newerrf(errbuf, errsize, AAMM_ENOMEM, "consensus: out of memory");
     cs->lock_fd = -1;
     cs->reqs_tail = &cs->reqs;
     cs->id = o->node_id;
@@ -546,7 +540,7 @@ AAMM_API int aamm_consensus_new(struct aamm_consensus **out, const struct aamm_c
     *out = cs;
     return 0;
 fail:
-    fail_new(errmsg, errmsg_size, &cs->err);
+    aamm__newerr_copy(errbuf, errsize, &cs->err);
     aamm_consensus_free(cs);
     return rc;
 }
@@ -1239,7 +1233,7 @@ AAMM_API int aamm_consensus_fd(const struct aamm_consensus *cs)
 AAMM_API int aamm_consensus_events(const struct aamm_consensus *cs)
 {
     AAMM__UNUSED(cs);
-    return POLLIN;
+    return AAMM_READ;
 }
 
 AAMM_API int aamm_consensus_timeout(struct aamm_consensus *cs)

@@ -56,6 +56,13 @@ int aamm__errprefix(struct aamm__err *err, const char *fmt, ...) AAMM_PRINTF(2, 
 void aamm__errclear(struct aamm__err *err);
 /* The message to hand out: the text, or "" when no error is recorded. */
 const char *aamm__errmsg(const struct aamm__err *err);
+/*
+ * Constructors (aamm_<c>_new(&h, opts, err, errsize)) have no handle to keep a message in
+ * when they fail: they copy it into the caller's buffer @buf of @size bytes (@buf may be
+ * NULL) with these. Both return @code / err->code, so: return aamm__newerrf(...).
+ */
+int aamm__newerrf(char *buf, size_t size, int code, const char *fmt, ...) AAMM_PRINTF(4, 5);
+int aamm__newerr_copy(char *buf, size_t size, const struct aamm__err *err);
 
 /* ---- logging --------------------------------------------------------------------- */
 

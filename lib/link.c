@@ -280,7 +280,7 @@ static int tls_setup(struct aamm_link *l)
 {
     SSL_CTX *ctx = SSL_CTX_new(TLS_method());
     if (ctx == NULL)
-        return AAMM_EIO;
+        return aamm__errf(&l->err, AAMM_EIO, "link: TLS setup: no SSL context");
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
     if (SSL_CTX_load_verify_locations(ctx, l->o.tls_ca_file, NULL) != 1 ||
         SSL_CTX_use_certificate_chain_file(ctx, l->o.tls_cert_file) != 1 ||
@@ -300,24 +300,43 @@ static int tls_setup(struct aamm_link *l)
     return 0;
 }
 
-int aamm_link_new(struct aamm_link **lp, const struct aamm_link_options *opts)
+int aamm_link_new(struct aamm_link **lp, const struct aamm_link_options *opts, char *err,
+                  size_t errsize)
 {
     struct aamm_link *l;
     bool ok = true;
     int rc;
     *lp = NULL;
-    if ((opts->role != AAMM_LINK_SENDER && opts->role != AAMM_LINK_RECEIVER) ||
-        opts->node_id == 0 || opts->cluster == NULL || strlen(opts->cluster) == 0 ||
-        strlen(opts->cluster) > AAMM_WIRE_MAX_CLUSTER || opts->npeer_ids == 0 ||
-        opts->peer_ids == NULL || opts->secret == NULL || opts->secret_len < 16 ||
-        opts->nresume > MAX_ORIGINS ||
-        (opts->tls && (!opts->tls_ca_file || !opts->tls_cert_file || !opts->tls_key_file))) {
-        AAMM_DEBUG("link: invalid options");
-        return AAMM_EINVAL;
-    }
+    if (opts == NULL)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "link: no options");
+    if (opts->role != AAMM_LINK_SENDER && opts->role != AAMM_LINK_RECEIVER)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "link: role %d is neither sender nor receiver",
+                             opts->role);
+    if (!aamm_node_id_valid(opts->node_id))
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "link: node_id %" PRIu32 " outside 1..%d",
+                             opts->node_id, AAMM_NODE_ID_MAX);
+    if (opts->cluster == NULL || strlen(opts->cluster) == 0 ||
+        strlen(opts->cluster) > AAMM_WIRE_MAX_CLUSTER)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "link: cluster must be 1..%d bytes",
+                             AAMM_WIRE_MAX_CLUSTER);
+    if (opts->npeer_ids == 0 || opts->peer_ids == NULL)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "link: at least one peer id is required");
+    for (uint32_t i = 0; i < opts->npeer_ids; i++)
+        if (!aamm_node_id_valid(opts->peer_ids[i]))
+            return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                                 "link: peer id %" PRIu32 " outside 1..%d", opts->peer_ids[i],
+                                 AAMM_NODE_ID_MAX);
+    if (opts->secret == NULL || opts->secret_len < 16)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "link: the secret must be at least 16 bytes");
+    if (opts->nresume > MAX_ORIGINS)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "link: %" PRIu32 " resume entries (at most %d)",
+                             opts->nresume, MAX_ORIGINS);
+    if (opts->tls && (!opts->tls_ca_file || !opts->tls_cert_file || !opts->tls_key_file))
+        return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                             "link: TLS needs tls_ca_file, tls_cert_file and tls_key_file");
     l = aamm__calloc(1, sizeof *l);
     if (l == NULL)
-        return AAMM_ENOMEM;
+        return aamm__newerrf(err, errsize, AAMM_ENOMEM, "link: out of memory");
     l->fd = -1;
     l->o = *opts;
     l->cluster = aamm__strdup_opt(opts->cluster, &ok);
@@ -329,7 +348,7 @@ int aamm_link_new(struct aamm_link **lp, const struct aamm_link_options *opts)
     l->secret = aamm__malloc(opts->secret_len);
     if (!ok || l->peer_ids == NULL || l->secret == NULL) {
         aamm_link_free(l);
-        return AAMM_ENOMEM;
+        return aamm__newerrf(err, errsize, AAMM_ENOMEM, "link: out of memory");
     }
     memcpy(l->peer_ids, opts->peer_ids, opts->npeer_ids * sizeof *l->peer_ids);
     memcpy(l->secret, opts->secret, opts->secret_len);
@@ -352,8 +371,8 @@ int aamm_link_new(struct aamm_link **lp, const struct aamm_link_options *opts)
         l->o.max_clock_skew_us = 5000000;
     if (l->o.send_queue_bytes == 0)
         l->o.send_queue_bytes = 8u * 1024 * 1024;
-    if ((rc = aamm_wire_encoder_new(&l->enc, &l->o.wire)) != 0 ||
-        (rc = aamm_wire_decoder_new(&l->dec, &l->o.wire)) != 0) {
+    if ((rc = aamm_wire_encoder_new(&l->enc, &l->o.wire, err, errsize)) != 0 ||
+        (rc = aamm_wire_decoder_new(&l->dec, &l->o.wire, err, errsize)) != 0) {
         aamm_link_free(l);
         return rc;
     }
@@ -365,9 +384,10 @@ int aamm_link_new(struct aamm_link **lp, const struct aamm_link_options *opts)
     l->mac_ctx = l->mac ? EVP_MAC_CTX_new(l->mac) : NULL;
     if (l->mac_ctx == NULL) {
         aamm_link_free(l);
-        return AAMM_ENOMEM;
+        return aamm__newerrf(err, errsize, AAMM_ENOMEM, "link: out of memory (HMAC context)");
     }
     if (l->o.tls && (rc = tls_setup(l)) != 0) {
+        aamm__newerr_copy(err, errsize, &l->err);
         aamm_link_free(l);
         return rc;
     }
@@ -1198,13 +1218,13 @@ int aamm_link_events(const struct aamm_link *l)
     if (l->fd < 0 || l->st >= ST_CLOSED)
         return 0;
     if (l->st == ST_CONNECTING)
-        return AAMM_LINK_WRITE;
+        return AAMM_WRITE;
     if (l->st == ST_TLS)
-        return l->ssl_want_write ? AAMM_LINK_WRITE : AAMM_LINK_READ;
+        return l->ssl_want_write ? AAMM_WRITE : AAMM_READ;
     if (l->rb_len == 0 && !l->peer_eof)
-        ev |= AAMM_LINK_READ;
+        ev |= AAMM_READ;
     if (held(l) > 0 || l->ssl_want_write)
-        ev |= AAMM_LINK_WRITE;
+        ev |= AAMM_WRITE;
     return ev;
 }
 

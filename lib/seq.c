@@ -3,6 +3,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
@@ -15,6 +16,20 @@
 
 #include "internal.h"
 #include "seq_int.h"
+
+/* Constructors have no handle to keep a message in: they copy it into the caller's buffer
+ * @buf (may be NULL) of @size bytes. Returns @code, so: return newerr(...). */
+static int newerr(char *buf, size_t size, int code, const char *fmt, ...) AAMM_PRINTF(4, 5);
+static int newerr(char *buf, size_t size, int code, const char *fmt, ...)
+{
+    va_list ap;
+    if (buf == NULL || size == 0)
+        return code;
+    va_start(ap, fmt);
+    vsnprintf(buf, size, fmt, ap);
+    va_end(ap);
+    return code;
+}
 
 static int64_t realtime_ms(void *arg)
 {
@@ -33,6 +48,9 @@ static int64_t realtime_ms(void *arg)
     (AAMM_SNOWFLAKE_COUNTER_BITS + AAMM_SNOWFLAKE_SOURCE_BITS + AAMM_SNOWFLAKE_NODE_BITS)
 #define SF_LOW_MASK ((INT64_C(1) << SF_TIME_SHIFT) - 1) /* node, source and counter */
 #define SF_MAX_MS ((INT64_C(1) << AAMM_SNOWFLAKE_TIME_BITS) - 1)
+#define SF_NODE_SHIFT (AAMM_SNOWFLAKE_COUNTER_BITS + AAMM_SNOWFLAKE_SOURCE_BITS)
+#define SF_NODE_MASK ((UINT32_C(1) << AAMM_SNOWFLAKE_NODE_BITS) - 1)
+_Static_assert(AAMM_NODE_ID_MAX <= SF_NODE_MASK, "every node id fits the snowflake node bits");
 /* A blocking aamm_snowflake_next gives up after sleeping max_borrow_ms + this: the clock
  * does not advance (a host's injected clock standing still). */
 #define SF_WAIT_SLACK_MS 1000
@@ -52,24 +70,34 @@ static int64_t sf_now(const struct aamm_snowflake *g)
     return g->opts.clock(g->opts.clock_arg) - AAMM_SNOWFLAKE_EPOCH_MS;
 }
 
-int aamm_snowflake_new(struct aamm_snowflake **out, const struct aamm_snowflake_options *opts)
+int aamm_snowflake_new(struct aamm_snowflake **out, const struct aamm_snowflake_options *opts,
+                       char *err, size_t errsize)
 {
     struct aamm_snowflake *g;
     int64_t base, start;
-    if (out == NULL || opts == NULL)
-        return AAMM_EINVAL;
+    if (out == NULL)
+        return newerr(err, errsize, AAMM_EINVAL, "snowflake: no handle pointer");
     *out = NULL;
-    if (opts->node_id < 0 || opts->node_id > AAMM_SNOWFLAKE_MAX_NODE)
-        return AAMM_EINVAL;
-    base = (int64_t)opts->node_id << (AAMM_SNOWFLAKE_COUNTER_BITS + AAMM_SNOWFLAKE_SOURCE_BITS);
-    if (opts->resume_after < 0 || opts->max_borrow_ms < 0 ||
-        opts->max_borrow_ms > AAMM_SNOWFLAKE_MAX_BORROW_LIMIT_MS)
-        return AAMM_EINVAL;
+    if (opts == NULL)
+        return newerr(err, errsize, AAMM_EINVAL, "snowflake: no options");
+    if (!aamm_node_id_valid(opts->node_id))
+        return newerr(err, errsize, AAMM_EINVAL, "snowflake: node id %" PRIu32 " outside 1..%d",
+                      opts->node_id, AAMM_NODE_ID_MAX);
+    base = (int64_t)opts->node_id << SF_NODE_SHIFT;
+    if (opts->resume_after < 0)
+        return newerr(err, errsize, AAMM_EINVAL, "snowflake: resume_after %" PRId64 " is negative",
+                      opts->resume_after);
+    if (opts->max_borrow_ms < 0 || opts->max_borrow_ms > AAMM_SNOWFLAKE_MAX_BORROW_LIMIT_MS)
+        return newerr(err, errsize, AAMM_EINVAL,
+                      "snowflake: max_borrow_ms %" PRId64 " outside 0..%d", opts->max_borrow_ms,
+                      AAMM_SNOWFLAKE_MAX_BORROW_LIMIT_MS);
     if (opts->resume_after > 0 && (opts->resume_after & SF_LOW_MASK & ~SF_COUNTER_MASK) != base)
-        return AAMM_EINVAL; /* an id of another node or source */
+        return newerr(err, errsize, AAMM_EINVAL,
+                      "snowflake: resume_after %" PRId64 " is not a C id of node %" PRIu32,
+                      opts->resume_after, opts->node_id);
     g = aamm__calloc(1, sizeof *g);
     if (g == NULL)
-        return AAMM_ENOMEM;
+        return newerr(err, errsize, AAMM_ENOMEM, "snowflake: out of memory");
     g->opts = *opts;
     if (g->opts.clock == NULL)
         g->opts.clock = realtime_ms;
@@ -140,7 +168,7 @@ static int sf_next(struct aamm_snowflake *g, int64_t *id)
     if (ahead > g->opts.max_borrow_ms) {
         g->wait_ms = ahead - g->opts.max_borrow_ms;
         return aamm__errf(&g->err, AAMM_EAGAIN,
-                          "snowflake: node %d: next id would run %" PRId64
+                          "snowflake: node %" PRIu32 ": next id would run %" PRId64
                           " ms ahead of the clock (limit %" PRId64 " ms%s); retry in %" PRId64
                           " ms",
                           g->opts.node_id, ahead, g->opts.max_borrow_ms,
@@ -188,8 +216,7 @@ void aamm_snowflake_decode(int64_t id, struct aamm_snowflake_parts *out)
     if (out == NULL)
         return;
     out->unix_ms = (id >> SF_TIME_SHIFT) + AAMM_SNOWFLAKE_EPOCH_MS;
-    out->node_id = (int)((id >> (AAMM_SNOWFLAKE_COUNTER_BITS + AAMM_SNOWFLAKE_SOURCE_BITS)) &
-                         AAMM_SNOWFLAKE_MAX_NODE);
+    out->node_id = (uint32_t)(id >> SF_NODE_SHIFT) & SF_NODE_MASK;
     out->source = (int)((id >> AAMM_SNOWFLAKE_COUNTER_BITS) & 1);
     out->counter = (int)(id & SF_COUNTER_MASK);
 }
@@ -212,15 +239,16 @@ struct aamm_uuidv7 {
     struct aamm__err err;
 };
 
-int aamm_uuidv7_new(struct aamm_uuidv7 **out, const struct aamm_uuidv7_options *opts)
+int aamm_uuidv7_new(struct aamm_uuidv7 **out, const struct aamm_uuidv7_options *opts, char *err,
+                    size_t errsize)
 {
     struct aamm_uuidv7 *g;
     if (out == NULL)
-        return AAMM_EINVAL;
+        return newerr(err, errsize, AAMM_EINVAL, "uuidv7: no handle pointer");
     *out = NULL;
     g = aamm__calloc(1, sizeof *g);
     if (g == NULL)
-        return AAMM_ENOMEM;
+        return newerr(err, errsize, AAMM_ENOMEM, "uuidv7: out of memory");
     if (opts != NULL)
         g->opts = *opts;
     if (g->opts.clock == NULL)
@@ -335,7 +363,7 @@ int aamm_uuidv7_next(struct aamm_uuidv7 *g, uint8_t out[16])
     return 0;
 }
 
-char *aamm_uuid_format(const uint8_t uuid[16], char *buf)
+char *aamm_uuidv7_format(const uint8_t uuid[16], char *buf)
 {
     static const char hex[] = "0123456789abcdef";
     char *p = buf;
@@ -360,7 +388,7 @@ static int hexval(char c)
     return -1;
 }
 
-int aamm_uuid_parse(const char *text, uint8_t out[16])
+int aamm_uuidv7_parse(const char *text, uint8_t out[16])
 {
     uint8_t tmp[16];
     size_t j = 0;
@@ -430,23 +458,29 @@ struct aamm_galloc {
     struct aamm__err err;
 };
 
-int aamm_galloc_new(struct aamm_galloc **out, const struct aamm_galloc_options *opts)
+int aamm_galloc_new(struct aamm_galloc **out, const struct aamm_galloc_options *opts, char *err,
+                    size_t errsize)
 {
     struct aamm_galloc *g;
     size_t len;
     if (out == NULL)
-        return AAMM_EINVAL;
+        return newerr(err, errsize, AAMM_EINVAL, "galloc: no handle pointer");
     *out = NULL;
     if (opts == NULL || opts->name == NULL)
-        return AAMM_EINVAL;
+        return newerr(err, errsize, AAMM_EINVAL, "galloc: no sequence name");
     len = strlen(opts->name);
-    if (len == 0 || len > GALLOC_NAME_MAX || opts->range_size < 0 || opts->low_water < 0 ||
-        opts->max_ranges < 0 || opts->min_start < 0 || opts->resume_after < 0 ||
-        opts->range_size > (INT64_C(1) << 31))
-        return AAMM_EINVAL;
+    if (len == 0 || len > GALLOC_NAME_MAX)
+        return newerr(err, errsize, AAMM_EINVAL, "galloc: sequence name must be 1..%d bytes",
+                      GALLOC_NAME_MAX);
+    if (opts->range_size < 0 || opts->range_size > (INT64_C(1) << 31) || opts->low_water < 0 ||
+        opts->max_ranges < 0 || opts->min_start < 0 || opts->resume_after < 0)
+        return newerr(err, errsize, AAMM_EINVAL,
+                      "galloc: sequence \"%s\": range_size outside 0..2^31, or a negative "
+                      "low_water, max_ranges, min_start or resume_after",
+                      opts->name);
     g = aamm__calloc(1, sizeof *g);
     if (g == NULL)
-        return AAMM_ENOMEM;
+        return newerr(err, errsize, AAMM_ENOMEM, "galloc: out of memory");
     g->opts = *opts;
     if (g->opts.range_size == 0)
         g->opts.range_size = 1000;
@@ -460,7 +494,7 @@ int aamm_galloc_new(struct aamm_galloc **out, const struct aamm_galloc_options *
         aamm__free(g->name);
         aamm__free(g->ranges);
         aamm__free(g);
-        return AAMM_ENOMEM;
+        return newerr(err, errsize, AAMM_ENOMEM, "galloc: out of memory");
     }
     g->opts.name = g->name;
     *out = g;

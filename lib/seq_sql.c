@@ -28,17 +28,19 @@
  * Install
  * ==================================================================================== */
 
-int aamm_seq_install(struct pg_conn *conn, int node_id, char *err, size_t errsize)
+int aamm_seq_install(struct pg_conn *conn, uint32_t node_id, char *err, size_t errsize)
 {
     char sql[256];
     if (conn == NULL)
         return aamm__pg_seterr(err, errsize, AAMM_EINVAL, "seq: install: no connection");
-    if (node_id < 0 || node_id > AAMM_SNOWFLAKE_MAX_NODE)
-        return aamm__pg_seterr(err, errsize, AAMM_EINVAL, "seq: install: node id %d outside 0..%d",
-                               node_id, AAMM_SNOWFLAKE_MAX_NODE);
+    /* aamm.seq_config's CHECK still allows 0 (schema 1--2 is released); C gives 1..1023 */
+    if (!aamm_node_id_valid(node_id))
+        return aamm__pg_seterr(err, errsize, AAMM_EINVAL,
+                               "seq: install: node id %" PRIu32 " outside 1..%d", node_id,
+                               AAMM_NODE_ID_MAX);
     /* node-local: never part of the schema scripts */
     snprintf(sql, sizeof sql,
-             "INSERT INTO aamm.seq_config (node_id, epoch_ms) VALUES (%d, %" PRId64 ") "
+             "INSERT INTO aamm.seq_config (node_id, epoch_ms) VALUES (%" PRIu32 ", %" PRId64 ") "
              "ON CONFLICT (one) DO UPDATE SET node_id = EXCLUDED.node_id, "
              "epoch_ms = EXCLUDED.epoch_ms",
              node_id, AAMM_SNOWFLAKE_EPOCH_MS);

@@ -58,7 +58,8 @@ static int fill_options(struct aamm_wire_options *o, const struct aamm_wire_opti
  * Encoder
  * ==================================================================================== */
 
-int aamm_wire_encoder_new(struct aamm_wire_encoder **encp, const struct aamm_wire_options *opts)
+int aamm_wire_encoder_new(struct aamm_wire_encoder **encp, const struct aamm_wire_options *opts,
+                          char *err, size_t errsize)
 {
     struct aamm_wire_encoder *enc;
     struct aamm__err tmp;
@@ -66,15 +67,15 @@ int aamm_wire_encoder_new(struct aamm_wire_encoder **encp, const struct aamm_wir
     *encp = NULL;
     rc = fill_options(&(struct aamm_wire_options){0}, opts, &tmp);
     if (rc != 0)
-        return rc;
+        return aamm__newerr_copy(err, errsize, &tmp);
     enc = aamm__calloc(1, sizeof *enc);
     if (enc == NULL)
-        return AAMM_ENOMEM;
+        return aamm__newerrf(err, errsize, AAMM_ENOMEM, "wire: out of memory");
     fill_options(&enc->o, opts, &enc->err);
     enc->dict = aamm__calloc(enc->o.max_relations, sizeof *enc->dict);
     if (enc->dict == NULL) {
         aamm__free(enc);
-        return AAMM_ENOMEM;
+        return aamm__newerrf(err, errsize, AAMM_ENOMEM, "wire: out of memory");
     }
     if (enc->o.compress_min != UINT32_MAX) {
         enc->lz = aamm__malloc(sizeof *enc->lz);
@@ -84,7 +85,7 @@ int aamm_wire_encoder_new(struct aamm_wire_encoder **encp, const struct aamm_wir
             aamm__free(enc->lzdict);
             aamm__free(enc->dict);
             aamm__free(enc);
-            return AAMM_ENOMEM;
+            return aamm__newerrf(err, errsize, AAMM_ENOMEM, "wire: out of memory");
         }
         LZ4_initStream(enc->lz, sizeof *enc->lz);
     }
@@ -388,7 +389,8 @@ int aamm_wire_encode_error(struct aamm_wire_encoder *enc, int code, const char *
  * Decoder
  * ==================================================================================== */
 
-int aamm_wire_decoder_new(struct aamm_wire_decoder **decp, const struct aamm_wire_options *opts)
+int aamm_wire_decoder_new(struct aamm_wire_decoder **decp, const struct aamm_wire_options *opts,
+                          char *err, size_t errsize)
 {
     struct aamm_wire_decoder *dec;
     struct aamm__err tmp;
@@ -396,15 +398,15 @@ int aamm_wire_decoder_new(struct aamm_wire_decoder **decp, const struct aamm_wir
     *decp = NULL;
     rc = fill_options(&(struct aamm_wire_options){0}, opts, &tmp);
     if (rc != 0)
-        return rc;
+        return aamm__newerr_copy(err, errsize, &tmp);
     dec = aamm__calloc(1, sizeof *dec);
     if (dec == NULL)
-        return AAMM_ENOMEM;
+        return aamm__newerrf(err, errsize, AAMM_ENOMEM, "wire: out of memory");
     fill_options(&dec->o, opts, &dec->err);
     dec->dict = aamm__calloc(dec->o.max_relations, sizeof *dec->dict);
     if (dec->dict == NULL) {
         aamm__free(dec);
-        return AAMM_ENOMEM;
+        return aamm__newerrf(err, errsize, AAMM_ENOMEM, "wire: out of memory");
     }
     dec->vmin = AAMM_WIRE_VERSION_MIN;
     dec->vmax = AAMM_WIRE_VERSION_MAX;

@@ -66,7 +66,7 @@ AAMM_API const char *aamm_version_string(void);
 #define AAMM_ENOMEM (-1)       /* out of memory */
 #define AAMM_EINVAL (-2)       /* invalid argument or option */
 #define AAMM_EMALFORMED (-3)   /* malformed input (protocol bytes, frame, LSN text) */
-#define AAMM_EAGAIN (-4)       /* nothing available yet / would block; call again later */
+#define AAMM_EAGAIN (-4)       /* nothing available now, would block, queue full: retry */
 #define AAMM_ECONN (-5)        /* connection failed or was lost */
 #define AAMM_ESERVER (-6)      /* the PostgreSQL server reported an error */
 #define AAMM_EUNSUITABLE (-7)  /* the server lacks a required setting or feature */
@@ -78,7 +78,7 @@ AAMM_API const char *aamm_version_string(void);
 #define AAMM_ETIMEDOUT (-13)   /* a deadline passed */
 #define AAMM_ECLOSED (-14)     /* the peer closed the stream or the handle is closed */
 #define AAMM_ETOOBIG (-15)     /* a size limit was exceeded */
-#define AAMM_EBUSY (-16)       /* resource held elsewhere (lock, queue full) */
+#define AAMM_EBUSY (-16)       /* resource held elsewhere (lock, slot, origin, data dir) */
 #define AAMM_ECONFLICT (-17)   /* a conflict stopped the stream */
 #define AAMM_ENOTLEADER (-18)  /* consensus: this node cannot serve the request now */
 #define AAMM_EEXHAUSTED (-19)  /* a range or sequence has no values left */
@@ -148,6 +148,17 @@ AAMM_API void aamm_memory_reset_high_water(void);
  * "free with aamm_free" in its documentation. NULL is accepted.
  */
 AAMM_API void aamm_free(void *ptr);
+
+/* ---- host-driven I/O ------------------------------------------------------------ */
+
+/*
+ * Bits of aamm_<component>_events() for every handle that does I/O (capture, link,
+ * apply, consensus): poll the handle's fd for reading and/or writing. Each such handle
+ * exposes aamm_<c>_fd(), aamm_<c>_events(), aamm_<c>_timeout() (ms, -1 none) and
+ * aamm_<c>_step(); see doc/ARCHITECTURE.md, "Dialect".
+ */
+#define AAMM_READ 0x1
+#define AAMM_WRITE 0x2
 
 /* ---- node ids ------------------------------------------------------------------ */
 

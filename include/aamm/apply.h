@@ -14,7 +14,7 @@
  * transient failures, resume a held stream without the source resending, and apply again
  * what a crash of the local server took back from an unflushed commit under
  * synchronous_commit_off; the callbacks of such a transaction then run again); at most
- * max_queued_changes changes may be queued (AAMM_EBUSY beyond: step and try again).
+ * max_queued_changes changes may be queued (AAMM_EAGAIN beyond: step and try again).
  * Transactions at or below the origin's progress are skipped (at-least-once delivery
  * becomes exactly-once).
  *
@@ -99,8 +99,8 @@ typedef enum aamm_resolution (*aamm_resolver_fn)(struct aamm_apply *ap,
 /** Options for aamm_apply_new(). Zero-initialize, then set what you need. */
 struct aamm_apply_options {
     const char *conninfo;             /* copied: libpq connection string of the local node */
-    uint32_t local_node;              /* this node's id (nonzero) */
-    uint32_t source_node;             /* the source node's id (nonzero, != local_node) */
+    uint32_t local_node;              /* this node's id (1..AAMM_NODE_ID_MAX) */
+    uint32_t source_node;             /* the source node's id (likewise, != local_node) */
     size_t max_queued_changes;        /* queue bound in changes (0: 100000) */
     size_t max_pipeline_txns;         /* transactions in flight at once (0: 1000) */
     bool synchronous_commit_off;      /* apply with synchronous_commit = off (safe: acks use
@@ -122,9 +122,13 @@ AAMM_API void aamm_apply_options_init(struct aamm_apply_options *opts);
 /**
  * Create an apply handle; it starts connecting at the first aamm_apply_step().
  * @out receives the handle (owned by the caller, free with aamm_apply_free()); @opts is
- * borrowed (strings copied). Returns 0, AAMM_EINVAL or AAMM_ENOMEM.
+ * borrowed (strings copied). Returns 0; AAMM_EINVAL (no conninfo, a node id outside
+ * 1..AAMM_NODE_ID_MAX, source_node == local_node); AAMM_ENOMEM. On failure *@out is NULL
+ * and the reason is written into @err (borrowed, @errsize bytes, NUL-terminated; may be
+ * NULL).
  */
-AAMM_API int aamm_apply_new(struct aamm_apply **out, const struct aamm_apply_options *opts);
+AAMM_API int aamm_apply_new(struct aamm_apply **out, const struct aamm_apply_options *opts,
+                            char *err, size_t errsize);
 
 /** Close the connection and free everything. NULL accepted. */
 AAMM_API void aamm_apply_free(struct aamm_apply *ap);
@@ -156,7 +160,7 @@ AAMM_API int aamm_apply_begin(struct aamm_apply *ap, const struct aamm_transacti
  * Add a change to the open transaction, or hand over a non-transactional message when
  * none is open. The change's contents are transferred on success (@change is zeroed; its
  * relations are borrowed and copied into the handle's relation cache).
- * Returns 0, AAMM_ESTATE, AAMM_EBUSY (queue full: step, then call again), AAMM_EINVAL or
+ * Returns 0, AAMM_ESTATE, AAMM_EAGAIN (queue full: step, then call again), AAMM_EINVAL or
  * AAMM_ENOMEM.
  */
 AAMM_API int aamm_apply_change(struct aamm_apply *ap, struct aamm_change *change);
@@ -171,11 +175,7 @@ AAMM_API int aamm_apply_commit(struct aamm_apply *ap, const struct aamm_transact
 /** The socket to poll, or -1 (not connected: call aamm_apply_step() after the timeout). */
 AAMM_API int aamm_apply_fd(const struct aamm_apply *ap);
 
-/* Event bits of aamm_apply_events(). */
-#define AAMM_APPLY_READ 0x1
-#define AAMM_APPLY_WRITE 0x2
-
-/** What the fd waits for: AAMM_APPLY_READ and/or AAMM_APPLY_WRITE. */
+/** What the fd waits for: AAMM_READ and/or AAMM_WRITE. */
 AAMM_API int aamm_apply_events(const struct aamm_apply *ap);
 
 /** Milliseconds until aamm_apply_step() must run even without events, -1 for none. */

@@ -3,7 +3,7 @@
  * decoded from the built-in pgoutput plugin (protocol version 1) into the change model of
  * change.h. Host-driven: the host polls aamm_capture_fd() for aamm_capture_events() with
  * aamm_capture_timeout(), calls aamm_capture_step(), then pulls events with
- * aamm_capture_next() until it returns 0. No threads, no hidden loop.
+ * aamm_capture_next() until it returns AAMM_EAGAIN. No threads, no hidden loop.
  *
  * Lifecycle:
  *   aamm_capture_new()    copy the options (no I/O)
@@ -101,10 +101,6 @@ extern "C" {
 /** Feature macro (see AAMM_HAS_CHANGE_MODEL): this header's API is in the library. */
 #define AAMM_HAS_CAPTURE 1
 
-/* Bits of aamm_capture_events(). */
-#define AAMM_CAPTURE_READ 0x1
-#define AAMM_CAPTURE_WRITE 0x2
-
 /* Prefix of the replication origin names libaamm applies under; such transactions are
  * skipped by capture. */
 #define AAMM_CAPTURE_SKIP_ORIGIN_PREFIX "aamm_"
@@ -120,7 +116,7 @@ struct aamm_capture_options {
     /* Publications to stream (at least one; each must exist). */
     const char *const *publications;
     uint32_t npublications;
-    /* This node's id, copied into every aamm_transaction.origin_node. */
+    /* This node's id (1..AAMM_NODE_ID_MAX), copied into every aamm_transaction.origin_node. */
     uint32_t node_id;
     /* The host's durable position for this slot (the end LSN of the last transaction its
      * peer applied, or of the last PROGRESS it confirmed). 0 = none (first setup): the
@@ -131,7 +127,7 @@ struct aamm_capture_options {
     int status_interval_ms;
     /* At most this many pgoutput messages are decoded by one aamm_capture_next() call
      * while it skips messages the host does not see (replicated transactions); it then
-     * returns 0 and aamm_capture_timeout() says 0. Default 1000. */
+     * returns AAMM_EAGAIN and aamm_capture_timeout() says 0. Default 1000. */
     int step_budget;
     /* The whole setup (connections, checks, slot creation, START_REPLICATION) must finish
      * within this many ms, else AAMM_ETIMEDOUT. Default 60000. */
@@ -185,10 +181,12 @@ struct aamm_capture;
 /**
  * Create a capture with @opts (borrowed; copied, strings and arrays too). No I/O happens.
  * Returns 0 with *@out set (owned by the caller: free with aamm_capture_free());
- * AAMM_EINVAL when a required option is missing or a value is out of range (then *@out
- * is NULL; the reason is logged at debug level); AAMM_ENOMEM.
+ * AAMM_EINVAL when a required option is missing or a value is out of range; AAMM_ENOMEM.
+ * On failure *@out is NULL and the reason is written into @err (borrowed, @errsize bytes,
+ * NUL-terminated; may be NULL).
  */
-AAMM_API int aamm_capture_new(struct aamm_capture **out, const struct aamm_capture_options *opts);
+AAMM_API int aamm_capture_new(struct aamm_capture **out, const struct aamm_capture_options *opts,
+                              char *err, size_t errsize);
 
 /** Close the connections and free @c and everything it handed out. NULL is accepted. */
 AAMM_API void aamm_capture_free(struct aamm_capture *c);
@@ -196,7 +194,7 @@ AAMM_API void aamm_capture_free(struct aamm_capture *c);
 /**
  * Begin the setup, non-blocking. The host then polls aamm_capture_fd() for
  * aamm_capture_events() with aamm_capture_timeout() and calls aamm_capture_step() (or
- * simply aamm_capture_wait()); next() returns 0 until the stream runs. Steps:
+ * simply aamm_capture_wait()); next() returns AAMM_EAGAIN until the stream runs. Steps:
  *   1. catalog connection (the conninfo as given); server version >= 15, wal_level =
  *      logical, track_commit_timestamp = on; read wal_sender_timeout;
  *   2. every publication exists; every published table has a key (or REPLICA IDENTITY
@@ -230,7 +228,7 @@ AAMM_API int aamm_capture_open(struct aamm_capture *c);
  *  (catalog connection, then replication connection): re-read it after each step. */
 AAMM_API int aamm_capture_fd(const struct aamm_capture *c);
 
-/** AAMM_CAPTURE_READ / AAMM_CAPTURE_WRITE: what to poll the fd for now. READ is wanted
+/** AAMM_READ / AAMM_WRITE: what to poll the fd for now. READ is wanted
  *  only while the host has pulled everything (a paused host stops the reading). */
 AAMM_API int aamm_capture_events(const struct aamm_capture *c);
 
@@ -254,8 +252,8 @@ AAMM_API int aamm_capture_step(struct aamm_capture *c);
  * Hand out the next event into @ev (written; its pointers are borrowed until the next
  * call). Decodes only what step() has read; never reads the socket (it may send a due
  * status update, and may run one catalog query for an unknown type name, see above).
- * Returns 1 with an event, 0 when nothing is available now (also during setup: call
- * step() after the fd is ready or the timeout passed), or a negative error (sticky):
+ * Returns 0 with an event, AAMM_EAGAIN when nothing is available now (also during setup:
+ * call step() after the fd is ready or the timeout passed), or a negative error (sticky):
  * AAMM_EMALFORMED (the server sent bytes the parser rejects), AAMM_EPROTO, AAMM_ECONN,
  * AAMM_ESTATE (not started), AAMM_ENOMEM.
  */
@@ -263,9 +261,9 @@ AAMM_API int aamm_capture_next(struct aamm_capture *c, struct aamm_capture_event
 
 /**
  * Blocking helper: wait up to @timeout_ms (-1: forever) for the next event, polling and
- * stepping as needed. Returns 1 with @ev set (as aamm_capture_next(): its pointers are
- * borrowed until the next call), 0 on timeout, or an error as for aamm_capture_next() and
- * aamm_capture_step().
+ * stepping as needed. Returns 0 with @ev set (as aamm_capture_next(): its pointers are
+ * borrowed until the next call), AAMM_EAGAIN when @timeout_ms passed without an event, or
+ * an error as for aamm_capture_next() and aamm_capture_step().
  */
 AAMM_API int aamm_capture_wait(struct aamm_capture *c, struct aamm_capture_event *ev,
                                int timeout_ms);

@@ -27,6 +27,9 @@
 extern "C" {
 #endif
 
+/** Feature macro: this header's API is in the library (like libpq's LIBPQ_HAS_...). */
+#define AAMM_HAS_CHANGE_MODEL 1
+
 /* ---- values ---------------------------------------------------------------------- */
 
 /** The kinds of column value (pgoutput's TupleData kinds). */

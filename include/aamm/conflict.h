@@ -20,6 +20,9 @@
 extern "C" {
 #endif
 
+/** Feature macro: this header's API is in the library (like libpq's LIBPQ_HAS_...). */
+#define AAMM_HAS_CONFLICT 1
+
 /** The kinds of conflict (DESIGN.md's table), plus TRUNCATE as a non-convergent op. */
 enum aamm_conflict_kind {
     AAMM_CONFLICT_INSERT_EXISTS = 1,         /* remote INSERT, key already present (or a
@@ -64,7 +67,7 @@ enum aamm_conflict_policy {
  * (pg_xact_commit_timestamp_origin(xmin) on the node, mapped to a node id).
  * @known false means the timestamp is unknown (frozen or pre-setting rows): oldest.
  */
-struct aamm_row_version {
+struct aamm_conflict_version {
     bool known;
     int64_t commit_time;  /* microseconds since the Unix epoch */
     uint32_t origin_node; /* node id */
@@ -80,8 +83,8 @@ struct aamm_conflict {
     const char *key_json;    /* the key as a JSON array, or NULL */
     const char *local_json;  /* local row as a JSON object, or NULL (no row) */
     const char *remote_json; /* remote row as a JSON object, or NULL */
-    struct aamm_row_version local;
-    struct aamm_row_version remote;
+    struct aamm_conflict_version local;
+    struct aamm_conflict_version remote;
     enum aamm_resolution resolution;
 };
 
@@ -97,15 +100,16 @@ typedef void (*aamm_conflict_fn)(const struct aamm_conflict *conflict, void *arg
  * older than every known one. Returns <0, 0 or >0 as @a is older, equal or newer.
  * Both borrowed.
  */
-AAMM_API int aamm_row_version_compare(const struct aamm_row_version *a,
-                                      const struct aamm_row_version *b);
+AAMM_API int aamm_conflict_version_compare(const struct aamm_conflict_version *a,
+                                           const struct aamm_conflict_version *b);
 
 /**
  * Whether a remote write with version @remote beats the local row version @local under
- * last writer wins: true iff remote > local (aamm_row_version_compare()). Both borrowed.
+ * last writer wins: true iff remote > local (aamm_conflict_version_compare()). Both
+ * borrowed.
  */
-AAMM_API bool aamm_conflict_lww_remote_wins(const struct aamm_row_version *local,
-                                            const struct aamm_row_version *remote);
+AAMM_API bool aamm_conflict_lww_remote_wins(const struct aamm_conflict_version *local,
+                                            const struct aamm_conflict_version *remote);
 
 /**
  * Decide a conflict of @kind under @policy: the rule the server-side functions apply
@@ -126,8 +130,8 @@ AAMM_API bool aamm_conflict_lww_remote_wins(const struct aamm_row_version *local
  */
 AAMM_API enum aamm_resolution aamm_conflict_decide(enum aamm_conflict_kind kind,
                                                    enum aamm_conflict_policy policy,
-                                                   const struct aamm_row_version *local,
-                                                   const struct aamm_row_version *remote,
+                                                   const struct aamm_conflict_version *local,
+                                                   const struct aamm_conflict_version *remote,
                                                    bool remote_has_unchanged);
 
 /** Static name of a kind ("insert_exists", ...), the text used in aamm.conflict_log;
@@ -138,10 +142,10 @@ AAMM_API const char *aamm_conflict_kind_name(enum aamm_conflict_kind kind);
 AAMM_API int aamm_conflict_kind_parse(const char *name);
 
 /** Static name of a resolution ("apply_remote", "keep_local", "skip", "error", "merged"). */
-AAMM_API const char *aamm_resolution_name(enum aamm_resolution resolution);
+AAMM_API const char *aamm_conflict_resolution_name(enum aamm_resolution resolution);
 
 /** Parse a resolution name; the resolution or 0 when unknown. @name borrowed. */
-AAMM_API int aamm_resolution_parse(const char *name);
+AAMM_API int aamm_conflict_resolution_parse(const char *name);
 
 /** Static name of a policy ("lww", "keep_local", "apply_remote", "error", "callback"). */
 AAMM_API const char *aamm_conflict_policy_name(enum aamm_conflict_policy policy);

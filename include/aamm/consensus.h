@@ -122,14 +122,15 @@ struct aamm_consensus_member {
  * Nothing is sent and no port is opened until aamm_consensus_start().
  * @out receives the handle (owned by the caller; free with aamm_consensus_free()).
  * Returns 0; AAMM_EINVAL (bad option: heartbeat >= election timeout, non-IPv4 address,
- * short secret, id 0...); AAMM_EBUSY (data dir locked by another process); AAMM_EIO (the
- * data dir is unusable: raft's own message is quoted verbatim in @errmsg, e.g. an
- * unsupported filesystem); AAMM_ENOMEM. On failure *out is NULL and, when @errmsg
- * (borrowed, may be NULL) is given, a message of at most @errmsg_size bytes is written.
+ * short secret, node id outside 1..AAMM_NODE_ID_MAX...); AAMM_EBUSY (data dir locked by
+ * another process); AAMM_EIO (the data dir is unusable: raft's own message is quoted
+ * verbatim in @err, e.g. an unsupported filesystem); AAMM_ENOMEM. On failure *@out is NULL
+ * and the reason is written into @err (borrowed, @errsize bytes, NUL-terminated; may be
+ * NULL).
  */
 AAMM_API int aamm_consensus_new(struct aamm_consensus **out,
-                                const struct aamm_consensus_options *opts, char *errmsg,
-                                size_t errmsg_size);
+                                const struct aamm_consensus_options *opts, char *err,
+                                size_t errsize);
 
 /**
  * Bootstrap a brand-new cluster whose voters are @members (borrowed, @n >= 1, this node
@@ -175,7 +176,7 @@ AAMM_API bool aamm_consensus_ignore_sigpipe(void);
 /** The fd to poll (the private loop's epoll fd); constant for the handle's life. */
 AAMM_API int aamm_consensus_fd(const struct aamm_consensus *cs);
 
-/** The poll events to wait for on the fd: always POLLIN. */
+/** What to poll the fd for: always AAMM_READ (the loop fd only becomes readable). */
 AAMM_API int aamm_consensus_events(const struct aamm_consensus *cs);
 
 /** Milliseconds until aamm_consensus_step() is due even without events; -1: none. */

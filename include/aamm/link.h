@@ -33,10 +33,6 @@ extern "C" {
 #define AAMM_LINK_SENDER AAMM_WIRE_ROLE_SENDER
 #define AAMM_LINK_RECEIVER AAMM_WIRE_ROLE_RECEIVER
 
-/* Bits of aamm_link_events(). */
-#define AAMM_LINK_READ 0x1
-#define AAMM_LINK_WRITE 0x2
-
 /* States (aamm_link_state). */
 enum aamm_link_state {
     AAMM_LINK_IDLE = 0,   /* created, no socket yet */
@@ -50,7 +46,7 @@ enum aamm_link_state {
 /** Link configuration; copied by aamm_link_new (strings and arrays too). */
 struct aamm_link_options {
     int role;                 /* AAMM_LINK_SENDER or AAMM_LINK_RECEIVER */
-    uint32_t node_id;         /* this node (non-zero) */
+    uint32_t node_id;         /* this node (1..AAMM_NODE_ID_MAX) */
     const char *cluster;      /* cluster name, 1..255 bytes; both sides must agree */
     const uint32_t *peer_ids; /* node ids accepted as the peer (at least one) */
     uint32_t npeer_ids;
@@ -128,13 +124,16 @@ struct aamm_link_stats {
 struct aamm_link;
 
 /**
- * Create a link with @opts (copied: strings, arrays and the secret). Returns 0 with *@link
- * set (owned by the caller, free with aamm_link_free); AAMM_EINVAL when an option is missing
- * or out of range (role, node id, cluster, peer ids, secret shorter than 16 bytes, more than
- * 64 resume entries, TLS without CA / certificate / key); AAMM_EIO when the TLS files cannot
- * be loaded; AAMM_ENOMEM. No handle exists on failure, so the reason is only logged (debug).
+ * Create a link with @opts (borrowed; copied: strings, arrays and the secret). Returns 0
+ * with *@link set (owned by the caller, free with aamm_link_free); AAMM_EINVAL when an
+ * option is missing or out of range (role, node id or a peer id outside
+ * 1..AAMM_NODE_ID_MAX, cluster, secret shorter than 16 bytes, more than 64 resume entries,
+ * TLS without CA / certificate / key, wire limits); AAMM_EIO when the TLS files cannot be
+ * loaded; AAMM_ENOMEM. On failure *@link is NULL and the reason is written into @err
+ * (borrowed, @errsize bytes, NUL-terminated; may be NULL).
  */
-AAMM_API int aamm_link_new(struct aamm_link **link, const struct aamm_link_options *opts);
+AAMM_API int aamm_link_new(struct aamm_link **link, const struct aamm_link_options *opts,
+                           char *err, size_t errsize);
 
 /** Close the socket (without goodbye) and free @link. NULL is accepted. */
 AAMM_API void aamm_link_free(struct aamm_link *link);
@@ -155,7 +154,7 @@ AAMM_API int aamm_link_adopt_fd(struct aamm_link *link, int fd);
 /** The socket to poll, or -1 when there is none. It may change after a step. */
 AAMM_API int aamm_link_fd(const struct aamm_link *link);
 
-/** AAMM_LINK_READ / AAMM_LINK_WRITE: what to poll the fd for. */
+/** AAMM_READ / AAMM_WRITE: what to poll the fd for. */
 AAMM_API int aamm_link_events(const struct aamm_link *link);
 
 /** Milliseconds until aamm_link_step() must run even without fd events (-1: none). */

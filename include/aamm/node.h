@@ -29,6 +29,9 @@
 extern "C" {
 #endif
 
+/** Feature macro: this header's API is in the library (like libpq's LIBPQ_HAS_...). */
+#define AAMM_HAS_NODE 1
+
 struct pg_conn;
 
 /** Version of libaamm's SQL schema aamm_node_install() installs: the highest of the

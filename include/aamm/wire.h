@@ -125,10 +125,13 @@ struct aamm_wire_encoder;
 /**
  * Create an encoder (per connection and direction: it holds the relation dictionary) with
  * @opts (borrowed, may be NULL for defaults). Returns 0 with *@enc set (owned by the caller,
- * free with aamm_wire_encoder_free), AAMM_EINVAL for bad options, AAMM_ENOMEM.
+ * free with aamm_wire_encoder_free), AAMM_EINVAL for bad options, AAMM_ENOMEM. On failure
+ * *@enc is NULL and the reason is written into @err (borrowed, @errsize bytes,
+ * NUL-terminated; may be NULL).
  */
 AAMM_API int aamm_wire_encoder_new(struct aamm_wire_encoder **enc,
-                                   const struct aamm_wire_options *opts);
+                                   const struct aamm_wire_options *opts, char *err,
+                                   size_t errsize);
 
 /** Free @enc and everything it holds. NULL is accepted. */
 AAMM_API void aamm_wire_encoder_free(struct aamm_wire_encoder *enc);
@@ -260,10 +263,13 @@ struct aamm_wire_event {
 /**
  * Create a decoder (per connection and direction) with @opts (borrowed, NULL for defaults).
  * It accepts frames of versions AAMM_WIRE_VERSION_MIN..MAX until aamm_wire_decoder_set_version.
- * Returns 0 with *@dec set (free with aamm_wire_decoder_free), AAMM_EINVAL, AAMM_ENOMEM.
+ * Returns 0 with *@dec set (owned by the caller, free with aamm_wire_decoder_free),
+ * AAMM_EINVAL for bad options, AAMM_ENOMEM. On failure *@dec is NULL and the reason is
+ * written into @err (borrowed, @errsize bytes, NUL-terminated; may be NULL).
  */
 AAMM_API int aamm_wire_decoder_new(struct aamm_wire_decoder **dec,
-                                   const struct aamm_wire_options *opts);
+                                   const struct aamm_wire_options *opts, char *err,
+                                   size_t errsize);
 
 /** Free @dec and everything it holds. NULL is accepted. */
 AAMM_API void aamm_wire_decoder_free(struct aamm_wire_decoder *dec);

@@ -121,7 +121,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         o.max_record = 65536;
         o.max_relations = 8;
     }
-    if (aamm_wire_decoder_new(&dec, &o) != 0) {
+    if (aamm_wire_decoder_new(&dec, &o, NULL, 0) != 0) {
         free(copy);
         return 0;
     }

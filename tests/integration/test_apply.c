@@ -215,7 +215,7 @@ static struct aamm_apply *mkapply(int node_idx, uint32_t source, struct counts *
     o.on_message = on_message;
     o.message_arg = k;
     struct aamm_apply *ap = NULL;
-    ck_assert_int_eq(aamm_apply_new(&ap, &o), 0);
+    ck_assert_int_eq(aamm_apply_new(&ap, &o, NULL, 0), 0);
     return ap;
 }
 
@@ -1917,7 +1917,7 @@ static void kill_child(long n)
     o.synchronous_commit_off = true;
     o.max_queued_changes = 4000;
     struct aamm_apply *ap = NULL;
-    if (aamm_apply_new(&ap, &o) != 0)
+    if (aamm_apply_new(&ap, &o, NULL, 0) != 0)
         _exit(2);
     struct aamm_relation r;
     mkrel(&r, "ek", "id,v", "k-");
@@ -1938,7 +1938,7 @@ static void kill_child(long n)
             c.relation = &r;
             mktuple(&c.new_tuple, 2, vals[k]);
             int rc;
-            while ((rc = aamm_apply_change(ap, &c)) == AAMM_EBUSY) {
+            while ((rc = aamm_apply_change(ap, &c)) == AAMM_EAGAIN) {
                 if (aamm_apply_step(ap) < 0)
                     _exit(4);
                 struct pollfd p = {aamm_apply_fd(ap), POLLIN, 0};

@@ -110,7 +110,7 @@ static void pull(struct path *p)
     int rc = aamm_capture_step(p->cap);
     ck_assert_msg(rc == 0, "capture %d->%d: %s", p->from, p->to, aamm_capture_errmsg(p->cap));
     struct aamm_capture_event ev;
-    while ((rc = aamm_capture_next(p->cap, &ev)) == 1) {
+    while ((rc = aamm_capture_next(p->cap, &ev)) == 0) {
         if (ev.kind == AAMM_CAPTURE_BEGIN) {
             ck_assert_ptr_null(p->building);
             p->building = aamm__calloc(1, sizeof *p->building);
@@ -154,7 +154,7 @@ static void pull(struct path *p)
             p->tail = t;
         }
     }
-    ck_assert_msg(rc == 0, "capture next %d->%d: %s", p->from, p->to, aamm_capture_errmsg(p->cap));
+    ck_assert_msg(rc == AAMM_EAGAIN, "capture next %d->%d: %s", p->from, p->to, aamm_capture_errmsg(p->cap));
 }
 
 /* queue -> apply, with random holds */
@@ -205,7 +205,7 @@ static void pump(bool drain)
             pf[np++] = (struct pollfd){
                 fd,
                 (short)(POLLIN |
-                        ((aamm_apply_events(paths[i].ap) & AAMM_APPLY_WRITE) ? POLLOUT : 0)),
+                        ((aamm_apply_events(paths[i].ap) & AAMM_WRITE) ? POLLOUT : 0)),
                 0};
     }
     poll(pf, (nfds_t)np, 2);
@@ -386,7 +386,7 @@ static void setup(void)
             co.npublications = 1;
             co.node_id = (uint32_t)from + 1;
             co.status_interval_ms = 200;
-            ck_assert_int_eq(aamm_capture_new(&p->cap, &co), 0);
+            ck_assert_int_eq(aamm_capture_new(&p->cap, &co, NULL, 0), 0);
             int rc = aamm_capture_open(p->cap);
             ck_assert_msg(rc == 0, "capture open: %s", aamm_capture_errmsg(p->cap));
             struct aamm_apply_options ao;
@@ -398,7 +398,7 @@ static void setup(void)
             ao.source_node = (uint32_t)from + 1;
             ao.on_message = on_message;
             ao.message_arg = p;
-            ck_assert_int_eq(aamm_apply_new(&p->ap, &ao), 0);
+            ck_assert_int_eq(aamm_apply_new(&p->ap, &ao, NULL, 0), 0);
         }
     }
 }
@@ -488,6 +488,30 @@ static void run_seed(int idx, uint64_t seed, int ops)
                 all = false;
         if (all)
             break;
+        if (aamm_test_now_ms() >= deadline) { /* what each path and each node is doing */
+            for (size_t i = 0; i < N * (N - 1); i++) {
+                struct path *p = &paths[i];
+                size_t queued = 0;
+                for (struct dtxn *t = p->head; t; t = t->next)
+                    queued++;
+                fprintf(stderr,
+                        "path %d->%d: marker '%s', %zu queued here, apply pending %zu, "
+                        "held %d, flushed %" PRIX64 ": %s\n",
+                        p->from + 1, p->to + 1, p->marker, queued, aamm_apply_pending(p->ap),
+                        aamm_apply_held(p->ap), aamm_apply_flushed(p->ap),
+                        aamm_apply_errmsg(p->ap));
+            }
+            for (int j = 0; j < N; j++) {
+                char *act = pgfx_value(
+                    fx, j,
+                    "SELECT string_agg(application_name || ' ' || state || ' ' || "
+                    "coalesce(wait_event_type || ':' || wait_event, '-') || ' ' || "
+                    "left(query, 60), E'\\n') FROM pg_stat_activity WHERE backend_type = "
+                    "'client backend' AND pid <> pg_backend_pid()");
+                fprintf(stderr, "node %d sessions:\n%s\n", j + 1, act ? act : "");
+                free(act);
+            }
+        }
         ck_assert_msg(aamm_test_now_ms() < deadline, "seed %" PRIu64 ": no quiesce", seed);
     }
     char *t[N];

@@ -43,7 +43,7 @@ static void cluster_teardown(void)
 static int cap_open(struct aamm_capture **out, const char *slot, const char *pub, uint64_t start)
 {
     const char *pubs[1] = {pub};
-    struct aamm_capture_options o = {0};
+    struct aamm_capture_options o = {.node_id = 7};
     struct aamm_capture *c;
     int rc;
     o.conninfo = pgfx_conninfo(fx, 0);
@@ -53,7 +53,7 @@ static int cap_open(struct aamm_capture **out, const char *slot, const char *pub
     o.node_id = 7;
     o.start_lsn = start;
     *out = NULL;
-    rc = aamm_capture_new(&c, &o);
+    rc = aamm_capture_new(&c, &o, NULL, 0);
     ck_assert_int_eq(rc, 0);
     /* Right after a walsender was terminated the slot may still be held for a moment. */
     for (int i = 0; i < 100; i++) {
@@ -62,7 +62,7 @@ static int cap_open(struct aamm_capture **out, const char *slot, const char *pub
             break;
         aamm_capture_free(c);
         usleep(100 * 1000);
-        ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
+        ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), 0);
     }
     if (rc != 0) {
         fprintf(stderr, "open: %s\n", aamm_capture_errmsg(c));
@@ -89,8 +89,8 @@ static int pull_kinds(struct aamm_capture *c, struct aamm_capture_event *ev, uns
     for (;;) {
         int64_t left = deadline - aamm_test_now_ms();
         int rc = aamm_capture_wait(c, ev, left > 0 ? (int)left : 0);
-        if (rc != 1)
-            return rc;
+        if (rc != 0)
+            return rc == AAMM_EAGAIN ? 0 : rc;
         if (kinds & (1u << ev->kind))
             return 1;
     }
@@ -241,7 +241,7 @@ static void expect_econn(struct aamm_capture *c)
     int64_t deadline = aamm_test_now_ms() + 20000;
     do {
         rc = aamm_capture_wait(c, &ev, 500);
-    } while (rc >= 0 && aamm_test_now_ms() < deadline);
+    } while ((rc == 0 || rc == AAMM_EAGAIN) && aamm_test_now_ms() < deadline);
     ck_assert_msg(rc == AAMM_ECONN, "%d: %s", rc, aamm_capture_errmsg(c));
     ck_assert_str_ne(aamm_capture_errmsg(c), "");
 }
@@ -259,7 +259,7 @@ START_TEST(dml_insert_update_delete)
     int64_t now_us;
     /* Two publications, one with an odd name: both are streamed. */
     const char *pubs[2] = {"p_dml", "p \"Dml\" 'two'"};
-    struct aamm_capture_options o = {0};
+    struct aamm_capture_options o = {.node_id = 7};
     SQL("CREATE TABLE d1 (id int PRIMARY KEY, v text, n int);"
         "CREATE TABLE dfull (a int, b text); ALTER TABLE dfull REPLICA IDENTITY FULL;"
         "CREATE PUBLICATION p_dml FOR TABLE d1;"
@@ -269,7 +269,7 @@ START_TEST(dml_insert_update_delete)
     o.publications = pubs;
     o.npublications = 2;
     o.node_id = 7;
-    ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), 0);
     ck_assert_msg(aamm_capture_open(c) == 0, "%s", aamm_capture_errmsg(c));
     now_us = (int64_t)time(NULL) * 1000000;
     SQL("INSERT INTO d1 VALUES (1, 'one', 10), (2, NULL, 20)");
@@ -645,7 +645,7 @@ END_TEST
 START_TEST(nonblocking_setup)
 {
     const char *pubs[1] = {"p_nb"};
-    struct aamm_capture_options o = {0};
+    struct aamm_capture_options o = {.node_id = 7};
     struct aamm_capture_event ev;
     struct aamm_capture *c;
     PGconn *holder;
@@ -663,7 +663,7 @@ START_TEST(nonblocking_setup)
 
     /* A short deadline: the slot cannot be created while the transaction runs. */
     o.setup_timeout_ms = 700;
-    ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_capture_open(c), AAMM_ETIMEDOUT);
     ck_assert_ptr_nonnull(strstr(aamm_capture_errmsg(c), "creating the slot"));
     aamm_capture_free(c);
@@ -681,7 +681,7 @@ START_TEST(nonblocking_setup)
                      0);
 
     o.setup_timeout_ms = 0;
-    ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_capture_start(c), 0);
     until = aamm_test_now_ms() + 1500;
     while (aamm_test_now_ms() < until) {
@@ -694,14 +694,14 @@ START_TEST(nonblocking_setup)
             last_fd = pfd.fd;
         }
         ck_assert_int_gt(t, 0); /* the setup deadline, not "now" */
-        pfd.events = (short)(((e & AAMM_CAPTURE_READ) ? POLLIN : 0) |
-                             ((e & AAMM_CAPTURE_WRITE) ? POLLOUT : 0));
+        pfd.events = (short)(((e & AAMM_READ) ? POLLIN : 0) |
+                             ((e & AAMM_WRITE) ? POLLOUT : 0));
         poll(&pfd, 1, 100);
         t0 = aamm_test_now_ms();
         ck_assert_int_eq(aamm_capture_step(c), 0);
         if (aamm_test_now_ms() - t0 > slowest)
             slowest = aamm_test_now_ms() - t0;
-        ck_assert_int_eq(aamm_capture_next(c, &ev), 0);
+        ck_assert_int_eq(aamm_capture_next(c, &ev), AAMM_EAGAIN);
         steps++;
     }
     ck_assert_int_lt(slowest, 300);
@@ -796,8 +796,8 @@ START_TEST(unconfirmed_redelivered)
         int64_t until = aamm_test_now_ms() + 3000;
         while (aamm_test_now_ms() < until) {
             int rc = aamm_capture_wait(c, &ev, 200);
-            ck_assert_int_ge(rc, 0);
-            if (rc == 1)
+            ck_assert(rc == 0 || rc == AAMM_EAGAIN);
+            if (rc == 0)
                 ck_assert_int_eq(ev.kind, AAMM_CAPTURE_PROGRESS);
         }
     }
@@ -862,7 +862,7 @@ END_TEST
 START_TEST(skipping_is_bounded)
 {
     const char *pubs[1] = {"p_sb"};
-    struct aamm_capture_options o = {0};
+    struct aamm_capture_options o = {.node_id = 7};
     struct aamm_capture_event ev;
     struct aamm_capture *c;
     char buf[4096];
@@ -874,7 +874,7 @@ START_TEST(skipping_is_bounded)
     o.publications = pubs;
     o.npublications = 1;
     o.step_budget = 50;
-    ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_capture_open(c), 0);
     SQL("SELECT pg_replication_origin_session_setup('aamm_from_3');"
         "BEGIN; SELECT pg_replication_origin_xact_setup('0/AB00', now());"
@@ -887,10 +887,10 @@ START_TEST(skipping_is_bounded)
     usleep(1500 * 1000);
     for (;;) {
         int rc = aamm_capture_next(c, &ev);
-        ck_assert_int_ge(rc, 0);
-        if (rc == 1 && ev.kind == AAMM_CAPTURE_BEGIN)
+        ck_assert(rc == 0 || rc == AAMM_EAGAIN);
+        if (rc == 0 && ev.kind == AAMM_CAPTURE_BEGIN)
             break;
-        if (rc == 0) {
+        if (rc == AAMM_EAGAIN) {
             struct pollfd pfd = {aamm_capture_fd(c), POLLIN, 0};
             if (aamm_capture_timeout(c) == 0)
                 budget_stops++;
@@ -932,8 +932,8 @@ START_TEST(paused_host_keeps_connection)
         while (aamm_test_now_ms() < until) {
             struct pollfd pfd = {aamm_capture_fd(c), 0, 0};
             int ev_bits = aamm_capture_events(c), t = aamm_capture_timeout(c);
-            ck_assert_int_eq(ev_bits & AAMM_CAPTURE_READ, 0); /* not reading */
-            pfd.events = (ev_bits & AAMM_CAPTURE_WRITE) ? POLLOUT : 0;
+            ck_assert_int_eq(ev_bits & AAMM_READ, 0); /* not reading */
+            pfd.events = (ev_bits & AAMM_WRITE) ? POLLOUT : 0;
             ck_assert_int_ge(t, 0);
             poll(&pfd, 1, t > 500 ? 500 : t);
             ck_assert_int_eq(aamm_capture_step(c), 0);
@@ -1090,8 +1090,10 @@ START_TEST(refusals)
     {
         struct aamm_capture_event ev;
         int64_t until = aamm_test_now_ms() + 2000;
-        while (slot_confirmed("s_rf") < first + 1 && aamm_test_now_ms() < until)
-            ck_assert_int_ge(aamm_capture_wait(c, &ev, 100), 0);
+        while (slot_confirmed("s_rf") < first + 1 && aamm_test_now_ms() < until) {
+            int wrc = aamm_capture_wait(c, &ev, 100);
+            ck_assert(wrc == 0 || wrc == AAMM_EAGAIN);
+        }
     }
     aamm_capture_free(c);
     rc = cap_open(&c, "s_rf", "p_rf", first);
@@ -1104,13 +1106,13 @@ END_TEST
 START_TEST(refusal_messages)
 {
     const char *pubs[1] = {"p_nosuch"};
-    struct aamm_capture_options o = {0};
+    struct aamm_capture_options o = {.node_id = 7};
     struct aamm_capture *c;
     o.conninfo = pgfx_conninfo(fx, 0);
     o.slot = "s_msg";
     o.publications = pubs;
     o.npublications = 1;
-    ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_capture_open(c), AAMM_ENOTFOUND);
     ck_assert_ptr_nonnull(strstr(aamm_capture_errmsg(c), "publication \"p_nosuch\""));
     /* Sticky: the failed capture keeps saying why. */
@@ -1119,7 +1121,7 @@ START_TEST(refusal_messages)
     aamm_capture_free(c);
     SQL("CREATE TABLE nk2 (a int); CREATE PUBLICATION p_nk2 FOR TABLE nk2");
     pubs[0] = "p_nk2";
-    ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_capture_open(c), AAMM_EINVAL);
     ck_assert_ptr_nonnull(strstr(aamm_capture_errmsg(c), "public.nk2"));
     ck_assert_ptr_nonnull(strstr(aamm_capture_errmsg(c), "REPLICA IDENTITY FULL"));
@@ -1127,11 +1129,11 @@ START_TEST(refusal_messages)
     o.slot = "s_nk2";
     o.start_lsn = 0x2000;
     pubs[0] = "p_nosuch";
-    ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_capture_open(c), AAMM_ENOTFOUND);
     aamm_capture_free(c);
     o.slot = "Bad-Name";
-    ck_assert_int_eq(aamm_capture_new(&c, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), AAMM_EINVAL);
     ck_assert_ptr_null(c);
 }
 END_TEST
@@ -1141,27 +1143,27 @@ END_TEST
 START_TEST(unsuitable_server)
 {
     const char *pubs[1] = {"p"};
-    struct aamm_capture_options o = {0};
+    struct aamm_capture_options o = {.node_id = 7};
     struct aamm_capture *c;
     ck_assert_ptr_nonnull(fx);
     o.conninfo = pgfx_conninfo(fx, 0);
     o.slot = "s";
     o.publications = pubs;
     o.npublications = 1;
-    ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_capture_open(c), AAMM_EUNSUITABLE);
     ck_assert_ptr_nonnull(strstr(aamm_capture_errmsg(c), "wal_level = logical"));
     aamm_capture_free(c);
     SQL("ALTER SYSTEM SET wal_level = logical");
     ck_assert_int_eq(pgfx_stop_node(fx, 0, "fast"), 0);
     ck_assert_int_eq(pgfx_start_node(fx, 0), 0);
-    ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_capture_open(c), AAMM_EUNSUITABLE);
     ck_assert_ptr_nonnull(strstr(aamm_capture_errmsg(c), "track_commit_timestamp = on"));
     aamm_capture_free(c);
     /* A server that cannot be reached at all. */
     o.conninfo = "host=/nonexistent port=1 dbname=x connect_timeout=2";
-    ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_capture_open(c), AAMM_ECONN);
     aamm_capture_free(c);
 }

@@ -147,13 +147,13 @@ static void sql_answer(PGconn *c, const char *sql, char *out, size_t outsize, bo
 
 /* What the C rule answers, in the same words. */
 static const char *c_answer(enum aamm_conflict_kind kind, enum aamm_conflict_policy policy,
-                            const struct aamm_row_version *local,
-                            const struct aamm_row_version *remote, bool has_u)
+                            const struct aamm_conflict_version *local,
+                            const struct aamm_conflict_version *remote, bool has_u)
 {
     enum aamm_resolution r = aamm_conflict_decide(kind, policy, local, remote, has_u);
     if (r == AAMM_RESOLVE_ERROR)
         return policy == AAMM_POLICY_CALLBACK ? "resolver" : "error";
-    return aamm_resolution_name(r);
+    return aamm_conflict_resolution_name(r);
 }
 
 /* for messages: T0 + offset in microseconds, or unknown */
@@ -245,9 +245,10 @@ START_TEST(decision_table_c_equals_sql)
                         for (size_t pi = 0; pi < sizeof policies / sizeof policies[0]; pi++) {
                             enum aamm_conflict_policy pol = policies[pi];
                             const char *pname = aamm_conflict_policy_name(pol);
-                            struct aamm_row_version cl = {l && l->known, l ? l->ts : 0,
-                                                          l ? (uint32_t)l->node : 0};
-                            struct aamm_row_version cr = {rknown, rknown ? rt : 0, (uint32_t)rn};
+                            struct aamm_conflict_version cl = {l && l->known, l ? l->ts : 0,
+                                                               l ? (uint32_t)l->node : 0};
+                            struct aamm_conflict_version cr = {rknown, rknown ? rt : 0,
+                                                               (uint32_t)rn};
                             ts_sql(rts, sizeof rts, rknown, rt);
                             ts_text(rtx, sizeof rtx, rknown, rt);
                             ts_text(lts, sizeof lts, l && l->known, l ? l->ts : 0);
@@ -257,7 +258,7 @@ START_TEST(decision_table_c_equals_sql)
                             if (kind == AAMM_CONFLICT_INSERT_EXISTS && l && l->key) {
                                 /* the same version as a row present (decide) and, when
                                  * the delete is not older, as a deleted key (insert_ok) */
-                                tomb_insert = aamm_row_version_compare(&cl, &cr) >= 0;
+                                tomb_insert = aamm_conflict_version_compare(&cl, &cr) >= 0;
                             }
                             for (int form = 0; form <= tomb_insert; form++) {
                                 if (!missing && form == 0) {

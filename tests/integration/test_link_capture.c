@@ -244,7 +244,7 @@ START_TEST(capture_to_receiver)
     co.publications = pubs;
     co.npublications = 1;
     co.node_id = 1;
-    ck_assert_int_eq(aamm_capture_new(&cap, &co), 0);
+    ck_assert_int_eq(aamm_capture_new(&cap, &co, NULL, 0), 0);
     ck_assert_msg(aamm_capture_open(cap) == 0, "%s", aamm_capture_errmsg(cap));
 
     SQL("INSERT INTO t VALUES (1, 'a', 1.5, '\\x00ff'), (2, NULL, NULL, NULL)");
@@ -270,8 +270,8 @@ START_TEST(capture_to_receiver)
 
     lfd = netfx_listen(&port);
     snprintf(portstr, sizeof portstr, "%d", port);
-    ck_assert_int_eq(aamm_link_new(&s, &so), 0);
-    ck_assert_int_eq(aamm_link_new(&r, &ro), 0);
+    ck_assert_int_eq(aamm_link_new(&s, &so, NULL, 0), 0);
+    ck_assert_int_eq(aamm_link_new(&r, &ro, NULL, 0), 0);
     ck_assert_int_eq(aamm_link_connect(s, "127.0.0.1", portstr), 0);
     for (int i = 0; i < 1000 && (fd = netfx_accept(lfd)) < 0; i++)
         usleep(1000);
@@ -289,8 +289,8 @@ START_TEST(capture_to_receiver)
             int rc = 0;
             if (!have_ev) {
                 rc = aamm_capture_next(cap, &cev);
-                ck_assert_msg(rc >= 0, "%s", aamm_capture_errmsg(cap));
-                if (rc == 0)
+                ck_assert_msg(rc == 0 || rc == AAMM_EAGAIN, "%s", aamm_capture_errmsg(cap));
+                if (rc == AAMM_EAGAIN)
                     break;
                 have_ev = true;
                 rc = 0;
@@ -324,11 +324,11 @@ START_TEST(capture_to_receiver)
         if (aamm_link_acked(s, 1) > aamm_capture_confirmed(cap))
             ck_assert_int_eq(aamm_capture_confirm(cap, aamm_link_acked(s, 1)), 0);
         ev = aamm_capture_events(cap);
-        add_fd(fds, &n, aamm_capture_fd(cap), ev & AAMM_CAPTURE_READ, ev & AAMM_CAPTURE_WRITE);
+        add_fd(fds, &n, aamm_capture_fd(cap), ev & AAMM_READ, ev & AAMM_WRITE);
         ev = aamm_link_events(s);
-        add_fd(fds, &n, aamm_link_fd(s), ev & AAMM_LINK_READ, ev & AAMM_LINK_WRITE);
+        add_fd(fds, &n, aamm_link_fd(s), ev & AAMM_READ, ev & AAMM_WRITE);
         ev = aamm_link_events(r);
-        add_fd(fds, &n, aamm_link_fd(r), ev & AAMM_LINK_READ, ev & AAMM_LINK_WRITE);
+        add_fd(fds, &n, aamm_link_fd(r), ev & AAMM_READ, ev & AAMM_WRITE);
         t = min_t(t, aamm_capture_timeout(cap));
         t = min_t(t, aamm_link_timeout(s));
         t = min_t(t, aamm_link_timeout(r));
@@ -497,12 +497,12 @@ static void kill_receiver(int lfd)
         fd = accept(lfd, NULL, NULL);
         if (fd < 0)
             continue;
-        if (aamm_link_new(&l, &o) != 0 || aamm_link_adopt_fd(l, fd) != 0)
+        if (aamm_link_new(&l, &o, NULL, 0) != 0 || aamm_link_adopt_fd(l, fd) != 0)
             _exit(2);
         while (aamm_link_state(l) != AAMM_LINK_FAILED && aamm_link_state(l) != AAMM_LINK_CLOSED) {
             struct aamm_wire_event ev;
             struct pollfd lp = {aamm_link_fd(l), POLLIN, 0};
-            if (aamm_link_events(l) & AAMM_LINK_WRITE)
+            if (aamm_link_events(l) & AAMM_WRITE)
                 lp.events |= POLLOUT;
             poll(&lp, 1, 20);
             aamm_link_step(l);
@@ -551,8 +551,8 @@ static void kill_sender(int port)
         co.node_id = 1;
         co.start_lsn = confirmed;
         so.dead_after_ms = 2000;
-        if (aamm_capture_new(&cap, &co) != 0 || aamm_capture_open(cap) != 0 ||
-            aamm_link_new(&l, &so) != 0 || aamm_link_connect(l, "127.0.0.1", portstr) != 0)
+        if (aamm_capture_new(&cap, &co, NULL, 0) != 0 || aamm_capture_open(cap) != 0 ||
+            aamm_link_new(&l, &so, NULL, 0) != 0 || aamm_link_connect(l, "127.0.0.1", portstr) != 0)
             goto retry; /* e.g. the killed walsender still holds the slot */
         for (;;) {
             struct pollfd fds[2];
@@ -562,7 +562,7 @@ static void kill_sender(int port)
             while (aamm_link_state(l) == AAMM_LINK_READY) {
                 if (!have) {
                     rc = aamm_capture_next(cap, &cev);
-                    if (rc <= 0)
+                    if (rc != 0)
                         break;
                     have = true;
                 }
@@ -585,9 +585,9 @@ static void kill_sender(int port)
                 aamm_capture_confirm(cap, confirmed);
             }
             ev = aamm_capture_events(cap);
-            add_fd(fds, &n, aamm_capture_fd(cap), ev & AAMM_CAPTURE_READ, ev & AAMM_CAPTURE_WRITE);
+            add_fd(fds, &n, aamm_capture_fd(cap), ev & AAMM_READ, ev & AAMM_WRITE);
             ev = aamm_link_events(l);
-            add_fd(fds, &n, aamm_link_fd(l), ev & AAMM_LINK_READ, ev & AAMM_LINK_WRITE);
+            add_fd(fds, &n, aamm_link_fd(l), ev & AAMM_READ, ev & AAMM_WRITE);
             poll(fds, (nfds_t)n, min_t(min_t(20, aamm_capture_timeout(cap)), aamm_link_timeout(l)));
             if (!have && aamm_capture_step(cap) != 0)
                 break;
@@ -865,7 +865,7 @@ static void ack_connect(void)
         co.npublications = 1;
         co.node_id = 1;
         co.start_lsn = ah.confirmed;
-        ck_assert_int_eq(aamm_capture_new(&ah.cap, &co), 0);
+        ck_assert_int_eq(aamm_capture_new(&ah.cap, &co, NULL, 0), 0);
         rc = aamm_capture_open(ah.cap);
         if (rc == 0)
             break;
@@ -877,7 +877,7 @@ static void ack_connect(void)
     }
     ah.have = false;
     snprintf(portstr, sizeof portstr, "%d", ah.port);
-    ck_assert_int_eq(aamm_link_new(&ah.s, &so), 0);
+    ck_assert_int_eq(aamm_link_new(&ah.s, &so, NULL, 0), 0);
     ck_assert_int_eq(aamm_link_connect(ah.s, "127.0.0.1", portstr), 0);
     for (int i = 0; i < 2000 && (fd = netfx_accept(ah.lfd)) < 0; i++)
         usleep(1000);
@@ -886,7 +886,7 @@ static void ack_connect(void)
     pos.lsn = aamm_apply_flushed(ah.ap);
     ro.resume = &pos;
     ro.nresume = 1;
-    ck_assert_int_eq(aamm_link_new(&ah.r, &ro), 0);
+    ck_assert_int_eq(aamm_link_new(&ah.r, &ro, NULL, 0), 0);
     ck_assert_int_eq(aamm_link_adopt_fd(ah.r, fd), 0);
     ah.last_ack = pos.lsn;
     ah.s_seen = 0;
@@ -900,7 +900,7 @@ static void ack_new_apply(void)
     o.local_node = 2;
     o.source_node = 1;
     o.synchronous_commit_off = true;
-    ck_assert_int_eq(aamm_apply_new(&ah.ap, &o), 0);
+    ck_assert_int_eq(aamm_apply_new(&ah.ap, &o, NULL, 0), 0);
     ah.have_pend = false;
 }
 
@@ -932,8 +932,8 @@ static bool ack_iter(void)
     while (aamm_link_state(ah.s) == AAMM_LINK_READY) {
         if (!ah.have) {
             rc = aamm_capture_next(ah.cap, &ah.cev);
-            ck_assert_msg(rc >= 0, "%s", aamm_capture_errmsg(ah.cap));
-            if (rc == 0)
+            ck_assert_msg(rc == 0 || rc == AAMM_EAGAIN, "%s", aamm_capture_errmsg(ah.cap));
+            if (rc == AAMM_EAGAIN)
                 break;
             ah.have = true;
         }
@@ -972,13 +972,13 @@ static bool ack_iter(void)
     ack_sender_acks();
 
     ev = aamm_capture_events(ah.cap);
-    add_fd(fds, &n, aamm_capture_fd(ah.cap), ev & AAMM_CAPTURE_READ, ev & AAMM_CAPTURE_WRITE);
+    add_fd(fds, &n, aamm_capture_fd(ah.cap), ev & AAMM_READ, ev & AAMM_WRITE);
     ev = aamm_link_events(ah.s);
-    add_fd(fds, &n, aamm_link_fd(ah.s), ev & AAMM_LINK_READ, ev & AAMM_LINK_WRITE);
+    add_fd(fds, &n, aamm_link_fd(ah.s), ev & AAMM_READ, ev & AAMM_WRITE);
     ev = aamm_link_events(ah.r);
-    add_fd(fds, &n, aamm_link_fd(ah.r), ev & AAMM_LINK_READ, ev & AAMM_LINK_WRITE);
+    add_fd(fds, &n, aamm_link_fd(ah.r), ev & AAMM_READ, ev & AAMM_WRITE);
     ev = aamm_apply_events(ah.ap);
-    add_fd(fds, &n, aamm_apply_fd(ah.ap), ev & AAMM_APPLY_READ, ev & AAMM_APPLY_WRITE);
+    add_fd(fds, &n, aamm_apply_fd(ah.ap), ev & AAMM_READ, ev & AAMM_WRITE);
     t = min_t(t, aamm_capture_timeout(ah.cap));
     t = min_t(t, aamm_link_timeout(ah.s));
     t = min_t(t, aamm_link_timeout(ah.r));
@@ -994,7 +994,7 @@ static bool ack_iter(void)
     for (;;) {
         if (ah.have_pend) {
             rc = aamm_apply_change(ah.ap, &ah.pend);
-            if (rc == AAMM_EBUSY)
+            if (rc == AAMM_EAGAIN)
                 break;
             ck_assert_msg(rc == 0, "%s", aamm_apply_errmsg(ah.ap));
             ah.have_pend = false;

@@ -157,7 +157,8 @@ START_TEST(install_and_generators)
     int64_t id;
     ck_assert_int_eq(aamm_seq_install(c, 1024, err, sizeof err), AAMM_EINVAL);
     ck_assert_ptr_nonnull(strstr(err, "1024"));
-    ck_assert_int_eq(aamm_seq_install(c, -1, err, sizeof err), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_seq_install(c, 0, err, sizeof err), AAMM_EINVAL); /* no node id */
+    ck_assert_str_eq(err, "seq: install: node id 0 outside 1..1023");
     ck_assert_int_eq(pgfx_value_long(fx, 0, -1, "SELECT node_id FROM aamm.seq_config"), 1);
     ck_assert_msg(aamm_seq_install(c, 77, err, sizeof err) == 0, "%s", err); /* idempotent */
     ck_assert_int_eq(pgfx_value_long(fx, 0, -1, "SELECT node_id FROM aamm.seq_config"), 77);
@@ -173,7 +174,7 @@ START_TEST(install_and_generators)
 
     v = pgfx_value(fx, 0, "SELECT aamm.uuid_v7()");
     ck_assert_ptr_nonnull(v);
-    ck_assert_int_eq(aamm_uuid_parse(v, u), 0);
+    ck_assert_int_eq(aamm_uuidv7_parse(v, u), 0);
     free(v);
     ck_assert_int_eq(u[6] >> 4, 7);
     ck_assert_int_eq(u[8] >> 6, 2);
@@ -348,7 +349,7 @@ START_TEST(c_and_sql_same_node_never_collide)
                                        "clock_timestamp()) * 1000)::bigint $$"),
                              0);
         }
-        ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+        ck_assert_int_eq(aamm_snowflake_new(&g, &o, NULL, 0), 0);
         clock = T0;
         snprintf(sql, sizeof sql, "SELECT aamm.snowflake_nextval('t') FROM generate_series(1, %ld)",
                  per_session / 4);
@@ -468,7 +469,7 @@ START_TEST(three_nodes_merge_without_duplicates)
      * ranges the host moves to the node whenever fewer than 2 ranges are left there */
     for (int n = 0; n < 3; n++) {
         struct aamm_galloc_options go = {.name = "public.t_ga.id", .range_size = range};
-        ck_assert_int_eq(aamm_galloc_new(&ga[n], &go), 0);
+        ck_assert_int_eq(aamm_galloc_new(&ga[n], &go, NULL, 0), 0);
     }
     {
         int64_t deadline = aamm_test_now_ms() + 90000;

@@ -29,6 +29,19 @@ START_TEST(version_matches_package)
 }
 END_TEST
 
+/* Node ids are 1..AAMM_NODE_ID_MAX (1023, the snowflake node bits): 0 and anything above
+ * are refused by the one check every component uses. */
+START_TEST(node_id_range)
+{
+    ck_assert_int_eq(AAMM_NODE_ID_MAX, 1023);
+    ck_assert(!aamm_node_id_valid(0));
+    ck_assert(aamm_node_id_valid(1));
+    ck_assert(aamm_node_id_valid(AAMM_NODE_ID_MAX));
+    ck_assert(!aamm_node_id_valid(AAMM_NODE_ID_MAX + 1));
+    ck_assert(!aamm_node_id_valid(UINT32_MAX));
+}
+END_TEST
+
 /* Every code has a distinct name and text; unknown codes are reported as unknown. */
 START_TEST(error_codes_have_texts)
 {
@@ -161,6 +174,7 @@ int main(void)
     Suite *s = suite_create("aamm");
     TCase *tc = aamm_test_tcase("core", 10);
     tcase_add_test(tc, version_matches_package);
+    tcase_add_test(tc, node_id_range);
     tcase_add_test(tc, error_codes_have_texts);
     tcase_add_test(tc, allocator_statistics);
     tcase_add_test(tc, allocator_failure_injection);

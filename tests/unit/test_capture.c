@@ -28,27 +28,36 @@ START_TEST(options_validated)
     struct aamm_capture *c = (struct aamm_capture *)1;
     struct aamm_capture_options o = good();
     const char *empty[1] = {""};
-    ck_assert_int_eq(aamm_capture_new(&c, NULL), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_capture_new(&c, NULL, NULL, 0), AAMM_EINVAL);
     ck_assert_ptr_null(c);
     o.conninfo = NULL;
-    ck_assert_int_eq(aamm_capture_new(&c, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), AAMM_EINVAL);
     o = good();
     o.slot = "Has-Caps";
-    ck_assert_int_eq(aamm_capture_new(&c, &o), AAMM_EINVAL);
+    {
+        char err[128];
+        ck_assert_int_eq(aamm_capture_new(&c, &o, err, sizeof err), AAMM_EINVAL);
+        ck_assert_ptr_nonnull(strstr(err, "invalid slot name \"Has-Caps\""));
+    }
     o.slot = "";
-    ck_assert_int_eq(aamm_capture_new(&c, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), AAMM_EINVAL);
     o.slot = "a_very_long_slot_name_that_goes_past_the_sixty_three_byte_limit_x";
-    ck_assert_int_eq(aamm_capture_new(&c, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), AAMM_EINVAL);
     o = good();
     o.npublications = 0;
-    ck_assert_int_eq(aamm_capture_new(&c, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), AAMM_EINVAL);
     o = good();
     o.publications = empty;
     o.npublications = 1;
-    ck_assert_int_eq(aamm_capture_new(&c, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), AAMM_EINVAL);
+    o = good();
+    o.node_id = 0;
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), AAMM_EINVAL);
+    o.node_id = AAMM_NODE_ID_MAX + 1;
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), AAMM_EINVAL);
     o = good();
     o.status_interval_ms = -1;
-    ck_assert_int_eq(aamm_capture_new(&c, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), AAMM_EINVAL);
     ck_assert_ptr_null(c);
 }
 END_TEST
@@ -59,7 +68,7 @@ START_TEST(not_open_is_estate)
     struct aamm_capture *c;
     struct aamm_capture_event ev;
     struct aamm_capture_options o = good();
-    ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_capture_fd(c), -1);
     ck_assert_int_eq(aamm_capture_events(c), 0);
     ck_assert_int_eq(aamm_capture_timeout(c), -1);
@@ -84,7 +93,7 @@ START_TEST(options_copied)
     o.slot = slot;
     o.publications = list;
     o.npublications = 1;
-    ck_assert_int_eq(aamm_capture_new(&c, &o), 0);
+    ck_assert_int_eq(aamm_capture_new(&c, &o, NULL, 0), 0);
     memset(conninfo, 'z', sizeof conninfo - 1);
     memset(slot, 'z', sizeof slot - 1);
     memset(pub, 'z', sizeof pub - 1);
@@ -107,7 +116,7 @@ START_TEST(allocation_failures)
     for (uint64_t n = 1; rc == AAMM_ENOMEM && n < 100; n++) {
         struct aamm_capture *c = NULL;
         aamm__alloc_fail_after(n);
-        rc = aamm_capture_new(&c, &o);
+        rc = aamm_capture_new(&c, &o, NULL, 0);
         aamm__alloc_fail_after(0);
         if (rc == AAMM_ENOMEM)
             ck_assert_ptr_null(c);

@@ -6,20 +6,20 @@
 
 #include "testutil.h"
 
-static struct aamm_row_version V(int64_t t, uint32_t n) {
-    struct aamm_row_version v = {true, t, n};
+static struct aamm_conflict_version V(int64_t t, uint32_t n) {
+    struct aamm_conflict_version v = {true, t, n};
     return v;
 }
 
 /* LWW orders by commit time first, node id second; unknown is oldest. */
 START_TEST(test_lww_order)
 {
-    struct aamm_row_version a = V(100, 2), b = V(200, 1), c = V(200, 2), u = {false, 0, 0};
-    ck_assert_int_lt(aamm_row_version_compare(&a, &b), 0);
-    ck_assert_int_gt(aamm_row_version_compare(&c, &b), 0);
-    ck_assert_int_eq(aamm_row_version_compare(&c, &c), 0);
-    ck_assert_int_lt(aamm_row_version_compare(&u, &a), 0);
-    ck_assert_int_eq(aamm_row_version_compare(&u, &u), 0);
+    struct aamm_conflict_version a = V(100, 2), b = V(200, 1), c = V(200, 2), u = {false, 0, 0};
+    ck_assert_int_lt(aamm_conflict_version_compare(&a, &b), 0);
+    ck_assert_int_gt(aamm_conflict_version_compare(&c, &b), 0);
+    ck_assert_int_eq(aamm_conflict_version_compare(&c, &c), 0);
+    ck_assert_int_lt(aamm_conflict_version_compare(&u, &a), 0);
+    ck_assert_int_eq(aamm_conflict_version_compare(&u, &u), 0);
     ck_assert(aamm_conflict_lww_remote_wins(&a, &b));
     ck_assert(!aamm_conflict_lww_remote_wins(&b, &a));
     ck_assert(aamm_conflict_lww_remote_wins(&u, &a));
@@ -33,7 +33,7 @@ END_TEST
  * node 1 applies node 2's row, node 2 keeps its own: both end with 'Wim'. */
 START_TEST(test_seed_scenario)
 {
-    struct aamm_row_version an = V(1000, 1), wim = V(2000, 2);
+    struct aamm_conflict_version an = V(1000, 1), wim = V(2000, 2);
     ck_assert_int_eq(
         aamm_conflict_decide(AAMM_CONFLICT_INSERT_EXISTS, AAMM_POLICY_LWW, &an, &wim, false),
         AAMM_RESOLVE_APPLY_REMOTE);
@@ -46,7 +46,7 @@ END_TEST
 /* Policies: keep-local, apply-remote and error override LWW for row conflicts. */
 START_TEST(test_policies)
 {
-    struct aamm_row_version old = V(1, 1), new = V(2, 2);
+    struct aamm_conflict_version old = V(1, 1), new = V(2, 2);
     enum aamm_conflict_kind kinds[] = {AAMM_CONFLICT_INSERT_EXISTS,
                                        AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS,
                                        AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS};
@@ -70,7 +70,7 @@ END_TEST
  * wrote, is no conflict: it applies whatever the policy (as aamm.decide() does). */
 START_TEST(test_origin_differs_not_a_conflict)
 {
-    struct aamm_row_version unknown = {false, 0, 0}, mine = V(900, 2), remote = V(800, 2);
+    struct aamm_conflict_version unknown = {false, 0, 0}, mine = V(900, 2), remote = V(800, 2);
     enum aamm_conflict_policy pols[] = {AAMM_POLICY_LWW, AAMM_POLICY_KEEP_LOCAL,
                                         AAMM_POLICY_ERROR, AAMM_POLICY_CALLBACK};
     for (size_t i = 0; i < 4; i++) {
@@ -92,7 +92,7 @@ END_TEST
  * inserts; otherwise the row is inserted. delete_missing skips; unique_other errors. */
 START_TEST(test_missing_rules)
 {
-    struct aamm_row_version tomb = V(500, 3), rem_old = V(400, 1), rem_new = V(600, 1);
+    struct aamm_conflict_version tomb = V(500, 3), rem_old = V(400, 1), rem_new = V(600, 1);
     ck_assert_int_eq(
         aamm_conflict_decide(AAMM_CONFLICT_UPDATE_MISSING, AAMM_POLICY_LWW, &tomb, &rem_old, false),
         AAMM_RESOLVE_SKIP);
@@ -146,12 +146,14 @@ START_TEST(test_names)
     ck_assert_int_eq(aamm_conflict_kind_parse("nope"), 0);
     ck_assert_int_eq(aamm_conflict_kind_parse(NULL), 0);
     for (int r = 1; r <= 5; r++)
-        ck_assert_int_eq(aamm_resolution_parse(aamm_resolution_name((enum aamm_resolution)r)), r);
-    ck_assert_str_eq(aamm_resolution_name((enum aamm_resolution)9), "unknown");
+        ck_assert_int_eq(
+            aamm_conflict_resolution_parse(aamm_conflict_resolution_name((enum aamm_resolution)r)),
+            r);
+    ck_assert_str_eq(aamm_conflict_resolution_name((enum aamm_resolution)9), "unknown");
     ck_assert_str_eq(aamm_conflict_policy_name(AAMM_POLICY_LWW), "lww");
     ck_assert_str_eq(aamm_conflict_policy_name(AAMM_POLICY_ERROR), "error");
     ck_assert_str_eq(aamm_conflict_policy_name(AAMM_POLICY_CALLBACK), "callback");
-    ck_assert_str_eq(aamm_resolution_name(AAMM_RESOLVE_MERGED), "merged");
+    ck_assert_str_eq(aamm_conflict_resolution_name(AAMM_RESOLVE_MERGED), "merged");
 }
 END_TEST
 
@@ -160,9 +162,9 @@ START_TEST(test_lww_symmetric)
 {
     uint64_t seed = aamm_test_seed("test_lww_symmetric");
     for (int i = 0; i < 10000; i++) {
-        struct aamm_row_version a =
+        struct aamm_conflict_version a =
             V((int64_t)(aamm_test_rand(&seed) % 5), (uint32_t)(aamm_test_rand(&seed) % 3 + 1));
-        struct aamm_row_version b =
+        struct aamm_conflict_version b =
             V((int64_t)(aamm_test_rand(&seed) % 5), (uint32_t)(aamm_test_rand(&seed) % 3 + 1));
         bool ab = aamm_conflict_lww_remote_wins(&a, &b), ba = aamm_conflict_lww_remote_wins(&b, &a);
         if (a.commit_time == b.commit_time && a.origin_node == b.origin_node)

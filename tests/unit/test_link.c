@@ -67,8 +67,8 @@ static void pair_open(struct pair *p, const struct aamm_link_options *so,
     p->step_s = p->step_r = true;
     if (p->lfd == 0)
         p->lfd = -1;
-    ck_assert_int_eq(aamm_link_new(&p->s, so), 0);
-    ck_assert_int_eq(aamm_link_new(&p->r, ro), 0);
+    ck_assert_int_eq(aamm_link_new(&p->s, so, NULL, 0), 0);
+    ck_assert_int_eq(aamm_link_new(&p->r, ro, NULL, 0), 0);
     p->dialer = receiver_dials ? p->r : p->s;
     p->listener = receiver_dials ? p->s : p->r;
     p->lfd = netfx_listen(&p->port);
@@ -99,7 +99,7 @@ static void link_pollfd(struct aamm_link *l, struct pollfd *fds, int *n, int *ti
     if (aamm_link_fd(l) >= 0) {
         fds[*n].fd = aamm_link_fd(l);
         fds[*n].events =
-            (short)(((ev & AAMM_LINK_READ) ? POLLIN : 0) | ((ev & AAMM_LINK_WRITE) ? POLLOUT : 0));
+            (short)(((ev & AAMM_READ) ? POLLIN : 0) | ((ev & AAMM_WRITE) ? POLLOUT : 0));
         fds[*n].revents = 0;
         (*n)++;
     }
@@ -485,7 +485,7 @@ static void raw_open(struct raw *w, const struct aamm_link_options *ro)
     for (int i = 0; i < 100 && (afd = netfx_accept(w->lfd)) < 0; i++)
         usleep(1000);
     ck_assert_int_ge(afd, 0);
-    ck_assert_int_eq(aamm_link_new(&w->r, ro), 0);
+    ck_assert_int_eq(aamm_link_new(&w->r, ro, NULL, 0), 0);
     ck_assert_int_eq(aamm_link_adopt_fd(w->r, afd), 0);
 }
 
@@ -495,7 +495,7 @@ static void raw_run(struct raw *w, int ms)
     while (aamm_test_now_ms() < end && !done_state(w->r)) {
         struct pollfd pfd = {aamm_link_fd(w->r), POLLIN, 0};
         int ev = aamm_link_events(w->r);
-        if (ev & AAMM_LINK_WRITE)
+        if (ev & AAMM_WRITE)
             pfd.events |= POLLOUT;
         poll(&pfd, 1, 5);
         aamm_link_step(w->r);
@@ -535,7 +535,7 @@ static void raw_send_hello(int fd, uint32_t node, const uint8_t *nonce)
     const uint8_t *p;
     size_t n;
     memcpy(h.nonce, nonce, 32);
-    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL), 0);
+    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL, NULL, 0), 0);
     ck_assert_int_eq(aamm_wire_encode_hello(enc, &h), 0);
     p = aamm_wire_encoder_pending(enc, &n);
     ck_assert_int_eq(send(fd, p, n, MSG_NOSIGNAL), (ssize_t)n);
@@ -547,7 +547,7 @@ static void raw_send_auth(int fd, const uint8_t *proof)
     struct aamm_wire_encoder *enc;
     const uint8_t *p;
     size_t n;
-    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL), 0);
+    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL, NULL, 0), 0);
     ck_assert_int_eq(aamm_wire_encode_auth(enc, proof), 0);
     p = aamm_wire_encoder_pending(enc, &n);
     ck_assert_int_eq(send(fd, p, n, MSG_NOSIGNAL), (ssize_t)n);
@@ -569,7 +569,7 @@ START_TEST(reflection_refused)
     ro.peer_ids = peer_of_2;
     /* connection 1: obtain the receiver's proof for our nonce */
     raw_open(&w1, &ro);
-    ck_assert_int_eq(aamm_wire_decoder_new(&d1, NULL), 0);
+    ck_assert_int_eq(aamm_wire_decoder_new(&d1, NULL, NULL, 0), 0);
     raw_run(&w1, 50);
     ck_assert_int_eq(raw_expect(w1.fd, d1, &ev, 1000), 0);
     ck_assert_int_eq(ev.kind, AAMM_WIRE_EV_HELLO);
@@ -580,7 +580,7 @@ START_TEST(reflection_refused)
     memcpy(stolen, ev.proof, 32);
     /* connection 2: present the stolen proof as ours */
     raw_open(&w2, &ro);
-    ck_assert_int_eq(aamm_wire_decoder_new(&d2, NULL), 0);
+    ck_assert_int_eq(aamm_wire_decoder_new(&d2, NULL, NULL, 0), 0);
     raw_run(&w2, 50);
     ck_assert_int_eq(raw_expect(w2.fd, d2, &ev, 1000), 0);
     raw_send_hello(w2.fd, 1, nonce);
@@ -592,7 +592,7 @@ START_TEST(reflection_refused)
     ck_assert_uint_eq(rs.auth_failures, 1);
     /* connection 3: echo the receiver's own nonce back */
     raw_open(&w3, &ro);
-    ck_assert_int_eq(aamm_wire_decoder_new(&d3, NULL), 0);
+    ck_assert_int_eq(aamm_wire_decoder_new(&d3, NULL, NULL, 0), 0);
     raw_run(&w3, 50);
     ck_assert_int_eq(raw_expect(w3.fd, d3, &ev, 1000), 0);
     ck_assert_int_eq(ev.kind, AAMM_WIRE_EV_HELLO);
@@ -952,7 +952,7 @@ static void big_receiver(int port, int wfd)
     alarm(120);
     ro.dead_after_ms = 30000;
     snprintf(ps, sizeof ps, "%d", port);
-    if (aamm_link_new(&r, &ro) != 0 || aamm_link_connect(r, "127.0.0.1", ps) != 0)
+    if (aamm_link_new(&r, &ro, NULL, 0) != 0 || aamm_link_connect(r, "127.0.0.1", ps) != 0)
         _exit(2);
     for (;;) {
         struct pollfd fd;
@@ -1023,7 +1023,7 @@ START_TEST(single_value_streams)
     }
     close(pfd[1]);
     ck_assert_int_eq(fcntl(pfd[0], F_SETFL, O_NONBLOCK), 0);
-    ck_assert_int_eq(aamm_link_new(&s, &so), 0);
+    ck_assert_int_eq(aamm_link_new(&s, &so, NULL, 0), 0);
     for (int64_t end = aamm_test_now_ms() + 5000; aamm_link_state(s) != AAMM_LINK_READY;) {
         struct pollfd fd;
         int n = 0, tmo = 10;
@@ -1175,8 +1175,8 @@ START_TEST(stream_with_cuts)
             pos.lsn = k.durable;
             ro.resume = &pos;
             ro.nresume = k.committed > 0 ? 1 : 0;
-            ck_assert_int_eq(aamm_link_new(&p.s, &so), 0);
-            ck_assert_int_eq(aamm_link_new(&p.r, &ro), 0);
+            ck_assert_int_eq(aamm_link_new(&p.s, &so, NULL, 0), 0);
+            ck_assert_int_eq(aamm_link_new(&p.r, &ro, NULL, 0), 0);
             p.dialer = p.s;
             p.listener = p.r;
             g.i = confirmed + 1; /* the slot re-sends from its confirmed position */

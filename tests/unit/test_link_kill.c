@@ -74,7 +74,7 @@ static void pump(struct aamm_link *l, int ms)
     struct pollfd pfd = {aamm_link_fd(l), 0, 0};
     int ev = aamm_link_events(l), t = aamm_link_timeout(l);
     pfd.events =
-        (short)(((ev & AAMM_LINK_READ) ? POLLIN : 0) | ((ev & AAMM_LINK_WRITE) ? POLLOUT : 0));
+        (short)(((ev & AAMM_READ) ? POLLIN : 0) | ((ev & AAMM_WRITE) ? POLLOUT : 0));
     if (t < 0 || t > ms)
         t = ms;
     if (pfd.fd >= 0)
@@ -112,7 +112,7 @@ static void receiver_main(int lfd)
         fd = accept(lfd, NULL, NULL);
         if (fd < 0)
             continue;
-        if (aamm_link_new(&l, &o) != 0 || aamm_link_adopt_fd(l, fd) != 0)
+        if (aamm_link_new(&l, &o, NULL, 0) != 0 || aamm_link_adopt_fd(l, fd) != 0)
             _exit(2);
         while (!dead(l)) {
             struct aamm_wire_event ev;
@@ -196,7 +196,7 @@ static void sender_main(int port)
         struct aamm_link *l;
         long i = read_confirmed() + 1; /* the slot re-sends from its confirmed position */
         long j = -1;
-        if (aamm_link_new(&l, &o) != 0)
+        if (aamm_link_new(&l, &o, NULL, 0) != 0)
             _exit(2);
         if (aamm_link_connect(l, "127.0.0.1", portstr) != 0) {
             aamm_link_free(l);

@@ -66,7 +66,7 @@ static int sf_new_at(struct aamm_snowflake **g, struct aamm_snowflake_options *o
     int64_t b = o->max_borrow_ms ? o->max_borrow_ms : AAMM_SNOWFLAKE_DEFAULT_MAX_BORROW_MS;
     int rc;
     clk->now = t - b - 1;
-    rc = aamm_snowflake_new(g, o);
+    rc = aamm_snowflake_new(g, o, NULL, 0);
     clk->now = t;
     return rc;
 }
@@ -100,32 +100,41 @@ START_TEST(snowflake_layout)
 }
 END_TEST
 
-/* Node ids outside 0..1023, foreign resume ids and borrow bounds out of range are refused. */
+/* Node ids outside 1..AAMM_NODE_ID_MAX (aamm_node_id_valid(): 0 is no node id), foreign
+ * resume ids and borrow bounds out of range are refused, with the reason in err. */
 START_TEST(snowflake_node_range)
 {
     struct aamm_snowflake_options o = {0};
     struct aamm_snowflake *g = (void *)1;
-    o.node_id = -1;
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), AAMM_EINVAL);
+    char err[128];
+    o.node_id = 0;
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o, err, sizeof err), AAMM_EINVAL);
     ck_assert_ptr_null(g);
-    o.node_id = 1024;
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), AAMM_EINVAL);
+    ck_assert_str_eq(err, "snowflake: node id 0 outside 1..1023");
+    o.node_id = AAMM_NODE_ID_MAX + 1;
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o, NULL, 0), AAMM_EINVAL);
+    o.node_id = UINT32_MAX;
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o, err, 8), AAMM_EINVAL);
+    ck_assert_str_eq(err, "snowfla"); /* truncated to errsize */
+    ck_assert_int_eq(aamm_snowflake_new(&g, NULL, err, sizeof err), AAMM_EINVAL);
+    ck_assert_str_eq(err, "snowflake: no options");
     o.node_id = 3;
     o.resume_after = (INT64_C(1000) << 22) | (INT64_C(4) << 12); /* node 4's id */
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o, err, sizeof err), AAMM_EINVAL);
+    ck_assert_ptr_nonnull(strstr(err, "not a C id of node 3"));
     o.resume_after = (INT64_C(1000) << 22) | (INT64_C(3) << 12) | 2048; /* node 3, SQL */
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o, NULL, 0), AAMM_EINVAL);
     o.resume_after = 0;
     o.max_borrow_ms = -1;
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o, NULL, 0), AAMM_EINVAL);
     o.max_borrow_ms = AAMM_SNOWFLAKE_MAX_BORROW_LIMIT_MS + 1;
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o, NULL, 0), AAMM_EINVAL);
     o.max_borrow_ms = 0;
-    o.node_id = 1023;
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+    o.node_id = AAMM_NODE_ID_MAX;
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o, NULL, 0), 0);
     aamm_snowflake_free(g);
-    o.node_id = 0;
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+    o.node_id = 1;
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o, NULL, 0), 0);
     aamm_snowflake_free(g);
     aamm_snowflake_free(NULL);
 }
@@ -248,7 +257,7 @@ START_TEST(snowflake_resume_after_restart)
     clk.now = T0 - 60000;
     o.resume_after = saved;
     o.nonblocking = true;
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o, NULL, 0), 0);
     /* saved + 1 is a minute ahead of this clock: it waits for the clock to catch up */
     ck_assert_int_eq(aamm_snowflake_next(g, &id), AAMM_EAGAIN);
     ck_assert_int_eq(aamm_snowflake_wait_ms(g), 60000 - AAMM_SNOWFLAKE_DEFAULT_MAX_BORROW_MS);
@@ -319,7 +328,7 @@ START_TEST(snowflake_restart_after_borrowing)
         struct aamm_snowflake_parts p;
         if (r == 5)
             clk.now += 1; /* the last restart one millisecond later */
-        ck_assert_int_eq(aamm_snowflake_new(&g2, &o), 0);
+        ck_assert_int_eq(aamm_snowflake_new(&g2, &o, NULL, 0), 0);
         ck_assert_int_eq(aamm_snowflake_next(g2, &ids[n]), AAMM_EAGAIN);
         ck_assert_int_eq(aamm_snowflake_wait_ms(g2), 1);
         ck_assert_ptr_nonnull(strstr(aamm_snowflake_errmsg(g2), "start wait"));
@@ -360,7 +369,7 @@ START_TEST(snowflake_blocking_waits_for_clock)
     struct fake_clock clk = {.now = T0};
     int64_t id = 0, t0, created;
     created = wall_ms();
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o, NULL, 0), 0);
     for (long i = 0; i < 20 * AAMM_SNOWFLAKE_PER_MS; i++) /* 20 ms of ids, as fast as it can */
         FAST_CHECK(aamm_snowflake_next(g, &id) == 0, "next: %s", aamm_snowflake_errmsg(g));
     aamm_snowflake_decode(id, &p);
@@ -369,7 +378,7 @@ START_TEST(snowflake_blocking_waits_for_clock)
     aamm_snowflake_free(g);
     o.clock = fake_ms;
     o.clock_arg = &clk;
-    ck_assert_int_eq(aamm_snowflake_new(&g, &o), 0);
+    ck_assert_int_eq(aamm_snowflake_new(&g, &o, NULL, 0), 0);
     t0 = aamm_test_now_ms();
     ck_assert_int_eq(aamm_snowflake_next(g, &id), AAMM_EAGAIN);
     ck_assert_int_ge(aamm_test_now_ms() - t0, 1000);
@@ -389,7 +398,7 @@ static void sf_child(int wfd)
     struct aamm_snowflake *g;
     int64_t buf[512];
     prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (aamm_snowflake_new(&g, &o) != 0)
+    if (aamm_snowflake_new(&g, &o, NULL, 0) != 0)
         _exit(2);
     for (;;) {
         size_t off = 0;
@@ -476,15 +485,15 @@ START_TEST(uuidv7_bits)
     struct aamm_uuidv7_options o = {.clock = fake_ms, .clock_arg = &clk};
     struct aamm_uuidv7 *g;
     uint8_t u[16];
-    char text[AAMM_UUID_STRLEN];
-    ck_assert_int_eq(aamm_uuidv7_new(&g, &o), 0);
+    char text[AAMM_UUIDV7_STRLEN];
+    ck_assert_int_eq(aamm_uuidv7_new(&g, &o, NULL, 0), 0);
     for (int i = 0; i < 1000; i++) {
         ck_assert_int_eq(aamm_uuidv7_next(g, u), 0);
         ck_assert_int_eq(u[6] >> 4, 7);
         ck_assert_int_eq(u[8] >> 6, 2);
         ck_assert_int_eq(aamm_uuidv7_unix_ms(u), INT64_C(1645557742000));
     }
-    aamm_uuid_format(u, text);
+    aamm_uuidv7_format(u, text);
     ck_assert_int_eq(strlen(text), 36);
     ck_assert_int_eq(strncmp(text, "017f22e2-79b0-7", 15), 0);
     ck_assert(text[19] == '8' || text[19] == '9' || text[19] == 'a' || text[19] == 'b');
@@ -497,18 +506,18 @@ END_TEST
 START_TEST(uuid_text)
 {
     uint8_t u[16], v[16];
-    char text[AAMM_UUID_STRLEN];
+    char text[AAMM_UUIDV7_STRLEN];
     memset(v, 0xEE, sizeof v);
-    ck_assert_int_eq(aamm_uuid_parse("017F22E2-79B0-7CC3-98C4-DC0C0C07398F", u), 0);
+    ck_assert_int_eq(aamm_uuidv7_parse("017F22E2-79B0-7CC3-98C4-DC0C0C07398F", u), 0);
     ck_assert_int_eq(aamm_uuidv7_unix_ms(u), INT64_C(0x017F22E279B0));
-    ck_assert_str_eq(aamm_uuid_format(u, text), "017f22e2-79b0-7cc3-98c4-dc0c0c07398f");
-    ck_assert_int_eq(aamm_uuid_parse(text, v), 0);
+    ck_assert_str_eq(aamm_uuidv7_format(u, text), "017f22e2-79b0-7cc3-98c4-dc0c0c07398f");
+    ck_assert_int_eq(aamm_uuidv7_parse(text, v), 0);
     ck_assert_mem_eq(u, v, 16);
     memset(v, 0xEE, sizeof v);
-    ck_assert_int_eq(aamm_uuid_parse("017f22e2-79b0-7cc3-98c4-dc0c0c07398", v), AAMM_EMALFORMED);
-    ck_assert_int_eq(aamm_uuid_parse("017f22e2x79b0-7cc3-98c4-dc0c0c07398f", v), AAMM_EMALFORMED);
-    ck_assert_int_eq(aamm_uuid_parse("017f22e2-79b0-7cc3-98c4-dc0c0c07398g", v), AAMM_EMALFORMED);
-    ck_assert_int_eq(aamm_uuid_parse(NULL, v), AAMM_EMALFORMED);
+    ck_assert_int_eq(aamm_uuidv7_parse("017f22e2-79b0-7cc3-98c4-dc0c0c07398", v), AAMM_EMALFORMED);
+    ck_assert_int_eq(aamm_uuidv7_parse("017f22e2x79b0-7cc3-98c4-dc0c0c07398f", v), AAMM_EMALFORMED);
+    ck_assert_int_eq(aamm_uuidv7_parse("017f22e2-79b0-7cc3-98c4-dc0c0c07398g", v), AAMM_EMALFORMED);
+    ck_assert_int_eq(aamm_uuidv7_parse(NULL, v), AAMM_EMALFORMED);
     ck_assert_int_eq(v[0], 0xEE);
 }
 END_TEST
@@ -522,7 +531,7 @@ START_TEST(uuidv7_million_unique_ordered)
     struct aamm_uuidv7 *g;
     int64_t before = aamm__wall_us() / 1000, after;
     ck_assert_ptr_nonnull(u);
-    ck_assert_int_eq(aamm_uuidv7_new(&g, NULL), 0);
+    ck_assert_int_eq(aamm_uuidv7_new(&g, NULL, NULL, 0), 0);
     for (long i = 0; i < n; i++) {
         FAST_CHECK(aamm_uuidv7_next(g, u[i]) == 0, "next failed");
         FAST_CHECK(i == 0 || memcmp(u[i - 1], u[i], 16) < 0, "uuid %ld not above the previous", i);
@@ -547,7 +556,7 @@ START_TEST(uuidv7_monotonic_same_ms_and_backward)
     struct aamm_uuidv7_options o = {.clock = fake_ms, .clock_arg = &clk};
     struct aamm_uuidv7 *g;
     uint8_t prev[16], u[16];
-    ck_assert_int_eq(aamm_uuidv7_new(&g, &o), 0);
+    ck_assert_int_eq(aamm_uuidv7_new(&g, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_uuidv7_next(g, prev), 0);
     for (int i = 0; i < 30000; i++) {
         if (i == 10000)
@@ -570,7 +579,7 @@ START_TEST(uuidv7_counter_rollover)
     struct aamm_uuidv7_options o = {.clock = fake_ms, .clock_arg = &clk};
     struct aamm_uuidv7 *g;
     uint8_t a[16], b[16], c[16];
-    ck_assert_int_eq(aamm_uuidv7_new(&g, &o), 0);
+    ck_assert_int_eq(aamm_uuidv7_new(&g, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_uuidv7_next(g, a), 0);
     ck_assert_int_eq(aamm__uuidv7_set_counter(g, (1u << 30) - 2), 0);
     ck_assert_int_eq(aamm_uuidv7_next(g, b), 0);
@@ -592,7 +601,7 @@ START_TEST(uuidv7_fork_refills_random)
     uint8_t u[16], mine[16], theirs[16];
     int fds[2], status;
     pid_t pid;
-    ck_assert_int_eq(aamm_uuidv7_new(&g, &o), 0);
+    ck_assert_int_eq(aamm_uuidv7_new(&g, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_uuidv7_next(g, u), 0); /* pool filled before fork */
     ck_assert_int_eq(pipe(fds), 0);
     pid = fork();
@@ -642,7 +651,7 @@ START_TEST(galloc_no_overlap_across_nodes)
     ck_assert_ptr_nonnull(all);
     for (int i = 0; i < 3; i++) {
         struct aamm_galloc_options o = {.name = "public.t.id", .range_size = 100 + 37 * i};
-        ck_assert_int_eq(aamm_galloc_new(&g[i], &o), 0);
+        ck_assert_int_eq(aamm_galloc_new(&g[i], &o, NULL, 0), 0);
     }
     for (long i = 0; i < per * 3; i++) {
         int n = (int)(aamm_test_rand(&seed) % 3);
@@ -673,7 +682,7 @@ START_TEST(galloc_prefetch_low_water)
     struct aamm_galloc *g;
     uint64_t count = 0;
     int64_t v;
-    ck_assert_int_eq(aamm_galloc_new(&g, &o), 0);
+    ck_assert_int_eq(aamm_galloc_new(&g, &o, NULL, 0), 0);
     ck_assert(aamm_galloc_wants_range(g, &count));
     ck_assert_int_eq(count, 100);
     ck_assert_int_eq(aamm_galloc_begin_request(g, &count), 0);
@@ -703,7 +712,7 @@ START_TEST(galloc_prefetch_low_water)
 
     /* default low water = range size: current and next range held */
     o.low_water = 0;
-    ck_assert_int_eq(aamm_galloc_new(&g, &o), 0);
+    ck_assert_int_eq(aamm_galloc_new(&g, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_galloc_begin_request(g, &count), 0);
     ck_assert_int_eq(aamm_galloc_add_range(g, 1, 101), 0);
     ck_assert(aamm_galloc_wants_range(g, NULL));
@@ -726,7 +735,7 @@ START_TEST(galloc_partition_then_exhausted)
     uint64_t count;
     int64_t v = -7;
     int issued = 0;
-    ck_assert_int_eq(aamm_galloc_new(&g, &o), 0);
+    ck_assert_int_eq(aamm_galloc_new(&g, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_galloc_next(g, &v), AAMM_EEXHAUSTED); /* nothing held yet */
     ck_assert_int_eq(v, -7);
     ck_assert_int_eq(aamm_galloc_begin_request(g, &count), 0);
@@ -763,7 +772,7 @@ START_TEST(galloc_add_range_checks)
     struct aamm_galloc_options o = {.name = "s", .range_size = 10, .max_ranges = 2};
     struct aamm_galloc *g;
     int64_t v;
-    ck_assert_int_eq(aamm_galloc_new(&g, &o), 0);
+    ck_assert_int_eq(aamm_galloc_new(&g, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_galloc_add_range(g, 10, 10), AAMM_EINVAL);
     ck_assert_int_eq(aamm_galloc_add_range(g, -5, 10), AAMM_EINVAL);
     ck_assert_int_eq(aamm_galloc_add_range(g, 100, 110), 0);
@@ -788,21 +797,24 @@ START_TEST(galloc_options_and_resume)
     struct aamm_galloc_options o = {0};
     struct aamm_galloc *g = (void *)1;
     char longname[300];
+    char err[128];
     int64_t v;
-    ck_assert_int_eq(aamm_galloc_new(&g, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_galloc_new(&g, &o, err, sizeof err), AAMM_EINVAL);
     ck_assert_ptr_null(g);
+    ck_assert_str_eq(err, "galloc: no sequence name");
     o.name = "";
-    ck_assert_int_eq(aamm_galloc_new(&g, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_galloc_new(&g, &o, err, sizeof err), AAMM_EINVAL);
+    ck_assert_str_eq(err, "galloc: sequence name must be 1..255 bytes");
     memset(longname, 'x', sizeof longname - 1);
     longname[sizeof longname - 1] = '\0';
     o.name = longname;
-    ck_assert_int_eq(aamm_galloc_new(&g, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_galloc_new(&g, &o, NULL, 0), AAMM_EINVAL);
     o.name = "s";
     o.range_size = -1;
-    ck_assert_int_eq(aamm_galloc_new(&g, &o), AAMM_EINVAL);
+    ck_assert_int_eq(aamm_galloc_new(&g, &o, NULL, 0), AAMM_EINVAL);
     o.range_size = 0;
     o.resume_after = 1005;
-    ck_assert_int_eq(aamm_galloc_new(&g, &o), 0);
+    ck_assert_int_eq(aamm_galloc_new(&g, &o, NULL, 0), 0);
     ck_assert_str_eq(aamm_galloc_name(g), "s");
     ck_assert_int_eq(aamm_galloc_add_range(g, 1000, 2000), 0);
     ck_assert_int_eq(aamm_galloc_next(g, &v), 0);
@@ -820,7 +832,7 @@ START_TEST(galloc_take_range)
     struct aamm_galloc_options o = {.name = "s", .range_size = 100};
     struct aamm_galloc *g;
     int64_t a = 0, b = 0, v;
-    ck_assert_int_eq(aamm_galloc_new(&g, &o), 0);
+    ck_assert_int_eq(aamm_galloc_new(&g, &o, NULL, 0), 0);
     ck_assert_int_eq(aamm_galloc_take_range(g, &a, &b), AAMM_EEXHAUSTED);
     ck_assert_int_eq(aamm_galloc_add_range(g, 1, 101), 0);
     ck_assert_int_eq(aamm_galloc_add_range(g, 301, 401), 0);
@@ -853,9 +865,9 @@ START_TEST(alloc_failures)
         struct aamm_uuidv7 *u = NULL;
         int r1, r2, r3;
         aamm__alloc_fail_after(n);
-        r1 = aamm_galloc_new(&g, &go);
-        r2 = aamm_snowflake_new(&s, &so);
-        r3 = aamm_uuidv7_new(&u, NULL);
+        r1 = aamm_galloc_new(&g, &go, NULL, 0);
+        r2 = aamm_snowflake_new(&s, &so, NULL, 0);
+        r3 = aamm_uuidv7_new(&u, NULL, NULL, 0);
         aamm__alloc_fail_after(0);
         ck_assert(r1 == 0 || r1 == AAMM_ENOMEM);
         ck_assert(r2 == 0 || r2 == AAMM_ENOMEM);

@@ -133,7 +133,7 @@ static int decode_count(const uint8_t *p, size_t len, const struct aamm_wire_opt
     size_t off = 0;
     int rc;
     *events = 0;
-    ck_assert_int_eq(aamm_wire_decoder_new(&dec, o), 0);
+    ck_assert_int_eq(aamm_wire_decoder_new(&dec, o, NULL, 0), 0);
     if (vf)
         aamm_wire_decoder_set_mac(dec, vf, NULL);
     for (;;) {
@@ -160,7 +160,7 @@ static void one_txn_stream(struct bytes *out, uint64_t seed, struct wg_pool *poo
     struct wg_shape shape = {4, 40, 0, false};
     wg_pool_init(pool, &seed, 3);
     wg_txn_random(t, &seed, pool, &shape, 2, 0x1000);
-    ck_assert_int_eq(aamm_wire_encoder_new(&enc, o), 0);
+    ck_assert_int_eq(aamm_wire_encoder_new(&enc, o, NULL, 0), 0);
     encode_txn(enc, t);
     ck_assert_int_eq(aamm_wire_encoder_flush(enc), 0);
     drain(enc, out);
@@ -244,7 +244,7 @@ START_TEST(control_roundtrip)
     size_t acc;
     for (int i = 0; i < 32; i++)
         h.nonce[i] = (uint8_t)(i * 3), proof[i] = (uint8_t)(255 - i);
-    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL), 0);
+    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL, NULL, 0), 0);
     ck_assert_int_eq(aamm_wire_encode_hello(enc, &h), 0);
     ck_assert_int_eq(aamm_wire_encode_auth(enc, proof), 0);
     ck_assert_int_eq(aamm_wire_encode_resume(enc, pos, 3), 0);
@@ -254,7 +254,7 @@ START_TEST(control_roundtrip)
     ck_assert_int_eq(aamm_wire_encode_error(enc, AAMM_EAUTH, "wrong secret"), 0);
     ck_assert_int_eq(aamm_wire_encode_error(enc, 0, NULL), 0);
     drain(enc, &b);
-    ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL), 0);
+    ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL, NULL, 0), 0);
     ck_assert_int_eq(aamm_wire_decoder_feed(dec, b.p, b.len, &acc), 0);
     ck_assert_uint_eq(acc, b.len);
     ck_assert_int_eq(aamm_wire_decoder_next(dec, &ev), 0);
@@ -322,7 +322,7 @@ START_TEST(random_roundtrip)
         o.compress_min = aamm_test_rand(&seed) % 2 ? UINT32_MAX : 64;
         o.max_relations = aamm_test_rand(&seed) % 3 == 0 ? 4 : 0; /* forces evictions */
         wg_pool_init(&pool, &seed, 1 + (uint32_t)(aamm_test_rand(&seed) % 20));
-        ck_assert_int_eq(aamm_wire_encoder_new(&enc, &o), 0);
+        ck_assert_int_eq(aamm_wire_encoder_new(&enc, &o, NULL, 0), 0);
         for (uint32_t i = 0; i < n; i++) {
             wg_txn_random(&txns[i], &seed, &pool, &shape, 1 + round % 3, 0x100000 + i * 1000);
             encode_txn(enc, &txns[i]);
@@ -336,7 +336,7 @@ START_TEST(random_roundtrip)
         ck_assert_uint_eq(aamm_wire_encoder_buffered(enc), 0);
         c.txns = txns;
         c.ntxns = n;
-        ck_assert_int_eq(aamm_wire_decoder_new(&dec, &o), 0);
+        ck_assert_int_eq(aamm_wire_decoder_new(&dec, &o, NULL, 0), 0);
         decode_all(dec, &b, &seed, round % 2 ? 7 : 70000, &c);
         aamm_wire_decoder_free(dec);
         aamm_wire_encoder_free(enc);
@@ -365,7 +365,7 @@ START_TEST(big_values_roundtrip)
     struct wg_txn txns[4];
     uint32_t sizes[4] = {3u << 20, 200 * 1024, 65536 - 10, 5u << 20};
     wg_pool_init(&pool, &seed, 3);
-    ck_assert_int_eq(aamm_wire_encoder_new(&enc, &o), 0);
+    ck_assert_int_eq(aamm_wire_encoder_new(&enc, &o, NULL, 0), 0);
     for (int i = 0; i < 4; i++) {
         struct wg_shape shape = {3, 100, sizes[i], i % 2 == 0};
         wg_txn_random(&txns[i], &seed, &pool, &shape, 5, 0x5000 + (uint64_t)i * 100);
@@ -383,7 +383,7 @@ START_TEST(big_values_roundtrip)
     }
     c.txns = txns;
     c.ntxns = 4;
-    ck_assert_int_eq(aamm_wire_decoder_new(&dec, &o), 0);
+    ck_assert_int_eq(aamm_wire_decoder_new(&dec, &o, NULL, 0), 0);
     decode_all(dec, &b, &seed, 100000, &c);
     aamm_wire_decoder_free(dec);
     aamm_wire_encoder_free(enc);
@@ -407,7 +407,7 @@ START_TEST(one_byte_chunks)
     struct bytes b = {0};
     struct checker c = {txns, 20, 0, 0, false};
     wg_pool_init(&pool, &seed, 4);
-    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL), 0);
+    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL, NULL, 0), 0);
     for (int i = 0; i < 20; i++) {
         wg_txn_random(&txns[i], &seed, &pool, &shape, 1, 1000 + (uint64_t)i * 100);
         encode_txn(enc, &txns[i]);
@@ -416,7 +416,7 @@ START_TEST(one_byte_chunks)
     }
     aamm_wire_encoder_flush(enc);
     drain(enc, &b);
-    ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL), 0);
+    ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL, NULL, 0), 0);
     decode_all(dec, &b, &seed, 1, &c);
     aamm_wire_decoder_free(dec);
     aamm_wire_encoder_free(enc);
@@ -444,7 +444,7 @@ START_TEST(relation_dictionary)
     size_t l0, l1, l2, l3, acc;
     const uint8_t *p;
     ck_assert_int_eq(
-        aamm_wire_encoder_new(&enc, &(struct aamm_wire_options){.compress_min = UINT32_MAX}), 0);
+        aamm_wire_encoder_new(&enc, &(struct aamm_wire_options){.compress_min = UINT32_MAX}, NULL, 0), 0);
     ck_assert_int_eq(aamm_wire_encode_begin(enc, &txn), 0);
     l0 = aamm_wire_encoder_buffered(enc);
     ck_assert_int_eq(aamm_wire_encode_change(enc, &ins), 0);
@@ -460,7 +460,7 @@ START_TEST(relation_dictionary)
     ck_assert_int_eq(aamm_wire_encode_commit(enc, &txn), 0);
     ck_assert_int_eq(aamm_wire_encoder_flush(enc), 0);
     p = aamm_wire_encoder_pending(enc, &acc);
-    ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL), 0);
+    ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL, NULL, 0), 0);
     ck_assert_int_eq(aamm_wire_decoder_feed(dec, p, acc, &acc), 0);
     ck_assert_int_eq(aamm_wire_decoder_next(dec, &ev), 0);
     ck_assert_int_eq(ev.kind, AAMM_WIRE_EV_BEGIN);
@@ -491,7 +491,7 @@ START_TEST(take_change)
     struct aamm_change kept;
     size_t acc;
     one_txn_stream(&b, seed, &pool, &t, NULL);
-    ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL), 0);
+    ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL, NULL, 0), 0);
     ck_assert_int_eq(aamm_wire_decoder_feed(dec, b.p, b.len, &acc), 0);
     ck_assert_int_eq(aamm_wire_decoder_take_change(dec, &kept), AAMM_ESTATE);
     ck_assert_int_eq(aamm_wire_decoder_next(dec, &ev), 0);
@@ -522,9 +522,9 @@ START_TEST(compression_flag)
     struct aamm_wire_decoder *dec;
     wg_pool_init(&pool, &seed, 2);
     wg_txn_random(&t, &seed, &pool, &shape, 1, 500);
-    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL), 0);
+    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL, NULL, 0), 0);
     ck_assert_int_eq(
-        aamm_wire_encoder_new(&raw, &(struct aamm_wire_options){.compress_min = UINT32_MAX}), 0);
+        aamm_wire_encoder_new(&raw, &(struct aamm_wire_options){.compress_min = UINT32_MAX}, NULL, 0), 0);
     encode_txn(enc, &t);
     encode_txn(raw, &t);
     aamm_wire_encoder_flush(enc);
@@ -534,7 +534,7 @@ START_TEST(compression_flag)
     ck_assert_uint_eq(b1.p[6] & AAMM_WIRE_F_LZ4, AAMM_WIRE_F_LZ4);
     ck_assert_uint_eq(b2.p[6] & AAMM_WIRE_F_LZ4, 0);
     ck_assert_uint_lt(b1.len * 2, b2.len);
-    ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL), 0);
+    ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL, NULL, 0), 0);
     decode_all(dec, &b1, &seed, 1000, &c);
     aamm_wire_decoder_free(dec);
     aamm_wire_encoder_free(enc);
@@ -562,7 +562,7 @@ START_TEST(compression_history)
     char filler[85];
     memset(filler, ' ', 84);
     filler[84] = '\0';
-    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL), 0);
+    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL, NULL, 0), 0);
     for (int i = 0; i < 200; i++) {
         char aid[16], bal[16];
         struct aamm_value v[3] = {
@@ -617,7 +617,7 @@ START_TEST(flip_every_byte)
     {
         struct aamm_wire_encoder *enc;
         struct aamm_wire_hello h = {1, 1, AAMM_WIRE_ROLE_SENDER, 0, 7, 1, {1, 2, 3}, "c"};
-        ck_assert_int_eq(aamm_wire_encoder_new(&enc, &o), 0);
+        ck_assert_int_eq(aamm_wire_encoder_new(&enc, &o, NULL, 0), 0);
         ck_assert_int_eq(aamm_wire_encode_hello(enc, &h), 0);
         drain(enc, &frames[1]);
         ck_assert_int_eq(aamm_wire_encoder_set_mac(enc, toy_seal, NULL), 0);
@@ -675,7 +675,7 @@ START_TEST(truncation_every_length)
     {
         struct aamm_wire_decoder *dec;
         size_t acc;
-        ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL), 0);
+        ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL, NULL, 0), 0);
         aamm_wire_decoder_feed(dec, b.p, b.len - 1, &acc);
         ck_assert_int_eq(aamm_wire_decoder_finish(dec), AAMM_EMALFORMED);
         ck_assert_msg(strstr(aamm_wire_decoder_errmsg(dec), "truncated frame") != NULL, "%s",
@@ -707,7 +707,7 @@ static int decode_with_msg(const uint8_t *p, size_t len, const char *want_in_msg
     struct aamm_wire_event ev;
     size_t acc;
     int rc;
-    ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL), 0);
+    ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL, NULL, 0), 0);
     aamm_wire_decoder_feed(dec, p, len, &acc);
     rc = aamm_wire_decoder_next(dec, &ev);
     while (rc == 0)
@@ -729,7 +729,7 @@ START_TEST(strict_header)
     size_t n;
     struct aamm_wire_encoder *enc;
     const uint8_t *p;
-    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL), 0);
+    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL, NULL, 0), 0);
     ck_assert_int_eq(aamm_wire_encode_ack(enc, 1, 2), 0);
     p = aamm_wire_encoder_pending(enc, &n);
     ck_assert_uint_eq(n, 28);
@@ -776,7 +776,7 @@ START_TEST(errors_are_sticky)
     struct aamm_wire_decoder *dec;
     struct aamm_wire_event ev;
     size_t acc;
-    ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL), 0);
+    ck_assert_int_eq(aamm_wire_decoder_new(&dec, NULL, NULL, 0), 0);
     ck_assert_int_eq(aamm_wire_decoder_feed(dec, "GET / HTTP/1.1\r\n\r\n", 18, &acc), 0);
     ck_assert_int_eq(aamm_wire_decoder_next(dec, &ev), AAMM_EMALFORMED);
     ck_assert_int_eq(aamm_wire_decoder_next(dec, &ev), AAMM_EMALFORMED);
@@ -796,7 +796,7 @@ START_TEST(encoder_validation)
     struct aamm_change ch = {.kind = AAMM_CHANGE_INSERT, .relation = &rel, .new_tuple = {1, vals}};
     struct aamm_transaction txn = {1, 2, 100, 0, 5, NULL, 0};
     struct aamm_wire_encoder *enc;
-    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL), 0);
+    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL, NULL, 0), 0);
     ck_assert_int_eq(aamm_wire_encode_change(enc, &ch), AAMM_ESTATE);
     ck_assert_int_eq(aamm_wire_encode_commit(enc, &txn), AAMM_ESTATE);
     ck_assert_int_eq(aamm_wire_encode_begin(enc, &txn), 0);
@@ -829,7 +829,7 @@ START_TEST(mac_hooks)
     struct aamm_wire_encoder *enc;
     int events;
     one_txn_stream(&plain, seed, &pool, &t, NULL);
-    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL), 0);
+    ck_assert_int_eq(aamm_wire_encoder_new(&enc, NULL, NULL, 0), 0);
     ck_assert_int_eq(aamm_wire_encoder_set_mac(enc, toy_seal, NULL), 0);
     encode_txn(enc, &t);
     aamm_wire_encoder_flush(enc);
@@ -871,7 +871,7 @@ START_TEST(alloc_failures)
         int rc = 0;
         aamm_memory_stats(&before);
         aamm__alloc_fail_after(n);
-        rc = aamm_wire_encoder_new(&enc, &o);
+        rc = aamm_wire_encoder_new(&enc, &o, NULL, 0);
         if (rc == 0)
             rc = aamm_wire_encode_begin(enc, &t.txn);
         for (uint32_t i = 0; rc == 0 && i < t.nchanges; i++)
@@ -892,7 +892,7 @@ START_TEST(alloc_failures)
             struct aamm_wire_event ev;
             size_t off = 0, acc;
             aamm__alloc_fail_after(n);
-            rc = aamm_wire_decoder_new(&dec, &o);
+            rc = aamm_wire_decoder_new(&dec, &o, NULL, 0);
             while (rc == 0 || rc == AAMM_EAGAIN) {
                 while ((rc = aamm_wire_decoder_next(dec, &ev)) == 0)
                     ;
@@ -1478,7 +1478,7 @@ static void frame_list(const struct bytes *b, char *out, size_t cap)
 static void golden_encode(const struct golden *gd, bool streaming, struct bytes *out)
 {
     struct gctx g = {.encoding = true, .streaming = streaming};
-    ck_assert_int_eq(aamm_wire_encoder_new(&g.enc, &gd->opts), 0);
+    ck_assert_int_eq(aamm_wire_encoder_new(&g.enc, &gd->opts, NULL, 0), 0);
     ck_assert_int_eq(aamm_wire_encoder_set_streaming(g.enc, streaming), 0);
     gd->script(&g);
     ck_assert_int_eq(aamm_wire_encoder_flush(g.enc), 0);
@@ -1537,7 +1537,7 @@ START_TEST(golden_frames)
         struct gctx g = {.encoding = false};
         struct aamm_wire_event ev;
         size_t acc = 0;
-        ck_assert_int_eq(aamm_wire_decoder_new(&g.dec, &gd->opts), 0);
+        ck_assert_int_eq(aamm_wire_decoder_new(&g.dec, &gd->opts, NULL, 0), 0);
         ck_assert_int_eq(aamm_wire_decoder_feed(g.dec, file.p, file.len, &acc), 0);
         ck_assert_uint_eq(acc, file.len);
         gd->script(&g);
