@@ -35,16 +35,19 @@ extern "C" {
 
 /** The version of these headers: major (incompatible API changes), minor, patch. */
 #define AAMM_VERSION_MAJOR 0
-#define AAMM_VERSION_MINOR 1
+#define AAMM_VERSION_MINOR 2
 #define AAMM_VERSION_PATCH 0
 /** The version as one number: major * 10000 + minor * 100 + patch. */
 #define AAMM_VERSION_NUMBER \
     (AAMM_VERSION_MAJOR * 10000 + AAMM_VERSION_MINOR * 100 + AAMM_VERSION_PATCH)
 /** The same version as text. */
-#define AAMM_VERSION_STRING "0.1.0"
+#define AAMM_VERSION_STRING "0.2.0"
 
-/** Features, defined once they are part of the library (like libpq's LIBPQ_HAS_...). */
-#define AAMM_HAS_CHANGE_MODEL 1
+/*
+ * Features: each component's header defines AAMM_HAS_<COMPONENT> (AAMM_HAS_CAPTURE,
+ * AAMM_HAS_SNOWFLAKE, ...; change.h: AAMM_HAS_CHANGE_MODEL) once its API is part of the
+ * library, like libpq's LIBPQ_HAS_...: test it after including the header.
+ */
 
 /**
  * The version of the library actually linked, as AAMM_VERSION_NUMBER encodes it.
@@ -52,7 +55,7 @@ extern "C" {
  */
 AAMM_API int aamm_version_number(void);
 
-/** The linked library's version as a static string such as "0.1.0". */
+/** The linked library's version as a static string such as "0.2.0". */
 AAMM_API const char *aamm_version_string(void);
 
 /* ---- errors ---------------------------------------------------------------------- */

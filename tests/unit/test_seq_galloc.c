@@ -64,7 +64,7 @@ static void cluster_start(struct cluster *c, int64_t range_size)
         ck_assert_msg(aamm_consensus_new(&c->cs[i], &o, err, sizeof err) == 0, "%s", err);
         ck_assert_int_eq(aamm_consensus_bootstrap(c->cs[i], c->m, N), 0);
         ck_assert_int_eq(aamm_consensus_start(c->cs[i]), 0);
-        ck_assert_int_eq(aamm_galloc_new(&c->g[i], &go), 0);
+        ck_assert_int_eq(aamm_galloc_new(&c->g[i], &go, NULL, 0), 0);
         ck_assert_int_eq(aamm_galloc_attach(c->g[i], c->cs[i]), 0);
     }
 }
