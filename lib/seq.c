@@ -3,7 +3,6 @@
 #include "config.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
@@ -16,20 +15,6 @@
 
 #include "internal.h"
 #include "seq_int.h"
-
-/* Constructors have no handle to keep a message in: they copy it into the caller's buffer
- * @buf (may be NULL) of @size bytes. Returns @code, so: return newerr(...). */
-static int newerr(char *buf, size_t size, int code, const char *fmt, ...) AAMM_PRINTF(4, 5);
-static int newerr(char *buf, size_t size, int code, const char *fmt, ...)
-{
-    va_list ap;
-    if (buf == NULL || size == 0)
-        return code;
-    va_start(ap, fmt);
-    vsnprintf(buf, size, fmt, ap);
-    va_end(ap);
-    return code;
-}
 
 static int64_t realtime_ms(void *arg)
 {
@@ -76,28 +61,29 @@ int aamm_snowflake_new(struct aamm_snowflake **out, const struct aamm_snowflake_
     struct aamm_snowflake *g;
     int64_t base, start;
     if (out == NULL)
-        return newerr(err, errsize, AAMM_EINVAL, "snowflake: no handle pointer");
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "snowflake: no handle pointer");
     *out = NULL;
     if (opts == NULL)
-        return newerr(err, errsize, AAMM_EINVAL, "snowflake: no options");
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "snowflake: no options");
     if (!aamm_node_id_valid(opts->node_id))
-        return newerr(err, errsize, AAMM_EINVAL, "snowflake: node id %" PRIu32 " outside 1..%d",
-                      opts->node_id, AAMM_NODE_ID_MAX);
+        return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                             "snowflake: node id %" PRIu32 " outside 1..%d", opts->node_id,
+                             AAMM_NODE_ID_MAX);
     base = (int64_t)opts->node_id << SF_NODE_SHIFT;
     if (opts->resume_after < 0)
-        return newerr(err, errsize, AAMM_EINVAL, "snowflake: resume_after %" PRId64 " is negative",
-                      opts->resume_after);
+        return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                             "snowflake: resume_after %" PRId64 " is negative", opts->resume_after);
     if (opts->max_borrow_ms < 0 || opts->max_borrow_ms > AAMM_SNOWFLAKE_MAX_BORROW_LIMIT_MS)
-        return newerr(err, errsize, AAMM_EINVAL,
-                      "snowflake: max_borrow_ms %" PRId64 " outside 0..%d", opts->max_borrow_ms,
-                      AAMM_SNOWFLAKE_MAX_BORROW_LIMIT_MS);
+        return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                             "snowflake: max_borrow_ms %" PRId64 " outside 0..%d",
+                             opts->max_borrow_ms, AAMM_SNOWFLAKE_MAX_BORROW_LIMIT_MS);
     if (opts->resume_after > 0 && (opts->resume_after & SF_LOW_MASK & ~SF_COUNTER_MASK) != base)
-        return newerr(err, errsize, AAMM_EINVAL,
-                      "snowflake: resume_after %" PRId64 " is not a C id of node %" PRIu32,
-                      opts->resume_after, opts->node_id);
+        return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                             "snowflake: resume_after %" PRId64 " is not a C id of node %" PRIu32,
+                             opts->resume_after, opts->node_id);
     g = aamm__calloc(1, sizeof *g);
     if (g == NULL)
-        return newerr(err, errsize, AAMM_ENOMEM, "snowflake: out of memory");
+        return aamm__newerrf(err, errsize, AAMM_ENOMEM, "snowflake: out of memory");
     g->opts = *opts;
     if (g->opts.clock == NULL)
         g->opts.clock = realtime_ms;
@@ -244,11 +230,11 @@ int aamm_uuidv7_new(struct aamm_uuidv7 **out, const struct aamm_uuidv7_options *
 {
     struct aamm_uuidv7 *g;
     if (out == NULL)
-        return newerr(err, errsize, AAMM_EINVAL, "uuidv7: no handle pointer");
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "uuidv7: no handle pointer");
     *out = NULL;
     g = aamm__calloc(1, sizeof *g);
     if (g == NULL)
-        return newerr(err, errsize, AAMM_ENOMEM, "uuidv7: out of memory");
+        return aamm__newerrf(err, errsize, AAMM_ENOMEM, "uuidv7: out of memory");
     if (opts != NULL)
         g->opts = *opts;
     if (g->opts.clock == NULL)
@@ -464,23 +450,23 @@ int aamm_galloc_new(struct aamm_galloc **out, const struct aamm_galloc_options *
     struct aamm_galloc *g;
     size_t len;
     if (out == NULL)
-        return newerr(err, errsize, AAMM_EINVAL, "galloc: no handle pointer");
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "galloc: no handle pointer");
     *out = NULL;
     if (opts == NULL || opts->name == NULL)
-        return newerr(err, errsize, AAMM_EINVAL, "galloc: no sequence name");
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "galloc: no sequence name");
     len = strlen(opts->name);
     if (len == 0 || len > GALLOC_NAME_MAX)
-        return newerr(err, errsize, AAMM_EINVAL, "galloc: sequence name must be 1..%d bytes",
-                      GALLOC_NAME_MAX);
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "galloc: sequence name must be 1..%d bytes",
+                             GALLOC_NAME_MAX);
     if (opts->range_size < 0 || opts->range_size > (INT64_C(1) << 31) || opts->low_water < 0 ||
         opts->max_ranges < 0 || opts->min_start < 0 || opts->resume_after < 0)
-        return newerr(err, errsize, AAMM_EINVAL,
-                      "galloc: sequence \"%s\": range_size outside 0..2^31, or a negative "
-                      "low_water, max_ranges, min_start or resume_after",
-                      opts->name);
+        return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                             "galloc: sequence \"%s\": range_size outside 0..2^31, or a negative "
+                             "low_water, max_ranges, min_start or resume_after",
+                             opts->name);
     g = aamm__calloc(1, sizeof *g);
     if (g == NULL)
-        return newerr(err, errsize, AAMM_ENOMEM, "galloc: out of memory");
+        return aamm__newerrf(err, errsize, AAMM_ENOMEM, "galloc: out of memory");
     g->opts = *opts;
     if (g->opts.range_size == 0)
         g->opts.range_size = 1000;
@@ -494,7 +480,7 @@ int aamm_galloc_new(struct aamm_galloc **out, const struct aamm_galloc_options *
         aamm__free(g->name);
         aamm__free(g->ranges);
         aamm__free(g);
-        return newerr(err, errsize, AAMM_ENOMEM, "galloc: out of memory");
+        return aamm__newerrf(err, errsize, AAMM_ENOMEM, "galloc: out of memory");
     }
     g->opts.name = g->name;
     *out = g;
