@@ -770,6 +770,19 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
         if (rc < 0)
             return rc;
     }
+    /* a transaction without a row change (messages only) writes nothing, and a commit
+     * without a transaction id writes no WAL: the origin would stay behind its end LSN,
+     * the next transaction's guard would trip, and the transaction would never count as
+     * flushed. A transaction id makes the commit a record that carries the origin's
+     * position. */
+    bool rows = false;
+    for (size_t i = 0; i < t->n && !rows; i++)
+        rows = t->changes[i].kind != AAMM_CHANGE_MESSAGE;
+    if (!merged && !rows &&
+        (!PQsendQueryParams(ap->conn, "SELECT pg_catalog.pg_current_xact_id()", 0, NULL, NULL,
+                            NULL, NULL, 0) ||
+         !aamm__apply_exp_push(ap, E_STMT, t, NULL, -1)))
+        return AAMM_ECONN;
     /* the Sync commits the implicit transaction its statements ran in */
     if (!PQpipelineSync(ap->conn) || !aamm__apply_exp_push(ap, E_SYNC, t, NULL, -1))
         return AAMM_ECONN;

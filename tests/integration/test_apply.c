@@ -1282,6 +1282,47 @@ START_TEST(test_guard_check)
 }
 END_TEST
 
+/* A transaction that carries only a message writes no row; its commit still moves the
+ * origin to its end LSN (apply gives it a transaction id: a commit without one writes no
+ * WAL, so the origin would stay behind, the next transaction's guard would trip, and the
+ * transaction would never count as flushed). Two in a row, then a row change. */
+START_TEST(test_message_only_moves_origin)
+{
+    table(0, "msgonly", "id int PRIMARY KEY");
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 50, &k);
+    struct aamm_relation r;
+    mkrel(&r, "msgonly", "id", "k");
+    int64_t t = now_us();
+    tbegin(ap, 50, 0x100, t);
+    tins(ap, &r, V("1"));
+    tcommit(ap);
+    for (int i = 2; i <= 3; i++) {
+        tbegin(ap, 50, 0x100 * (uint64_t)i, t + i);
+        struct aamm_change m = {0};
+        m.kind = AAMM_CHANGE_MESSAGE;
+        m.transactional = true;
+        m.prefix = aamm__strdup("aamm_test");
+        m.content = aamm__strdup("marker");
+        m.content_len = 6;
+        ck_assert_int_eq(aamm_apply_change(ap, &m), 0);
+        tcommit(ap);
+    }
+    flush_ok(ap);
+    ck_assert_uint_eq(origin_lsn(0, 50), 0x300);
+    ck_assert_uint_eq(aamm_apply_flushed(ap), 0x300);
+    ck_assert_int_eq(k.messages, 2);
+    tbegin(ap, 50, 0x400, t + 4);
+    tins(ap, &r, V("4"));
+    tcommit(ap);
+    flush_ok(ap);
+    ck_assert_uint_eq(origin_lsn(0, 50), 0x400);
+    assert_val(0, "1,4", "SELECT string_agg(id::text, ',' ORDER BY id) FROM public.msgonly");
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
 /* update_origin_differs: a remote update of a row last written by another node applies
  * iff it is newer (LWW), both logged with the right resolution. */
 START_TEST(test_update_origin_differs)
@@ -2071,6 +2112,7 @@ int main(void)
     tcase_add_test(tc, test_label_quoting);
     tcase_add_test(tc, test_lww_tiebreak);
     tcase_add_test(tc, test_guard_check);
+    tcase_add_test(tc, test_message_only_moves_origin);
     tcase_add_test(tc, test_run_meets_present_key);
     tcase_add_test(tc, test_run_values);
     tcase_add_test(tc, test_remote_tombstones);
