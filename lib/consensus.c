@@ -402,7 +402,7 @@ AAMM_API int aamm_consensus_new(struct aamm_consensus **out, const struct aamm_c
     election = o->election_timeout_ms ? o->election_timeout_ms : 1000;
     heartbeat = o->heartbeat_timeout_ms ? o->heartbeat_timeout_ms : 100;
     /* Debian's raft has its asserts compiled out: check what raft_start would assert. */
-    if (o->node_id == 0 || o->node_id > AAMM_NODE_ID_MAX)
+    if (!aamm_node_id_valid(o->node_id))
         rc = aamm__errf(&err, AAMM_EINVAL, "consensus: node_id must be in 1..%d", AAMM_NODE_ID_MAX);
     else if (heartbeat >= election)
         rc = aamm__errf(&err, AAMM_EINVAL,
@@ -564,7 +564,7 @@ AAMM_API int aamm_consensus_bootstrap(struct aamm_consensus *cs,
     for (i = 0; i < n; i++) {
         const struct aamm_consensus_member *m = &members[i];
         rc = 0;
-        if (m->node_id == 0 || m->node_id > AAMM_NODE_ID_MAX || !text_ok(m->name) ||
+        if (!aamm_node_id_valid(m->node_id) || !text_ok(m->name) ||
             !text_ok(m->link_address ? m->link_address : ""))
             rc = aamm__errf(&cs->err, AAMM_EINVAL,
                             "consensus: member %zu: id outside 1..%d, or a name/link missing, "
@@ -1415,7 +1415,7 @@ AAMM_API int aamm_consensus_state(const struct aamm_consensus *cs)
     return raft_state((struct raft *)&cs->raft);
 }
 
-AAMM_API int aamm_consensus_leader(const struct aamm_consensus *cs, uint64_t *id, char *addr,
+AAMM_API int aamm_consensus_leader(const struct aamm_consensus *cs, uint32_t *id, char *addr,
                                    size_t addr_size)
 {
     raft_id lid = 0;
@@ -1423,13 +1423,13 @@ AAMM_API int aamm_consensus_leader(const struct aamm_consensus *cs, uint64_t *id
     if (cs != NULL && cs->started && !cs->closing)
         raft_leader((struct raft *)&cs->raft, &lid, &laddr);
     if (id != NULL)
-        *id = lid;
+        *id = (uint32_t)lid;
     if (addr != NULL && addr_size > 0)
         snprintf(addr, addr_size, "%s", laddr ? laddr : "");
     return lid != 0 ? 0 : AAMM_ENOTLEADER;
 }
 
-AAMM_API uint64_t aamm_consensus_node_id(const struct aamm_consensus *cs)
+AAMM_API uint32_t aamm_consensus_node_id(const struct aamm_consensus *cs)
 {
     return cs ? cs->id : 0;
 }
@@ -1517,11 +1517,11 @@ AAMM_API void aamm_consensus_ddl_get(const struct aamm_consensus *cs,
         *out = cs->fsm.st.ddl;
 }
 
-AAMM_API int aamm_consensus_watermark_set(struct aamm_consensus *cs, uint64_t origin,
+AAMM_API int aamm_consensus_watermark_set(struct aamm_consensus *cs, uint32_t origin,
                                           uint64_t value, aamm_consensus_done_cb cb, void *arg)
 {
     struct aamm__cs_cmd c;
-    if (cs == NULL || origin == 0)
+    if (cs == NULL || !aamm_node_id_valid(origin))
         return AAMM_EINVAL;
     memset(&c, 0, sizeof(c));
     c.type = AAMM__CS_WATERMARK;
@@ -1530,7 +1530,7 @@ AAMM_API int aamm_consensus_watermark_set(struct aamm_consensus *cs, uint64_t or
     return submit(cs, OP_APPLY, CB_DONE, &c, (void (*)(void))cb, arg);
 }
 
-AAMM_API uint64_t aamm_consensus_watermark_get(const struct aamm_consensus *cs, uint64_t origin)
+AAMM_API uint64_t aamm_consensus_watermark_get(const struct aamm_consensus *cs, uint32_t origin)
 {
     return cs ? aamm__cs_state_watermark(&cs->fsm.st, origin) : 0;
 }
@@ -1544,7 +1544,7 @@ AAMM_API int aamm_consensus_add_member(struct aamm_consensus *cs,
     int rc;
     if (cs == NULL || m == NULL)
         return AAMM_EINVAL;
-    if (m->node_id == 0 || m->node_id > AAMM_NODE_ID_MAX || !text_ok(m->name) ||
+    if (!aamm_node_id_valid(m->node_id) || !text_ok(m->name) ||
         !text_ok(m->link_address ? m->link_address : ""))
         return aamm__errf(&cs->err, AAMM_EINVAL,
                           "consensus: member needs an id in 1..%d and a name/link of at most "
@@ -1566,11 +1566,11 @@ AAMM_API int aamm_consensus_add_member(struct aamm_consensus *cs,
     return submit(cs, OP_ADD, CB_DONE, &c, (void (*)(void))cb, arg);
 }
 
-AAMM_API int aamm_consensus_remove_member(struct aamm_consensus *cs, uint64_t node_id,
+AAMM_API int aamm_consensus_remove_member(struct aamm_consensus *cs, uint32_t node_id,
                                           aamm_consensus_done_cb cb, void *arg)
 {
     struct aamm__cs_cmd c;
-    if (cs == NULL || node_id == 0)
+    if (cs == NULL || !aamm_node_id_valid(node_id))
         return AAMM_EINVAL;
     memset(&c, 0, sizeof(c));
     c.type = AAMM__CS_MEMBER_DEL;
@@ -1634,7 +1634,7 @@ AAMM_API int aamm_consensus_member_at(const struct aamm_consensus *cs, size_t i,
     return 0;
 }
 
-AAMM_API int aamm_consensus_member_get(const struct aamm_consensus *cs, uint64_t node_id,
+AAMM_API int aamm_consensus_member_get(const struct aamm_consensus *cs, uint32_t node_id,
                                        struct aamm_consensus_member *out)
 {
     const struct aamm__cs_member *m;

@@ -68,8 +68,9 @@ struct aamm_consensus;
 
 /** Options for aamm_consensus_new(). Zero-initialize, then set what you need. */
 struct aamm_consensus_options {
-    /* This node's raft id, > 0, unique in the cluster forever (never reuse an id). */
-    uint64_t node_id;
+    /* This node's id (1..AAMM_NODE_ID_MAX; also its raft id), unique in the cluster
+     * forever (never reuse an id). */
+    uint32_t node_id;
     /* "a.b.c.d:port" this node listens on for raft and forwarded commands (copied).
      * A host name is resolved once (IPv4 only) at aamm_consensus_new(); IPv6 is refused. */
     const char *raft_address;
@@ -102,7 +103,7 @@ struct aamm_consensus_options {
 
 /** A member as the replicated state knows it. */
 struct aamm_consensus_member {
-    uint64_t node_id;         /* raft id, > 0 */
+    uint32_t node_id;         /* node id (raft id), 1..AAMM_NODE_ID_MAX */
     const char *name;         /* agent name (at most AAMM_CONSENSUS_NAME_MAX bytes) */
     const char *link_address; /* where peers reach the agent's link (free-form text) */
     const char *raft_address; /* "a.b.c.d:port" of its consensus node */
@@ -208,11 +209,11 @@ AAMM_API int aamm_consensus_state(const struct aamm_consensus *cs);
  * raft address copied into @addr (@addr_size bytes, "" when unknown). Returns 0 when a
  * leader is known, AAMM_ENOTLEADER otherwise.
  */
-AAMM_API int aamm_consensus_leader(const struct aamm_consensus *cs, uint64_t *id, char *addr,
+AAMM_API int aamm_consensus_leader(const struct aamm_consensus *cs, uint32_t *id, char *addr,
                                    size_t addr_size);
 
 /** This node's id. */
-AAMM_API uint64_t aamm_consensus_node_id(const struct aamm_consensus *cs);
+AAMM_API uint32_t aamm_consensus_node_id(const struct aamm_consensus *cs);
 
 /**
  * This handle's incarnation: a random non-zero 64-bit id chosen by aamm_consensus_new(),
@@ -263,7 +264,7 @@ AAMM_API int aamm_consensus_galloc(struct aamm_consensus *cs, const char *seq_na
 
 /** The global DDL lock as the replicated state holds it. holder 0: never taken / free. */
 struct aamm_consensus_ddl_lock {
-    uint64_t holder;    /* node id of the holder, 0 when free */
+    uint32_t holder;    /* node id of the holder, 0 when free */
     uint64_t token;     /* fencing token: the log index of the acquiring entry; grows */
     int64_t granted_us; /* leader-stamped time of the last grant/renewal (µs, Unix) */
     int64_t expires_us; /* leader-stamped lease expiry (µs, Unix) */
@@ -317,7 +318,7 @@ AAMM_API void aamm_consensus_ddl_get(const struct aamm_consensus *cs,
  * (a smaller value is ignored). Returns 0, AAMM_EINVAL, AAMM_ESTATE, AAMM_ENOMEM; @cb (may
  * be NULL) gets 0, AAMM_ETIMEDOUT or AAMM_ECLOSED.
  */
-AAMM_API int aamm_consensus_watermark_set(struct aamm_consensus *cs, uint64_t origin,
+AAMM_API int aamm_consensus_watermark_set(struct aamm_consensus *cs, uint32_t origin,
                                           uint64_t value, aamm_consensus_done_cb cb, void *arg);
 
 /**
@@ -326,7 +327,7 @@ AAMM_API int aamm_consensus_watermark_set(struct aamm_consensus *cs, uint64_t or
  * @origin has no peers). Everything from @origin at or before it has been passed by every
  * peer: tombstones up to there can go.
  */
-AAMM_API uint64_t aamm_consensus_watermark_get(const struct aamm_consensus *cs, uint64_t origin);
+AAMM_API uint64_t aamm_consensus_watermark_get(const struct aamm_consensus *cs, uint32_t origin);
 
 /**
  * Add @member (borrowed, strings copied) to the cluster as a voter: raft_add, catch-up and
@@ -345,7 +346,7 @@ AAMM_API int aamm_consensus_add_member(struct aamm_consensus *cs,
  * then raft removes it. Removing the leader first hands leadership to another voter.
  * @cb as for add (AAMM_ENOTFOUND when not a member). Returns as for add.
  */
-AAMM_API int aamm_consensus_remove_member(struct aamm_consensus *cs, uint64_t node_id,
+AAMM_API int aamm_consensus_remove_member(struct aamm_consensus *cs, uint32_t node_id,
                                           aamm_consensus_done_cb cb, void *arg);
 
 /** Commit an empty command (benchmarks, liveness probes). @cb and the return codes as for
@@ -365,7 +366,7 @@ AAMM_API int aamm_consensus_member_at(const struct aamm_consensus *cs, size_t i,
                                       struct aamm_consensus_member *out);
 
 /** Find member @node_id (as member_at). Returns 0 or AAMM_ENOTFOUND. */
-AAMM_API int aamm_consensus_member_get(const struct aamm_consensus *cs, uint64_t node_id,
+AAMM_API int aamm_consensus_member_get(const struct aamm_consensus *cs, uint32_t node_id,
                                        struct aamm_consensus_member *out);
 
 /**

@@ -74,7 +74,7 @@ static int64_t now_ms(void)
 static void write_status(struct aamm_consensus *cs, const char *path)
 {
     char tmp[4096], text[256];
-    uint64_t leader = 0;
+    uint32_t leader = 0;
     int64_t next = 0;
     int fd, n;
     aamm_consensus_leader(cs, &leader, NULL, 0);
@@ -123,7 +123,7 @@ int main(int argc, char **argv)
         }
         i++;
         if (strcmp(a, "--id") == 0)
-            o.node_id = strtoull(v, NULL, 10);
+            o.node_id = (uint32_t)strtoul(v, NULL, 10);
         else if (strcmp(a, "--dir") == 0)
             o.data_dir = v;
         else if (strcmp(a, "--peers") == 0)
@@ -156,7 +156,7 @@ int main(int argc, char **argv)
             if (eq == NULL)
                 return 2;
             *eq = 0;
-            members[n_members].node_id = strtoull(tok, NULL, 10);
+            members[n_members].node_id = (uint32_t)strtoul(tok, NULL, 10);
             snprintf(names[n_members], sizeof(names[0]), "n%s", tok);
             snprintf(addrs[n_members], sizeof(addrs[0]), "%s", eq + 1);
             members[n_members].name = names[n_members];

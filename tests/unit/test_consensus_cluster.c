@@ -641,7 +641,7 @@ START_TEST(single_node_run_until)
 {
     struct lc c;
     struct waiter w;
-    uint64_t id = 0;
+    uint32_t id = 0;
     char addr[64];
     struct aamm_consensus_member m;
     lc_init(&c, 1);
