@@ -168,7 +168,7 @@ static int policy_of(const struct aamm_apply *ap, const struct lrel *r)
 }
 
 /* The resolver for @r (and its argument), or NULL. */
-static aamm_resolver_fn resolver_of(const struct aamm_apply *ap, const struct lrel *r, void **arg)
+static aamm_apply_resolver_cb resolver_of(const struct aamm_apply *ap, const struct lrel *r, void **arg)
 {
     const struct policy *p = policy_entry(ap, r);
     if (p) {
@@ -1007,7 +1007,7 @@ static int resolve(struct aamm_apply *ap, struct qtxn *t, long idx, const char *
     struct aamm_change *c = &t->changes[idx];
     struct lrel *r = c->relation ? lrel_of(c->relation) : NULL;
     void *arg = NULL;
-    aamm_resolver_fn fn = r ? resolver_of(ap, r, &arg) : NULL;
+    aamm_apply_resolver_cb fn = r ? resolver_of(ap, r, &arg) : NULL;
     if (!fn)
         return aamm__errf(&ap->err, AAMM_ECONFLICT,
                           "apply: %s: a conflict asked for a resolver and none is installed; "
@@ -1285,10 +1285,9 @@ static int handle_result(struct aamm_apply *ap, PGresult *res)
         break;
     case E_REPROGRESS:
         if (st == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
-            aamm_lsn_parse(PQgetvalue(res, 0, 0), &ap->progress) == 0) {
-            aamm__apply_reclaim(ap);
-            ap->prev_sent = ap->progress;
-        }
+            aamm_lsn_parse(PQgetvalue(res, 0, 0), &ap->progress) == 0)
+            ap->prev_sent = ap->progress; /* the same connection: no crash in between, so
+                                             nothing to reclaim (only step_setup() does) */
         ap->recovering = false;
         break;
     default:
