@@ -301,7 +301,7 @@ int aamm__newerr_copy(char *buf, size_t size, const struct aamm__err *err)
  * Logging
  * ==================================================================================== */
 
-static aamm_log_fn log_cb;
+static aamm_log_cb log_cb;
 static void *log_arg;
 static int log_max_level = -1; /* -1: not initialized yet (look at AAMM_DEBUG) */
 
@@ -313,7 +313,7 @@ static void stderr_logger(int level, const char *file, int line, const char *msg
             msg, file, line);
 }
 
-void aamm_set_log_cb(aamm_log_fn cb, int max_level, void *arg)
+void aamm_set_log_cb(aamm_log_cb cb, int max_level, void *arg)
 {
     log_cb = cb;
     log_arg = arg;
@@ -339,7 +339,7 @@ void aamm__log(int level, const char *file, int line, const char *fmt, ...)
 {
     char msg[1024];
     va_list ap;
-    aamm_log_fn cb = log_cb;
+    aamm_log_cb cb = log_cb;
     if (cb == NULL)
         return;
     va_start(ap, fmt);

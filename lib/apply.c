@@ -180,7 +180,7 @@ void aamm_apply_free(struct aamm_apply *ap)
  * ==================================================================================== */
 
 static int add_policy(struct aamm_apply *ap, const char *schema, const char *name, int policy,
-                      aamm_resolver_fn fn, void *arg);
+                      aamm_apply_resolver_cb fn, void *arg);
 
 int aamm_apply_set_policy(struct aamm_apply *ap, const char *schema, const char *name,
                           enum aamm_conflict_policy policy)
@@ -191,7 +191,7 @@ int aamm_apply_set_policy(struct aamm_apply *ap, const char *schema, const char 
 }
 
 int aamm_apply_set_resolver(struct aamm_apply *ap, const char *schema, const char *name,
-                            aamm_resolver_fn fn, void *arg)
+                            aamm_apply_resolver_cb fn, void *arg)
 {
     if (!ap || (!schema) != (!name))
         return AAMM_EINVAL;
@@ -204,7 +204,7 @@ int aamm_apply_set_resolver(struct aamm_apply *ap, const char *schema, const cha
 }
 
 static int add_policy(struct aamm_apply *ap, const char *schema, const char *name, int policy,
-                      aamm_resolver_fn fn, void *arg)
+                      aamm_apply_resolver_cb fn, void *arg)
 {
     struct policy *p = aamm__calloc(1, sizeof *p);
     if (!p)

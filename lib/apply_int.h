@@ -188,10 +188,10 @@ struct aamm_apply {
         struct policy *next;
         char *schema, *name;
         int policy; /* AAMM_POLICY_CALLBACK: @fn decides */
-        aamm_resolver_fn fn;
+        aamm_apply_resolver_cb fn;
         void *arg;
     } * policies;
-    aamm_resolver_fn resolver; /* global resolver, or NULL */
+    aamm_apply_resolver_cb resolver; /* global resolver, or NULL */
     void *resolver_arg;
 
     struct mstmt merged[MERGED_MAX];

@@ -937,7 +937,7 @@ static void txn_committed(struct aamm_apply *ap, struct qtxn *t)
         if ((int)q->c.kind > 0 && (int)q->c.kind < AAMM_CONFLICT_NKINDS)
             ap->counters[q->c.kind]++;
         if (ap->opt.on_conflict)
-            ap->opt.on_conflict(&q->c, ap->opt.conflict_arg);
+            ap->opt.on_conflict(ap, &q->c, ap->opt.conflict_arg);
     }
     for (size_t i = 0; i < t->n; i++) {
         struct aamm_change *c = &t->changes[i];
@@ -1074,7 +1074,7 @@ static int resolve(struct aamm_apply *ap, struct qtxn *t, long idx, const char *
                        r->label, aamm_conflict_kind_name(cf.kind), cf.key_json ? cf.key_json : "?");
         if (ap->opt.on_conflict) {
             cf.resolution = AAMM_RESOLVE_ERROR;
-            ap->opt.on_conflict(&cf, ap->opt.conflict_arg);
+            ap->opt.on_conflict(ap, &cf, ap->opt.conflict_arg);
         }
         if ((int)cf.kind > 0 && (int)cf.kind < AAMM_CONFLICT_NKINDS)
             ap->counters[cf.kind]++;
@@ -1196,7 +1196,7 @@ void aamm__apply_after_failure(struct aamm_apply *ap)
         uc.remote.origin_node = t->hdr.origin_node;
         uc.resolution = AAMM_RESOLVE_ERROR;
         if (ap->opt.on_conflict)
-            ap->opt.on_conflict(&uc, ap->opt.conflict_arg);
+            ap->opt.on_conflict(ap, &uc, ap->opt.conflict_arg);
         char ts[64], node[16];
         aamm_time_format(t->hdr.commit_time, ts, sizeof ts);
         snprintf(node, sizeof node, "%" PRIu32, t->hdr.origin_node);

@@ -652,9 +652,11 @@ static int frame_mac(struct aamm_link *l, const uint8_t *key, uint64_t seq, cons
     return 0;
 }
 
-static int seal_cb(void *arg, const uint8_t *frame, size_t len, uint8_t *mac)
+static int seal_cb(struct aamm_wire_encoder *enc, const uint8_t *frame, size_t len, uint8_t *mac,
+                   void *arg)
 {
     struct aamm_link *l = arg;
+    AAMM__UNUSED(enc);
     return frame_mac(l, l->key_out, l->seq_out++, frame, len, mac);
 }
 
@@ -696,9 +698,11 @@ static void mac_diagnose(struct aamm_link *l, const uint8_t *frame, size_t len, 
              want, MAC_DIAG_WINDOW);
 }
 
-static int verify_cb(void *arg, const uint8_t *frame, size_t len, const uint8_t *mac)
+static int verify_cb(struct aamm_wire_decoder *dec, const uint8_t *frame, size_t len,
+                     const uint8_t *mac, void *arg)
 {
     struct aamm_link *l = arg;
+    AAMM__UNUSED(dec);
     uint8_t want[AAMM_WIRE_MAC_SIZE];
     int rc = frame_mac(l, l->key_in, l->seq_in, frame, len, want);
     if (rc != 0)

@@ -184,8 +184,8 @@ static int finish_frame(struct aamm_wire_encoder *enc, uint8_t type, uint16_t fl
     h[15] = (uint8_t)(crc >> 24);
     if (enc->seal != NULL) {
         uint8_t mac[AAMM_WIRE_MAC_SIZE];
-        int rc = enc->seal(enc->seal_arg, enc->out.data + enc->fstart, AAMM_WIRE_HEADER_SIZE + plen,
-                           mac);
+        int rc = enc->seal(enc, enc->out.data + enc->fstart, AAMM_WIRE_HEADER_SIZE + plen, mac,
+                           enc->seal_arg);
         if (rc != 0) {
             enc->out.len = enc->fstart;
             return aamm__errf(&enc->err, rc, "wire: sealing a frame failed: %s", aamm_strerror(rc));
@@ -248,7 +248,7 @@ int aamm_wire_encoder_flush(struct aamm_wire_encoder *enc)
     return aamm__wire_close_data(enc);
 }
 
-int aamm_wire_encoder_set_mac(struct aamm_wire_encoder *enc, aamm_wire_seal_fn fn, void *arg)
+int aamm_wire_encoder_set_mac(struct aamm_wire_encoder *enc, aamm_wire_seal_cb fn, void *arg)
 {
     int rc = aamm__wire_close_data(enc);
     if (rc != 0)
@@ -453,7 +453,7 @@ int aamm_wire_decoder_set_max_payload(struct aamm_wire_decoder *dec, uint32_t ma
     return 0;
 }
 
-void aamm_wire_decoder_set_mac(struct aamm_wire_decoder *dec, aamm_wire_verify_fn fn, void *arg)
+void aamm_wire_decoder_set_mac(struct aamm_wire_decoder *dec, aamm_wire_verify_cb fn, void *arg)
 {
     dec->verify = fn;
     dec->verify_arg = arg;
@@ -755,8 +755,8 @@ int aamm_wire_decoder_next(struct aamm_wire_decoder *dec, struct aamm_wire_event
                                    ": CRC32C mismatch (computed %08x, frame says %08x)",
                                    type_name(h[5]), dec->stream_off, crc, want);
         if (dec->verify != NULL) {
-            rc = dec->verify(dec->verify_arg, h, AAMM_WIRE_HEADER_SIZE + plen,
-                             h + AAMM_WIRE_HEADER_SIZE + plen);
+            rc = dec->verify(dec, h, AAMM_WIRE_HEADER_SIZE + plen,
+                             h + AAMM_WIRE_HEADER_SIZE + plen, dec->verify_arg);
             if (rc != 0)
                 return aamm__wire_fail(
                     dec, rc == AAMM_ENOMEM ? rc : AAMM_EAUTH,

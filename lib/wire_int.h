@@ -45,7 +45,7 @@ struct aamm_wire_encoder {
     struct aamm__err err;
     struct aamm_wire_options o;
     unsigned version;
-    aamm_wire_seal_fn seal;
+    aamm_wire_seal_cb seal;
     void *seal_arg;
 
     /* frame layer (wire_frame.c) */
@@ -84,7 +84,7 @@ struct aamm_wire_decoder {
     int sticky;
     struct aamm_wire_options o;
     unsigned vmin, vmax;
-    aamm_wire_verify_fn verify;
+    aamm_wire_verify_cb verify;
     void *verify_arg;
 
     /* frame layer (wire_frame.c) */

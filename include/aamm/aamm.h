@@ -114,7 +114,7 @@ AAMM_API const char *aamm_errname(int code);
  * that logged, @msg is the text (borrowed: valid only during the call), @arg is what was
  * passed to aamm_set_log_cb().
  */
-typedef void (*aamm_log_fn)(int level, const char *file, int line, const char *msg,
+typedef void (*aamm_log_cb)(int level, const char *file, int line, const char *msg,
                             void *arg);
 
 /**
@@ -126,7 +126,7 @@ typedef void (*aamm_log_fn)(int level, const char *file, int line, const char *m
  * is passed to every call of @cb. Call it before creating handles; it is not synchronized
  * against concurrent logging.
  */
-AAMM_API void aamm_set_log_cb(aamm_log_fn cb, int max_level, void *arg);
+AAMM_API void aamm_set_log_cb(aamm_log_cb cb, int max_level, void *arg);
 
 /* ---- memory ---------------------------------------------------------------------- */
 

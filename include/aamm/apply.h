@@ -65,7 +65,7 @@ struct aamm_apply;
  * are reported after their transaction committed locally, others at the next step.
  * @prefix and @content (@len bytes) are borrowed.
  */
-typedef void (*aamm_apply_message_fn)(struct aamm_apply *ap, bool transactional, const char *prefix,
+typedef void (*aamm_apply_message_cb)(struct aamm_apply *ap, bool transactional, const char *prefix,
                                       const char *content, size_t len, void *arg);
 
 /**
@@ -91,10 +91,19 @@ typedef void (*aamm_apply_message_fn)(struct aamm_apply *ap, bool transactional,
  * reported (on_conflict) once, when the transaction commits. Each callback conflict costs
  * a retry of its transaction: use the built-in policies for hot paths.
  */
-typedef enum aamm_resolution (*aamm_resolver_fn)(struct aamm_apply *ap,
-                                                 const struct aamm_conflict *conflict,
-                                                 const struct aamm_relation *relation,
-                                                 struct aamm_tuple *merged, void *arg);
+typedef enum aamm_resolution (*aamm_apply_resolver_cb)(struct aamm_apply *ap,
+                                                       const struct aamm_conflict *conflict,
+                                                       const struct aamm_relation *relation,
+                                                       struct aamm_tuple *merged, void *arg);
+
+/**
+ * Conflict notification callback (aamm_apply_options.on_conflict): runs inside
+ * aamm_apply_step() of @ap after the transaction that met the conflict committed
+ * (UNIQUE_OTHER: when the stream stops). @conflict is borrowed: valid only during the call.
+ * @arg is conflict_arg. It must not free @ap.
+ */
+typedef void (*aamm_apply_conflict_cb)(struct aamm_apply *ap, const struct aamm_conflict *conflict,
+                                       void *arg);
 
 /** Options for aamm_apply_new(). Zero-initialize, then set what you need. */
 struct aamm_apply_options {
@@ -110,9 +119,9 @@ struct aamm_apply_options {
                                          concurrent appliers of different sources cannot race a
                                          delete against an insert (aamm_apply_options_init: true) */
     enum aamm_conflict_policy policy; /* global default policy (LWW) */
-    aamm_conflict_fn on_conflict;     /* may be NULL */
+    aamm_apply_conflict_cb on_conflict; /* may be NULL */
     void *conflict_arg;
-    aamm_apply_message_fn on_message; /* may be NULL: messages are dropped */
+    aamm_apply_message_cb on_message;   /* may be NULL: messages are dropped */
     void *message_arg;
 };
 
@@ -147,7 +156,7 @@ AAMM_API int aamm_apply_set_policy(struct aamm_apply *ap, const char *schema, co
  * overrides an earlier one. Returns 0, AAMM_EINVAL or AAMM_ENOMEM.
  */
 AAMM_API int aamm_apply_set_resolver(struct aamm_apply *ap, const char *schema, const char *name,
-                                     aamm_resolver_fn fn, void *arg);
+                                     aamm_apply_resolver_cb fn, void *arg);
 
 /**
  * Start a remote transaction (@txn borrowed: origin node must be the source node; the

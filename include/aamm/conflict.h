@@ -88,12 +88,7 @@ struct aamm_conflict {
     enum aamm_resolution resolution;
 };
 
-/**
- * A conflict notification callback; runs inside aamm_apply_step() after the transaction
- * that met the conflict committed (UNIQUE_OTHER: when the stream stops). @conflict is
- * borrowed. @arg is the pointer given with the callback.
- */
-typedef void (*aamm_conflict_fn)(const struct aamm_conflict *conflict, void *arg);
+/* Apply reports each conflict to the host through aamm_apply_conflict_cb (apply.h). */
 
 /**
  * Compare two row versions by (commit timestamp, origin node id); an unknown version is

@@ -95,14 +95,21 @@ struct aamm_wire_position {
     uint64_t lsn;
 };
 
+struct aamm_wire_encoder;
+struct aamm_wire_decoder;
+
 /**
- * MAC hooks, installed by the link once a session key exists. @seal writes
- * AAMM_WIRE_MAC_SIZE bytes into @mac for the frame bytes @frame / @len (header and payload,
- * borrowed); @verify checks them. Both return 0 or a negative AAMM_E* code (verify:
- * AAMM_EAUTH for a mismatch). They run inside encoder / decoder calls.
+ * MAC hooks, installed by the link once a session key exists. A seal callback writes
+ * AAMM_WIRE_MAC_SIZE bytes into @mac (borrowed, written) for the frame bytes @frame / @len
+ * (header and payload, borrowed) that encoder @enc closes; a verify callback checks them
+ * for decoder @dec. @arg is the pointer given to the set_mac call. Both return 0 or a
+ * negative AAMM_E* code (verify: AAMM_EAUTH for a mismatch). They run inside encoder /
+ * decoder calls and must not free or reconfigure their handle.
  */
-typedef int (*aamm_wire_seal_fn)(void *arg, const uint8_t *frame, size_t len, uint8_t *mac);
-typedef int (*aamm_wire_verify_fn)(void *arg, const uint8_t *frame, size_t len, const uint8_t *mac);
+typedef int (*aamm_wire_seal_cb)(struct aamm_wire_encoder *enc, const uint8_t *frame, size_t len,
+                                 uint8_t *mac, void *arg);
+typedef int (*aamm_wire_verify_cb)(struct aamm_wire_decoder *dec, const uint8_t *frame,
+                                   size_t len, const uint8_t *mac, void *arg);
 
 /* ---- options --------------------------------------------------------------------- */
 
@@ -150,7 +157,7 @@ AAMM_API int aamm_wire_encoder_set_version(struct aamm_wire_encoder *enc, unsign
  * the hook replaced; @fn NULL turns MAC off). An open DATA frame is closed first.
  * Returns 0 or an error from closing the frame.
  */
-AAMM_API int aamm_wire_encoder_set_mac(struct aamm_wire_encoder *enc, aamm_wire_seal_fn fn,
+AAMM_API int aamm_wire_encoder_set_mac(struct aamm_wire_encoder *enc, aamm_wire_seal_cb fn,
                                        void *arg);
 
 /* Control frames. Each closes an open DATA frame first, then appends one frame.
@@ -290,7 +297,7 @@ AAMM_API int aamm_wire_decoder_set_max_payload(struct aamm_wire_decoder *dec, ui
  * Require a MAC on every frame completed from now on and check it with @fn (@arg borrowed
  * while installed); @fn NULL: frames must carry no MAC.
  */
-AAMM_API void aamm_wire_decoder_set_mac(struct aamm_wire_decoder *dec, aamm_wire_verify_fn fn,
+AAMM_API void aamm_wire_decoder_set_mac(struct aamm_wire_decoder *dec, aamm_wire_verify_cb fn,
                                         void *arg);
 
 /**

@@ -16,9 +16,11 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-static int fz_verify(void *arg, const uint8_t *frame, size_t len, const uint8_t *mac)
+static int fz_verify(struct aamm_wire_decoder *dec, const uint8_t *frame, size_t len,
+                     const uint8_t *mac, void *arg)
 {
     uint32_t c = aamm_crc32c(0x5EC12E7u, frame, len);
+    (void)dec;
     (void)arg;
     for (int i = 0; i < AAMM_WIRE_MAC_SIZE; i++)
         if (mac[i] != ((uint8_t)(c >> ((i % 4) * 8)) ^ (uint8_t)i))

@@ -183,9 +183,10 @@ struct counts {
     char last_content[64];
 };
 
-static void on_conflict(const struct aamm_conflict *c, void *arg)
+static void on_conflict(struct aamm_apply *ap, const struct aamm_conflict *c, void *arg)
 {
     struct counts *k = arg;
+    (void)ap;
     k->conflicts[c->kind]++;
     k->last_res = c->resolution;
 }

@@ -126,7 +126,7 @@ static void decode_all(struct aamm_wire_decoder *dec, const struct bytes *b, uin
 /* Decode @len bytes in one go; returns the final code (error, or 0 if all was clean) and the
  * number of events seen. */
 static int decode_count(const uint8_t *p, size_t len, const struct aamm_wire_options *o,
-                        aamm_wire_verify_fn vf, int *events)
+                        aamm_wire_verify_cb vf, int *events)
 {
     struct aamm_wire_decoder *dec;
     struct aamm_wire_event ev;
@@ -168,19 +168,23 @@ static void one_txn_stream(struct bytes *out, uint64_t seed, struct wg_pool *poo
 }
 
 /* A toy keyed MAC for the hook tests (the link uses HMAC-SHA256). */
-static int toy_seal(void *arg, const uint8_t *frame, size_t len, uint8_t *mac)
+static int toy_seal(struct aamm_wire_encoder *enc, const uint8_t *frame, size_t len, uint8_t *mac,
+                    void *arg)
 {
     uint32_t c = aamm_crc32c(0x5EC12E7u, frame, len);
+    (void)enc;
     (void)arg;
     for (int i = 0; i < AAMM_WIRE_MAC_SIZE; i++)
         mac[i] = (uint8_t)(c >> ((i % 4) * 8)) ^ (uint8_t)i;
     return 0;
 }
 
-static int toy_verify(void *arg, const uint8_t *frame, size_t len, const uint8_t *mac)
+static int toy_verify(struct aamm_wire_decoder *dec, const uint8_t *frame, size_t len,
+                      const uint8_t *mac, void *arg)
 {
     uint8_t want[AAMM_WIRE_MAC_SIZE];
-    toy_seal(arg, frame, len, want);
+    (void)dec;
+    toy_seal(NULL, frame, len, want, arg);
     return memcmp(want, mac, sizeof want) == 0 ? 0 : AAMM_EAUTH;
 }
 
@@ -611,7 +615,7 @@ START_TEST(flip_every_byte)
     struct wg_txn t;
     struct bytes frames[3] = {{0}, {0}, {0}};
     struct aamm_wire_options o = {.max_relations = 16};
-    aamm_wire_verify_fn vfs[3] = {NULL, NULL, toy_verify};
+    aamm_wire_verify_cb vfs[3] = {NULL, NULL, toy_verify};
     long checked = 0;
     one_txn_stream(&frames[0], seed, &pool, &t, &o);
     {
@@ -959,16 +963,20 @@ static void golden_mac(uint64_t seq, const uint8_t *frame, size_t len, uint8_t *
         mac[i] = (uint8_t)((c >> ((i % 4) * 8)) ^ (uint8_t)(i * 17));
 }
 
-static int golden_seal(void *arg, const uint8_t *frame, size_t len, uint8_t *mac)
+static int golden_seal(struct aamm_wire_encoder *enc, const uint8_t *frame, size_t len,
+                       uint8_t *mac, void *arg)
 {
     struct gctx *g = arg;
+    (void)enc;
     golden_mac(g->seal_seq++, frame, len, mac);
     return 0;
 }
 
-static int golden_verify(void *arg, const uint8_t *frame, size_t len, const uint8_t *mac)
+static int golden_verify(struct aamm_wire_decoder *dec, const uint8_t *frame, size_t len,
+                         const uint8_t *mac, void *arg)
 {
     struct gctx *g = arg;
+    (void)dec;
     uint8_t want[AAMM_WIRE_MAC_SIZE];
     golden_mac(g->verify_seq++, frame, len, want);
     return memcmp(want, mac, sizeof want) == 0 ? 0 : AAMM_EAUTH;
