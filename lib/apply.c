@@ -796,21 +796,14 @@ size_t aamm_apply_pending(const struct aamm_apply *ap)
     return ap->ntxns - ap->nunflushed;
 }
 
-uint64_t aamm_apply_conflicts(const struct aamm_apply *ap, enum aamm_conflict_kind kind)
+void aamm_apply_stats(const struct aamm_apply *ap, struct aamm_apply_stats *stats)
 {
-    if ((int)kind <= 0 || (int)kind >= AAMM_CONFLICT_NKINDS)
-        return 0;
-    return ap->counters[kind];
-}
-
-uint64_t aamm_apply_committed(const struct aamm_apply *ap)
-{
-    return ap->committed;
-}
-
-uint64_t aamm_apply_skipped(const struct aamm_apply *ap)
-{
-    return ap->skipped;
+    memset(stats, 0, sizeof *stats);
+    stats->committed = ap->committed;
+    stats->skipped = ap->skipped;
+    stats->pending = aamm_apply_pending(ap);
+    for (int k = 1; k < AAMM_CONFLICT_NKINDS; k++)
+        stats->conflicts[k] = ap->counters[k];
 }
 
 const char *aamm_apply_errmsg(const struct aamm_apply *ap)

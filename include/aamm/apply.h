@@ -230,16 +230,24 @@ AAMM_API uint64_t aamm_apply_progress(const struct aamm_apply *ap);
  */
 AAMM_API uint64_t aamm_apply_flushed(const struct aamm_apply *ap);
 
-/** Number of transactions queued or in flight (not yet committed or skipped). */
+/**
+ * Number of transactions queued or in flight (not yet committed or skipped): the host's
+ * event-loop signal (0: everything handed over is committed). Also in the stats.
+ */
 AAMM_API size_t aamm_apply_pending(const struct aamm_apply *ap);
 
-/** Conflict counters (conflicts in committed transactions, plus stream-stopping
- *  UNIQUE_OTHER ones) for @kind; 0 for unknown kinds. */
-AAMM_API uint64_t aamm_apply_conflicts(const struct aamm_apply *ap, enum aamm_conflict_kind kind);
+/** Counters of one apply handle, since it was made. */
+struct aamm_apply_stats {
+    uint64_t committed; /* remote transactions committed locally */
+    uint64_t skipped;   /* transactions skipped as duplicates (at or below the progress) */
+    size_t pending;     /* queued or in flight now (aamm_apply_pending()) */
+    /* Conflicts per kind (index: enum aamm_conflict_kind; 0 unused): those in committed
+     * transactions, plus stream-stopping UNIQUE_OTHER ones. */
+    uint64_t conflicts[AAMM_CONFLICT_NKINDS];
+};
 
-/** Transactions committed / skipped as duplicates since the handle was made. */
-AAMM_API uint64_t aamm_apply_committed(const struct aamm_apply *ap);
-AAMM_API uint64_t aamm_apply_skipped(const struct aamm_apply *ap);
+/** Copy the counters of @ap into @stats (borrowed, written). May be called at any time. */
+AAMM_API void aamm_apply_stats(const struct aamm_apply *ap, struct aamm_apply_stats *stats);
 
 /** The last error message (borrowed, valid until the next call), "" if none. */
 AAMM_API const char *aamm_apply_errmsg(const struct aamm_apply *ap);
