@@ -1838,14 +1838,15 @@ START_TEST(test_lww_hammer)
                                "INSERT INTO hk SELECT g, 0, 'init' FROM "
                                "generate_series(1, 5) g"),
                      0);
+    uint64_t seed = aamm_test_seed("test_lww_hammer");
+    uint64_t local_seed = seed ^ 0x9e3779b97f4a7c15u;
     pid_t pid = fork();
     ck_assert_int_ge(pid, 0);
     if (pid == 0) {
         PGconn *c = pgfx_connect(fx, 0);
-        uint64_t seed = 99;
         for (long i = 1;; i++) {
             char sql[256];
-            int k = 1 + (int)(aamm_test_rand(&seed) % 5);
+            int k = 1 + (int)(aamm_test_rand(&local_seed) % 5);
             snprintf(sql, sizeof sql,
                      "WITH u AS (UPDATE hk SET v = %ld, who = 'L' WHERE id = %d RETURNING 1) "
                      "INSERT INTO hlog (id, v) SELECT %d, %ld FROM u",
@@ -1857,7 +1858,6 @@ START_TEST(test_lww_hammer)
     struct aamm_apply *ap = mkapply(0, 18, &k);
     struct aamm_relation r;
     mkrel(&r, "hk", "id,v,who", "k--");
-    uint64_t seed = 5;
     long n = aamm_test_scaled(3000, 300);
     char id[16], v[32];
     for (long i = 1; i <= n; i++) {

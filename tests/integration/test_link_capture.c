@@ -615,7 +615,7 @@ START_TEST(sigkill_agents_real_slot)
     const long rows = aamm_test_scaled(3000, 600);
     int lfd, port, kills_s = 0, kills_r = 0;
     pid_t sp = 0, rp = 0;
-    uint64_t seed = 7, prev = 0;
+    uint64_t seed = aamm_test_seed("sigkill_agents_real_slot"), prev = 0;
     long inserted = 0, expect = 1;
     PGconn *c;
     FILE *f;
@@ -1101,7 +1101,7 @@ static void ack_crash(int crash, bool agents_restart)
 static void ack_run(const char *name, bool agents_restart)
 {
     const int crashes = (int)aamm_test_scaled(5, 3);
-    uint64_t seed = 11, last_end;
+    uint64_t seed = aamm_test_seed(name), last_end;
     pid_t wp;
     long rows, nrows;
     int64_t t0 = aamm_test_now_ms(), t_end, next_crash;
