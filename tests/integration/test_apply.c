@@ -181,6 +181,18 @@ static void tdel(struct aamm_apply *ap, const struct aamm_relation *r, const cha
     ck_assert_int_eq(aamm_apply_change(ap, &c), 0);
 }
 
+/* a transactional message "aamm_test" with @content (borrowed) in the open transaction */
+static void tmsg(struct aamm_apply *ap, const char *content)
+{
+    struct aamm_change m = {0};
+    m.kind = AAMM_CHANGE_MESSAGE;
+    m.transactional = true;
+    m.prefix = aamm__strdup("aamm_test");
+    m.content = aamm__strdup(content);
+    m.content_len = strlen(content);
+    ck_assert_int_eq(aamm_apply_change(ap, &m), 0);
+}
+
 #define V(...) ((const char *const[]){__VA_ARGS__})
 
 struct counts {
@@ -1308,13 +1320,7 @@ START_TEST(test_message_only_moves_origin)
     tcommit(ap);
     for (int i = 2; i <= 3; i++) {
         tbegin(ap, 50, 0x100 * (uint64_t)i, t + i);
-        struct aamm_change m = {0};
-        m.kind = AAMM_CHANGE_MESSAGE;
-        m.transactional = true;
-        m.prefix = aamm__strdup("aamm_test");
-        m.content = aamm__strdup("marker");
-        m.content_len = 6;
-        ck_assert_int_eq(aamm_apply_change(ap, &m), 0);
+        tmsg(ap, "marker");
         tcommit(ap);
     }
     flush_ok(ap);
@@ -1755,13 +1761,7 @@ START_TEST(test_toast_truncate_messages)
     /* message + truncate in one transaction */
     l += 0x100;
     tbegin(ap, 17, l, t + 3);
-    struct aamm_change m = {0};
-    m.kind = AAMM_CHANGE_MESSAGE;
-    m.transactional = true;
-    m.prefix = aamm__strdup("aamm_test");
-    m.content = aamm__strdup("hello");
-    m.content_len = 5;
-    ck_assert_int_eq(aamm_apply_change(ap, &m), 0);
+    tmsg(ap, "hello");
     struct aamm_change tr = {0};
     tr.kind = AAMM_CHANGE_TRUNCATE;
     tr.nrelations = 1;
