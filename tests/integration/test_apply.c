@@ -668,20 +668,13 @@ static PGconn *local_open(const char *sql)
 {
     PGconn *c = pgfx_connect(fx, 0);
     ck_assert_ptr_nonnull(c);
-    PGresult *res = PQexec(c, "BEGIN");
-    ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
-    PQclear(res);
-    res = PQexec(c, sql);
-    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s: %s", sql, PQerrorMessage(c));
-    PQclear(res);
+    ck_assert_int_eq(pgfx_exec_conn(c, "BEGIN; %s", sql), 0);
     return c;
 }
 
 static void local_commit(PGconn *c)
 {
-    PGresult *res = PQexec(c, "COMMIT");
-    ck_assert_int_eq(PQresultStatus(res), PGRES_COMMAND_OK);
-    PQclear(res);
+    ck_assert_int_eq(pgfx_exec_conn(c, "COMMIT"), 0);
     PQfinish(c);
 }
 
