@@ -376,11 +376,29 @@ int aamm_apply_commit(struct aamm_apply *ap, const struct aamm_transaction *txn)
     if (!txn || txn->end_lsn == AAMM_LSN_INVALID)
         return aamm__errf(&ap->err, AAMM_EINVAL, "apply: commit without an end LSN");
     struct qtxn *t = ap->open;
+    ap->open = NULL;
+    /* dropped here, never queued:
+     * - a transaction without changes: nothing to apply. Sent, it would cost a local
+     *   transaction only to move the origin (and a commit that writes nothing does not
+     *   even do that: the next transaction's guard would trip and retry). The origin stays
+     *   at the last transaction with changes; the source confirms positions that need no
+     *   data itself (link.h);
+     * - a duplicate: at or below the last transaction accepted (queued, in flight or
+     *   committed) or the origin's progress read at setup. A link that reconnects resumes
+     *   from the flushed position, so it sends again what was accepted but not yet flushed */
+    if (t->n == 0 || txn->end_lsn <= ap->received) {
+        AAMM_DEBUG("apply: transaction %" PRIX64 " dropped at commit (%s)", txn->end_lsn,
+                   t->n == 0 ? "no changes" : "duplicate");
+        ap->nqueued_changes -= t->n;
+        ap->skipped++;
+        aamm__apply_qtxn_free(t);
+        return 0;
+    }
+    ap->received = txn->end_lsn;
     t->hdr.end_lsn = txn->end_lsn;
     t->hdr.commit_lsn = txn->commit_lsn;
     t->hdr.commit_time = txn->commit_time;
     t->closed = true;
-    ap->open = NULL;
     if (!ap->cursor)
         ap->cursor = t;
     if (ap->tail)
@@ -540,6 +558,8 @@ static int step_setup(struct aamm_apply *ap)
             ap->state = S_READY;
             aamm__apply_reclaim(ap);
             ap->prev_sent = ap->progress;
+            if (ap->received < ap->progress) /* never back: what is queued stays accepted */
+                ap->received = ap->progress;
             AAMM_INFO("apply: origin %s ready at %" PRIX64, ap->origin, ap->progress);
             return 0;
         }

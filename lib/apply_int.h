@@ -146,6 +146,8 @@ struct aamm_apply {
     bool want_write;
     int held_code;
 
+    uint64_t received;  /* end LSN of the last transaction accepted by commit(), at least the
+                           progress read at setup (aamm_apply_received()) */
     uint64_t progress;  /* committed (in-memory) origin progress */
     uint64_t flushed;   /* pg_replication_origin_progress(origin, true) */
     uint64_t prev_sent; /* end LSN the next sent transaction's guard expects */
@@ -200,6 +202,13 @@ struct aamm_apply {
 
     uint64_t counters[AAMM_CONFLICT_NKINDS];
     uint64_t committed, skipped;
+
+    /* Internal counters for apply's tests (not in the public stats): failures handled by
+     * after_failure() (each one a retry or a hold) and, of them, guard trips (AA002). */
+    struct apply_debug {
+        uint64_t failures;
+        uint64_t guard_trips;
+    } dbg;
 
     char *scratch_mask; /* per-change scratch, grown to the widest relation */
     const char **scratch_vals;

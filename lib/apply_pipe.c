@@ -802,7 +802,12 @@ int aamm__apply_send_pending(struct aamm_apply *ap)
             continue;
         if (ap->ninflight >= ap->opt.max_pipeline_txns)
             break;
-        /* exactly once: anything at or below what is (or will be) committed is a duplicate */
+        /* exactly once: anything at or below what is (or will be) committed is a duplicate.
+         * aamm_apply_commit() already dropped what was at or below the last transaction
+         * it accepted or the progress read at setup; what remains are transactions queued
+         * before the progress was read (fed before the session was ready, or sent on a
+         * connection that was lost before their result came back, whose commit the
+         * progress read on the new connection shows) */
         if (t->hdr.end_lsn <= ap->prev_sent) {
             t->done = t->skipped = true;
             continue;
@@ -1132,6 +1137,9 @@ void aamm__apply_after_failure(struct aamm_apply *ap)
     ap->recovering = true;
 
     const char *sqlstate = t->sqlstate[0] ? t->sqlstate : "XX000";
+    ap->dbg.failures++;
+    if (strcmp(sqlstate, AAMM_SQLSTATE_GUARD) == 0)
+        ap->dbg.guard_trips++;
     struct aamm_change *c = t->err_change >= 0 ? &t->changes[t->err_change] : NULL;
     const char *label = c && c->relation ? lrel_of(c->relation)->label : "";
     char lsn[AAMM_LSN_BUFSIZE];

@@ -15,8 +15,10 @@
  * what a crash of the local server took back from an unflushed commit under
  * synchronous_commit_off; the callbacks of such a transaction then run again); at most
  * max_queued_changes changes may be queued (AAMM_EAGAIN beyond: step and try again).
- * Transactions at or below the origin's progress are skipped (at-least-once delivery
- * becomes exactly-once).
+ * Duplicates are dropped (at-least-once delivery becomes exactly-once): aamm_apply_commit()
+ * drops a transaction at or below the last one it accepted or the origin's progress, and
+ * one without changes (it would commit nothing); a transaction queued before the origin's
+ * progress was read is skipped when sent if that progress covers it.
  *
  * Driving: poll aamm_apply_fd() for aamm_apply_events(), at most aamm_apply_timeout()
  * ms, then call aamm_apply_step(). Or use aamm_apply_flush(), a blocking helper.
@@ -176,8 +178,15 @@ AAMM_API int aamm_apply_change(struct aamm_apply *ap, struct aamm_change *change
 
 /**
  * Close the open transaction; @txn (borrowed) must now carry end_lsn and commit_time.
- * Transactions whose end LSN is at or below the origin's progress are dropped here or
- * when sent. Returns 0, AAMM_ESTATE or AAMM_EINVAL.
+ * The transaction is dropped here (freed, counted in the stats' skipped, never queued)
+ * when it has no changes at all (a PostgreSQL commit that writes nothing does not move
+ * the origin's progress, so the next transaction's guard would trip; message-only
+ * transactions are kept) or when its end LSN is at or below the highest one already
+ * accepted: the last transaction queued (committed or not) or the origin's progress
+ * read at setup. So a sender that resumes from the flushed position after a reconnect
+ * may send again what apply holds. Transactions queued before the progress was read are
+ * skipped when sent if it covers them. Returns 0 (also when dropped), AAMM_ESTATE (none
+ * open) or AAMM_EINVAL (no end LSN; the transaction stays open).
  */
 AAMM_API int aamm_apply_commit(struct aamm_apply *ap, const struct aamm_transaction *txn);
 
@@ -239,7 +248,8 @@ AAMM_API size_t aamm_apply_pending(const struct aamm_apply *ap);
 /** Counters of one apply handle, since it was made. */
 struct aamm_apply_stats {
     uint64_t committed; /* remote transactions committed locally */
-    uint64_t skipped;   /* transactions skipped as duplicates (at or below the progress) */
+    uint64_t skipped;   /* transactions dropped: duplicates (at or below what was accepted
+                           or the progress) and transactions without changes */
     size_t pending;     /* queued or in flight now (aamm_apply_pending()) */
     /* Conflicts per kind (index: enum aamm_conflict_kind; 0 unused): those in committed
      * transactions, plus stream-stopping UNIQUE_OTHER ones. */

@@ -1331,6 +1331,105 @@ START_TEST(test_message_only_moves_origin)
 }
 END_TEST
 
+/* A transaction without changes (BEGIN then COMMIT) would commit nothing: the origin's
+ * progress would not move to its end LSN and the next transaction's guard would trip. apply
+ * drops it at commit, counted as skipped: 205 empty transactions around 20 one-row ones
+ * (some fed before the session is ready, some after) apply without a single failure,
+ * retry or guard trip, and the origin ends at the last transaction with a change. */
+START_TEST(test_empty_transactions)
+{
+    table(0, "empties", "id int PRIMARY KEY");
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 60, &k);
+    struct aamm_relation r;
+    mkrel(&r, "empties", "id", "k");
+    int64_t t = now_us();
+    uint64_t lsn = 0, last_row = 0;
+    char id[16];
+    for (int i = 1; i <= 20; i++) {
+        for (int e = 0; e < 10; e++) {
+            lsn += 0x10;
+            tbegin(ap, 60, lsn, t + (int64_t)lsn);
+            tcommit(ap);
+        }
+        lsn += 0x10;
+        snprintf(id, sizeof id, "%d", i);
+        tbegin(ap, 60, lsn, t + (int64_t)lsn);
+        tins(ap, &r, V(id));
+        tcommit(ap);
+        last_row = lsn;
+        if (i % 5 == 0)
+            flush_ok(ap);
+    }
+    for (int e = 0; e < 5; e++) {
+        lsn += 0x10;
+        tbegin(ap, 60, lsn, t + (int64_t)lsn);
+        tcommit(ap);
+    }
+    ck_assert_uint_eq(aamm_apply_pending(ap), 0);
+    flush_ok(ap);
+    assert_val(0, "20:210", "SELECT count(*) || ':' || sum(id) FROM public.empties");
+    ck_assert_uint_eq(origin_lsn(0, 60), last_row);
+    ck_assert_uint_eq(aamm_apply_flushed(ap), last_row);
+    ck_assert_uint_eq(apst(ap).committed, 20);
+    ck_assert_uint_eq(apst(ap).skipped, 205);
+    ck_assert_uint_eq(ap->dbg.failures, 0);
+    ck_assert_uint_eq(ap->dbg.guard_trips, 0);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
+/* one-row transactions T@from..T@to from source 61 (id i, v i, end LSN 0x100 * i) */
+static void feed_refeed(struct aamm_apply *ap, const struct aamm_relation *r, int from, int to,
+                        int64_t ts)
+{
+    char id[16];
+    for (int i = from; i <= to; i++) {
+        snprintf(id, sizeof id, "%d", i);
+        tbegin(ap, 61, 0x100 * (uint64_t)i, ts + i);
+        tins(ap, r, V(id, id));
+        tcommit(ap);
+    }
+}
+
+/* A link that reconnects resumes from the flushed position, so transactions apply already
+ * holds (queued, in flight, committed but not flushed) arrive again: aamm_apply_commit()
+ * drops every one at or below the last it accepted, counted as skipped at once, never
+ * queued twice. T1..T5, a few steps, T3..T8 again: T3..T5 dropped at commit, each row
+ * applied exactly once. */
+START_TEST(test_refeed_duplicates)
+{
+    table(0, "refeed", "id int PRIMARY KEY, v int");
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 61, &k);
+    struct aamm_relation r;
+    mkrel(&r, "refeed", "id,v", "k-");
+    int64_t ts = now_us();
+    feed_refeed(ap, &r, 1, 5, ts);
+    int64_t until = aamm__now_ms() + 10000;
+    while (apst(ap).committed == 0) {
+        ck_assert_int_eq(aamm_apply_step(ap), 0);
+        ck_assert_msg(aamm__now_ms() < until, "nothing committed");
+        struct pollfd p = {aamm_apply_fd(ap), POLLIN, 0};
+        poll(&p, p.fd >= 0 ? 1 : 0, 5);
+    }
+    uint64_t committed = apst(ap).committed;
+    feed_refeed(ap, &r, 3, 8, ts);
+    ck_assert_uint_eq(apst(ap).skipped, 3);
+    ck_assert_uint_eq(aamm_apply_pending(ap), 8 - committed);
+    flush_ok(ap);
+    assert_val(0, "8:36", "SELECT count(*) || ':' || sum(v) FROM public.refeed");
+    ck_assert_uint_eq(origin_lsn(0, 61), 0x800);
+    ck_assert_uint_eq(apst(ap).committed, 8);
+    ck_assert_uint_eq(apst(ap).skipped, 3);
+    ck_assert_uint_eq(ap->dbg.failures, 0);
+    assert_val(0, "0", "SELECT count(*) FROM aamm.conflict_log WHERE relation = 'public.refeed'");
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
 /* update_origin_differs: a remote update of a row last written by another node applies
  * iff it is newer (LWW), both logged with the right resolution. */
 START_TEST(test_update_origin_differs)
@@ -2115,6 +2214,8 @@ int main(void)
     tcase_add_test(tc, test_lww_tiebreak);
     tcase_add_test(tc, test_guard_check);
     tcase_add_test(tc, test_message_only_moves_origin);
+    tcase_add_test(tc, test_empty_transactions);
+    tcase_add_test(tc, test_refeed_duplicates);
     tcase_add_test(tc, test_run_meets_present_key);
     tcase_add_test(tc, test_run_values);
     tcase_add_test(tc, test_remote_tombstones);
