@@ -410,6 +410,18 @@ int aamm_apply_commit(struct aamm_apply *ap, const struct aamm_transaction *txn)
     return 0;
 }
 
+int aamm_apply_abort(struct aamm_apply *ap)
+{
+    struct qtxn *t = ap->open;
+    if (!t)
+        return 0;
+    AAMM_DEBUG("apply: open transaction aborted with %zu changes", t->n);
+    ap->open = NULL;
+    ap->nqueued_changes -= t->n;
+    aamm__apply_qtxn_free(t);
+    return 0;
+}
+
 /* ====================================================================================
  * Catalog mapping
  * ==================================================================================== */

@@ -190,6 +190,16 @@ AAMM_API int aamm_apply_change(struct aamm_apply *ap, struct aamm_change *change
  */
 AAMM_API int aamm_apply_commit(struct aamm_apply *ap, const struct aamm_transaction *txn);
 
+/**
+ * Discard the open transaction (begun with aamm_apply_begin(), not yet closed with
+ * aamm_apply_commit()), freeing the changes queued in it; nothing of it was sent. For a
+ * link that dropped in the middle of a transaction: the sender sends it again, whole,
+ * after reconnecting, and aamm_apply_begin() may start it again. Transactions already
+ * committed to the handle are not touched. May be called at any time. Returns 0, also
+ * when no transaction is open.
+ */
+AAMM_API int aamm_apply_abort(struct aamm_apply *ap);
+
 /** The socket to poll, or -1 (not connected: call aamm_apply_step() after the timeout). */
 AAMM_API int aamm_apply_fd(const struct aamm_apply *ap);
 

@@ -1430,6 +1430,47 @@ START_TEST(test_refeed_duplicates)
 }
 END_TEST
 
+/* A link that drops in the middle of a transaction: aamm_apply_abort() discards the open
+ * transaction and its queued changes (also fine with none open), so the same transaction
+ * can begin again when the sender resends it whole; it is applied once. */
+START_TEST(test_abort_open)
+{
+    table(0, "aborted", "id int PRIMARY KEY, v int");
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 62, &k);
+    struct aamm_relation r;
+    mkrel(&r, "aborted", "id,v", "k-");
+    int64_t ts = now_us();
+    ck_assert_int_eq(aamm_apply_abort(ap), 0); /* none open */
+    tbegin(ap, 62, 0x100, ts);
+    tins(ap, &r, V("1", "1"));
+    tcommit(ap);
+    tbegin(ap, 62, 0x200, ts + 1);
+    tins(ap, &r, V("2", "2"));
+    tins(ap, &r, V("3", "3"));
+    ck_assert_int_eq(aamm_apply_begin(ap, &cur), AAMM_ESTATE);
+    ck_assert_int_eq(aamm_apply_abort(ap), 0);
+    ck_assert_ptr_null(ap->open);
+    ck_assert_uint_eq(ap->nqueued_changes, 1); /* T1's change only */
+    ck_assert_int_eq(aamm_apply_abort(ap), 0);
+    flush_ok(ap);
+    /* the sender resends T2 whole */
+    tbegin(ap, 62, 0x200, ts + 1);
+    tins(ap, &r, V("2", "2"));
+    tins(ap, &r, V("3", "3"));
+    tcommit(ap);
+    flush_ok(ap);
+    assert_val(0, "1:1|2:2|3:3",
+               "SELECT string_agg(id || ':' || v, '|' ORDER BY id) FROM public.aborted");
+    ck_assert_uint_eq(origin_lsn(0, 62), 0x200);
+    ck_assert_uint_eq(apst(ap).committed, 2);
+    ck_assert_uint_eq(apst(ap).skipped, 0);
+    ck_assert_uint_eq(ap->nqueued_changes, 0);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
 /* update_origin_differs: a remote update of a row last written by another node applies
  * iff it is newer (LWW), both logged with the right resolution. */
 START_TEST(test_update_origin_differs)
@@ -2216,6 +2257,7 @@ int main(void)
     tcase_add_test(tc, test_message_only_moves_origin);
     tcase_add_test(tc, test_empty_transactions);
     tcase_add_test(tc, test_refeed_duplicates);
+    tcase_add_test(tc, test_abort_open);
     tcase_add_test(tc, test_run_meets_present_key);
     tcase_add_test(tc, test_run_values);
     tcase_add_test(tc, test_remote_tombstones);
