@@ -818,6 +818,11 @@ uint64_t aamm_apply_progress(const struct aamm_apply *ap)
     return ap->progress;
 }
 
+uint64_t aamm_apply_received(const struct aamm_apply *ap)
+{
+    return ap->received;
+}
+
 uint64_t aamm_apply_flushed(const struct aamm_apply *ap)
 {
     return ap->flushed;

@@ -243,6 +243,15 @@ AAMM_API bool aamm_apply_ready(const struct aamm_apply *ap);
 AAMM_API uint64_t aamm_apply_progress(const struct aamm_apply *ap);
 
 /**
+ * The end LSN of the last transaction aamm_apply_commit() accepted (queued, in flight or
+ * committed; dropped ones do not count), and at least the origin's progress once the
+ * session is ready (aamm_apply_ready()); AAMM_LSN_INVALID (0) before either. Anything the
+ * source sends at or below it is dropped as a duplicate. For status and lag (what the
+ * source sent and apply holds); acknowledge aamm_apply_flushed(), never this.
+ */
+AAMM_API uint64_t aamm_apply_received(const struct aamm_apply *ap);
+
+/**
  * The durable position to acknowledge to the source: the last value read of
  * pg_replication_origin_progress(origin, true) (flushed). Apply re-reads it after every
  * batch of commits.

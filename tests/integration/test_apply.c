@@ -1406,7 +1406,9 @@ START_TEST(test_refeed_duplicates)
     struct aamm_relation r;
     mkrel(&r, "refeed", "id,v", "k-");
     int64_t ts = now_us();
+    ck_assert_uint_eq(aamm_apply_received(ap), AAMM_LSN_INVALID);
     feed_refeed(ap, &r, 1, 5, ts);
+    ck_assert_uint_eq(aamm_apply_received(ap), 0x500);
     int64_t until = aamm__now_ms() + 10000;
     while (apst(ap).committed == 0) {
         ck_assert_int_eq(aamm_apply_step(ap), 0);
@@ -1418,12 +1420,32 @@ START_TEST(test_refeed_duplicates)
     feed_refeed(ap, &r, 3, 8, ts);
     ck_assert_uint_eq(apst(ap).skipped, 3);
     ck_assert_uint_eq(aamm_apply_pending(ap), 8 - committed);
+    ck_assert_uint_eq(aamm_apply_received(ap), 0x800);
     flush_ok(ap);
     assert_val(0, "8:36", "SELECT count(*) || ':' || sum(v) FROM public.refeed");
     ck_assert_uint_eq(origin_lsn(0, 61), 0x800);
     ck_assert_uint_eq(apst(ap).committed, 8);
     ck_assert_uint_eq(apst(ap).skipped, 3);
     ck_assert_uint_eq(ap->dbg.failures, 0);
+    aamm_apply_free(ap);
+    /* a new handle (an agent restart): once ready, received is the origin's progress and
+     * what the source resends from below it is dropped at commit */
+    ap = mkapply(0, 61, &k);
+    ck_assert_uint_eq(aamm_apply_received(ap), AAMM_LSN_INVALID);
+    until = aamm__now_ms() + 10000;
+    while (!aamm_apply_ready(ap)) {
+        ck_assert_int_eq(aamm_apply_step(ap), 0);
+        ck_assert_msg(aamm__now_ms() < until, "never ready");
+        struct pollfd p = {aamm_apply_fd(ap), POLLIN, 0};
+        poll(&p, p.fd >= 0 ? 1 : 0, 5);
+    }
+    ck_assert_uint_eq(aamm_apply_received(ap), 0x800);
+    feed_refeed(ap, &r, 6, 9, ts);
+    ck_assert_uint_eq(apst(ap).skipped, 3);
+    ck_assert_uint_eq(aamm_apply_received(ap), 0x900);
+    flush_ok(ap);
+    assert_val(0, "9:45", "SELECT count(*) || ':' || sum(v) FROM public.refeed");
+    ck_assert_uint_eq(apst(ap).committed, 1);
     assert_val(0, "0", "SELECT count(*) FROM aamm.conflict_log WHERE relation = 'public.refeed'");
     aamm_relation_clear(&r);
     aamm_apply_free(ap);
