@@ -215,9 +215,10 @@ AAMM_API int aamm_link_resume_position(const struct aamm_link *link, uint32_t or
  * returns 0, only aamm_link_step may run on the link (BEGIN/COMMIT: AAMM_ESTATE; a different
  * change fails the link).
  *
- * A capture PROGRESS position (nothing to deliver up to there) can be forwarded as an empty
- * transaction (BEGIN and COMMIT with commit_lsn = end_lsn = the position): the receiver's
- * ack for it then lets the sender confirm the slot that far.
+ * Positions that need no data (a capture PROGRESS) are never sent as transactions (an
+ * empty one commits nothing on the receiver, so its origin does not move; apply drops
+ * it): the sender confirms its slot directly once everything sent before that position is
+ * acknowledged (the replicator does this; see replicator.h).
  *
  * Memory: at most AAMM_LINK_SEND_MEMORY(send_queue_bytes, frame_payload) on the send side,
  * whatever the size of the transaction or of one value in it.
