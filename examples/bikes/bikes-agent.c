@@ -73,16 +73,6 @@ static void logf_(int level, const char *fmt, ...)
     log_line(level, NULL, 0, msg);
 }
 
-static void on_library_log(int level, const char *file, int line, const char *msg, void *arg)
-{
-    (void)arg;
-    log_line(level, file, line, msg);
-}
-
-/* ====================================================================================
- * setup
- * ==================================================================================== */
-
 /* libpq's multi-line messages on one log line: newlines and tabs become spaces. */
 static const char *oneline(char *msg)
 {
@@ -96,6 +86,18 @@ static const char *oneline(char *msg)
         msg[--n] = '\0';
     return msg;
 }
+
+static void on_library_log(int level, const char *file, int line, const char *msg, void *arg)
+{
+    char copy[2048];
+    (void)arg;
+    snprintf(copy, sizeof copy, "%s", msg);
+    log_line(level, file, line, oneline(copy));
+}
+
+/* ====================================================================================
+ * setup
+ * ==================================================================================== */
 
 /* Read a whole file into a new string; NULL with a message on failure. */
 static char *slurp(const char *path, char *err, size_t errsize)
@@ -313,6 +315,14 @@ static void on_stream(struct aamm_replicator *r, uint32_t peer, const char *what
         logf_(AAMM_LOG_WARNING, "peer %s: %s stopped: %s", peer_name(cfg, peer), what, reason);
 }
 
+/* The replicator's last error on one line (a static buffer). */
+static const char *replicator_error(const struct aamm_replicator *r)
+{
+    static char buf[2048];
+    snprintf(buf, sizeof buf, "%s", aamm_replicator_errmsg(r));
+    return oneline(buf);
+}
+
 static void log_status(const struct aamm_replicator *r)
 {
     char line[2048];
@@ -465,7 +475,7 @@ static int cmd_run(const struct bikes_config *cfg)
           cfg->listen_port ? cfg->listen_port : "-");
     rc = aamm_replicator_start(r);
     if (rc != 0) {
-        logf_(AAMM_LOG_ERROR, "start failed: %s (%s)", aamm_replicator_errmsg(r), aamm_errname(rc));
+        logf_(AAMM_LOG_ERROR, "start failed: %s (%s)", replicator_error(r), aamm_errname(rc));
         status = 1;
         goto out;
     }
@@ -502,8 +512,7 @@ static int cmd_run(const struct bikes_config *cfg)
             break;
         rc = aamm_replicator_step(r);
         if (rc != 0) {
-            logf_(AAMM_LOG_ERROR, "step failed: %s (%s)", aamm_replicator_errmsg(r),
-                  aamm_errname(rc));
+            logf_(AAMM_LOG_ERROR, "step failed: %s (%s)", replicator_error(r), aamm_errname(rc));
             status = 1;
             break;
         }

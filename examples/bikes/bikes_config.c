@@ -1,4 +1,4 @@
-/* bikes_config.c: bikes-agent's configuration file parser (format: bikes_config.h, bikes-agent.1). */
+/* bikes_config.c: bikes-agent's config file parser (format: bikes_config.h, bikes-agent.1). */
 #include "bikes_config.h"
 
 #include <ctype.h>
