@@ -1353,6 +1353,11 @@ uint64_t aamm_capture_confirmed(const struct aamm_capture *c)
     return c->confirmed;
 }
 
+bool aamm_capture_streaming(const struct aamm_capture *c)
+{
+    return c != NULL && c->state == ST_STREAMING;
+}
+
 uint64_t aamm_capture_start_position(const struct aamm_capture *c)
 {
     return c->start_position;

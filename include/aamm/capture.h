@@ -289,6 +289,10 @@ AAMM_API int aamm_capture_send_status(struct aamm_capture *c);
 /** The flush position reported (or about to be reported) to the server. */
 AAMM_API uint64_t aamm_capture_confirmed(const struct aamm_capture *c);
 
+/** Whether the setup finished and the stream runs (START_REPLICATION accepted); false
+ *  before, during setup and after a failure. */
+AAMM_API bool aamm_capture_streaming(const struct aamm_capture *c);
+
 /** The slot's position the stream started from (max of start_lsn and the slot's
  *  confirmed position), valid once streaming. */
 AAMM_API uint64_t aamm_capture_start_position(const struct aamm_capture *c);

@@ -36,7 +36,7 @@ struct pg_conn;
 
 /** Version of libaamm's SQL schema aamm_node_install() installs: the highest of the
  *  scripts sql/aamm--<n>.sql, aamm--<n>--<m>.sql; the node records it in aamm.apply_meta. */
-#define AAMM_NODE_SQL_VERSION 2
+#define AAMM_NODE_SQL_VERSION 3
 
 /**
  * Install or upgrade libaamm's SQL schema (apply's objects and the SQL generators of

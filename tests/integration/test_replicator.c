@@ -1,0 +1,443 @@
+/*
+ * test_replicator.c: three real PostgreSQL nodes, each with a replicator in its own forked
+ * agent process (public API only, like a host): they converge under writes on every node,
+ * lose nothing and apply nothing twice through kill -9 of agents and a stopped server, keep
+ * the slots of a node that only applies moving, and show their status in
+ * aamm.replication_status.
+ */
+#include <check.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <aamm/aamm.h>
+#include <aamm/node.h>
+#include <aamm/replicator.h>
+
+#include "pgfixture.h"
+#include "testutil.h"
+
+#define NNODES 3
+static struct pgfx *fx;
+static int ports[NNODES];
+static pid_t agents[NNODES];
+static const char secret[] = "0123456789abcdef-replicator-test";
+
+/* ---- node setup ------------------------------------------------------------------ */
+
+static void setup_node(int i)
+{
+    PGconn *c = pgfx_connect(fx, i);
+    char err[512];
+    ck_assert_ptr_nonnull(c);
+    ck_assert_int_eq(pgfx_exec_conn(c,
+                                    "CREATE TABLE ledger (node int, seq bigint, note text, "
+                                    "PRIMARY KEY (node, seq));"
+                                    "CREATE TABLE users (id int PRIMARY KEY, name text);"
+                                    "CREATE TABLE bikes (id int PRIMARY KEY, status text);"
+                                    "CREATE TABLE rentals (id bigint PRIMARY KEY, "
+                                    "bike_id int REFERENCES bikes, user_id int)"),
+                     0);
+    ck_assert_msg(aamm_node_install(c, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(aamm_node_create_apply_role(c, "aamm_apply", NULL, err, sizeof err) == 0, "%s",
+                  err);
+    const char *tables[] = {"ledger", "users", "bikes", "rentals"};
+    for (size_t k = 0; k < 4; k++)
+        ck_assert_msg(aamm_node_replicate_table(c, "public", tables[k], "aamm_apply", "aamm", err,
+                                                sizeof err) == 0,
+                      "%s", err);
+    PQfinish(c);
+}
+
+/* ---- the agent: a forked process running one replicator ----------------------------- */
+
+static volatile int agent_stop;
+static void on_term(int sig)
+{
+    (void)sig;
+    agent_stop = 1;
+}
+
+static void agent_main(int i)
+{
+    struct aamm_replicator_options o;
+    struct aamm_replicator_peer peers[NNODES - 1];
+    char portstr[NNODES][16], lport[16], err[512], apply_ci[512];
+    struct aamm_replicator *r;
+    int n = 0, rc;
+    signal(SIGTERM, on_term);
+    aamm_replicator_options_init(&o);
+    o.node_id = (uint32_t)i + 1;
+    o.conninfo = pgfx_conninfo(fx, i);
+    snprintf(apply_ci, sizeof apply_ci, "%s", pgfx_conninfo_with(fx, i, "user=aamm_apply"));
+    o.apply_conninfo = apply_ci;
+    o.cluster = "test";
+    o.secret = (const uint8_t *)secret;
+    o.secret_len = sizeof secret - 1;
+    snprintf(lport, sizeof lport, "%d", ports[i]);
+    o.listen_host = "127.0.0.1";
+    o.listen_port = lport;
+    o.reconnect_min_ms = 50;
+    o.reconnect_max_ms = 500;
+    o.heartbeat_ms = 200;
+    o.dead_after_ms = 3000;
+    o.status_interval_ms = 200;
+    for (int k = 0; k < NNODES; k++) {
+        if (k == i)
+            continue;
+        snprintf(portstr[k], sizeof portstr[k], "%d", ports[k]);
+        peers[n].node_id = (uint32_t)k + 1;
+        peers[n].name = NULL;
+        peers[n].host = "127.0.0.1";
+        peers[n].port = portstr[k];
+        peers[n].raft_address = NULL;
+        n++;
+    }
+    o.peers = peers;
+    o.npeers = (uint32_t)n;
+    if (aamm_replicator_new(&r, &o, err, sizeof err) != 0) {
+        fprintf(stderr, "agent %d: %s\n", i + 1, err);
+        _exit(2);
+    }
+    if ((rc = aamm_replicator_start(r)) != 0) {
+        fprintf(stderr, "agent %d: start: %s\n", i + 1, aamm_replicator_errmsg(r));
+        _exit(3);
+    }
+    while (!agent_stop) {
+        rc = aamm_replicator_run(r, 1000, &agent_stop);
+        if (rc != 0) {
+            fprintf(stderr, "agent %d: %s\n", i + 1, aamm_replicator_errmsg(r));
+            _exit(4);
+        }
+    }
+    aamm_replicator_stop(r, 2000);
+    aamm_replicator_free(r);
+    _exit(0);
+}
+
+static void start_agent(int i)
+{
+    agents[i] = aamm_test_spawn(agent_main, i);
+    ck_assert_int_gt(agents[i], 0);
+}
+
+static void stop_agent(int i)
+{
+    int st;
+    if (agents[i] <= 0)
+        return;
+    kill(agents[i], SIGTERM);
+    for (int k = 0; k < 100; k++) {
+        if (waitpid(agents[i], &st, WNOHANG) == agents[i]) {
+            agents[i] = 0;
+            return;
+        }
+        usleep(50000);
+    }
+    aamm_test_kill(&agents[i]);
+}
+
+/* ---- checks ---------------------------------------------------------------------- */
+
+static long count(int i, const char *sql)
+{
+    return pgfx_value_long(fx, i, -1, "%s", sql);
+}
+
+/* Start every agent and wait until each has made its slots (aamm_replicator_start()
+ * creates them before anything else): writes from then on reach every peer. */
+static void start_all(void)
+{
+    int64_t end = aamm_test_now_ms() + 60000;
+    for (int i = 0; i < NNODES; i++)
+        start_agent(i);
+    for (int i = 0; i < NNODES; i++)
+        while (count(i, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'aamm_to_%'") !=
+               NNODES - 1) {
+            ck_assert_msg(aamm_test_now_ms() < end, "node %d: slots not made", i + 1);
+            usleep(20000);
+        }
+}
+
+/* Wait until every node has @want ledger rows (bounded); returns true when they do. */
+static bool wait_ledger(long want, int timeout_s)
+{
+    int64_t end = aamm_test_now_ms() + timeout_s * 1000;
+    while (aamm_test_now_ms() < end) {
+        bool all = true;
+        for (int i = 0; i < NNODES; i++)
+            if (count(i, "SELECT count(*) FROM ledger") != want)
+                all = false;
+        if (all)
+            return true;
+        usleep(100000);
+    }
+    for (int i = 0; i < NNODES; i++) {
+        char *st = pgfx_value(fx, i, "SELECT string_agg(format('peer %%s out %%s sent %%s acked %%s "
+                                     "conf %%s | in %%s recv %%s applied %%s pending %%s %%s', "
+                                     "peer_id, out_state, out_sent_lsn, out_acked_lsn, "
+                                     "out_confirmed_lsn, in_state, in_received_lsn, "
+                                     "in_applied_lsn, in_pending, reason), E'\\n  ') "
+                                     "FROM aamm.replication_status");
+        fprintf(stderr, "node %d: %ld ledger rows (want %ld), by node: %s\n  %s\n", i + 1,
+                count(i, "SELECT count(*) FROM ledger"), want,
+                pgfx_value(fx, i, "SELECT string_agg(node || ':' || n, ' ') FROM (SELECT node, "
+                                  "count(*) n FROM ledger GROUP BY 1 ORDER BY 1) x"),
+                st ? st : "(no status)");
+        free(st);
+    }
+    return false;
+}
+
+/* Every table identical on every node, row by row (an md5 over the ordered rows). */
+static void assert_identical(void)
+{
+    const char *q[] = {"SELECT md5(string_agg(l::text, ',' ORDER BY node, seq)) FROM ledger l",
+                       "SELECT md5(string_agg(u::text, ',' ORDER BY id)) FROM users u",
+                       "SELECT md5(string_agg(b::text, ',' ORDER BY id)) FROM bikes b",
+                       "SELECT md5(string_agg(r::text, ',' ORDER BY id)) FROM rentals r"};
+    for (size_t k = 0; k < 4; k++) {
+        char *v0 = pgfx_value(fx, 0, "%s", q[k]);
+        for (int i = 1; i < NNODES; i++) {
+            char *v = pgfx_value(fx, i, "%s", q[k]);
+            ck_assert_msg((v0 == NULL && v == NULL) || (v0 && v && strcmp(v0, v) == 0),
+                          "node %d differs from node 1: %s", i + 1, q[k]);
+            free(v);
+        }
+        free(v0);
+    }
+}
+
+/* No ledger row was ever applied twice: a second insert of the same key would meet the
+ * row and be logged as insert_exists. */
+static void assert_no_duplicates(void)
+{
+    for (int i = 0; i < NNODES; i++)
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.conflict_log "
+                                  "WHERE relation = 'public.ledger'"),
+                         0);
+}
+
+/* Node @i commits @n ledger rows from @first, one transaction each. */
+static void write_ledger(int i, long first, long n)
+{
+    PGconn *c = pgfx_connect(fx, i);
+    ck_assert_ptr_nonnull(c);
+    for (long s = first; s < first + n; s++)
+        ck_assert_int_eq(pgfx_exec_conn(c, "INSERT INTO ledger VALUES (%d, %ld, 'x')", i + 1, s),
+                         0);
+    PQfinish(c);
+}
+
+/* ---- tests ----------------------------------------------------------------------- */
+
+/* Writes on every node reach every other node; a conflicting insert of one key resolves
+ * to the later writer everywhere; the status view shows both directions streaming. */
+START_TEST(three_nodes_converge)
+{
+    long n = aamm_test_scaled(200, 40);
+    start_all();
+    for (int i = 0; i < NNODES; i++)
+        write_ledger(i, 0, n);
+    ck_assert(wait_ledger(NNODES * n, 60));
+    /* the seed's conflict: An in one city, Wim a moment later in another */
+    /* (both open before either commits, so neither sees the other's row) */
+    PGconn *an = pgfx_connect(fx, 0), *wim = pgfx_connect(fx, 1);
+    ck_assert(an && wim);
+    ck_assert_int_eq(pgfx_exec_conn(an, "BEGIN; INSERT INTO users VALUES (2574, 'An')"), 0);
+    ck_assert_int_eq(pgfx_exec_conn(wim, "BEGIN; INSERT INTO users VALUES (2574, 'Wim')"), 0);
+    ck_assert_int_eq(pgfx_exec_conn(an, "COMMIT"), 0);
+    usleep(20000);
+    ck_assert_int_eq(pgfx_exec_conn(wim, "COMMIT"), 0);
+    PQfinish(an);
+    PQfinish(wim);
+    int64_t end = aamm_test_now_ms() + 30000;
+    bool ok = false;
+    while (!ok && aamm_test_now_ms() < end) {
+        ok = true;
+        for (int i = 0; i < NNODES; i++) {
+            char *v = pgfx_value(fx, i, "SELECT name FROM users WHERE id = 2574");
+            if (!v || strcmp(v, "Wim") != 0)
+                ok = false;
+            free(v);
+        }
+        usleep(100000);
+    }
+    ck_assert_msg(ok, "users 2574 is not 'Wim' everywhere");
+    ck_assert_int_ge(count(0, "SELECT count(*) FROM aamm.conflict_log WHERE kind = 'insert_exists'"),
+                     1);
+    usleep(500000);
+    assert_identical();
+    assert_no_duplicates();
+    for (int i = 0; i < NNODES; i++) {
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.replication_status "
+                                  "WHERE out_state = 'streaming' AND in_state = 'streaming'"),
+                         NNODES - 1);
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM pg_replication_slots "
+                                  "WHERE slot_name LIKE 'aamm_to_%'"),
+                         NNODES - 1);
+    }
+    for (int i = 0; i < NNODES; i++)
+        stop_agent(i);
+}
+END_TEST
+
+/* Writes made before any agent ran are replicated: start() creates the slots first. The
+ * test writes between the slots' creation (a first start) and the agents' second start. */
+START_TEST(slots_made_at_start)
+{
+    long n = aamm_test_scaled(50, 10);
+    /* the slots exist once every agent started (then stop them all) */
+    start_all();
+    for (int i = 0; i < NNODES; i++)
+        stop_agent(i);
+    write_ledger(0, 0, n); /* no agent runs */
+    start_agent(1);
+    start_agent(2);
+    usleep(300000);
+    start_agent(0);
+    ck_assert(wait_ledger(n, 60));
+    assert_no_duplicates();
+    for (int i = 0; i < NNODES; i++)
+        stop_agent(i);
+}
+END_TEST
+
+/* kill -9 of the receiving agent, the sending one, and both, again and again while every
+ * node writes: afterwards every row is everywhere exactly once. */
+START_TEST(kill_agents_under_load)
+{
+    uint64_t seed = aamm_test_seed("kill_agents_under_load");
+    int kills = (int)aamm_test_scaled(9, 3);
+    long per = aamm_test_scaled(60, 20), next[NNODES] = {0};
+    start_all();
+    for (int k = 0; k < kills; k++) {
+        int victim = (int)(aamm_test_rand(&seed) % NNODES);
+        int second = (k % 3 == 2) ? (victim + 1) % NNODES : -1;
+        for (int i = 0; i < NNODES; i++) {
+            write_ledger(i, next[i], per / 2);
+            next[i] += per / 2;
+        }
+        aamm_test_kill(&agents[victim]);
+        if (second >= 0)
+            aamm_test_kill(&agents[second]);
+        for (int i = 0; i < NNODES; i++) {
+            write_ledger(i, next[i], per / 2);
+            next[i] += per / 2;
+        }
+        usleep((useconds_t)(50000 + aamm_test_rand(&seed) % 400000));
+        start_agent(victim);
+        if (second >= 0)
+            start_agent(second);
+        usleep((useconds_t)(100000 + aamm_test_rand(&seed) % 500000));
+    }
+    fprintf(stderr, "kill_agents_under_load: %d kills, %ld rows per node\n", kills, next[0]);
+    ck_assert(wait_ledger(NNODES * next[0], 90));
+    usleep(300000);
+    assert_identical();
+    assert_no_duplicates();
+    for (int i = 0; i < NNODES; i++)
+        stop_agent(i);
+}
+END_TEST
+
+/* One node's PostgreSQL stops while the others write; restarted, it catches up. */
+START_TEST(pg_node_stopped_and_back)
+{
+    long n = aamm_test_scaled(100, 20);
+    start_all();
+    write_ledger(0, 0, n);
+    ck_assert(wait_ledger(n, 60));
+    ck_assert_int_eq(pgfx_stop_node(fx, 1, "fast"), 0);
+    write_ledger(0, n, n);
+    write_ledger(2, 0, n);
+    usleep(2000000);
+    ck_assert_int_eq(pgfx_start_node(fx, 1), 0);
+    write_ledger(1, 0, n);
+    ck_assert(wait_ledger(4 * n, 90));
+    usleep(300000);
+    assert_identical();
+    assert_no_duplicates();
+    for (int i = 0; i < NNODES; i++)
+        stop_agent(i);
+}
+END_TEST
+
+/* A node that only applies: its slots for its peers move past the WAL its own apply
+ * writes (confirmed without a transaction on the peer), so they retain little WAL. */
+START_TEST(apply_only_node_slots_advance)
+{
+    long n = aamm_test_scaled(300, 60);
+    start_all();
+    write_ledger(0, 0, n);
+    write_ledger(1, 0, n);
+    ck_assert(wait_ledger(2 * n, 60));
+    /* node 3 wrote nothing itself; all its WAL came from applying 1's and 2's rows */
+    char *lsn = pgfx_value(fx, 2, "SELECT pg_current_wal_lsn()");
+    ck_assert_ptr_nonnull(lsn);
+    int64_t end = aamm_test_now_ms() + 30000;
+    long behind = -1;
+    while (aamm_test_now_ms() < end) {
+        behind = pgfx_value_long(fx, 2, -1,
+                                 "SELECT count(*) FROM pg_replication_slots WHERE slot_name "
+                                 "LIKE 'aamm_to_%%' AND (confirmed_flush_lsn IS NULL OR "
+                                 "confirmed_flush_lsn < '%s')",
+                                 lsn);
+        if (behind == 0)
+            break;
+        usleep(100000);
+    }
+    ck_assert_msg(behind == 0, "node 3's slots stay behind %s (its own apply's WAL)", lsn);
+    free(lsn);
+    for (int i = 0; i < NNODES; i++)
+        stop_agent(i);
+}
+END_TEST
+
+/* ---- fixture ------------------------------------------------------------------------ */
+
+static void setup(void)
+{
+    fx = pgfx_start(NNODES, "max_replication_slots = 20\nmax_wal_senders = 20\n");
+    ck_assert_ptr_nonnull(fx);
+    for (int i = 0; i < NNODES; i++) {
+        setup_node(i);
+        ports[i] = aamm_test_free_port();
+        agents[i] = 0;
+    }
+}
+
+static void teardown(void)
+{
+    for (int i = 0; i < NNODES; i++)
+        aamm_test_kill(&agents[i]);
+    pgfx_destroy(fx);
+    fx = NULL;
+}
+
+int main(void)
+{
+    Suite *s = suite_create("replicator");
+    const struct {
+        const char *name;
+        const TTest *t;
+        double timeout;
+    } cases[] = {
+        {"three_nodes_converge", three_nodes_converge, 150},
+        {"slots_made_at_start", slots_made_at_start, 150},
+        {"kill_agents_under_load", kill_agents_under_load, 240},
+        {"pg_node_stopped_and_back", pg_node_stopped_and_back, 180},
+        {"apply_only_node_slots_advance", apply_only_node_slots_advance, 150},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        TCase *tc = aamm_test_tcase(cases[i].name, cases[i].timeout);
+        tcase_add_checked_fixture(tc, setup, teardown);
+        tcase_add_test(tc, cases[i].t);
+        suite_add_tcase(s, tc);
+    }
+    return aamm_test_run(s);
+}
