@@ -1,0 +1,86 @@
+#!/bin/sh
+# test_bikes_config.sh: bikes-agent's configuration checks, without a server
+# (`bikes-agent -c FILE check`): the sample configuration passes; each mistake exits 2 with
+# the message naming the file, line and key; the secret file must be private (not group
+# or world accessible) and at least 16 bytes; relative paths are relative to the file.
+agent="${AAMM_TOP_BUILDDIR:-.}/examples/bikes/bikes-agent"
+sample="${AAMM_TOP_SRCDIR:-${srcdir:-.}}/examples/bikes/bikes.conf.sample"
+if [ ! -x "$agent" ]; then
+    echo "FAIL: $agent not built"
+    echo "0 passed, 1 failed"
+    exit 1
+fi
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/aamm_bikes_config.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+pass=0 fail=0
+
+# expect NAME STATUS MESSAGE CONFIG-TEXT: `check` on CONFIG-TEXT (printf format) exits
+# STATUS and its stderr (or stdout for 0) contains MESSAGE.
+expect() {
+    name=$1 want=$2 msg=$3
+    # shellcheck disable=SC2059  # the config text is a printf format
+    printf "$4" >"$tmp/t.conf"
+    (cd / && "$agent" -c "$tmp/t.conf" check) >"$tmp/out" 2>&1
+    got=$?
+    if [ "$got" = "$want" ] && grep -qF -- "$msg" "$tmp/out"; then
+        pass=$((pass + 1))
+    else
+        fail=$((fail + 1))
+        echo "FAIL: $name: exit $got (want $want), output:"
+        sed 's/^/    /' "$tmp/out"
+        echo "    (wanted: $msg)"
+    fi
+}
+
+# a valid base: the secret file is found next to the configuration, wherever the cwd
+(umask 077 && printf 'a-secret-of-more-than-16-bytes\n' >"$tmp/cluster.secret")
+base='node_id = 1\nconninfo = dbname=x\ntables = a, b\ncluster = c\nsecret_file = cluster.secret\npeer = 2 berlin 127.0.0.1:7002\n'
+
+expect "valid, relative secret path" 0 "t.conf: ok (node 1, 1 peers, 2 tables)" "$base"
+expect "comments and blanks" 0 ": ok" "# comment\n\n   # indented comment\n$base"
+expect "bad peer line" 2 "t.conf:7: peer: expected 'ID NAME HOST:PORT [raft HOST:PORT]'" \
+    "${base}peer = 3 copenhagen\n"
+expect "peer without port" 2 "t.conf:7: peer: expected" "${base}peer = 3 copenhagen localhost\n"
+expect "unknown key" 2 "t.conf:7: colour: unknown key" "${base}colour = red\n"
+expect "line without =" 2 "t.conf:1: expected 'key = value'" "node_id 1\n"
+expect "empty value" 2 "t.conf:1: cluster: empty value" "cluster =\n"
+expect "key twice" 2 "t.conf:7: cluster: given twice" "${base}cluster = d\n"
+expect "node id range" 2 "t.conf:1: node_id: expected a number 1..1023" "node_id = 1024\n"
+expect "duplicate peer id" 2 "t.conf:7: peer: id 2 is already on line 6" \
+    "${base}peer = 2 berlin2 127.0.0.1:7003\n"
+expect "peer id is ours" 2 "t.conf:7: peer: id 1 is this node's node_id" \
+    "${base}peer = 1 me 127.0.0.1:7003\n"
+expect "bad listen" 2 "t.conf:7: listen: expected 'HOST:PORT'" "${base}listen = 127.0.0.1\n"
+expect "bad log level" 2 "t.conf:7: log_level: expected error, warn, info or debug" \
+    "${base}log_level = loud\n"
+expect "bad bootstrap" 2 "t.conf:7: bootstrap: expected yes or no" "${base}bootstrap = maybe\n"
+expect "missing cluster" 2 "t.conf: missing key 'cluster'" \
+    'node_id = 1\nconninfo = x\ntables = a\nsecret_file = cluster.secret\npeer = 2 b h:1\n'
+expect "tls needs all three" 2 "tls_ca, tls_cert and tls_key go together" "${base}tls_ca = ca.pem\n"
+expect "raft needs a dir" 2 "raft_address needs raft_dir" "${base}raft_address = 127.0.0.1:9001\n"
+
+chmod 640 "$tmp/cluster.secret"
+expect "group-readable secret" 2 "t.conf:5: secret_file: $tmp/cluster.secret: mode 0640 lets group or others access it" "$base"
+chmod 600 "$tmp/cluster.secret"
+(umask 077 && printf 'short\n' >"$tmp/short.secret")
+expect "short secret" 2 "t.conf:5: secret_file: $tmp/short.secret holds 5 bytes; at least 16 needed" \
+    'node_id = 1\nconninfo = dbname=x\ntables = a\ncluster = c\nsecret_file = short.secret\npeer = 2 b h:1\n'
+
+# the sample configuration is valid once its secret exists
+cp "$sample" "$tmp/t.conf"
+if "$agent" -c "$tmp/t.conf" check >"$tmp/out" 2>&1; then
+    pass=$((pass + 1))
+else
+    fail=$((fail + 1))
+    echo "FAIL: the sample configuration:"
+    sed 's/^/    /' "$tmp/out"
+fi
+# usage errors exit 2
+if "$agent" check >/dev/null 2>&1 || [ $? != 2 ]; then
+    fail=$((fail + 1)); echo "FAIL: no -c: not exit 2"
+else
+    pass=$((pass + 1))
+fi
+
+echo "$pass passed, $fail failed"
+[ "$fail" = 0 ]
