@@ -6,6 +6,7 @@
  * aamm.replication_status.
  */
 #include <check.h>
+#include <poll.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
@@ -18,6 +19,7 @@
 #include <aamm/node.h>
 #include <aamm/replicator.h>
 
+#include "netfx.h"
 #include "pgfixture.h"
 #include "testutil.h"
 
@@ -25,6 +27,7 @@
 static struct pgfx *fx;
 static int ports[NNODES];
 static pid_t agents[NNODES];
+static int dial_port[NNODES][NNODES]; /* where agent i dials peer k (0: ports[k]) */
 static const char secret[] = "0123456789abcdef-replicator-test";
 
 /* ---- node setup ------------------------------------------------------------------ */
@@ -89,7 +92,7 @@ static void agent_main(int i)
     for (int k = 0; k < NNODES; k++) {
         if (k == i)
             continue;
-        snprintf(portstr[k], sizeof portstr[k], "%d", ports[k]);
+        snprintf(portstr[k], sizeof portstr[k], "%d", dial_port[i][k] ? dial_port[i][k] : ports[k]);
         peers[n].node_id = (uint32_t)k + 1;
         peers[n].name = NULL;
         peers[n].host = "127.0.0.1";
@@ -286,20 +289,21 @@ START_TEST(three_nodes_converge)
 }
 END_TEST
 
-/* Writes made before any agent ran are replicated: start() creates the slots first. The
- * test writes between the slots' creation (a first start) and the agents' second start. */
+/* aamm_replicator_start() makes the slots before any peer connects: writes made while
+ * every peer is still down reach them when they come. */
 START_TEST(slots_made_at_start)
 {
     long n = aamm_test_scaled(50, 10);
-    /* the slots exist once every agent started (then stop them all) */
-    start_all();
-    for (int i = 0; i < NNODES; i++)
-        stop_agent(i);
-    write_ledger(0, 0, n); /* no agent runs */
+    int64_t end = aamm_test_now_ms() + 60000;
+    start_agent(0); /* alone: no link to anyone, so no capture has run */
+    while (count(0, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'aamm_to_%'") !=
+           NNODES - 1) {
+        ck_assert_msg(aamm_test_now_ms() < end, "node 1 made no slots without its peers");
+        usleep(20000);
+    }
+    write_ledger(0, 0, n);
     start_agent(1);
     start_agent(2);
-    usleep(300000);
-    start_agent(0);
     ck_assert(wait_ledger(n, 60));
     assert_no_duplicates();
     for (int i = 0; i < NNODES; i++)
@@ -342,6 +346,95 @@ START_TEST(kill_agents_under_load)
     assert_no_duplicates();
     for (int i = 0; i < NNODES; i++)
         stop_agent(i);
+}
+END_TEST
+
+/* The links between nodes 1 and 2 go through two proxies in a forked process; SIGUSR1
+ * cuts them (every connection closed at once, new ones refused), SIGUSR2 heals. */
+static struct netfx_proxy prox[2];
+static pid_t proxy_pid;
+static volatile sig_atomic_t proxy_cutting;
+static void on_cut(int sig)
+{
+    proxy_cutting = sig == SIGUSR1;
+}
+
+static void proxy_main(int unused)
+{
+    (void)unused;
+    signal(SIGUSR1, on_cut);
+    signal(SIGUSR2, on_cut);
+    for (;;) {
+        struct pollfd fds[6];
+        int n = 0;
+        for (int k = 0; k < 2; k++)
+            n += netfx_proxy_pollfds(&prox[k], fds + n);
+        (void)poll(fds, (nfds_t)n, 20);
+        for (int k = 0; k < 2; k++) {
+            if (proxy_cutting) {
+                int fd;
+                netfx_proxy_cut(&prox[k]);
+                while ((fd = netfx_accept(prox[k].lfd)) >= 0)
+                    close(fd);
+            } else {
+                netfx_proxy_step(&prox[k]);
+            }
+        }
+    }
+}
+
+static long rows_from(int i, int origin)
+{
+    return pgfx_value_long(fx, i, -1, "SELECT count(*) FROM ledger WHERE node = %d", origin + 1);
+}
+
+/* The links between two agents are cut for a while (scaled from 30 s) while all three
+ * nodes take writes: during the cut nothing of one reaches the other, afterwards every row
+ * is everywhere exactly once and the nodes are identical. */
+START_TEST(link_cut_between_two)
+{
+    long per = aamm_test_scaled(40, 10), next[NNODES] = {0};
+    int64_t cut_ms = aamm_test_scaled(30000, 6000), end;
+    netfx_proxy_init(&prox[0], ports[1]); /* 1 dials 2 through prox[0] */
+    netfx_proxy_init(&prox[1], ports[0]); /* 2 dials 1 through prox[1] */
+    ck_assert(prox[0].lfd >= 0 && prox[1].lfd >= 0);
+    dial_port[0][1] = prox[0].port;
+    dial_port[1][0] = prox[1].port;
+    proxy_pid = aamm_test_spawn(proxy_main, 0);
+    start_all();
+    for (int i = 0; i < NNODES; i++) {
+        write_ledger(i, 0, per);
+        next[i] = per;
+    }
+    ck_assert(wait_ledger(NNODES * per, 60));
+    kill(proxy_pid, SIGUSR1);
+    end = aamm_test_now_ms() + cut_ms;
+    while (aamm_test_now_ms() < end) {
+        for (int i = 0; i < NNODES; i++) {
+            write_ledger(i, next[i], 5);
+            next[i] += 5;
+        }
+        usleep(200000);
+    }
+    /* the cut held: node 2 misses node 1's recent rows and the other way round, while node 3
+     * has everything of both */
+    ck_assert_int_lt(rows_from(1, 0), next[0]);
+    ck_assert_int_lt(rows_from(0, 1), next[1]);
+    int64_t t3 = aamm_test_now_ms() + 30000;
+    while ((rows_from(2, 0) != next[0] || rows_from(2, 1) != next[1]) && aamm_test_now_ms() < t3)
+        usleep(100000);
+    ck_assert_int_eq(rows_from(2, 0), next[0]);
+    ck_assert_int_eq(rows_from(2, 1), next[1]);
+    kill(proxy_pid, SIGUSR2);
+    fprintf(stderr, "link_cut_between_two: cut %" PRId64 " ms, %ld rows per node\n", cut_ms,
+            next[0]);
+    ck_assert(wait_ledger(NNODES * next[0], 90));
+    usleep(300000);
+    assert_identical();
+    assert_no_duplicates();
+    for (int i = 0; i < NNODES; i++)
+        stop_agent(i);
+    aamm_test_kill(&proxy_pid);
 }
 END_TEST
 
@@ -408,6 +501,8 @@ static void setup(void)
         setup_node(i);
         ports[i] = aamm_test_free_port();
         agents[i] = 0;
+        for (int k = 0; k < NNODES; k++)
+            dial_port[i][k] = 0;
     }
 }
 
@@ -415,6 +510,7 @@ static void teardown(void)
 {
     for (int i = 0; i < NNODES; i++)
         aamm_test_kill(&agents[i]);
+    aamm_test_kill(&proxy_pid);
     pgfx_destroy(fx);
     fx = NULL;
 }
@@ -431,6 +527,7 @@ int main(void)
         {"slots_made_at_start", slots_made_at_start, 150},
         {"kill_agents_under_load", kill_agents_under_load, 240},
         {"pg_node_stopped_and_back", pg_node_stopped_and_back, 180},
+        {"link_cut_between_two", link_cut_between_two, 240},
         {"apply_only_node_slots_advance", apply_only_node_slots_advance, 150},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
