@@ -109,7 +109,10 @@ typedef void (*aamm_apply_conflict_cb)(struct aamm_apply *ap, const struct aamm_
 
 /** Options for aamm_apply_new(). Zero-initialize, then set what you need. */
 struct aamm_apply_options {
-    const char *conninfo;             /* copied: libpq connection string of the local node */
+    const char *conninfo;             /* copied: libpq connection string of the local node;
+                                         log in as the apply role made by
+                                         aamm_node_create_apply_role() (node.h), never as a
+                                         superuser: it has exactly the rights apply needs */
     uint32_t local_node;              /* this node's id (1..AAMM_NODE_ID_MAX) */
     uint32_t source_node;             /* the source node's id (likewise, != local_node) */
     size_t max_queued_changes;        /* queue bound in changes (0: 100000) */

@@ -12,10 +12,14 @@ export PKG_CONFIG_PATH="$tmp"
 ${CC:-cc} -std=c11 -Wall -Werror -o "$tmp/app" "$srcdir/tests/install/app.c" \
     $(pkg-config --cflags --libs aamm) -Wl,-rpath,"$libdir"
 "$tmp/app"
-# The static archive links too, against the (shared) libraries named in Requires.private
-# (Debian ships no static libpq dependencies, so those stay shared).
+# libpq is a public dependency (node.h takes a PGconn): a program that uses libpq itself
+# gets its flags from aamm alone.
+pkg-config --print-requires aamm | grep -q '^libpq' ||
+    { echo "installcheck: aamm.pc does not require libpq"; exit 1; }
+# The static archive links too, against the (shared) libraries named in Requires and
+# Requires.private (Debian ships no static libpq dependencies, so those stay shared).
 if [ -f "$libdir/libaamm.a" ]; then
-    priv=$(sed -n 's/^Requires.private: *//p' "$tmp/aamm.pc" | tr ',' ' ')
+    priv=$(sed -n 's/^Requires\(.private\)\{0,1\}: *//p' "$tmp/aamm.pc" | tr ',' ' ')
     ${CC:-cc} -std=c11 -Wall -Werror -o "$tmp/app-static" "$srcdir/tests/install/app.c" \
         $(pkg-config --cflags aamm) "$libdir/libaamm.a" $(pkg-config --libs $priv) -lm
     "$tmp/app-static"
