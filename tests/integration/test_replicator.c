@@ -28,6 +28,8 @@ static struct pgfx *fx;
 static int ports[NNODES];
 static pid_t agents[NNODES];
 static int dial_port[NNODES][NNODES]; /* where agent i dials peer k (0: ports[k]) */
+static bool with_consensus;            /* agents run consensus and supply galloc "rentals" */
+static int raft_ports[NNODES];
 static const char secret[] = "0123456789abcdef-replicator-test";
 
 /* ---- node setup ------------------------------------------------------------------ */
@@ -102,6 +104,22 @@ static void agent_main(int i)
     }
     o.peers = peers;
     o.npeers = (uint32_t)n;
+    char raft[NNODES][32], rdir[512];
+    const char *seqs[] = {"rentals"};
+    if (with_consensus) {
+        for (int k = 0; k < NNODES; k++)
+            snprintf(raft[k], sizeof raft[k], "127.0.0.1:%d", raft_ports[k]);
+        for (int k = 0, m = 0; k < NNODES; k++)
+            if (k != i)
+                peers[m++].raft_address = raft[k];
+        snprintf(rdir, sizeof rdir, "%s/raft%d", pgfx_root(fx), i + 1);
+        o.raft_address = raft[i];
+        o.raft_data_dir = rdir;
+        o.bootstrap_consensus = true;
+        o.sequences = seqs;
+        o.nsequences = 1;
+        o.sequence_range_size = 100;
+    }
     if (aamm_replicator_new(&r, &o, err, sizeof err) != 0) {
         fprintf(stderr, "agent %d: %s\n", i + 1, err);
         _exit(2);
@@ -213,6 +231,12 @@ static void assert_identical(void)
         }
         free(v0);
     }
+    /* foreign keys: apply skips FK checks (session_replication_role = replica), so check
+     * that no rental points at a bike that is missing on any node */
+    for (int i = 0; i < NNODES; i++)
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM rentals r LEFT JOIN bikes b "
+                                  "ON b.id = r.bike_id WHERE r.bike_id IS NOT NULL AND b.id IS NULL"),
+                         0);
 }
 
 /* No ledger row was ever applied twice: a second insert of the same key would meet the
@@ -225,14 +249,50 @@ static void assert_no_duplicates(void)
                          0);
 }
 
+/* No ack runs ahead of what is durable: what node i's replicator last saw acknowledged by
+ * peer k (its status row, read first) is at or below k's flushed origin progress for i (read
+ * after: it only grows). */
+static void check_acks(void)
+{
+    for (int i = 0; i < NNODES; i++)
+        for (int k = 0; k < NNODES; k++) {
+            if (k == i)
+                continue;
+            char *ack = pgfx_value(fx, i,
+                                   "SELECT out_acked_lsn FROM aamm.replication_status "
+                                   "WHERE peer_id = %d",
+                                   k + 1);
+            if (!ack)
+                continue;
+            long ok = pgfx_value_long(fx, k, -1,
+                                      "SELECT (coalesce(pg_replication_origin_progress("
+                                      "'aamm_from_%d', true), '0/0') >= '%s')::int",
+                                      i + 1, ack);
+            ck_assert_msg(ok != 0, "node %d saw ack %s from node %d, beyond what is flushed there",
+                          i + 1, ack, k + 1);
+            free(ack);
+        }
+}
+
 /* Node @i commits @n ledger rows from @first, one transaction each. */
 static void write_ledger(int i, long first, long n)
 {
     PGconn *c = pgfx_connect(fx, i);
     ck_assert_ptr_nonnull(c);
-    for (long s = first; s < first + n; s++)
-        ck_assert_int_eq(pgfx_exec_conn(c, "INSERT INTO ledger VALUES (%d, %ld, 'x')", i + 1, s),
-                         0);
+    for (long s = first; s < first + n; s++) {
+        long b = (i + 1) * 1000000L + s;
+        if (s % 10 == 0) /* a bike and its rental in one transaction with the ledger row */
+            ck_assert_int_eq(pgfx_exec_conn(c,
+                                            "INSERT INTO ledger VALUES (%d, %ld, 'x');"
+                                            "INSERT INTO bikes VALUES (%ld, 'ok');"
+                                            "INSERT INTO rentals VALUES (%ld, %ld, 1)",
+                                            i + 1, s, b, b, b),
+                             0);
+        else
+            ck_assert_int_eq(pgfx_exec_conn(c, "INSERT INTO ledger VALUES (%d, %ld, 'x')", i + 1,
+                                            s),
+                             0);
+    }
     PQfinish(c);
 }
 
@@ -326,6 +386,7 @@ START_TEST(kill_agents_under_load)
             write_ledger(i, next[i], per / 2);
             next[i] += per / 2;
         }
+        check_acks();
         aamm_test_kill(&agents[victim]);
         if (second >= 0)
             aamm_test_kill(&agents[second]);
@@ -491,6 +552,61 @@ START_TEST(apply_only_node_slots_advance)
 }
 END_TEST
 
+/* With consensus: the replicators elect a leader and keep every node's
+ * aamm.galloc_nextval('rentals') supplied; ids drawn on all three nodes never collide, and
+ * an agent killed and restarted rejoins the same cluster from its data dir. */
+START_TEST(consensus_galloc_supply)
+{
+    long per = aamm_test_scaled(300, 150);
+    with_consensus = true;
+    for (int i = 0; i < NNODES; i++)
+        raft_ports[i] = aamm_test_free_port();
+    start_all();
+    for (int round = 0; round < 2; round++) {
+        for (int i = 0; i < NNODES; i++) {
+            PGconn *c = pgfx_connect(fx, i);
+            int64_t end = aamm_test_now_ms() + 60000;
+            ck_assert_ptr_nonnull(c);
+            for (long k = 0; k < per;) {
+                PGresult *res = PQexec(c, "INSERT INTO rentals (id, bike_id, user_id) "
+                                          "VALUES (aamm.galloc_nextval('rentals'), NULL, 1)");
+                bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+                PQclear(res);
+                if (ok) {
+                    k++;
+                    continue;
+                }
+                /* no range supplied yet (election, first grant): wait for the replicator */
+                ck_assert_msg(aamm_test_now_ms() < end, "node %d: no galloc range: %s", i + 1,
+                              PQerrorMessage(c));
+                usleep(50000);
+            }
+            PQfinish(c);
+        }
+        if (round == 0) { /* kill -9 one agent, restart it: it rejoins from its raft dir */
+            aamm_test_kill(&agents[1]);
+            start_agent(1);
+        }
+    }
+    int64_t end = aamm_test_now_ms() + 60000;
+    while (aamm_test_now_ms() < end &&
+           (count(0, "SELECT count(*) FROM rentals") != 2 * NNODES * per ||
+            count(1, "SELECT count(*) FROM rentals") != 2 * NNODES * per ||
+            count(2, "SELECT count(*) FROM rentals") != 2 * NNODES * per))
+        usleep(100000);
+    for (int i = 0; i < NNODES; i++)
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM rentals"), 2 * NNODES * per);
+    /* unique across nodes: a collision would have met an existing key */
+    for (int i = 0; i < NNODES; i++)
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.conflict_log "
+                                  "WHERE relation = 'public.rentals'"),
+                         0);
+    assert_identical();
+    for (int i = 0; i < NNODES; i++)
+        stop_agent(i);
+}
+END_TEST
+
 /* ---- fixture ------------------------------------------------------------------------ */
 
 static void setup(void)
@@ -503,6 +619,7 @@ static void setup(void)
         agents[i] = 0;
         for (int k = 0; k < NNODES; k++)
             dial_port[i][k] = 0;
+        with_consensus = false;
     }
 }
 
@@ -528,6 +645,7 @@ int main(void)
         {"kill_agents_under_load", kill_agents_under_load, 240},
         {"pg_node_stopped_and_back", pg_node_stopped_and_back, 180},
         {"link_cut_between_two", link_cut_between_two, 240},
+        {"consensus_galloc_supply", consensus_galloc_supply, 200},
         {"apply_only_node_slots_advance", apply_only_node_slots_advance, 150},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
