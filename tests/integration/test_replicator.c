@@ -252,26 +252,28 @@ static void assert_no_duplicates(void)
 /* No ack runs ahead of what is durable: what node i's replicator last saw acknowledged by
  * peer k (its status row, read first) is at or below k's flushed origin progress for i (read
  * after: it only grows). */
+static void check_ack(int i, int k)
+{
+    char *ack = pgfx_value(fx, i,
+                           "SELECT out_acked_lsn FROM aamm.replication_status WHERE peer_id = %d",
+                           k + 1);
+    if (!ack)
+        return;
+    long ok = pgfx_value_long(fx, k, -1,
+                              "SELECT (coalesce(pg_replication_origin_progress("
+                              "'aamm_from_%d', true), '0/0') >= '%s')::int",
+                              i + 1, ack);
+    ck_assert_msg(ok != 0, "node %d saw ack %s from node %d, beyond what is flushed there", i + 1,
+                  ack, k + 1);
+    free(ack);
+}
+
 static void check_acks(void)
 {
     for (int i = 0; i < NNODES; i++)
-        for (int k = 0; k < NNODES; k++) {
-            if (k == i)
-                continue;
-            char *ack = pgfx_value(fx, i,
-                                   "SELECT out_acked_lsn FROM aamm.replication_status "
-                                   "WHERE peer_id = %d",
-                                   k + 1);
-            if (!ack)
-                continue;
-            long ok = pgfx_value_long(fx, k, -1,
-                                      "SELECT (coalesce(pg_replication_origin_progress("
-                                      "'aamm_from_%d', true), '0/0') >= '%s')::int",
-                                      i + 1, ack);
-            ck_assert_msg(ok != 0, "node %d saw ack %s from node %d, beyond what is flushed there",
-                          i + 1, ack, k + 1);
-            free(ack);
-        }
+        for (int k = 0; k < NNODES; k++)
+            if (k != i)
+                check_ack(i, k);
 }
 
 /* Node @i commits @n ledger rows from @first, one transaction each. */
@@ -499,6 +501,54 @@ START_TEST(link_cut_between_two)
 }
 END_TEST
 
+/* Acks follow what is durable on the peer, not what reached its agent: while a local
+ * session on node 2 holds a lock that blocks apply, node 1's transactions sit received but
+ * uncommitted in node 2's agent; node 1 must not see them acknowledged (a kill -9 of that
+ * agent would lose them after node 1 confirmed its slot past them). Released, they are
+ * applied and acknowledged. */
+START_TEST(acks_follow_durable)
+{
+    long n = aamm_test_scaled(40, 20);
+    start_all();
+    write_ledger(0, 0, 5);
+    ck_assert(wait_ledger(5, 60));
+    PGconn *blocker = pgfx_connect(fx, 1);
+    ck_assert_ptr_nonnull(blocker);
+    ck_assert_int_eq(pgfx_exec_conn(blocker, "BEGIN; LOCK TABLE ledger IN EXCLUSIVE MODE"), 0);
+    write_ledger(0, 5, n);
+    /* node 2's agent has them (its status row says received), node 1 sent them ... */
+    int64_t t = aamm_test_now_ms() + 30000;
+    while (pgfx_value_long(fx, 1, -1,
+                           "SELECT (in_received_lsn > in_applied_lsn)::int FROM "
+                           "aamm.replication_status WHERE peer_id = 1") != 1) {
+        ck_assert_msg(aamm_test_now_ms() < t, "node 2 never received node 1's transactions");
+        usleep(50000);
+    }
+    usleep(1000000); /* several status rounds on both agents */
+    /* ... but node 1 sees no ack for them, and none beyond node 2's durable progress */
+    check_ack(0, 1);
+    ck_assert_int_eq(pgfx_value_long(fx, 0, -1,
+                                     "SELECT (out_acked_lsn < out_sent_lsn)::int FROM "
+                                     "aamm.replication_status WHERE peer_id = 2"),
+                     1);
+    ck_assert_int_eq(pgfx_exec_conn(blocker, "COMMIT"), 0);
+    PQfinish(blocker);
+    t = aamm_test_now_ms() + 30000;
+    long done = 0;
+    while (aamm_test_now_ms() < t &&
+           (done = pgfx_value_long(fx, 0, -1,
+                                   "SELECT (out_acked_lsn >= out_sent_lsn)::int FROM "
+                                   "aamm.replication_status WHERE peer_id = 2")) != 1) {
+        check_ack(0, 1);
+        usleep(100000);
+    }
+    ck_assert_msg(done == 1, "node 1 never saw node 2 acknowledge everything");
+    ck_assert(wait_ledger(5 + n, 30));
+    for (int i = 0; i < NNODES; i++)
+        stop_agent(i);
+}
+END_TEST
+
 /* One node's PostgreSQL stops while the others write; restarted, it catches up. */
 START_TEST(pg_node_stopped_and_back)
 {
@@ -645,6 +695,7 @@ int main(void)
         {"kill_agents_under_load", kill_agents_under_load, 240},
         {"pg_node_stopped_and_back", pg_node_stopped_and_back, 180},
         {"link_cut_between_two", link_cut_between_two, 240},
+        {"acks_follow_durable", acks_follow_durable, 150},
         {"consensus_galloc_supply", consensus_galloc_supply, 200},
         {"apply_only_node_slots_advance", apply_only_node_slots_advance, 150},
     };
