@@ -411,7 +411,13 @@ static void out_drop_capture(struct rpeer *p)
 static void out_fail(struct rpeer *p, const char *what, const char *msg, int64_t now)
 {
     char reason[REASON_MAX];
-    snprintf(reason, sizeof reason, "%s: %s", what, msg && *msg ? msg : "closed");
+    if (!msg || !*msg)
+        msg = "closed";
+    /* component messages usually carry their own prefix ("capture: slot ...") */
+    if (strncmp(msg, what, strlen(what)) == 0)
+        snprintf(reason, sizeof reason, "%s", msg);
+    else
+        snprintf(reason, sizeof reason, "%s: %s", what, msg);
     out_drop_capture(p);
     if (p->ls) {
         aamm_link_free(p->ls);
@@ -596,7 +602,7 @@ static int out_step(struct rpeer *p, int64_t now)
         rc = aamm_capture_step(p->cap);
         if (rc < 0) {
             char reason[REASON_MAX];
-            snprintf(reason, sizeof reason, "capture: %s", aamm_capture_errmsg(p->cap));
+            snprintf(reason, sizeof reason, "%s", aamm_capture_errmsg(p->cap));
             out_drop_capture(p);
             p->out_retry_at = now + p->out_backoff;
             p->out_backoff = p->out_backoff * 2 > p->r->o.reconnect_max_ms
@@ -831,9 +837,9 @@ static int accept_one(struct aamm_replicator *r)
             slot = i;
             break;
         }
-    /* Resume positions must be known (apply ready) before the link is made; a peer
-     * that comes too early, or too many at once, is closed and dials again. */
-    if (slot < 0 || !applies_ready(r)) {
+    /* (called only once every apply is ready: resume positions must be known before the
+     * link is made.) Too many handshakes at once: closed, the peer dials again. */
+    if (slot < 0) {
         close(fd);
         return 0;
     }
@@ -1378,7 +1384,8 @@ int aamm_replicator_step(struct aamm_replicator *r)
     if (!r->started || r->stopped)
         return aamm__errf(&r->err, AAMM_ESTATE, "replicator: not running");
     r->more = false;
-    if (r->listen_fd >= 0)
+    /* Peers that dial before every apply is ready wait in the listen backlog. */
+    if (r->listen_fd >= 0 && applies_ready(r))
         for (int i = 0; i < MAX_PENDING_ACCEPTS; i++)
             if ((rc = accept_one(r)) < 0)
                 return rc;
@@ -1411,7 +1418,8 @@ size_t aamm_replicator_fds(const struct aamm_replicator *r, struct aamm_replicat
     size_t n = 0;
     if (!r->started || r->stopped)
         return 0;
-    add_fd(fds, cap, &n, r->listen_fd, AAMM_READ);
+    if (applies_ready(r))
+        add_fd(fds, cap, &n, r->listen_fd, AAMM_READ);
     for (int i = 0; i < MAX_PENDING_ACCEPTS; i++)
         if (r->acc[i].link)
             add_fd(fds, cap, &n, aamm_link_fd(r->acc[i].link), aamm_link_events(r->acc[i].link));
@@ -1577,6 +1585,7 @@ void aamm_replicator_stop(struct aamm_replicator *r, int timeout_ms)
         aamm_link_free(p->lr);
         p->lr = NULL;
         p->out_state = AAMM_STREAM_DOWN;
+        p->out_rate = p->in_rate = 0;
         if (p->in_state != AAMM_STREAM_HELD)
             p->in_state = AAMM_STREAM_DOWN;
     }
