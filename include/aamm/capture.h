@@ -29,9 +29,10 @@
  * Server requirements (checked during setup, each refused with AAMM_EUNSUITABLE and a message
  * naming the setting): PostgreSQL 15 or later, wal_level = logical,
  * track_commit_timestamp = on. Every table in the publications needs a primary key or a
- * replica identity index; REPLICA IDENTITY FULL is accepted but slow (every UPDATE and
- * DELETE carries, and apply must match on, the whole old row). The check runs at open:
- * tables added to the publication later are not checked.
+ * replica identity index (capture's own check; libaamm's apply side requires a primary key,
+ * and aamm_node_replicate_table() sets REPLICA IDENTITY FULL on every replicated table, so
+ * UPDATE and DELETE carry the whole old row). The check runs at open: tables added to the
+ * publication later are not checked.
  *
  * Value formats are pinned on the replication session (DateStyle=ISO,
  * IntervalStyle=postgres, extra_float_digits=3, bytea_output=hex, TimeZone=UTC,
@@ -46,13 +47,14 @@
  * transactions, a server keepalive while the stream is idle) are handed to the host as
  * AAMM_CAPTURE_PROGRESS events, in stream order, when the stream goes idle (and at most
  * once per status interval while it is busy); the host confirms them like a commit, once
- * everything before them is confirmed and the peer's durable position covers them (e.g.
- * the host forwards the position and the peer records it in its origin progress; note
- * that a transaction without writes commits nothing there). This keeps WAL from
- * piling up on a node that mostly applies remote data. Capture does not advance the slot
- * by itself: after a reconnect it could not tell its own advances from lost data, and
- * the gap check below would misfire; a host that confirms a PROGRESS position must also
- * pass it (or a later position) as start_lsn next time.
+ * everything sent before them is acknowledged by the peer (never by sending them as empty
+ * transactions: one that writes nothing commits nothing on the peer, so its origin does not
+ * move; the replicator, replicator.h, confirms them directly). This keeps WAL from piling
+ * up on a node that mostly applies remote data. Capture does not advance the slot by
+ * itself. A host that confirms PROGRESS positions cannot use the gap check below with the
+ * peer's origin progress as start_lsn (the slot may be past it, legitimately): start with
+ * start_lsn = 0 (from the slot's position) and let the link skip what the peer has, as the
+ * replicator does.
  *
  * Delivery is at-least-once. After a reconnect the stream resumes at the host's start
  * position (transactions whose commit ends at or before it are not sent again). But on

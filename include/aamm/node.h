@@ -16,6 +16,11 @@
  *   functions           the guard apply runs at the start of each remote transaction, the
  *                       conflict decisions (doc/conflicts.md), the tombstone trigger,
  *                       the tombstone collector
+ *   generators          snowflake, UUIDv7 and galloc SQL functions with their state
+ *                       (aamm.seq_config, aamm.galloc_range; doc/sequences.md)
+ *   aamm.replicator_peer, aamm.replication_status
+ *                       the replicator's status per peer (unlogged table, node-local) and
+ *                       the view over it with each slot's retained WAL (replicator.h)
  */
 #ifndef AAMM_NODE_H
 #define AAMM_NODE_H

@@ -81,8 +81,10 @@ struct aamm_replicator_options {
     const char *node_name; /* label (NULL: "node<id>") */
 
     /* libpq conninfo of the local node for capture (replication connections) and the
-     * replicator's own control connection (slot creation at start, status view). A role
-     * with REPLICATION that may create slots. Required. */
+     * replicator's own control connection (slot creation at start, status view, galloc
+     * supply). A superuser, or a role with REPLICATION plus INSERT, UPDATE, DELETE on
+     * aamm.replicator_peer and EXECUTE on aamm's galloc supply functions (doc/guide.md).
+     * Required. */
     const char *conninfo;
     /* libpq conninfo for apply: log in as the apply role made by
      * aamm_node_create_apply_role() (never a superuser in production). NULL: conninfo. */
@@ -147,7 +149,10 @@ struct aamm_replicator_options {
 /** Fill @opts (borrowed) with zeros and the defaults. */
 AAMM_API void aamm_replicator_options_init(struct aamm_replicator_options *opts);
 
-/** Events the host reports for one replicator callback (see aamm_replicator_set_*_cb). */
+/**
+ * A conflict met by the incoming stream from @peer committed (apply.h's on_conflict, with
+ * the peer's id): @conflict is borrowed for the call. Runs inside aamm_replicator_step().
+ */
 typedef void (*aamm_replicator_conflict_cb)(struct aamm_replicator *r, uint32_t peer,
                                             const struct aamm_conflict *conflict, void *arg);
 /**
@@ -281,7 +286,8 @@ AAMM_API int aamm_replicator_peer_status(const struct aamm_replicator *r, uint32
 
 /**
  * Write a one-line human summary of every peer into @buf (@size bytes, NUL-terminated),
- * e.g. "node 1 (amsterdam): 2 out streaming lag 0 B, in streaming lag 3 ms ...". Returns
+ * e.g. "node 1 (amsterdam): berlin: out streaming 12/s lag 0 B, in streaming 9/s lag 3 ms
+ * pending 0, 2 conflicts; copenhagen: ...". Returns
  * the length it needed (like snprintf).
  */
 AAMM_API size_t aamm_replicator_status_line(const struct aamm_replicator *r, char *buf,
