@@ -572,31 +572,58 @@ START_TEST(pg_node_stopped_and_back)
 END_TEST
 
 /* A node that only applies: its slots for its peers move past the WAL its own apply
- * writes (confirmed without a transaction on the peer), so they retain little WAL. */
+ * writes (confirmed without a transaction on the peer), so they retain little WAL. Nodes 1
+ * and 2 write for a while (20 s, scaled: make check-long runs it for minutes) while node
+ * 3's retained WAL is sampled; afterwards a checkpoint lets the slots' restart_lsn move
+ * past everything node 3 wrote, which only happens if their confirmed position did. */
 START_TEST(apply_only_node_slots_advance)
 {
-    long n = aamm_test_scaled(300, 60);
+    int64_t run_ms = aamm_test_scaled(20000, 8000), end, next_sample;
+    long next[2] = {0, 0}, max_retained = 0;
     start_all();
-    write_ledger(0, 0, n);
-    write_ledger(1, 0, n);
-    ck_assert(wait_ledger(2 * n, 60));
+    char *lsn0 = pgfx_value(fx, 2, "SELECT pg_current_wal_lsn()");
+    end = aamm_test_now_ms() + run_ms;
+    next_sample = 0;
+    while (aamm_test_now_ms() < end) {
+        for (int i = 0; i < 2; i++) {
+            write_ledger(i, next[i], 20);
+            next[i] += 20;
+        }
+        if (aamm_test_now_ms() >= next_sample) {
+            long r = pgfx_value_long(fx, 2, -1,
+                                     "SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), "
+                                     "restart_lsn))::bigint FROM pg_replication_slots "
+                                     "WHERE slot_name LIKE 'aamm_to_%%'");
+            if (r > max_retained)
+                max_retained = r;
+            next_sample = aamm_test_now_ms() + 1000;
+        }
+    }
+    ck_assert(wait_ledger(next[0] + next[1], 60));
     /* node 3 wrote nothing itself; all its WAL came from applying 1's and 2's rows */
     char *lsn = pgfx_value(fx, 2, "SELECT pg_current_wal_lsn()");
     ck_assert_ptr_nonnull(lsn);
-    int64_t end = aamm_test_now_ms() + 30000;
+    long total = pgfx_value_long(fx, 2, -1, "SELECT pg_wal_lsn_diff('%s', '%s')::bigint", lsn, lsn0);
+    int64_t t = aamm_test_now_ms() + 30000;
     long behind = -1;
-    while (aamm_test_now_ms() < end) {
+    while (aamm_test_now_ms() < t) {
         behind = pgfx_value_long(fx, 2, -1,
                                  "SELECT count(*) FROM pg_replication_slots WHERE slot_name "
                                  "LIKE 'aamm_to_%%' AND (confirmed_flush_lsn IS NULL OR "
-                                 "confirmed_flush_lsn < '%s')",
-                                 lsn);
+                                 "confirmed_flush_lsn < '%s' OR restart_lsn < '%s')",
+                                 lsn, lsn);
         if (behind == 0)
             break;
-        usleep(100000);
+        (void)pgfx_exec(fx, 2, "CHECKPOINT");
+        usleep(300000);
     }
+    fprintf(stderr,
+            "apply_only_node_slots_advance: %" PRId64 " ms, %ld rows applied on node 3, %ld "
+            "bytes of WAL written there, at most %ld retained by its slots\n",
+            run_ms, next[0] + next[1], total, max_retained);
     ck_assert_msg(behind == 0, "node 3's slots stay behind %s (its own apply's WAL)", lsn);
     free(lsn);
+    free(lsn0);
     for (int i = 0; i < NNODES; i++)
         stop_agent(i);
 }
