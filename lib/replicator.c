@@ -621,6 +621,12 @@ static int out_step(struct rpeer *p, int64_t now)
         return rc;
     if (!p->ls)
         return 0;
+    /* write what the pump queued now rather than at the next step */
+    rc = aamm_link_step(p->ls);
+    if (rc < 0 || aamm_link_state(p->ls) >= AAMM_LINK_CLOSED) {
+        out_fail(p, "link", aamm_link_errmsg(p->ls), now);
+        return 0;
+    }
     out_confirm(p);
     return 0;
 }
@@ -779,6 +785,9 @@ static int in_step(struct rpeer *p, int64_t now)
         }
         /* on ECLOSED/ECONN, recv hands out what arrived before, then fails */
     }
+    /* received transactions go to apply before it steps, so they are sent at once */
+    if ((rc = in_pump(p)) < 0)
+        return rc;
     rc = aamm_apply_step(p->ap);
     if (rc < 0 && rc != AAMM_ENOMEM) {
         if (p->in_state != AAMM_STREAM_HELD) {
@@ -798,7 +807,7 @@ static int in_step(struct rpeer *p, int64_t now)
                                 : AAMM_STREAM_DOWN,
                   NULL);
     }
-    if ((rc = in_pump(p)) < 0)
+    if ((rc = in_pump(p)) < 0) /* what apply's step made room for */
         return rc;
     lag_trim(p, aamm_apply_progress(p->ap));
     /* ack exactly what apply reports flushed */
