@@ -24,6 +24,8 @@
  * aamm.replication_status in_lag_ms / in_pending; native: pg_stat_subscription).
  * BENCH_AGENT_LOG=<path>: the agents' stderr (AAMM_DEBUG logs) goes there.
  * BENCH_MODES: a subset of "standalone,native,replicator" (default: all three).
+ * For investigation only (the figures are not the issue's load then): BENCH_PGBENCH_RATE=<tps>
+ * throttles pgbench (-R), BENCH_EXTRA_CONF adds postgresql.conf lines on every node.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -150,6 +152,24 @@ static double proc_cpu(long pid)
     return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
+/* Seconds a process has waited on a run queue for a CPU so far (/proc/<pid>/schedstat:
+ * on-CPU ns, run-queue wait ns, timeslices); 0 when unknown */
+static double proc_wait(long pid)
+{
+    char path[64];
+    unsigned long long on = 0, wait = 0;
+    if (pid <= 0)
+        return 0;
+    snprintf(path, sizeof path, "/proc/%ld/schedstat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    if (fscanf(f, "%llu %llu", &on, &wait) != 2)
+        wait = 0;
+    fclose(f);
+    return (double)wait / 1e9;
+}
+
 /* ---- the agent: a forked process running one replicator (as a host would) ------------ */
 
 static volatile int agent_stop;
@@ -157,6 +177,16 @@ static void on_term(int sig)
 {
     (void)sig;
     agent_stop = 1;
+}
+
+/* BENCH_AGENT_LOG: the library's log lines with wall-clock microseconds and the agent */
+static void agent_log(int level, const char *file, int line, const char *msg, void *arg)
+{
+    struct timespec w;
+    (void)level;
+    clock_gettime(CLOCK_REALTIME, &w);
+    fprintf(stderr, "%lld.%06ld %c %s (%s:%d)\n", (long long)w.tv_sec, w.tv_nsec / 1000,
+            *(const char *)arg, msg, file, line);
 }
 
 static void agent_main(int i)
@@ -175,6 +205,10 @@ static void agent_main(int i)
             dup2(fd, 2);
             close(fd);
         }
+        static char who[2];
+        who[0] = (char)('A' + i);
+        const char *lv = getenv("AAMM_DEBUG");
+        aamm_set_log_cb(agent_log, lv && *lv ? atoi(lv) : AAMM_LOG_INFO, who);
     }
     /* default options: only what a deployment must say (identity, addresses, secret) */
     aamm_replicator_options_init(&o);
@@ -292,6 +326,11 @@ static void pgbench_argv(int node, const char **argv, char *port, size_t portsz,
         argv[n++] = "2";
         argv[n++] = "-T";
         argv[n++] = arg;
+        const char *rate = getenv("BENCH_PGBENCH_RATE");
+        if (rate && *rate) {
+            argv[n++] = "-R";
+            argv[n++] = rate;
+        }
     }
     argv[n++] = "-h";
     argv[n++] = pgfx_sockdir(fx, node);
@@ -414,6 +453,8 @@ struct run {
     double agent_a_cpu_s; /* of which A's (capture, sending) */
     double stale_end_ms; /* how old B's view of A was when pgbench ended */
     double server_cpu_s; /* A's walsender + B's applier backend */
+    double walsender_cpu_s; /* of which A's walsender */
+    double wait_s[4]; /* run-queue wait: agent A, agent B, A's walsender, B's applier */
     double first_third_ms, last_third_ms; /* mean lag early and late in the run */
 };
 
@@ -471,7 +512,11 @@ static void measure(enum mode m, struct run *r, long apid[2], long spid, long wp
     if (replicating)
         pb.c = probe_connect(1);
     double c0 = proc_cpu(apid[0]) + proc_cpu(apid[1]), ca0 = proc_cpu(apid[0]);
-    double s0 = proc_cpu(spid) + proc_cpu(wpid);
+    double s0 = proc_cpu(spid) + proc_cpu(wpid), w0 = proc_cpu(spid);
+    long wpids[4] = {apid[0], apid[1], spid, wpid};
+    double q0[4];
+    for (int k = 0; k < 4; k++)
+        q0[k] = proc_wait(wpids[k]);
     int64_t last_written = 0, last_seen = 0;
     double last_seen_lag = 0;
     long seconds = bench_seconds();
@@ -506,6 +551,9 @@ static void measure(enum mode m, struct run *r, long apid[2], long spid, long wp
                     r->stale_end_ms = replicating ? (double)(us - last_seen) / 1000.0 : 0;
                 }
                 r->server_cpu_s = s1 - s0;
+                r->walsender_cpu_s = proc_cpu(spid) - w0;
+                for (int k = 0; k < 4; k++)
+                    r->wait_s[k] = proc_wait(wpids[k]) - q0[k];
             } else if (now > hard_end) {
                 die("pgbench ran past %ld s", seconds + 60);
             }
@@ -570,6 +618,9 @@ static void measure(enum mode m, struct run *r, long apid[2], long spid, long wp
             probe_read(&pb, &v0, &v1, &got) && got && v0 != last_seen) {
             last_seen = v0;
             last_seen_lag = (double)(v1 - v0) / 1000.0;
+            if (getenv("BENCH_DEBUG") && last_seen_lag > 50)
+                fprintf(stderr, "dbg hb: written %.6f seen %.6f lag %.1f ms\n", (double)v0 / 1e6,
+                        (double)v1 / 1e6, last_seen_lag);
             if (running) {
                 lag_add(r, last_seen_lag);
                 r->seen++;
@@ -632,12 +683,13 @@ static long wait_value(int node, long want, int timeout_s, const char *what, con
 
 static void run_mode(enum mode m, struct run *r)
 {
-    char conf[256], err[1024];
+    char conf[1024], err[1024];
     long apid[2] = {0, 0}, spid = 0, wpid = 0;
     int nnodes = m == STANDALONE ? 1 : 2;
     /* the same server settings in every mode (the fixture adds fsync = off) */
     snprintf(conf, sizeof conf,
-             "shared_buffers = 256MB\nmax_wal_size = 4GB\nmax_locks_per_transaction = 256\n");
+             "shared_buffers = 256MB\nmax_wal_size = 4GB\nmax_locks_per_transaction = 256\n%s\n",
+             getenv("BENCH_EXTRA_CONF") ? getenv("BENCH_EXTRA_CONF") : "");
     fprintf(stderr, "bench_replicator: %s: clusters, pgbench -i -s %d\n", mode_name[m],
             bench_scale());
     fx = pgfx_start(nnodes, conf);
@@ -679,6 +731,8 @@ static void run_mode(enum mode m, struct run *r)
                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'aamm_to_1'");
         apid[0] = agents[0];
         apid[1] = agents[1];
+        fprintf(stderr, "bench_replicator: agent A pid %ld, agent B pid %ld\n", apid[0],
+                apid[1]);
     }
     for (int i = 0; i < nnodes; i++)
         exec(i, "VACUUM ANALYZE");
@@ -717,12 +771,16 @@ static void run_mode(enum mode m, struct run *r)
             "bench_replicator: %s: %.1f tps, %ld txns; heartbeats written %ld seen %ld; lag "
             "p50 %.1f p90 %.1f p99 %.1f max %.1f ms; mean first third %.1f last third %.1f "
             "ms; end backlog %.1f ms (B's view %.1f ms old when pgbench ended); agents %.2f s "
-            "CPU (A %.2f), walsender+applier %.2f s CPU\n",
+            "CPU (A %.2f), walsender+applier %.2f s CPU (walsender %.2f)\n",
             mode_name[m], r->tps, r->txns, r->written, r->seen, pct(r->lag, r->nlag, 0.5),
             pct(r->lag, r->nlag, 0.9), pct(r->lag, r->nlag, 0.99),
             r->nlag ? r->lag[r->nlag - 1] : NAN, r->first_third_ms, r->last_third_ms,
             r->backlog_end_ms, r->stale_end_ms, r->agent_cpu_s, r->agent_a_cpu_s,
-            r->server_cpu_s);
+            r->server_cpu_s, r->walsender_cpu_s);
+    fprintf(stderr,
+            "bench_replicator: %s: waited for a CPU during the run: agent A %.2f s, agent B "
+            "%.2f s, walsender %.2f s, applier %.2f s\n",
+            mode_name[m], r->wait_s[0], r->wait_s[1], r->wait_s[2], r->wait_s[3]);
     for (int i = 0; i < 2; i++)
         end_pid(&agents[i], false, 5000);
     pgfx_destroy(fx);
