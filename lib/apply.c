@@ -67,6 +67,9 @@ int aamm_apply_new(struct aamm_apply **out, const struct aamm_apply_options *opt
     }
     ap->opt.conninfo = ap->conninfo;
     snprintf(ap->origin, sizeof ap->origin, "aamm_from_%" PRIu32, opts->source_node);
+    ap->step_send = STEP_SEND;
+    ap->step_results = STEP_RESULTS;
+    ap->step_free = STEP_FREE;
     ap->state = S_IDLE;
     ap->backoff_ms = 10;
     *out = ap;
@@ -91,6 +94,7 @@ static void drop_conn(struct aamm_apply *ap)
     ap->progress_query_pending = false;
     ap->recovering = false;
     ap->want_write = false;
+    ap->results_more = false;
     for (struct lrel *r = ap->rels; r; r = r->next)
         r->catalog_pending = false;
     aamm__apply_forget_prepared(ap);
@@ -143,6 +147,11 @@ void aamm_apply_free(struct aamm_apply *ap)
         aamm__apply_qtxn_free(t);
     }
     aamm__apply_qtxn_free(ap->open);
+    while (ap->reap) {
+        struct qtxn *t = ap->reap;
+        ap->reap = t->next;
+        aamm__apply_qtxn_free(t);
+    }
     while (ap->rels) {
         struct lrel *r = ap->rels;
         ap->rels = r->next;
@@ -663,13 +672,15 @@ int aamm_apply_step(struct aamm_apply *ap)
     int rc = aamm__apply_read_results(ap);
     if (rc < 0 || ap->state != S_READY)
         return rc;
-    if (ap->exp_n == 0 && ap->fail_txn) {
+    /* (a transaction partly sent (ap->sending) is still in flight whatever exp_n says: its
+     * Sync goes out first) */
+    if (ap->exp_n == 0 && ap->fail_txn && !ap->sending) {
         aamm__apply_after_failure(ap);
         if (ap->state == S_HELD)
             return ap->held_code;
         return 0;
     }
-    if (ap->exp_n == 0 && ap->block_code) {
+    if (ap->exp_n == 0 && ap->block_code && !ap->sending) {
         int code = ap->block_code;
         aamm__errf(&ap->err, code, "apply: %s; stream held", ap->block_msg ? ap->block_msg : "");
         ap->block_code = 0;
@@ -685,9 +696,10 @@ int aamm_apply_step(struct aamm_apply *ap)
     }
     /* the flushed position (for acks) is read at most every PROGRESS_EVERY_MS while
      * transactions are in flight, at once when the pipeline is empty: a query per step
-     * would cost the applier's backend a statement and a commit per round trip */
+     * would cost the applier's backend a statement and a commit per round trip. Never
+     * while a transaction is partly sent: the query would join its implicit transaction */
     int64_t now = aamm__now_ms();
-    if (ap->need_progress && !ap->progress_query_pending && !ap->fail_txn &&
+    if (ap->need_progress && !ap->progress_query_pending && !ap->fail_txn && !ap->sending &&
         (ap->ninflight == 0 || now - ap->progress_sent_ms >= PROGRESS_EVERY_MS)) {
         const char *pv[1] = {ap->origin};
         if (!PQsendQueryParams(ap->conn,
@@ -730,21 +742,26 @@ int aamm_apply_timeout(const struct aamm_apply *ap)
         return d < 0 ? 0 : (int)d;
     }
     case S_READY:
-        /* work queued that can be sent now */
-        if (ap->cursor && ap->ninflight < ap->opt.max_pipeline_txns && !ap->fail_txn &&
-            !ap->block_code && !ap->recovering)
+        /* results left by a step's budget, changes of retired transactions to free */
+        if (ap->results_more || ap->reap)
             return 0;
-        if ((ap->fail_txn || ap->block_code) && ap->exp_n == 0)
+        /* work queued that can be sent now (unless earlier output still waits for the
+         * socket: then the fd's AAMM_WRITE wakes the host) */
+        if (!ap->want_write &&
+            (ap->sending || (ap->cursor && ap->ninflight < ap->opt.max_pipeline_txns &&
+                             !ap->fail_txn && !ap->block_code && !ap->recovering)))
+            return 0;
+        if ((ap->fail_txn || ap->block_code) && ap->exp_n == 0 && !ap->sending)
             return 0;
         if (ap->msgs)
             return 0;
-        if (ap->need_progress && !ap->progress_query_pending && !ap->fail_txn) {
+        if (ap->need_progress && !ap->progress_query_pending && !ap->fail_txn && !ap->sending) {
             int64_t d = ap->progress_sent_ms + PROGRESS_EVERY_MS - aamm__now_ms();
             return ap->ninflight == 0 || d <= 0 ? 0 : (int)d;
         }
         return -1;
     default:
-        return ap->msgs ? 0 : -1;
+        return ap->msgs || ap->results_more ? 0 : -1;
     }
 }
 

@@ -81,6 +81,14 @@ struct mstmt {
     bool prepared;
 };
 
+/* The work one aamm_apply_step() does at most (doc/ARCHITECTURE.md, "Bounded steps"),
+ * each a few milliseconds: sending costs one unit per row change (a run of inserts its rows),
+ * guard, Sync or catalog query; results taken; changes of retired transactions freed. A
+ * step that stops at a budget leaves aamm_apply_timeout() at 0. */
+#define STEP_SEND 1000
+#define STEP_RESULTS 4000
+#define STEP_FREE 20000
+
 #define MERGED_MAX 128   /* cached shapes */
 #define FOLD_OFF_MS 1000 /* no folded guards for this long after one met a busy key lock */
 #define MERGE_CHANGES 16 /* at most this many changes per merged statement */
@@ -97,8 +105,11 @@ struct qtxn {
     struct aamm_change *changes;
     size_t n, cap;
     bool closed; /* commit seen */
-    bool sent;
-    bool done; /* committed or skipped */
+    bool opened; /* its guard is sent: its changes from sent_to on, then its Sync, follow */
+    size_t sent_to;
+    size_t ncleared; /* retired: changes already freed (reap()) */
+    bool sent;       /* everything up to its Sync is sent */
+    bool done;       /* committed or skipped */
     bool skipped;
     bool failed;
     char sqlstate[6];
@@ -143,7 +154,8 @@ struct aamm_apply {
     enum state state;
     int64_t wake_ms; /* S_WAIT: when to reconnect / retry */
     int backoff_ms;
-    bool want_write;
+    bool want_write;   /* output is waiting in libpq: send nothing more until it is out */
+    bool results_more; /* the last step left results it could take (STEP_RESULTS) */
     int held_code;
 
     uint64_t received;  /* end LSN of the last transaction accepted by commit(), at least the
@@ -166,7 +178,10 @@ struct aamm_apply {
     uint32_t last_gen;
 
     struct qtxn *head, *tail, *open;
-    struct qtxn *cursor; /* every transaction before it is sent or done */
+    struct qtxn *cursor;  /* every transaction before it is sent or done */
+    struct qtxn *sending; /* opened, not yet sent up to its Sync: nothing else may go out
+                             before its Sync (it would join its implicit transaction) */
+    struct qtxn *reap;    /* retired transactions whose changes are freed a budget a step */
     size_t nqueued_changes;
     size_t ntxns;
     size_t nunflushed; /* of them committed, kept until the flushed position passes them */
@@ -203,11 +218,16 @@ struct aamm_apply {
     uint64_t counters[AAMM_CONFLICT_NKINDS];
     uint64_t committed, skipped;
 
+    /* The per-step budgets (STEP_SEND, STEP_RESULTS, STEP_FREE; tests may lower them). */
+    size_t step_send, step_results, step_free;
+
     /* Internal counters for apply's tests (not in the public stats): failures handled by
-     * after_failure() (each one a retry or a hold) and, of them, guard trips (AA002). */
+     * after_failure() (each one a retry or a hold) and, of them, guard trips (AA002); the
+     * most work one step did: units sent, results taken, changes freed. */
     struct apply_debug {
         uint64_t failures;
         uint64_t guard_trips;
+        size_t max_step_sent, max_step_results, max_step_freed;
     } dbg;
 
     char *scratch_mask; /* per-change scratch, grown to the widest relation */
@@ -302,9 +322,11 @@ void aamm__apply_forget_prepared(struct aamm_apply *ap);
 /* Every transaction not committed goes out again from the first one, as if never sent. */
 void aamm__apply_unsend_all(struct aamm_apply *ap);
 void aamm__apply_reclaim(struct aamm_apply *ap);
-/* Send what the pipeline has room for. Returns 0 or an error (AAMM_ECONN: connection). */
+/* Send what the pipeline has room for, at most ap->step_send units (STEP_SEND). Returns 0
+ * or an error (AAMM_ECONN: connection). */
 int aamm__apply_send_pending(struct aamm_apply *ap);
-/* Take every result that arrived. Returns 0 or an error. */
+/* Take the results that arrived, at most ap->step_results (more left: results_more), and
+ * retire what is done. Returns 0 or an error. */
 int aamm__apply_read_results(struct aamm_apply *ap);
 /* Everything in flight has answered and ap->fail_txn failed: retry or hold. */
 void aamm__apply_after_failure(struct aamm_apply *ap);

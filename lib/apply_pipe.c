@@ -63,7 +63,7 @@ void aamm__apply_qtxn_free(struct qtxn *t)
 {
     if (!t)
         return;
-    for (size_t i = 0; i < t->n; i++)
+    for (size_t i = t->ncleared; i < t->n; i++)
         aamm_change_clear(&t->changes[i]);
     aamm__free(t->changes);
     aamm_transaction_clear(&t->hdr);
@@ -115,10 +115,14 @@ void aamm__apply_reclaim(struct aamm_apply *ap)
 void aamm__apply_unsend_all(struct aamm_apply *ap)
 {
     ap->cursor = ap->head;
+    ap->sending = NULL; /* its implicit transaction died with the connection, or it never
+                           began (callers: no transaction is partly sent) */
     for (struct qtxn *q = ap->head; q; q = q->next) {
         if (q->done)
             continue;
         q->sent = false;
+        q->opened = false;
+        q->sent_to = 0;
         q->failed = false;
         qtxn_drop_conflicts(q);
         q->sqlstate[0] = '\0';
@@ -680,86 +684,131 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
     return rc;
 }
 
-/* Send @t as guard; changes; Sync: one implicit transaction, committed by the Sync (no
- * BEGIN and COMMIT statements: each costs the backend a statement). Returns 0, 1 when it has to
- * wait (catalog), or an error. */
-static int send_txn(struct aamm_apply *ap, struct qtxn *t)
+/* Every FULL_CHECK units a step looks whether the socket took what libpq holds; when it
+ * did not (the server reads slower than we send), the step stops sending: more would only
+ * pile up in libpq's buffer (and cost a failed send() and a read per statement), and the
+ * fd's AAMM_WRITE wakes the host when there is room. */
+#define FULL_CHECK 256
+
+/* Whether the socket is full (*@since: units sent since the last check, reset). Returns 1
+ * (full: ap->want_write), 0, or AAMM_ECONN. */
+static int socket_full(struct aamm_apply *ap, size_t *since)
 {
-    /* 1. every relation mapped (a catalog round trip first if not) */
-    for (size_t i = 0; i < t->n; i++) {
-        struct aamm_change *c = &t->changes[i];
-        uint32_t nr = c->kind == AAMM_CHANGE_TRUNCATE ? c->nrelations : (c->relation ? 1 : 0);
-        for (uint32_t j = 0; j < nr; j++) {
-            struct lrel *r =
-                lrel_of(c->kind == AAMM_CHANGE_TRUNCATE ? c->relations[j] : c->relation);
-            if (r->mapped && r->map_code) {
-                ap->block_code = r->map_code;
-                aamm__free(ap->block_msg);
-                ap->block_msg = aamm__strdup(r->map_msg ? r->map_msg : "mapping failed");
-                return 1;
-            }
-            if (r->mapped)
-                continue;
-            if (!r->catalog_pending) {
-                const char *pv[2] = {r->rel.schema, r->rel.name};
-                if (!PQsendQueryParams(ap->conn, aamm__apply_catalog_sql, 2, NULL, pv, NULL, NULL,
-                                       0) ||
-                    !PQpipelineSync(ap->conn))
-                    return AAMM_ECONN;
-                if (!aamm__apply_exp_push(ap, E_CATALOG, NULL, r, 0) ||
-                    !aamm__apply_exp_push(ap, E_MSYNC, NULL, NULL, 0))
-                    return AAMM_ENOMEM;
-                r->catalog_pending = true;
-            }
-            return 1;
-        }
-    }
-    /* 2. the transaction */
-    t->upsert_run = NULL;
-    char lsn_prev[AAMM_LSN_BUFSIZE], lsn_end[AAMM_LSN_BUFSIZE], ts[64], node[16];
-    aamm_lsn_format(ap->prev_sent, lsn_prev);
-    aamm_lsn_format(t->hdr.end_lsn, lsn_end);
+    if (*since < FULL_CHECK)
+        return 0;
+    *since = 0;
+    int f = PQflush(ap->conn);
+    if (f < 0)
+        return AAMM_ECONN;
+    ap->want_write = f == 1;
+    return f;
+}
+
+/* Send @t as guard; changes; Sync: one implicit transaction, committed by the Sync (no
+ * BEGIN and COMMIT statements: each costs the backend a statement), spending at most
+ * *@budget units (STEP_SEND). A transaction larger than what is left goes out over several
+ * steps: it stays ap->sending, and nothing else is sent, until its Sync is out. Returns 0
+ * (sent up to its Sync), 1 when it has to wait (catalog, budget), or an error. */
+static int send_txn(struct aamm_apply *ap, struct qtxn *t, size_t *budget, size_t *since)
+{
+    char ts[64], node[16];
     aamm_time_format(t->hdr.commit_time, ts, sizeof ts);
     snprintf(node, sizeof node, "%" PRIu32, ap->opt.source_node);
-    if (!ap->fixed_prepared) {
-        if (!PQsendPrepare(ap->conn, "aamm_guard", aamm__apply_guard_sql(), 6, NULL) ||
-            !aamm__apply_exp_push(ap, E_PREPARE, t, NULL, -1))
-            return AAMM_ECONN;
-        ap->fixed_prepared = true;
-    }
-    struct aamm__sb ids = {0}, modes = {0};
-    int rc = 0;
-    if (ap->opt.lock_keys)
-        rc = aamm__apply_build_locks(t->changes, t->n, &ids, &modes);
-    else {
-        aamm__sb_add(&ids, "{}");
-        aamm__sb_add(&modes, "{}");
-    }
-    if (rc == 0 && (ids.oom || modes.oom))
-        rc = AAMM_ENOMEM;
-    const char *gp[6] = {ap->origin, lsn_prev, lsn_end, ts, ids.s, modes.s};
     const char *fixed[NFIXED] = {ts, node, NULL, NULL};
-    /* a small transaction: one statement with the guard folded in (1 when the shape cache
-     * is full: nothing sent, the guard and the changes go one by one) */
     bool merged = false;
-    if (rc == 0 && mergeable(t) && aamm__now_ms() >= ap->fold_off_until_ms) {
-        rc = send_merged(ap, t, fixed, gp);
-        merged = rc == 0;
-        if (rc > 0)
-            rc = 0;
+    if (!t->opened) {
+        /* 1. every relation mapped (a catalog round trip first if not) */
+        for (size_t i = 0; i < t->n; i++) {
+            struct aamm_change *c = &t->changes[i];
+            uint32_t nr = c->kind == AAMM_CHANGE_TRUNCATE ? c->nrelations : (c->relation ? 1 : 0);
+            for (uint32_t j = 0; j < nr; j++) {
+                struct lrel *r =
+                    lrel_of(c->kind == AAMM_CHANGE_TRUNCATE ? c->relations[j] : c->relation);
+                if (r->mapped && r->map_code) {
+                    ap->block_code = r->map_code;
+                    aamm__free(ap->block_msg);
+                    ap->block_msg = aamm__strdup(r->map_msg ? r->map_msg : "mapping failed");
+                    return 1;
+                }
+                if (r->mapped)
+                    continue;
+                if (!r->catalog_pending) {
+                    const char *pv[2] = {r->rel.schema, r->rel.name};
+                    if (!PQsendQueryParams(ap->conn, aamm__apply_catalog_sql, 2, NULL, pv, NULL,
+                                           NULL, 0) ||
+                        !PQpipelineSync(ap->conn))
+                        return AAMM_ECONN;
+                    if (!aamm__apply_exp_push(ap, E_CATALOG, NULL, r, 0) ||
+                        !aamm__apply_exp_push(ap, E_MSYNC, NULL, NULL, 0))
+                        return AAMM_ENOMEM;
+                    r->catalog_pending = true;
+                    *budget = *budget > 2 ? *budget - 2 : 0;
+                }
+                return 1;
+            }
+        }
+        /* 2. the guard, or the whole transaction as one merged statement (its n changes
+         *    with the guard folded in, and the Sync, must fit in what is left) */
+        bool merge = mergeable(t) && aamm__now_ms() >= ap->fold_off_until_ms;
+        if (*budget < (merge ? t->n + 1 : 2))
+            return 1;
+        t->upsert_run = NULL;
+        char lsn_prev[AAMM_LSN_BUFSIZE], lsn_end[AAMM_LSN_BUFSIZE];
+        aamm_lsn_format(ap->prev_sent, lsn_prev);
+        aamm_lsn_format(t->hdr.end_lsn, lsn_end);
+        if (!ap->fixed_prepared) {
+            if (!PQsendPrepare(ap->conn, "aamm_guard", aamm__apply_guard_sql(), 6, NULL) ||
+                !aamm__apply_exp_push(ap, E_PREPARE, t, NULL, -1))
+                return AAMM_ECONN;
+            ap->fixed_prepared = true;
+        }
+        struct aamm__sb ids = {0}, modes = {0};
+        int rc = 0;
+        if (ap->opt.lock_keys)
+            rc = aamm__apply_build_locks(t->changes, t->n, &ids, &modes);
+        else {
+            aamm__sb_add(&ids, "{}");
+            aamm__sb_add(&modes, "{}");
+        }
+        if (rc == 0 && (ids.oom || modes.oom))
+            rc = AAMM_ENOMEM;
+        const char *gp[6] = {ap->origin, lsn_prev, lsn_end, ts, ids.s, modes.s};
+        /* a small transaction: one statement with the guard folded in (1 when the shape
+         * cache is full: nothing sent, the guard and the changes go one by one) */
+        if (rc == 0 && merge) {
+            rc = send_merged(ap, t, fixed, gp);
+            merged = rc == 0;
+            if (rc > 0)
+                rc = 0;
+        }
+        if (rc == 0 && !merged &&
+            (!PQsendQueryPrepared(ap->conn, "aamm_guard", 6, gp, NULL, NULL, 0) ||
+             !aamm__apply_exp_push(ap, E_GUARD, t, NULL, -1)))
+            rc = AAMM_ECONN;
+        aamm__free(ids.s);
+        aamm__free(modes.s);
+        if (rc < 0)
+            return rc;
+        /* from here on nothing but this transaction may go out until its Sync */
+        t->opened = true;
+        t->sent_to = merged ? t->n : 0;
+        ap->sending = t;
+        *budget -= merged ? t->n : 1;
+        *since += merged ? t->n : 1;
     }
-    if (rc == 0 && !merged &&
-        (!PQsendQueryPrepared(ap->conn, "aamm_guard", 6, gp, NULL, NULL, 0) ||
-         !aamm__apply_exp_push(ap, E_GUARD, t, NULL, -1)))
-        rc = AAMM_ECONN;
-    aamm__free(ids.s);
-    aamm__free(modes.s);
-    if (rc < 0)
-        return rc;
-    for (size_t i = 0; !merged && i < t->n;) {
+    /* 3. the changes, as far as the budget goes (one unit per row; a run of inserts is cut
+     *    at the budget). Once a statement of the transaction failed, the server discards
+     *    the rest until the Sync: the Sync follows at once. */
+    if (t->failed)
+        t->sent_to = t->n;
+    for (size_t i = t->sent_to; i < t->n && *budget > 0;) {
         if (t->changes[i].relation)
             fixed[2] = lrel_of(t->changes[i].relation)->label;
         size_t j = t->nobatch ? i : insert_run_end(t, i);
+        if (j - i > *budget)
+            j = i + *budget;
+        int rc;
+        size_t cost = j - i >= BATCH_MIN ? j - i : 1;
         if (j - i >= BATCH_MIN) {
             rc = send_many(ap, t, i, j, fixed);
             i = j;
@@ -769,24 +818,34 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
         }
         if (rc < 0)
             return rc;
+        *budget -= cost;
+        *since += cost;
+        t->sent_to = i;
+        rc = socket_full(ap, since);
+        if (rc != 0)
+            return rc;
     }
-    /* a transaction without a row change (messages only) writes nothing, and a commit
-     * without a transaction id writes no WAL: the origin would stay behind its end LSN,
-     * the next transaction's guard would trip, and the transaction would never count as
-     * flushed. A transaction id makes the commit a record that carries the origin's
-     * position. */
+    if (t->sent_to < t->n || *budget < 1)
+        return 1;
+    /* 4. a transaction without a row change (messages only) writes nothing, and a commit
+     *    without a transaction id writes no WAL: the origin would stay behind its end LSN,
+     *    the next transaction's guard would trip, and the transaction would never count as
+     *    flushed. A transaction id makes the commit a record that carries the origin's
+     *    position. */
     bool rows = false;
     for (size_t i = 0; i < t->n && !rows; i++)
         rows = t->changes[i].kind != AAMM_CHANGE_MESSAGE;
-    if (!merged && !rows &&
-        (!PQsendQueryParams(ap->conn, "SELECT pg_catalog.pg_current_xact_id()", 0, NULL, NULL,
-                            NULL, NULL, 0) ||
-         !aamm__apply_exp_push(ap, E_STMT, t, NULL, -1)))
+    if (!rows && (!PQsendQueryParams(ap->conn, "SELECT pg_catalog.pg_current_xact_id()", 0, NULL,
+                                     NULL, NULL, NULL, 0) ||
+                  !aamm__apply_exp_push(ap, E_STMT, t, NULL, -1)))
         return AAMM_ECONN;
-    /* the Sync commits the implicit transaction its statements ran in */
+    /* 5. the Sync commits the implicit transaction its statements ran in */
     if (!PQpipelineSync(ap->conn) || !aamm__apply_exp_push(ap, E_SYNC, t, NULL, -1))
         return AAMM_ECONN;
+    *budget -= 1;
+    *since += 1;
     t->sent = true;
+    ap->sending = NULL;
     ap->prev_sent = t->hdr.end_lsn;
     ap->ninflight++;
     return 0;
@@ -794,13 +853,30 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t)
 
 int aamm__apply_send_pending(struct aamm_apply *ap)
 {
-    if (ap->fail_txn || ap->block_code || ap->recovering)
-        return 0;
+    /* output still waiting in libpq (the server reads slower than we write): add nothing
+     * until it is out, the host polls for writing */
+    if (ap->want_write) {
+        int f = PQflush(ap->conn);
+        if (f < 0)
+            return AAMM_ECONN;
+        ap->want_write = f == 1;
+        if (ap->want_write)
+            return 0;
+    }
+    size_t budget = ap->step_send, since = 0;
+    int rc = 0;
+    /* a transaction partly sent goes on whatever happened meanwhile: its implicit
+     * transaction stays open on the server until its Sync, and after a failure of an
+     * earlier one its guard fails, so the Sync rolls it back */
+    if (ap->sending)
+        rc = send_txn(ap, ap->sending, &budget, &since);
+    if (rc != 0 || ap->sending || ap->fail_txn || ap->block_code || ap->recovering)
+        goto out;
     struct qtxn *t = ap->cursor;
     for (; t; t = t->next) {
         if (t->done || t->sent)
             continue;
-        if (ap->ninflight >= ap->opt.max_pipeline_txns)
+        if (ap->ninflight >= ap->opt.max_pipeline_txns || budget < 2)
             break;
         /* exactly once: anything at or below what is (or will be) committed is a duplicate.
          * aamm_apply_commit() already dropped what was at or below the last transaction
@@ -812,16 +888,19 @@ int aamm__apply_send_pending(struct aamm_apply *ap)
             t->done = t->skipped = true;
             continue;
         }
-        int rc = send_txn(ap, t);
-        if (rc < 0) {
-            ap->cursor = t;
-            return rc;
-        }
-        if (rc > 0)
+        rc = send_txn(ap, t, &budget, &since);
+        if (rc == 0)
+            rc = socket_full(ap, &since);
+        if (rc != 0)
             break;
     }
     ap->cursor = t;
-    return 0;
+    if (rc > 0)
+        rc = 0;
+out:
+    if (ap->step_send - budget > ap->dbg.max_step_sent)
+        ap->dbg.max_step_sent = ap->step_send - budget;
+    return rc < 0 ? rc : 0;
 }
 
 /* ====================================================================================
@@ -972,8 +1051,29 @@ static void retire(struct aamm_apply *ap)
             ap->skipped++;
         ap->nqueued_changes -= t->n;
         ap->ntxns--;
+        t->next = ap->reap; /* freed by reap(), a budget a step */
+        ap->reap = t;
+    }
+}
+
+/* Free the changes of retired transactions, at most ap->step_free a step: freeing a
+ * transaction of 400,000 changes at once would take tens of milliseconds. */
+static void reap(struct aamm_apply *ap)
+{
+    size_t left = ap->step_free;
+    while (ap->reap && left > 0) {
+        struct qtxn *t = ap->reap;
+        while (t->ncleared < t->n && left > 0) {
+            aamm_change_clear(&t->changes[t->ncleared++]);
+            left--;
+        }
+        if (t->ncleared < t->n)
+            break;
+        ap->reap = t->next;
         aamm__apply_qtxn_free(t);
     }
+    if (ap->step_free - left > ap->dbg.max_step_freed)
+        ap->dbg.max_step_freed = ap->step_free - left;
 }
 
 static int classify(const char *sqlstate)
@@ -1307,21 +1407,31 @@ static int handle_result(struct aamm_apply *ap, PGresult *res)
 
 int aamm__apply_read_results(struct aamm_apply *ap)
 {
+    ap->results_more = false;
     if (!PQconsumeInput(ap->conn))
         return aamm__apply_conn_error(ap, "reading results");
+    size_t taken = 0;
     while (ap->exp_n > 0 && !PQisBusy(ap->conn)) {
+        if (taken == ap->step_results) { /* more next step (aamm_apply_timeout(): 0) */
+            ap->results_more = true;
+            break;
+        }
         PGresult *res = PQgetResult(ap->conn);
         if (!res) {
             if (PQstatus(ap->conn) == CONNECTION_BAD)
                 return aamm__apply_conn_error(ap, "reading results");
             continue; /* end of one query's results */
         }
+        taken++;
         int rc = handle_result(ap, res);
         if (rc < 0)
             return rc;
     }
+    if (taken > ap->dbg.max_step_results)
+        ap->dbg.max_step_results = taken;
     if (PQstatus(ap->conn) == CONNECTION_BAD)
         return aamm__apply_conn_error(ap, "reading results");
     retire(ap);
+    reap(ap);
     return 0;
 }

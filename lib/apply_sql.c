@@ -683,7 +683,6 @@ struct lockreq {
     int64_t id;
     const struct lrel *rel; /* key locks: their relation; relation locks: NULL */
     bool exclusive;
-    bool dropped; /* a key lock covered by its relation's exclusive lock */
 };
 
 static int lockreq_cmp(const void *a, const void *b)
@@ -706,6 +705,24 @@ static bool lockreq_push(struct lockreq **v, size_t *n, size_t *cap, struct lock
     return true;
 }
 
+/* The key tuples of change @c whose locks it takes (old and/or new key), in @kt[2]. */
+static void lock_tuples(const struct aamm_change *c, const struct aamm_tuple *kt[2])
+{
+    const struct lrel *r = lrel_of(c->relation);
+    const struct aamm_tuple *ot = c->old_kind != AAMM_OLD_NONE ? &c->old_tuple : NULL;
+    kt[0] = c->kind == AAMM_CHANGE_DELETE || ot ? ot : &c->new_tuple;
+    kt[1] = c->kind == AAMM_CHANGE_UPDATE && ot ? &c->new_tuple : NULL;
+    for (int j = 0; j < 2; j++)
+        if (kt[j] && kt[j]->nvalues != r->rel.ncolumns)
+            kt[j] = NULL;
+}
+
+static bool is_row_change(const struct aamm_change *c)
+{
+    return c->kind == AAMM_CHANGE_INSERT || c->kind == AAMM_CHANGE_UPDATE ||
+           c->kind == AAMM_CHANGE_DELETE;
+}
+
 /*
  * The locks a transaction (its @n changes @changes) takes before its first change, in one
  * statement: per key an exclusive lock under a shared lock of its relation, or for a
@@ -720,70 +737,66 @@ int aamm__apply_build_locks(const struct aamm_change *changes, size_t n, struct 
     size_t cap = 0, nv = 0;
     struct lockreq *v = NULL;
     bool ok = true;
+    /* 1. per relation (in order of first appearance) its key count, which decides between
+     *    key locks and one relation lock. Counted before any key is hashed: a transaction of
+     *    400,000 rows of one relation hashes none (one step does bounded work) */
+    struct relcnt {
+        const struct lrel *rel;
+        size_t n;
+    } *rc = NULL;
+    size_t nr = 0, rcap = 0, hit = 0;
     for (size_t i = 0; i < n && ok; i++) {
         const struct aamm_change *c = &changes[i];
-        if (c->kind != AAMM_CHANGE_INSERT && c->kind != AAMM_CHANGE_UPDATE &&
-            c->kind != AAMM_CHANGE_DELETE)
+        if (!is_row_change(c))
             continue;
         const struct lrel *r = lrel_of(c->relation);
-        const struct aamm_tuple *ot = c->old_kind != AAMM_OLD_NONE ? &c->old_tuple : NULL;
-        const struct aamm_tuple *kt[2] = {c->kind == AAMM_CHANGE_DELETE || ot ? ot : &c->new_tuple,
-                                          c->kind == AAMM_CHANGE_UPDATE && ot ? &c->new_tuple
-                                                                              : NULL};
+        const struct aamm_tuple *kt[2];
+        lock_tuples(c, kt);
+        size_t k = (kt[0] != NULL) + (kt[1] != NULL);
+        if (!k)
+            continue;
+        if (hit >= nr || rc[hit].rel != r) { /* mostly the relation of the change before */
+            for (hit = 0; hit < nr && rc[hit].rel != r; hit++)
+                ;
+            if (hit == nr) {
+                if (nr == rcap) {
+                    size_t ncap = rcap ? rcap * 2 : 16;
+                    struct relcnt *nrc = aamm__realloc(rc, ncap * sizeof *nrc);
+                    if (!nrc) {
+                        ok = false;
+                        break;
+                    }
+                    rc = nrc;
+                    rcap = ncap;
+                }
+                rc[nr++] = (struct relcnt){r, 0};
+            }
+        }
+        rc[hit].n += k;
+    }
+    /* 2. the key locks of relations with few keys: exclusive, under a shared lock of the
+     *    relation; a relation with more: one exclusive lock of it */
+    for (size_t i = 0; i < n && ok; i++) {
+        const struct aamm_change *c = &changes[i];
+        if (!is_row_change(c))
+            continue;
+        const struct lrel *r = lrel_of(c->relation);
+        if (hit >= nr || rc[hit].rel != r)
+            for (hit = 0; hit < nr && rc[hit].rel != r; hit++)
+                ;
+        if (hit == nr || rc[hit].n > KEYLOCKS_PER_REL)
+            continue;
+        const struct aamm_tuple *kt[2];
+        lock_tuples(c, kt);
         for (int j = 0; j < 2 && ok; j++)
-            if (kt[j] && kt[j]->nvalues == r->rel.ncolumns)
-                ok = lockreq_push(&v, &nv, &cap,
-                                  (struct lockreq){key_lock_id(r, kt[j]), r, true, false});
+            if (kt[j])
+                ok = lockreq_push(&v, &nv, &cap, (struct lockreq){key_lock_id(r, kt[j]), r, true});
     }
-    /* per relation: its key count decides between key locks and one relation lock
-     * (a transaction touches few relations: a short list, not a table) */
-    size_t nk = nv;
-    const struct lrel *rels[16];
-    size_t cnt[16];
-    int nr = 0;
-    bool overflow = false;
-    for (size_t i = 0; i < nk; i++) {
-        int j = 0;
-        while (j < nr && rels[j] != v[i].rel)
-            j++;
-        if (j == nr) {
-            if (nr == 16) {
-                overflow = true;
-                continue;
-            }
-            rels[nr] = v[i].rel;
-            cnt[nr++] = 0;
-        }
-        cnt[j]++;
-    }
-    if (overflow) { /* many relations: count them the slow way */
-        nr = 0;
-        for (size_t i = 0; i < nk && ok; i++) {
-            bool first = true;
-            size_t c = 0;
-            for (size_t j = 0; j < nk; j++) {
-                if (v[j].rel == v[i].rel && j < i)
-                    first = false;
-                c += v[j].rel == v[i].rel;
-            }
-            if (!first)
-                continue;
-            bool whole = c > KEYLOCKS_PER_REL;
-            for (size_t j = 0; whole && j < nk; j++)
-                if (v[j].rel == v[i].rel)
-                    v[j].dropped = true;
-            ok = lockreq_push(&v, &nv, &cap,
-                              (struct lockreq){rel_lock_id(v[i].rel), NULL, whole, false});
-        }
-    }
-    for (int j = 0; j < nr && ok; j++) {
-        bool whole = cnt[j] > KEYLOCKS_PER_REL;
-        for (size_t i = 0; whole && i < nk; i++)
-            if (v[i].rel == rels[j])
-                v[i].dropped = true;
-        ok =
-            lockreq_push(&v, &nv, &cap, (struct lockreq){rel_lock_id(rels[j]), NULL, whole, false});
-    }
+    for (size_t j = 0; j < nr && ok; j++)
+        ok = lockreq_push(
+            &v, &nv, &cap,
+            (struct lockreq){rel_lock_id(rc[j].rel), NULL, rc[j].n > KEYLOCKS_PER_REL});
+    aamm__free(rc);
     if (ok) {
         if (nv > 1)
             qsort(v, nv, sizeof *v, lockreq_cmp);
@@ -792,12 +805,12 @@ int aamm__apply_build_locks(const struct aamm_change *changes, size_t n, struct 
         bool first = true;
         int64_t last = 0;
         for (size_t i = 0; i < nv; i++) {
-            if (v[i].dropped || (!first && v[i].id == last))
+            if (!first && v[i].id == last)
                 continue;
             last = v[i].id;
             bool ex = v[i].exclusive; /* one id asked in both modes: exclusive */
             for (size_t j = i + 1; j < nv && v[j].id == v[i].id; j++)
-                ex = ex || (v[j].exclusive && !v[j].dropped);
+                ex = ex || v[j].exclusive;
             aamm__sb_add(ids, "%s%" PRId64, first ? "" : ",", v[i].id);
             aamm__sb_add(modes, "%s%c", first ? "" : ",", ex ? 't' : 'f');
             first = false;

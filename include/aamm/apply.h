@@ -214,7 +214,10 @@ AAMM_API int aamm_apply_timeout(const struct aamm_apply *ap);
 
 /**
  * Do bounded work: connect, send queued transactions, read results, retry transient
- * failures, run callbacks. Returns 0, or a permanent error (the stream is held; see
+ * failures, run callbacks. One step sends at most a fixed budget of statements (a huge
+ * transaction goes out over many steps), takes at most a budget of results and frees at
+ * most a budget of changes (a few milliseconds each, doc/ARCHITECTURE.md "Bounded
+ * steps"); when it stopped at one, aamm_apply_timeout() is 0: step again at once. Returns 0, or a permanent error (the stream is held; see
  * aamm_apply_errmsg(); AAMM_ENOTFOUND missing table/column, AAMM_ESERVER, AAMM_ECONFLICT
  * for UNIQUE_OTHER or the error policy). Calling it again while held returns the same
  * error without doing anything.

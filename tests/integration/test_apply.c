@@ -1493,6 +1493,234 @@ START_TEST(test_abort_open)
 }
 END_TEST
 
+/* One host iteration: step @ap (its duration, in microseconds, raises *@max_us; reported,
+ * never asserted on), check that a step that left work it could do at once says so
+ * (aamm_apply_timeout() 0), then poll its fd for what it asks. */
+static void host_step(struct aamm_apply *ap, int64_t *max_us)
+{
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    int rc = aamm_apply_step(ap);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    ck_assert_msg(rc == 0, "step: %s: %s", aamm_errname(rc), aamm_apply_errmsg(ap));
+    int64_t us = (int64_t)(b.tv_sec - a.tv_sec) * 1000000 + (b.tv_nsec - a.tv_nsec) / 1000;
+    if (us > *max_us)
+        *max_us = us;
+    int to = aamm_apply_timeout(ap), fd = aamm_apply_fd(ap), ev = aamm_apply_events(ap);
+    if (ap->results_more || ap->reap || (ap->sending && !ap->want_write))
+        ck_assert_int_eq(to, 0);
+    struct pollfd p = {fd, (short)((ev & AAMM_READ ? POLLIN : 0) | (ev & AAMM_WRITE ? POLLOUT : 0)),
+                       0};
+    if (to != 0)
+        poll(&p, fd >= 0 ? 1 : 0, to < 0 || to > 100 ? 100 : to);
+}
+
+/* host_step() until nothing is pending, then flush_ok() (the last transaction retired) and
+ * step until its changes are freed. */
+static void drive_bounded(struct aamm_apply *ap, int64_t *max_us)
+{
+    int64_t until = aamm__now_ms() + 120000;
+    *max_us = 0;
+    while (aamm_apply_pending(ap) > 0) {
+        host_step(ap, max_us);
+        ck_assert_msg(aamm__now_ms() < until, "not applied in time");
+    }
+    flush_ok(ap);
+    while (ap->reap) {
+        host_step(ap, max_us);
+        ck_assert_msg(aamm__now_ms() < until, "not freed in time");
+    }
+}
+
+/* One huge transaction does not make one huge step (doc/ARCHITECTURE.md, "Bounded steps"):
+ * transactions of 50,000 inserts and of 50,000 updates are applied with no
+ * aamm_apply_step() sending more than its budget of changes, taking more than its budget of
+ * results or freeing more than its budget of changes (apply's internal per-step maxima),
+ * and with aamm_apply_timeout() 0 whenever a step left such work. The updates run with
+ * lowered budgets, and with a pause while the server answers every statement, so that both
+ * budgets bind. The longest step is printed for comparison, not asserted on. */
+START_TEST(test_bounded_steps)
+{
+    table(0, "big", "id int PRIMARY KEY, v int");
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 63, &k);
+    struct aamm_relation r;
+    mkrel(&r, "big", "id,v", "k-");
+    long n = aamm_test_scaled(50000, 50000);
+    int64_t ts = now_us();
+    char id[24], v[24];
+    int64_t max_us;
+    /* 1. the inserts (runs of 1,000 rows), default budgets */
+    tbegin(ap, 63, 0x100, ts);
+    for (long i = 1; i <= n; i++) {
+        snprintf(id, sizeof id, "%ld", i);
+        tins(ap, &r, V(id, "0"));
+    }
+    tcommit(ap);
+    drive_bounded(ap, &max_us);
+    fprintf(stderr, "test_bounded_steps: %ld inserts: longest step %.1f ms\n", n,
+            (double)max_us / 1000);
+    ck_assert_uint_le(ap->dbg.max_step_sent, STEP_SEND);
+    ck_assert_uint_le(ap->dbg.max_step_results, STEP_RESULTS);
+    ck_assert_uint_eq(ap->dbg.max_step_freed, STEP_FREE); /* bound and reached */
+    /* 2. the updates (one statement each): 300 units sent and 200 results a step */
+    ap->step_send = 300;
+    ap->step_results = 200;
+    ap->dbg.max_step_sent = ap->dbg.max_step_results = 0;
+    tbegin(ap, 63, 0x200, ts + 1);
+    for (long i = 1; i <= n; i++) {
+        snprintf(id, sizeof id, "%ld", i);
+        snprintf(v, sizeof v, "%ld", i);
+        tupd(ap, &r, NULL, V(id, v));
+    }
+    tcommit(ap);
+    int64_t until = aamm__now_ms() + 120000;
+    max_us = 0;
+    while (!ap->tail->sent || ap->want_write) { /* out up to its Sync, over many steps */
+        host_step(ap, &max_us);
+        ck_assert_msg(aamm__now_ms() < until, "not sent in time");
+    }
+    ck_assert_uint_eq(ap->dbg.max_step_sent, 300);
+    /* the pause: no step until the server has answered everything or waits for us to read */
+    for (;;) {
+        char *st = val(0, "SELECT state || '/' || coalesce(wait_event, '') FROM "
+                          "pg_stat_activity WHERE application_name = 'aamm apply from 63'");
+        bool waits = st && (strncmp(st, "idle/", 5) == 0 || strstr(st, "ClientWrite"));
+        if (waits) {
+            free(st);
+            break;
+        }
+        ck_assert_msg(aamm__now_ms() < until, "the server never finished: %s",
+                      st ? st : "no session");
+        free(st);
+        usleep(10000);
+    }
+    int64_t max_sent_us = max_us;
+    drive_bounded(ap, &max_us);
+    fprintf(stderr, "test_bounded_steps: %ld updates: longest step %.1f ms\n", n,
+            (double)(max_us > max_sent_us ? max_us : max_sent_us) / 1000);
+    ck_assert_uint_eq(ap->dbg.max_step_sent, 300);
+    ck_assert_uint_eq(ap->dbg.max_step_results, 200);
+    ck_assert_uint_eq(ap->dbg.max_step_freed, STEP_FREE);
+    char want[64];
+    snprintf(want, sizeof want, "%ld:%ld", n, n * (n + 1) / 2);
+    assert_val(0, want, "SELECT count(*) || ':' || sum(v) FROM public.big");
+    ck_assert_uint_eq(origin_lsn(0, 63), 0x200);
+    ck_assert_uint_eq(apst(ap).committed, 2);
+    ck_assert_uint_eq(ap->dbg.failures, 0);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
+/* A transaction sent over many steps stays one transaction: while it is partly sent
+ * nothing else goes down the pipeline (the flushed-progress query that falls due when the
+ * transaction before it commits would join its implicit transaction and its Sync would
+ * commit part of it). A local session looking after every step sees none or all of each
+ * of two 20,000-row transactions, never part of one. */
+START_TEST(test_partial_send_atomic)
+{
+    table(0, "big2", "id int PRIMARY KEY, v int");
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 64, &k);
+    ap->step_send = 300;
+    struct aamm_relation r;
+    mkrel(&r, "big2", "id,v", "k-");
+    const long n = 20000;
+    int64_t ts = now_us();
+    char id[24];
+    tbegin(ap, 64, 0x100, ts);
+    for (long i = 1; i <= n; i++) {
+        snprintf(id, sizeof id, "%ld", i);
+        tins(ap, &r, V(id, "0"));
+    }
+    tcommit(ap);
+    tbegin(ap, 64, 0x200, ts + 1);
+    for (long i = 1; i <= n; i++) {
+        snprintf(id, sizeof id, "%ld", i);
+        tupd(ap, &r, NULL, V(id, "1"));
+    }
+    tcommit(ap);
+    PGconn *obs = pgfx_connect(fx, 0);
+    ck_assert_ptr_nonnull(obs);
+    int64_t until = aamm__now_ms() + 120000, max_us = 0;
+    long steps = 0;
+    while (aamm_apply_pending(ap) > 0) {
+        host_step(ap, &max_us);
+        steps++;
+        PGresult *res = PQexec(obs, "SELECT count(*), count(*) FILTER (WHERE v = 1) FROM "
+                                    "public.big2");
+        ck_assert_int_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+        long rows = atol(PQgetvalue(res, 0, 0)), ones = atol(PQgetvalue(res, 0, 1));
+        PQclear(res);
+        ck_assert_msg((rows == 0 || rows == n) && (ones == 0 || ones == n),
+                      "part of a transaction visible: %ld rows, %ld updated", rows, ones);
+        ck_assert_msg(aamm__now_ms() < until, "not applied in time");
+    }
+    PQfinish(obs);
+    ck_assert_int_gt(steps, 2 * n / 300);
+    ck_assert_uint_eq(ap->dbg.max_step_sent, 300);
+    flush_ok(ap);
+    assert_val(0, "20000:20000", "SELECT count(*) || ':' || sum(v) FROM public.big2");
+    ck_assert_uint_eq(origin_lsn(0, 64), 0x200);
+    ck_assert_uint_eq(apst(ap).committed, 2);
+    ck_assert_uint_eq(ap->dbg.failures, 0);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
+/* A failure while a later transaction is partly sent: T1 meets a unique index other than
+ * the key with T2 (20,000 updates, sent 300 a step) behind it. T2 goes out up to its Sync
+ * before the recovery statements do (they would join its implicit transaction), its guard
+ * keeps it from committing, the stream is held; after the fix and a resume, everything is
+ * applied once. */
+START_TEST(test_partial_send_failure)
+{
+    table(0, "big3", "id int PRIMARY KEY, u int UNIQUE, v int");
+    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO big3 VALUES (-1, 5, 0)"), 0);
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply(0, 65, &k);
+    ap->step_send = 300;
+    struct aamm_relation r;
+    mkrel(&r, "big3", "id,u,v", "k--");
+    const long n = 20000;
+    int64_t ts = now_us();
+    char id[24], u[24];
+    tbegin(ap, 65, 0x100, ts);
+    for (long i = 1; i <= n; i++) {
+        snprintf(id, sizeof id, "%ld", i);
+        snprintf(u, sizeof u, "%ld", i + 100);
+        tins(ap, &r, V(id, u, "0"));
+    }
+    tcommit(ap);
+    tbegin(ap, 65, 0x200, ts + 1);
+    tins(ap, &r, V("0", "5", "0"));
+    tcommit(ap);
+    tbegin(ap, 65, 0x300, ts + 2);
+    for (long i = 1; i <= n; i++) {
+        snprintf(id, sizeof id, "%ld", i);
+        snprintf(u, sizeof u, "%ld", i + 100);
+        tupd(ap, &r, NULL, V(id, u, "1"));
+    }
+    tcommit(ap);
+    int rc = aamm_apply_flush(ap, 60000);
+    ck_assert_msg(rc == AAMM_ECONFLICT, "%s: %s", aamm_errname(rc), aamm_apply_errmsg(ap));
+    ck_assert(aamm_apply_held(ap));
+    assert_val(0, "20000:0", "SELECT count(*) || ':' || sum(v) FROM public.big3 WHERE id > 0");
+    ck_assert_uint_eq(origin_lsn(0, 65), 0x100);
+    ck_assert_int_eq(pgfx_exec(fx, 0, "DELETE FROM big3 WHERE id = -1"), 0);
+    ck_assert_int_eq(aamm_apply_resume(ap), 0);
+    flush_ok(ap);
+    assert_val(0, "20001:20000", "SELECT count(*) || ':' || sum(v) FROM public.big3");
+    ck_assert_uint_eq(origin_lsn(0, 65), 0x300);
+    ck_assert_uint_eq(apst(ap).committed, 3);
+    ck_assert_uint_le(ap->dbg.max_step_sent, 300);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
 /* update_origin_differs: a remote update of a row last written by another node applies
  * iff it is newer (LWW), both logged with the right resolution. */
 START_TEST(test_update_origin_differs)
@@ -2280,6 +2508,9 @@ int main(void)
     tcase_add_test(tc, test_empty_transactions);
     tcase_add_test(tc, test_refeed_duplicates);
     tcase_add_test(tc, test_abort_open);
+    tcase_add_test(tc, test_bounded_steps);
+    tcase_add_test(tc, test_partial_send_atomic);
+    tcase_add_test(tc, test_partial_send_failure);
     tcase_add_test(tc, test_run_meets_present_key);
     tcase_add_test(tc, test_run_values);
     tcase_add_test(tc, test_remote_tombstones);
