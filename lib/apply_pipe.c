@@ -276,8 +276,20 @@ static int prep_row(struct aamm_apply *ap, struct qtxn *t, long idx, const char 
 static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const char **fixed)
 {
     struct aamm_change *c = &t->changes[idx];
-    if (c->kind == AAMM_CHANGE_MESSAGE)
+    if (c->kind == AAMM_CHANGE_MESSAGE) {
+        /* DDL runs at its place in the transaction (ddl.h); other messages only reach the
+         * host's on_message after the commit */
+        if (!c->transactional || !c->prefix || strcmp(c->prefix, AAMM_SQL_DDL_PREFIX) != 0 ||
+            !c->content)
+            return 0;
+        const char *pv[2] = {c->content, fixed[1]};
+        if (!PQsendQueryParams(ap->conn, "SELECT " AAMM_SQL_FN_APPLY_DDL "($1, $2::int)", 2, NULL,
+                               pv, NULL, NULL, 0))
+            return AAMM_ECONN;
+        if (!aamm__apply_exp_push(ap, E_STMT, t, NULL, idx))
+            return AAMM_ENOMEM;
         return 0;
+    }
     if (c->kind == AAMM_CHANGE_TRUNCATE) {
         char *sql = aamm__apply_truncate_sql(c);
         if (!sql)

@@ -105,7 +105,8 @@ int aamm_node_create_apply_role(struct pg_conn *conn, const char *role, const ch
         "GRANT EXECUTE ON FUNCTION aamm.origin_session(text),\n"
         "  aamm.log_conflict(text, text, jsonb, jsonb, jsonb, timestamptz, int, timestamptz,\n"
         "  int, text),\n"
-        "  aamm.put_tombstone(text, jsonb, timestamptz, int) TO %s;\n"
+        "  aamm.put_tombstone(text, jsonb, timestamptz, int),\n"
+        "  aamm.ddl_log_entry(int, text, text[], text, text, text) TO %s;\n"
         "COMMIT;\n",
         exists ? "" : "CREATE ROLE ", exists ? "" : qr, exists ? "" : ";\n", qr,
         lv ? " PASSWORD " : "", lv ? lv : "", qr, qr, qr, qr, qr, qr, qr);
@@ -234,6 +235,7 @@ int aamm_node_replicate_table(struct pg_conn *conn, const char *schema, const ch
         sql =
             aamm__asprintf("BEGIN;\n"
                            "SET LOCAL client_min_messages = warning;\n"
+                           "SET LOCAL aamm.replicate_ddl = off;\n"
                            "DROP TRIGGER IF EXISTS aamm_tombstone_del ON %s.%s;\n"
                            "DROP TRIGGER IF EXISTS aamm_tombstone_upd ON %s.%s;\n"
                            "CREATE TRIGGER aamm_tombstone_del AFTER DELETE ON %s.%s FOR EACH ROW\n"

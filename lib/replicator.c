@@ -30,6 +30,7 @@
 #include <aamm/wire.h>
 
 #include "internal.h"
+#include "replicator_int.h"
 
 /* ====================================================================================
  * State
@@ -67,6 +68,9 @@ struct rpeer {
     uint64_t prog_need; /* ... confirmable once the peer acked this (sent_end then) */
     uint64_t out_txns, out_mark;
     double out_rate;
+    char marker_pending[48]; /* a marker message in the transaction being sent */
+    char marker[48];         /* the last marker sent in a committed transaction ... */
+    uint64_t marker_end;     /* ... and that transaction's end LSN */
     enum aamm_replicator_stream_state out_state;
     char out_reason[REASON_MAX];
 
@@ -534,14 +538,24 @@ static int out_pump(struct rpeer *p, int64_t now)
         switch (p->ev.kind) {
         case AAMM_CAPTURE_BEGIN:
             rc = aamm_link_send_begin(p->ls, p->ev.txn);
+            p->marker_pending[0] = '\0';
             break;
         case AAMM_CAPTURE_CHANGE:
             rc = aamm_link_send_change(p->ls, p->ev.change);
+            if (rc == 0 && p->ev.txn && p->ev.change->kind == AAMM_CHANGE_MESSAGE &&
+                p->ev.change->prefix && strcmp(p->ev.change->prefix, AAMM__MARKER_PREFIX) == 0)
+                snprintf(p->marker_pending, sizeof p->marker_pending, "%.*s",
+                         (int)p->ev.change->content_len, p->ev.change->content);
             break;
         case AAMM_CAPTURE_COMMIT:
             rc = aamm_link_send_commit(p->ls, p->ev.txn);
             if (rc == 0) {
                 p->sent_end = p->ev.txn->end_lsn;
+                if (p->marker_pending[0]) {
+                    memcpy(p->marker, p->marker_pending, sizeof p->marker);
+                    p->marker_end = p->sent_end;
+                    p->marker_pending[0] = '\0';
+                }
                 if (p->sent_end > p->handed)
                     p->handed = p->sent_end;
                 p->out_txns++;
@@ -1761,4 +1775,18 @@ size_t aamm_replicator_status_line(const struct aamm_replicator *r, char *buf, s
         len += n > 0 ? (size_t)n : 0;
     }
     return len;
+}
+
+bool aamm__replicator_marker_acked(const struct aamm_replicator *r, const char *token, char *who,
+                                   size_t whosize)
+{
+    for (uint32_t i = 0; i < r->npeers; i++) {
+        const struct rpeer *p = &r->peers[i];
+        if (strcmp(p->marker, token) != 0 || !p->ls ||
+            aamm_link_acked(p->ls, r->o.node_id) < p->marker_end) {
+            snprintf(who, whosize, "%s", p->name);
+            return false;
+        }
+    }
+    return true;
 }

@@ -21,6 +21,8 @@
  *   aamm.replicator_peer, aamm.replication_status
  *                       the replicator's status per peer (unlogged table, node-local) and
  *                       the view over it with each slot's retained WAL (replicator.h)
+ *   aamm.ddl_config, aamm.ddl_log, the event trigger aamm_ddl_capture, aamm.apply_ddl()
+ *                       DDL in the change stream (ddl.h), off until aamm_ddl_configure()
  */
 #ifndef AAMM_NODE_H
 #define AAMM_NODE_H
@@ -41,7 +43,7 @@ struct pg_conn;
 
 /** Version of libaamm's SQL schema aamm_node_install() installs: the highest of the
  *  scripts sql/aamm--<n>.sql, aamm--<n>--<m>.sql; the node records it in aamm.apply_meta. */
-#define AAMM_NODE_SQL_VERSION 3
+#define AAMM_NODE_SQL_VERSION 4
 
 /**
  * Install or upgrade libaamm's SQL schema (apply's objects and the SQL generators of
