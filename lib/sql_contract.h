@@ -32,6 +32,10 @@
 #define AAMM_SQL_FN_APPLY_SLOW "aamm.apply_slow"           /* a change's slow statement */
 #define AAMM_SQL_FN_LOG_CONFLICT "aamm.log_conflict"       /* logs, raises the notice */
 #define AAMM_SQL_FN_LOG_TRUNCATE "aamm.log_truncate"
+/* DDL in the stream (sql/aamm--3--4.sql, include/aamm/ddl.h): apply runs each transactional
+ * message with this prefix through the function, at its place in the transaction */
+#define AAMM_SQL_DDL_PREFIX "aamm_ddl"
+#define AAMM_SQL_FN_APPLY_DDL "aamm.apply_ddl"
 #define AAMM_SQL_FN_GC_TOMBSTONES "aamm.gc_tombstones"
 #define AAMM_SQL_TOMBSTONE_TABLE "aamm.tombstone"
 /* the apply session's node id (a custom setting aamm.node_of() reads for roident 0) */

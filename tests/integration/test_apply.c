@@ -893,7 +893,8 @@ static char *role_reach(const char *role)
 #define APPLY_ROLE_REACH                                                                           \
     "super=false createrole=false createdb=false replication=false bypassrls=true login=true | "   \
     "origin: pg_replication_origin_progress,pg_replication_origin_xact_reset,"                     \
-    "pg_replication_origin_xact_setup | definer: galloc_nextval,galloc_remaining,log_conflict,"   \
+    "pg_replication_origin_xact_setup | definer: ddl_emit,ddl_log_entry,ddl_settings,emit_marker," \
+    "galloc_nextval,galloc_remaining,log_conflict,"                                             \
     "origin_session,put_tombstone,snowflake_nextval,uuid_v7 | "                                    \
     "tables: tombstone=r | set: session_replication_role | member of: 0"
 
