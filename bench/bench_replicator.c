@@ -170,6 +170,15 @@ static double proc_wait(long pid)
     return (double)wait / 1e9;
 }
 
+/* the WAL position of node @i in bytes */
+static double wal_pos(int i)
+{
+    char *v = pgfx_value(fx, i, "SELECT pg_current_wal_lsn() - '0/0'");
+    double d = v ? atof(v) : 0;
+    free(v);
+    return d;
+}
+
 /* ---- the agent: a forked process running one replicator (as a host would) ------------ */
 
 static volatile int agent_stop;
@@ -455,6 +464,7 @@ struct run {
     double server_cpu_s; /* A's walsender + B's applier backend */
     double walsender_cpu_s; /* of which A's walsender */
     double wait_s[4]; /* run-queue wait: agent A, agent B, A's walsender, B's applier */
+    double wal_bytes; /* WAL node A wrote during the run */
     double first_third_ms, last_third_ms; /* mean lag early and late in the run */
 };
 
@@ -514,6 +524,7 @@ static void measure(enum mode m, struct run *r, long apid[2], long spid, long wp
     double c0 = proc_cpu(apid[0]) + proc_cpu(apid[1]), ca0 = proc_cpu(apid[0]);
     double s0 = proc_cpu(spid) + proc_cpu(wpid), w0 = proc_cpu(spid);
     long wpids[4] = {apid[0], apid[1], spid, wpid};
+    double wal0 = wal_pos(0);
     double q0[4];
     for (int k = 0; k < 4; k++)
         q0[k] = proc_wait(wpids[k]);
@@ -528,6 +539,7 @@ static void measure(enum mode m, struct run *r, long apid[2], long spid, long wp
                                               "FROM hb WHERE id = 1");
     snprintf(pgbench_log, sizeof pgbench_log, "%s/pgbench-%s.log", pgfx_root(fx), mode_name[m]);
     pgbench_pid = spawn(pgbench_child, 0);
+    setpgid(pgbench_pid, pgbench_pid); /* as the child does: a kill right away finds the group */
     pa.due = pb.due = t0;
     for (;;) {
         int64_t now = mono_ms();
@@ -552,6 +564,7 @@ static void measure(enum mode m, struct run *r, long apid[2], long spid, long wp
                 }
                 r->server_cpu_s = s1 - s0;
                 r->walsender_cpu_s = proc_cpu(spid) - w0;
+                r->wal_bytes = wal_pos(0) - wal0;
                 for (int k = 0; k < 4; k++)
                     r->wait_s[k] = proc_wait(wpids[k]) - q0[k];
             } else if (now > hard_end) {
@@ -779,8 +792,9 @@ static void run_mode(enum mode m, struct run *r)
             r->server_cpu_s, r->walsender_cpu_s);
     fprintf(stderr,
             "bench_replicator: %s: waited for a CPU during the run: agent A %.2f s, agent B "
-            "%.2f s, walsender %.2f s, applier %.2f s\n",
-            mode_name[m], r->wait_s[0], r->wait_s[1], r->wait_s[2], r->wait_s[3]);
+            "%.2f s, walsender %.2f s, applier %.2f s; A wrote %.0f B of WAL per transaction\n",
+            mode_name[m], r->wait_s[0], r->wait_s[1], r->wait_s[2], r->wait_s[3],
+            r->wal_bytes / (double)r->txns);
     for (int i = 0; i < 2; i++)
         end_pid(&agents[i], false, 5000);
     pgfx_destroy(fx);
