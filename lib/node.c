@@ -286,3 +286,48 @@ int aamm_node_gc_tombstones(struct pg_conn *conn, int64_t before_us, uint64_t *r
     PQclear(res);
     return rc;
 }
+
+int aamm_node_part(struct pg_conn *conn, uint32_t node_id, int *dropped, char *err, size_t errsize)
+{
+    char slot[32], origin[32], id[16];
+    if (dropped)
+        *dropped = 0;
+    if (!aamm_node_id_valid(node_id))
+        return aamm__pg_seterr(err, errsize, AAMM_EINVAL, "node: part: node id %" PRIu32
+                               " is outside 1..%d", node_id, AAMM_NODE_ID_MAX);
+    if (!conn || PQstatus(conn) != CONNECTION_OK)
+        return aamm__pg_seterr(err, errsize, AAMM_ECONN, "node: part: not connected");
+    snprintf(slot, sizeof slot, "aamm_to_%" PRIu32, node_id);
+    snprintf(origin, sizeof origin, "aamm_from_%" PRIu32, node_id);
+    snprintf(id, sizeof id, "%" PRIu32, node_id);
+    /* 1. the slot: end the walsender streaming it (a replicator still configured with the
+     *    peer would make it again), wait for it to let go, drop it; 2. the origin; 3. the
+     *    status row. One statement each, so a failure names its step. */
+    const char *steps[][2] = {
+        {"slot", "SELECT count(pg_catalog.pg_terminate_backend(active_pid, 5000)) FROM "
+                 "pg_catalog.pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL"},
+        {"slot", "SELECT count(pg_catalog.pg_drop_replication_slot(slot_name)) FROM "
+                 "pg_catalog.pg_replication_slots WHERE slot_name = $1"},
+        {"origin", "SELECT count(pg_catalog.pg_replication_origin_drop(roname)) FROM "
+                   "pg_catalog.pg_replication_origin WHERE roname = $1"},
+        {"status", "DELETE FROM aamm.replicator_peer WHERE peer_id = $1::int"},
+    };
+    const char *params[4] = {slot, slot, origin, id};
+    for (int i = 0; i < 4; i++) {
+        const char *p[1] = {params[i]};
+        PGresult *res = PQexecParams(conn, steps[i][1], 1, NULL, p, NULL, NULL, 0);
+        ExecStatusType st = PQresultStatus(res);
+        if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
+            int rc = aamm__pg_seterr(err, errsize,
+                                     PQstatus(conn) == CONNECTION_OK ? AAMM_ESERVER : AAMM_ECONN,
+                                     "node: part %" PRIu32 ": %s: %s", node_id, steps[i][0],
+                                     PQerrorMessage(conn));
+            PQclear(res);
+            return rc;
+        }
+        if (dropped && (i == 1 || i == 2))
+            *dropped += atoi(PQgetvalue(res, 0, 0));
+        PQclear(res);
+    }
+    return 0;
+}

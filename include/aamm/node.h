@@ -100,6 +100,20 @@ AAMM_API int aamm_node_replicate_table(struct pg_conn *conn, const char *schema,
 AAMM_API int aamm_node_gc_tombstones(struct pg_conn *conn, int64_t before_us, uint64_t *removed,
                                      char *err, size_t errsize);
 
+/**
+ * Part node @node_id from the node @conn (borrowed) is connected to, for good: drop the slot
+ * aamm_to_<node_id> (ending the walsender that streams it, if one runs: stop this node's
+ * replicator first, or remove the peer from its configuration, or it makes the slot again),
+ * drop the replication origin aamm_from_<node_id> and the replicator's status row. Run it on
+ * every surviving node; remove the member from consensus with
+ * aamm_consensus_remove_member(). What the parted node committed and a survivor had not
+ * received is not recovered by this call. Idempotent. @dropped (may be NULL) gets the
+ * number of objects dropped (slot and origin). Returns 0, AAMM_EINVAL (node id), AAMM_ESERVER,
+ * AAMM_ECONN; the message goes to @err (may be NULL).
+ */
+AAMM_API int aamm_node_part(struct pg_conn *conn, uint32_t node_id, int *dropped, char *err,
+                            size_t errsize);
+
 #ifdef __cplusplus
 }
 #endif

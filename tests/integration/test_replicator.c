@@ -29,6 +29,7 @@ static int ports[NNODES];
 static pid_t agents[NNODES];
 static int dial_port[NNODES][NNODES]; /* where agent i dials peer k (0: ports[k]) */
 static bool with_consensus;            /* agents run consensus and supply galloc "rentals" */
+static bool parted[NNODES];            /* nodes the agents no longer have as peers */
 static int raft_ports[NNODES];
 static const char secret[] = "0123456789abcdef-replicator-test";
 
@@ -92,7 +93,7 @@ static void agent_main(int i)
     o.dead_after_ms = 3000;
     o.status_interval_ms = 200;
     for (int k = 0; k < NNODES; k++) {
-        if (k == i)
+        if (k == i || parted[k])
             continue;
         snprintf(portstr[k], sizeof portstr[k], "%d", dial_port[i][k] ? dial_port[i][k] : ports[k]);
         peers[n].node_id = (uint32_t)k + 1;
@@ -684,6 +685,58 @@ START_TEST(consensus_galloc_supply)
 }
 END_TEST
 
+/* Node 3 is gone for good: the survivors' agents restart without it and aamm_node_part()
+ * on each survivor drops its slot, its origin and its status row; the two go on
+ * replicating, and no slot is left to hold WAL for the parted node. */
+START_TEST(part_a_node)
+{
+    long n = aamm_test_scaled(50, 10);
+    char err[256];
+    int dropped = -1;
+    start_all();
+    for (int i = 0; i < NNODES; i++)
+        write_ledger(i, 0, n);
+    ck_assert(wait_ledger(NNODES * n, 60));
+    aamm_test_kill(&agents[2]);
+    ck_assert_int_eq(pgfx_stop_node(fx, 2, "immediate"), 0);
+    stop_agent(0);
+    stop_agent(1);
+    parted[2] = true;
+    for (int i = 0; i < 2; i++) {
+        PGconn *c = pgfx_connect(fx, i);
+        ck_assert_msg(aamm_node_part(c, 3, &dropped, err, sizeof err) == 0, "%s", err);
+        ck_assert_int_eq(dropped, 2);
+        /* idempotent */
+        ck_assert_msg(aamm_node_part(c, 3, &dropped, err, sizeof err) == 0, "%s", err);
+        ck_assert_int_eq(dropped, 0);
+        PQfinish(c);
+    }
+    start_agent(0);
+    start_agent(1);
+    write_ledger(0, n, n);
+    write_ledger(1, n, n);
+    int64_t end = aamm_test_now_ms() + 60000;
+    while (aamm_test_now_ms() < end && (count(0, "SELECT count(*) FROM ledger") != 5 * n ||
+                                        count(1, "SELECT count(*) FROM ledger") != 5 * n))
+        usleep(100000);
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM ledger"), 5 * n);
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM pg_replication_slots"), 1);
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = "
+                                  "'aamm_to_3'"),
+                         0);
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM pg_replication_origin WHERE roname = "
+                                  "'aamm_from_3'"),
+                         0);
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.replication_status WHERE peer_id = 3"),
+                         0);
+    }
+    stop_agent(0);
+    stop_agent(1);
+    ck_assert_int_eq(pgfx_start_node(fx, 2), 0); /* for the fixture's teardown */
+}
+END_TEST
+
 /* ---- fixture ------------------------------------------------------------------------ */
 
 static void setup(void)
@@ -697,6 +750,7 @@ static void setup(void)
         for (int k = 0; k < NNODES; k++)
             dial_port[i][k] = 0;
         with_consensus = false;
+        parted[i] = false;
     }
 }
 
@@ -724,6 +778,7 @@ int main(void)
         {"link_cut_between_two", link_cut_between_two, 240},
         {"acks_follow_durable", acks_follow_durable, 150},
         {"consensus_galloc_supply", consensus_galloc_supply, 200},
+        {"part_a_node", part_a_node, 150},
         {"apply_only_node_slots_advance", apply_only_node_slots_advance, 150},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
