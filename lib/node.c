@@ -300,20 +300,52 @@ int aamm_node_part(struct pg_conn *conn, uint32_t node_id, int *dropped, char *e
     snprintf(slot, sizeof slot, "aamm_to_%" PRIu32, node_id);
     snprintf(origin, sizeof origin, "aamm_from_%" PRIu32, node_id);
     snprintf(id, sizeof id, "%" PRIu32, node_id);
+    int nsteps = 4;
     /* 1. the slot: end the walsender streaming it (a replicator still configured with the
-     *    peer would make it again), wait for it to let go, drop it; 2. the origin; 3. the
-     *    status row. One statement each, so a failure names its step. */
+     *    peer would make it again), wait for it to let go, drop it; 2. the status row; 3.
+     *    the origin, when safe (above). One statement each, so a failure names its step. */
     const char *steps[][2] = {
         {"slot", "SELECT count(pg_catalog.pg_terminate_backend(active_pid, 5000)) FROM "
                  "pg_catalog.pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL"},
         {"slot", "SELECT count(pg_catalog.pg_drop_replication_slot(slot_name)) FROM "
                  "pg_catalog.pg_replication_slots WHERE slot_name = $1"},
+        {"status", "DELETE FROM aamm.replicator_peer WHERE peer_id = $1::int"},
         {"origin", "SELECT count(pg_catalog.pg_replication_origin_drop(roname)) FROM "
                    "pg_catalog.pg_replication_origin WHERE roname = $1"},
-        {"status", "DELETE FROM aamm.replicator_peer WHERE peer_id = $1::int"},
     };
-    const char *params[4] = {slot, slot, origin, id};
-    for (int i = 0; i < 4; i++) {
+    /* the origin goes only once every other slot has confirmed past the last transaction
+     * applied under it: until then capture recognizes those transactions by the origin
+     * (an undecoded one under a dropped origin would look local and be sent on) */
+    {
+        const char *p[2] = {origin, slot};
+        PGresult *res = PQexecParams(
+            conn,
+            "SELECT pg_catalog.string_agg(s.slot_name, ', ' ORDER BY s.slot_name) "
+            "FROM pg_catalog.pg_replication_origin_status o, pg_catalog.pg_replication_slots s "
+            "WHERE o.external_id = $1 AND s.slot_name LIKE 'aamm\\_to\\_%' AND s.slot_name <> $2 "
+            "AND (s.confirmed_flush_lsn IS NULL OR s.confirmed_flush_lsn < o.local_lsn)",
+            2, NULL, p, NULL, NULL, 0);
+        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+            int rc = aamm__pg_seterr(err, errsize,
+                                     PQstatus(conn) == CONNECTION_OK ? AAMM_ESERVER : AAMM_ECONN,
+                                     "node: part %" PRIu32 ": %s", node_id, PQerrorMessage(conn));
+            PQclear(res);
+            return rc;
+        }
+        if (!PQgetisnull(res, 0, 0)) {
+            int rc = aamm__pg_seterr(err, errsize, AAMM_EAGAIN,
+                                     "node: part %" PRIu32 ": origin %s kept until slot(s) %s "
+                                     "confirm past its last transaction (run the agents, then "
+                                     "call again)",
+                                     node_id, origin, PQgetvalue(res, 0, 0));
+            PQclear(res);
+            nsteps = 3; /* the slot and the status row now, the origin later */
+            (void)rc;
+        }
+        PQclear(res);
+    }
+    const char *params[4] = {slot, slot, id, origin};
+    for (int i = 0; i < nsteps; i++) {
         const char *p[1] = {params[i]};
         PGresult *res = PQexecParams(conn, steps[i][1], 1, NULL, p, NULL, NULL, 0);
         ExecStatusType st = PQresultStatus(res);
@@ -325,9 +357,9 @@ int aamm_node_part(struct pg_conn *conn, uint32_t node_id, int *dropped, char *e
             PQclear(res);
             return rc;
         }
-        if (dropped && (i == 1 || i == 2))
+        if (dropped && (i == 1 || i == 3))
             *dropped += atoi(PQgetvalue(res, 0, 0));
         PQclear(res);
     }
-    return 0;
+    return nsteps < 4 ? AAMM_EAGAIN : 0;
 }

@@ -108,8 +108,13 @@ AAMM_API int aamm_node_gc_tombstones(struct pg_conn *conn, int64_t before_us, ui
  * every surviving node; remove the member from consensus with
  * aamm_consensus_remove_member(). What the parted node committed and a survivor had not
  * received is not recovered by this call. Idempotent. @dropped (may be NULL) gets the
- * number of objects dropped (slot and origin). Returns 0, AAMM_EINVAL (node id), AAMM_ESERVER,
- * AAMM_ECONN; the message goes to @err (may be NULL).
+ * number of objects dropped (slot and origin). The origin is dropped only once every other
+ * slot aamm_to_* on this node has confirmed past the last transaction applied under it
+ * (until then capture recognizes those transactions by their origin; one decoded after the
+ * origin is gone would look local and be sent on): otherwise the slot and status row go,
+ * the origin stays, and the call returns AAMM_EAGAIN with a message naming the slots: let
+ * the remaining replicators run, then call again. Returns 0, AAMM_EAGAIN, AAMM_EINVAL (node
+ * id), AAMM_ESERVER, AAMM_ECONN; the message goes to @err (may be NULL).
  */
 AAMM_API int aamm_node_part(struct pg_conn *conn, uint32_t node_id, int *dropped, char *err,
                             size_t errsize);
