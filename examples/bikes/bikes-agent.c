@@ -5,7 +5,8 @@
  *
  *   bikes-agent -c FILE setup   install libaamm's schema on the node, store the snowflake
  *                               node id, load schema_file, create the apply role, replicate
- *                               the tables (publication "aamm"); idempotent
+ *                               the tables (publication "aamm"), DDL replication on or off
+ *                               (ddl, table_owner); idempotent
  *   bikes-agent -c FILE run     replicate until SIGTERM/SIGINT; SIGUSR1 logs a status line
  *   bikes-agent -c FILE check   validate the configuration for setup and run
  *
@@ -27,6 +28,7 @@
 
 #include <aamm/aamm.h>
 #include <aamm/conflict.h>
+#include <aamm/ddl.h>
 #include <aamm/node.h>
 #include <aamm/replicator.h>
 #include <aamm/seq.h>
@@ -141,6 +143,104 @@ static int conninfo_user(const char *conninfo, char *out, size_t size, char *err
     return 0;
 }
 
+/* Run @sql on @conn; AAMM_ESERVER with "WHAT: the server's message" in @err on failure. */
+static int exec_sql(PGconn *conn, const char *what, const char *sql, char *err, size_t errsize)
+{
+    PGresult *res = PQexec(conn, sql);
+    int ok = PQresultStatus(res) == PGRES_COMMAND_OK || PQresultStatus(res) == PGRES_TUPLES_OK;
+    if (!ok)
+        snprintf(err, errsize, "%s: %s", what, oneline(PQerrorMessage(conn)));
+    PQclear(res);
+    return ok ? 0 : PQstatus(conn) == CONNECTION_OK ? AAMM_ESERVER : AAMM_ECONN;
+}
+
+/* "schema.table" or "table" (public) into its two parts. */
+static void split_table(const char *name, char *schema, size_t ssize, char *table, size_t tsize)
+{
+    const char *dot = strchr(name, '.');
+    if (dot != NULL) {
+        snprintf(schema, ssize, "%.*s", (int)(dot - name), name);
+        snprintf(table, tsize, "%s", dot + 1);
+    } else {
+        snprintf(schema, ssize, "public");
+        snprintf(table, tsize, "%s", name);
+    }
+}
+
+/* table_owner: create the role when missing (NOLOGIN) and make it the owner of every
+ * replicated table, so that DDL run as that role on any node can run as it on the peers. */
+static int own_tables(PGconn *conn, const struct bikes_config *cfg, char *err, size_t errsize)
+{
+    const char *params[1] = {cfg->table_owner};
+    char *qowner = PQescapeIdentifier(conn, cfg->table_owner, strlen(cfg->table_owner));
+    char sql[1024];
+    PGresult *res;
+    bool exists;
+    size_t i;
+    int rc = 0;
+    if (qowner == NULL) {
+        snprintf(err, errsize, "table_owner: %s", oneline(PQerrorMessage(conn)));
+        return AAMM_ESERVER;
+    }
+    res = PQexecParams(conn, "SELECT count(*) FROM pg_catalog.pg_roles WHERE rolname = $1", 1,
+                       NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        snprintf(err, errsize, "table_owner: %s", oneline(PQerrorMessage(conn)));
+        PQclear(res);
+        PQfreemem(qowner);
+        return AAMM_ESERVER;
+    }
+    exists = strcmp(PQgetvalue(res, 0, 0), "0") != 0;
+    PQclear(res);
+    if (!exists) {
+        snprintf(sql, sizeof sql, "CREATE ROLE %s NOLOGIN", qowner);
+        rc = exec_sql(conn, "table_owner", sql, err, errsize);
+    }
+    for (i = 0; rc == 0 && i < cfg->ntables; i++) {
+        char schema[128], table[128];
+        char *qs, *qt;
+        split_table(cfg->tables[i], schema, sizeof schema, table, sizeof table);
+        qs = PQescapeIdentifier(conn, schema, strlen(schema));
+        qt = PQescapeIdentifier(conn, table, strlen(table));
+        if (qs == NULL || qt == NULL) {
+            snprintf(err, errsize, "table_owner: %s", oneline(PQerrorMessage(conn)));
+            rc = AAMM_ESERVER;
+        } else {
+            snprintf(sql, sizeof sql, "ALTER TABLE %s.%s OWNER TO %s", qs, qt, qowner);
+            rc = exec_sql(conn, "table_owner", sql, err, errsize);
+        }
+        PQfreemem(qs);
+        PQfreemem(qt);
+    }
+    PQfreemem(qowner);
+    if (rc == 0)
+        logf_(AAMM_LOG_INFO, "setup: %zu tables owned by %s%s", cfg->ntables, cfg->table_owner,
+              exists ? "" : " (role created, NOLOGIN)");
+    return rc;
+}
+
+/* The apply role may act as table_owner: it runs the DDL peers send as that role. */
+static int grant_owner(PGconn *conn, const struct bikes_config *cfg, const char *role, char *err,
+                       size_t errsize)
+{
+    char *qowner = PQescapeIdentifier(conn, cfg->table_owner, strlen(cfg->table_owner));
+    char *qrole = PQescapeIdentifier(conn, role, strlen(role));
+    char sql[512];
+    int rc;
+    if (qowner == NULL || qrole == NULL) {
+        snprintf(err, errsize, "table_owner: %s", oneline(PQerrorMessage(conn)));
+        rc = AAMM_ESERVER;
+    } else {
+        /* a repeated grant only gets a NOTICE */
+        snprintf(sql, sizeof sql, "SET client_min_messages = warning; GRANT %s TO %s; "
+                                  "RESET client_min_messages", qowner, qrole);
+        rc = exec_sql(conn, "table_owner", sql, err, errsize);
+    }
+    PQfreemem(qowner);
+    PQfreemem(qrole);
+    return rc;
+}
+
 static int cmd_setup(const struct bikes_config *cfg)
 {
     char err[1024], role[128] = "";
@@ -169,6 +269,10 @@ static int cmd_setup(const struct bikes_config *cfg)
         PQfinish(conn);
         return 1;
     }
+    /* setup's own DDL (schema_file, ownership) is this node's: it never travels, also when
+     * DDL capture is on from an earlier setup */
+    if ((rc = exec_sql(conn, "setup", "SET aamm.replicate_ddl = off", err, sizeof err)) != 0)
+        goto failed;
     /* 1. libaamm's SQL objects, 2. this node's snowflake node id */
     if ((rc = aamm_node_install(conn, err, sizeof err)) != 0 ||
         (rc = aamm_seq_install(conn, cfg->node_id, err, sizeof err)) != 0)
@@ -178,45 +282,50 @@ static int cmd_setup(const struct bikes_config *cfg)
     /* 3. the application's schema (it may use aamm.snowflake_nextval() in defaults) */
     if (cfg->schema_file != NULL) {
         char *sql = slurp(cfg->schema_file, err, sizeof err);
-        PGresult *res;
         if (sql == NULL) {
             rc = AAMM_EIO;
             goto failed;
         }
-        res = PQexec(conn, sql);
+        rc = exec_sql(conn, cfg->schema_file, sql, err, sizeof err);
         free(sql);
-        if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
-            snprintf(err, sizeof err, "%s: %s", cfg->schema_file, oneline(PQerrorMessage(conn)));
-            PQclear(res);
-            rc = AAMM_ESERVER;
+        if (rc != 0)
             goto failed;
-        }
-        PQclear(res);
         logf_(AAMM_LOG_INFO, "setup: loaded %s", cfg->schema_file);
     }
-    /* 4. the apply role (only when apply logs in as a role of its own) */
+    /* 4. the tables' owner (ddl = on), the role DDL on them runs as on every node */
+    if (cfg->ddl && cfg->table_owner != NULL && (rc = own_tables(conn, cfg, err, sizeof err)) != 0)
+        goto failed;
+    /* 5. the apply role (only when apply logs in as a role of its own) */
     if (role[0] != '\0') {
         rc = aamm_node_create_apply_role(conn, role, plen ? password : NULL, err, sizeof err);
         if (rc != 0)
             goto failed;
         logf_(AAMM_LOG_INFO, "setup: apply role %s%s", role, plen ? " (password set)" : "");
     }
-    /* 5. the replicated tables, "schema.table" or "table" (public) */
+    /* 6. the replicated tables, "schema.table" or "table" (public) */
     for (i = 0; i < cfg->ntables; i++) {
-        char schema[128] = "public", table[128];
-        const char *dot = strchr(cfg->tables[i], '.');
-        if (dot != NULL) {
-            snprintf(schema, sizeof schema, "%.*s", (int)(dot - cfg->tables[i]), cfg->tables[i]);
-            snprintf(table, sizeof table, "%s", dot + 1);
-        } else {
-            snprintf(table, sizeof table, "%s", cfg->tables[i]);
-        }
+        char schema[128], table[128];
+        split_table(cfg->tables[i], schema, sizeof schema, table, sizeof table);
         rc = aamm_node_replicate_table(conn, schema, table, role[0] ? role : NULL, "aamm", err,
                                        sizeof err);
         if (rc != 0)
             goto failed;
     }
     logf_(AAMM_LOG_INFO, "setup: %zu tables replicated (publication aamm)", cfg->ntables);
+    /* 7. DDL replication: this node sends its DDL and runs its peers' (as the role that ran
+     * it there: the apply role acts as table_owner), or neither */
+    if (cfg->ddl && cfg->table_owner != NULL && role[0] != '\0' &&
+        (rc = grant_owner(conn, cfg, role, err, sizeof err)) != 0)
+        goto failed;
+    if ((rc = aamm_ddl_configure(conn, cfg->ddl, cfg->ddl, err, sizeof err)) != 0)
+        goto failed;
+    if (!cfg->ddl)
+        logf_(AAMM_LOG_INFO, "setup: DDL replication off");
+    else if (cfg->table_owner != NULL && role[0] != '\0')
+        logf_(AAMM_LOG_INFO, "setup: DDL replication on (capture and apply; %s may act as %s)",
+              role, cfg->table_owner);
+    else
+        logf_(AAMM_LOG_INFO, "setup: DDL replication on (capture and apply)");
     memset(password, 0, sizeof password);
     PQfinish(conn);
     return 0;

@@ -180,6 +180,7 @@ static const struct string_key string_keys[] = {
     SK(apply_password_file, true), SK(cluster, false), SK(secret_file, true),
     SK(tls_ca, true),       SK(tls_cert, true),  SK(tls_key, true),
     SK(raft_address, false), SK(raft_dir, true), SK(schema_file, true),
+    SK(table_owner, false),
 };
 #undef SK
 /* clang-format on */
@@ -196,7 +197,7 @@ static int set_key(struct bikes_config *cfg, const char *key, char *v, int line,
             continue;
         if (*field != NULL)
             return fail(err, errsize, "given twice");
-        if (!strcmp(key, "node_name") && strlen(v) >= 64)
+        if ((!strcmp(key, "node_name") || !strcmp(key, "table_owner")) && strlen(v) >= 64)
             return fail(err, errsize, "longer than 63 characters");
         if (!strcmp(key, "raft_address")) {
             char *h, *p;
@@ -243,6 +244,11 @@ static int set_key(struct bikes_config *cfg, const char *key, char *v, int line,
             return fail(err, errsize, "given twice");
         if (parse_bool(v, &cfg->bootstrap) != 0)
             return fail(err, errsize, "expected yes or no");
+    } else if (!strcmp(key, "ddl")) {
+        if (seen_scalar[3]++)
+            return fail(err, errsize, "given twice");
+        if (parse_bool(v, &cfg->ddl) != 0)
+            return fail(err, errsize, "expected on or off");
     } else if (!strcmp(key, "log_level")) {
         if (seen_scalar[1]++)
             return fail(err, errsize, "given twice");
@@ -278,7 +284,7 @@ int bikes_config_load(struct bikes_config *cfg, const char *path, char *err, siz
     char *buf = NULL;
     size_t cap = 0;
     int line = 0, rc = 0;
-    int seen_scalar[3] = {0, 0, 0};
+    int seen_scalar[4] = {0, 0, 0, 0};
     char why[256];
 
     memset(cfg, 0, sizeof *cfg);
@@ -329,6 +335,8 @@ int bikes_config_check(const struct bikes_config *cfg, enum bikes_need need, cha
         if (cfg->peers[i].id == cfg->node_id)
             return fail(err, errsize, "%s:%d: peer: id %u is this node's node_id", cfg->path,
                         cfg->peers[i].line, (unsigned)cfg->node_id);
+    if (cfg->table_owner != NULL && !cfg->ddl)
+        return fail(err, errsize, "%s: table_owner needs ddl = on", cfg->path);
     if (need == BIKES_NEED_SETUP) {
         if (cfg->ntables == 0)
             return fail(err, errsize, "%s: missing key 'tables' (%s replicates them)", cfg->path,

@@ -40,6 +40,8 @@ struct bikes_config {
     char *raft_address, *raft_dir;
     bool bootstrap;
     char *schema_file; /* SQL run by setup before the tables are replicated, or NULL */
+    bool ddl;          /* setup turns DDL replication (capture and apply) on; default off */
+    char *table_owner; /* setup makes this role own the tables (ddl = on only), or NULL */
     char *sequences[BIKES_MAX_LIST];
     size_t nsequences;
     char *tables[BIKES_MAX_LIST];

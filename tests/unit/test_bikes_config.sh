@@ -2,7 +2,8 @@
 # test_bikes_config.sh: bikes-agent's configuration checks, without a server
 # (`bikes-agent -c FILE check`): the sample configuration passes; each mistake exits 2 with
 # the message naming the file, line and key; the secret file must be private (not group
-# or world accessible) and at least 16 bytes; relative paths are relative to the file.
+# or world accessible) and at least 16 bytes; relative paths are relative to the file;
+# ddl takes on or off, and table_owner needs ddl = on.
 agent="${AAMM_TOP_BUILDDIR:-.}/examples/bikes/bikes-agent"
 sample="${AAMM_TOP_SRCDIR:-${srcdir:-.}}/examples/bikes/bikes.conf.sample"
 if [ ! -x "$agent" ]; then
@@ -54,6 +55,16 @@ expect "bad listen" 2 "t.conf:7: listen: expected 'HOST:PORT'" "${base}listen = 
 expect "bad log level" 2 "t.conf:7: log_level: expected error, warn, info or debug" \
     "${base}log_level = loud\n"
 expect "bad bootstrap" 2 "t.conf:7: bootstrap: expected yes or no" "${base}bootstrap = maybe\n"
+expect "ddl on, table owner" 0 ": ok" "${base}ddl = on\ntable_owner = bikes_owner\n"
+expect "ddl off" 0 ": ok" "${base}ddl = off\n"
+expect "bad ddl value" 2 "t.conf:7: ddl: expected on or off" "${base}ddl = maybe\n"
+expect "ddl twice" 2 "t.conf:8: ddl: given twice" "${base}ddl = on\nddl = off\n"
+expect "table owner twice" 2 "t.conf:9: table_owner: given twice" \
+    "${base}ddl = on\ntable_owner = a\ntable_owner = b\n"
+expect "table owner without ddl" 2 "t.conf: table_owner needs ddl = on" \
+    "${base}table_owner = bikes_owner\n"
+expect "table owner with ddl off" 2 "t.conf: table_owner needs ddl = on" \
+    "${base}ddl = off\ntable_owner = bikes_owner\n"
 expect "missing cluster" 2 "t.conf: missing key 'cluster'" \
     'node_id = 1\nconninfo = x\ntables = a\nsecret_file = cluster.secret\npeer = 2 b h:1\n'
 expect "tls needs all three" 2 "tls_ca, tls_cert and tls_key go together" "${base}tls_ca = ca.pem\n"
