@@ -68,6 +68,7 @@ struct rpeer {
     uint64_t prog_need; /* ... confirmable once the peer acked this (sent_end then) */
     uint64_t out_txns, out_mark;
     double out_rate;
+    int64_t held_status_ms;  /* last status update sent while the link refused an event */
     char marker_pending[48]; /* a marker message in the transaction being sent */
     char marker[48];         /* the last marker sent in a committed transaction ... */
     uint64_t marker_end;     /* ... and that transaction's end LSN */
@@ -612,7 +613,15 @@ static int out_step(struct rpeer *p, int64_t now)
         if (!p->cap)
             return 0;
     }
-    if (!p->have_ev) {
+    if (p->have_ev) {
+        /* the link refused the event: capture must not step (that would invalidate it), but
+         * its status updates must go on, or the server ends the walsender after
+         * wal_sender_timeout while a peer applies slowly or holds its stream */
+        if (p->cap_streaming && now - p->held_status_ms >= 5000) {
+            (void)aamm_capture_send_status(p->cap);
+            p->held_status_ms = now;
+        }
+    } else {
         rc = aamm_capture_step(p->cap);
         if (rc < 0) {
             char reason[REASON_MAX];
