@@ -69,7 +69,8 @@ int aamm_node_create_apply_role(struct pg_conn *conn, const char *role, const ch
     /* 2. one transaction, serialized with install: does the role exist? (a bound
      *    parameter: no literal to quote) */
     rc = aamm__pg_run(conn, "node: apply role",
-                      "BEGIN; SET LOCAL client_min_messages = warning; SELECT " AAMM_SQL_INSTALL_LOCK,
+                      "BEGIN; SET LOCAL client_min_messages = warning; "
+                      "SET LOCAL aamm.replicate_ddl = off; SELECT " AAMM_SQL_INSTALL_LOCK,
                       err, errsize);
     if (rc < 0)
         goto fail;

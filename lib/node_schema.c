@@ -73,6 +73,7 @@ int aamm__schema_install(PGconn *conn, int upto, const char *then_sql, const cha
      *    notice processor */
     int rc = aamm__pg_run(conn, what,
                           "BEGIN; SET LOCAL client_min_messages = warning;"
+                          " SET LOCAL aamm.replicate_ddl = off;" /* ddl.h: setup never travels */
                           " SELECT " AAMM_SQL_INSTALL_LOCK,
                           err, errsize);
     if (rc < 0)

@@ -222,7 +222,9 @@ int aamm_seq_convert(struct pg_conn *conn, const struct aamm_seq_serials *list,
                               list->items[i].schema, list->items[i].table, list->items[i].column,
                               list->items[i].type);
     }
-    if ((rc = aamm__pg_run(conn, "seq: convert", "BEGIN", err, errsize)) < 0)
+    /* (each node converts its own columns: the ALTERs never travel, ddl.h) */
+    if ((rc = aamm__pg_run(conn, "seq: convert", "BEGIN; SET LOCAL aamm.replicate_ddl = off", err,
+                           errsize)) < 0)
         return rc;
     /* 2. Per column: drop identity, widen if asked, set the generator as default. */
     for (size_t i = 0; i < list->n; i++) {

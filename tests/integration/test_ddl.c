@@ -365,8 +365,23 @@ START_TEST(refused_local_and_plain)
     ck_assert_int_eq(pgfx_exec_conn(c, "SET ROLE app; CREATE INDEX rentals_bike ON rentals (bike); "
                                        "RESET ROLE"),
                      0);
+    /* libaamm's own setup calls run with capture on: their DDL stays here */
+    char err[256];
+    ck_assert_msg(aamm_node_install(c, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(aamm_node_create_apply_role(c, "aamm_apply", NULL, err, sizeof err) == 0, "%s",
+                  err);
+    ck_assert_int_eq(pgfx_exec_conn(c, "SET ROLE app; CREATE TABLE extra (id int PRIMARY KEY); "
+                                       "RESET ROLE"),
+                     0);
+    ck_assert_msg(aamm_node_replicate_table(c, "public", "extra", "aamm_apply", "aamm", err,
+                                            sizeof err) == 0,
+                  "%s", err);
     PQfinish(c);
     ck_assert(wait_all("SELECT count(*) FROM pg_indexes WHERE indexname = 'rentals_bike'", 1, 60));
+    ck_assert(wait_all("SELECT count(*) FROM pg_tables WHERE tablename = 'extra'", 1, 60));
+    /* the peers ran exactly the two DDL statements made by hand */
+    for (int i = 1; i < NNODES; i++)
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.ddl_log"), 2);
     for (int i = 1; i < NNODES; i++)
         ck_assert_int_eq(count(i, "SELECT count(*) FROM pg_indexes WHERE indexname = "
                                   "'rentals_note_local'"),
