@@ -18,7 +18,9 @@
  * the run shows there, however the percentiles look.
  *
  * Prints BENCH lines: writer TPS ratios against standalone, lag p50/p99 and the end
- * backlog for both modes, and CPU per writer transaction (both agents' utime+stime; the
+ * backlog for both modes, the share of the run's transactions B had applied when pgbench
+ * ended (*_applied_by_end: pgbench_history rows on B / on A), and CPU per writer
+ * transaction, counted until the last heartbeat reached B (both agents' utime+stime; the
  * servers' walsender and applier backends as a separate figure, for native too).
  * BENCH_DEBUG=1: a status line per second on stderr (replicator: B's
  * aamm.replication_status in_lag_ms / in_pending; native: pg_stat_subscription).
@@ -465,6 +467,7 @@ struct run {
     double walsender_cpu_s; /* of which A's walsender */
     double wait_s[4]; /* run-queue wait: agent A, agent B, A's walsender, B's applier */
     double wal_bytes; /* WAL node A wrote during the run */
+    long hist_a, hist_b; /* pgbench_history rows on A and B when pgbench ended */
     double first_third_ms, last_third_ms; /* mean lag early and late in the run */
 };
 
@@ -551,10 +554,6 @@ static void measure(enum mode m, struct run *r, long apid[2], long spid, long wp
                     die("pgbench failed (see %s)", pgbench_log);
                 running = false;
                 drain_end = now + DRAIN_LIMIT_S * 1000;
-                double c1 = proc_cpu(apid[0]) + proc_cpu(apid[1]);
-                double s1 = proc_cpu(spid) + proc_cpu(wpid);
-                r->agent_cpu_s = c1 - c0;
-                r->agent_a_cpu_s = proc_cpu(apid[0]) - ca0;
                 /* B shows heartbeat last_seen: A wrote it (wall clock) that long ago */
                 {
                     struct timespec w;
@@ -562,8 +561,11 @@ static void measure(enum mode m, struct run *r, long apid[2], long spid, long wp
                     int64_t us = (int64_t)w.tv_sec * 1000000 + w.tv_nsec / 1000;
                     r->stale_end_ms = replicating ? (double)(us - last_seen) / 1000.0 : 0;
                 }
-                r->server_cpu_s = s1 - s0;
-                r->walsender_cpu_s = proc_cpu(spid) - w0;
+                /* every pgbench transaction inserts one history row: how many B had */
+                if (replicating) {
+                    r->hist_b = pgfx_value_long(fx, 1, 0, "SELECT count(*) FROM pgbench_history");
+                    r->hist_a = pgfx_value_long(fx, 0, 0, "SELECT count(*) FROM pgbench_history");
+                }
                 r->wal_bytes = wal_pos(0) - wal0;
                 for (int k = 0; k < 4; k++)
                     r->wait_s[k] = proc_wait(wpids[k]) - q0[k];
@@ -640,6 +642,12 @@ static void measure(enum mode m, struct run *r, long apid[2], long spid, long wp
             }
         }
     }
+    /* CPU until the last heartbeat reached B: every transaction of the run is replicated
+     * then (what a lagging side has not done yet by the end of pgbench is counted too) */
+    r->agent_cpu_s = proc_cpu(apid[0]) + proc_cpu(apid[1]) - c0;
+    r->agent_a_cpu_s = proc_cpu(apid[0]) - ca0;
+    r->server_cpu_s = proc_cpu(spid) + proc_cpu(wpid) - s0;
+    r->walsender_cpu_s = proc_cpu(spid) - w0;
     /* the lag early and late in the run: equal when the backlog held steady */
     if (r->nlag >= 3) {
         size_t third = r->nlag / 3;
@@ -790,6 +798,9 @@ static void run_mode(enum mode m, struct run *r)
             r->nlag ? r->lag[r->nlag - 1] : NAN, r->first_third_ms, r->last_third_ms,
             r->backlog_end_ms, r->stale_end_ms, r->agent_cpu_s, r->agent_a_cpu_s,
             r->server_cpu_s, r->walsender_cpu_s);
+    if (m != STANDALONE)
+        fprintf(stderr, "bench_replicator: %s: when pgbench ended B had %ld of A's %ld history rows\n",
+                mode_name[m], r->hist_b, r->hist_a);
     fprintf(stderr,
             "bench_replicator: %s: waited for a CPU during the run: agent A %.2f s, agent B "
             "%.2f s, walsender %.2f s, applier %.2f s; A wrote %.0f B of WAL per transaction\n",
@@ -827,6 +838,8 @@ int main(void)
         printf("BENCH native_lag_p50_ms %.1f ms\n", pct(n->lag, n->nlag, 0.5));
         printf("BENCH native_lag_p99_ms %.1f ms\n", pct(n->lag, n->nlag, 0.99));
         printf("BENCH native_backlog_end_ms %.1f ms\n", n->backlog_end_ms);
+        if (n->hist_a > 0)
+            printf("BENCH native_applied_by_end %.3f x\n", (double)n->hist_b / (double)n->hist_a);
         printf("BENCH native_server_cpu_ms_per_txn %.4f ms\n",
                n->server_cpu_s * 1000 / (double)n->txns);
     }
@@ -837,6 +850,8 @@ int main(void)
         printf("BENCH replicator_lag_p50_ms %.1f ms\n", pct(l->lag, l->nlag, 0.5));
         printf("BENCH replicator_lag_p99_ms %.1f ms\n", pct(l->lag, l->nlag, 0.99));
         printf("BENCH replicator_backlog_end_ms %.1f ms\n", l->backlog_end_ms);
+        if (l->hist_a > 0)
+            printf("BENCH replicator_applied_by_end %.3f x\n", (double)l->hist_b / (double)l->hist_a);
         printf("BENCH replicator_cpu_ms_per_txn %.4f ms\n",
                l->agent_cpu_s * 1000 / (double)l->txns);
         printf("BENCH replicator_server_cpu_ms_per_txn %.4f ms\n",
