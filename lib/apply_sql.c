@@ -280,11 +280,19 @@ static void sb_not_tombstoned(struct aamm__sb *b, const struct lrel *r, const in
  * expression for the jsonb[] of the inserted keys): aamm.recheck_tombs() raises AA006 when
  * a delete of one of them committed while the insert waited for the deleting transaction
  * (the decision, made in the statement's snapshot, could not see it). @upd: the rule of
- * update_missing. */
+ * update_missing. The call (PL/pgSQL and a query under a snapshot of its own: most of the
+ * cost of a small applied transaction that inserts) is made only when the relation's
+ * tombstone flag is set (sql/aamm--2--3.sql, section 2): a tombstone is flagged before its
+ * transaction commits, and the flag is read as it is now, so an unset flag means that no
+ * tombstone the recheck could find exists. The expression must be evaluated after the
+ * write: where it stands, the write has run (a CASE on its rows, a FROM reading them). The
+ * label is a literal so that the flag's sequence is a constant of the plan. */
 static void sb_recheck(struct aamm__sb *b, const struct lrel *r, const int *kparam,
                        const char *keys, bool upd)
 {
-    aamm__sb_add(b, AAMM_SQL_FN_RECHECK_TOMBS "($3, ");
+    aamm__sb_add(b, "CASE WHEN pg_catalog.pg_sequence_last_value(" AAMM_SQL_FN_TOMB_FLAG "(");
+    aamm__sb_literal(b, r->label);
+    aamm__sb_add(b, ")) IS NULL THEN true ELSE " AAMM_SQL_FN_RECHECK_TOMBS "($3, ");
     if (kparam) {
         aamm__sb_add(b, "ARRAY[");
         sb_keyjson(b, r, kparam);
@@ -292,7 +300,7 @@ static void sb_recheck(struct aamm__sb *b, const struct lrel *r, const int *kpar
     } else {
         aamm__sb_add(b, "%s", keys);
     }
-    aamm__sb_add(b, ", $1::timestamptz, $2::int, $4, %s)", upd ? "true" : "false");
+    aamm__sb_add(b, ", $1::timestamptz, $2::int, $4, %s) END", upd ? "true" : "false");
 }
 
 /*
@@ -373,7 +381,8 @@ char *aamm__apply_build_full(const struct lrel *r, int op, const char *mask, boo
                 aamm__sb_ident(&b, r->rel.columns[r->key_r[k]].name);
             }
             aamm__sb_add(&b, ") AS k) SELECT ");
-            sb_recheck(&b, r, NULL, "(SELECT pg_catalog.array_agg(i.k) FROM i)", false);
+            sb_recheck(&b, r, NULL, "a.k", false);
+            aamm__sb_add(&b, " FROM (SELECT pg_catalog.array_agg(i.k) AS k FROM i) a");
         } else {
             aamm__sb_add(&b, " RETURNING 1) SELECT CASE WHEN EXISTS (SELECT 1 FROM i) THEN ");
             sb_recheck(&b, r, kparam, NULL, false);

@@ -29,6 +29,7 @@
 #define AAMM_SQL_FN_PUT_TOMBSTONE "aamm.put_tombstone"     /* remember a remote delete */
 #define AAMM_SQL_FN_RECHECK_TOMBS "aamm.recheck_tombs"     /* raises AA006 */
 #define AAMM_SQL_FN_WRITE_RACED "aamm.write_raced"         /* raises AA006 */
+#define AAMM_SQL_FN_TOMB_FLAG "aamm.tomb_flag"             /* (label) -> its flag sequence */
 #define AAMM_SQL_FN_APPLY_SLOW "aamm.apply_slow"           /* a change's slow statement */
 #define AAMM_SQL_FN_LOG_CONFLICT "aamm.log_conflict"       /* logs, raises the notice */
 #define AAMM_SQL_FN_LOG_TRUNCATE "aamm.log_truncate"

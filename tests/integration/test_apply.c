@@ -808,6 +808,68 @@ START_TEST(test_race_update_missing)
 }
 END_TEST
 
+/* The tombstone flag (sql/aamm--2--3.sql, section 2) is what lets apply skip the recheck
+ * of tombstones: here the relation's flag is unset when apply's write starts and is set
+ * only while that write waits. A local transaction inserts key 1 and keeps its transaction
+ * open; apply's write of key 1 waits for it (a single-row insert, a run of inserts with ON
+ * CONFLICT, an update_missing insert), older than what follows; the local transaction then
+ * deletes key 1, which writes the relation's first tombstone, and commits. The delete is
+ * newer: key 1 must stay deleted on every path, so the flag must be read after the write
+ * (a flag read when the statement started, or never set, lets it back). */
+START_TEST(test_race_tomb_flag)
+{
+    const char *tables[3] = {"flag_fast", "flag_run", "flag_um"};
+    for (int v = 0; v < 3; v++) {
+        const char *tbl = tables[v];
+        uint32_t src = 80 + (uint32_t)v;
+        table(0, tbl, "id int PRIMARY KEY, v text");
+        /* the flag's bucket may hold relations earlier tests deleted from: unset it */
+        ck_assert_int_eq(
+            pgfx_exec(fx, 0, "SELECT pg_catalog.setval(aamm.tomb_flag('public.%s'), 1, false)",
+                      tbl),
+            0);
+        char flag[128];
+        snprintf(flag, sizeof flag,
+                 "SELECT pg_catalog.pg_sequence_last_value(aamm.tomb_flag('public.%s')) "
+                 "IS NOT NULL",
+                 tbl);
+        struct counts k = {0};
+        struct aamm_apply *ap = mkapply(0, src, &k);
+        struct aamm_relation r;
+        mkrel(&r, tbl, "id,v", "k-");
+        int64_t rts = now_us();
+        usleep(20000);
+        char sql[128];
+        snprintf(sql, sizeof sql, "INSERT INTO public.%s VALUES (1, 'local')", tbl);
+        PGconn *l = local_open(sql);
+        tbegin(ap, src, 0x100, rts);
+        int n = v == 1 ? 5 : 1;
+        for (int i = 1; i <= n; i++) {
+            char id[16];
+            snprintf(id, sizeof id, "%d", i);
+            if (v == 2)
+                tupd(ap, &r, NULL, V(id, "remote"));
+            else
+                tins(ap, &r, V(id, "remote"));
+        }
+        tcommit(ap);
+        step_until_waiting(ap);
+        assert_val(0, "f", flag);
+        ck_assert_int_eq(pgfx_exec_conn(l, "DELETE FROM public.%s WHERE id = 1", tbl), 0);
+        local_commit(l);
+        flush_ok(ap);
+        assert_val(0, "t", flag);
+        char *got = val(0, "SELECT string_agg(id::text, ',' ORDER BY id) FROM public.%s", tbl);
+        ck_assert_msg(got == NULL ? n == 1 : strcmp(got, "2,3,4,5") == 0,
+                      "%s: the deleted key came back: ids %s", tbl, got ? got : "(none)");
+        free(got);
+        ck_assert_uint_eq(origin_lsn(0, src), 0x100);
+        aamm_relation_clear(&r);
+        aamm_apply_free(ap);
+    }
+}
+END_TEST
+
 /* Bad input holds the stream with a clear error, loses nothing, and resumes once the
  * schema catches up: a missing table, a source column the target lacks, a value that does
  * not parse as the local type. */
@@ -2502,6 +2564,7 @@ int main(void)
     tcase_add_test(tc, test_key_lock_busy);
     tcase_add_test(tc, test_race_local_delete);
     tcase_add_test(tc, test_race_update_missing);
+    tcase_add_test(tc, test_race_tomb_flag);
     tcase_add_test(tc, test_label_quoting);
     tcase_add_test(tc, test_lww_tiebreak);
     tcase_add_test(tc, test_guard_check);
