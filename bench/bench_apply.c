@@ -358,7 +358,10 @@ int main(void)
     char conf[512];
     snprintf(conf, sizeof conf, "%s%s",
              "max_replication_slots = 10\nmax_wal_senders = 10\n"
-             "max_locks_per_transaction = 256\nshared_buffers = 256MB\nmax_wal_size = 4GB\n",
+             "max_locks_per_transaction = 256\nshared_buffers = 256MB\nmax_wal_size = 4GB\n"
+             /* the bench does not read the capture stream while it loads the backlog: the
+              * server must not end that walsender meanwhile (it did in 5 of 8 runs) */
+             "wal_sender_timeout = 0\n",
              /* function counters only for BENCH_DEBUG: they cost time */
              getenv("BENCH_DEBUG") ? "track_functions = all\n" : "");
     fx = pgfx_start(3, conf);
