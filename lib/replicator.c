@@ -855,6 +855,17 @@ static bool applies_ready(const struct aamm_replicator *r)
     return true;
 }
 
+/* Whether a peer waits in the listen backlog. A failing accept() is not cheap: the kernel
+ * makes the new socket's inode and file before it finds the queue empty, and frees them on
+ * the way out; a zero-timeout poll() of the one fd only looks. */
+static bool accept_pending(int fd)
+{
+    struct pollfd p = {fd, POLLIN, 0};
+    return poll(&p, 1, 0) > 0 && (p.revents & POLLIN);
+}
+
+/* Take one peer off the listen backlog: 1 (taken, whatever became of it), 0 (none waits),
+ * AAMM_ENOMEM. */
 static int accept_one(struct aamm_replicator *r)
 {
     struct aamm_link_options lo;
@@ -873,7 +884,7 @@ static int accept_one(struct aamm_replicator *r)
      * link is made.) Too many handshakes at once: closed, the peer dials again. */
     if (slot < 0) {
         close(fd);
-        return 0;
+        return 1;
     }
     for (uint32_t i = 0; i < r->npeers; i++) {
         pos[i].origin_node = r->peers[i].id;
@@ -899,14 +910,14 @@ static int accept_one(struct aamm_replicator *r)
     if (rc < 0) {
         close(fd);
         AAMM_WARN("replicator: accepting a peer: %s", err);
-        return rc == AAMM_ENOMEM ? rc : 0;
+        return rc == AAMM_ENOMEM ? rc : 1;
     }
     if (aamm_link_adopt_fd(r->acc[slot].link, fd) < 0) {
         AAMM_WARN("replicator: accepting a peer: %s", aamm_link_errmsg(r->acc[slot].link));
         aamm_link_free(r->acc[slot].link);
         r->acc[slot].link = NULL;
     }
-    return 0;
+    return 1;
 }
 
 /* Step the links still in their handshake; bind each authenticated one to its peer. */
@@ -1417,10 +1428,13 @@ int aamm_replicator_step(struct aamm_replicator *r)
         return aamm__errf(&r->err, AAMM_ESTATE, "replicator: not running");
     r->more = false;
     /* Peers that dial before every apply is ready wait in the listen backlog. */
-    if (r->listen_fd >= 0 && applies_ready(r))
+    if (r->listen_fd >= 0 && applies_ready(r) && accept_pending(r->listen_fd))
         for (int i = 0; i < MAX_PENDING_ACCEPTS; i++)
-            if ((rc = accept_one(r)) < 0)
-                return rc;
+            if ((rc = accept_one(r)) <= 0) {
+                if (rc < 0)
+                    return rc;
+                break; /* the backlog is empty */
+            }
     step_accepting(r);
     for (uint32_t i = 0; i < r->npeers; i++) {
         if ((rc = in_step(&r->peers[i], now)) < 0)
