@@ -18,6 +18,9 @@
 #include "apply_int.h"
 #include "sql_contract.h"
 
+/* aamm_apply_options.max_txn_changes when 0 */
+#define DEFAULT_MAX_TXN_CHANGES 50000
+
 /* While transactions are in flight, the flushed position is re-read at most this often. */
 #define PROGRESS_EVERY_MS 20
 
@@ -30,6 +33,7 @@ void aamm_apply_options_init(struct aamm_apply_options *opts)
     memset(opts, 0, sizeof *opts);
     opts->max_queued_changes = 100000;
     opts->max_pipeline_txns = 1000;
+    opts->max_txn_changes = DEFAULT_MAX_TXN_CHANGES;
     opts->lock_keys = true;
     opts->policy = AAMM_POLICY_LWW;
 }
@@ -60,6 +64,8 @@ int aamm_apply_new(struct aamm_apply **out, const struct aamm_apply_options *opt
         ap->opt.max_queued_changes = 100000;
     if (!ap->opt.max_pipeline_txns)
         ap->opt.max_pipeline_txns = 1000;
+    if (!ap->opt.max_txn_changes)
+        ap->opt.max_txn_changes = DEFAULT_MAX_TXN_CHANGES;
     ap->conninfo = aamm__strdup(opts->conninfo);
     if (!ap->conninfo) {
         aamm__free(ap);
@@ -105,7 +111,17 @@ int aamm__apply_conn_error(struct aamm_apply *ap, const char *what)
 {
     AAMM_WARN("apply: %s: connection problem: %s", what, PQerrorMessage(ap->conn));
     aamm__errf(&ap->err, AAMM_ECONN, "apply: %s: %s", what, PQerrorMessage(ap->conn));
+    struct qtxn *s = aamm__apply_streamed_pending(ap);
+    char why[256];
+    if (s) {
+        snprintf(why, sizeof why, "connection lost: %s: %s", what, PQerrorMessage(ap->conn));
+        size_t n = strlen(why);
+        while (n && (why[n - 1] == '\n' || why[n - 1] == ' '))
+            why[--n] = '\0';
+    }
     drop_conn(ap);
+    if (s) /* its implicit transaction died with the connection: fed again from flushed */
+        aamm__apply_stream_fail(ap, s, why);
     ap->state = S_WAIT;
     ap->wake_ms = aamm__now_ms() + ap->backoff_ms;
     if (ap->backoff_ms < 2000)
@@ -144,6 +160,8 @@ void aamm_apply_free(struct aamm_apply *ap)
     while (ap->head) {
         struct qtxn *t = ap->head;
         ap->head = t->next;
+        if (t == ap->open) /* streamed: queued while open */
+            ap->open = NULL;
         aamm__apply_qtxn_free(t);
     }
     aamm__apply_qtxn_free(ap->open);
@@ -316,10 +334,15 @@ int aamm_apply_change(struct aamm_apply *ap, struct aamm_change *change)
         *pp = m;
         return 0;
     }
-    /* back-pressure, but never against the open transaction alone */
-    if (ap->nqueued_changes >= ap->opt.max_queued_changes && ap->head)
-        return AAMM_EAGAIN;
     struct qtxn *t = ap->open;
+    /* back-pressure, but never against the open transaction alone; a streamed one
+     * (queued already) by its own bound: its changes not yet answered */
+    if (t->streamed) {
+        if (t->n - t->ncleared >= 2 * ap->opt.max_txn_changes)
+            return AAMM_EAGAIN;
+    } else if (ap->nqueued_changes >= ap->opt.max_queued_changes && ap->head) {
+        return AAMM_EAGAIN;
+    }
     if (t->n == t->cap) {
         size_t nc = t->cap ? t->cap * 2 : 16;
         struct aamm_change *c = aamm__realloc(t->changes, nc * sizeof *c);
@@ -386,6 +409,16 @@ int aamm_apply_commit(struct aamm_apply *ap, const struct aamm_transaction *txn)
         return aamm__errf(&ap->err, AAMM_EINVAL, "apply: commit without an end LSN");
     struct qtxn *t = ap->open;
     ap->open = NULL;
+    if (t->streamed) {
+        /* queued (and partly sent) already; its rows carry the commit time of its begin
+         * (the same in pgoutput); its Sync goes out now */
+        if (txn->end_lsn > ap->received)
+            ap->received = txn->end_lsn;
+        t->hdr.end_lsn = txn->end_lsn;
+        t->hdr.commit_lsn = txn->commit_lsn;
+        t->closed = true;
+        return 0;
+    }
     /* dropped here, never queued:
      * - a transaction without changes: nothing to apply. Sent, it would cost a local
      *   transaction only to move the origin (and a commit that writes nothing does not
@@ -427,6 +460,29 @@ int aamm_apply_abort(struct aamm_apply *ap)
     AAMM_DEBUG("apply: open transaction aborted with %zu changes", t->n);
     ap->open = NULL;
     ap->nqueued_changes -= t->n;
+    if (t->streamed) {
+        /* partly sent, in an implicit transaction only its Sync would end: close the
+         * session (the server rolls it back); a new one is made at the next step. It is
+         * the last queued (nothing is queued while a transaction is open) */
+        struct qtxn **pp = &ap->head, *prev = NULL;
+        while (*pp && *pp != t) {
+            prev = *pp;
+            pp = &(*pp)->next;
+        }
+        if (*pp)
+            *pp = t->next;
+        if (ap->tail == t)
+            ap->tail = prev;
+        if (ap->cursor == t)
+            ap->cursor = NULL;
+        if (ap->sending == t)
+            ap->sending = NULL;
+        if (ap->fail_txn == t)
+            ap->fail_txn = NULL;
+        ap->ntxns--;
+        drop_conn(ap);
+        ap->state = S_IDLE;
+    }
     aamm__apply_qtxn_free(t);
     return 0;
 }
@@ -620,7 +676,19 @@ static int step_setup(struct aamm_apply *ap)
  * Driving
  * ==================================================================================== */
 
+static int step(struct aamm_apply *ap);
+
 int aamm_apply_step(struct aamm_apply *ap)
+{
+    int rc = step(ap);
+    if (ap->gap_pending) { /* aamm__apply_stream_fail() wrote the message */
+        ap->gap_pending = false;
+        return AAMM_EGAP;
+    }
+    return rc;
+}
+
+static int step(struct aamm_apply *ap)
 {
     /* non-transactional messages first (they are not tied to any commit) */
     while (ap->msgs) {
@@ -748,8 +816,9 @@ int aamm_apply_timeout(const struct aamm_apply *ap)
         /* work queued that can be sent now (unless earlier output still waits for the
          * socket: then the fd's AAMM_WRITE wakes the host) */
         if (!ap->want_write &&
-            (ap->sending || (ap->cursor && ap->ninflight < ap->opt.max_pipeline_txns &&
-                             !ap->fail_txn && !ap->block_code && !ap->recovering)))
+            (ap->sending ? !aamm__apply_stream_waits(ap->sending)
+                         : (ap->cursor && ap->ninflight < ap->opt.max_pipeline_txns &&
+                            !ap->fail_txn && !ap->block_code && !ap->recovering)))
             return 0;
         if ((ap->fail_txn || ap->block_code) && ap->exp_n == 0 && !ap->sending)
             return 0;

@@ -99,6 +99,13 @@ struct qconflict {
     char *rel, *key, *local, *remote;
 };
 
+/* A transactional message of a streamed transaction, kept for on_message after its commit
+ * once the change that carried it was freed. */
+struct qkept {
+    struct qkept *next;
+    struct aamm_change c;
+};
+
 struct qtxn {
     struct qtxn *next;
     struct aamm_transaction hdr;
@@ -121,6 +128,17 @@ struct qtxn {
     char *errdetail;         /* the first error's detail (heap), for AA004 */
     char **verdicts;         /* per change: the resolver's verdict (heap), or NULL */
     struct qconflict *conflicts;
+    /* Streaming (aamm_apply_options.max_txn_changes): the open transaction goes out while it
+     * is fed, is queued before its commit, and keeps only the changes whose statements have
+     * not answered yet. Indexes into changes[] are relative to base, the absolute index of
+     * changes[0] (the answered prefix is moved away); expects carry absolute indexes. */
+    bool streamed;
+    size_t base;
+    size_t confirmed;   /* absolute: every change below it answered OK */
+    size_t locked_to;   /* relative: changes below it are mapped and hold their key locks */
+    bool catalog_wait;  /* waits for a catalog answer before sending more */
+    bool flush_due;     /* sent statements the server has not been asked to answer yet */
+    struct qkept *kept; /* its transactional messages already freed from changes[] */
 };
 
 enum exp_kind {
@@ -170,6 +188,10 @@ struct aamm_apply {
     int64_t fold_off_until_ms; /* no merged statements (folded guards) until then */
     bool recovering;           /* after a failure, until the origin progress is re-read */
     bool fixed_prepared;       /* the guard statement (aamm_guard) */
+    bool gap_pending;          /* a streamed transaction failed: the next aamm_apply_step()
+                                  returns AAMM_EGAP (aamm__apply_stream_fail()) */
+    uint64_t nostream_lsn;     /* commit LSN of a transaction whose streaming failed for a
+                                  reason a retry cannot fix: held whole when fed again */
 
     struct lrel *rels;
     int nrels;
@@ -322,6 +344,14 @@ void aamm__apply_forget_prepared(struct aamm_apply *ap);
 /* Every transaction not committed goes out again from the first one, as if never sent. */
 void aamm__apply_unsend_all(struct aamm_apply *ap);
 void aamm__apply_reclaim(struct aamm_apply *ap);
+/* A streamed transaction cannot be sent again: discard @from and everything queued (and
+ * open) after it, reset received to the progress and report AAMM_EGAP at the end of the
+ * step with @why. */
+void aamm__apply_stream_fail(struct aamm_apply *ap, struct qtxn *from, const char *why);
+/* The first queued transaction that is streamed and not committed, or NULL. */
+struct qtxn *aamm__apply_streamed_pending(const struct aamm_apply *ap);
+/* Whether @t is streamed and has everything fed so far sent (waits for the host). */
+bool aamm__apply_stream_waits(const struct qtxn *t);
 /* Send what the pipeline has room for, at most ap->step_send units (STEP_SEND). Returns 0
  * or an error (AAMM_ECONN: connection). */
 int aamm__apply_send_pending(struct aamm_apply *ap);

@@ -33,6 +33,8 @@ struct expect *aamm__apply_exp_push(struct aamm_apply *ap, int kind, struct qtxn
         ap->exp_head = 0;
     }
     struct expect *e = &ap->exp[(ap->exp_head + ap->exp_n) % ap->exp_cap];
+    if (t && t->streamed && idx >= 0) /* absolute: its answered prefix moves away */
+        idx += (long)t->base;
     *e = (struct expect){kind, t, rel, idx, false};
     ap->exp_n++;
     return e;
@@ -73,6 +75,12 @@ void aamm__apply_qtxn_free(struct qtxn *t)
         aamm__free(t->verdicts[i]);
     aamm__free(t->verdicts);
     qtxn_drop_conflicts(t);
+    while (t->kept) {
+        struct qkept *k = t->kept;
+        t->kept = k->next;
+        aamm_change_clear(&k->c);
+        aamm__free(k);
+    }
     aamm__free(t);
 }
 
@@ -93,6 +101,22 @@ void aamm__apply_forget_prepared(struct aamm_apply *ap)
 void aamm__apply_reclaim(struct aamm_apply *ap)
 {
     bool any = false;
+    /* a streamed transaction among them cannot be sent again: everything from the first
+     * one taken back is fed again from the flushed position */
+    struct qtxn *from = NULL;
+    bool streamed = false;
+    for (struct qtxn *q = ap->head; q; q = q->next) {
+        bool back = !q->done || (!q->skipped && q->hdr.end_lsn > ap->progress);
+        if (back && !from)
+            from = q;
+        if (back && q->streamed)
+            streamed = true;
+    }
+    if (streamed) {
+        if (ap->flushed > ap->progress)
+            ap->flushed = ap->progress;
+        aamm__apply_stream_fail(ap, from, "the server took back commits not yet flushed");
+    }
     for (struct qtxn *q = ap->head; q; q = q->next) {
         if (!q->done || q->skipped || q->hdr.end_lsn <= ap->progress)
             continue;
@@ -133,6 +157,66 @@ void aamm__apply_unsend_all(struct aamm_apply *ap)
     }
     ap->ninflight = 0;
     ap->fail_txn = NULL;
+}
+
+struct qtxn *aamm__apply_streamed_pending(const struct aamm_apply *ap)
+{
+    for (struct qtxn *q = ap->head; q; q = q->next)
+        if (q->streamed && !q->done)
+            return q;
+    return NULL;
+}
+
+bool aamm__apply_stream_waits(const struct qtxn *t)
+{
+    return t->streamed && !t->closed && !t->failed && (t->sent_to == t->n || t->catalog_wait);
+}
+
+void aamm__apply_stream_fail(struct aamm_apply *ap, struct qtxn *from, const char *why)
+{
+    struct qtxn *s = from;
+    while (s && !s->streamed)
+        s = s->next;
+    char lsn[AAMM_LSN_BUFSIZE], fl[AAMM_LSN_BUFSIZE];
+    aamm_lsn_format(s ? s->hdr.commit_lsn : from->hdr.commit_lsn, lsn);
+    /* unlink @from and everything after it */
+    struct qtxn *prev = NULL;
+    for (struct qtxn *q = ap->head; q && q != from; q = q->next)
+        prev = q;
+    if (prev)
+        prev->next = NULL;
+    else
+        ap->head = NULL;
+    ap->tail = prev;
+    size_t ntx = 0;
+    for (struct qtxn *q = from, *next; q; q = next) {
+        next = q->next;
+        if (q->done && !q->skipped) { /* a commit the server took back */
+            ap->nunflushed--;
+            ap->committed--;
+        }
+        ap->ntxns--;
+        ap->nqueued_changes -= q->n;
+        ntx++;
+        if (q == ap->open)
+            ap->open = NULL;
+        aamm__apply_qtxn_free(q);
+    }
+    if (ap->open) { /* fed after it: fed again too */
+        ap->nqueued_changes -= ap->open->n;
+        aamm__apply_qtxn_free(ap->open);
+        ap->open = NULL;
+    }
+    ap->sending = NULL;
+    ap->fail_txn = NULL;
+    aamm__apply_unsend_all(ap); /* what is left is committed */
+    ap->received = ap->progress;
+    ap->prev_sent = ap->progress;
+    aamm_lsn_format(ap->flushed, fl);
+    aamm__errf(&ap->err, AAMM_EGAP,
+               "apply: streamed transaction %s failed (%s): resend from %s", lsn, why, fl);
+    AAMM_WARN("%s (%zu transactions discarded)", aamm__errmsg(&ap->err), ntx);
+    ap->gap_pending = true;
 }
 
 static bool is_transient(const char *sqlstate)
@@ -716,6 +800,75 @@ static int socket_full(struct aamm_apply *ap, size_t *since)
     return f;
 }
 
+/* A streamed transaction (aamm_apply_options.max_txn_changes): map the relations of the
+ * changes fed since the last round, [locked_to, n) (a catalog query inside its implicit
+ * transaction, answered at once through a flush request), then take their key locks (one
+ * statement, the guard's lock part). Returns 0, 1 when it waits for the catalog, or an
+ * error; a mapping error fails the transaction (its Sync follows). */
+static const char stream_locks_sql[] =
+    "SELECT CASE WHEN u.e THEN pg_catalog.pg_advisory_xact_lock(u.x)::text "
+    "ELSE pg_catalog.pg_advisory_xact_lock_shared(u.x)::text END "
+    "FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::bool[])) AS u(x, e)";
+
+static int stream_prepare(struct aamm_apply *ap, struct qtxn *t, size_t *budget)
+{
+    t->catalog_wait = false;
+    if (t->locked_to >= t->n || t->failed)
+        return 0;
+    for (size_t i = t->locked_to; i < t->n; i++) {
+        struct aamm_change *c = &t->changes[i];
+        uint32_t nr = c->kind == AAMM_CHANGE_TRUNCATE ? c->nrelations : (c->relation ? 1 : 0);
+        for (uint32_t j = 0; j < nr; j++) {
+            struct lrel *r =
+                lrel_of(c->kind == AAMM_CHANGE_TRUNCATE ? c->relations[j] : c->relation);
+            if (r->mapped && r->map_code) {
+                if (!t->errmsg) {
+                    t->errmsg = aamm__strdup(r->map_msg ? r->map_msg : "mapping failed");
+                    snprintf(t->sqlstate, sizeof t->sqlstate, "%s",
+                             r->map_code == AAMM_ENOTFOUND ? "42P01" : "XX000");
+                }
+                t->failed = true;
+                return 0;
+            }
+            if (r->mapped)
+                continue;
+            if (!r->catalog_pending) {
+                const char *pv[2] = {r->rel.schema, r->rel.name};
+                if (!PQsendQueryParams(ap->conn, aamm__apply_catalog_sql, 2, NULL, pv, NULL, NULL,
+                                       0) ||
+                    !PQsendFlushRequest(ap->conn))
+                    return AAMM_ECONN;
+                if (!aamm__apply_exp_push(ap, E_CATALOG, NULL, r, 0))
+                    return AAMM_ENOMEM;
+                r->catalog_pending = true;
+                *budget = *budget > 1 ? *budget - 1 : 0;
+            }
+            t->catalog_wait = true; /* its answer wakes the host (AAMM_READ) */
+            return 1;
+        }
+    }
+    if (ap->opt.lock_keys) {
+        struct aamm__sb ids = {0}, modes = {0};
+        int rc = aamm__apply_build_locks(t->changes + t->locked_to, t->n - t->locked_to, &ids,
+                                         &modes);
+        if (rc == 0 && (ids.oom || modes.oom))
+            rc = AAMM_ENOMEM;
+        const char *pv[2] = {ids.s, modes.s};
+        if (rc == 0 && !PQsendQueryParams(ap->conn, stream_locks_sql, 2, NULL, pv, NULL, NULL, 0))
+            rc = AAMM_ECONN;
+        if (rc == 0 && !aamm__apply_exp_push(ap, E_STMT, t, NULL, (long)t->locked_to))
+            rc = AAMM_ENOMEM;
+        aamm__free(ids.s);
+        aamm__free(modes.s);
+        if (rc < 0)
+            return rc;
+        *budget = *budget > 1 ? *budget - 1 : 0;
+        t->flush_due = true;
+    }
+    t->locked_to = t->n;
+    return 0;
+}
+
 /* Send @t as guard; changes; Sync: one implicit transaction, committed by the Sync (no
  * BEGIN and COMMIT statements: each costs the backend a statement), spending at most
  * *@budget units (STEP_SEND). A transaction larger than what is left goes out over several
@@ -761,13 +914,14 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t, size_t *budget, size_
         }
         /* 2. the guard, or the whole transaction as one merged statement (its n changes
          *    with the guard folded in, and the Sync, must fit in what is left) */
-        bool merge = mergeable(t) && aamm__now_ms() >= ap->fold_off_until_ms;
+        bool merge = !t->streamed && mergeable(t) && aamm__now_ms() >= ap->fold_off_until_ms;
         if (*budget < (merge ? t->n + 1 : 2))
             return 1;
         t->upsert_run = NULL;
         char lsn_prev[AAMM_LSN_BUFSIZE], lsn_end[AAMM_LSN_BUFSIZE];
         aamm_lsn_format(ap->prev_sent, lsn_prev);
-        aamm_lsn_format(t->hdr.end_lsn, lsn_end);
+        /* (streamed and still open: its end is not known yet; set before its Sync) */
+        aamm_lsn_format(t->closed ? t->hdr.end_lsn : t->hdr.commit_lsn, lsn_end);
         if (!ap->fixed_prepared) {
             if (!PQsendPrepare(ap->conn, "aamm_guard", aamm__apply_guard_sql(), 6, NULL) ||
                 !aamm__apply_exp_push(ap, E_PREPARE, t, NULL, -1))
@@ -804,6 +958,8 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t, size_t *budget, size_
         /* from here on nothing but this transaction may go out until its Sync */
         t->opened = true;
         t->sent_to = merged ? t->n : 0;
+        t->locked_to = t->n; /* the guard mapped and locked what it has */
+        t->flush_due = t->streamed;
         ap->sending = t;
         *budget -= merged ? t->n : 1;
         *since += merged ? t->n : 1;
@@ -811,6 +967,11 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t, size_t *budget, size_
     /* 3. the changes, as far as the budget goes (one unit per row; a run of inserts is cut
      *    at the budget). Once a statement of the transaction failed, the server discards
      *    the rest until the Sync: the Sync follows at once. */
+    if (t->streamed) {
+        int rc = stream_prepare(ap, t, budget);
+        if (rc != 0)
+            return rc;
+    }
     if (t->failed)
         t->sent_to = t->n;
     for (size_t i = t->sent_to; i < t->n && *budget > 0;) {
@@ -833,25 +994,40 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t, size_t *budget, size_
         *budget -= cost;
         *since += cost;
         t->sent_to = i;
+        t->flush_due = t->streamed;
         rc = socket_full(ap, since);
         if (rc != 0)
             return rc;
     }
-    if (t->sent_to < t->n || *budget < 1)
+    /* (streamed and still open: wait for more; send_pending() asks for the answers) */
+    if (t->sent_to < t->n || *budget < 1 || (t->streamed && !t->closed && !t->failed))
         return 1;
     /* 4. a transaction without a row change (messages only) writes nothing, and a commit
      *    without a transaction id writes no WAL: the origin would stay behind its end LSN,
      *    the next transaction's guard would trip, and the transaction would never count as
      *    flushed. A transaction id makes the commit a record that carries the origin's
      *    position. */
-    bool rows = false;
+    bool rows = t->streamed; /* (its row changes may be freed already) */
     for (size_t i = 0; i < t->n && !rows; i++)
         rows = t->changes[i].kind != AAMM_CHANGE_MESSAGE;
     if (!rows && (!PQsendQueryParams(ap->conn, "SELECT pg_catalog.pg_current_xact_id()", 0, NULL,
                                      NULL, NULL, NULL, 0) ||
                   !aamm__apply_exp_push(ap, E_STMT, t, NULL, -1)))
         return AAMM_ECONN;
-    /* 5. the Sync commits the implicit transaction its statements ran in */
+    /* 5. a streamed transaction's guard set up the origin with its commit LSN as the end
+     *    (not known then): the real one now */
+    if (t->streamed && !t->failed) {
+        char lsn_end[AAMM_LSN_BUFSIZE];
+        aamm_lsn_format(t->hdr.end_lsn, lsn_end);
+        const char *pv[2] = {lsn_end, ts};
+        if (!PQsendQueryParams(ap->conn,
+                               "SELECT pg_catalog.pg_replication_origin_xact_setup($1::pg_lsn, "
+                               "$2::timestamptz)",
+                               2, NULL, pv, NULL, NULL, 0) ||
+            !aamm__apply_exp_push(ap, E_STMT, t, NULL, -1))
+            return AAMM_ECONN;
+    }
+    /* 6. the Sync commits the implicit transaction its statements ran in */
     if (!PQpipelineSync(ap->conn) || !aamm__apply_exp_push(ap, E_SYNC, t, NULL, -1))
         return AAMM_ECONN;
     *budget -= 1;
@@ -861,6 +1037,37 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t, size_t *budget, size_
     ap->prev_sent = t->hdr.end_lsn;
     ap->ninflight++;
     return 0;
+}
+
+/* The open transaction has more than max_txn_changes changes and every earlier one is
+ * committed: queue it now (still open) and stream it (apply.h, "Huge transactions"). Not
+ * when its commit LSN or time is unknown, when it may be a duplicate (its commit record lies
+ * before the last transaction accepted), or when its streaming failed for good before. */
+static void stream_start(struct aamm_apply *ap)
+{
+    struct qtxn *t = ap->open;
+    if (!t || t->streamed || t->n <= ap->opt.max_txn_changes || ap->sending || ap->fail_txn ||
+        ap->block_code || ap->recovering || ap->state != S_READY)
+        return;
+    if (t->hdr.commit_lsn == AAMM_LSN_INVALID || t->hdr.commit_time == 0 ||
+        t->hdr.commit_lsn < ap->received || t->hdr.commit_lsn == ap->nostream_lsn)
+        return;
+    for (struct qtxn *q = ap->head; q; q = q->next)
+        if (!q->done)
+            return;
+    t->streamed = true;
+    if (ap->tail)
+        ap->tail->next = t;
+    else
+        ap->head = t;
+    ap->tail = t;
+    ap->ntxns++;
+    if (!ap->cursor)
+        ap->cursor = t;
+    char lsn[AAMM_LSN_BUFSIZE];
+    aamm_lsn_format(t->hdr.commit_lsn, lsn);
+    AAMM_INFO("apply: transaction %s streamed (more than %zu changes)", lsn,
+              ap->opt.max_txn_changes);
 }
 
 int aamm__apply_send_pending(struct aamm_apply *ap)
@@ -877,6 +1084,7 @@ int aamm__apply_send_pending(struct aamm_apply *ap)
     }
     size_t budget = ap->step_send, since = 0;
     int rc = 0;
+    stream_start(ap);
     /* a transaction partly sent goes on whatever happened meanwhile: its implicit
      * transaction stays open on the server until its Sync, and after a failure of an
      * earlier one its guard fails, so the Sync rolls it back */
@@ -896,7 +1104,7 @@ int aamm__apply_send_pending(struct aamm_apply *ap)
          * before the progress was read (fed before the session was ready, or sent on a
          * connection that was lost before their result came back, whose commit the
          * progress read on the new connection shows) */
-        if (t->hdr.end_lsn <= ap->prev_sent) {
+        if (!t->streamed && t->hdr.end_lsn <= ap->prev_sent) {
             t->done = t->skipped = true;
             continue;
         }
@@ -910,6 +1118,13 @@ int aamm__apply_send_pending(struct aamm_apply *ap)
     if (rc > 0)
         rc = 0;
 out:
+    /* a streamed transaction's statements are answered before its Sync only when asked:
+     * its changes are freed (and the host's feed goes on) as they are */
+    if (rc >= 0 && ap->sending && ap->sending->flush_due) {
+        if (!PQsendFlushRequest(ap->conn))
+            rc = AAMM_ECONN;
+        ap->sending->flush_due = false;
+    }
     if (ap->step_send - budget > ap->dbg.max_step_sent)
         ap->dbg.max_step_sent = ap->step_send - budget;
     return rc < 0 ? rc : 0;
@@ -1035,6 +1250,9 @@ static void txn_committed(struct aamm_apply *ap, struct qtxn *t)
         if (ap->opt.on_conflict)
             ap->opt.on_conflict(ap, &q->c, ap->opt.conflict_arg);
     }
+    for (struct qkept *k = t->kept; k && ap->opt.on_message; k = k->next)
+        ap->opt.on_message(ap, true, k->c.prefix ? k->c.prefix : "", k->c.content,
+                           k->c.content_len, ap->opt.message_arg);
     for (size_t i = 0; i < t->n; i++) {
         struct aamm_change *c = &t->changes[i];
         if (c->kind == AAMM_CHANGE_MESSAGE && ap->opt.on_message)
@@ -1065,6 +1283,56 @@ static void retire(struct aamm_apply *ap)
         ap->ntxns--;
         t->next = ap->reap; /* freed by reap(), a budget a step */
         ap->reap = t;
+    }
+}
+
+/* Free the changes of the streamed transaction being sent whose statements answered OK
+ * (its transactional messages are kept for on_message), and move the rest down once the
+ * freed prefix is as long as what remains: its memory stays that of its unanswered
+ * changes. */
+static void stream_free(struct aamm_apply *ap)
+{
+    struct qtxn *t = ap->sending;
+    if (!t || !t->streamed)
+        return;
+    size_t upto = t->confirmed > t->base ? t->confirmed - t->base : 0;
+    if (upto > t->sent_to)
+        upto = t->sent_to;
+    struct qkept **kp = &t->kept;
+    while (*kp)
+        kp = &(*kp)->next;
+    while (t->ncleared < upto) {
+        struct aamm_change *c = &t->changes[t->ncleared++];
+        if (c->kind == AAMM_CHANGE_MESSAGE && c->transactional) {
+            struct qkept *k = aamm__calloc(1, sizeof *k);
+            if (k) {
+                k->c = *c;
+                memset(c, 0, sizeof *c);
+                *kp = k;
+                kp = &k->next;
+            } else {
+                AAMM_WARN("apply: out of memory: a transactional message is not reported");
+            }
+        }
+        aamm_change_clear(c);
+    }
+    if (t->ncleared < 256 || t->ncleared * 2 < t->n)
+        return;
+    size_t k = t->ncleared;
+    memmove(t->changes, t->changes + k, (t->n - k) * sizeof *t->changes);
+    t->n -= k;
+    t->sent_to -= k;
+    t->locked_to -= k;
+    t->base += k;
+    t->ncleared = 0;
+    ap->nqueued_changes -= k;
+    if (t->cap > 1024 && t->cap > 4 * t->n) { /* give back what a burst took */
+        size_t nc = t->cap / 2;
+        struct aamm_change *c = aamm__realloc(t->changes, nc * sizeof *c);
+        if (c) {
+            t->changes = c;
+            t->cap = nc;
+        }
     }
 }
 
@@ -1239,6 +1507,21 @@ void aamm__apply_after_failure(struct aamm_apply *ap)
     PQpipelineSync(ap->conn);
     aamm__apply_exp_push(ap, E_MSYNC, NULL, NULL, 0);
     aamm__apply_forget_prepared(ap);
+    if (orig->streamed) {
+        /* it cannot be sent again from memory: discard it and what follows, the host feeds
+         * them again from the flushed position; not streamed again when a retry would not
+         * help (held whole, the stream holds or the resolver runs as usual) */
+        const char *ss = orig->sqlstate[0] ? orig->sqlstate : "XX000";
+        if (!is_transient(ss))
+            ap->nostream_lsn = orig->hdr.commit_lsn;
+        char why[512];
+        snprintf(why, sizeof why, "%s: %s", ss, orig->errmsg ? orig->errmsg : "failed");
+        ap->dbg.failures++;
+        aamm__apply_stream_fail(ap, orig, why);
+        ap->prev_sent = ap->progress;
+        ap->recovering = true;
+        return;
+    }
     t->nobatch = true;     /* its retry names the change that fails */
     struct qtxn keep = *t; /* the first failure's details, for the message below */
     t->errmsg = NULL;
@@ -1380,6 +1663,8 @@ static int handle_result(struct aamm_apply *ap, PGresult *res)
             record_error(e.t, res, e.idx);
         else if (st == PGRES_PIPELINE_ABORTED && e.t)
             e.t->failed = true;
+        else if (e.t && e.t->streamed && e.idx > (long)e.t->confirmed)
+            e.t->confirmed = (size_t)e.idx; /* every change before it answered OK */
         break;
     case E_PREPARE:
         if (err) {
@@ -1388,6 +1673,8 @@ static int handle_result(struct aamm_apply *ap, PGresult *res)
             record_error(e.t, res, e.idx);
         } else if (st == PGRES_PIPELINE_ABORTED && e.t) {
             e.t->failed = true;
+        } else if (e.t && e.t->streamed && e.idx > (long)e.t->confirmed) {
+            e.t->confirmed = (size_t)e.idx;
         }
         break;
     case E_CATALOG: {
@@ -1443,6 +1730,7 @@ int aamm__apply_read_results(struct aamm_apply *ap)
         ap->dbg.max_step_results = taken;
     if (PQstatus(ap->conn) == CONNECTION_BAD)
         return aamm__apply_conn_error(ap, "reading results");
+    stream_free(ap);
     retire(ap);
     reap(ap);
     return 0;

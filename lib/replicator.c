@@ -679,6 +679,8 @@ static int in_new_apply(struct rpeer *p)
     ao.synchronous_commit_off = !r->o.apply_synchronous_commit;
     if (r->o.apply_max_queued_changes)
         ao.max_queued_changes = r->o.apply_max_queued_changes;
+    if (r->o.apply_max_txn_changes)
+        ao.max_txn_changes = r->o.apply_max_txn_changes;
     ao.policy = r->o.policy;
     ao.on_conflict = on_conflict;
     ao.conflict_arg = p;
@@ -812,6 +814,14 @@ static int in_step(struct rpeer *p, int64_t now)
     if ((rc = in_pump(p)) < 0)
         return rc;
     rc = aamm_apply_step(p->ap);
+    if (rc == AAMM_EGAP) {
+        /* a streamed transaction failed and apply discarded it and what followed: the peer
+         * must send again from the flushed position, which a new link resumes from */
+        char reason[REASON_MAX];
+        snprintf(reason, sizeof reason, "apply: %s", aamm_apply_errmsg(p->ap));
+        in_drop_link(p, reason);
+        rc = 0;
+    }
     if (rc < 0 && rc != AAMM_ENOMEM) {
         if (p->in_state != AAMM_STREAM_HELD) {
             char reason[REASON_MAX];

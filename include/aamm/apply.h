@@ -10,10 +10,11 @@
  * commit as the data.
  *
  * Feeding: aamm_apply_begin(), aamm_apply_change() for each change, aamm_apply_commit().
- * The handle keeps every transaction until its local commit is flushed (so it can retry
- * transient failures, resume a held stream without the source resending, and apply again
- * what a crash of the local server took back from an unflushed commit under
- * synchronous_commit_off; the callbacks of such a transaction then run again); at most
+ * The handle keeps every transaction (but a streamed one, see "Huge transactions") until
+ * its local commit is flushed (so it can retry transient failures, resume a held stream
+ * without the source resending, and apply again what a crash of the local server took back
+ * from an unflushed commit under synchronous_commit_off; the callbacks of such a
+ * transaction then run again); at most
  * max_queued_changes changes may be queued (AAMM_EAGAIN beyond: step and try again).
  * Duplicates are dropped (at-least-once delivery becomes exactly-once): aamm_apply_commit()
  * drops a transaction at or below the last one it accepted or the origin's progress, and
@@ -22,6 +23,30 @@
  *
  * Driving: poll aamm_apply_fd() for aamm_apply_events(), at most aamm_apply_timeout()
  * ms, then call aamm_apply_step(). Or use aamm_apply_flush(), a blocking helper.
+ *
+ * Huge transactions: once the OPEN transaction (begun, not yet committed by the host) has
+ * more than max_txn_changes changes and every earlier transaction is committed, apply
+ * STREAMS it: its guard and changes go down the pipeline while it is fed, and each change
+ * is freed once its statement answered; aamm_apply_change() returns AAMM_EAGAIN while
+ * more than 2 x max_txn_changes of its changes are unanswered (step, then call again), so
+ * its memory stays bounded whatever its size. Its Sync (the local commit) goes out at
+ * aamm_apply_commit(). Streaming needs the transaction's commit LSN and commit time at
+ * aamm_apply_begin() (pgoutput's BEGIN carries both; the rows are written with that commit
+ * time), and a commit LSN not below aamm_apply_received() (else it may be a duplicate and
+ * is held whole, then dropped at commit). Key locks are taken as its changes go out, a
+ * chunk at a time (not all before the first write): concurrent appliers may deadlock on
+ * them, which fails it like any transient error. A streamed transaction cannot be retried
+ * from memory: when it fails for any reason (a transient error, the connection lost, a
+ * conflict for the resolver, a permanent error, a server crash taking back its unflushed
+ * commit) apply discards it and everything fed after it (an open transaction too), resets
+ * aamm_apply_received() to the progress, and aamm_apply_step() returns AAMM_EGAP once with
+ * "apply: streamed transaction <commit LSN> failed (<why>): resend from <flushed LSN>".
+ * The host then feeds again from aamm_apply_flushed() (a link: drop it, the peer resumes
+ * from the acknowledged position); what apply still holds between the flushed position and
+ * the progress is dropped as duplicates. When the failure was not transient, that
+ * transaction is not streamed again (it is held whole, so a permanent error holds the
+ * stream and a resolver runs as usual). While a streamed transaction is open,
+ * aamm_apply_flush() cannot finish (nothing else is committed before it): commit it first.
  *
  * Pipelining: queued transactions are sent in libpq pipeline mode, each as
  * BEGIN; guard; changes; COMMIT; Sync. The guard raises unless the origin's progress
@@ -117,6 +142,9 @@ struct aamm_apply_options {
     uint32_t source_node;             /* the source node's id (likewise, != local_node) */
     size_t max_queued_changes;        /* queue bound in changes (0: 100000) */
     size_t max_pipeline_txns;         /* transactions in flight at once (0: 1000) */
+    size_t max_txn_changes;           /* streaming threshold (0: 50000; SIZE_MAX: never
+                                         stream): an open transaction with more changes is
+                                         streamed (see "Huge transactions" above) */
     bool synchronous_commit_off;      /* apply with synchronous_commit = off (safe: acks use
                                          the flushed origin progress) */
     bool lock_keys;                   /* lock each transaction's keys (advisory locks, taken by the
@@ -174,7 +202,8 @@ AAMM_API int aamm_apply_begin(struct aamm_apply *ap, const struct aamm_transacti
  * Add a change to the open transaction, or hand over a non-transactional message when
  * none is open. The change's contents are transferred on success (@change is zeroed; its
  * relations are borrowed and copied into the handle's relation cache).
- * Returns 0, AAMM_ESTATE, AAMM_EAGAIN (queue full: step, then call again), AAMM_EINVAL or
+ * Returns 0, AAMM_ESTATE, AAMM_EAGAIN (queue full, or a streamed transaction has
+ * max_txn_changes x 2 changes unanswered: step, then call again), AAMM_EINVAL or
  * AAMM_ENOMEM.
  */
 AAMM_API int aamm_apply_change(struct aamm_apply *ap, struct aamm_change *change);
@@ -198,8 +227,9 @@ AAMM_API int aamm_apply_commit(struct aamm_apply *ap, const struct aamm_transact
  * aamm_apply_commit()), freeing the changes queued in it; nothing of it was sent. For a
  * link that dropped in the middle of a transaction: the sender sends it again, whole,
  * after reconnecting, and aamm_apply_begin() may start it again. Transactions already
- * committed to the handle are not touched. May be called at any time. Returns 0, also
- * when no transaction is open.
+ * committed to the handle are not touched. A streamed open transaction (partly sent):
+ * the connection is closed, so the server rolls it back, and a new one is made at the next
+ * step. May be called at any time. Returns 0, also when no transaction is open.
  */
 AAMM_API int aamm_apply_abort(struct aamm_apply *ap);
 
@@ -220,7 +250,9 @@ AAMM_API int aamm_apply_timeout(const struct aamm_apply *ap);
  * steps"); when it stopped at one, aamm_apply_timeout() is 0: step again at once. Returns 0, or a permanent error (the stream is held; see
  * aamm_apply_errmsg(); AAMM_ENOTFOUND missing table/column, AAMM_ESERVER, AAMM_ECONFLICT
  * for UNIQUE_OTHER or the error policy). Calling it again while held returns the same
- * error without doing anything.
+ * error without doing anything. AAMM_EGAP (not held, returned once): a streamed
+ * transaction failed and was discarded with everything fed after it; feed again from
+ * aamm_apply_flushed() ("Huge transactions" above).
  */
 AAMM_API int aamm_apply_step(struct aamm_apply *ap);
 

@@ -124,6 +124,12 @@ struct aamm_replicator_options {
      * lag, which is the conflict window, small). */
     bool apply_synchronous_commit;
     size_t apply_max_queued_changes; /* per incoming stream (0: apply's default) */
+    size_t apply_max_txn_changes;    /* per incoming stream: a transaction with more changes
+                                        is streamed into the local node while it arrives,
+                                        its memory bounded (apply.h, "Huge transactions";
+                                        0: apply's default, SIZE_MAX: never); when a
+                                        streamed one fails, the link is dropped and the
+                                        peer sends again from the flushed position */
     size_t send_queue_bytes;         /* per sender link (0: link's default) */
     enum aamm_conflict_policy policy; /* default policy of every incoming stream (LWW) */
     /* Resolver for every relation of every incoming stream (may be NULL). */

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -2392,6 +2393,264 @@ START_TEST(test_connection_loss)
 }
 END_TEST
 
+/* ---- huge transactions: streaming (apply.h, "Huge transactions") ---------------------- */
+
+static struct aamm_apply *mkapply_stream(int node_idx, uint32_t source, struct counts *k,
+                                         size_t max_txn_changes)
+{
+    struct aamm_apply_options o;
+    aamm_apply_options_init(&o);
+    char ci[512];
+    snprintf(ci, sizeof ci, "%s", pgfx_conninfo_with(fx, node_idx, "user=" ROLE));
+    o.conninfo = ci;
+    o.local_node = (uint32_t)node_idx + 1;
+    o.source_node = source;
+    o.on_conflict = on_conflict;
+    o.conflict_arg = k;
+    o.on_message = on_message;
+    o.message_arg = k;
+    o.max_txn_changes = max_txn_changes;
+    struct aamm_apply *ap = NULL;
+    ck_assert_int_eq(aamm_apply_new(&ap, &o, NULL, 0), 0);
+    return ap;
+}
+
+/* One step as a host does it: wait for the fd (at most the timeout, 100 ms), then step. */
+static int hstep_poll(struct aamm_apply *ap)
+{
+    int to = aamm_apply_timeout(ap), fd = aamm_apply_fd(ap);
+    if (to < 0 || to > 100)
+        to = 100;
+    struct pollfd p = {fd, 0, 0};
+    int ev = aamm_apply_events(ap);
+    if (ev & AAMM_READ)
+        p.events |= POLLIN;
+    if (ev & AAMM_WRITE)
+        p.events |= POLLOUT;
+    if (to > 0)
+        poll(&p, fd >= 0 ? 1 : 0, to);
+    return aamm_apply_step(ap);
+}
+
+/* Feed an insert (@id, @v) of @r as a link host does: on AAMM_EAGAIN step and call again.
+ * Returns 0, or what a step returned (AAMM_EGAP) or the change (AAMM_ESTATE: discarded). */
+static int host_insert(struct aamm_apply *ap, const struct aamm_relation *r, const char *id,
+                       const char *v)
+{
+    struct aamm_change c = {0};
+    c.kind = AAMM_CHANGE_INSERT;
+    c.relation = r;
+    mktuple(&c.new_tuple, r->ncolumns, V(id, v));
+    int64_t deadline = now_us() + 60000000;
+    int rc;
+    while ((rc = aamm_apply_change(ap, &c)) == AAMM_EAGAIN) {
+        ck_assert_msg(now_us() < deadline, "back-pressure did not ease");
+        int s = hstep_poll(ap);
+        if (s < 0) {
+            aamm_change_clear(&c);
+            return s;
+        }
+    }
+    if (rc < 0)
+        aamm_change_clear(&c);
+    return rc;
+}
+
+/* A transaction of @n inserts ids @from.. (v = id) ending at @end, fed change by change
+ * with a step every 500 changes. Returns 0 or the first error (AAMM_EGAP: the rest is not
+ * fed). @kill_at > 0: after that many changes the apply backend is terminated; < 0: after
+ * -@kill_at changes apply's socket is shut down (a network cut: no error message, only
+ * the connection gone). */
+static int host_txn(struct aamm_apply *ap, const struct aamm_relation *r, uint32_t src,
+                    uint64_t end, int64_t ts, long from, long n, long kill_at)
+{
+    char id[24], sql[160];
+    tbegin(ap, src, end, ts);
+    for (long i = 0; i < n; i++) {
+        snprintf(id, sizeof id, "%ld", from + i);
+        int rc = host_insert(ap, r, id, id);
+        if (rc < 0)
+            return rc;
+        if (i % 500 == 499 && (rc = aamm_apply_step(ap)) < 0)
+            return rc;
+        if (kill_at < 0 && i + 1 == -kill_at) {
+            ck_assert_msg(ap->open && ap->open->streamed, "not streamed after %ld changes",
+                          -kill_at);
+            ck_assert_int_eq(shutdown(PQsocket(ap->conn), SHUT_RDWR), 0);
+        }
+        if (kill_at > 0 && i + 1 == kill_at) {
+            ck_assert_msg(ap->open && ap->open->streamed, "not streamed after %ld changes",
+                          kill_at);
+            snprintf(sql, sizeof sql,
+                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                     "application_name = 'aamm apply from %" PRIu32 "'",
+                     src);
+            ck_assert_int_eq(pgfx_exec(fx, 0, "%s", sql), 0);
+        }
+    }
+    int rc = aamm_apply_commit(ap, &cur);
+    return rc;
+}
+
+/* A huge transaction fed change by change is streamed: the handle's memory stays bounded by
+ * max_txn_changes instead of growing with the transaction. The same transaction with
+ * streaming off (SIZE_MAX) is held whole; streamed, the high water is a fraction of that,
+ * and below what 4 x max_txn_changes of its changes take (plus 2 MB). Both apply every row
+ * once, under one local transaction that moves the origin to its end. */
+START_TEST(test_stream_memory)
+{
+    const long n = aamm_test_scaled(200000, 20000);
+    const size_t max = 5000;
+    size_t hw[2] = {0, 0};
+    for (int pass = 0; pass < 2; pass++) {
+        char tbl[16];
+        snprintf(tbl, sizeof tbl, "huge%d", pass);
+        table(0, tbl, "id int PRIMARY KEY, v text");
+        uint32_t src = 90 + (uint32_t)pass;
+        struct counts k = {0};
+        struct aamm_apply *ap = mkapply_stream(0, src, &k, pass == 0 ? max : SIZE_MAX);
+        struct aamm_relation r;
+        mkrel(&r, tbl, "id,v", "k-");
+        flush_ok(ap); /* connected, progress read */
+        struct aamm_memory_stats m0, m1;
+        aamm_memory_reset_high_water();
+        aamm_memory_stats(&m0);
+        int rc = host_txn(ap, &r, src, 0x100000, now_us(), 1, n, 0);
+        ck_assert_msg(rc == 0, "%s: %s", aamm_errname(rc), aamm_apply_errmsg(ap));
+        flush_ok(ap);
+        aamm_memory_stats(&m1);
+        hw[pass] = m1.high_water - m0.in_use;
+        char want[64];
+        snprintf(want, sizeof want, "%ld:%ld", n, n * (n + 1) / 2);
+        char q[128];
+        snprintf(q, sizeof q, "SELECT count(*) || ':' || sum(v::bigint) FROM public.%s", tbl);
+        assert_val(0, want, q);
+        ck_assert_uint_eq(origin_lsn(0, src), 0x100000);
+        ck_assert_uint_eq(apst(ap).committed, 1);
+        ck_assert_uint_eq(aamm_apply_received(ap), 0x100000);
+        aamm_relation_clear(&r);
+        aamm_apply_free(ap);
+    }
+    size_t per_change = hw[1] / (size_t)n;
+    fprintf(stderr,
+            "test_stream_memory: %ld changes: high water streamed (max_txn_changes %zu) %zu "
+            "bytes, held whole %zu bytes (%zu per change)\n",
+            n, max, hw[0], hw[1], per_change);
+    ck_assert_msg(hw[0] * 5 < hw[1], "streamed %zu, whole %zu", hw[0], hw[1]);
+    ck_assert_msg(hw[0] < 4 * max * per_change + (2u << 20), "streamed %zu, bound %zu", hw[0],
+                  4 * max * per_change + (2u << 20));
+}
+END_TEST
+
+/* A streamed transaction whose connection is killed mid-way cannot be retried from memory:
+ * the step reports AAMM_EGAP ("resend from" the flushed position), the handle drops it and
+ * takes a fresh feed from aamm_apply_flushed(): the transaction before it (a duplicate
+ * now), the huge one whole, and one after it. Every row is there exactly once. Then again
+ * with the socket cut instead (the connection lost without an error result). */
+START_TEST(test_stream_kill)
+{
+    table(0, "hugek", "id int PRIMARY KEY, v text");
+    const uint32_t src = 92;
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply_stream(0, src, &k, 2000);
+    struct aamm_relation r;
+    mkrel(&r, "hugek", "id,v", "k-");
+    const long n = aamm_test_scaled(30000, 12000);
+    int64_t ts = now_us();
+    ck_assert_int_eq(host_txn(ap, &r, src, 0x100, ts, 0, 1, 0), 0);
+    flush_ok(ap);
+    ck_assert_uint_eq(aamm_apply_flushed(ap), 0x100);
+    int rc = host_txn(ap, &r, src, 0x100000, ts + 1, 1, n, 10000);
+    /* the failure shows at a step: while feeding, or after (the host steps on) */
+    for (int i = 0; rc == 0 && i < 200; i++)
+        rc = hstep_poll(ap);
+    ck_assert_msg(rc == AAMM_EGAP, "%s: %s", aamm_errname(rc), aamm_apply_errmsg(ap));
+    ck_assert_msg(strstr(aamm_apply_errmsg(ap), "streamed transaction") &&
+                      strstr(aamm_apply_errmsg(ap), "resend from 0/100"),
+                  "%s", aamm_apply_errmsg(ap));
+    ck_assert_ptr_null(ap->open);
+    ck_assert_uint_eq(aamm_apply_received(ap), 0x100);
+    assert_val(0, "1", "SELECT count(*) FROM public.hugek");
+    /* a fresh feed from the flushed position, as a peer resends after the link dropped */
+    ck_assert_uint_eq(aamm_apply_flushed(ap), 0x100);
+    ck_assert_int_eq(host_txn(ap, &r, src, 0x100, ts, 0, 1, 0), 0); /* duplicate: dropped */
+    rc = host_txn(ap, &r, src, 0x100000, ts + 1, 1, n, 0);
+    ck_assert_msg(rc == 0, "%s: %s", aamm_errname(rc), aamm_apply_errmsg(ap));
+    ck_assert_int_eq(host_txn(ap, &r, src, 0x100100, ts + 2, n + 1, 1, 0), 0);
+    flush_ok(ap);
+    char want[64];
+    snprintf(want, sizeof want, "%ld:%ld:%ld", n + 2, n + 2, (n + 1) * (n + 2) / 2);
+    assert_val(0, want,
+               "SELECT count(*) || ':' || count(DISTINCT id) || ':' || sum(v::bigint) "
+               "FROM public.hugek");
+    ck_assert_uint_eq(origin_lsn(0, src), 0x100100);
+    ck_assert_uint_eq(apst(ap).committed, 3);
+    /* the socket cut */
+    rc = host_txn(ap, &r, src, 0x200000, ts + 3, n + 2, n, -10000);
+    for (int i = 0; rc == 0 && i < 200; i++)
+        rc = hstep_poll(ap);
+    ck_assert_msg(rc == AAMM_EGAP, "%s: %s", aamm_errname(rc), aamm_apply_errmsg(ap));
+    ck_assert_msg(strstr(aamm_apply_errmsg(ap), "(connection lost: ") &&
+                      strstr(aamm_apply_errmsg(ap), "resend from 0/100100"),
+                  "%s", aamm_apply_errmsg(ap));
+    ck_assert_uint_eq(aamm_apply_received(ap), 0x100100);
+    ck_assert_uint_eq(aamm_apply_flushed(ap), 0x100100);
+    rc = host_txn(ap, &r, src, 0x200000, ts + 3, n + 2, n, 0);
+    ck_assert_msg(rc == 0, "%s: %s", aamm_errname(rc), aamm_apply_errmsg(ap));
+    flush_ok(ap);
+    snprintf(want, sizeof want, "%ld:%ld:%ld", 2 * n + 2, 2 * n + 2, (2 * n + 1) * (2 * n + 2) / 2);
+    assert_val(0, want,
+               "SELECT count(*) || ':' || count(DISTINCT id) || ':' || sum(v::bigint) "
+               "FROM public.hugek");
+    ck_assert_uint_eq(origin_lsn(0, src), 0x200000);
+    ck_assert_uint_eq(apst(ap).committed, 4);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
+/* A streamed transaction that meets a permanent error (a unique index other than the key)
+ * cannot be held with its changes: AAMM_EGAP, with the error. Fed again it is not streamed
+ * (a retry would not help): held whole, the stream holds on the conflict as usual, and once
+ * the cause is gone resume applies it once. */
+START_TEST(test_stream_error)
+{
+    table(0, "hugee", "id int PRIMARY KEY, v text UNIQUE");
+    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO public.hugee VALUES (-1, '5000')"), 0);
+    const uint32_t src = 93;
+    struct counts k = {0};
+    struct aamm_apply *ap = mkapply_stream(0, src, &k, 2000);
+    struct aamm_relation r;
+    mkrel(&r, "hugee", "id,v", "k-");
+    const long n = 12000;
+    int64_t ts = now_us();
+    flush_ok(ap);
+    int rc = host_txn(ap, &r, src, 0x100000, ts, 1, n, 0);
+    for (int i = 0; rc == 0 && i < 200; i++)
+        rc = hstep_poll(ap);
+    ck_assert_msg(rc == AAMM_EGAP, "%s: %s", aamm_errname(rc), aamm_apply_errmsg(ap));
+    ck_assert_msg(strstr(aamm_apply_errmsg(ap), "23505") &&
+                      strstr(aamm_apply_errmsg(ap), "resend from 0/0"),
+                  "%s", aamm_apply_errmsg(ap));
+    ck_assert(!aamm_apply_held(ap));
+    assert_val(0, "1", "SELECT count(*) FROM public.hugee");
+    rc = host_txn(ap, &r, src, 0x100000, ts, 1, n, 0);
+    ck_assert_msg(rc == 0, "%s: %s", aamm_errname(rc), aamm_apply_errmsg(ap));
+    rc = aamm_apply_flush(ap, 30000);
+    ck_assert_msg(rc == AAMM_ECONFLICT, "%s: %s", aamm_errname(rc), aamm_apply_errmsg(ap));
+    ck_assert(aamm_apply_held(ap));
+    ck_assert_int_eq(pgfx_exec(fx, 0, "DELETE FROM public.hugee WHERE id = -1"), 0);
+    ck_assert_int_eq(aamm_apply_resume(ap), 0);
+    flush_ok(ap);
+    char want[64];
+    snprintf(want, sizeof want, "%ld:%ld", n, n * (n + 1) / 2);
+    assert_val(0, want, "SELECT count(*) || ':' || sum(v::bigint) FROM public.hugee");
+    ck_assert_uint_eq(origin_lsn(0, src), 0x100000);
+    aamm_relation_clear(&r);
+    aamm_apply_free(ap);
+}
+END_TEST
+
 /* ---- exactly once under SIGKILL ------------------------------------------------------ */
 
 #define KILL_SRC 30
@@ -2592,6 +2851,12 @@ int main(void)
     tcase_add_test(tc, test_lww_hammer);
     tcase_add_test(tc, test_connection_loss);
     suite_add_tcase(s, tc);
+    TCase *tcs = aamm_test_tcase("streaming", 300);
+    tcase_add_unchecked_fixture(tcs, setup_one, teardown);
+    tcase_add_test(tcs, test_stream_memory);
+    tcase_add_test(tcs, test_stream_kill);
+    tcase_add_test(tcs, test_stream_error);
+    suite_add_tcase(s, tcs);
     TCase *tck = aamm_test_tcase("kill", 240);
     tcase_add_unchecked_fixture(tck, setup_one, teardown);
     tcase_add_test(tck, test_exactly_once_kill);
