@@ -10,6 +10,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -1293,8 +1294,17 @@ static void ctl_step(struct aamm_replicator *r, int64_t now)
 static int consensus_open(struct aamm_replicator *r)
 {
     struct aamm_consensus_options co;
+    struct sigaction sa;
     char err[512];
     int rc;
+    /* raft's transport writes to peers through libuv, which does not block SIGPIPE: a peer
+     * that goes away would kill the process. The library leaves process-wide signals to
+     * the host, so it only checks. */
+    if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL)
+        return aamm__errf(&r->err, AAMM_EINVAL,
+                          "replicator: consensus needs SIGPIPE ignored or handled (call "
+                          "aamm_consensus_ignore_sigpipe() at start-up): a peer that goes "
+                          "away would otherwise kill this process");
     memset(&co, 0, sizeof co);
     co.node_id = r->o.node_id;
     co.raft_address = r->raft_address;

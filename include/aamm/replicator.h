@@ -189,7 +189,9 @@ AAMM_API void aamm_replicator_set_stream_cb(struct aamm_replicator *r,
                                             aamm_replicator_stream_cb cb, void *arg);
 
 /**
- * Blocking setup, bounded by start_timeout_ms: connect the control connection, check that
+ * Blocking setup, bounded by start_timeout_ms: with consensus, check that SIGPIPE is ignored
+ * or handled (aamm_consensus_ignore_sigpipe(): AAMM_EINVAL otherwise, since raft's
+ * transport would let a vanished peer kill the process); connect the control connection, check that
  * the node is set up (aamm_node_install(): AAMM_ENOTFOUND otherwise), create the slot
  * aamm_to_<peer> for every peer that has none (so writes made from now on reach that peer,
  * even before it first connects), open the listen socket, start consensus. Returns 0;

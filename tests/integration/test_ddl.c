@@ -117,6 +117,7 @@ static void agent_main(int i)
     int n = 0, me = i;
     bool done = false;
     signal(SIGTERM, on_term);
+    aamm_consensus_ignore_sigpipe();
     aamm_replicator_options_init(&o);
     o.node_id = (uint32_t)i + 1;
     o.conninfo = pgfx_conninfo(fx, i);
@@ -153,7 +154,17 @@ static void agent_main(int i)
         fprintf(stderr, "agent %d: %s\n", i + 1, r ? aamm_replicator_errmsg(r) : err);
         _exit(3);
     }
+    int64_t last_report = aamm_test_now_ms();
     while (!agent_stop) {
+        if (!done && aamm_test_now_ms() - last_report > 5000) { /* why it is still waiting */
+            uint32_t ld = 0;
+            char la[64], line[1024];
+            (void)aamm_consensus_leader(aamm_replicator_consensus(r), &ld, la, sizeof la);
+            aamm_replicator_status_line(r, line, sizeof line);
+            fprintf(stderr, "agent %d waits: consensus state %d leader %u; %s\n", i + 1,
+                    aamm_consensus_state(aamm_replicator_consensus(r)), ld, line);
+            last_report = aamm_test_now_ms();
+        }
         if (aamm_replicator_run(r, 100, &agent_stop) != 0) {
             fprintf(stderr, "agent %d: %s\n", i + 1, aamm_replicator_errmsg(r));
             _exit(4);

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <aamm/aamm.h>
+#include <aamm/consensus.h>
 #include <aamm/node.h>
 #include <aamm/replicator.h>
 
@@ -76,6 +77,7 @@ static void agent_main(int i)
     struct aamm_replicator *r;
     int n = 0, rc;
     signal(SIGTERM, on_term);
+    aamm_consensus_ignore_sigpipe();
     aamm_replicator_options_init(&o);
     o.node_id = (uint32_t)i + 1;
     o.conninfo = pgfx_conninfo(fx, i);
@@ -633,9 +635,42 @@ END_TEST
 /* With consensus: the replicators elect a leader and keep every node's
  * aamm.galloc_nextval('rentals') supplied; ids drawn on all three nodes never collide, and
  * an agent killed and restarted rejoins the same cluster from its data dir. */
+/* With consensus, start() refuses a process where SIGPIPE would kill it (exit 0: refused
+ * with AAMM_EINVAL; anything else is a failure). */
+static void sigpipe_default_main(int i)
+{
+    struct aamm_replicator_options o;
+    struct aamm_replicator_peer peer = {2, NULL, "127.0.0.1", "1", "127.0.0.1:1"};
+    struct aamm_replicator *r;
+    char err[256], rdir[512];
+    signal(SIGPIPE, SIG_DFL);
+    aamm_replicator_options_init(&o);
+    o.node_id = 1;
+    o.conninfo = pgfx_conninfo(fx, i);
+    o.cluster = "test";
+    o.secret = (const uint8_t *)secret;
+    o.secret_len = sizeof secret - 1;
+    o.peers = &peer;
+    o.npeers = 1;
+    snprintf(rdir, sizeof rdir, "%s/raft-sigpipe", pgfx_root(fx));
+    o.raft_address = "127.0.0.1:1";
+    o.raft_data_dir = rdir;
+    if (aamm_replicator_new(&r, &o, err, sizeof err) != 0)
+        _exit(2);
+    int rc = aamm_replicator_start(r);
+    bool ok = rc == AAMM_EINVAL && strstr(aamm_replicator_errmsg(r), "SIGPIPE");
+    aamm_replicator_free(r);
+    _exit(ok ? 0 : 3);
+}
+
 START_TEST(consensus_galloc_supply)
 {
     long per = aamm_test_scaled(300, 150);
+    int wst = -1;
+    pid_t p = aamm_test_spawn(sigpipe_default_main, 0);
+    ck_assert_int_eq(waitpid(p, &wst, 0), p);
+    ck_assert_msg(WIFEXITED(wst) && WEXITSTATUS(wst) == 0,
+                  "start() did not refuse SIGPIPE's default action (status %d)", wst);
     with_consensus = true;
     for (int i = 0; i < NNODES; i++)
         raft_ports[i] = aamm_test_free_port();
