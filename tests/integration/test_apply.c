@@ -2499,7 +2499,9 @@ static int host_txn(struct aamm_apply *ap, const struct aamm_relation *r, uint32
  * once, under one local transaction that moves the origin to its end. */
 START_TEST(test_stream_memory)
 {
-    const long n = aamm_test_scaled(200000, 20000);
+    /* at least 100,000 changes, also in the sanitizer pass's smaller scale: the point is a
+     * transaction many times max_txn_changes */
+    const long n = aamm_test_scaled(200000, 100000);
     const size_t max = 5000;
     size_t hw[2] = {0, 0};
     for (int pass = 0; pass < 2; pass++) {
@@ -2536,7 +2538,7 @@ START_TEST(test_stream_memory)
             "test_stream_memory: %ld changes: high water streamed (max_txn_changes %zu) %zu "
             "bytes, held whole %zu bytes (%zu per change)\n",
             n, max, hw[0], hw[1], per_change);
-    ck_assert_msg(hw[0] * 5 < hw[1], "streamed %zu, whole %zu", hw[0], hw[1]);
+    ck_assert_msg(hw[0] * 3 < hw[1], "streamed %zu, whole %zu", hw[0], hw[1]);
     ck_assert_msg(hw[0] < 4 * max * per_change + (2u << 20), "streamed %zu, bound %zu", hw[0],
                   4 * max * per_change + (2u << 20));
 }
