@@ -387,15 +387,21 @@ static void set_state(struct rpeer *p, bool out, enum aamm_replicator_stream_sta
  * Out: capture -> sender link
  * ==================================================================================== */
 
+/* The next attempt (link or capture) after the current delay, which then doubles up to
+ * reconnect_max_ms. */
+static void retry_later(struct rpeer *p, int64_t now)
+{
+    int max = p->r->o.reconnect_max_ms;
+    p->out_retry_at = now + p->out_backoff;
+    p->out_backoff = p->out_backoff > max / 2 ? max : p->out_backoff * 2;
+}
+
 static void out_backoff(struct rpeer *p, int64_t now)
 {
-    struct aamm_replicator *r = p->r;
     /* a link that streamed for a while starts over at the shortest delay */
     if (p->out_ready_since && now - p->out_ready_since > 10000)
-        p->out_backoff = r->o.reconnect_min_ms;
-    p->out_retry_at = now + p->out_backoff;
-    p->out_backoff = p->out_backoff * 2 > r->o.reconnect_max_ms ? r->o.reconnect_max_ms
-                                                                : p->out_backoff * 2;
+        p->out_backoff = p->r->o.reconnect_min_ms;
+    retry_later(p, now);
     p->out_ready_since = 0;
 }
 
@@ -491,8 +497,7 @@ static int out_new_capture(struct rpeer *p)
         snprintf(err, sizeof err, "%s", aamm_capture_errmsg(p->cap));
         aamm_capture_free(p->cap);
         p->cap = NULL;
-        /* retried with backoff; the link stays */
-        p->out_retry_at = aamm__now_ms() + p->out_backoff;
+        retry_later(p, aamm__now_ms()); /* the link stays */
         snprintf(p->out_reason, REASON_MAX, "capture: %.200s", err);
         return rc == AAMM_ENOMEM ? rc : 0;
     }
@@ -586,6 +591,17 @@ static int out_pump(struct rpeer *p, int64_t now)
     return 0;
 }
 
+/* Step the sender link; false (and the stream torn down for a retry) when it failed. */
+static bool out_link_step(struct rpeer *p, int64_t now)
+{
+    int rc = aamm_link_step(p->ls);
+    if (rc < 0 || aamm_link_state(p->ls) >= AAMM_LINK_CLOSED) {
+        out_fail(p, "link", aamm_link_errmsg(p->ls), now);
+        return false;
+    }
+    return true;
+}
+
 static int out_step(struct rpeer *p, int64_t now)
 {
     int rc;
@@ -597,12 +613,7 @@ static int out_step(struct rpeer *p, int64_t now)
         if (!p->ls)
             return 0;
     }
-    rc = aamm_link_step(p->ls);
-    if (rc < 0 || aamm_link_state(p->ls) >= AAMM_LINK_CLOSED) {
-        out_fail(p, "link", aamm_link_errmsg(p->ls), now);
-        return 0;
-    }
-    if (aamm_link_state(p->ls) != AAMM_LINK_READY)
+    if (!out_link_step(p, now) || aamm_link_state(p->ls) != AAMM_LINK_READY)
         return 0;
     if (!p->out_ready_since)
         p->out_ready_since = now;
@@ -628,10 +639,7 @@ static int out_step(struct rpeer *p, int64_t now)
             char reason[REASON_MAX];
             snprintf(reason, sizeof reason, "%s", aamm_capture_errmsg(p->cap));
             out_drop_capture(p);
-            p->out_retry_at = now + p->out_backoff;
-            p->out_backoff = p->out_backoff * 2 > p->r->o.reconnect_max_ms
-                                 ? p->r->o.reconnect_max_ms
-                                 : p->out_backoff * 2;
+            retry_later(p, now);
             set_state(p, true, AAMM_STREAM_CONNECTING, reason);
             return rc == AAMM_ENOMEM ? rc : 0;
         }
@@ -646,12 +654,8 @@ static int out_step(struct rpeer *p, int64_t now)
     if (!p->ls)
         return 0;
     /* write what the pump queued now rather than at the next step */
-    rc = aamm_link_step(p->ls);
-    if (rc < 0 || aamm_link_state(p->ls) >= AAMM_LINK_CLOSED) {
-        out_fail(p, "link", aamm_link_errmsg(p->ls), now);
-        return 0;
-    }
-    out_confirm(p);
+    if (out_link_step(p, now))
+        out_confirm(p);
     return 0;
 }
 
