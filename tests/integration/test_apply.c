@@ -223,7 +223,9 @@ static void on_message(struct aamm_apply *ap, bool tx, const char *prefix, const
     snprintf(k->last_content, sizeof k->last_content, "%.*s", (int)len, content);
 }
 
-static struct aamm_apply *mkapply(int node_idx, uint32_t source, struct counts *k)
+/* An apply handle logging in as the apply role; @max_txn_changes 0 is apply's default. */
+static struct aamm_apply *mkapply_with(int node_idx, uint32_t source, struct counts *k,
+                                       size_t max_txn_changes)
 {
     struct aamm_apply_options o;
     aamm_apply_options_init(&o);
@@ -236,9 +238,16 @@ static struct aamm_apply *mkapply(int node_idx, uint32_t source, struct counts *
     o.conflict_arg = k;
     o.on_message = on_message;
     o.message_arg = k;
+    if (max_txn_changes)
+        o.max_txn_changes = max_txn_changes;
     struct aamm_apply *ap = NULL;
     ck_assert_int_eq(aamm_apply_new(&ap, &o, NULL, 0), 0);
     return ap;
+}
+
+static struct aamm_apply *mkapply(int node_idx, uint32_t source, struct counts *k)
+{
+    return mkapply_with(node_idx, source, k, 0);
 }
 
 static void flush_ok(struct aamm_apply *ap)
@@ -2395,26 +2404,6 @@ END_TEST
 
 /* ---- huge transactions: streaming (apply.h, "Huge transactions") ---------------------- */
 
-static struct aamm_apply *mkapply_stream(int node_idx, uint32_t source, struct counts *k,
-                                         size_t max_txn_changes)
-{
-    struct aamm_apply_options o;
-    aamm_apply_options_init(&o);
-    char ci[512];
-    snprintf(ci, sizeof ci, "%s", pgfx_conninfo_with(fx, node_idx, "user=" ROLE));
-    o.conninfo = ci;
-    o.local_node = (uint32_t)node_idx + 1;
-    o.source_node = source;
-    o.on_conflict = on_conflict;
-    o.conflict_arg = k;
-    o.on_message = on_message;
-    o.message_arg = k;
-    o.max_txn_changes = max_txn_changes;
-    struct aamm_apply *ap = NULL;
-    ck_assert_int_eq(aamm_apply_new(&ap, &o, NULL, 0), 0);
-    return ap;
-}
-
 /* One step as a host does it: wait for the fd (at most the timeout, 100 ms), then step. */
 static int hstep_poll(struct aamm_apply *ap)
 {
@@ -2510,7 +2499,7 @@ START_TEST(test_stream_memory)
         table(0, tbl, "id int PRIMARY KEY, v text");
         uint32_t src = 90 + (uint32_t)pass;
         struct counts k = {0};
-        struct aamm_apply *ap = mkapply_stream(0, src, &k, pass == 0 ? max : SIZE_MAX);
+        struct aamm_apply *ap = mkapply_with(0, src, &k, pass == 0 ? max : SIZE_MAX);
         struct aamm_relation r;
         mkrel(&r, tbl, "id,v", "k-");
         flush_ok(ap); /* connected, progress read */
@@ -2554,7 +2543,7 @@ START_TEST(test_stream_kill)
     table(0, "hugek", "id int PRIMARY KEY, v text");
     const uint32_t src = 92;
     struct counts k = {0};
-    struct aamm_apply *ap = mkapply_stream(0, src, &k, 2000);
+    struct aamm_apply *ap = mkapply_with(0, src, &k, 2000);
     struct aamm_relation r;
     mkrel(&r, "hugek", "id,v", "k-");
     const long n = aamm_test_scaled(30000, 12000);
@@ -2621,7 +2610,7 @@ START_TEST(test_stream_error)
     ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO public.hugee VALUES (-1, '5000')"), 0);
     const uint32_t src = 93;
     struct counts k = {0};
-    struct aamm_apply *ap = mkapply_stream(0, src, &k, 2000);
+    struct aamm_apply *ap = mkapply_with(0, src, &k, 2000);
     struct aamm_relation r;
     mkrel(&r, "hugee", "id,v", "k-");
     const long n = 12000;
