@@ -220,8 +220,6 @@ static void start_agent(int i)
     ck_assert_int_gt(agents[i], 0);
 }
 
-static long count(int i, const char *sql);
-
 /* Every agent, then until each has made its slots (writes from then on reach every peer). */
 static void start_all(void)
 {
@@ -229,28 +227,16 @@ static void start_all(void)
     for (int i = 0; i < NNODES; i++)
         start_agent(i);
     for (int i = 0; i < NNODES; i++)
-        while (count(i, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'aamm_to_%'") !=
-               NNODES - 1) {
-            ck_assert_msg(aamm_test_now_ms() < end, "node %d: slots not made", i + 1);
-            usleep(20000);
-        }
+        ck_assert_msg(pgfx_wait_long(fx, i, NNODES - 1, (int)(end - aamm_test_now_ms()),
+                                     "SELECT count(*) FROM pg_replication_slots "
+                                     "WHERE slot_name LIKE 'aamm_to_%%'") == NNODES - 1,
+                      "node %d: slots not made", i + 1);
 }
 
 static void stop_all(void)
 {
-    for (int i = 0; i < NNODES; i++) {
-        if (agents[i] <= 0)
-            continue;
-        kill(agents[i], SIGTERM);
-        for (int k = 0; k < 100 && agents[i] > 0; k++) {
-            int st;
-            if (waitpid(agents[i], &st, WNOHANG) == agents[i])
-                agents[i] = 0;
-            else
-                usleep(50000);
-        }
-        aamm_test_kill(&agents[i]);
-    }
+    for (int i = 0; i < NNODES; i++)
+        aamm_test_stop(&agents[i], 5000);
 }
 
 /* The agent's report, once written (bounded wait), malloc'ed. */

@@ -151,18 +151,7 @@ static void start_agent(int i)
 
 static void stop_agent(int i)
 {
-    int st;
-    if (agents[i] <= 0)
-        return;
-    kill(agents[i], SIGTERM);
-    for (int k = 0; k < 100; k++) {
-        if (waitpid(agents[i], &st, WNOHANG) == agents[i]) {
-            agents[i] = 0;
-            return;
-        }
-        usleep(50000);
-    }
-    aamm_test_kill(&agents[i]);
+    aamm_test_stop(&agents[i], 5000);
 }
 
 /* ---- checks ---------------------------------------------------------------------- */
@@ -180,11 +169,10 @@ static void start_all(void)
     for (int i = 0; i < NNODES; i++)
         start_agent(i);
     for (int i = 0; i < NNODES; i++)
-        while (count(i, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'aamm_to_%'") !=
-               NNODES - 1) {
-            ck_assert_msg(aamm_test_now_ms() < end, "node %d: slots not made", i + 1);
-            usleep(20000);
-        }
+        ck_assert_msg(pgfx_wait_long(fx, i, NNODES - 1, (int)(end - aamm_test_now_ms()),
+                                     "SELECT count(*) FROM pg_replication_slots "
+                                     "WHERE slot_name LIKE 'aamm_to_%%'") == NNODES - 1,
+                      "node %d: slots not made", i + 1);
 }
 
 /* Wait until every node has @want ledger rows (bounded); returns true when they do. */
@@ -361,11 +349,10 @@ START_TEST(slots_made_at_start)
     long n = aamm_test_scaled(50, 10);
     int64_t end = aamm_test_now_ms() + 60000;
     start_agent(0); /* alone: no link to anyone, so no capture has run */
-    while (count(0, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'aamm_to_%'") !=
-           NNODES - 1) {
-        ck_assert_msg(aamm_test_now_ms() < end, "node 1 made no slots without its peers");
-        usleep(20000);
-    }
+    ck_assert_msg(pgfx_wait_long(fx, 0, NNODES - 1, (int)(end - aamm_test_now_ms()),
+                                 "SELECT count(*) FROM pg_replication_slots "
+                                 "WHERE slot_name LIKE 'aamm_to_%%'") == NNODES - 1,
+                  "node 1 made no slots without its peers");
     write_ledger(0, 0, n);
     start_agent(1);
     start_agent(2);

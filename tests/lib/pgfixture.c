@@ -591,3 +591,21 @@ pid_t pgfx_postmaster_pid(const struct pgfx *fx, int i)
     pid_t pm = read_pidfile(fx->nodes[i].datadir);
     return alive(pm) ? pm : 0;
 }
+
+long pgfx_wait_long(const struct pgfx *fx, int i, long want, int timeout_ms, const char *fmt, ...)
+{
+    char sql[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(sql, sizeof sql, fmt, ap);
+    va_end(ap);
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        long v = pgfx_value_long(fx, i, -1, "%s", sql);
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        if (v == want || (t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000 >= timeout_ms)
+            return v;
+        sleep_ms(20);
+    }
+}

@@ -65,6 +65,10 @@ char *pgfx_value(const struct pgfx *fx, int i, const char *fmt, ...)
 long pgfx_value_long(const struct pgfx *fx, int i, long dflt, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
+/* Poll the long value of a query on node @i (printf-style) until it is @want or @timeout_ms
+ * passed; returns the last value read (-1 when the query failed). */
+long pgfx_wait_long(const struct pgfx *fx, int i, long want, int timeout_ms, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
 /* Stop node @i with pg_ctl mode "fast" or "immediate". 0 ok. */
 int pgfx_stop_node(struct pgfx *fx, int i, const char *mode);
 /* Start a stopped node again. 0 ok. */

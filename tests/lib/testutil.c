@@ -146,6 +146,21 @@ pid_t aamm_test_spawn(void (*fn)(int), int arg)
     return pid;
 }
 
+void aamm_test_stop(pid_t *pid, int timeout_ms)
+{
+    if (*pid <= 0)
+        return;
+    kill(*pid, SIGTERM);
+    for (int waited = 0; waited < timeout_ms; waited += 50) {
+        if (waitpid(*pid, NULL, WNOHANG) == *pid) {
+            *pid = 0;
+            return;
+        }
+        usleep(50000);
+    }
+    aamm_test_kill(pid);
+}
+
 void aamm_test_kill(pid_t *pid)
 {
     if (*pid > 0) {

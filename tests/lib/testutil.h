@@ -44,6 +44,10 @@ int aamm_test_free_port(void);
  * dies (PR_SET_PDEATHSIG), so it never outlives the test. Returns its pid. */
 pid_t aamm_test_spawn(void (*fn)(int), int arg);
 
+/* SIGTERM *pid (if > 0) and reap it; SIGKILL it if it has not ended after @timeout_ms.
+ * Sets *pid to 0. */
+void aamm_test_stop(pid_t *pid, int timeout_ms);
+
 /* SIGKILL *pid (if > 0), reap it, and set *pid to 0. */
 void aamm_test_kill(pid_t *pid);
 
