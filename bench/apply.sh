@@ -13,10 +13,4 @@ while [ "$i" -lt "$runs" ]; do
     "$top_build/bench/bench_apply" | grep '^BENCH ' >> "$tmp"
     i=$((i + 1))
 done
-awk '{ v[$2] = v[$2] " " $3; u[$2] = $4 } END { for (k in v) print k, v[k], "|", u[k] }' "$tmp" |
-while read -r name rest; do
-    unit=${rest##*| }
-    vals=${rest% |*}
-    med=$(printf '%s\n' $vals | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-    echo "BENCH $name $med $unit"
-done | sort
+awk -f "$(dirname "$0")/medians.awk" "$tmp"

@@ -15,10 +15,4 @@ for i in 1 2 3; do
     "$prog" 500 300 30 2>/dev/null | grep '^BENCH consensus_failover' |
         sed 's/consensus_failover/consensus_failover_e300/' >> "$tmp"
 done
-awk '{ v[$2] = v[$2] " " $3; u[$2] = $4 } END { for (k in v) print k, v[k], "|", u[k] }' "$tmp" |
-while read -r name rest; do
-    unit=${rest##*| }
-    vals=${rest% |*}
-    med=$(printf '%s\n' $vals | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-    echo "BENCH $name $med $unit"
-done | sort
+awk -f "$(dirname "$0")/medians.awk" "$tmp"

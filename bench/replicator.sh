@@ -7,9 +7,8 @@
 set -u
 top_build=${AAMM_TOP_BUILDDIR:-.}
 runs=${AAMM_BENCH_RUNS:-1}
-tmp=$(mktemp)
-trap 'rm -f "$tmp"' EXIT
 [ -x "$top_build/bench/bench_replicator" ] || { echo "bench_replicator not built (make bench)"; exit 1; }
+tmp=$(mktemp)
 one=$(mktemp)
 trap 'rm -f "$tmp" "$one"' EXIT
 rc=0
@@ -20,11 +19,5 @@ while [ "$i" -lt "$runs" ]; do
     grep '^BENCH ' "$one" | sed "s/^/run $i: /"
     grep '^BENCH ' "$one" >> "$tmp"
 done
-awk '{ v[$2] = v[$2] " " $3; u[$2] = $4 } END { for (k in v) print k, v[k], "|", u[k] }' "$tmp" |
-while read -r name rest; do
-    unit=${rest##*| }
-    vals=${rest% |*}
-    med=$(printf '%s\n' $vals | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-    echo "BENCH $name $med $unit"
-done | sort
+awk -f "$(dirname "$0")/medians.awk" "$tmp"
 exit $rc

@@ -19,11 +19,5 @@ else
     echo "bench_wire_pg not built (make bench)"
 fi
 # median per name
-awk '{ v[$2] = v[$2] " " $3; u[$2] = $4 } END { for (k in v) print k, v[k], "|", u[k] }' "$tmp" |
-while read -r name rest; do
-    unit=${rest##*| }
-    vals=${rest% |*}
-    med=$(printf '%s\n' $vals | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-    echo "BENCH $name $med $unit"
-done | sort
+awk -f "$(dirname "$0")/medians.awk" "$tmp"
 echo "NOTE *_size_ratio: wire bytes / pgoutput bytes of the same real-slot stream (frames closed at 64 KiB); *_size_ratio_per_txn: one frame per transaction; *_synthetic: synthetic streams, pgoutput size computed from its message layout"
