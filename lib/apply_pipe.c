@@ -869,6 +869,27 @@ static int stream_prepare(struct aamm_apply *ap, struct qtxn *t, size_t *budget)
     return 0;
 }
 
+/* Put the join freeze key (AAMM_JOIN_FREEZE_KEY, shared) first in the guard's lock list
+ * (@ids, @modes: "{...}" arrays), so every applied transaction takes it before it writes
+ * anything: aamm_node_join() holds it exclusive on the upstream while it reads the origin
+ * progress and creates its slot (whose creation waits for transactions that have written,
+ * so none may wait for the freeze after writing). First, before the key locks: an applier
+ * waiting for the freeze holds no key lock another applier could wait for. */
+static int add_freeze_key(struct aamm__sb *ids, struct aamm__sb *modes)
+{
+    struct aamm__sb ni = {0}, nm = {0};
+    bool empty = ids->s && strcmp(ids->s, "{}") == 0;
+    if (!ids->oom && !modes->oom && ids->s && modes->s) {
+        aamm__sb_add(&ni, "{%" PRId64 "%s%s", AAMM_JOIN_FREEZE_KEY, empty ? "" : ",", ids->s + 1);
+        aamm__sb_add(&nm, "{f%s%s", empty ? "" : ",", modes->s + 1);
+    }
+    aamm__free(ids->s);
+    aamm__free(modes->s);
+    *ids = ni;
+    *modes = nm;
+    return !ni.s || !nm.s || ni.oom || nm.oom ? AAMM_ENOMEM : 0;
+}
+
 /* Send @t as guard; changes; Sync: one implicit transaction, committed by the Sync (no
  * BEGIN and COMMIT statements: each costs the backend a statement), spending at most
  * *@budget units (STEP_SEND). A transaction larger than what is left goes out over several
@@ -936,8 +957,8 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t, size_t *budget, size_
             aamm__sb_add(&ids, "{}");
             aamm__sb_add(&modes, "{}");
         }
-        if (rc == 0 && (ids.oom || modes.oom))
-            rc = AAMM_ENOMEM;
+        if (rc == 0)
+            rc = add_freeze_key(&ids, &modes);
         const char *gp[6] = {ap->origin, lsn_prev, lsn_end, ts, ids.s, modes.s};
         /* a small transaction: one statement with the guard folded in (1 when the shape
          * cache is full: nothing sent, the guard and the changes go one by one) */

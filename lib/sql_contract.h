@@ -17,6 +17,15 @@
 /* The table that records the installed schema version (one row, one int column). */
 #define AAMM_SQL_VERSION_TABLE "aamm.apply_meta"
 
+/* ---- the join freeze ------------------------------------------------------------------ */
+
+/* Advisory lock (one int8 key: 'aamm' 'join' in ASCII) every applied transaction takes
+ * SHARED first, in its guard, before it writes anything (lib/apply_pipe.c). aamm_node_join()
+ * takes it EXCLUSIVE (session level) on the upstream node for the moment it reads the
+ * origin progress and creates the slot whose snapshot the copy uses: no apply commit falls
+ * between the two (doc/membership.md). */
+#define AAMM_JOIN_FREEZE_KEY INT64_C(0x61616d6d6a6f696e)
+
 /* ---- functions apply calls (argument lists in sql/aamm--*.sql) ---------------------- */
 
 #define AAMM_SQL_FN_ORIGIN_SESSION "aamm.origin_session"   /* (origin) -> progress, roident */

@@ -23,6 +23,9 @@
  *                       the view over it with each slot's retained WAL (replicator.h)
  *   aamm.ddl_config, aamm.ddl_log, the event trigger aamm_ddl_capture, aamm.apply_ddl()
  *                       DDL in the change stream (ddl.h), off until aamm_ddl_configure()
+ *
+ * aamm_node_join() brings a new node's data in from a running cluster (an initial copy and
+ * the positions its streams start from); aamm_node_part() takes a node out.
  */
 #ifndef AAMM_NODE_H
 #define AAMM_NODE_H
@@ -118,6 +121,111 @@ AAMM_API int aamm_node_gc_tombstones(struct pg_conn *conn, int64_t before_us, ui
  */
 AAMM_API int aamm_node_part(struct pg_conn *conn, uint32_t node_id, int *dropped, char *err,
                             size_t errsize);
+
+/** Most existing nodes aamm_node_join() handles (the upstream and the others together). */
+#define AAMM_NODE_JOIN_MAX_NODES 32
+
+/** An existing node of the cluster: its node id and an admin conninfo (a role that may
+ *  create replication slots and read pg_replication_slots: normally a superuser). */
+struct aamm_node_join_peer {
+    uint32_t node_id;
+    const char *conninfo; /* borrowed */
+};
+
+/** Where a join stands, for the progress callback. */
+struct aamm_node_join_progress {
+    uint32_t tables_done;  /* tables copied completely (aamm.tombstone counts as one) */
+    uint32_t tables_total;
+    uint64_t rows;         /* rows copied so far */
+    uint64_t bytes;        /* COPY text bytes copied so far */
+};
+
+/** Options of aamm_node_join(); set with aamm_node_join_options_init(), then fill in. Every
+ *  string is borrowed for the call. */
+struct aamm_node_join_options {
+    const char *conninfo;          /* the new node D, an admin role (superuser) */
+    uint32_t node_id;              /* D's node id (aamm_node_id_valid()) */
+    uint32_t upstream_id;          /* U: the node whose data D copies */
+    const char *upstream_conninfo; /* U, an admin role that may also open a replication
+                                      connection (replication=database is added) */
+    const struct aamm_node_join_peer *others; /* every other existing node (not U, not D) */
+    uint32_t nothers;
+    const char *const *tables;     /* "schema.table" (or "table": public) to copy; NULL or
+                                      ntables 0: every table of @publication on U */
+    uint32_t ntables;
+    const char *publication;       /* default "aamm" */
+    int parallel;                  /* COPY connections to U and to D; default 4 (1..64) */
+    int timeout_ms;                /* bound of each wait (slots, catch-up of U, the
+                                      freeze, a stalled copy); default 120000 */
+    /* Called (inside aamm_node_join(), never re-entrantly) after each table and about once
+     * a second while copying; may be NULL. @p is borrowed for the call. */
+    void (*progress)(const struct aamm_node_join_progress *p, void *arg);
+    void *progress_arg;
+};
+
+/** A replication position aamm_node_join() used for one existing node. */
+struct aamm_node_join_position {
+    uint32_t node_id;
+    uint64_t slot_lsn;   /* where that node's new slot aamm_to_<D> starts (for U: the
+                            consistent point of the snapshot D copied) */
+    uint64_t origin_lsn; /* D's origin aamm_from_<node> was advanced to this (U's progress
+                            for that node at the snapshot; 0 for U itself) */
+};
+
+/** What aamm_node_join() did. */
+struct aamm_node_join_stats {
+    uint32_t tables;     /* tables copied (aamm.tombstone not counted) */
+    uint64_t rows;       /* rows copied, tombstones included */
+    uint64_t bytes;      /* COPY text bytes */
+    uint64_t recent_rows; /* of @rows, those copied with their own commit time and origin
+                             (written around the join; the others carry the minimal one) */
+    double seconds;      /* wall time of the whole call */
+    double copy_seconds; /* of it, the copy (step 4) */
+    double freeze_seconds; /* of it, how long apply on U was held (step 3) */
+    uint32_t npositions;
+    struct aamm_node_join_position positions[AAMM_NODE_JOIN_MAX_NODES]; /* U first */
+};
+
+/** Fill @opts with defaults (no nodes, no tables: the publication "aamm", parallel 4,
+ *  timeout_ms 120000). */
+AAMM_API void aamm_node_join_options_init(struct aamm_node_join_options *opts);
+
+/**
+ * Bring a new node D into a running cluster: copy the data of one existing node U while
+ * writes go on everywhere, and set up the slots and origins D's replicator and the
+ * existing nodes' replicators then stream from, so that D loses no transaction and
+ * applies none twice. Blocking; one thread; no output. D must have libaamm's schema
+ * (aamm_node_install()) and every table to copy, created and empty. The replicators of the
+ * existing nodes must be running (U must receive what the others write).
+ *
+ * The steps (doc/membership.md, "Join with an initial copy"):
+ * 1. on every other node X: the slot aamm_to_<D> (kept when it exists), at L_X;
+ * 2. wait until X's slot aamm_to_<U> has confirmed L_X: every X transaction before L_X is on U;
+ * 3. on U, under the join freeze (an advisory lock every applied transaction takes shared,
+ *    AAMM_JOIN_FREEZE_KEY, held exclusive here for the moment): read U's origin progress
+ *    for every aamm_from_<n>, create U's slot aamm_to_<D> exporting a snapshot (an old one
+ *    is dropped first), release;
+ * 4. copy every table and aamm.tombstone from that snapshot over @parallel COPY pairs into
+ *    D, under origins aamm_copy_<k> with the minimal commit time 1970-01-01 UTC (capture
+ *    on D skips them; any remote write wins over them); rows whose commit time is not
+ *    older than the start of step 1 minus a second keep their own commit time and origin
+ *    instead (aamm_from_<n>), so a remote write still in flight compares with the version
+ *    U compares with;
+ * 5. on D: origins aamm_from_<X> advanced to U's progress for X; aamm_from_<U> at 0/0.
+ * Afterwards start D's replicator with every existing node as peer and restart each
+ * existing node's replicator with D added (it reuses its slot aamm_to_<D>).
+ *
+ * @opts (borrowed) the nodes, tables and bounds; @stats (may be NULL) gets what was done.
+ * On failure the slots this call created are dropped; D's tables may hold part of the
+ * copy (empty them before calling again). Returns 0, AAMM_EINVAL (options, a node id
+ * twice, a table on D not empty), AAMM_ENOTFOUND (a table missing on D, named in the
+ * message; no aamm schema on D; X has no slot aamm_to_<U>), AAMM_ECONN (a node
+ * unreachable or lost), AAMM_ESERVER, AAMM_ETIMEDOUT (a wait passed timeout_ms),
+ * AAMM_ENOMEM; the message goes to
+ * @err (may be NULL) of @errsize bytes.
+ */
+AAMM_API int aamm_node_join(const struct aamm_node_join_options *opts,
+                            struct aamm_node_join_stats *stats, char *err, size_t errsize);
 
 #ifdef __cplusplus
 }
