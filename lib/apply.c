@@ -925,8 +925,10 @@ void aamm_apply_stats(const struct aamm_apply *ap, struct aamm_apply_stats *stat
     stats->committed = ap->committed;
     stats->skipped = ap->skipped;
     stats->pending = aamm_apply_pending(ap);
-    for (int k = 1; k < AAMM_CONFLICT_NKINDS; k++)
+    for (int k = 1; k < AAMM_CONFLICT_NKINDS; k++) {
         stats->conflicts[k] = ap->counters[k];
+        stats->conflicts_unlogged[k] = ap->unlogged[k];
+    }
 }
 
 const char *aamm_apply_errmsg(const struct aamm_apply *ap)

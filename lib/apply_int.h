@@ -97,6 +97,7 @@ struct qconflict {
     struct qconflict *next;
     struct aamm_conflict c;
     char *rel, *key, *local, *remote;
+    bool logged; /* in aamm.conflict_log (reported to on_conflict), else only counted */
 };
 
 /* A transactional message of a streamed transaction, kept for on_message after its commit
@@ -238,6 +239,7 @@ struct aamm_apply {
     unsigned merged_seq;
 
     uint64_t counters[AAMM_CONFLICT_NKINDS];
+    uint64_t unlogged[AAMM_CONFLICT_NKINDS]; /* of counters[], those not logged */
     uint64_t committed, skipped;
 
     /* The per-step budgets (STEP_SEND, STEP_RESULTS, STEP_FREE; tests may lower them). */

@@ -417,10 +417,11 @@ static int send_change(struct aamm_apply *ap, struct qtxn *t, long idx, const ch
 }
 
 /*
- * The statement shape and parameters of the row change @idx of @t: @mask (room for the
- * relation's columns + 2) gets the written-columns mask, @vals (room for NFIXED_ALL + 2 x
- * columns) the parameters, *@np their count, *@op the statement kind, *@has_u whether
- * unchanged-TOAST values are left out. Returns 0 or AAMM_EMALFORMED.
+ * The statement shape and parameters of the row change @idx of @t: @mask (room for 2 x the
+ * relation's columns + 2) gets the written-columns mask, and for an UPDATE or DELETE with
+ * the whole old row (REPLICA IDENTITY FULL) the old row's columns after it, @vals (room for
+ * NFIXED_ALL + 3 x columns) the parameters, *@np their count, *@op the statement kind,
+ * *@has_u whether unchanged-TOAST values are left out. Returns 0 or AAMM_EMALFORMED.
  */
 static int prep_row(struct aamm_apply *ap, struct qtxn *t, long idx, const char **fixed, char *mask,
                     const char **vals, int *np_out, int *op_out, bool *has_u_out)
@@ -454,6 +455,16 @@ static int prep_row(struct aamm_apply *ap, struct qtxn *t, long idx, const char 
     mask[nc + 1] = '\0';
     if (c->kind == AAMM_CHANGE_UPDATE && has_u)
         mask[nc] = mask[nc] == 'k' ? 'K' : 'U';
+    /* the remote old row, which aamm.decide() compares with the local row to tell whether
+     * the remote writer had seen it (doc/conflicts.md, "What is logged"): its values that
+     * travel, unchanged TOAST left out (it counts as equal) */
+    bool oldrow = c->kind != AAMM_CHANGE_INSERT && ot && c->old_kind == AAMM_OLD_FULL;
+    if (oldrow) {
+        for (uint32_t i = 0; i < nc; i++)
+            mask[nc + 1 + i] =
+                r->r2l[i] >= 0 && ot->values[i].kind != AAMM_VALUE_UNCHANGED ? '1' : '0';
+        mask[2 * nc + 1] = '\0';
+    }
     for (int k = 0; k < r->nkeys; k++) {
         const struct aamm_tuple *kt = (c->kind == AAMM_CHANGE_DELETE || keychg) ? ot : nt;
         const struct aamm_value *v = &kt->values[r->key_r[k]];
@@ -479,6 +490,10 @@ static int prep_row(struct aamm_apply *ap, struct qtxn *t, long idx, const char 
     if (op == OP_DELETE || keychg)
         for (int k = 0; k < r->nkeys; k++)
             vals[np++] = ot->values[r->key_r[k]].data;
+    if (oldrow)
+        for (uint32_t i = 0; i < nc; i++)
+            if (mask[nc + 1 + i] == '1')
+                vals[np++] = ot->values[i].kind == AAMM_VALUE_TEXT ? ot->values[i].data : NULL;
     /* appliers are serialized per key by the locks the guard statement took, before
      * this statement's snapshot (build_locks()) */
     *np_out = np;
@@ -550,7 +565,7 @@ static size_t insert_run_end(const struct qtxn *t, size_t i0)
 
 static int ensure_scratch(struct aamm_apply *ap, uint32_t nc)
 {
-    size_t need = (size_t)nc + 2;
+    size_t need = 2 * (size_t)nc + 2; /* prep_row()'s mask; the values take 3 x nc + fixed */
     if (ap->scratch_cap >= need)
         return 0;
     size_t ncap = need * 2 + 16;
@@ -706,9 +721,9 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
     for (size_t i = 0; i < n; i++)
         if (lrel_of(t->changes[i].relation)->rel.ncolumns > widest)
             widest = lrel_of(t->changes[i].relation)->rel.ncolumns;
-    size_t per = NFIXED_ALL + 2 * (size_t)widest + 2;
+    size_t per = NFIXED_ALL + 3 * (size_t)widest + 2, stride = 2 * (size_t)widest + 2;
     const char **vals = aamm__calloc(n * per + 6, sizeof *vals);
-    char *masks = aamm__calloc(n, (size_t)widest + 2);
+    char *masks = aamm__calloc(n, stride);
     int *ops = aamm__calloc(n, sizeof *ops), *nps = aamm__calloc(n, sizeof *nps);
     bool *hasu = aamm__calloc(n, sizeof *hasu);
     struct aamm__sb shape = {0};
@@ -719,7 +734,7 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
         memcpy(fixed, fixed_in, sizeof fixed);
         struct lrel *r = lrel_of(t->changes[i].relation);
         fixed[2] = r->label;
-        char *mask = masks + i * (widest + 2);
+        char *mask = masks + i * stride;
         rc = prep_row(ap, t, (long)i, fixed, mask, vals + total, &nps[i], &ops[i], &hasu[i]);
         if (rc < 0)
             break;
@@ -748,7 +763,7 @@ static int send_merged(struct aamm_apply *ap, struct qtxn *t, const char **fixed
     }
     if (rc == 0 && !m->prepared) {
         char *sql =
-            aamm__apply_merged_sql(t->changes, n, ops, masks, (size_t)widest + 2, hasu, nps);
+            aamm__apply_merged_sql(t->changes, n, ops, masks, stride, hasu, nps);
         Oid *types = aamm__malloc((size_t)(total + 6) * sizeof *types);
         if (!sql || !types) {
             rc = AAMM_ENOMEM;
@@ -1182,9 +1197,11 @@ static int64_t parse_i64(const char *s)
 
 /*
  * libpq's notice receiver: aamm.log_conflict() raises NOTICE "aamm_conflict" with the
- * conflict's fields in its detail (lib/node.c). libpq parses a statement's messages only
- * after the previous statement's result was taken, so the statement that met the conflict
- * is the head of the expect queue. Kept with its transaction, reported when it commits.
+ * conflict's fields in its detail, aamm.decide() "aamm_conflict_unlogged" with the same
+ * fields for a decision it counts but does not log (sql/aamm--4--5.sql). libpq parses a
+ * statement's messages only after the previous statement's result was taken, so the
+ * statement that met the conflict is the head of the expect queue. Kept with its
+ * transaction, counted (and, when logged, reported) when it commits.
  */
 /* Split @s in place at chr(31) into @n fields (the last one takes the rest); false when
  * there are fewer. The server's messages put JSON (which never holds chr(31) raw) first and
@@ -1208,16 +1225,19 @@ void aamm__apply_on_notice(void *arg, const PGresult *res)
     struct aamm_apply *ap = arg;
     const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
     const char *d = PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL);
-    if (!msg || strcmp(msg, AAMM_SQL_NOTICE_CONFLICT) != 0 || !d || ap->exp_n == 0)
+    if (!msg || !d || ap->exp_n == 0)
+        return;
+    bool logged = strcmp(msg, AAMM_SQL_NOTICE_CONFLICT) == 0;
+    if (!logged && strcmp(msg, AAMM_SQL_NOTICE_CONFLICT_UNLOGGED) != 0)
         return;
     struct qtxn *t = ap->exp[ap->exp_head].t;
     if (!t)
         return;
-    char *f[10];
+    char *f[AAMM_SQL_NOTICE_CONFLICT_NFIELDS];
     char *copy = aamm__strdup(d);
     if (!copy)
         return;
-    if (!split_fields(copy, f, 10)) { /* not ours after all */
+    if (!split_fields(copy, f, AAMM_SQL_NOTICE_CONFLICT_NFIELDS)) { /* not ours after all */
         aamm__free(copy);
         return;
     }
@@ -1226,6 +1246,7 @@ void aamm__apply_on_notice(void *arg, const PGresult *res)
         aamm__free(copy);
         return;
     }
+    q->logged = logged;
     q->c.kind = (enum aamm_conflict_kind)aamm_conflict_kind_parse(f[0]);
     q->key = *f[1] ? aamm__strdup(f[1]) : NULL;
     q->local = *f[2] ? aamm__strdup(f[2]) : NULL;
@@ -1266,9 +1287,11 @@ static void txn_committed(struct aamm_apply *ap, struct qtxn *t)
         r->clean_runs = clean ? r->clean_runs + 1 : 0;
     }
     for (struct qconflict *q = t->conflicts; q; q = q->next) {
-        if ((int)q->c.kind > 0 && (int)q->c.kind < AAMM_CONFLICT_NKINDS)
+        if ((int)q->c.kind > 0 && (int)q->c.kind < AAMM_CONFLICT_NKINDS) {
             ap->counters[q->c.kind]++;
-        if (ap->opt.on_conflict)
+            ap->unlogged[q->c.kind] += !q->logged;
+        }
+        if (q->logged && ap->opt.on_conflict)
             ap->opt.on_conflict(ap, &q->c, ap->opt.conflict_arg);
     }
     for (struct qkept *k = t->kept; k && ap->opt.on_message; k = k->next)

@@ -188,19 +188,28 @@ static void sb_tomb(struct aamm__sb *b, const struct lrel *r, const int *kparam,
     aamm__sb_add(b, ", $1::timestamptz, $2::int))");
 }
 
-/* The parameter numbers of a change of shape @mask: per remote column its value's (0:
- * not written) in *@vparam, per key column its key value's in *@kparam (the old key for
- * a DELETE or a key change, else the new value's); *@next: the first number after them.
- * Returns false when out of memory. */
-bool aamm__apply_number_params(const struct lrel *r, int op, const char *mask, int **vparam,
-                               int **kparam, int *next)
+/* Whether shape @mask carries the remote old row (an UPDATE or DELETE whose change has
+ * REPLICA IDENTITY FULL's old tuple): after the marker mask[nc], one character per remote
+ * column, '1' when its old value travels (text or NULL), '0' when not (unchanged TOAST, or
+ * no local column). */
+static bool has_old_row(const struct lrel *r, const char *mask)
+{
+    return mask[r->rel.ncolumns] && mask[r->rel.ncolumns + 1];
+}
+
+/* aamm__apply_number_params(), and per remote column its old value's number (0: none) in
+ * *@oparam when @oparam is not NULL (numbered after the key values) */
+static bool number_params(const struct lrel *r, int op, const char *mask, int **vparam,
+                          int **kparam, int **oparam, int *next)
 {
     uint32_t nc = r->rel.ncolumns;
     int *v = aamm__calloc(nc + 1, sizeof *v);
     int *k = aamm__calloc((size_t)r->nkeys + 1, sizeof *k);
-    if (!v || !k) {
+    int *o = oparam ? aamm__calloc(nc + 1, sizeof *o) : NULL;
+    if (!v || !k || (oparam && !o)) {
         aamm__free(v);
         aamm__free(k);
+        aamm__free(o);
         return false;
     }
     int p = NFIXED_ALL + 1;
@@ -210,10 +219,57 @@ bool aamm__apply_number_params(const struct lrel *r, int op, const char *mask, i
     bool oldkey = mask[nc] == 'k' || mask[nc] == 'K';
     for (int i = 0; i < r->nkeys; i++)
         k[i] = (op == OP_DELETE || oldkey) ? p++ : v[r->key_r[i]];
+    if (has_old_row(r, mask))
+        for (uint32_t c = 0; c < nc; c++)
+            if (mask[nc + 1 + c] == '1') {
+                if (o)
+                    o[c] = p;
+                p++;
+            }
     *vparam = v;
     *kparam = k;
+    if (oparam)
+        *oparam = o;
     *next = p;
     return true;
+}
+
+/* The parameter numbers of a change of shape @mask: per remote column its value's (0:
+ * not written) in *@vparam, per key column its key value's in *@kparam (the old key for
+ * a DELETE or a key change, else the new value's); *@next: the first number after them
+ * and after the old row's values (has_old_row()). Returns false when out of memory. */
+bool aamm__apply_number_params(const struct lrel *r, int op, const char *mask, int **vparam,
+                               int **kparam, int *next)
+{
+    return number_params(r, op, mask, vparam, kparam, NULL, next);
+}
+
+/* The remote old row (has_old_row()) as jsonb, its columns that travel by name with their
+ * values cast to the local types (so that they compare with pg_catalog.to_jsonb() of the
+ * local row), in objects of at most 45 columns (jsonb_build_object()'s argument limit)
+ * joined by ||; NULL::jsonb when the change has no old row. */
+static void sb_oldjson(struct aamm__sb *b, const struct lrel *r, const char *mask,
+                       const int *oparam)
+{
+    uint32_t nc = r->rel.ncolumns;
+    if (!has_old_row(r, mask)) {
+        aamm__sb_add(b, "NULL::jsonb");
+        return;
+    }
+    int i = 0;
+    for (uint32_t c = 0; c < nc; c++) {
+        if (mask[nc + 1 + c] != '1')
+            continue;
+        if (i % 45 == 0)
+            aamm__sb_add(b, "%spg_catalog.jsonb_build_object(", i ? ") OPERATOR(pg_catalog.||) " : "");
+        else
+            aamm__sb_add(b, ", ");
+        aamm__sb_literal(b, r->rel.columns[c].name);
+        aamm__sb_add(b, ", ");
+        sb_param(b, r, (int)c, oparam[c]);
+        i++;
+    }
+    aamm__sb_add(b, "%s", i ? ")" : "'{}'::jsonb");
 }
 
 /* The written columns of shape @mask: their names (@names), their values (@vparam), or
@@ -312,8 +368,8 @@ char *aamm__apply_build_full(const struct lrel *r, int op, const char *mask, boo
 {
     struct aamm__sb b = {0};
     uint32_t nc = r->rel.ncolumns;
-    int *vparam, *kparam, p;
-    if (!aamm__apply_number_params(r, op, mask, &vparam, &kparam, &p))
+    int *vparam, *kparam, *oparam, p;
+    if (!number_params(r, op, mask, &vparam, &kparam, &oparam, &p))
         return NULL;
     bool oldkey = mask[nc] == 'k' || mask[nc] == 'K';
 
@@ -369,7 +425,7 @@ char *aamm__apply_build_full(const struct lrel *r, int op, const char *mask, boo
                 aamm__sb_ident(&b, r->rel.columns[r->key_r[k]].name);
             }
             aamm__sb_add(&b, "), t.xmin, pg_catalog.to_jsonb(t), pg_catalog.to_jsonb(EXCLUDED), "
-                             "$1::timestamptz, $2::int, $4)");
+                             "$1::timestamptz, $2::int, $4, NULL::jsonb)");
         }
         /* the keys written (a row the ON CONFLICT clause updated instead was decided on
          * against its latest version, and the check below cannot misjudge it: a remembered
@@ -401,7 +457,9 @@ char *aamm__apply_build_full(const struct lrel *r, int op, const char *mask, boo
         sb_keyjson(&b, r, kparam);
         aamm__sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), ");
         sb_rowjson(&b, r, mask, vparam);
-        aamm__sb_add(&b, ", $1::timestamptz, $2::int, $4))");
+        aamm__sb_add(&b, ", $1::timestamptz, $2::int, $4, ");
+        sb_oldjson(&b, r, mask, oparam);
+        aamm__sb_add(&b, "))");
         if (moves) {
             aamm__sb_add(&b, " RETURNING 1) SELECT ");
             sb_tomb(&b, r, kparam, vparam);
@@ -451,8 +509,9 @@ char *aamm__apply_build_full(const struct lrel *r, int op, const char *mask, boo
         sb_keywhere(&b, r, "t", kparam);
         aamm__sb_add(&b, " AND " AAMM_SQL_FN_DECIDE "('delete_origin_differs', $3, ");
         sb_keyjson(&b, r, kparam);
-        aamm__sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), NULL, $1::timestamptz, $2::int, $4) "
-                         "RETURNING 1) SELECT CASE WHEN EXISTS (SELECT 1 FROM d) THEN ");
+        aamm__sb_add(&b, ", t.xmin, pg_catalog.to_jsonb(t), NULL, $1::timestamptz, $2::int, $4, ");
+        sb_oldjson(&b, r, mask, oparam);
+        aamm__sb_add(&b, ") RETURNING 1) SELECT CASE WHEN EXISTS (SELECT 1 FROM d) THEN ");
         sb_tomb(&b, r, kparam, NULL);
         aamm__sb_add(&b, " WHEN NOT EXISTS (SELECT 1 FROM %s t2 WHERE ", r->qname);
         sb_keywhere(&b, r, "t2", kparam);
@@ -462,6 +521,7 @@ char *aamm__apply_build_full(const struct lrel *r, int op, const char *mask, boo
     }
     aamm__free(vparam);
     aamm__free(kparam);
+    aamm__free(oparam);
     if (b.oom) {
         aamm__free(b.s);
         return NULL;

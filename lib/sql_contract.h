@@ -31,7 +31,7 @@
 #define AAMM_SQL_FN_ORIGIN_SESSION "aamm.origin_session"   /* (origin) -> progress, roident */
 #define AAMM_SQL_FN_GUARD_FAILED "aamm.guard_failed"       /* raises AA002 */
 #define AAMM_SQL_FN_KEY_LOCK_BUSY "aamm.key_lock_busy"     /* raises AA005 */
-#define AAMM_SQL_FN_DECIDE "aamm.decide"                   /* row present: LWW/policy */
+#define AAMM_SQL_FN_DECIDE "aamm.decide"                   /* row present (v5: 10 args) */
 #define AAMM_SQL_FN_INSERT_OK "aamm.insert_ok"             /* insert of an absent key */
 #define AAMM_SQL_FN_UPDATE_MISSING "aamm.update_missing"   /* update of an absent key */
 #define AAMM_SQL_FN_DELETE_MISSING "aamm.delete_missing"   /* delete of an absent key */
@@ -70,6 +70,11 @@
  * separated fields: kind, key, local row, remote row, local ts (us), local node, remote ts
  * (us), remote node, resolution, relation (the relation last: it may hold anything). */
 #define AAMM_SQL_NOTICE_CONFLICT "aamm_conflict"
+/* From schema version 5 (sql/aamm--4--5.sql), aamm.decide() raises NOTICE with this message
+ * instead, and logs nothing, for a decision that is counted but not logged (a remote
+ * UPDATE/DELETE applied over another origin's row whose version its writer had seen, or
+ * without an old row to tell): the same fields, the local and remote rows empty. */
+#define AAMM_SQL_NOTICE_CONFLICT_UNLOGGED "aamm_conflict_unlogged"
 #define AAMM_SQL_SEP '\x1f' /* chr(31): JSON text never holds it raw */
 #define AAMM_SQL_NOTICE_CONFLICT_NFIELDS 10
 

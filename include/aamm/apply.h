@@ -126,8 +126,10 @@ typedef enum aamm_resolution (*aamm_apply_resolver_cb)(struct aamm_apply *ap,
 /**
  * Conflict notification callback (aamm_apply_options.on_conflict): runs inside
  * aamm_apply_step() of @ap after the transaction that met the conflict committed
- * (UNIQUE_OTHER: when the stream stops). @conflict is borrowed: valid only during the call.
- * @arg is conflict_arg. It must not free @ap.
+ * (UNIQUE_OTHER: when the stream stops), for each conflict written to aamm.conflict_log
+ * (the decisions only counted, aamm_apply_stats()'s conflicts_unlogged, are not reported).
+ * @conflict is borrowed: valid only during the call. @arg is conflict_arg. It must not free
+ * @ap.
  */
 typedef void (*aamm_apply_conflict_cb)(struct aamm_apply *ap, const struct aamm_conflict *conflict,
                                        void *arg);
@@ -308,9 +310,16 @@ struct aamm_apply_stats {
     uint64_t skipped;   /* transactions dropped: duplicates (at or below what was accepted
                            or the progress) and transactions without changes */
     size_t pending;     /* queued or in flight now (aamm_apply_pending()) */
-    /* Conflicts per kind (index: enum aamm_conflict_kind; 0 unused): those in committed
-     * transactions, plus stream-stopping UNIQUE_OTHER ones. */
+    /* Conflict decisions per kind (index: enum aamm_conflict_kind; 0 unused): every one in
+     * committed transactions, logged or not, plus stream-stopping UNIQUE_OTHER ones. */
     uint64_t conflicts[AAMM_CONFLICT_NKINDS];
+    /* Of conflicts[], those not written to aamm.conflict_log nor reported to on_conflict:
+     * a remote UPDATE or DELETE applied over a row another node wrote last, when the change
+     * carried no old row (default replica identity: a concurrent write cannot be told
+     * apart) or its old row equals the local row (its writer had seen our version: no
+     * concurrency). Only UPDATE_ORIGIN_DIFFERS and DELETE_ORIGIN_DIFFERS; doc/conflicts.md,
+     * "What is logged". */
+    uint64_t conflicts_unlogged[AAMM_CONFLICT_NKINDS];
 };
 
 /** Copy the counters of @ap into @stats (borrowed, written). May be called at any time. */

@@ -46,7 +46,7 @@ struct pg_conn;
 
 /** Version of libaamm's SQL schema aamm_node_install() installs: the highest of the
  *  scripts sql/aamm--<n>.sql, aamm--<n>--<m>.sql; the node records it in aamm.apply_meta. */
-#define AAMM_NODE_SQL_VERSION 4
+#define AAMM_NODE_SQL_VERSION 5
 
 /**
  * Install or upgrade libaamm's SQL schema (apply's objects and the SQL generators of

@@ -796,7 +796,11 @@ START_TEST(test_race_update_missing)
     local_commit(l);
     flush_ok(ap);
     assert_val(0, "remote-newer", "SELECT v FROM public.race_um WHERE id = 1");
-    assert_val(0, "update_origin_differs:apply_remote",
+    /* decided against the local row: an update_origin_differs the remote side won,
+     * counted; not logged, as the update carries no old row (doc/conflicts.md) */
+    ck_assert_uint_eq(apst(ap).conflicts[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 1);
+    ck_assert_uint_eq(apst(ap).conflicts_unlogged[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 1);
+    assert_val(0, NULL,
                "SELECT string_agg(kind || ':' || resolution, ',' ORDER BY id) FROM "
                "aamm.conflict_log WHERE relation = 'public.race_um' AND key = '[1]' AND kind "
                "<> 'update_missing'");
@@ -1795,7 +1799,9 @@ START_TEST(test_partial_send_failure)
 END_TEST
 
 /* update_origin_differs: a remote update of a row last written by another node applies
- * iff it is newer (LWW), both logged with the right resolution. */
+ * iff it is newer (LWW), both counted; the one that lost is logged and reported, the one
+ * that won carries no old row (default replica identity) and is not (doc/conflicts.md,
+ * "What is logged"). */
 START_TEST(test_update_origin_differs)
 {
     table(0, "uod", "id int PRIMARY KEY, v text");
@@ -1808,14 +1814,16 @@ START_TEST(test_update_origin_differs)
     remote_write(a3, 9, &l3, t + 100, 'i', &r, V("1", "from3"));
     remote_write(a2, 8, &l2, t + 200, 'u', &r, V("1", "from2-new"));
     assert_val(0, "from2-new", "SELECT v FROM uod WHERE id = 1");
-    ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 1);
-    ck_assert_int_eq(k2.last_res, AAMM_RESOLVE_APPLY_REMOTE);
+    ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 0);
+    ck_assert_uint_eq(apst(a2).conflicts[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 1);
+    ck_assert_uint_eq(apst(a2).conflicts_unlogged[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 1);
     remote_write(a3, 9, &l3, t + 150, 'u', &r, V("1", "from3-old"));
     assert_val(0, "from2-new", "SELECT v FROM uod WHERE id = 1");
     ck_assert_int_eq(k3.conflicts[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 1);
     ck_assert_int_eq(k3.last_res, AAMM_RESOLVE_KEEP_LOCAL);
     ck_assert_uint_eq(apst(a3).conflicts[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 1);
-    assert_val(0, "apply_remote:8:9,keep_local:9:8",
+    ck_assert_uint_eq(apst(a3).conflicts_unlogged[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 0);
+    assert_val(0, "keep_local:9:8",
                "SELECT string_agg(resolution || ':' || remote_node || ':' || local_node, ',' "
                "ORDER BY id) FROM aamm.conflict_log WHERE kind = 'update_origin_differs' AND "
                "relation = 'public.uod'");
@@ -1824,7 +1832,7 @@ START_TEST(test_update_origin_differs)
                "AND resolution = 'keep_local'");
     /* same origin again: no conflict */
     remote_write(a2, 8, &l2, t + 300, 'u', &r, V("1", "from2-again"));
-    ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 1);
+    ck_assert_uint_eq(apst(a2).conflicts[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 1);
     assert_val(0, "from2-again", "SELECT v FROM uod WHERE id = 1");
     aamm_relation_clear(&r);
     aamm_apply_free(a2);
@@ -1869,8 +1877,9 @@ START_TEST(test_update_missing)
 }
 END_TEST
 
-/* delete_origin_differs: an older remote delete of a row another node rewrote is refused;
- * a newer one deletes and leaves a tombstone; delete_missing logs, remembers the delete,
+/* delete_origin_differs: an older remote delete of a row another node rewrote is refused
+ * (logged); a newer one deletes and leaves a tombstone (counted; without the old row not
+ * logged); delete_missing logs, remembers the delete,
  * and an older insert of that key is refused (insert_exists, keep_local). */
 START_TEST(test_delete_conflicts)
 {
@@ -1888,8 +1897,9 @@ START_TEST(test_delete_conflicts)
     ck_assert_int_eq(k2.last_res, AAMM_RESOLVE_KEEP_LOCAL);
     remote_write(a2, 12, &l2, t + 600, 'd', &r, V("1", NULL));
     assert_val(0, "0", "SELECT count(*) FROM dc WHERE id = 1");
-    ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS], 2);
-    ck_assert_int_eq(k2.last_res, AAMM_RESOLVE_APPLY_REMOTE);
+    ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS], 1);
+    ck_assert_uint_eq(apst(a2).conflicts[AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS], 2);
+    ck_assert_uint_eq(apst(a2).conflicts_unlogged[AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS], 1);
     assert_val(0, "1",
                "SELECT count(*) FROM aamm.tombstone WHERE relation = 'public.dc' "
                "AND key = '[1]'");
@@ -1904,7 +1914,7 @@ START_TEST(test_delete_conflicts)
     /* ... but a newer insert (re-insert after the delete) goes in */
     remote_write(a3, 13, &l3, t + 800, 'i', &r, V("9", "reinserted"));
     assert_val(0, "reinserted", "SELECT v FROM dc WHERE id = 9");
-    assert_val(0, "keep_local,apply_remote",
+    assert_val(0, "keep_local",
                "SELECT string_agg(resolution, ',' ORDER BY id) FROM aamm.conflict_log WHERE "
                "kind = 'delete_origin_differs' AND relation = 'public.dc'");
     assert_val(0, "1",
@@ -2154,10 +2164,19 @@ START_TEST(test_resolver)
     assert_val(0, "local", "SELECT v FROM rsv2 WHERE id = 2");
     ck_assert_int_eq(rs.calls, calls + 1);
 
-    /* every conflict of a committed transaction is logged once */
-    assert_val(0, "7",
+    /* every conflict of a committed transaction is counted once and, unless the remote
+     * write won without an old row to compare (5 and 6: apply_remote updates), logged once */
+    assert_val(0, "5",
                "SELECT count(*) FROM aamm.conflict_log WHERE relation IN "
                "('public.rsv', 'public.rsv2') AND resolution <> 'error'");
+    struct aamm_apply_stats st = apst(a);
+    uint64_t all = 0, unlogged = 0;
+    for (int i = 1; i < AAMM_CONFLICT_NKINDS; i++) {
+        all += st.conflicts[i];
+        unlogged += st.conflicts_unlogged[i];
+    }
+    ck_assert_uint_eq(all, 8); /* the 7, and 5's first answer (error: counted, held) */
+    ck_assert_uint_eq(unlogged, 2);
     aamm_relation_clear(&r);
     aamm_relation_clear(&r2);
     aamm_apply_free(a);
@@ -2802,6 +2821,217 @@ START_TEST(test_exactly_once_kill)
 }
 END_TEST
 
+/* ---- what the conflict log holds (doc/conflicts.md, "What is logged") ---------------- */
+
+/* A remote DELETE carrying the whole old row (REPLICA IDENTITY FULL). */
+static void tdel_full(struct aamm_apply *ap, const struct aamm_relation *r,
+                      const char *const *oldv)
+{
+    struct aamm_change c = {0};
+    c.kind = AAMM_CHANGE_DELETE;
+    c.relation = r;
+    c.old_kind = AAMM_OLD_FULL;
+    mktuple(&c.old_tuple, r->ncolumns, oldv);
+    ck_assert_int_eq(aamm_apply_change(ap, &c), 0);
+}
+
+/* Decisions counted per kind by the handles @a, @b (aamm_apply_stats): all, unlogged. */
+static uint64_t decided(struct aamm_apply *a, struct aamm_apply *b, enum aamm_conflict_kind kind,
+                        bool unlogged_only)
+{
+    uint64_t n = 0;
+    struct aamm_apply *h[2] = {a, b};
+    for (int i = 0; i < 2; i++) {
+        if (!h[i])
+            continue;
+        struct aamm_apply_stats st = apst(h[i]);
+        n += unlogged_only ? st.conflicts_unlogged[kind] : st.conflicts[kind];
+    }
+    return n;
+}
+
+#define SEQ_KEYS 5
+#define SEQ_ROUNDS 8
+
+/*
+ * No concurrency at all: nodes 3 and 2 take turns updating the rows, each having seen the
+ * other's last write (node 3 inserts keys 1-5; then per round one transaction from the
+ * other node updates all five: a merged statement), and node 2 finally deletes two keys
+ * node 3 wrote last. Every update and delete is an update_origin_differs /
+ * delete_origin_differs decision (apply_remote) and is counted; none is logged or
+ * reported, whether the changes carry no old row (@full false: default replica identity,
+ * cannot be told from a concurrent write) or the whole old row equal to the local one
+ * (@full: the writer saw our version; including a NULL, a timestamp, a numeric and an
+ * unchanged-TOAST old value, which counts as equal).
+ */
+static void sequential_updates(const char *tbl, bool full)
+{
+    table(0, tbl, "id int PRIMARY KEY, v text, n numeric, at timestamptz, big text");
+    struct counts k2 = {0}, k3 = {0};
+    struct aamm_apply *a2 = mkapply(0, 2, &k2), *a3 = mkapply(0, 3, &k3);
+    struct aamm_relation r;
+    mkrel(&r, tbl, "id,v,n,at,big", "k----");
+    uint64_t l2 = 0x1000000 * (full ? 2 : 1), l3 = l2;
+    int64_t t = now_us() - 100000000;
+    char ids[SEQ_KEYS][4], vs[SEQ_ROUNDS + 1][SEQ_KEYS][16];
+    static const char *const ns[] = {NULL, "1.50", "2", "0.001", "-7", "3.0", "4", "5", "6"};
+    const char *at = "2026-01-01 10:00:00+00", *big = "b";
+    l3 += 0x100;
+    tbegin(a3, 3, l3, t);
+    for (int i = 0; i < SEQ_KEYS; i++) {
+        snprintf(ids[i], sizeof ids[i], "%d", i + 1);
+        snprintf(vs[0][i], sizeof vs[0][i], "v0.%d", i);
+        tins(a3, &r, V(ids[i], vs[0][i], ns[0], at, big));
+    }
+    tcommit(a3);
+    flush_ok(a3);
+    for (int round = 1; round <= SEQ_ROUNDS; round++) {
+        struct aamm_apply *w = round % 2 ? a2 : a3;
+        uint64_t *l = round % 2 ? &l2 : &l3;
+        *l += 0x100;
+        tbegin(w, round % 2 ? 2 : 3, *l, t + round * 1000);
+        for (int i = 0; i < SEQ_KEYS; i++) {
+            snprintf(vs[round][i], sizeof vs[round][i], "v%d.%d", round, i);
+            /* round 3: big unchanged TOAST in the new and (as if) in the old tuple */
+            const char *nb = round == 3 ? U : big;
+            if (full)
+                tupd(w, &r, V(ids[i], vs[round - 1][i], ns[round - 1], at, round == 3 ? U : big),
+                     V(ids[i], vs[round][i], ns[round], at, nb));
+            else
+                tupd(w, &r, NULL, V(ids[i], vs[round][i], ns[round], at, nb));
+        }
+        tcommit(w);
+        flush_ok(w);
+    }
+    /* round SEQ_ROUNDS (even) was node 3's: node 2 deletes keys 1 and 2, one transaction
+     * each */
+    for (int i = 0; i < 2; i++) {
+        l2 += 0x100;
+        tbegin(a2, 2, l2, t + (SEQ_ROUNDS + 1 + i) * 1000);
+        if (full)
+            tdel_full(a2, &r, V(ids[i], vs[SEQ_ROUNDS][i], ns[SEQ_ROUNDS], at, big));
+        else
+            tdel(a2, &r, V(ids[i], NULL, NULL, NULL, NULL));
+        tcommit(a2);
+        flush_ok(a2);
+    }
+    char want[64], q[256];
+    snprintf(want, sizeof want, "%s %s", vs[SEQ_ROUNDS][2], ns[SEQ_ROUNDS]);
+    snprintf(q, sizeof q, "SELECT v || ' ' || n || ' ' || (SELECT count(*) FROM %s) FROM %s "
+             "WHERE id = 3", tbl, tbl);
+    strcat(want, " 3");
+    assert_val(0, want, q);
+    /* nothing logged, nothing reported */
+    snprintf(q, sizeof q, "SELECT count(*) FROM aamm.conflict_log WHERE relation = 'public.%s'",
+             tbl);
+    assert_val(0, "0", q);
+    for (int kind = 1; kind < AAMM_CONFLICT_NKINDS; kind++)
+        ck_assert_int_eq(k2.conflicts[kind] + k3.conflicts[kind], 0);
+    /* every decision counted, by kind, all of them unlogged */
+    ck_assert_uint_eq(decided(a2, a3, AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS, false),
+                      SEQ_KEYS * SEQ_ROUNDS);
+    ck_assert_uint_eq(decided(a2, a3, AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS, true),
+                      SEQ_KEYS * SEQ_ROUNDS);
+    ck_assert_uint_eq(decided(a2, a3, AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS, false), 2);
+    ck_assert_uint_eq(decided(a2, a3, AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS, true), 2);
+    for (int kind = 1; kind < AAMM_CONFLICT_NKINDS; kind++)
+        if (kind != AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS &&
+            kind != AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS)
+            ck_assert_uint_eq(decided(a2, a3, (enum aamm_conflict_kind)kind, false), 0);
+    aamm_relation_clear(&r);
+    aamm_apply_free(a2);
+    aamm_apply_free(a3);
+}
+
+/* (1) sequential updates of another node's rows, default replica identity */
+START_TEST(test_log_sequential)
+{
+    sequential_updates("seq_default", false);
+}
+END_TEST
+
+/* (2) the same with the whole old row (REPLICA IDENTITY FULL), equal to the local row */
+START_TEST(test_log_sequential_full)
+{
+    sequential_updates("seq_full", true);
+}
+END_TEST
+
+/*
+ * (3), (4), (5): a real concurrent update pair on two nodes. Both hold keys 1 and 2 as
+ * node 4 wrote them ('base'); node 1 updates both locally, then node 2 (later: it wins).
+ * Each applies the other's updates: key 1 carries the whole old row ('base', REPLICA
+ * IDENTITY FULL), key 2 none. On node 2 node 1's older updates lose: both logged
+ * (keep_local). On node 1 node 2's newer updates win: key 1's old row 'base' differs from
+ * node 1's own 'n1' (node 2 had not seen it), so a concurrent write was overwritten:
+ * logged (apply_remote); key 2's cannot be told apart: counted, not logged. Both converge.
+ */
+START_TEST(test_log_concurrent)
+{
+    table(0, "cc", "id int PRIMARY KEY, v text");
+    table(1, "cc", "id int PRIMARY KEY, v text");
+    struct counts kb, k1 = {0}, k2 = {0};
+    struct aamm_relation r;
+    mkrel(&r, "cc", "id,v", "k-");
+    int64_t t = now_us() - 100000000;
+    for (int i = 0; i < 2; i++) {
+        memset(&kb, 0, sizeof kb);
+        struct aamm_apply *b = mkapply(i, 4, &kb);
+        tbegin(b, 4, 0x100, t);
+        tins(b, &r, V("1", "base"));
+        tins(b, &r, V("2", "base"));
+        tcommit(b);
+        flush_ok(b);
+        aamm_apply_free(b);
+    }
+    ck_assert_int_eq(pgfx_exec(fx, 0, "UPDATE cc SET v = 'n1' WHERE id IN (1, 2)"), 0);
+    usleep(2000);
+    ck_assert_int_eq(pgfx_exec(fx, 1, "UPDATE cc SET v = 'n2' WHERE id IN (1, 2)"), 0);
+    const char *q = "SELECT (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::int8 "
+                    "FROM cc WHERE id = 1";
+    long ts1 = pgfx_value_long(fx, 0, 0, "%s", q), ts2 = pgfx_value_long(fx, 1, 0, "%s", q);
+    ck_assert_int_lt(ts1, ts2);
+    struct aamm_apply *on1 = mkapply(0, 2, &k1), *on2 = mkapply(1, 1, &k2);
+    /* (the sequential cases before used origin aamm_from_2 on node 1 up to 0x2000a00) */
+    tbegin(on2, 1, 0x3000000, ts1); /* node 1's transaction reaches node 2 */
+    tupd(on2, &r, V("1", "base"), V("1", "n1"));
+    tupd(on2, &r, NULL, V("2", "n1"));
+    tcommit(on2);
+    flush_ok(on2);
+    tbegin(on1, 2, 0x3000000, ts2); /* node 2's reaches node 1 */
+    tupd(on1, &r, V("1", "base"), V("1", "n2"));
+    tupd(on1, &r, NULL, V("2", "n2"));
+    tcommit(on1);
+    flush_ok(on1);
+    for (int i = 0; i < 2; i++)
+        assert_val(i, "1:n2,2:n2", "SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM cc");
+    /* (3) the losing side logs both */
+    assert_val(1, "[1]:keep_local:2:1,[2]:keep_local:2:1",
+               "SELECT string_agg(key::text || ':' || resolution || ':' || local_node || ':' || "
+               "remote_node, ',' ORDER BY key) FROM aamm.conflict_log WHERE kind = "
+               "'update_origin_differs' AND relation = 'public.cc'");
+    ck_assert_int_eq(k2.conflicts[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 2);
+    /* (4) the winning side logs the one whose old row shows the overwritten write */
+    assert_val(0, "[1]:apply_remote:1:2:{\"v\": \"n1\", \"id\": 1}",
+               "SELECT string_agg(key::text || ':' || resolution || ':' || local_node || ':' || "
+               "remote_node || ':' || local_row::text, ',' ORDER BY key) FROM aamm.conflict_log "
+               "WHERE kind = 'update_origin_differs' AND relation = 'public.cc'");
+    ck_assert_int_eq(k1.conflicts[AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS], 1);
+    ck_assert_int_eq(k1.last_res, AAMM_RESOLVE_APPLY_REMOTE);
+    /* (5) the counters hold every decision by kind, logged or not */
+    ck_assert_uint_eq(decided(on2, NULL, AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS, false), 2);
+    ck_assert_uint_eq(decided(on2, NULL, AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS, true), 0);
+    ck_assert_uint_eq(decided(on1, NULL, AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS, false), 2);
+    ck_assert_uint_eq(decided(on1, NULL, AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS, true), 1);
+    for (int kind = 1; kind < AAMM_CONFLICT_NKINDS; kind++)
+        if (kind != AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS)
+            ck_assert_uint_eq(decided(on1, on2, (enum aamm_conflict_kind)kind, false), 0);
+    aamm_relation_clear(&r);
+    aamm_apply_free(on1);
+    aamm_apply_free(on2);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("apply");
@@ -2856,5 +3086,11 @@ int main(void)
     tcase_add_unchecked_fixture(tc2, setup_two, teardown);
     tcase_add_test(tc2, test_seed_scenario);
     suite_add_tcase(s, tc2);
+    TCase *tcl = aamm_test_tcase("conflict_log", 120);
+    tcase_add_unchecked_fixture(tcl, setup_two, teardown);
+    tcase_add_test(tcl, test_log_sequential);
+    tcase_add_test(tcl, test_log_sequential_full);
+    tcase_add_test(tcl, test_log_concurrent);
+    suite_add_tcase(s, tcl);
     return aamm_test_run(s);
 }

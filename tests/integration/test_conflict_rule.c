@@ -3,7 +3,10 @@
  * unchanged-TOAST flag) goes through aamm_conflict_decide() in C and through the SQL
  * function apply runs for that kind (aamm.decide, aamm.insert_ok, aamm.update_missing,
  * aamm.delete_missing) on a real server; both must give the same answer. A host resolver
- * that wants the default answer calls the C function, so it must be the rule that runs. */
+ * that wants the default answer calls the C function, so it must be the rule that runs.
+ * Each decision of aamm.decide also runs with the remote old row absent, equal to the local
+ * row, equal in the columns both have, and different, and must be logged exactly as
+ * doc/conflicts.md ("What is logged") says (logged_rule() below). */
 #include "config.h"
 
 #include <inttypes.h>
@@ -38,16 +41,20 @@ struct lver {
 };
 
 static char last_res[32];
-static int notices;
+static int notices, logged_notices;
 
-/* the conflict notice (sql_contract.h): the resolution is field 9 */
+/* the conflict notices (sql_contract.h): the resolution is field 9 */
 static void on_notice(void *arg, const PGresult *res)
 {
     (void)arg;
     const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
     const char *d = PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL);
-    if (!msg || strcmp(msg, AAMM_SQL_NOTICE_CONFLICT) != 0 || !d)
+    if (!msg || !d)
         return;
+    bool logged = strcmp(msg, AAMM_SQL_NOTICE_CONFLICT) == 0;
+    if (!logged && strcmp(msg, AAMM_SQL_NOTICE_CONFLICT_UNLOGGED) != 0)
+        return;
+    logged_notices += logged;
     int f = 0;
     const char *p = d;
     while (f < 8 && (p = strchr(p, AAMM_SQL_SEP)) != NULL) {
@@ -115,6 +122,7 @@ static void make_version(PGconn *c, struct lver *v, const char *origin, int64_t 
 static void sql_answer(PGconn *c, const char *sql, char *out, size_t outsize, bool *logged)
 {
     notices = 0;
+    logged_notices = 0;
     last_res[0] = '\0';
     exec_ok(c, "BEGIN");
     PGresult *r = PQexec(c, sql);
@@ -129,7 +137,7 @@ static void sql_answer(PGconn *c, const char *sql, char *out, size_t outsize, bo
         } else {
             snprintf(out, outsize, "%s", applied ? "apply_remote" : "nothing");
         }
-        *logged = notices > 0;
+        *logged = logged_notices > 0;
     } else {
         const char *st = PQresultErrorField(r, PG_DIAG_SQLSTATE);
         ck_assert_ptr_nonnull(st);
@@ -154,6 +162,24 @@ static const char *c_answer(enum aamm_conflict_kind kind, enum aamm_conflict_pol
     if (r == AAMM_RESOLVE_ERROR)
         return policy == AAMM_POLICY_CALLBACK ? "resolver" : "error";
     return aamm_conflict_resolution_name(r);
+}
+
+/* The remote old rows aamm.decide is asked with, against the local row DECIDE_LROW: none,
+ * the same row, the same in the columns both have (the remote has one more, the local
+ * row's other column is not in it), a different value. */
+#define DECIDE_LROW "'{\"a\": 1, \"b\": \"x\"}'"
+static const char *const old_rows[] = {"NULL", DECIDE_LROW, "'{\"a\": 1, \"z\": 7}'",
+                                       "'{\"a\": 2, \"b\": \"x\"}'"};
+static const bool old_row_seen[] = {false, true, true, false};
+
+/* Whether a decision is logged (doc/conflicts.md, "What is logged"): every one except a
+ * remote UPDATE/DELETE applied over another origin's row whose writer had seen the local
+ * row (old row equal) or without an old row to tell. */
+static bool logged_rule(enum aamm_conflict_kind kind, const char *res, int old_row)
+{
+    if (strcmp(res, "apply_remote") != 0 || kind == AAMM_CONFLICT_INSERT_EXISTS)
+        return true;
+    return strcmp(old_rows[old_row], "NULL") != 0 && !old_row_seen[old_row];
 }
 
 /* for messages: T0 + offset in microseconds, or unknown */
@@ -219,7 +245,7 @@ START_TEST(decision_table_c_equals_sql)
     static const enum aamm_conflict_policy policies[] = {
         AAMM_POLICY_LWW, AAMM_POLICY_KEEP_LOCAL, AAMM_POLICY_APPLY_REMOTE, AAMM_POLICY_ERROR,
         AAMM_POLICY_CALLBACK};
-    int rows = 0, conflicts = 0;
+    int rows = 0, conflicts = 0, unlogged = 0;
     char sql[1024], lts[128], rts[128], rtx[64], got[32];
 
     /* 2. the product: kind × policy × local version (or none) × remote timestamp (one
@@ -260,13 +286,21 @@ START_TEST(decision_table_c_equals_sql)
                                  * the delete is not older, as a deleted key (insert_ok) */
                                 tomb_insert = aamm_conflict_version_compare(&cl, &cr) >= 0;
                             }
-                            for (int form = 0; form <= tomb_insert; form++) {
-                                if (!missing && form == 0) {
+                            int nold = !missing && kind != AAMM_CONFLICT_INSERT_EXISTS
+                                           ? (int)(sizeof old_rows / sizeof old_rows[0])
+                                           : 1;
+                            for (int form = 0; form <= tomb_insert + nold - 1; form++) {
+                                bool decide = !missing && (form < nold || !tomb_insert);
+                                int orow = decide ? form : 0;
+                                if (decide) {
                                     snprintf(sql, sizeof sql,
                                              "SELECT " AAMM_SQL_FN_DECIDE "('%s', '" REL
-                                             "', '[99]', '%s'::xid, '{}', '{}', %s, %d, '%s')",
+                                             "', '[99]', '%s'::xid, " DECIDE_LROW
+                                             ", '{}', %s, %d, '%s', %s)",
                                              aamm_conflict_kind_name(kind), l->xmin, rts, rn,
-                                             pname);
+                                             pname, kind == AAMM_CONFLICT_INSERT_EXISTS
+                                                        ? "NULL"
+                                                        : old_rows[orow]);
                                 } else if (!missing) {
                                     snprintf(sql, sizeof sql,
                                              "SELECT " AAMM_SQL_FN_INSERT_OK "('" REL
@@ -293,8 +327,23 @@ START_TEST(decision_table_c_equals_sql)
                                               aamm_conflict_kind_name(kind), pname,
                                               l ? l->what : "none", lts, rtx, rn,
                                               hu ? ", unchanged TOAST" : "", got, want);
+                                /* logging: only aamm.decide's rule depends on the old row;
+                                 * every other conflict notice is a logged one */
+                                bool notice = notices > 0; /* a decision was reported */
+                                if (notice) {
+                                    bool want_logged = decide ? logged_rule(kind, got, orow) : true;
+                                    ck_assert_msg(logged == want_logged,
+                                                  "%s, policy %s, local %s, remote ts %s node "
+                                                  "%d, old row %s: %s %s, want %s",
+                                                  aamm_conflict_kind_name(kind), pname,
+                                                  l ? l->what : "none", rtx, rn,
+                                                  decide ? old_rows[orow] : "-", got,
+                                                  logged ? "logged" : "not logged",
+                                                  want_logged ? "logged" : "not logged");
+                                }
                                 rows++;
                                 conflicts += logged;
+                                unlogged += notice && !logged;
                             }
                         }
                     }
@@ -302,8 +351,10 @@ START_TEST(decision_table_c_equals_sql)
             }
         }
     }
-    printf("conflict rule: %d rows agree (%d logged as conflicts)\n", rows, conflicts);
+    printf("conflict rule: %d rows agree (%d logged as conflicts, %d counted but not logged)\n",
+           rows, conflicts, unlogged);
     ck_assert_int_gt(rows, 1000);
+    ck_assert_int_gt(unlogged, 100);
     PQfinish(c);
     pgfx_destroy(fx);
 }

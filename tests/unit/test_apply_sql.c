@@ -280,6 +280,52 @@ START_TEST(test_delete)
 }
 END_TEST
 
+/* Updates and deletes that carry the remote old row (REPLICA IDENTITY FULL: one mask
+ * character per remote column after the marker, '0' for unchanged TOAST or an unmapped
+ * column): its values travel as parameters after the old key's and reach aamm.decide() as
+ * JSON typed like the local row, in objects of at most 45 columns; none left: '{}'. */
+START_TEST(test_old_row)
+{
+    struct lrel *u = users(), *l = lines(), *w = wide();
+    golden("users.update.old.sql", aamm__apply_build_sql(u, OP_UPDATE, "1110-1110", false, 0));
+    golden("users.update_old.full.sql", aamm__apply_build_full(u, OP_UPDATE, "1110-1110", false));
+    golden("users.update_toast.old.sql",
+           aamm__apply_build_sql(u, OP_UPDATE, "1010U1010", true, 0));
+    golden("users.update.old_empty.sql",
+           aamm__apply_build_sql(u, OP_UPDATE, "1110-0000", false, 0));
+    golden("users.delete.old.sql", aamm__apply_build_sql(u, OP_DELETE, "0000-1110", false, 0));
+    golden("users.delete_old.full.sql", aamm__apply_build_full(u, OP_DELETE, "0000-1110", false));
+    golden("lines.update_key.old.sql", aamm__apply_build_sql(l, OP_UPDATE, "1111k1111", false, 0));
+    char wmask[96];
+    memset(wmask, '1', 47);
+    wmask[47] = '-';
+    memset(wmask + 48, '1', 47);
+    wmask[95] = '\0';
+    golden("wide.update.old.sql", aamm__apply_build_sql(w, OP_UPDATE, wmask, false, 0));
+    /* the numbering: written values, the old key (a delete, a key change), the old row */
+    static const struct {
+        int op;
+        const char *mask;
+        int n;
+    } cases[] = {
+        {OP_UPDATE, "1110-1110", 11}, /* 5 fixed + 3 written + 3 old */
+        {OP_UPDATE, "1010U1010", 9},  /* 5 fixed + 2 written + 2 old */
+        {OP_DELETE, "0000-1110", 9},  /* 5 fixed + 1 old key + 3 old */
+        {OP_UPDATE, "1110-0000", 8},  /* 5 fixed + 3 written */
+    };
+    for (size_t i = 0; i < AAMM__ARRAY_SIZE(cases); i++) {
+        int *vp, *kp, next;
+        ck_assert(aamm__apply_number_params(u, cases[i].op, cases[i].mask, &vp, &kp, &next));
+        ck_assert_int_eq(next - 1, cases[i].n);
+        aamm__free(vp);
+        aamm__free(kp);
+    }
+    freerel(u);
+    freerel(l);
+    freerel(w);
+}
+END_TEST
+
 /* Runs of inserts: one text[] per written column, with ON CONFLICT (MANY) and without
  * (PLAIN). */
 START_TEST(test_insert_runs)
@@ -492,6 +538,7 @@ int main(void)
     tcase_add_test(tc, test_update);
     tcase_add_test(tc, test_update_missing);
     tcase_add_test(tc, test_delete);
+    tcase_add_test(tc, test_old_row);
     tcase_add_test(tc, test_insert_runs);
     tcase_add_test(tc, test_merged);
     tcase_add_test(tc, test_fixed);
