@@ -170,6 +170,9 @@ struct aamm_capture {
     int status_interval_ms;
     int step_budget;
     int setup_timeout_ms;
+    uint32_t forward[AAMM_CAPTURE_MAX_FORWARD]; /* forward_origins */
+    uint32_t nforward;
+    bool report_skipped;
 
     enum state state;
     enum phase phase;
@@ -197,6 +200,8 @@ struct aamm_capture {
     bool in_txn;                 /* between B and C */
     bool begin_pending;          /* B seen, waiting for the next message (an 'O' or not) */
     bool skipping;               /* inside a transaction with an aamm_ origin */
+    bool forwarding;             /* inside a transaction delivered for forward_origins */
+    uint32_t skip_node;          /* the node of the skipped one's "aamm_from_<n>" (0: other) */
 
     /* positions */
     uint64_t start_position; /* where the stream started */
@@ -288,6 +293,16 @@ int aamm_capture_new(struct aamm_capture **out, const struct aamm_capture_option
             return aamm__newerrf(err, errsize, AAMM_EINVAL,
                                  "capture: publication %" PRIu32 " has no name", i);
     }
+    if (opts->nforward_origins > AAMM_CAPTURE_MAX_FORWARD ||
+        (opts->nforward_origins && !opts->forward_origins))
+        return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                             "capture: %" PRIu32 " forward origins (at most %d)",
+                             opts->nforward_origins, AAMM_CAPTURE_MAX_FORWARD);
+    for (uint32_t i = 0; i < opts->nforward_origins; i++)
+        if (!aamm_node_id_valid(opts->forward_origins[i]))
+            return aamm__newerrf(err, errsize, AAMM_EINVAL,
+                                 "capture: forward origin %" PRIu32 " outside 1..%d",
+                                 opts->forward_origins[i], AAMM_NODE_ID_MAX);
     c = aamm__calloc(1, sizeof *c);
     if (c == NULL)
         return aamm__newerrf(err, errsize, AAMM_ENOMEM, "capture: out of memory");
@@ -309,6 +324,10 @@ int aamm_capture_new(struct aamm_capture **out, const struct aamm_capture_option
     c->step_budget = opts->step_budget > 0 ? opts->step_budget : DEFAULT_STEP_BUDGET;
     c->setup_timeout_ms =
         opts->setup_timeout_ms > 0 ? opts->setup_timeout_ms : DEFAULT_SETUP_TIMEOUT_MS;
+    for (uint32_t i = 0; i < opts->nforward_origins; i++)
+        c->forward[i] = opts->forward_origins[i];
+    c->nforward = opts->nforward_origins;
+    c->report_skipped = opts->report_skipped;
     c->drained = true;
     c->state = ST_NEW;
     *out = c;
@@ -1141,6 +1160,31 @@ static bool skip_origin(const char *name)
                                    sizeof AAMM_CAPTURE_SKIP_ORIGIN_PREFIX - 1) == 0;
 }
 
+/* The node n of an origin named "aamm_from_<n>" (what apply and the replicator use), or 0
+ * for any other name. */
+static uint32_t origin_node_of(const char *name)
+{
+    static const char pre[] = AAMM_CAPTURE_SKIP_ORIGIN_PREFIX "from_";
+    uint64_t n = 0;
+    const char *p;
+    if (name == NULL || strncmp(name, pre, sizeof pre - 1) != 0)
+        return 0;
+    p = name + sizeof pre - 1;
+    if (*p < '1' || *p > '9')
+        return 0;
+    for (; *p >= '0' && *p <= '9' && n <= AAMM_NODE_ID_MAX; p++)
+        n = n * 10 + (uint64_t)(*p - '0');
+    return *p == '\0' && aamm_node_id_valid((uint32_t)n) ? (uint32_t)n : 0;
+}
+
+static bool forwarded_node(const struct aamm_capture *c, uint32_t n)
+{
+    for (uint32_t i = 0; n && i < c->nforward; i++)
+        if (c->forward[i] == n)
+            return true;
+    return false;
+}
+
 /* Start the transaction of a 'B' message. */
 static void begin_txn(struct aamm_capture *c, struct aamm__pgo_event *ev)
 {
@@ -1151,6 +1195,8 @@ static void begin_txn(struct aamm_capture *c, struct aamm__pgo_event *ev)
     c->in_txn = true;
     c->begin_pending = true;
     c->skipping = false;
+    c->forwarding = false;
+    c->skip_node = 0;
 }
 
 static int deliver_begin(struct aamm_capture *c, struct aamm_capture_event *ev)
@@ -1173,8 +1219,20 @@ static int process(struct aamm_capture *c, struct aamm__pgo_event *m, struct aam
             m->txn.origin_name = NULL;
             c->txn.origin_lsn = m->txn.origin_lsn;
             if (skip_origin(c->txn.origin_name)) {
+                uint32_t n = origin_node_of(c->txn.origin_name);
+                if (forwarded_node(c, n) && c->txn.origin_lsn != 0) {
+                    /* delivered as node n sent it: its LSN space, its commit time */
+                    c->forwarding = true;
+                    c->txn.origin_node = n;
+                    c->txn.commit_lsn = c->txn.end_lsn = c->txn.origin_lsn;
+                    c->txn.origin_lsn = 0;
+                    aamm__free(c->txn.origin_name);
+                    c->txn.origin_name = NULL;
+                    return deliver_begin(c, ev);
+                }
                 c->begin_pending = false;
                 c->skipping = true;
+                c->skip_node = n;
                 return 0;
             }
             return deliver_begin(c, ev);
@@ -1228,10 +1286,28 @@ static int process(struct aamm_capture *c, struct aamm__pgo_event *m, struct aam
             c->stats.txns_skipped++;
             if (m->txn.end_lsn > c->progress)
                 c->progress = m->txn.end_lsn;
-            return 0;
+            if (!c->report_skipped || c->skip_node == 0 || c->txn.origin_lsn == 0)
+                return 0;
+            /* a position like PROGRESS, with what the host needs to hold it */
+            c->txn.origin_node = c->skip_node;
+            c->txn.commit_lsn = m->txn.commit_lsn;
+            c->txn.end_lsn = m->txn.end_lsn;
+            c->txn.commit_time = m->txn.commit_time;
+            if (m->txn.end_lsn > c->handed)
+                c->handed = m->txn.end_lsn;
+            c->last_progress_ms = aamm__now_ms();
+            ev->kind = AAMM_CAPTURE_PROGRESS;
+            ev->txn = &c->txn;
+            ev->lsn = m->txn.end_lsn;
+            return 1;
         }
-        c->txn.commit_lsn = m->txn.commit_lsn;
-        c->txn.end_lsn = m->txn.end_lsn;
+        if (c->forwarding) {
+            /* the origin's LSNs stay; the local end is the slot position (ev->lsn) */
+            c->stats.txns_forwarded++;
+        } else {
+            c->txn.commit_lsn = m->txn.commit_lsn;
+            c->txn.end_lsn = m->txn.end_lsn;
+        }
         c->txn.commit_time = m->txn.commit_time;
         if (m->txn.end_lsn > c->handed)
             c->handed = m->txn.end_lsn;

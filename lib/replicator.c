@@ -42,10 +42,23 @@
 #define PUMP_BUDGET 4096  /* events moved per direction per peer per step */
 #define LAG_RING 4096     /* received transactions remembered for the lag figure */
 #define REASON_MAX 256
+#define HOLD_MAX 65536    /* hold entries per outgoing stream (see struct hold) */
+#define HOLD_FULL (-1000) /* out_pump: the hold is full (not an AAMM_E code) */
 
 struct lag_sample {
     uint64_t end_lsn;
     int64_t commit_time_us;
+};
+
+/* The hold (doc/membership.md, "Survivors' catch-up"): a transaction of origin @origin
+ * (another peer, not the receiving one) that this node has at local position past @pos and
+ * that the receiving peer must have from somewhere before the slot may be confirmed past
+ * @pos: a skipped one (it should reach the peer from its origin) or a forwarded one (it goes
+ * to the peer on this link). Covered once the peer acks @origin at @olsn or beyond. */
+struct hold {
+    uint64_t pos;  /* the highest position handed out before it: the slot's cap */
+    uint64_t olsn; /* its end LSN in @origin's LSN space */
+    uint32_t origin;
 };
 
 struct rpeer {
@@ -75,6 +88,10 @@ struct rpeer {
     uint64_t marker_end;     /* ... and that transaction's end LSN */
     enum aamm_replicator_stream_state out_state;
     char out_reason[REASON_MAX];
+    struct hold *holds; /* entries [hold_head, hold_head + hold_n), in stream order */
+    size_t hold_head, hold_n, hold_cap;
+    uint64_t fwd_txns;      /* forwarded transactions (of lost peers) sent to this peer */
+    uint64_t hold_lsn;      /* the slot's cap the hold sets now (0: none) */
 
     /* ---- in: receiver link -> apply ---- */
     struct aamm_apply *ap;
@@ -92,6 +109,15 @@ struct rpeer {
     enum aamm_replicator_stream_state in_state;
     char in_reason[REASON_MAX];
     uint32_t reconnects;
+    struct rpeer *cur;       /* the peer whose apply the open transaction goes to */
+    uint64_t acks[AAMM_REPLICATOR_MAX_PEERS]; /* last ack sent on lr per origin (peer index) */
+    bool have_fbegin;        /* a forwarded BEGIN waits until its apply is free */
+    struct aamm_transaction fbegin;
+
+    /* ---- lost (aamm_replicator_peer_lost()): no links; its apply takes forwarded
+     * transactions from the other peers' incoming streams, one at a time ---- */
+    bool lost;
+    struct rpeer *fwd_open; /* the in side with a forwarded transaction open on ap */
 };
 
 struct accepting {
@@ -418,6 +444,8 @@ static void out_drop_capture(struct rpeer *p)
     p->cap_streaming = false;
     p->have_ev = false;
     p->prog_lsn = p->prog_need = 0;
+    p->hold_head = p->hold_n = 0; /* the new capture sees them again */
+    p->hold_lsn = 0;
 }
 
 static void out_fail(struct rpeer *p, const char *what, const char *msg, int64_t now)
@@ -489,6 +517,16 @@ static int out_new_capture(struct rpeer *p)
     co.npublications = r->npubs;
     co.node_id = r->o.node_id;
     co.start_lsn = 0; /* from the slot: the link skips what the peer already has */
+    /* every skipped transaction of another peer is held (struct hold); lost peers' ones
+     * are forwarded */
+    co.report_skipped = true;
+    uint32_t fwd[AAMM_REPLICATOR_MAX_PEERS];
+    uint32_t nfwd = 0;
+    for (uint32_t i = 0; i < r->npeers; i++)
+        if (r->peers[i].lost && &r->peers[i] != p)
+            fwd[nfwd++] = r->peers[i].id;
+    co.forward_origins = nfwd ? fwd : NULL;
+    co.nforward_origins = nfwd;
     rc = aamm_capture_new(&p->cap, &co, err, sizeof err);
     if (rc < 0)
         return rc;
@@ -519,8 +557,60 @@ static void out_confirm(struct rpeer *p)
         target = p->prog_lsn;
     if (target > p->handed)
         target = p->handed;
+    /* never past another origin's transaction the peer does not have yet */
+    while (p->hold_n && aamm_link_acked(p->ls, p->holds[p->hold_head].origin) >=
+                            p->holds[p->hold_head].olsn) {
+        p->hold_head++;
+        p->hold_n--;
+    }
+    if (!p->hold_n)
+        p->hold_head = 0;
+    p->hold_lsn = p->hold_n ? p->holds[p->hold_head].pos : 0;
+    if (p->hold_n && target > p->hold_lsn)
+        target = p->hold_lsn;
     if (target > aamm_capture_confirmed(p->cap))
         (void)aamm_capture_confirm(p->cap, target);
+}
+
+static struct rpeer *peer_by_id(struct aamm_replicator *r, uint32_t id)
+{
+    for (uint32_t k = 0; k < r->npeers; k++)
+        if (r->peers[k].id == id)
+            return &r->peers[k];
+    return NULL;
+}
+
+/* Hold the slot at the position handed out before a transaction of @origin ending at @olsn
+ * there (struct hold). Returns 0, AAMM_ENOMEM, or AAMM_EAGAIN when the hold is full with
+ * an entry of another origin last (the caller restarts the capture from the slot). */
+static int hold_add(struct rpeer *p, uint32_t origin, uint64_t olsn)
+{
+    struct hold *h;
+    if (origin == p->id || !peer_by_id(p->r, origin))
+        return 0; /* the peer's own, or no peer acks it */
+    if (p->hold_n && p->hold_head + p->hold_n == p->hold_cap && p->hold_head > 0) {
+        memmove(p->holds, p->holds + p->hold_head, p->hold_n * sizeof *p->holds);
+        p->hold_head = 0;
+    }
+    if (p->hold_head + p->hold_n == p->hold_cap) {
+        if (p->hold_cap >= HOLD_MAX) {
+            /* full: a run of one origin merges into its last entry (held a little longer) */
+            h = &p->holds[p->hold_head + p->hold_n - 1];
+            if (h->origin != origin)
+                return AAMM_EAGAIN;
+            if (olsn > h->olsn)
+                h->olsn = olsn;
+            return 0;
+        }
+        size_t cap = p->hold_cap ? p->hold_cap * 2 : 64;
+        h = aamm__realloc(p->holds, cap * sizeof *h);
+        if (!h)
+            return AAMM_ENOMEM;
+        p->holds = h;
+        p->hold_cap = cap;
+    }
+    p->holds[p->hold_head + p->hold_n++] = (struct hold){p->handed, olsn, origin};
+    return 0;
 }
 
 static int out_pump(struct rpeer *p, int64_t now)
@@ -555,6 +645,19 @@ static int out_pump(struct rpeer *p, int64_t now)
                          (int)p->ev.change->content_len, p->ev.change->content);
             break;
         case AAMM_CAPTURE_COMMIT:
+            if (p->ev.txn->origin_node != p->r->o.node_id) {
+                /* forwarded (a lost peer's): held until the peer acks it for its origin */
+                rc = aamm_link_send_commit(p->ls, p->ev.txn);
+                if (rc == 0 && (rc = hold_add(p, p->ev.txn->origin_node,
+                                              p->ev.txn->end_lsn)) == AAMM_EAGAIN)
+                    rc = HOLD_FULL;
+                if (rc == 0) {
+                    if (p->ev.lsn > p->handed)
+                        p->handed = p->ev.lsn;
+                    p->fwd_txns++;
+                }
+                break;
+            }
             rc = aamm_link_send_commit(p->ls, p->ev.txn);
             if (rc == 0) {
                 p->sent_end = p->ev.txn->end_lsn;
@@ -568,7 +671,15 @@ static int out_pump(struct rpeer *p, int64_t now)
                 p->out_txns++;
             }
             break;
+
         case AAMM_CAPTURE_PROGRESS:
+            /* a skipped transaction of another origin: held until the peer has it */
+            if (p->ev.txn && (rc = hold_add(p, p->ev.txn->origin_node,
+                                            p->ev.txn->origin_lsn)) < 0) {
+                if (rc == AAMM_EAGAIN)
+                    rc = HOLD_FULL;
+                break;
+            }
             /* nothing to send: confirmable once everything sent so far is acked */
             if (p->ev.lsn > p->handed)
                 p->handed = p->ev.lsn;
@@ -582,6 +693,14 @@ static int out_pump(struct rpeer *p, int64_t now)
         }
         if (rc == AAMM_EAGAIN)
             break; /* the link's queue is full: keep the event, do not step capture */
+        if (rc == HOLD_FULL) {
+            /* the hold is full: read again from the slot once the peer caught up */
+            out_drop_capture(p);
+            retry_later(p, now);
+            set_state(p, true, AAMM_STREAM_CONNECTING, "hold: too many transactions of "
+                                                      "other origins not yet at the peer");
+            return 0;
+        }
         if (rc < 0) {
             out_fail(p, "send", aamm_link_errmsg(p->ls), now);
             return rc == AAMM_ENOMEM ? rc : 0;
@@ -605,6 +724,8 @@ static bool out_link_step(struct rpeer *p, int64_t now)
 static int out_step(struct rpeer *p, int64_t now)
 {
     int rc;
+    if (p->lost)
+        return 0; /* nothing goes to a node gone for good */
     if (!p->ls) {
         if (now < p->out_retry_at)
             return 0;
@@ -709,9 +830,16 @@ static void in_drop_link(struct rpeer *p, const char *reason)
     if (p->have_pend)
         aamm_change_clear(&p->pend);
     p->have_pend = false;
-    if (p->in_open)
-        (void)aamm_apply_abort(p->ap);
+    aamm_transaction_clear(&p->fbegin);
+    p->have_fbegin = false;
+    if (p->in_open && p->cur)
+        (void)aamm_apply_abort(p->cur->ap);
     p->in_open = false;
+    if (p->cur && p->cur->fwd_open == p)
+        p->cur->fwd_open = NULL;
+    p->cur = NULL;
+    if (p->lost)
+        return;
     if (p->in_state != AAMM_STREAM_HELD)
         set_state(p, false, AAMM_STREAM_DOWN, reason);
     else
@@ -735,9 +863,19 @@ static void lag_trim(struct rpeer *p, uint64_t applied)
     }
 }
 
+/* End the transaction open on the apply of p->cur (its COMMIT went there, or it was
+ * aborted): a lost peer's apply is free for another in side's forwarded one. */
+static void in_close(struct rpeer *p)
+{
+    p->in_open = false;
+    if (p->cur && p->cur->fwd_open == p)
+        p->cur->fwd_open = NULL;
+}
+
 static int in_pump(struct rpeer *p)
 {
     struct aamm_wire_event ev;
+    struct rpeer *q;
     int n = 0, rc;
     char reason[REASON_MAX];
     while (p->lr) {
@@ -746,12 +884,29 @@ static int in_pump(struct rpeer *p)
             break;
         }
         if (p->have_pend) {
-            rc = aamm_apply_change(p->ap, &p->pend);
+            rc = aamm_apply_change(p->cur->ap, &p->pend);
             if (rc == AAMM_EAGAIN)
                 break;
             if (rc < 0)
                 goto apply_failed;
             p->have_pend = false;
+        }
+        if (p->have_fbegin) {
+            /* a lost peer's transaction forwarded by this peer goes to the lost peer's apply
+             * (its origin progress deduplicates), once no other in side has one open there:
+             * each survivor's share of the lost peer's transactions is a prefix of them in
+             * their order, so whole transactions from several interleave safely */
+            q = peer_by_id(p->r, p->fbegin.origin_node);
+            if (q->fwd_open && q->fwd_open != p)
+                break;
+            p->cur = q;
+            rc = aamm_apply_begin(q->ap, &p->fbegin);
+            aamm_transaction_clear(&p->fbegin);
+            p->have_fbegin = false;
+            if (rc < 0)
+                goto apply_failed;
+            q->fwd_open = p;
+            p->in_open = true;
         }
         rc = aamm_link_recv(p->lr, &ev);
         if (rc == AAMM_EAGAIN)
@@ -764,8 +919,26 @@ static int in_pump(struct rpeer *p)
         }
         switch (ev.kind) {
         case AAMM_WIRE_EV_BEGIN:
-            if (p->in_open)
-                (void)aamm_apply_abort(p->ap);
+            if (p->in_open) {
+                (void)aamm_apply_abort(p->cur->ap);
+                in_close(p);
+            }
+            if (ev.txn.origin_node != p->id) {
+                q = peer_by_id(p->r, ev.txn.origin_node);
+                if (!q || !q->lost || q == p) {
+                    snprintf(reason, sizeof reason,
+                             "link: a transaction of node %" PRIu32 " forwarded, which is not a "
+                             "lost peer here",
+                             ev.txn.origin_node);
+                    in_drop_link(p, reason);
+                    return 0;
+                }
+                if ((rc = aamm_transaction_copy(&p->fbegin, &ev.txn)) < 0)
+                    return rc;
+                p->have_fbegin = true;
+                break;
+            }
+            p->cur = p;
             rc = aamm_apply_begin(p->ap, &ev.txn);
             if (rc < 0)
                 goto apply_failed;
@@ -778,11 +951,11 @@ static int in_pump(struct rpeer *p)
             p->have_pend = true;
             break;
         case AAMM_WIRE_EV_COMMIT:
-            rc = aamm_apply_commit(p->ap, &ev.txn);
+            rc = aamm_apply_commit(p->cur->ap, &ev.txn);
             if (rc < 0)
                 goto apply_failed;
-            p->in_open = false;
-            if (ev.txn.end_lsn > p->received) {
+            in_close(p);
+            if (p->cur == p && ev.txn.end_lsn > p->received) {
                 p->received = ev.txn.end_lsn;
                 lag_push(p, ev.txn.end_lsn, ev.txn.commit_time);
             }
@@ -796,7 +969,7 @@ apply_failed:
     if (rc == AAMM_ENOMEM)
         return rc;
     /* a call refused by apply: a protocol problem of the stream, start it over */
-    snprintf(reason, sizeof reason, "apply: %s", aamm_apply_errmsg(p->ap));
+    snprintf(reason, sizeof reason, "apply: %s", aamm_apply_errmsg(p->cur->ap));
     in_drop_link(p, reason);
     return 0;
 }
@@ -854,6 +1027,18 @@ static int in_step(struct rpeer *p, int64_t now)
         f != AAMM_LSN_INVALID) {
         if (aamm_link_ack(p->lr, p->id, f) == 0)
             p->last_ack = f;
+    }
+    /* and this node's progress of every other origin: the peer holds its slot past the
+     * transactions of those origins it has and we may not (struct hold), and forwards a
+     * lost one's from there */
+    for (uint32_t k = 0; p->lr && aamm_link_state(p->lr) == AAMM_LINK_READY && k < r->npeers;
+         k++) {
+        struct rpeer *q = &r->peers[k];
+        if (q == p)
+            continue;
+        f = aamm_apply_flushed(q->ap);
+        if (f != AAMM_LSN_INVALID && f > p->acks[k] && aamm_link_ack(p->lr, q->id, f) == 0)
+            p->acks[k] = f;
     }
     return 0;
 }
@@ -963,6 +1148,10 @@ static void step_accepting(struct aamm_replicator *r)
             aamm_link_free(l);
             continue;
         }
+        if (p->lost) { /* gone for good: its apply takes forwarded transactions only */
+            aamm_link_free(l);
+            continue;
+        }
         /* a newer connection of the same peer replaces the old one (the peer restarted
          * or the old one is half dead) */
         if (p->lr)
@@ -971,6 +1160,10 @@ static void step_accepting(struct aamm_replicator *r)
         /* the peer counts what this link told it as acknowledged */
         p->last_ack = 0;
         (void)aamm_link_resume_position(l, id, &p->last_ack);
+        for (uint32_t k = 0; k < r->npeers; k++) {
+            p->acks[k] = 0;
+            (void)aamm_link_resume_position(l, r->peers[k].id, &p->acks[k]);
+        }
         if (p->in_state != AAMM_STREAM_HELD)
             set_state(p, false, AAMM_STREAM_STREAMING, NULL);
     }
@@ -1683,6 +1876,8 @@ static void free_all(struct aamm_replicator *r)
         aamm_link_free(p->lr);
         if (p->have_pend)
             aamm_change_clear(&p->pend);
+        aamm_transaction_clear(&p->fbegin);
+        aamm__free(p->holds);
         aamm_apply_free(p->ap);
         aamm__free(p->name);
         aamm__free(p->host);
@@ -1729,6 +1924,51 @@ void aamm_replicator_free(struct aamm_replicator *r)
         return;
     aamm_replicator_stop(r, 0);
     free_all(r);
+}
+
+/* ====================================================================================
+ * Lost peers: survivors forward what they have of them (doc/membership.md)
+ * ==================================================================================== */
+
+int aamm_replicator_peer_lost(struct aamm_replicator *r, uint32_t node_id)
+{
+    struct rpeer *q = peer_by_id(r, node_id);
+    char reason[REASON_MAX];
+    if (!q)
+        return aamm__errf(&r->err, AAMM_EINVAL, "replicator: node %" PRIu32 " is not a peer",
+                          node_id);
+    if (q->lost)
+        return 0;
+    snprintf(reason, sizeof reason, "lost: node %" PRIu32 " is gone for good", node_id);
+    /* its streams stop for good; its apply stays, fed by the forwarded transactions */
+    out_drop_capture(q);
+    aamm_link_free(q->ls);
+    q->ls = NULL;
+    set_state(q, true, AAMM_STREAM_DOWN, reason);
+    if (q->lr)
+        in_drop_link(q, reason);
+    if (q->in_state != AAMM_STREAM_HELD)
+        set_state(q, false, AAMM_STREAM_DOWN, reason);
+    q->lost = true;
+    AAMM_INFO("replicator: %s is lost: forwarding what this node has of it", q->name);
+    /* every other out side starts over from its slot, forwarding q's transactions: a new
+     * capture (forward_origins) and a new link, whose receiver's resume position for q
+     * skips what it has */
+    snprintf(reason, sizeof reason, "restarting to forward node %" PRIu32, node_id);
+    for (uint32_t k = 0; k < r->npeers; k++) {
+        struct rpeer *p = &r->peers[k];
+        if (p->lost)
+            continue;
+        out_drop_capture(p);
+        if (p->ls) {
+            aamm_link_free(p->ls);
+            p->ls = NULL;
+        }
+        p->out_retry_at = 0;
+        p->out_backoff = r->o.reconnect_min_ms;
+        set_state(p, true, AAMM_STREAM_DOWN, reason);
+    }
+    return 0;
 }
 
 /* ====================================================================================
@@ -1779,6 +2019,10 @@ int aamm_replicator_peer_status(const struct aamm_replicator *r, uint32_t i,
         st->in_lag_ms = age > 0 ? age : 0;
     }
     st->reconnects = p->reconnects;
+    st->lost = p->lost;
+    st->out_forwarded = p->fwd_txns;
+    st->out_hold_lsn = p->hold_lsn;
+    st->out_holds = p->hold_n;
     if (p->in_state == AAMM_STREAM_HELD)
         snprintf(st->reason, sizeof st->reason, "in: %.240s", p->in_reason);
     else if (p->out_state != AAMM_STREAM_STREAMING && p->out_reason[0])
@@ -1812,13 +2056,18 @@ size_t aamm_replicator_status_line(const struct aamm_replicator *r, char *buf, s
         for (int k = 1; k < AAMM_CONFLICT_NKINDS; k++)
             nconf += st.conflicts[k];
         fmt_bytes(st.out_lag_bytes, lag, sizeof lag);
-        n = snprintf(len < size ? buf + len : NULL, len < size ? size - len : 0,
-                     "%s %s: out %s %.0f/s lag %s, in %s %.0f/s lag %" PRId64
-                     " ms pending %zu, %" PRIu64 " conflicts%s%s",
-                     i ? ";" : "", st.name, aamm_replicator_stream_state_name(st.out_state),
-                     st.out_txn_rate, lag, aamm_replicator_stream_state_name(st.in_state),
-                     st.in_txn_rate, st.in_lag_ms, st.in_pending, nconf,
-                     st.reason[0] ? " - " : "", st.reason);
+        if (st.lost) /* its apply takes what the others forward of it */
+            n = snprintf(len < size ? buf + len : NULL, len < size ? size - len : 0,
+                         "%s %s: lost, forwarded in: pending %zu, %" PRIu64 " conflicts",
+                         i ? ";" : "", st.name, st.in_pending, nconf);
+        else
+            n = snprintf(len < size ? buf + len : NULL, len < size ? size - len : 0,
+                         "%s %s: out %s %.0f/s lag %s, in %s %.0f/s lag %" PRId64
+                         " ms pending %zu, %" PRIu64 " conflicts%s%s",
+                         i ? ";" : "", st.name, aamm_replicator_stream_state_name(st.out_state),
+                         st.out_txn_rate, lag, aamm_replicator_stream_state_name(st.in_state),
+                         st.in_txn_rate, st.in_lag_ms, st.in_pending, nconf,
+                         st.reason[0] ? " - " : "", st.reason);
         len += n > 0 ? (size_t)n : 0;
     }
     return len;

@@ -70,7 +70,8 @@
  * re-created.
  *
  * Origins: transactions that pgoutput marks with a replication origin whose name starts
- * with "aamm_" (applied by libaamm from another node) are skipped; other origins (a user's
+ * with "aamm_" (applied by libaamm from another node) are skipped (unless forwarded, see
+ * forward_origins, or reported, see report_skipped); other origins (a user's
  * own native subscriptions) are delivered with origin_name set. PostgreSQL 15 sends the
  * origin ('O') only while the origin still exists when the WAL is decoded: dropping an
  * aamm_ origin while WAL written under it is still undecoded by some slot makes those
@@ -134,7 +135,25 @@ struct aamm_capture_options {
     /* The whole setup (connections, checks, slot creation, START_REPLICATION) must finish
      * within this many ms, else AAMM_ETIMEDOUT. Default 60000. */
     int setup_timeout_ms;
+    /* Forwarding (survivors' catch-up, doc/membership.md): transactions applied here under
+     * the origin "aamm_from_<n>" for an n in this set are delivered instead of skipped, as
+     * if node n had sent them: origin_node = n, commit_lsn = end_lsn = the origin LSN of
+     * pgoutput's 'O' message (n's end LSN, which apply recorded), commit_time the commit
+     * timestamp (n's), origin_name NULL and origin_lsn 0. The COMMIT event's lsn is then
+     * the local WAL end (the slot position to confirm), not txn->end_lsn. Borrowed array,
+     * copied; at most AAMM_CAPTURE_MAX_FORWARD entries, each a valid node id. NULL/0: none
+     * (every aamm_ origin is skipped, as before). */
+    const uint32_t *forward_origins;
+    uint32_t nforward_origins;
+    /* Hand out an AAMM_CAPTURE_PROGRESS event with @txn set for every transaction skipped
+     * for an origin "aamm_from_<n>" (n parsed from the name), so a host can hold its slot
+     * until the peer has that transaction from its origin. false: such transactions only
+     * move the (coalesced) PROGRESS position, and PROGRESS never carries @txn. */
+    bool report_skipped;
 };
+
+/** Most node ids in aamm_capture_options.forward_origins. */
+#define AAMM_CAPTURE_MAX_FORWARD 64
 
 /** The kinds of event aamm_capture_next() hands out. */
 enum aamm_capture_event_kind {
@@ -147,7 +166,12 @@ enum aamm_capture_event_kind {
                                   before the first change after it changed (its
                                   generation moved) */
     AAMM_CAPTURE_PROGRESS = 5, /* @lsn: nothing to deliver up to here; confirm it once
-                                  everything delivered before it is confirmed */
+                                  everything delivered before it is confirmed. With
+                                  report_skipped, @txn may be set: then a transaction applied
+                                  here from node txn->origin_node (origin "aamm_from_<n>")
+                                  was skipped and ends here; txn->origin_lsn is n's end LSN
+                                  of it, txn->commit_lsn / end_lsn the local ones (a host that
+                                  needs the peer to have it from n first holds @lsn) */
 };
 
 /**
@@ -158,10 +182,14 @@ enum aamm_capture_event_kind {
 struct aamm_capture_event {
     enum aamm_capture_event_kind kind;
     const struct aamm_transaction *txn;   /* BEGIN, COMMIT; also set during CHANGE
-                                             inside a transaction, else NULL */
+                                             inside a transaction, and for a skipped
+                                             transaction's PROGRESS (report_skipped),
+                                             else NULL */
     const struct aamm_change *change;     /* CHANGE */
     const struct aamm_relation *relation; /* RELATION */
-    uint64_t lsn;                         /* PROGRESS: the position; COMMIT: end_lsn */
+    uint64_t lsn;                         /* PROGRESS: the position; COMMIT: the
+                                             local end LSN (= txn->end_lsn unless the
+                                             transaction is forwarded) */
 };
 
 /** Counters of one capture. */
@@ -170,6 +198,7 @@ struct aamm_capture_stats {
     uint64_t messages;       /* pgoutput messages decoded */
     uint64_t txns_delivered; /* COMMIT events handed out */
     uint64_t txns_skipped;   /* transactions skipped for an aamm_ origin */
+    uint64_t txns_forwarded; /* of the delivered: forwarded for forward_origins */
     uint64_t changes_delivered;
     uint64_t status_updates; /* standby status updates sent */
     uint64_t keepalives;     /* keepalives received */

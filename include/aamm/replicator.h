@@ -282,6 +282,12 @@ struct aamm_replicator_peer_status {
     uint64_t conflicts[AAMM_CONFLICT_NKINDS]; /* per kind (enum aamm_conflict_kind) */
     uint32_t reconnects;      /* links made again after a failure (both directions) */
     char reason[256];         /* why a direction is down or held ("" if none) */
+    /* survivors' catch-up (aamm_replicator_peer_lost()) */
+    bool lost;              /* the peer is lost: no links; "in" is what others forward */
+    uint64_t out_forwarded; /* lost peers' transactions forwarded to this peer (this run) */
+    uint64_t out_hold_lsn;  /* the slot is held here for another origin's transaction the
+                               peer has not acked yet (0: no hold) */
+    size_t out_holds;       /* such transactions pending */
 };
 
 /** Number of peers (as configured). */
@@ -300,6 +306,29 @@ AAMM_API int aamm_replicator_peer_status(const struct aamm_replicator *r, uint32
  */
 AAMM_API size_t aamm_replicator_status_line(const struct aamm_replicator *r, char *buf,
                                             size_t size);
+
+/**
+ * Declare peer @node_id lost for good (survivors' catch-up, doc/membership.md). The host
+ * calls it on every surviving node once the peer is gone for good (for example after
+ * consensus removed it: aamm_consensus_remove_member()), and again after each restart of
+ * the replicator until the peer is parted (aamm_node_part()); the replicator keeps no
+ * record of it. Effects, at once and for the rest of the run:
+ *   - the peer's links stop (an incoming one is refused from now on); its slot
+ *     aamm_to_<id> stays until the part;
+ *   - every out side to another peer starts over (new capture from its slot's confirmed
+ *     position, new link) forwarding the lost peer's transactions that this node applied:
+ *     they travel as the lost peer's own (its node id, LSNs and commit times), and the
+ *     receiver's resume position for the lost peer skips what it has;
+ *   - forwarded transactions received from other peers go to the apply for the lost peer
+ *     (origin aamm_from_<id>), whose origin progress drops what it has already: exactly once.
+ * A node receiving forwarded transactions of a peer that it has not declared lost drops
+ * that link (the sender retries): declare the peer lost on every survivor.
+ * Catch-up is done when every survivor's progress for the lost peer (its status'
+ * in_applied_lsn, or pg_replication_origin_progress('aamm_from_<id>', true)) is the same;
+ * the survivors then part it. Call from the host's thread, not inside a callback, after
+ * aamm_replicator_new(). Returns 0 (also when already lost) or AAMM_EINVAL (not a peer).
+ */
+AAMM_API int aamm_replicator_peer_lost(struct aamm_replicator *r, uint32_t node_id);
 
 /** The consensus member (NULL without consensus), borrowed: for DDL locks, membership. */
 AAMM_API struct aamm_consensus *aamm_replicator_consensus(struct aamm_replicator *r);
