@@ -1,0 +1,396 @@
+/*
+ * test_catchup.c: survivors' catch-up (doc/membership.md). Three real PostgreSQL nodes with
+ * a replicator each in a forked agent; node 1's transactions reach node 2 but not node 3 (its
+ * link to 3 goes through a proxy that is cut), then node 1 dies for good. Nodes 2 and 3 are
+ * told it is lost (aamm_replicator_peer_lost(), on SIGUSR1 in the agent) and must end
+ * identical: node 2 forwards what node 3 misses, every row once, no conflict.
+ */
+#include <check.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <aamm/aamm.h>
+#include <aamm/consensus.h>
+#include <aamm/node.h>
+#include <aamm/replicator.h>
+
+#include "netfx.h"
+#include "pgfixture.h"
+#include "testutil.h"
+
+#define NNODES 3
+#define A 0 /* the node that dies (node id 1) */
+#define B 1 /* has everything of A (node id 2) */
+#define C 2 /* misses A's last run (node id 3) */
+
+static struct pgfx *fx;
+static int ports[NNODES];
+static pid_t agents[NNODES];
+static int dial_port[NNODES][NNODES]; /* where agent i dials peer k (0: ports[k]) */
+static const char secret[] = "0123456789abcdef-catchup-test";
+
+static void setup_node(int i)
+{
+    PGconn *c = pgfx_connect(fx, i);
+    char err[512];
+    ck_assert_ptr_nonnull(c);
+    ck_assert_int_eq(pgfx_exec_conn(c, "CREATE TABLE ledger (node int, seq bigint, note text, "
+                                       "PRIMARY KEY (node, seq))"),
+                     0);
+    ck_assert_msg(aamm_node_install(c, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(aamm_node_create_apply_role(c, "aamm_apply", NULL, err, sizeof err) == 0, "%s",
+                  err);
+    ck_assert_msg(aamm_node_replicate_table(c, "public", "ledger", "aamm_apply", "aamm", err,
+                                            sizeof err) == 0,
+                  "%s", err);
+    PQfinish(c);
+}
+
+/* ---- the agent: one replicator in a forked process; SIGUSR1 declares node 1 lost --------- */
+
+static volatile int agent_stop, agent_wake, lost_req;
+static void on_term(int sig)
+{
+    (void)sig;
+    agent_stop = agent_wake = 1;
+}
+static void on_lost(int sig)
+{
+    (void)sig;
+    lost_req = agent_wake = 1;
+}
+
+/* "<forwarded> <holds now> <most holds seen> <lost>" into <root>/agent<i>.report (atomic
+ * rename): forwarded transactions sent to every peer, hold entries pending. */
+static void agent_report(struct aamm_replicator *r, int i, size_t *holds_max)
+{
+    char path[512], tmp[520];
+    uint64_t fwd = 0;
+    size_t holds = 0;
+    int lost = 0;
+    for (uint32_t k = 0; k < aamm_replicator_npeers(r); k++) {
+        struct aamm_replicator_peer_status st;
+        if (aamm_replicator_peer_status(r, k, &st) != 0)
+            continue;
+        fwd += st.out_forwarded;
+        holds += st.out_holds;
+        lost += st.lost;
+    }
+    if (holds > *holds_max)
+        *holds_max = holds;
+    snprintf(path, sizeof path, "%s/agent%d.report", pgfx_root(fx), i + 1);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f)
+        return;
+    fprintf(f, "%" PRIu64 " %zu %zu %d\n", fwd, holds, *holds_max, lost);
+    if (fclose(f) == 0)
+        (void)rename(tmp, path);
+}
+
+static void agent_main(int i)
+{
+    struct aamm_replicator_options o;
+    struct aamm_replicator_peer peers[NNODES - 1];
+    char portstr[NNODES][16], lport[16], err[512], apply_ci[512];
+    struct aamm_replicator *r;
+    size_t holds_max = 0;
+    int n = 0;
+    signal(SIGTERM, on_term);
+    signal(SIGUSR1, on_lost);
+    aamm_consensus_ignore_sigpipe();
+    aamm_replicator_options_init(&o);
+    o.node_id = (uint32_t)i + 1;
+    o.conninfo = pgfx_conninfo(fx, i);
+    snprintf(apply_ci, sizeof apply_ci, "%s", pgfx_conninfo_with(fx, i, "user=aamm_apply"));
+    o.apply_conninfo = apply_ci;
+    o.cluster = "test";
+    o.secret = (const uint8_t *)secret;
+    o.secret_len = sizeof secret - 1;
+    snprintf(lport, sizeof lport, "%d", ports[i]);
+    o.listen_host = "127.0.0.1";
+    o.listen_port = lport;
+    o.reconnect_min_ms = 50;
+    o.reconnect_max_ms = 500;
+    o.heartbeat_ms = 200;
+    o.dead_after_ms = 3000;
+    o.status_interval_ms = 200;
+    for (int k = 0; k < NNODES; k++) {
+        if (k == i)
+            continue;
+        snprintf(portstr[k], sizeof portstr[k], "%d", dial_port[i][k] ? dial_port[i][k] : ports[k]);
+        peers[n++] = (struct aamm_replicator_peer){(uint32_t)k + 1, NULL, "127.0.0.1", portstr[k],
+                                                   NULL};
+    }
+    o.peers = peers;
+    o.npeers = (uint32_t)n;
+    if (aamm_replicator_new(&r, &o, err, sizeof err) != 0) {
+        fprintf(stderr, "agent %d: %s\n", i + 1, err);
+        _exit(2);
+    }
+    if (aamm_replicator_start(r) != 0) {
+        fprintf(stderr, "agent %d: start: %s\n", i + 1, aamm_replicator_errmsg(r));
+        _exit(3);
+    }
+    while (!agent_stop) {
+        agent_wake = 0;
+        if (lost_req) {
+            lost_req = 0;
+            if (aamm_replicator_peer_lost(r, A + 1) != 0) {
+                fprintf(stderr, "agent %d: %s\n", i + 1, aamm_replicator_errmsg(r));
+                _exit(5);
+            }
+        }
+        if (aamm_replicator_run(r, 200, &agent_wake) != 0) {
+            fprintf(stderr, "agent %d: %s\n", i + 1, aamm_replicator_errmsg(r));
+            _exit(4);
+        }
+        agent_report(r, i, &holds_max);
+    }
+    agent_report(r, i, &holds_max);
+    aamm_replicator_stop(r, 2000);
+    aamm_replicator_free(r);
+    _exit(0);
+}
+
+/* ---- the proxy between node 1's sender and node 3: SIGUSR1 cuts it for good ------------ */
+
+static struct netfx_proxy prox;
+static pid_t proxy_pid;
+static volatile sig_atomic_t proxy_cutting;
+static void on_cut(int sig)
+{
+    (void)sig;
+    proxy_cutting = 1;
+}
+
+static void proxy_main(int unused)
+{
+    (void)unused;
+    signal(SIGUSR1, on_cut);
+    for (;;) {
+        struct pollfd fds[3];
+        int n = netfx_proxy_pollfds(&prox, fds), fd;
+        (void)poll(fds, (nfds_t)n, 20);
+        if (proxy_cutting) {
+            netfx_proxy_cut(&prox);
+            while ((fd = netfx_accept(prox.lfd)) >= 0)
+                close(fd);
+        } else {
+            netfx_proxy_step(&prox);
+        }
+    }
+}
+
+/* ---- checks ---------------------------------------------------------------------- */
+
+static long rows_from(int i, int origin)
+{
+    return pgfx_value_long(fx, i, -1, "SELECT count(*) FROM ledger WHERE node = %d", origin + 1);
+}
+
+/* Wait (bounded) until node @i has @want rows of node @origin; true when it does. */
+static bool wait_rows(int i, int origin, long want, int timeout_ms)
+{
+    return pgfx_wait_long(fx, i, want, timeout_ms,
+                          "SELECT count(*) FROM ledger WHERE node = %d", origin + 1) == want;
+}
+
+/* Node @i commits @n ledger rows from @first, one transaction each. */
+static void write_ledger(int i, long first, long n)
+{
+    PGconn *c = pgfx_connect(fx, i);
+    ck_assert_ptr_nonnull(c);
+    for (long s = first; s < first + n; s++)
+        ck_assert_int_eq(pgfx_exec_conn(c, "INSERT INTO ledger VALUES (%d, %ld, 'x')", i + 1, s),
+                         0);
+    PQfinish(c);
+}
+
+/* WAL node 1 (B) keeps for its slot to node 3 (C) past the slot's confirmed position. */
+static long held_bytes(void)
+{
+    return pgfx_value_long(fx, B, -1,
+                           "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)"
+                           "::bigint FROM pg_replication_slots WHERE slot_name = 'aamm_to_3'");
+}
+
+static bool read_report(int i, unsigned long long *fwd, unsigned long *holds_max)
+{
+    char path[512];
+    unsigned long holds;
+    int lost;
+    snprintf(path, sizeof path, "%s/agent%d.report", pgfx_root(fx), i + 1);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return false;
+    bool ok = fscanf(f, "%llu %lu %lu %d", fwd, &holds, holds_max, &lost) == 4;
+    fclose(f);
+    return ok;
+}
+
+static void dump_status(int i)
+{
+    char *st = pgfx_value(fx, i, "SELECT string_agg(format('peer %%s out %%s sent %%s acked %%s "
+                                 "conf %%s | in %%s recv %%s applied %%s pending %%s %%s', "
+                                 "peer_id, out_state, out_sent_lsn, out_acked_lsn, "
+                                 "out_confirmed_lsn, in_state, in_received_lsn, "
+                                 "in_applied_lsn, in_pending, reason), E'\\n  ') "
+                                 "FROM aamm.replication_status");
+    fprintf(stderr, "node %d: %s\n  %s\n", i + 1,
+            pgfx_value(fx, i, "SELECT string_agg(node || ':' || n, ' ') FROM (SELECT node, "
+                              "count(*) n FROM ledger GROUP BY 1 ORDER BY 1) x"),
+            st ? st : "(no status)");
+    free(st);
+}
+
+/* ---- tests ----------------------------------------------------------------------- */
+
+/* Node 1 commits a run while its link to node 3 is cut and its link to node 2 is not; node
+ * 2's own later writes reach node 3 and are acknowledged (without the hold, node 2's slot
+ * for node 3 would now be confirmed past node 1's run). Node 1 dies for good; declared lost
+ * on nodes 2 and 3, node 2 forwards the run: both end identical, node 1's rows once each, no
+ * conflict. Also measures the WAL node 2 retains for node 3 under load and during the hold. */
+START_TEST(lost_node_catchup)
+{
+    long per = aamm_test_scaled(100, 20), run = aamm_test_scaled(200, 50), own = 20;
+    long held_load = 0, held_hold;
+    unsigned long long fwd = 0;
+    unsigned long holds_max = 0;
+    netfx_proxy_init(&prox, ports[C]);
+    ck_assert(prox.lfd >= 0);
+    dial_port[A][C] = prox.port;
+    proxy_pid = aamm_test_spawn(proxy_main, 0);
+    for (int i = 0; i < NNODES; i++) {
+        agents[i] = aamm_test_spawn(agent_main, i);
+        ck_assert_int_gt(agents[i], 0);
+    }
+    for (int i = 0; i < NNODES; i++)
+        ck_assert_msg(pgfx_wait_long(fx, i, NNODES - 1, 60000,
+                                     "SELECT count(*) FROM pg_replication_slots "
+                                     "WHERE slot_name LIKE 'aamm_to_%%'") == NNODES - 1,
+                      "node %d: slots not made", i + 1);
+
+    /* 1. every node writes; node 2 holds its slot for node 3 past node 1's transactions only
+     * until node 3 has them from node 1: sample what that retains under load */
+    for (long s = 0; s < per; s += 10) {
+        for (int i = 0; i < NNODES; i++)
+            write_ledger(i, s, 10);
+        long h = held_bytes();
+        if (h > held_load)
+            held_load = h;
+    }
+    for (int i = 0; i < NNODES; i++)
+        for (int o = 0; o < NNODES; o++)
+            ck_assert_msg(wait_rows(i, o, per, 60000), "node %d misses rows of node %d", i + 1,
+                          o + 1);
+
+    /* 2. node 1's run reaches node 2 only */
+    kill(proxy_pid, SIGUSR1);
+    usleep(300000);
+    write_ledger(A, per, run);
+    ck_assert(wait_rows(B, A, per + run, 60000));
+    /* 3. node 2's own writes after the run reach node 3 and are acknowledged */
+    write_ledger(B, per, own);
+    ck_assert(wait_rows(C, B, per + own, 60000));
+    usleep(1500000); /* acks, slot confirmations and status updates go round */
+    ck_assert_int_lt(rows_from(C, A), per + run);
+    held_hold = held_bytes();
+
+    /* 4. node 1 dies for good */
+    aamm_test_kill(&agents[A]);
+    ck_assert_int_eq(pgfx_stop_node(fx, A, "immediate"), 0);
+    long missing = per + run - rows_from(C, A);
+
+    /* 5. the survivors are told; node 2 forwards what node 3 misses */
+    int64_t t0 = aamm_test_now_ms();
+    kill(agents[B], SIGUSR1);
+    kill(agents[C], SIGUSR1);
+    bool done = wait_rows(C, A, per + run, 60000);
+    int64_t took = aamm_test_now_ms() - t0;
+    if (!done) {
+        dump_status(B);
+        dump_status(C);
+    }
+    ck_assert_msg(done, "node 3 has %ld of node 1's %ld rows", rows_from(C, A), per + run);
+    /* the survivors go on replicating to each other */
+    write_ledger(C, per, own);
+    ck_assert(wait_rows(B, C, per + own, 60000));
+    usleep(500000);
+    ck_assert(read_report(B, &fwd, &holds_max));
+    fprintf(stderr,
+            "lost_node_catchup: node 3 missed %ld of node 1's %ld transactions; node 2 forwarded "
+            "%llu, caught up in %" PRId64 " ms after peer_lost; node 2 retained for node 3: "
+            "%ld bytes at most under load (3 writers), %ld bytes during the hold (%lu hold "
+            "entries at most)\n",
+            missing, per + run, fwd, took, held_load, held_hold, holds_max);
+
+    /* identical, every row once, no conflict */
+    char *vb = pgfx_value(fx, B, "SELECT md5(string_agg(l::text, ',' ORDER BY node, seq)) "
+                                 "FROM ledger l");
+    char *vc = pgfx_value(fx, C, "SELECT md5(string_agg(l::text, ',' ORDER BY node, seq)) "
+                                 "FROM ledger l");
+    ck_assert(vb && vc);
+    ck_assert_str_eq(vb, vc);
+    free(vb);
+    free(vc);
+    for (int i = B; i <= C; i++) {
+        ck_assert_int_eq(rows_from(i, A), per + run);
+        ck_assert_int_eq(pgfx_value_long(fx, i, -1, "SELECT count(DISTINCT seq) FROM ledger "
+                                                    "WHERE node = 1"),
+                         per + run);
+        ck_assert_int_eq(pgfx_value_long(fx, i, -1, "SELECT count(*) FROM aamm.conflict_log"), 0);
+        /* node 1's origin progress is the same on both: catch-up is done */
+    }
+    char *pb = pgfx_value(fx, B, "SELECT pg_replication_origin_progress('aamm_from_1', true)");
+    char *pc = pgfx_value(fx, C, "SELECT pg_replication_origin_progress('aamm_from_1', true)");
+    ck_assert(pb && pc);
+    ck_assert_str_eq(pb, pc);
+    free(pb);
+    free(pc);
+    ck_assert_int_gt(fwd, 0);
+    for (int i = B; i <= C; i++)
+        aamm_test_stop(&agents[i], 5000);
+    aamm_test_kill(&proxy_pid);
+    ck_assert_int_eq(pgfx_start_node(fx, A), 0); /* for the fixture's teardown */
+}
+END_TEST
+
+/* ---- fixture ------------------------------------------------------------------------ */
+
+static void setup(void)
+{
+    fx = pgfx_start(NNODES, "max_replication_slots = 20\nmax_wal_senders = 20\n");
+    ck_assert_ptr_nonnull(fx);
+    for (int i = 0; i < NNODES; i++) {
+        setup_node(i);
+        ports[i] = aamm_test_free_port();
+        agents[i] = 0;
+        for (int k = 0; k < NNODES; k++)
+            dial_port[i][k] = 0;
+    }
+}
+
+static void teardown(void)
+{
+    for (int i = 0; i < NNODES; i++)
+        aamm_test_kill(&agents[i]);
+    aamm_test_kill(&proxy_pid);
+    pgfx_destroy(fx);
+    fx = NULL;
+}
+
+int main(void)
+{
+    Suite *s = suite_create("catchup");
+    TCase *tc = aamm_test_tcase("lost_node_catchup", 300);
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, lost_node_catchup);
+    suite_add_tcase(s, tc);
+    return aamm_test_run(s);
+}
