@@ -51,4 +51,8 @@ void aamm_test_stop(pid_t *pid, int timeout_ms);
 /* SIGKILL *pid (if > 0), reap it, and set *pid to 0. */
 void aamm_test_kill(pid_t *pid);
 
+/* The peak resident set of process @pid in KiB (VmHWM in /proc/<pid>/status), or -1 when
+ * it cannot be read (the process is gone). */
+long aamm_test_peak_rss_kb(pid_t pid);
+
 #endif
