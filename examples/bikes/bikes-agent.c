@@ -9,6 +9,9 @@
  *                               (ddl, table_owner); idempotent
  *   bikes-agent -c FILE run     replicate until SIGTERM/SIGINT; SIGUSR1 logs a status line
  *   bikes-agent -c FILE check   validate the configuration for setup and run
+ *   bikes-agent -c FILE join ID a new node, after setup: copy peer ID's data while the
+ *                               cluster writes, and set where its streams start
+ *                               (aamm_node_join(); every peer needs a peer_conninfo)
  *
  * Exit status: 0 done, 1 a failure while working (setup, start, step), 2 bad usage or
  * configuration. The configuration keys: doc/man/bikes-agent.1.
@@ -644,15 +647,87 @@ out:
 }
 
 /* ====================================================================================
+ * join
+ * ==================================================================================== */
+
+static void on_join_progress(const struct aamm_node_join_progress *p, void *arg)
+{
+    (void)arg;
+    logf_(AAMM_LOG_INFO, "join: %u of %u tables, %llu rows, %.1f MB copied", (unsigned)p->tables_done,
+          (unsigned)p->tables_total, (unsigned long long)p->rows, (double)p->bytes / 1e6);
+}
+
+/* Copy the data of peer @upstream into this (set up, empty) node while the cluster keeps
+ * writing, and set the positions this node's streams start from (aamm_node_join()). */
+static int cmd_join(const struct bikes_config *cfg, uint32_t upstream)
+{
+    struct aamm_node_join_peer others[BIKES_MAX_PEERS];
+    struct aamm_node_join_options o;
+    struct aamm_node_join_stats st;
+    char err[1024];
+    size_t i;
+    int rc;
+
+    aamm_node_join_options_init(&o);
+    o.conninfo = cfg->conninfo;
+    o.node_id = cfg->node_id;
+    o.upstream_id = upstream;
+    for (i = 0; i < cfg->npeers; i++) {
+        if (cfg->peers[i].id == upstream) {
+            o.upstream_conninfo = cfg->peers[i].conninfo;
+            continue;
+        }
+        others[o.nothers].node_id = cfg->peers[i].id;
+        others[o.nothers].conninfo = cfg->peers[i].conninfo;
+        o.nothers++;
+    }
+    if (o.upstream_conninfo == NULL) {
+        fprintf(stderr, "bikes-agent: join: %u is not a peer in %s\n", (unsigned)upstream,
+                cfg->path);
+        return 2;
+    }
+    o.others = others;
+    o.tables = (const char *const *)cfg->tables;
+    o.ntables = (uint32_t)cfg->ntables;
+    o.progress = on_join_progress;
+    logf_(AAMM_LOG_INFO, "join: copying from %s (node %u), %u other nodes", peer_name(cfg, upstream),
+          (unsigned)upstream, (unsigned)o.nothers);
+    rc = aamm_node_join(&o, &st, err, sizeof err);
+    if (rc != 0) {
+        logf_(AAMM_LOG_ERROR, "join failed: %s (%s)", err, aamm_errname(rc));
+        return 1;
+    }
+    logf_(AAMM_LOG_INFO,
+          "join: done in %.1f s: %u tables, %llu rows, %.1f MB in %.1f s (%.0f rows/s); "
+          "apply on %s held for %.0f ms",
+          st.seconds, (unsigned)st.tables, (unsigned long long)st.rows, (double)st.bytes / 1e6,
+          st.copy_seconds, st.copy_seconds > 0 ? (double)st.rows / st.copy_seconds : 0.0,
+          peer_name(cfg, upstream), st.freeze_seconds * 1000);
+    for (i = 0; i < st.npositions; i++) {
+        char slot[AAMM_LSN_BUFSIZE], origin[AAMM_LSN_BUFSIZE];
+        aamm_lsn_format(st.positions[i].slot_lsn, slot);
+        aamm_lsn_format(st.positions[i].origin_lsn, origin);
+        logf_(AAMM_LOG_INFO, "join: %s streams from slot aamm_to_%u at %s; origin aamm_from_%u at %s",
+              peer_name(cfg, st.positions[i].node_id), (unsigned)cfg->node_id, slot,
+              (unsigned)st.positions[i].node_id, origin);
+    }
+    logf_(AAMM_LOG_INFO, "join: now start this node's agent (run) and add this node as a peer "
+                         "to every other node's agent");
+    return 0;
+}
+
+/* ====================================================================================
  * main
  * ==================================================================================== */
 
 static void usage(FILE *to)
 {
-    fprintf(to, "usage: bikes-agent -c FILE setup|run|check\n"
-                "  setup  install libaamm on the node, load schema_file, replicate the tables\n"
-                "  run    replicate with the peers until SIGTERM or SIGINT (SIGUSR1: status)\n"
-                "  check  validate FILE for setup and run\n"
+    fprintf(to, "usage: bikes-agent -c FILE setup|run|check|join ID\n"
+                "  setup    install libaamm on the node, load schema_file, replicate the tables\n"
+                "  run      replicate with the peers until SIGTERM or SIGINT (SIGUSR1: status)\n"
+                "  check    validate FILE for setup and run\n"
+                "  join ID  (a new node, after setup) copy peer ID's data while the cluster\n"
+                "           writes, and set where this node's streams start\n"
                 "see bikes-agent(1)\n");
 }
 
@@ -662,6 +737,7 @@ int main(int argc, char **argv)
     const char *file = NULL, *cmd;
     char err[1024];
     int opt, status;
+    uint32_t join_from = 0;
 
     while ((opt = getopt(argc, argv, "c:h")) != -1) {
         switch (opt) {
@@ -676,19 +752,35 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (file == NULL || optind + 1 != argc) {
+    if (file == NULL || optind >= argc) {
         usage(stderr);
         return 2;
     }
     cmd = argv[optind];
-    if (strcmp(cmd, "setup") && strcmp(cmd, "run") && strcmp(cmd, "check")) {
+    if (strcmp(cmd, "setup") && strcmp(cmd, "run") && strcmp(cmd, "check") &&
+        strcmp(cmd, "join")) {
         fprintf(stderr, "bikes-agent: unknown command '%s'\n", cmd);
         usage(stderr);
         return 2;
     }
+    if (optind + (strcmp(cmd, "join") ? 1 : 2) != argc) {
+        usage(stderr);
+        return 2;
+    }
+    if (!strcmp(cmd, "join")) {
+        char *end;
+        long v = strtol(argv[optind + 1], &end, 10);
+        if (*end != '\0' || !aamm_node_id_valid(v > 0 && v <= AAMM_NODE_ID_MAX ? (uint32_t)v : 0)) {
+            fprintf(stderr, "bikes-agent: join: '%s' is not a node id\n", argv[optind + 1]);
+            return 2;
+        }
+        join_from = (uint32_t)v;
+    }
     if (bikes_config_load(&cfg, file, err, sizeof err) != 0 ||
         (strcmp(cmd, "run") && bikes_config_check(&cfg, BIKES_NEED_SETUP, err, sizeof err)) ||
-        (strcmp(cmd, "setup") && bikes_config_check(&cfg, BIKES_NEED_RUN, err, sizeof err))) {
+        (!strcmp(cmd, "join") && bikes_config_check(&cfg, BIKES_NEED_JOIN, err, sizeof err)) ||
+        (strcmp(cmd, "setup") && strcmp(cmd, "join") &&
+         bikes_config_check(&cfg, BIKES_NEED_RUN, err, sizeof err))) {
         fprintf(stderr, "bikes-agent: %s\n", err);
         bikes_config_free(&cfg);
         return 2;
@@ -702,6 +794,8 @@ int main(int argc, char **argv)
         status = cmd_setup(&cfg);
     } else if (!strcmp(cmd, "run")) {
         status = cmd_run(&cfg);
+    } else if (!strcmp(cmd, "join")) {
+        status = cmd_join(&cfg, join_from);
     } else {
         uint8_t secret[BIKES_SECRET_MAX];
         size_t len;

@@ -235,6 +235,23 @@ static int set_key(struct bikes_config *cfg, const char *key, char *v, int line,
             if (cfg->peers[j].id == p->id)
                 return fail(err, errsize, "id %u is already on line %d", (unsigned)p->id,
                             cfg->peers[j].line);
+    } else if (!strcmp(key, "peer_conninfo")) {
+        char *rest = v;
+        size_t j;
+        while (*rest != '\0' && *rest != ' ' && *rest != '\t')
+            rest++;
+        if (*rest != '\0')
+            *rest++ = '\0';
+        rest = trim(rest);
+        if (parse_uint(v, 1, AAMM_NODE_ID_MAX, &n) != 0 || *rest == '\0')
+            return fail(err, errsize, "expected 'ID CONNINFO'");
+        for (j = 0; j < cfg->npeers && cfg->peers[j].id != (uint32_t)n; j++)
+            ;
+        if (j == cfg->npeers)
+            return fail(err, errsize, "no 'peer' line for id %ld above", n);
+        if (cfg->peers[j].conninfo != NULL)
+            return fail(err, errsize, "given twice for peer %ld", n);
+        cfg->peers[j].conninfo = xstrdup(rest);
     } else if (!strcmp(key, "tables") || !strcmp(key, "sequences")) {
         bool t = key[0] == 't';
         if (parse_list(v, t ? cfg->tables : cfg->sequences, t ? &cfg->ntables : &cfg->nsequences))
@@ -324,7 +341,7 @@ int bikes_config_load(struct bikes_config *cfg, const char *path, char *err, siz
 int bikes_config_check(const struct bikes_config *cfg, enum bikes_need need, char *err,
                        size_t errsize)
 {
-    const char *cmd = need == BIKES_NEED_RUN ? "run" : "setup";
+    const char *cmd = need == BIKES_NEED_RUN ? "run" : need == BIKES_NEED_JOIN ? "join" : "setup";
     size_t i;
     int ntls;
     if (cfg->node_id == 0)
@@ -337,6 +354,19 @@ int bikes_config_check(const struct bikes_config *cfg, enum bikes_need need, cha
                         cfg->peers[i].line, (unsigned)cfg->node_id);
     if (cfg->table_owner != NULL && !cfg->ddl)
         return fail(err, errsize, "%s: table_owner needs ddl = on", cfg->path);
+    if (need == BIKES_NEED_JOIN) {
+        if (cfg->ntables == 0)
+            return fail(err, errsize, "%s: missing key 'tables' (%s copies them)", cfg->path, cmd);
+        if (cfg->npeers == 0)
+            return fail(err, errsize, "%s: no 'peer' line (%s needs the existing nodes)",
+                        cfg->path, cmd);
+        for (i = 0; i < cfg->npeers; i++)
+            if (cfg->peers[i].conninfo == NULL)
+                return fail(err, errsize, "%s:%d: peer %u has no peer_conninfo (%s needs one "
+                            "for every existing node)", cfg->path, cfg->peers[i].line,
+                            (unsigned)cfg->peers[i].id, cmd);
+        return 0;
+    }
     if (need == BIKES_NEED_SETUP) {
         if (cfg->ntables == 0)
             return fail(err, errsize, "%s: missing key 'tables' (%s replicates them)", cfg->path,
@@ -412,6 +442,7 @@ void bikes_config_free(struct bikes_config *cfg)
         free(cfg->peers[i].host);
         free(cfg->peers[i].port);
         free(cfg->peers[i].raft_address);
+        free(cfg->peers[i].conninfo);
     }
     for (i = 0; i < cfg->nsequences; i++)
         free(cfg->sequences[i]);

@@ -20,6 +20,8 @@ struct bikes_peer {
     char *host;
     char *port;
     char *raft_address; /* "a.b.c.d:port" or NULL */
+    char *conninfo;     /* peer_conninfo: an admin conninfo of its PostgreSQL node (join
+                           only), or NULL */
     int line;           /* where the file names it, for messages */
 };
 
@@ -53,17 +55,19 @@ struct bikes_config {
 };
 
 /* What a command needs beyond the keys every command needs (node_id, conninfo). */
-enum bikes_need { BIKES_NEED_SETUP, BIKES_NEED_RUN };
+enum bikes_need { BIKES_NEED_SETUP, BIKES_NEED_RUN, BIKES_NEED_JOIN };
 
 /*
- * Read @path into @cfg (zeroed first). Relative paths in the file (secret_file,
+ * Read @path into @cfg (zeroed first). A `peer_conninfo = ID CONNINFO` line must follow the
+ * `peer` line of that ID. Relative paths in the file (secret_file,
  * schema_file, ...) are taken relative to the file's directory. Returns 0, or -1 with a
  * message "FILE:LINE: KEY: what is wrong" (or "FILE: ...") in @err.
  */
 int bikes_config_load(struct bikes_config *cfg, const char *path, char *err, size_t errsize);
 
 /* Check that the keys command @need requires are present and agree with each other (peer
- * ids, TLS files, consensus); -1 with a message in @err. */
+ * ids, TLS files, consensus; for join, a peer_conninfo for every peer); -1 with a message
+ * in @err. */
 int bikes_config_check(const struct bikes_config *cfg, enum bikes_need need, char *err,
                        size_t errsize);
 

@@ -76,6 +76,36 @@ chmod 600 "$tmp/cluster.secret"
 (umask 077 && printf 'short\n' >"$tmp/short.secret")
 expect "short secret" 2 "t.conf:5: secret_file: $tmp/short.secret holds 5 bytes; at least 16 needed" \
     'node_id = 1\nconninfo = dbname=x\ntables = a\ncluster = c\nsecret_file = short.secret\npeer = 2 b h:1\n'
+expect "peer_conninfo" 0 ": ok (node 1, 1 peers" "${base}peer_conninfo = 2 host=/tmp dbname=bikes\n"
+expect "peer_conninfo before its peer" 2 "t.conf:7: peer_conninfo: no 'peer' line for id 3 above" \
+    "${base}peer_conninfo = 3 host=/tmp\n"
+expect "peer_conninfo twice" 2 "t.conf:8: peer_conninfo: given twice for peer 2" \
+    "${base}peer_conninfo = 2 a=b\npeer_conninfo = 2 c=d\n"
+expect "peer_conninfo without conninfo" 2 "t.conf:7: peer_conninfo: expected 'ID CONNINFO'" \
+    "${base}peer_conninfo = 2\n"
+
+# join: every peer needs a peer_conninfo, checked before anything connects; a bad id
+# expect_join NAME STATUS MESSAGE CONFIG-TEXT ARG: like expect, for `join ARG`
+expect_join() {
+    name=$1 want=$2 msg=$3
+    # shellcheck disable=SC2059  # the config text is a printf format
+    printf "$4" >"$tmp/t.conf"
+    (cd / && "$agent" -c "$tmp/t.conf" join "$5") >"$tmp/out" 2>&1
+    got=$?
+    if [ "$got" = "$want" ] && grep -qF -- "$msg" "$tmp/out"; then
+        pass=$((pass + 1))
+    else
+        fail=$((fail + 1))
+        echo "FAIL: $name: exit $got (want $want), output:"
+        sed 's/^/    /' "$tmp/out"
+        echo "    (wanted: $msg)"
+    fi
+}
+expect_join "join needs peer_conninfo" 2 "t.conf:6: peer 2 has no peer_conninfo (join needs one" \
+    "$base" 2
+expect_join "join of a bad id" 2 "join: 'x' is not a node id" "$base" x
+expect_join "join from a node that is no peer" 2 "join: 5 is not a peer" \
+    "${base}peer_conninfo = 2 host=/nonexistent\n" 5
 
 # the sample configuration is valid once its secret exists
 cp "$sample" "$tmp/t.conf"
