@@ -2259,6 +2259,21 @@ START_TEST(test_toast_truncate_messages)
 }
 END_TEST
 
+/* A concurrent pair of local writes: @sql0 on node 1, then (a moment later) @sql1 on node 2;
+ * their commit timestamps, read by @tsq (a query of the written row's xmin's), in *@ts1 <
+ * *@ts2. */
+static void local_pair(const char *sql0, const char *sql1, const char *tsq, long *ts1, long *ts2)
+{
+    ck_assert_int_eq(pgfx_exec(fx, 0, "%s", sql0), 0);
+    usleep(2000);
+    ck_assert_int_eq(pgfx_exec(fx, 1, "%s", sql1), 0);
+    static const char q[] =
+        "SELECT (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::int8 FROM %s";
+    *ts1 = pgfx_value_long(fx, 0, 0, q, tsq);
+    *ts2 = pgfx_value_long(fx, 1, 0, q, tsq);
+    ck_assert_int_lt(*ts1, *ts2);
+}
+
 /* The seed scenario on two real nodes: node 1 inserts (2574,'An') at ts1, node 2 inserts
  * (2574,'Wim') at ts2 > ts1; each applies the other's transaction: both hold 'Wim' and
  * both logged an insert_exists conflict. */
@@ -2266,13 +2281,9 @@ START_TEST(test_seed_scenario)
 {
     table(0, "users", "id int PRIMARY KEY, name text");
     table(1, "users", "id int PRIMARY KEY, name text");
-    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO users VALUES (2574, 'An')"), 0);
-    usleep(2000);
-    ck_assert_int_eq(pgfx_exec(fx, 1, "INSERT INTO users VALUES (2574, 'Wim')"), 0);
-    const char *q = "SELECT (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::int8 "
-                    "FROM users";
-    long ts1 = pgfx_value_long(fx, 0, 0, "%s", q), ts2 = pgfx_value_long(fx, 1, 0, "%s", q);
-    ck_assert_int_lt(ts1, ts2);
+    long ts1, ts2;
+    local_pair("INSERT INTO users VALUES (2574, 'An')", "INSERT INTO users VALUES (2574, 'Wim')",
+               "users", &ts1, &ts2);
     struct counts k1 = {0}, k2 = {0};
     struct aamm_apply *on1 = mkapply(0, 2, &k1), *on2 = mkapply(1, 1, &k2);
     struct aamm_relation r;
@@ -2984,13 +2995,9 @@ START_TEST(test_log_concurrent)
         flush_ok(b);
         aamm_apply_free(b);
     }
-    ck_assert_int_eq(pgfx_exec(fx, 0, "UPDATE cc SET v = 'n1' WHERE id IN (1, 2)"), 0);
-    usleep(2000);
-    ck_assert_int_eq(pgfx_exec(fx, 1, "UPDATE cc SET v = 'n2' WHERE id IN (1, 2)"), 0);
-    const char *q = "SELECT (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::int8 "
-                    "FROM cc WHERE id = 1";
-    long ts1 = pgfx_value_long(fx, 0, 0, "%s", q), ts2 = pgfx_value_long(fx, 1, 0, "%s", q);
-    ck_assert_int_lt(ts1, ts2);
+    long ts1, ts2;
+    local_pair("UPDATE cc SET v = 'n1' WHERE id IN (1, 2)",
+               "UPDATE cc SET v = 'n2' WHERE id IN (1, 2)", "cc WHERE id = 1", &ts1, &ts2);
     struct aamm_apply *on1 = mkapply(0, 2, &k1), *on2 = mkapply(1, 1, &k2);
     /* (the sequential cases before used origin aamm_from_2 on node 1 up to 0x2000a00) */
     tbegin(on2, 1, 0x3000000, ts1); /* node 1's transaction reaches node 2 */
@@ -3084,13 +3091,10 @@ int main(void)
     suite_add_tcase(s, tck);
     TCase *tc2 = aamm_test_tcase("two_nodes", 120);
     tcase_add_unchecked_fixture(tc2, setup_two, teardown);
-    tcase_add_test(tc2, test_seed_scenario);
+    tcase_add_test(tc2, test_seed_scenario); /* first: it reads the whole conflict log */
+    tcase_add_test(tc2, test_log_sequential);
+    tcase_add_test(tc2, test_log_sequential_full);
+    tcase_add_test(tc2, test_log_concurrent);
     suite_add_tcase(s, tc2);
-    TCase *tcl = aamm_test_tcase("conflict_log", 120);
-    tcase_add_unchecked_fixture(tcl, setup_two, teardown);
-    tcase_add_test(tcl, test_log_sequential);
-    tcase_add_test(tcl, test_log_sequential_full);
-    tcase_add_test(tcl, test_log_concurrent);
-    suite_add_tcase(s, tcl);
     return aamm_test_run(s);
 }
