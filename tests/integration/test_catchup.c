@@ -158,33 +158,45 @@ static void agent_main(int i)
     _exit(0);
 }
 
-/* ---- the proxy between node 1's sender and node 3: SIGUSR1 cuts it for good ------------ */
+/* ---- proxies: node 1's and node 2's senders dial node 3 through one each, in forked
+ * processes; SIGUSR1 cuts one (every connection closed, new ones refused), SIGUSR2 heals */
 
-static struct netfx_proxy prox;
-static pid_t proxy_pid;
+static struct netfx_proxy prox[2];
+static pid_t proxy_pid[2];
 static volatile sig_atomic_t proxy_cutting;
 static void on_cut(int sig)
 {
-    (void)sig;
-    proxy_cutting = 1;
+    proxy_cutting = sig == SIGUSR1;
 }
 
-static void proxy_main(int unused)
+static void proxy_main(int k)
 {
-    (void)unused;
     signal(SIGUSR1, on_cut);
+    signal(SIGUSR2, on_cut);
     for (;;) {
         struct pollfd fds[3];
-        int n = netfx_proxy_pollfds(&prox, fds), fd;
+        int n = netfx_proxy_pollfds(&prox[k], fds), fd;
         (void)poll(fds, (nfds_t)n, 20);
         if (proxy_cutting) {
-            netfx_proxy_cut(&prox);
-            while ((fd = netfx_accept(prox.lfd)) >= 0)
+            netfx_proxy_cut(&prox[k]);
+            while ((fd = netfx_accept(prox[k].lfd)) >= 0)
                 close(fd);
         } else {
-            netfx_proxy_step(&prox);
+            netfx_proxy_step(&prox[k]);
         }
     }
+}
+
+#define PROXY_AC 0 /* node 1 -> node 3 */
+#define PROXY_BC 1 /* node 2 -> node 3 */
+static void cut(int k)
+{
+    kill(proxy_pid[k], SIGUSR1);
+    usleep(300000);
+}
+static void heal(int k)
+{
+    kill(proxy_pid[k], SIGUSR2);
 }
 
 /* ---- checks ---------------------------------------------------------------------- */
@@ -251,21 +263,30 @@ static void dump_status(int i)
 
 /* ---- tests ----------------------------------------------------------------------- */
 
-/* Node 1 commits a run while its link to node 3 is cut and its link to node 2 is not; node
+/* Node 1 commits run 1 while its link to node 3 is cut and its link to node 2 is not; node
  * 2's own later writes reach node 3 and are acknowledged (without the hold, node 2's slot
- * for node 3 would now be confirmed past node 1's run). Node 1 dies for good; declared lost
- * on nodes 2 and 3, node 2 forwards the run: both end identical, node 1's rows once each, no
- * conflict. Also measures the WAL node 2 retains for node 3 under load and during the hold. */
+ * for node 3 would now be confirmed past run 1). Then node 2's link to node 3 is cut and
+ * node 1's healed: node 3 gets run 1 from node 1, but node 2 does not learn it (its slot
+ * stays held before run 1). Node 1's link to 3 is cut again, it commits run 2 (to node 2
+ * only) and dies for good. Declared lost on nodes 2 and 3 before node 2's link to 3 heals,
+ * node 2 forwards runs 1 and 2 from its slot: node 3 must skip run 1 (it has it: the link's
+ * resume position for node 1, and apply's origin progress behind it) and apply run 2. Both
+ * end identical, node 1's rows once each, no conflict. Also measures the WAL node 2 retains
+ * for node 3 under load and during the hold. */
 START_TEST(lost_node_catchup)
 {
-    long per = aamm_test_scaled(100, 20), run = aamm_test_scaled(200, 50), own = 20;
+    long per = aamm_test_scaled(100, 20), run1 = aamm_test_scaled(100, 25);
+    long run2 = aamm_test_scaled(200, 50), own = 20, all;
     long held_load = 0, held_hold;
     unsigned long long fwd = 0;
     unsigned long holds_max = 0;
-    netfx_proxy_init(&prox, ports[C]);
-    ck_assert(prox.lfd >= 0);
-    dial_port[A][C] = prox.port;
-    proxy_pid = aamm_test_spawn(proxy_main, 0);
+    netfx_proxy_init(&prox[PROXY_AC], ports[C]);
+    netfx_proxy_init(&prox[PROXY_BC], ports[C]);
+    ck_assert(prox[0].lfd >= 0 && prox[1].lfd >= 0);
+    dial_port[A][C] = prox[PROXY_AC].port;
+    dial_port[B][C] = prox[PROXY_BC].port;
+    for (int k = 0; k < 2; k++)
+        proxy_pid[k] = aamm_test_spawn(proxy_main, k);
     for (int i = 0; i < NNODES; i++) {
         agents[i] = aamm_test_spawn(agent_main, i);
         ck_assert_int_gt(agents[i], 0);
@@ -290,34 +311,43 @@ START_TEST(lost_node_catchup)
             ck_assert_msg(wait_rows(i, o, per, 60000), "node %d misses rows of node %d", i + 1,
                           o + 1);
 
-    /* 2. node 1's run reaches node 2 only */
-    kill(proxy_pid, SIGUSR1);
-    usleep(300000);
-    write_ledger(A, per, run);
-    ck_assert(wait_rows(B, A, per + run, 60000));
-    /* 3. node 2's own writes after the run reach node 3 and are acknowledged */
+    /* 2. run 1 reaches node 2 only; node 2's own writes after it reach node 3 and are
+     * acknowledged */
+    cut(PROXY_AC);
+    write_ledger(A, per, run1);
+    ck_assert(wait_rows(B, A, per + run1, 60000));
     write_ledger(B, per, own);
     ck_assert(wait_rows(C, B, per + own, 60000));
     usleep(1500000); /* acks, slot confirmations and status updates go round */
-    ck_assert_int_lt(rows_from(C, A), per + run);
+    ck_assert_int_eq(rows_from(C, A), per);
     held_hold = held_bytes();
 
-    /* 4. node 1 dies for good */
+    /* 3. node 3 gets run 1 from node 1 while node 2 cannot hear of it; run 2 reaches node 2
+     * only */
+    cut(PROXY_BC);
+    heal(PROXY_AC);
+    ck_assert(wait_rows(C, A, per + run1, 60000));
+    cut(PROXY_AC);
+    write_ledger(A, per + run1, run2);
+    all = per + run1 + run2;
+    ck_assert(wait_rows(B, A, all, 60000));
+
+    /* 4. node 1 dies for good; the survivors are told, then node 2 reaches node 3 again */
     aamm_test_kill(&agents[A]);
     ck_assert_int_eq(pgfx_stop_node(fx, A, "immediate"), 0);
-    long missing = per + run - rows_from(C, A);
-
-    /* 5. the survivors are told; node 2 forwards what node 3 misses */
+    long missing = all - rows_from(C, A);
     int64_t t0 = aamm_test_now_ms();
     kill(agents[B], SIGUSR1);
     kill(agents[C], SIGUSR1);
-    bool done = wait_rows(C, A, per + run, 60000);
+    usleep(500000);
+    heal(PROXY_BC);
+    bool done = wait_rows(C, A, all, 60000);
     int64_t took = aamm_test_now_ms() - t0;
     if (!done) {
         dump_status(B);
         dump_status(C);
     }
-    ck_assert_msg(done, "node 3 has %ld of node 1's %ld rows", rows_from(C, A), per + run);
+    ck_assert_msg(done, "node 3 has %ld of node 1's %ld rows", rows_from(C, A), all);
     /* the survivors go on replicating to each other */
     write_ledger(C, per, own);
     ck_assert(wait_rows(B, C, per + own, 60000));
@@ -325,10 +355,11 @@ START_TEST(lost_node_catchup)
     ck_assert(read_report(B, &fwd, &holds_max));
     fprintf(stderr,
             "lost_node_catchup: node 3 missed %ld of node 1's %ld transactions; node 2 forwarded "
-            "%llu, caught up in %" PRId64 " ms after peer_lost; node 2 retained for node 3: "
-            "%ld bytes at most under load (3 writers), %ld bytes during the hold (%lu hold "
-            "entries at most)\n",
-            missing, per + run, fwd, took, held_load, held_hold, holds_max);
+            "%llu (runs 1 and 2; node 3 had run 1), caught up in %" PRId64
+            " ms after peer_lost (500 ms of it before node 2's link to node 3 healed); node 2 "
+            "retained for node 3: %ld bytes at most under load (3 writers), %ld bytes during "
+            "the hold (%lu hold entries at most)\n",
+            missing, all, fwd, took, held_load, held_hold, holds_max);
 
     /* identical, every row once, no conflict */
     char *vb = pgfx_value(fx, B, "SELECT md5(string_agg(l::text, ',' ORDER BY node, seq)) "
@@ -340,23 +371,21 @@ START_TEST(lost_node_catchup)
     free(vb);
     free(vc);
     for (int i = B; i <= C; i++) {
-        ck_assert_int_eq(rows_from(i, A), per + run);
-        ck_assert_int_eq(pgfx_value_long(fx, i, -1, "SELECT count(DISTINCT seq) FROM ledger "
-                                                    "WHERE node = 1"),
-                         per + run);
+        ck_assert_int_eq(rows_from(i, A), all);
         ck_assert_int_eq(pgfx_value_long(fx, i, -1, "SELECT count(*) FROM aamm.conflict_log"), 0);
-        /* node 1's origin progress is the same on both: catch-up is done */
     }
+    /* node 1's origin progress is the same on both: catch-up is done */
     char *pb = pgfx_value(fx, B, "SELECT pg_replication_origin_progress('aamm_from_1', true)");
     char *pc = pgfx_value(fx, C, "SELECT pg_replication_origin_progress('aamm_from_1', true)");
     ck_assert(pb && pc);
     ck_assert_str_eq(pb, pc);
     free(pb);
     free(pc);
-    ck_assert_int_gt(fwd, 0);
+    ck_assert_int_ge(fwd, (unsigned long long)run2);
     for (int i = B; i <= C; i++)
         aamm_test_stop(&agents[i], 5000);
-    aamm_test_kill(&proxy_pid);
+    for (int k = 0; k < 2; k++)
+        aamm_test_kill(&proxy_pid[k]);
     ck_assert_int_eq(pgfx_start_node(fx, A), 0); /* for the fixture's teardown */
 }
 END_TEST
@@ -380,7 +409,8 @@ static void teardown(void)
 {
     for (int i = 0; i < NNODES; i++)
         aamm_test_kill(&agents[i]);
-    aamm_test_kill(&proxy_pid);
+    for (int k = 0; k < 2; k++)
+        aamm_test_kill(&proxy_pid[k]);
     pgfx_destroy(fx);
     fx = NULL;
 }
