@@ -116,6 +116,13 @@ static int run(struct join *j, PGconn *c, const char *what, const char *sql, int
     return rc;
 }
 
+/* The library prints nothing: libpq's default notice processor writes to stderr. */
+static void no_notice(void *arg, const char *msg)
+{
+    (void)arg;
+    (void)msg;
+}
+
 static int connect_to(struct join *j, const char *ci, uint32_t id, bool replication, PGconn **out)
 {
     const char *keys[] = {"dbname", replication ? "replication" : NULL, NULL};
@@ -127,6 +134,7 @@ static int connect_to(struct join *j, const char *ci, uint32_t id, bool replicat
         return aamm__pg_seterr(j->err, j->errsize, AAMM_ECONN,
                                "node: join: connecting to node %" PRIu32 "%s: %s", id,
                                replication ? " (replication)" : "", PQerrorMessage(*out));
+    PQsetNoticeProcessor(*out, no_notice, NULL);
     return 0;
 }
 
@@ -409,7 +417,16 @@ static int unfreeze(struct join *j)
     char sql[96];
     snprintf(sql, sizeof sql, "SELECT pg_catalog.pg_advisory_unlock(%" PRId64 ")",
              AAMM_JOIN_FREEZE_KEY);
-    return run(j, j->nodes[0].c, "the freeze: unlock", sql, 0, NULL);
+    int rc = 0;
+    PGresult *res = q(j, j->nodes[0].c, "the freeze: unlock", &rc, sql, 0, NULL);
+    /* false: the session did not hold it, so nothing was frozen: the progress read may not
+     * match the snapshot */
+    if (res && strcmp(PQgetvalue(res, 0, 0), "t") != 0)
+        rc = aamm__pg_seterr(j->err, j->errsize, AAMM_EINTERNAL,
+                             "node: join: the freeze was not held on node %" PRIu32,
+                             j->nodes[0].id);
+    PQclear(res);
+    return rc;
 }
 
 static int snapshot(struct join *j)
@@ -777,12 +794,12 @@ static int copy_recent(struct join *j)
                  "SELECT pg_catalog.to_jsonb(c.timestamp) OPERATOR(pg_catalog.#>>) '{}', CASE WHEN c.roident = 0 THEN %s::int "
                  "ELSE aamm.node_of(c.roident) END, pg_catalog.jsonb_agg(pg_catalog.to_jsonb(t)), "
                  "pg_catalog.count(*) FROM %s%s t, pg_catalog.pg_xact_commit_timestamp_origin(t.xmin) c "
-                 "WHERE c.timestamp OPERATOR(pg_catalog.>=) '%s'::timestamptz GROUP BY 1, 2",
+                 "WHERE c.timestamp OPERATOR(pg_catalog.>=) '%s'::timestamptz GROUP BY 1, 2 "
+                 "ORDER BY 2, 1",
                  upstream, t->plain ? "ONLY " : "", t->qname, j->horizon);
         PGresult *res = q(j, w->u, "the recent rows", &rc, sql, 0, NULL);
         snprintf(sql, len,
-                 "INSERT INTO %s (%s) SELECT %s FROM pg_catalog.jsonb_populate_recordset(NULL::%s, "
-                 "$1::jsonb)",
+                 "INSERT INTO %s (%s) SELECT %s FROM pg_catalog.jsonb_populate_recordset(NULL::%s, ",
                  t->qname, t->cols, t->cols, t->qname);
         for (int r = 0; res && rc == 0 && r < PQntuples(res); r++) {
             char origin[32];
@@ -805,22 +822,28 @@ static int copy_recent(struct join *j)
                              "SELECT pg_catalog.pg_replication_origin_session_setup($1)", 1, op);
                 snprintf(cur, sizeof cur, "%s", origin);
             }
-            const char *tp[1] = {PQgetvalue(res, r, 0)};
-            const char *rp[1] = {PQgetvalue(res, r, 2)};
-            if (rc == 0)
-                rc = run(j, w->d, "the copy: begin", "BEGIN", 0, NULL);
-            if (rc == 0)
-                rc = run(j, w->d, "the copy: version",
-                         "SELECT pg_catalog.pg_replication_origin_xact_setup('0/0', $1::timestamptz)",
-                         1, tp);
-            if (rc == 0)
-                rc = run(j, w->d, "the copy: recent rows", sql, 1, rp);
-            if (rc == 0)
-                rc = run(j, w->d, "the copy: commit", "COMMIT", 0, NULL);
+            /* one round trip a version: BEGIN, its commit time, its rows, COMMIT */
+            char *ts = aamm__pg_literal(w->d, PQgetvalue(res, r, 0));
+            char *rows = aamm__pg_literal(w->d, PQgetvalue(res, r, 2));
+            size_t tlen = ts && rows ? strlen(ts) + strlen(rows) + strlen(sql) + 160 : 0;
+            char *txn = tlen ? aamm__malloc(tlen) : NULL;
+            if (!txn)
+                rc = aamm__pg_seterr(j->err, j->errsize, AAMM_ENOMEM, "node: join: out of memory");
+            else {
+                snprintf(txn, tlen,
+                         "BEGIN; SELECT pg_catalog.pg_replication_origin_xact_setup('0/0', "
+                         "%s::timestamptz); %s%s::jsonb); COMMIT",
+                         ts, sql, rows);
+                if (rc == 0)
+                    rc = run(j, w->d, "the copy: recent rows", txn, 0, NULL);
+            }
+            aamm__free(txn);
+            aamm__free(ts);
+            aamm__free(rows);
             if (rc == 0) {
                 uint64_t n = strtoull(PQgetvalue(res, r, 3), NULL, 10);
                 j->prog.rows += n;
-                j->prog.bytes += strlen(rp[0]);
+                j->prog.bytes += strlen(PQgetvalue(res, r, 2));
                 j->st.recent_rows += n;
             }
         }

@@ -254,7 +254,12 @@ START_TEST(join_under_load)
                      nrentals);
     writers[0] = aamm_test_spawn(writer_main, 0);
     writers[1] = aamm_test_spawn(writer_main, 1);
-    usleep(1500000);
+    usleep(1000000);
+    /* A's link to B is down for a second while A writes, and the join starts as it comes
+     * back: B is behind on A, and the join must wait for it (step 2) */
+    aamm_test_stop(&agents[0], 5000);
+    usleep(1000000);
+    start_agent(0, 3);
 
     struct aamm_node_join_peer others[1] = {{1, pgfx_conninfo(fx, 0)}};
     char ci_c[512], ci_b[512], err[512];
