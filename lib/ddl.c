@@ -5,6 +5,7 @@
 
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <libpq-fe.h>
@@ -18,6 +19,7 @@
 #include "internal.h"
 #include "pgglue.h"
 #include "replicator_int.h"
+#include "sql_contract.h"
 
 int aamm_ddl_configure(PGconn *conn, bool capture, bool apply, char *err, size_t errsize)
 {
@@ -89,6 +91,19 @@ static int run_marked(PGconn *conn, const char *sql, const char *token, char *er
     if (rc < 0)
         return rc;
     if (sql) {
+        /* under the lock: the TRUNCATE guard emits a TRUNCATE as DDL (sql/aamm--5--6.sql) */
+        res = PQexecParams(conn, "SELECT pg_catalog.set_config('" AAMM_SQL_GUC_DDL_TOKEN
+                                 "', $1, true)",
+                           1, NULL, p, NULL, NULL, 0);
+        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+            rc = aamm__pg_seterr(err, errsize,
+                                 PQstatus(conn) == CONNECTION_OK ? AAMM_ESERVER : AAMM_ECONN,
+                                 "ddl: %s", PQerrorMessage(conn));
+            PQclear(res);
+            aamm__pg_rollback(conn);
+            return rc;
+        }
+        PQclear(res);
         res = PQexec(conn, sql);
         if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
             rc = aamm__pg_seterr(err, errsize,
@@ -207,4 +222,146 @@ int aamm_ddl_execute(struct aamm_replicator *r, PGconn *conn, const char *sql, i
     if (rc == 0 && rrc < 0)
         return aamm__newerrf(err, errsize, rrc, "ddl: release: %s", aamm_strerror(rrc));
     return rc;
+}
+
+/* ---- aamm_ddl_serve: the SQL form's requests ---------------------------------------- */
+
+/* @sql with @n text parameters on @conn; AAMM_ESERVER/AAMM_ECONN with the server's message */
+static int exec_params(PGconn *conn, const char *sql, int n, const char *const *p, char *err,
+                       size_t errsize)
+{
+    PGresult *res = PQexecParams(conn, sql, n, NULL, p, NULL, NULL, 0);
+    int rc = 0;
+    if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK)
+        rc = aamm__pg_seterr(err, errsize,
+                             PQstatus(conn) == CONNECTION_OK ? AAMM_ESERVER : AAMM_ECONN,
+                             "ddl: serve: %s", PQerrorMessage(conn));
+    PQclear(res);
+    return rc;
+}
+
+int aamm_ddl_serve(struct aamm_replicator *r, PGconn *conn, int timeout_ms, int *served,
+                   char *err, size_t errsize)
+{
+    struct aamm_ddl_stats st;
+    char id[32], token[32] = "", path[1024], msg[1024] = "";
+    char *command = NULL, *role = NULL, *own_path = NULL;
+    long long left_ms;
+    int rc, rrc;
+    PGresult *res;
+    if (served)
+        *served = 0;
+    if (!r || !conn || timeout_ms <= 0)
+        return aamm__newerrf(err, errsize, AAMM_EINVAL, "ddl: serve: no replicator, connection or time");
+    if (!aamm_replicator_consensus(r))
+        return aamm__newerrf(err, errsize, AAMM_EUNSUPPORTED,
+                             "ddl: serve: the replicator runs no consensus (raft_address)");
+
+    /* 1. claim the oldest pending request (requests past their deadline: abandoned) */
+    res = PQexec(conn,
+                 "WITH gone AS (UPDATE " AAMM_SQL_DDL_REQUEST_TABLE " SET status = 'abandoned',"
+                 "   finished_at = pg_catalog.now(), message = 'no agent took it before its deadline'"
+                 "   WHERE status = 'pending' AND deadline OPERATOR(pg_catalog.<=) pg_catalog.now()),"
+                 " q AS (SELECT id FROM " AAMM_SQL_DDL_REQUEST_TABLE " WHERE status = 'pending'"
+                 "   AND deadline OPERATOR(pg_catalog.>) pg_catalog.now() ORDER BY id LIMIT 1"
+                 "   FOR UPDATE SKIP LOCKED)"
+                 " UPDATE " AAMM_SQL_DDL_REQUEST_TABLE " d SET status = 'running' FROM q"
+                 " WHERE d.id OPERATOR(pg_catalog.=) q.id"
+                 " RETURNING d.id, d.command, d.role, d.search_path,"
+                 " pg_catalog.ceil(pg_catalog.date_part('epoch', d.deadline"
+                 "   OPERATOR(pg_catalog.-) pg_catalog.now()) OPERATOR(pg_catalog.*) 1000)::int8");
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        rc = aamm__pg_seterr(err, errsize,
+                             PQstatus(conn) != CONNECTION_OK     ? AAMM_ECONN
+                             : state && !strcmp(state, "42P01") ? AAMM_ENOTFOUND
+                                                                 : AAMM_ESERVER,
+                             "ddl: serve: %s%s", PQerrorMessage(conn),
+                             state && !strcmp(state, "42P01")
+                                 ? " (schema older than version 6: run aamm_node_install())"
+                                 : "");
+        PQclear(res);
+        return rc;
+    }
+    if (PQntuples(res) == 0) {
+        PQclear(res);
+        return 0;
+    }
+    snprintf(id, sizeof id, "%s", PQgetvalue(res, 0, 0));
+    command = aamm__strdup(PQgetvalue(res, 0, 1));
+    role = aamm__strdup(PQgetvalue(res, 0, 2));
+    snprintf(path, sizeof path, "%s", PQgetvalue(res, 0, 3));
+    left_ms = strtoll(PQgetvalue(res, 0, 4), NULL, 10);
+    PQclear(res);
+    if (served)
+        *served = 1;
+    if (!command || !role) {
+        rc = aamm__newerrf(err, errsize, AAMM_ENOMEM, "ddl: serve: out of memory");
+        snprintf(msg, sizeof msg, "out of memory in the agent");
+        goto record;
+    }
+    if (left_ms > timeout_ms)
+        left_ms = timeout_ms;
+    if (left_ms < 1)
+        left_ms = 1;
+
+    /* 2. as the requesting role, with its search_path, under the lock */
+    res = PQexec(conn, "SELECT pg_catalog.current_setting('search_path')");
+    if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
+        own_path = aamm__strdup(PQgetvalue(res, 0, 0));
+        rc = own_path ? 0 : aamm__newerrf(msg, sizeof msg, AAMM_ENOMEM, "out of memory");
+    } else {
+        rc = aamm__pg_seterr(msg, sizeof msg,
+                             PQstatus(conn) == CONNECTION_OK ? AAMM_ESERVER : AAMM_ECONN,
+                             "%s", PQerrorMessage(conn));
+    }
+    PQclear(res);
+    if (rc == 0) {
+        const char *p[2] = {role, path};
+        rc = exec_params(conn,
+                         "SELECT pg_catalog.set_config('role', $1, false),"
+                         " pg_catalog.set_config('search_path', $2, false)",
+                         2, p, msg, sizeof msg);
+    }
+    if (rc == 0) {
+        memset(&st, 0, sizeof st);
+        rc = aamm_ddl_execute(r, conn, command, (int)left_ms, &st, msg, sizeof msg);
+        if (st.token)
+            snprintf(token, sizeof token, "%" PRIu64, st.token);
+    }
+    /* back to the agent's own role and search_path, also after a failure */
+    if (PQstatus(conn) == CONNECTION_OK && PQtransactionStatus(conn) != PQTRANS_IDLE)
+        aamm__pg_rollback(conn);
+    rrc = aamm__pg_run(conn, "ddl: serve", "RESET ROLE", err, errsize);
+    if (rrc == 0 && own_path) {
+        const char *p[1] = {own_path};
+        rrc = exec_params(conn, "SELECT pg_catalog.set_config('search_path', $1, false)", 1, p,
+                          err, errsize);
+    }
+    aamm__free(own_path);
+    if (rrc < 0) {
+        aamm__free(command);
+        aamm__free(role);
+        return rrc; /* the request stays 'running': the connection is not usable */
+    }
+    if (rc < 0 && !msg[0])
+        snprintf(msg, sizeof msg, "%s", aamm_strerror(rc));
+
+record:
+    /* 3. the outcome */
+    {
+        const char *p[4] = {id, rc == 0 ? "done" : "failed", token[0] ? token : NULL,
+                            rc == 0 ? NULL : msg};
+        rrc = exec_params(conn,
+                          "UPDATE " AAMM_SQL_DDL_REQUEST_TABLE " SET status = $2, token = $3::int8,"
+                          " message = $4, finished_at = pg_catalog.now()"
+                          " WHERE id OPERATOR(pg_catalog.=) $1::int8",
+                          4, p, err, errsize);
+    }
+    if (rrc == 0 && rc < 0)
+        rrc = aamm__newerrf(err, errsize, rc, "ddl: serve: request %s as role %s failed: %s", id,
+                            role ? role : "?", msg);
+    aamm__free(command);
+    aamm__free(role);
+    return rrc;
 }

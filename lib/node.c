@@ -214,13 +214,16 @@ int aamm_node_replicate_table(struct pg_conn *conn, const char *schema, const ch
                 "DO $d$ BEGIN\n"
                 "  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = %s)\n"
                 "  THEN EXECUTE pg_catalog.format('CREATE PUBLICATION %%I', %s); END IF;\n"
+                /* TRUNCATE travels only as DDL under the lock (ddl.h) */
+                "  EXECUTE pg_catalog.format('ALTER PUBLICATION %%I SET (publish = "
+                "''insert, update, delete'')', %s);\n"
                 "  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables WHERE\n"
                 "    pubname = %s AND schemaname = %s AND tablename = %s) THEN\n"
                 "    EXECUTE pg_catalog.format('ALTER PUBLICATION %%I ADD TABLE %%I.%%I', %s, %s, "
                 "%s);\n"
                 "  END IF;\n"
                 "END $d$;\n",
-                lpub, lpub, lpub, ls, lt, lpub, ls, lt);
+                lpub, lpub, lpub, lpub, ls, lt, lpub, ls, lt);
         else if (!qpub)
             pub = aamm__strdup("");
         aamm__free(ls);
@@ -239,14 +242,18 @@ int aamm_node_replicate_table(struct pg_conn *conn, const char *schema, const ch
                            "SET LOCAL aamm.replicate_ddl = off;\n"
                            "DROP TRIGGER IF EXISTS aamm_tombstone_del ON %s.%s;\n"
                            "DROP TRIGGER IF EXISTS aamm_tombstone_upd ON %s.%s;\n"
+                           "DROP TRIGGER IF EXISTS " AAMM_SQL_TRUNCATE_GUARD " ON %s.%s;\n"
                            "CREATE TRIGGER aamm_tombstone_del AFTER DELETE ON %s.%s FOR EACH ROW\n"
                            "  EXECUTE FUNCTION aamm.tombstone_trigger(%s);\n"
                            "CREATE TRIGGER aamm_tombstone_upd AFTER UPDATE ON %s.%s FOR EACH ROW\n"
                            "  WHEN (%s) EXECUTE FUNCTION aamm.tombstone_trigger(%s);\n"
+                           "CREATE TRIGGER " AAMM_SQL_TRUNCATE_GUARD " BEFORE TRUNCATE ON %s.%s\n"
+                           "  FOR EACH STATEMENT EXECUTE FUNCTION " AAMM_SQL_TRUNCATE_GUARD_FN "();\n"
                            "ALTER TABLE %s.%s REPLICA IDENTITY FULL;\n"
                            "%s%s"
                            "COMMIT;\n",
-                           qs, qt, qs, qt, qs, qt, args, qs, qt, when, args, qs, qt, grant, pub);
+                           qs, qt, qs, qt, qs, qt, qs, qt, args, qs, qt, when, args, qs, qt, qs,
+                           qt, grant, pub);
         aamm__free(grant);
         aamm__free(pub);
         if (sql) {

@@ -46,6 +46,16 @@
  * message with this prefix through the function, at its place in the transaction */
 #define AAMM_SQL_DDL_PREFIX "aamm_ddl"
 #define AAMM_SQL_FN_APPLY_DDL "aamm.apply_ddl"
+/* The SQL form of aamm_ddl_execute() (sql/aamm--5--6.sql): CALL aamm.ddl_execute() records
+ * a request in this table and notifies the channel; aamm_ddl_serve() runs it. */
+#define AAMM_SQL_DDL_REQUEST_TABLE "aamm.ddl_request"
+#define AAMM_SQL_DDL_CHANNEL "aamm_ddl"
+/* Set (SET LOCAL) by aamm_ddl_execute() for the DDL's transaction: under it the TRUNCATE
+ * guard trigger (aamm.truncate_guard, on every replicated table) emits a TRUNCATE as a DDL
+ * message instead of refusing it (AA007) */
+#define AAMM_SQL_GUC_DDL_TOKEN "aamm.ddl_token"
+#define AAMM_SQL_TRUNCATE_GUARD_FN "aamm.truncate_guard"
+#define AAMM_SQL_TRUNCATE_GUARD "aamm_truncate_guard"
 #define AAMM_SQL_FN_GC_TOMBSTONES "aamm.gc_tombstones"
 #define AAMM_SQL_TOMBSTONE_TABLE "aamm.tombstone"
 /* the apply session's node id (a custom setting aamm.node_of() reads for roident 0) */
@@ -63,6 +73,10 @@
                                               local row, remote row */
 #define AAMM_SQLSTATE_KEY_LOCK_BUSY "AA005" /* a merged statement met a held key lock */
 #define AAMM_SQLSTATE_RACED "AA006"         /* a concurrent local write: retry */
+#define AAMM_SQLSTATE_DDL_REFUSED "AA007"   /* DDL (or a plain TRUNCATE) that is not replicated
+                                               with capture on: the hint says what to do */
+#define AAMM_SQLSTATE_DDL_REQUEST "AA008"   /* CALL aamm.ddl_execute(): the request failed
+                                               (the agent's message) or was abandoned */
 
 /* ---- the conflict notice ------------------------------------------------------------ */
 

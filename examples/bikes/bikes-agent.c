@@ -518,7 +518,8 @@ static int cmd_run(const struct bikes_config *cfg)
     char password[256], err[1024];
     char *apply_conninfo = NULL;
     size_t secret_len = 0, plen = 0, i;
-    int64_t next_status;
+    int64_t next_status, next_ddl = 0;
+    PGconn *ddl_conn = NULL; /* serves CALL aamm.ddl_execute() (with consensus) */
     int rc, status = 0;
 
     if (load_secret(cfg, secret, &secret_len) != 0)
@@ -629,6 +630,19 @@ static int cmd_run(const struct bikes_config *cfg)
             break;
         }
         now = now_ms();
+        if (cfg->raft_address != NULL && now >= next_ddl) { /* the SQL form's requests */
+            int served = 0;
+            next_ddl = now + 1000;
+            if (ddl_conn == NULL || PQstatus(ddl_conn) != CONNECTION_OK) {
+                PQfinish(ddl_conn);
+                ddl_conn = PQconnectdb(cfg->conninfo);
+            }
+            if (PQstatus(ddl_conn) == CONNECTION_OK &&
+                (rc = aamm_ddl_serve(r, ddl_conn, 60000, &served, err, sizeof err)) != 0)
+                logf_(AAMM_LOG_WARNING, "ddl request: %s (%s)", err, aamm_errname(rc));
+            else if (served)
+                logf_(AAMM_LOG_INFO, "ddl request served");
+        }
         if (status_requested || (next_status >= 0 && now >= next_status)) {
             status_requested = 0;
             log_status(r);
@@ -641,6 +655,7 @@ static int cmd_run(const struct bikes_config *cfg)
     log_status(r);
     logf_(AAMM_LOG_INFO, "stopped");
 out:
+    PQfinish(ddl_conn);
     aamm_replicator_free(r);
     free(apply_conninfo);
     return status;

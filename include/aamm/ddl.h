@@ -19,10 +19,25 @@
  * (its fencing token is reported), waits until every peer has applied everything this
  * node sent before, runs the DDL, waits until every peer has applied it, and releases.
  *
+ * SQL form (schema version 6): `CALL aamm.ddl_execute('ALTER TABLE ...'[, timeout])` records
+ * a request in aamm.ddl_request for the caller's role (a superuser role is refused: SET ROLE
+ * to the tables' owner first), notifies channel "aamm_ddl" and waits until the node's agent,
+ * which calls aamm_ddl_serve(), has run it with aamm_ddl_execute() (NOTICE with the token),
+ * it failed (an error with the agent's message, SQLSTATE AA008) or the timeout passed (the
+ * request is abandoned: it never runs later). It commits, so it must be CALLed outside a
+ * transaction block.
+ *
+ * TRUNCATE (schema version 6): the publication does not publish truncate (row rules cannot
+ * make it converge); a plain TRUNCATE of a replicated table is refused with AA007 where
+ * capture is on, is node-local after `SET aamm.replicate_ddl = off`, and under
+ * aamm_ddl_execute() travels as a DDL message (command tag TRUNCATE TABLE in the
+ * allow-list) that the peers run at its place in the stream. Writes to the table on other
+ * nodes while it runs can survive on some nodes: stop the table's writers first.
+ *
  * Limits (doc/guide.md, "Schema changes"): the statement text is the whole query string
  * the client sent (send each DDL statement as its own query); a transaction that changes a
  * table and then writes rows of its new shape must be split (apply maps a relation before
- * the transaction that uses it starts); TRUNCATE is not replicated as DDL.
+ * the transaction that uses it starts).
  */
 #ifndef AAMM_DDL_H
 #define AAMM_DDL_H
@@ -87,6 +102,29 @@ struct aamm_ddl_stats {
 AAMM_API int aamm_ddl_execute(struct aamm_replicator *r, struct pg_conn *conn, const char *sql,
                               int timeout_ms, struct aamm_ddl_stats *st, char *err,
                               size_t errsize);
+
+/**
+ * Serve one request of the SQL form (CALL aamm.ddl_execute(), schema version 6) on the node
+ * @conn (borrowed: the host's connection, as a role that may SET ROLE to the requesting
+ * roles, e.g. the agent's superuser connection) is connected to: claim the oldest pending
+ * request of aamm.ddl_request (FOR UPDATE SKIP LOCKED; requests past their deadline are
+ * marked abandoned instead), mark it running, run it through aamm_ddl_execute() on @r (a
+ * started replicator with consensus) as the requesting role (SET ROLE on @conn, reset
+ * afterwards, also on failure) with its search_path, for at most @timeout_ms or what is left
+ * of the request's own timeout, and record done (with the lock's token) or failed (with the
+ * message). It blocks while the request runs, as aamm_ddl_execute() does, stepping @r itself.
+ * The host calls it from its loop: when a notification on channel "aamm_ddl" (LISTEN on a
+ * connection of its own) wakes it, or once a second.
+ * @served (may be NULL) is set to 1 when a request was claimed (its outcome is recorded in
+ * aamm.ddl_request even when this returns an error of aamm_ddl_execute()), else 0.
+ * Returns 0 (no request pending, or one served and done); an error of aamm_ddl_execute()
+ * for a served request that failed (recorded as failed); AAMM_EINVAL; AAMM_EUNSUPPORTED (no
+ * consensus: nothing is claimed); AAMM_ENOTFOUND (schema older than version 6);
+ * AAMM_ESERVER or AAMM_ECONN (on @conn; a request claimed then may stay 'running'). The
+ * message goes to @err (may be NULL).
+ */
+AAMM_API int aamm_ddl_serve(struct aamm_replicator *r, struct pg_conn *conn, int timeout_ms,
+                            int *served, char *err, size_t errsize);
 
 #ifdef __cplusplus
 }

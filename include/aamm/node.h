@@ -46,7 +46,7 @@ struct pg_conn;
 
 /** Version of libaamm's SQL schema aamm_node_install() installs: the highest of the
  *  scripts sql/aamm--<n>.sql, aamm--<n>--<m>.sql; the node records it in aamm.apply_meta. */
-#define AAMM_NODE_SQL_VERSION 5
+#define AAMM_NODE_SQL_VERSION 6
 
 /**
  * Install or upgrade libaamm's SQL schema (apply's objects and the SQL generators of
@@ -84,9 +84,12 @@ AAMM_API int aamm_node_create_apply_role(struct pg_conn *conn, const char *role,
  * the tombstone triggers (they fire for local writers; apply, which runs with
  * session_replication_role = replica, writes the tombstones of what it applies itself),
  * sets REPLICA IDENTITY FULL (needed for unchanged-TOAST convergence, doc/conflicts.md),
- * grants SELECT, INSERT, UPDATE, DELETE, TRUNCATE to @apply_role (may be NULL: no grant)
- * and, when @publication is not NULL, adds the table to that publication (created FOR
- * TABLE when missing: never FOR ALL TABLES, which would publish aamm's own tables).
+ * grants SELECT, INSERT, UPDATE, DELETE, TRUNCATE to @apply_role (may be NULL: no grant),
+ * installs the TRUNCATE guard (schema 6: a plain TRUNCATE is refused with AA007 where DDL
+ * capture is on; it replicates only under aamm_ddl_execute(), ddl.h) and, when
+ * @publication is not NULL, adds the table to that publication (created FOR TABLE when
+ * missing: never FOR ALL TABLES, which would publish aamm's own tables), which publishes
+ * insert, update and delete only (not truncate).
  * Refuses tables in schema aamm. Returns 0, AAMM_EINVAL, AAMM_ENOTFOUND (no such table
  * or no primary key), AAMM_ESERVER or AAMM_ECONN.
  */

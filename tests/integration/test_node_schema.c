@@ -10,6 +10,7 @@
 
 #include <libpq-fe.h>
 
+#include <aamm/ddl.h>
 #include <aamm/node.h>
 #include <aamm/seq.h>
 
@@ -129,6 +130,46 @@ START_TEST(install_v1_then_upgrade)
 }
 END_TEST
 
+/* Version 5 to 6 on a node that already replicates a table: the table gets the TRUNCATE
+ * guard, the publication "aamm" stops publishing truncate, the DDL allow-list holds
+ * TRUNCATE TABLE, and a plain TRUNCATE is refused once capture is on. */
+START_TEST(upgrade_5_to_6_guards_truncate)
+{
+    struct pgfx *fx = pgfx_start(1, NULL);
+    ck_assert_ptr_nonnull(fx);
+    PGconn *c = pgfx_connect(fx, 0);
+    ck_assert_ptr_nonnull(c);
+    char err[512];
+    ck_assert_msg(aamm__schema_install(c, 5, NULL, "test: v5", err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(installed_version(c), 5);
+    /* what aamm_node_replicate_table() made at version 5: tombstone triggers, a publication
+     * with every action */
+    ck_assert_int_eq(pgfx_exec_conn(c, "CREATE TABLE t (id int PRIMARY KEY); "
+                                       "CREATE TRIGGER aamm_tombstone_del AFTER DELETE ON t FOR "
+                                       "EACH ROW EXECUTE FUNCTION aamm.tombstone_trigger('id'); "
+                                       "CREATE PUBLICATION aamm FOR TABLE t"),
+                     0);
+    ck_assert(is(c, "SELECT pubtruncate FROM pg_publication WHERE pubname = 'aamm'", "t"));
+    ck_assert_msg(aamm_node_install(c, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(installed_version(c), AAMM_NODE_SQL_VERSION);
+    ck_assert(is(c, "SELECT pubtruncate::text || pubinsert::text || pubupdate::text || "
+                    "pubdelete::text FROM pg_publication WHERE pubname = 'aamm'",
+                 "falsetruetruetrue"));
+    ck_assert(is(c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass AND tgname = '"
+                    AAMM_SQL_TRUNCATE_GUARD "'",
+                 "1"));
+    ck_assert(is(c, "SELECT 'TRUNCATE TABLE' = ANY (allowed) FROM aamm.ddl_config", "t"));
+    ck_assert_int_eq(pgfx_exec_conn(c, "INSERT INTO t VALUES (1); TRUNCATE t"), 0); /* capture off */
+    ck_assert_msg(aamm_ddl_configure(c, true, true, err, sizeof err) == 0, "%s", err);
+    PGresult *res = PQexec(c, "TRUNCATE t");
+    ck_assert_int_eq(PQresultStatus(res), PGRES_FATAL_ERROR);
+    ck_assert_str_eq(PQresultErrorField(res, PG_DIAG_SQLSTATE), AAMM_SQLSTATE_DDL_REFUSED);
+    PQclear(res);
+    PQfinish(c);
+    pgfx_destroy(fx);
+}
+END_TEST
+
 /* Installing again, through either entry point, changes nothing and fails nothing; the
  * host's session is left as it was (no lingering transaction or setting). */
 START_TEST(install_twice)
@@ -202,7 +243,8 @@ START_TEST(contract_names_exist)
         AAMM_SQL_FN_DECIDE,         AAMM_SQL_FN_INSERT_OK,       AAMM_SQL_FN_UPDATE_MISSING,
         AAMM_SQL_FN_DELETE_MISSING, AAMM_SQL_FN_PUT_TOMBSTONE,   AAMM_SQL_FN_RECHECK_TOMBS,
         AAMM_SQL_FN_WRITE_RACED,    AAMM_SQL_FN_APPLY_SLOW,      AAMM_SQL_FN_LOG_CONFLICT,
-        AAMM_SQL_FN_LOG_TRUNCATE,   AAMM_SQL_FN_GC_TOMBSTONES};
+        AAMM_SQL_FN_LOG_TRUNCATE,   AAMM_SQL_FN_GC_TOMBSTONES,   AAMM_SQL_FN_APPLY_DDL,
+        AAMM_SQL_TRUNCATE_GUARD_FN};
     for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
         snprintf(sql, sizeof sql,
                  "SELECT count(*) > 0 FROM pg_proc WHERE pronamespace = 'aamm'::regnamespace "
@@ -216,9 +258,13 @@ START_TEST(contract_names_exist)
                  "t"));
     ck_assert(is(c, "SELECT to_regclass('" AAMM_SQL_TOMBSTONE_TABLE "') IS NOT NULL", "t"));
     ck_assert(is(c, "SELECT to_regclass('" AAMM_SQL_VERSION_TABLE "') IS NOT NULL", "t"));
+    ck_assert(is(c, "SELECT to_regclass('" AAMM_SQL_DDL_REQUEST_TABLE "') IS NOT NULL", "t"));
+    ck_assert(is(c, "SELECT to_regprocedure('aamm.ddl_execute(text, interval)') IS NOT NULL", "t"));
     static const char *const raised[] = {
         AAMM_SQLSTATE_POLICY_ERROR, AAMM_SQLSTATE_GUARD,  AAMM_SQLSTATE_RESOLVER,
-        AAMM_SQLSTATE_KEY_LOCK_BUSY, AAMM_SQLSTATE_RACED, "''" AAMM_SQL_NOTICE_CONFLICT "''",
+        AAMM_SQLSTATE_KEY_LOCK_BUSY, AAMM_SQLSTATE_RACED, AAMM_SQLSTATE_DDL_REFUSED,
+        AAMM_SQLSTATE_DDL_REQUEST, "''" AAMM_SQL_GUC_DDL_TOKEN "''",
+        "''" AAMM_SQL_DDL_CHANNEL "''", "''" AAMM_SQL_NOTICE_CONFLICT "''",
         "''" AAMM_SQL_NOTICE_CONFLICT_UNLOGGED "''"};
     for (size_t i = 0; i < sizeof raised / sizeof raised[0]; i++) {
         snprintf(sql, sizeof sql,
@@ -238,6 +284,7 @@ int main(void)
     TCase *tc = aamm_test_tcase("schema", 120);
     tcase_add_test(tc, scripts_reach_the_announced_version);
     tcase_add_test(tc, install_v1_then_upgrade);
+    tcase_add_test(tc, upgrade_5_to_6_guards_truncate);
     tcase_add_test(tc, install_twice);
     tcase_add_test(tc, refuse_newer);
     tcase_add_test(tc, contract_names_exist);
