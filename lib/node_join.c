@@ -155,6 +155,21 @@ static int parse_lsn(struct join *j, const char *text, uint64_t *out, const char
     return 0;
 }
 
+/* The replication origin @name on D's connection @c: created when missing; with @session,
+ * also made this session's origin. */
+static int origin_use(struct join *j, PGconn *c, const char *name, bool session)
+{
+    const char *pv[1] = {name};
+    int rc = run(j, c, "the new node's origins",
+                 "SELECT pg_catalog.pg_replication_origin_create($1) "
+                 "WHERE pg_catalog.pg_replication_origin_oid($1) IS NULL",
+                 1, pv);
+    if (rc == 0 && session)
+        rc = run(j, c, "the new node's origins",
+                 "SELECT pg_catalog.pg_replication_origin_session_setup($1)", 1, pv);
+    return rc;
+}
+
 /* ====================================================================================
  * 0. Options, connections, the tables
  * ==================================================================================== */
@@ -522,7 +537,6 @@ static int start_workers(struct join *j)
             rc = run(j, w->u, "importing the snapshot", sql, 0, NULL);
         char origin[32];
         snprintf(origin, sizeof origin, "aamm_copy_%d", k);
-        const char *pv[1] = {origin};
         /* replica: no triggers of the tables (no tombstones, no FK checks for rows that
          * arrive in any order); synchronous_commit off: step 5 commits with it on, which
          * flushes the copy's WAL too */
@@ -532,15 +546,19 @@ static int start_workers(struct join *j)
                      "SET client_min_messages = warning",
                      0, NULL);
         if (rc == 0)
-            rc = run(j, w->d, "the copy's origin",
-                     "SELECT pg_catalog.pg_replication_origin_create($1) "
-                     "WHERE pg_catalog.pg_replication_origin_oid($1) IS NULL",
-                     1, pv);
-        if (rc == 0)
-            rc = run(j, w->d, "the copy's origin",
-                     "SELECT pg_catalog.pg_replication_origin_session_setup($1)", 1, pv);
+            rc = origin_use(j, w->d, origin, true);
     }
     aamm__free(lit);
+    return rc;
+}
+
+/* Send the COPY @sql on @c and read its first result, which must be @want. */
+static int copy_start(struct join *j, PGconn *c, const char *sql, ExecStatusType want,
+                      const char *fmt, const char *table)
+{
+    PGresult *res = PQsendQuery(c, sql) ? PQgetResult(c) : NULL;
+    int rc = res && PQresultStatus(res) == want ? 0 : fail(j, c, fmt, table);
+    PQclear(res);
     return rc;
 }
 
@@ -562,15 +580,8 @@ static int worker_next(struct join *j, struct worker *w)
                  "')",
                  0, NULL);
     snprintf(sql, len, "COPY %s (%s) FROM STDIN", t->qname, t->cols);
-    PGresult *res = NULL;
-    if (rc == 0 && PQsendQuery(w->d, sql) && (res = PQgetResult(w->d)) &&
-        PQresultStatus(res) != PGRES_COPY_IN) {
-        PQclear(res);
-        res = NULL;
-    }
-    if (rc == 0 && !res)
-        rc = fail(j, w->d, "the copy into %s", t->qname);
-    PQclear(res);
+    if (rc == 0)
+        rc = copy_start(j, w->d, sql, PGRES_COPY_IN, "the copy into %s", t->qname);
     /* rows written since the horizon keep their versions: step 4b copies them */
     if (j->has_horizon)
         snprintf(sql, len,
@@ -580,15 +591,8 @@ static int worker_next(struct join *j, struct worker *w)
     else
         snprintf(sql, len, "COPY (SELECT %s FROM %s%s) TO STDOUT", t->cols,
                  t->plain ? "ONLY " : "", t->qname);
-    res = NULL;
-    if (rc == 0 && PQsendQuery(w->u, sql) && (res = PQgetResult(w->u)) &&
-        PQresultStatus(res) != PGRES_COPY_OUT) {
-        PQclear(res);
-        res = NULL;
-    }
-    if (rc == 0 && !res)
-        rc = fail(j, w->u, "the copy from %s", t->qname);
-    PQclear(res);
+    if (rc == 0)
+        rc = copy_start(j, w->u, sql, PGRES_COPY_OUT, "the copy from %s", t->qname);
     aamm__free(sql);
     if (rc == 0 && PQsetnonblocking(w->d, 1) != 0)
         rc = fail(j, w->d, "%s", "nonblocking");
@@ -807,19 +811,12 @@ static int copy_recent(struct join *j)
                 snprintf(origin, sizeof origin, "aamm_copy_0");
             else
                 snprintf(origin, sizeof origin, "aamm_from_%s", PQgetvalue(res, r, 1));
-            const char *op[1] = {origin};
             if (strcmp(cur, origin) != 0) {
                 if (*cur)
                     rc = run(j, w->d, "the copy: origin reset",
                              "SELECT pg_catalog.pg_replication_origin_session_reset()", 0, NULL);
                 if (rc == 0)
-                    rc = run(j, w->d, "the copy: origin",
-                             "SELECT pg_catalog.pg_replication_origin_create($1) "
-                             "WHERE pg_catalog.pg_replication_origin_oid($1) IS NULL",
-                             1, op);
-                if (rc == 0)
-                    rc = run(j, w->d, "the copy: origin",
-                             "SELECT pg_catalog.pg_replication_origin_session_setup($1)", 1, op);
+                    rc = origin_use(j, w->d, origin, true);
                 snprintf(cur, sizeof cur, "%s", origin);
             }
             /* one round trip a version: BEGIN, its commit time, its rows, COMMIT */
@@ -881,10 +878,7 @@ static int set_origins(struct join *j)
         snprintf(origin, sizeof origin, "aamm_from_%" PRIu32, j->nodes[i].id);
         aamm_lsn_format(i == 0 ? 0 : j->nodes[i].origin_lsn, lsn);
         const char *pv[2] = {origin, lsn};
-        rc = run(j, j->d, "the new node's origins",
-                 "SELECT pg_catalog.pg_replication_origin_create($1) "
-                 "WHERE pg_catalog.pg_replication_origin_oid($1) IS NULL",
-                 1, pv);
+        rc = origin_use(j, j->d, origin, false);
         /* U: its stream starts at the slot's consistent point: skip nothing (0/0) */
         if (rc == 0 && i > 0)
             rc = run(j, j->d, "the new node's origins",

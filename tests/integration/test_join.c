@@ -221,6 +221,25 @@ static void assert_identical(void)
 
 /* ---- the test -------------------------------------------------------------------- */
 
+/* The options of C's join: upstream B, A the other existing node. */
+static char conninfo[NNODES][512];
+static struct aamm_node_join_peer others[1];
+static void join_options(struct aamm_node_join_options *o, int timeout_ms)
+{
+    for (int i = 0; i < NNODES; i++)
+        snprintf(conninfo[i], sizeof conninfo[i], "%s", pgfx_conninfo(fx, i));
+    others[0] = (struct aamm_node_join_peer){1, conninfo[0]};
+    aamm_node_join_options_init(o);
+    o->conninfo = conninfo[2];
+    o->node_id = 3;
+    o->upstream_id = 2;
+    o->upstream_conninfo = conninfo[1];
+    o->others = others;
+    o->nothers = 1;
+    o->timeout_ms = timeout_ms;
+}
+
+
 static struct aamm_node_join_progress last_progress;
 static int progress_calls;
 static void on_progress(const struct aamm_node_join_progress *p, void *arg)
@@ -261,19 +280,9 @@ START_TEST(join_under_load)
     usleep(1000000);
     start_agent(0, 3);
 
-    struct aamm_node_join_peer others[1] = {{1, pgfx_conninfo(fx, 0)}};
-    char ci_c[512], ci_b[512], err[512];
-    snprintf(ci_c, sizeof ci_c, "%s", pgfx_conninfo(fx, 2));
-    snprintf(ci_b, sizeof ci_b, "%s", pgfx_conninfo(fx, 1));
     struct aamm_node_join_options o;
-    aamm_node_join_options_init(&o);
-    o.conninfo = ci_c;
-    o.node_id = 3;
-    o.upstream_id = 2;
-    o.upstream_conninfo = ci_b;
-    o.others = others;
-    o.nothers = 1;
-    o.timeout_ms = 30000;
+    char err[512];
+    join_options(&o, 30000);
     o.progress = on_progress;
     struct aamm_node_join_stats st;
     int64_t t0 = aamm_test_now_ms();
@@ -347,19 +356,9 @@ START_TEST(join_errors)
     start_agent(0, 3);
     start_agent(1, 3);
     ck_assert_int_eq(pgfx_exec(fx, 2, "DROP TABLE rentals"), 0);
-    struct aamm_node_join_peer others[1] = {{1, pgfx_conninfo(fx, 0)}};
-    char ci_c[512], ci_b[512], err[512];
-    snprintf(ci_c, sizeof ci_c, "%s", pgfx_conninfo(fx, 2));
-    snprintf(ci_b, sizeof ci_b, "%s", pgfx_conninfo(fx, 1));
     struct aamm_node_join_options o;
-    aamm_node_join_options_init(&o);
-    o.conninfo = ci_c;
-    o.node_id = 3;
-    o.upstream_id = 2;
-    o.upstream_conninfo = ci_b;
-    o.others = others;
-    o.nothers = 1;
-    o.timeout_ms = 5000;
+    char err[512];
+    join_options(&o, 5000);
     int rc = aamm_node_join(&o, NULL, err, sizeof err);
     ck_assert_int_eq(rc, AAMM_ENOTFOUND);
     ck_assert_msg(strstr(err, "public.rentals is missing on the new node"), "%s", err);
