@@ -2,7 +2,9 @@
  * test_ddl.c: DDL in the change stream on three real nodes with replicators and consensus
  * in forked agents: aamm_ddl_execute() under the global lock while rows flow, refusal of
  * DDL outside the allow-list on the origin, node-local DDL, a peer that has not opted in,
- * and the lock held by a peer that dies (released when its lease ends).
+ * the lock held by a peer that dies (released when its lease ends), the SQL form (CALL
+ * aamm.ddl_execute(), served by the agent with aamm_ddl_serve()) and TRUNCATE only under the
+ * lock.
  */
 #include <check.h>
 #include <inttypes.h>
@@ -31,6 +33,7 @@ static const char secret[] = "0123456789abcdef-ddl-test-secret";
 /* what an agent does besides replicating (set before it is forked) */
 static const char *agent_ddl[NNODES];   /* run this with aamm_ddl_execute() once streaming */
 static int agent_hold_lock_ms[NNODES];  /* take the DDL lock with this lease and keep it */
+static bool agent_serve[NNODES];        /* serve CALL aamm.ddl_execute() (aamm_ddl_serve) */
 
 /* ---- node setup ------------------------------------------------------------------ */
 
@@ -155,6 +158,7 @@ static void agent_main(int i)
         _exit(3);
     }
     int64_t last_report = aamm_test_now_ms();
+    PGconn *serve_conn = NULL; /* the agent's own (superuser) connection for requests */
     while (!agent_stop) {
         if (!done && aamm_test_now_ms() - last_report > 5000) { /* why it is still waiting */
             uint32_t ld = 0;
@@ -169,7 +173,7 @@ static void agent_main(int i)
             fprintf(stderr, "agent %d: %s\n", i + 1, aamm_replicator_errmsg(r));
             _exit(4);
         }
-        if (done || !all_streaming(r) ||
+        if ((done && !agent_serve[i]) || !all_streaming(r) ||
             aamm_consensus_state(aamm_replicator_consensus(r)) == AAMM_CONSENSUS_UNAVAILABLE)
             continue;
         uint32_t leader = 0;
@@ -177,6 +181,17 @@ static void agent_main(int i)
         if (aamm_consensus_leader(aamm_replicator_consensus(r), &leader, addr, sizeof addr) != 0 ||
             leader == 0)
             continue;
+        if (agent_serve[i]) { /* as a host does from its loop (here every 100 ms) */
+            int served = 0, rc;
+            if (!serve_conn)
+                serve_conn = PQconnectdb(pgfx_conninfo(fx, i));
+            rc = aamm_ddl_serve(r, serve_conn, 60000, &served, err, sizeof err);
+            if (rc != 0)
+                fprintf(stderr, "agent %d: serve: %s\n", i + 1, err);
+            if (rc == AAMM_ECONN || rc == AAMM_EUNSUPPORTED)
+                _exit(5);
+            continue;
+        }
         if (agent_hold_lock_ms[i]) {
             aamm_consensus_ddl_acquire(aamm_replicator_consensus(r),
                                        (uint32_t)agent_hold_lock_ms[i], on_held, &me);
@@ -209,6 +224,7 @@ static void agent_main(int i)
             done = true;
         }
     }
+    PQfinish(serve_conn);
     aamm_replicator_stop(r, 2000);
     aamm_replicator_free(r);
     _exit(0);
@@ -456,6 +472,201 @@ START_TEST(lock_of_a_dead_holder)
 }
 END_TEST
 
+/* Send @sql on @c and, until its result is in, insert a rental on every node every 20 ms
+ * (when @seq is not NULL: numbered from *seq). Returns the first result (bounded: 120 s). */
+static PGresult *send_while_writing(PGconn *c, const char *sql, long *seq)
+{
+    PGresult *first = NULL, *res;
+    ck_assert_int_eq(PQsendQuery(c, sql), 1);
+    for (int64_t end = aamm_test_now_ms() + 120000; aamm_test_now_ms() < end;) {
+        ck_assert_int_eq(PQconsumeInput(c), 1);
+        if (!PQisBusy(c))
+            break;
+        if (seq)
+            for (int i = 0; i < NNODES; i++, (*seq)++)
+                ck_assert_int_eq(
+                    pgfx_exec(fx, i, "INSERT INTO rentals VALUES (%ld, %d, 'r')", *seq, i), 0);
+        usleep(20000);
+    }
+    ck_assert_msg(!PQisBusy(c), "no answer to %s in time", sql);
+    while ((res = PQgetResult(c)) != NULL) {
+        if (!first)
+            first = res;
+        else
+            PQclear(res);
+    }
+    ck_assert_ptr_nonnull(first);
+    return first;
+}
+
+/* @c's error for @sql: SQLSTATE @state and a message holding @text (NULL: not checked) */
+static void expect_error(PGconn *c, const char *sql, const char *state, const char *text)
+{
+    PGresult *res = send_while_writing(c, sql, NULL);
+    const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    const char *msg = PQresultErrorMessage(res);
+    ck_assert_msg(PQresultStatus(res) == PGRES_FATAL_ERROR, "%s: no error", sql);
+    ck_assert_msg(st && strcmp(st, state) == 0, "%s: SQLSTATE %s, want %s: %s", sql,
+                  st ? st : "-", state, msg);
+    ck_assert_msg(!text || strstr(msg, text), "%s: error without \"%s\": %s", sql, text, msg);
+    PQclear(res);
+}
+
+static long column_count(int i, const char *col)
+{
+    return pgfx_value_long(fx, i, -1,
+                           "SELECT count(*) FROM information_schema.columns WHERE table_name = "
+                           "'bikes' AND column_name = '%s'",
+                           col);
+}
+
+/* The SQL form: CALL aamm.ddl_execute() on node 1, served by its agent under the lock while
+ * rentals flow on every node; a failing DDL; a CALL in a transaction block; a role that may
+ * not alter the table, one that tries to record a request as the owner, a superuser. */
+START_TEST(sql_form)
+{
+    agent_serve[0] = true;
+    ck_assert_int_eq(pgfx_exec(fx, 0, "CREATE ROLE intruder LOGIN"), 0);
+    start_all();
+    long seq = 0;
+    PGconn *app = PQconnectdb(pgfx_conninfo_with(fx, 0, "user=app"));
+    ck_assert_int_eq(PQstatus(app), CONNECTION_OK);
+
+    /* 1. the DDL, while rentals are written on every node */
+    int64_t t0 = aamm_test_now_ms();
+    PGresult *res = send_while_writing(
+        app, "CALL aamm.ddl_execute('ALTER TABLE bikes ADD COLUMN status text', '90 s')", &seq);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "CALL: %s", PQresultErrorMessage(res));
+    PQclear(res);
+    fprintf(stderr, "sql_form: CALL returned after %" PRId64 " ms\n", aamm_test_now_ms() - t0);
+    for (int i = 0; i < NNODES; i++)
+        ck_assert_int_eq(column_count(i, "status"), 1);
+    ck_assert_int_eq(count(0, "SELECT count(*) FROM aamm.ddl_request WHERE status = 'done' AND "
+                              "token > 0 AND role = 'app' AND message IS NULL"),
+                     1);
+    for (int i = 1; i < NNODES; i++)
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.ddl_log WHERE status = 'applied' "
+                                  "AND role = 'app' AND origin_node = 1"),
+                         1);
+    ck_assert(wait_all("SELECT count(*) FROM rentals", seq, 60));
+    assert_identical("rentals", "id");
+
+    /* 2. a DDL that fails: the server's error, nothing replicated */
+    expect_error(app, "CALL aamm.ddl_execute('ALTER TABLE bikes ADD COLUMN status text', '60 s')",
+                 "AA008", "already exists");
+    ck_assert_int_eq(count(0, "SELECT count(*) FROM aamm.ddl_request WHERE status = 'failed' AND "
+                              "message LIKE '%already exists%'"),
+                     1);
+
+    /* 3. in a transaction block: refused before a request is recorded */
+    ck_assert_int_eq(pgfx_exec_conn(app, "BEGIN"), 0);
+    expect_error(app, "CALL aamm.ddl_execute('ALTER TABLE bikes ADD COLUMN colour text')", "2D000",
+                 "outside_a_transaction_block");
+    ck_assert_int_eq(pgfx_exec_conn(app, "ROLLBACK"), 0);
+    ck_assert_int_eq(count(0, "SELECT count(*) FROM aamm.ddl_request"), 2);
+
+    /* 4. a role that may not alter the owner's table: the agent runs it as that role, the
+     *    server refuses; recording a request as the owner is refused outright (nobody can
+     *    run DDL as a role their login cannot act as); a superuser's request is refused */
+    PGconn *in = PQconnectdb(pgfx_conninfo_with(fx, 0, "user=intruder"));
+    ck_assert_int_eq(PQstatus(in), CONNECTION_OK);
+    expect_error(in, "CALL aamm.ddl_execute('ALTER TABLE bikes ADD COLUMN evil text', '60 s')",
+                 "AA008", "must be owner");
+    expect_error(in,
+                 "SELECT aamm.ddl_request_submit('app', 'ALTER TABLE bikes ADD COLUMN evil2 text', "
+                 "'public', '60 s')",
+                 "42501", "as role app");
+    PQfinish(in);
+    PGconn *admin = pgfx_connect(fx, 0);
+    expect_error(admin, "CALL aamm.ddl_execute('ALTER TABLE bikes ADD COLUMN evil3 text')", "42501",
+                 "superuser");
+    PQfinish(admin);
+    /* a request made as app by someone else would have run by now (the agent polls) */
+    usleep(1500000);
+    ck_assert_int_eq(count(0, "SELECT count(*) FROM aamm.ddl_request WHERE command LIKE "
+                              "'%evil2%' OR command LIKE '%evil3%'"),
+                     0);
+    for (int i = 0; i < NNODES; i++)
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM information_schema.columns WHERE "
+                                  "table_name = 'bikes' AND column_name LIKE 'evil%'"),
+                         0);
+    for (int i = 1; i < NNODES; i++)
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.ddl_log"), 1);
+    PQfinish(app);
+    stop_all();
+}
+END_TEST
+
+/* TRUNCATE: refused plain (AA007), node-local after SET aamm.replicate_ddl = off, and every
+ * node's under the lock (CALL aamm.ddl_execute('TRUNCATE bikes'), its writers stopped, while
+ * rentals flow); no truncate ever reaches apply through pgoutput. */
+START_TEST(truncate_under_lock)
+{
+    agent_serve[0] = true;
+    start_all();
+    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO bikes SELECT g, 'm' FROM generate_series(1, 30) g"),
+                     0);
+    ck_assert(wait_all("SELECT count(*) FROM bikes", 30, 60));
+
+    /* plain: refused on every node, with the way out in the hint */
+    for (int i = 0; i < NNODES; i++) {
+        PGconn *c = PQconnectdb(pgfx_conninfo_with(fx, i, "user=app"));
+        PGresult *res = PQexec(c, "TRUNCATE bikes");
+        ck_assert_int_eq(PQresultStatus(res), PGRES_FATAL_ERROR);
+        ck_assert_str_eq(PQresultErrorField(res, PG_DIAG_SQLSTATE), "AA007");
+        const char *hint = PQresultErrorField(res, PG_DIAG_MESSAGE_HINT);
+        ck_assert_ptr_nonnull(hint);
+        ck_assert_ptr_nonnull(strstr(hint, "CALL aamm.ddl_execute"));
+        ck_assert_ptr_nonnull(strstr(hint, "SET aamm.replicate_ddl = off"));
+        PQclear(res);
+        PQfinish(c);
+    }
+    ck_assert_int_eq(count(0, "SELECT count(*) FROM bikes"), 30);
+
+    /* node-local on node 3: its rows go, the others keep theirs (a row written on node 3
+     * afterwards shows its stream passed the TRUNCATE) */
+    ck_assert_int_eq(pgfx_exec(fx, 2, "SET ROLE app; SET aamm.replicate_ddl = off; TRUNCATE bikes"),
+                     0);
+    ck_assert_int_eq(pgfx_exec(fx, 2, "INSERT INTO bikes VALUES (100, 'after')"), 0);
+    ck_assert(wait_all("SELECT count(*) FROM bikes WHERE id = 100", 1, 60));
+    ck_assert_int_eq(count(0, "SELECT count(*) FROM bikes"), 31);
+    ck_assert_int_eq(count(1, "SELECT count(*) FROM bikes"), 31);
+    ck_assert_int_eq(count(2, "SELECT count(*) FROM bikes"), 1);
+
+    /* under the lock, from node 1, while rentals are written everywhere */
+    long seq = 0;
+    PGconn *app = PQconnectdb(pgfx_conninfo_with(fx, 0, "user=app"));
+    int64_t t0 = aamm_test_now_ms();
+    PGresult *res = send_while_writing(app, "CALL aamm.ddl_execute('TRUNCATE bikes', '90 s')", &seq);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "CALL: %s", PQresultErrorMessage(res));
+    PQclear(res);
+    PQfinish(app);
+    fprintf(stderr, "truncate_under_lock: CALL returned after %" PRId64 " ms\n",
+            aamm_test_now_ms() - t0);
+    /* every peer applied it before the CALL returned */
+    for (int i = 0; i < NNODES; i++)
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM bikes"), 0);
+    for (int i = 1; i < NNODES; i++)
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.ddl_log WHERE status = 'applied' AND "
+                                  "tags = ARRAY['TRUNCATE TABLE'] AND role = 'app'"),
+                         1);
+    ck_assert(wait_all("SELECT count(*) FROM rentals", seq, 60));
+    assert_identical("rentals", "id");
+    /* the table works on: a row from node 2 reaches every node */
+    ck_assert_int_eq(pgfx_exec(fx, 1, "INSERT INTO bikes VALUES (7, 'new')"), 0);
+    ck_assert(wait_all("SELECT count(*) FROM bikes", 1, 60));
+    /* apply never saw a truncate change: not published, none logged */
+    for (int i = 0; i < NNODES; i++) {
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM pg_publication WHERE pubname = 'aamm' "
+                                  "AND NOT pubtruncate"),
+                         1);
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.conflict_log WHERE kind = 'truncate'"),
+                         0);
+    }
+    stop_all();
+}
+END_TEST
+
 /* ---- fixture ------------------------------------------------------------------------ */
 
 static void setup(void)
@@ -469,6 +680,7 @@ static void setup(void)
         agents[i] = 0;
         agent_ddl[i] = NULL;
         agent_hold_lock_ms[i] = 0;
+        agent_serve[i] = false;
     }
 }
 
@@ -492,6 +704,8 @@ int main(void)
         {"refused_local_and_plain", refused_local_and_plain, 150},
         {"peer_not_opted_in", peer_not_opted_in, 150},
         {"lock_of_a_dead_holder", lock_of_a_dead_holder, 200},
+        {"sql_form", sql_form, 240},
+        {"truncate_under_lock", truncate_under_lock, 240},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         TCase *tc = aamm_test_tcase(cases[i].name, cases[i].timeout);
