@@ -28,9 +28,13 @@ enum aamm_conflict_kind {
     AAMM_CONFLICT_INSERT_EXISTS = 1,         /* remote INSERT, key already present (or a
                                                 newer delete of that key is remembered) */
     AAMM_CONFLICT_UPDATE_ORIGIN_DIFFERS = 2, /* remote UPDATE, local row last written by
-                                                another node */
+                                                another node (logged when the remote update
+                                                lost, or won over a version its writer had
+                                                not seen: doc/conflicts.md, "What is
+                                                logged"; always counted) */
     AAMM_CONFLICT_UPDATE_MISSING = 3,        /* remote UPDATE, row not found */
-    AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS = 4, /* remote DELETE, local row from elsewhere */
+    AAMM_CONFLICT_DELETE_ORIGIN_DIFFERS = 4, /* remote DELETE, local row from elsewhere
+                                                (logged like UPDATE_ORIGIN_DIFFERS) */
     AAMM_CONFLICT_DELETE_MISSING = 5,        /* remote DELETE, row not found */
     AAMM_CONFLICT_UNIQUE_OTHER = 6,          /* a unique index other than the key rejects
                                                 the row: the stream stops */
@@ -74,8 +78,10 @@ struct aamm_conflict_version {
 };
 
 /**
- * One conflict as apply reports it (to the host callback) and logs it (aamm.conflict_log).
- * Every pointer is borrowed: valid only during the callback.
+ * One conflict as apply reports it (to the host callback) and logs it (aamm.conflict_log):
+ * those that lost or kept a write against another; decisions that overwrote nothing
+ * unseen are only counted (aamm_apply_stats(), apply.h). Every pointer is borrowed: valid
+ * only during the callback.
  */
 struct aamm_conflict {
     enum aamm_conflict_kind kind;
