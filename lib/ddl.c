@@ -81,51 +81,41 @@ static int wait_lock(struct aamm_replicator *r, struct lock_wait *w, int64_t dea
     return 0;
 }
 
+/* @sql on @conn (with @n text parameters; none: PQexec, which takes several statements);
+ * AAMM_ESERVER/AAMM_ECONN with "@what: " and the server's message */
+static int exec_params(PGconn *conn, const char *what, const char *sql, int n,
+                       const char *const *p, char *err, size_t errsize)
+{
+    PGresult *res = n ? PQexecParams(conn, sql, n, NULL, p, NULL, NULL, 0) : PQexec(conn, sql);
+    int rc = 0;
+    if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK)
+        rc = aamm__pg_seterr(err, errsize,
+                             PQstatus(conn) == CONNECTION_OK ? AAMM_ESERVER : AAMM_ECONN,
+                             "%s: %s", what, PQerrorMessage(conn));
+    PQclear(res);
+    return rc;
+}
+
 /* Commit a marker transaction (with @sql first, when not NULL, and DDL replication on for
  * it) on @conn. */
 static int run_marked(PGconn *conn, const char *sql, const char *token, char *err, size_t errsize)
 {
     const char *p[1] = {token};
-    PGresult *res;
     int rc = aamm__pg_run(conn, "ddl", "BEGIN; SET LOCAL aamm.replicate_ddl = on", err, errsize);
     if (rc < 0)
         return rc;
-    if (sql) {
-        /* under the lock: the TRUNCATE guard emits a TRUNCATE as DDL (sql/aamm--5--6.sql) */
-        res = PQexecParams(conn, "SELECT pg_catalog.set_config('" AAMM_SQL_GUC_DDL_TOKEN
+    /* under the lock: the TRUNCATE guard emits a TRUNCATE as DDL (sql/aamm--5--6.sql) */
+    if (sql && (rc = exec_params(conn, "ddl",
+                                 "SELECT pg_catalog.set_config('" AAMM_SQL_GUC_DDL_TOKEN
                                  "', $1, true)",
-                           1, NULL, p, NULL, NULL, 0);
-        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-            rc = aamm__pg_seterr(err, errsize,
-                                 PQstatus(conn) == CONNECTION_OK ? AAMM_ESERVER : AAMM_ECONN,
-                                 "ddl: %s", PQerrorMessage(conn));
-            PQclear(res);
-            aamm__pg_rollback(conn);
-            return rc;
-        }
-        PQclear(res);
-        res = PQexec(conn, sql);
-        if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
-            rc = aamm__pg_seterr(err, errsize,
-                                 PQstatus(conn) == CONNECTION_OK ? AAMM_ESERVER : AAMM_ECONN,
-                                 "ddl: %s", PQerrorMessage(conn));
-            PQclear(res);
-            aamm__pg_rollback(conn);
-            return rc;
-        }
-        PQclear(res);
-    }
-    res = PQexecParams(conn,
-                       "SELECT aamm.emit_marker($1)",
-                       1, NULL, p, NULL, NULL, 0);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        rc = aamm__pg_seterr(err, errsize, PQstatus(conn) == CONNECTION_OK ? AAMM_ESERVER : AAMM_ECONN,
-                             "ddl: marker: %s", PQerrorMessage(conn));
-        PQclear(res);
+                                 1, p, err, errsize)) == 0)
+        rc = exec_params(conn, "ddl", sql, 0, NULL, err, errsize);
+    if (rc == 0)
+        rc = exec_params(conn, "ddl: marker", "SELECT aamm.emit_marker($1)", 1, p, err, errsize);
+    if (rc < 0) {
         aamm__pg_rollback(conn);
         return rc;
     }
-    PQclear(res);
     return aamm__pg_run(conn, "ddl", "COMMIT", err, errsize);
 }
 
@@ -226,20 +216,6 @@ int aamm_ddl_execute(struct aamm_replicator *r, PGconn *conn, const char *sql, i
 
 /* ---- aamm_ddl_serve: the SQL form's requests ---------------------------------------- */
 
-/* @sql with @n text parameters on @conn; AAMM_ESERVER/AAMM_ECONN with the server's message */
-static int exec_params(PGconn *conn, const char *sql, int n, const char *const *p, char *err,
-                       size_t errsize)
-{
-    PGresult *res = PQexecParams(conn, sql, n, NULL, p, NULL, NULL, 0);
-    int rc = 0;
-    if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK)
-        rc = aamm__pg_seterr(err, errsize,
-                             PQstatus(conn) == CONNECTION_OK ? AAMM_ESERVER : AAMM_ECONN,
-                             "ddl: serve: %s", PQerrorMessage(conn));
-    PQclear(res);
-    return rc;
-}
-
 int aamm_ddl_serve(struct aamm_replicator *r, PGconn *conn, int timeout_ms, int *served,
                    char *err, size_t errsize)
 {
@@ -318,7 +294,7 @@ int aamm_ddl_serve(struct aamm_replicator *r, PGconn *conn, int timeout_ms, int 
     PQclear(res);
     if (rc == 0) {
         const char *p[2] = {role, path};
-        rc = exec_params(conn,
+        rc = exec_params(conn, "ddl: serve",
                          "SELECT pg_catalog.set_config('role', $1, false),"
                          " pg_catalog.set_config('search_path', $2, false)",
                          2, p, msg, sizeof msg);
@@ -335,8 +311,9 @@ int aamm_ddl_serve(struct aamm_replicator *r, PGconn *conn, int timeout_ms, int 
     rrc = aamm__pg_run(conn, "ddl: serve", "RESET ROLE", err, errsize);
     if (rrc == 0 && own_path) {
         const char *p[1] = {own_path};
-        rrc = exec_params(conn, "SELECT pg_catalog.set_config('search_path', $1, false)", 1, p,
-                          err, errsize);
+        rrc = exec_params(conn, "ddl: serve",
+                          "SELECT pg_catalog.set_config('search_path', $1, false)", 1, p, err,
+                          errsize);
     }
     aamm__free(own_path);
     if (rrc < 0) {
@@ -352,7 +329,7 @@ record:
     {
         const char *p[4] = {id, rc == 0 ? "done" : "failed", token[0] ? token : NULL,
                             rc == 0 ? NULL : msg};
-        rrc = exec_params(conn,
+        rrc = exec_params(conn, "ddl: serve",
                           "UPDATE " AAMM_SQL_DDL_REQUEST_TABLE " SET status = $2, token = $3::int8,"
                           " message = $4, finished_at = pg_catalog.now()"
                           " WHERE id OPERATOR(pg_catalog.=) $1::int8",

@@ -512,12 +512,30 @@ static void expect_error(PGconn *c, const char *sql, const char *state, const ch
     PQclear(res);
 }
 
-static long column_count(int i, const char *col)
+/* CALL @sql as app on node 1 while rentals are written on every node: it succeeds, and by
+ * then (the peers applied it before the CALL returned) @check gives 1 on every node and each
+ * peer logged one applied DDL of app from node 1 where @logged; the rentals converge. */
+static void call_while_writing(const char *sql, const char *check, const char *logged)
 {
-    return pgfx_value_long(fx, i, -1,
-                           "SELECT count(*) FROM information_schema.columns WHERE table_name = "
-                           "'bikes' AND column_name = '%s'",
-                           col);
+    PGconn *app = PQconnectdb(pgfx_conninfo_with(fx, 0, "user=app"));
+    long seq = 0;
+    int64_t t0 = aamm_test_now_ms();
+    ck_assert_int_eq(PQstatus(app), CONNECTION_OK);
+    PGresult *res = send_while_writing(app, sql, &seq);
+    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "%s: %s", sql, PQresultErrorMessage(res));
+    PQclear(res);
+    PQfinish(app);
+    fprintf(stderr, "%s: returned after %" PRId64 " ms\n", sql, aamm_test_now_ms() - t0);
+    for (int i = 0; i < NNODES; i++)
+        ck_assert_msg(count(i, check) == 1, "node %d: %s", i + 1, check);
+    for (int i = 1; i < NNODES; i++)
+        ck_assert_int_eq(pgfx_value_long(fx, i, -1,
+                                         "SELECT count(*) FROM aamm.ddl_log WHERE status = "
+                                         "'applied' AND role = 'app' AND origin_node = 1 AND %s",
+                                         logged),
+                         1);
+    ck_assert(wait_all("SELECT count(*) FROM rentals", seq, 60));
+    assert_identical("rentals", "id");
 }
 
 /* The SQL form: CALL aamm.ddl_execute() on node 1, served by its agent under the lock while
@@ -528,28 +546,17 @@ START_TEST(sql_form)
     agent_serve[0] = true;
     ck_assert_int_eq(pgfx_exec(fx, 0, "CREATE ROLE intruder LOGIN"), 0);
     start_all();
-    long seq = 0;
-    PGconn *app = PQconnectdb(pgfx_conninfo_with(fx, 0, "user=app"));
-    ck_assert_int_eq(PQstatus(app), CONNECTION_OK);
 
     /* 1. the DDL, while rentals are written on every node */
-    int64_t t0 = aamm_test_now_ms();
-    PGresult *res = send_while_writing(
-        app, "CALL aamm.ddl_execute('ALTER TABLE bikes ADD COLUMN status text', '90 s')", &seq);
-    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "CALL: %s", PQresultErrorMessage(res));
-    PQclear(res);
-    fprintf(stderr, "sql_form: CALL returned after %" PRId64 " ms\n", aamm_test_now_ms() - t0);
-    for (int i = 0; i < NNODES; i++)
-        ck_assert_int_eq(column_count(i, "status"), 1);
+    call_while_writing("CALL aamm.ddl_execute('ALTER TABLE bikes ADD COLUMN status text', '90 s')",
+                       "SELECT count(*) FROM information_schema.columns WHERE table_name = "
+                       "'bikes' AND column_name = 'status'",
+                       "command LIKE 'ALTER TABLE bikes%'");
     ck_assert_int_eq(count(0, "SELECT count(*) FROM aamm.ddl_request WHERE status = 'done' AND "
                               "token > 0 AND role = 'app' AND message IS NULL"),
                      1);
-    for (int i = 1; i < NNODES; i++)
-        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.ddl_log WHERE status = 'applied' "
-                                  "AND role = 'app' AND origin_node = 1"),
-                         1);
-    ck_assert(wait_all("SELECT count(*) FROM rentals", seq, 60));
-    assert_identical("rentals", "id");
+    PGconn *app = PQconnectdb(pgfx_conninfo_with(fx, 0, "user=app"));
+    ck_assert_int_eq(PQstatus(app), CONNECTION_OK);
 
     /* 2. a DDL that fails: the server's error, nothing replicated */
     expect_error(app, "CALL aamm.ddl_execute('ALTER TABLE bikes ADD COLUMN status text', '60 s')",
@@ -634,24 +641,8 @@ START_TEST(truncate_under_lock)
     ck_assert_int_eq(count(2, "SELECT count(*) FROM bikes"), 1);
 
     /* under the lock, from node 1, while rentals are written everywhere */
-    long seq = 0;
-    PGconn *app = PQconnectdb(pgfx_conninfo_with(fx, 0, "user=app"));
-    int64_t t0 = aamm_test_now_ms();
-    PGresult *res = send_while_writing(app, "CALL aamm.ddl_execute('TRUNCATE bikes', '90 s')", &seq);
-    ck_assert_msg(PQresultStatus(res) == PGRES_COMMAND_OK, "CALL: %s", PQresultErrorMessage(res));
-    PQclear(res);
-    PQfinish(app);
-    fprintf(stderr, "truncate_under_lock: CALL returned after %" PRId64 " ms\n",
-            aamm_test_now_ms() - t0);
-    /* every peer applied it before the CALL returned */
-    for (int i = 0; i < NNODES; i++)
-        ck_assert_int_eq(count(i, "SELECT count(*) FROM bikes"), 0);
-    for (int i = 1; i < NNODES; i++)
-        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.ddl_log WHERE status = 'applied' AND "
-                                  "tags = ARRAY['TRUNCATE TABLE'] AND role = 'app'"),
-                         1);
-    ck_assert(wait_all("SELECT count(*) FROM rentals", seq, 60));
-    assert_identical("rentals", "id");
+    call_while_writing("CALL aamm.ddl_execute('TRUNCATE bikes', '90 s')",
+                       "SELECT (count(*) = 0)::int FROM bikes", "tags = ARRAY['TRUNCATE TABLE']");
     /* the table works on: a row from node 2 reaches every node */
     ck_assert_int_eq(pgfx_exec(fx, 1, "INSERT INTO bikes VALUES (7, 'new')"), 0);
     ck_assert(wait_all("SELECT count(*) FROM bikes", 1, 60));
