@@ -38,12 +38,26 @@ static const char secret[] = "0123456789abcdef-replicator-test";
  * AAMM_LINK_SEND_MEMORY(8 MiB default send queue) each (~17 MB), a streamed incoming
  * transaction's at most 2 x 50,000 (apply_max_txn_changes default) unanswered changes
  * (~20-30 MB for two bigints a row), and the fixed parts (libpq, raft: ~9 MB, the sending
- * agent's whole peak): 64 MiB; measured 9 / 40-43 / 30-44 MB at a million rows. Lag of the
- * small transactions of node 2, whose agent feeds the big one to its apply in the same
- * loop: measured 3.4-4.9 s (a stream queued behind the big one would lag by its whole
- * apply, ~35 s): 10 s. */
+ * agent's whole peak): 64 MiB; measured 9 / 40-43 / 30-44 MB at a million rows. The
+ * library's own heap high water of the same (not libpq's or raft's): 48 MiB, measured
+ * 6.5 / 39 / 39 MB. Lag of the small transactions of node 2, whose agent feeds the big one
+ * to its apply in the same loop: 10 s, or a third of the big one's time from its commit to
+ * node 3 when that is longer (a stream queued behind the big one would lag by all of it);
+ * measured 3.4-4.9 s of 33 s on a quiet machine, 9-10 s of 73 s under a load of 11. */
 #define HUGE_PEAK_KB (64 * 1024)
+#define HUGE_HEAP_BYTES ((size_t)48 << 20)
 #define SMALL_LAG_MS 10000
+
+#if defined(__SANITIZE_ADDRESS__)
+#define UNDER_SANITIZER 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define UNDER_SANITIZER 1
+#endif
+#endif
+#ifndef UNDER_SANITIZER
+#define UNDER_SANITIZER 0
+#endif
 
 /* ---- node setup ------------------------------------------------------------------ */
 
@@ -83,13 +97,15 @@ static void on_term(int sig)
 }
 
 /* The agent's figures for the test, rewritten (atomically) about once a second and at
- * exit into <fixture root>/agent<i>.report: "term <t> leader <id> reconnects <n>" (term and
- * leader 0 without consensus; reconnects summed over the peers). */
+ * exit into <fixture root>/agent<i>.report: "term <t> leader <id> reconnects <n> heap <b>"
+ * (term and leader 0 without consensus; reconnects summed over the peers; heap: the
+ * library allocator's high water in bytes). */
 static void agent_report(struct aamm_replicator *r, int i)
 {
     char path[512], tmp[520];
     uint64_t term = 0, reconnects = 0;
     uint32_t leader = 0;
+    struct aamm_memory_stats ms;
     struct aamm_consensus *cs = aamm_replicator_consensus(r);
     if (cs) {
         term = aamm_consensus_term(cs);
@@ -105,8 +121,9 @@ static void agent_report(struct aamm_replicator *r, int i)
     FILE *f = fopen(tmp, "w");
     if (!f)
         return;
-    fprintf(f, "term %" PRIu64 " leader %" PRIu32 " reconnects %" PRIu64 "\n", term, leader,
-            reconnects);
+    aamm_memory_stats(&ms);
+    fprintf(f, "term %" PRIu64 " leader %" PRIu32 " reconnects %" PRIu64 " heap %zu\n", term,
+            leader, reconnects, ms.high_water);
     if (fclose(f) == 0)
         (void)rename(tmp, path);
 }
@@ -503,10 +520,12 @@ START_TEST(kill_agents_under_load)
     fprintf(stderr, "kill_agents_under_load: %d kills, %ld rows per node, %ld cross-node "
                     "rentals per node\n", kills, next[0], rentals[0]);
     ck_assert(wait_ledger(NNODES * next[0], 90));
-    /* the rentals travel on the same streams as the ledger rows: all there once those are */
+    /* every cross-node rental everywhere (the last round's came after its ledger rows) */
     for (int i = 0; i < NNODES; i++)
-        ck_assert_int_eq(count(i, "SELECT count(*) FROM rentals WHERE id % 1000000 >= 500000 "
-                                  "AND bike_id / 1000000 <> id / 1000000 AND user_id IS NOT NULL"),
+        ck_assert_int_eq(pgfx_wait_long(fx, i, NNODES * rentals[0], 60000,
+                                        "SELECT count(*) FROM rentals WHERE id %% 1000000 >= "
+                                        "500000 AND bike_id / 1000000 <> id / 1000000 AND "
+                                        "user_id IS NOT NULL"),
                          NNODES * rentals[0]);
     usleep(300000);
     assert_identical();
@@ -848,6 +867,7 @@ END_TEST
 struct agent_figures {
     uint64_t term, reconnects;
     uint32_t leader;
+    size_t heap;
 };
 
 /* Read agent @i's last report (agent_report()); false when there is none. */
@@ -858,8 +878,8 @@ static bool read_report(int i, struct agent_figures *af)
     FILE *f = fopen(path, "r");
     if (!f)
         return false;
-    bool ok = fscanf(f, "term %" SCNu64 " leader %" SCNu32 " reconnects %" SCNu64, &af->term,
-                     &af->leader, &af->reconnects) == 3;
+    bool ok = fscanf(f, "term %" SCNu64 " leader %" SCNu32 " reconnects %" SCNu64 " heap %zu",
+                     &af->term, &af->leader, &af->reconnects, &af->heap) == 4;
     fclose(f);
     return ok;
 }
@@ -1040,13 +1060,15 @@ START_TEST(huge_txn_while_small_flow)
             "%.1f s, on node 3 after %.1f s; %ld+%ld+%ld small transactions meanwhile; node 2's "
             "small ones lagged at most %" PRId64 " ms to node 1 (at %.1f s) and %" PRId64
             " ms to node 3 (at %.1f s; %ld written after the commit were there before it); peak RSS "
-            "%.1f / %.1f / %.1f MB; reconnects %" PRIu64 "->%" PRIu64 ", %" PRIu64 "->%" PRIu64
+            "%.1f / %.1f / %.1f MB, library heap high water %.1f / %.1f / %.1f MB; reconnects %" PRIu64 "->%" PRIu64 ", %" PRIu64 "->%" PRIu64
             ", %" PRIu64 "->%" PRIu64 "; term %" PRIu64 "->%" PRIu64 "; status rows not "
             "streaming %ld\n",
             rows, (t_commit - t0) / 1000.0, (t_on[1] - t0) / 1000.0, (t_on[2] - t0) / 1000.0,
             next[0], next[1], next[2], max_lag[0], max_lag_at[0] / 1000.0, max_lag[2],
             max_lag_at[2] / 1000.0, after_commit_on_3,
-            peak_kb[0] / 1024.0, peak_kb[1] / 1024.0, peak_kb[2] / 1024.0, before[0].reconnects,
+            peak_kb[0] / 1024.0, peak_kb[1] / 1024.0, peak_kb[2] / 1024.0,
+            after[0].heap / 1048576.0, after[1].heap / 1048576.0, after[2].heap / 1048576.0,
+            before[0].reconnects,
             after[0].reconnects, before[1].reconnects, after[1].reconnects, before[2].reconnects,
             after[2].reconnects, before[0].term, after[0].term, not_streaming);
     for (int i = 0; i < NNODES; i++)
@@ -1059,11 +1081,20 @@ START_TEST(huge_txn_while_small_flow)
         ck_assert_msg(after[i].term == before[i].term && after[i].leader == before[i].leader,
                       "agent %d saw an election: term %" PRIu64 " -> %" PRIu64, i + 1,
                       before[i].term, after[i].term);
-        ck_assert_msg(peak_kb[i] < HUGE_PEAK_KB, "agent %d peaked at %ld KiB", i + 1, peak_kb[i]);
+        ck_assert_msg(after[i].heap < HUGE_HEAP_BYTES, "agent %d's library heap peaked at %zu B",
+                      i + 1, after[i].heap);
+        /* a sanitizer's shadow memory and quarantine make RSS say nothing of the agent */
+        ck_assert_msg(UNDER_SANITIZER || peak_kb[i] < HUGE_PEAK_KB, "agent %d peaked at %ld KiB",
+                      i + 1, peak_kb[i]);
     }
     ck_assert_int_eq(not_streaming, 0);
-    ck_assert_int_lt(max_lag[0], SMALL_LAG_MS);
-    ck_assert_int_lt(max_lag[2], SMALL_LAG_MS);
+    /* not queued behind the big one: bounded, and well under the big one's time from its
+     * commit on node 1 to its arrival on node 3 (the machine's load stretches both) */
+    int64_t lag_bound = (t_on[2] - t_commit) / 3;
+    if (lag_bound < SMALL_LAG_MS)
+        lag_bound = SMALL_LAG_MS;
+    ck_assert_int_lt(max_lag[0], lag_bound);
+    ck_assert_int_lt(max_lag[2], lag_bound);
     /* the big one took a while to reach node 3: small ones passed it meanwhile */
     if (t_on[2] - t_commit > 2000)
         ck_assert_int_gt(after_commit_on_3, 0);
