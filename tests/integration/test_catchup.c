@@ -275,7 +275,7 @@ static void dump_status(int i)
  * for node 3 under load and during the hold. */
 START_TEST(lost_node_catchup)
 {
-    long per = aamm_test_scaled(100, 20), run1 = aamm_test_scaled(100, 25);
+    long per = aamm_test_scaled(100, 20) / 10 * 10, run1 = aamm_test_scaled(100, 25);
     long run2 = aamm_test_scaled(200, 50), own = 20, all;
     long held_load = 0, held_hold;
     unsigned long long fwd = 0;
