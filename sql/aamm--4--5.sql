@@ -25,7 +25,7 @@
 -- relation last
 CREATE OR REPLACE FUNCTION aamm.conflict_detail(kind text, rel text, k jsonb, lrow jsonb,
   rrow jsonb, lts timestamptz, lnode int, rts timestamptz, rnode int, res text)
-  RETURNS text LANGUAGE sql IMMUTABLE AS $f$
+  RETURNS text LANGUAGE sql STABLE AS $f$
   SELECT pg_catalog.concat_ws(chr(31), kind,
     COALESCE(k::text, ''), COALESCE(lrow::text, ''), COALESCE(rrow::text, ''),
     COALESCE((extract(epoch FROM lts) * 1000000)::int8::text, ''),
