@@ -172,14 +172,22 @@ static void tupd(struct aamm_apply *ap, const struct aamm_relation *r, const cha
     ck_assert_int_eq(aamm_apply_change(ap, &c), 0);
 }
 
-static void tdel(struct aamm_apply *ap, const struct aamm_relation *r, const char *const *oldv)
+/* a remote DELETE with the old tuple @oldv of kind @old_kind (AAMM_OLD_KEY: the key, the
+ * default replica identity; AAMM_OLD_FULL: the whole row) */
+static void tdel_old(struct aamm_apply *ap, const struct aamm_relation *r,
+                     const char *const *oldv, char old_kind)
 {
     struct aamm_change c = {0};
     c.kind = AAMM_CHANGE_DELETE;
     c.relation = r;
-    c.old_kind = AAMM_OLD_KEY;
+    c.old_kind = old_kind;
     mktuple(&c.old_tuple, r->ncolumns, oldv);
     ck_assert_int_eq(aamm_apply_change(ap, &c), 0);
+}
+
+static void tdel(struct aamm_apply *ap, const struct aamm_relation *r, const char *const *oldv)
+{
+    tdel_old(ap, r, oldv, AAMM_OLD_KEY);
 }
 
 /* a transactional message "aamm_test" with @content (borrowed) in the open transaction */
@@ -2834,18 +2842,6 @@ END_TEST
 
 /* ---- what the conflict log holds (doc/conflicts.md, "What is logged") ---------------- */
 
-/* A remote DELETE carrying the whole old row (REPLICA IDENTITY FULL). */
-static void tdel_full(struct aamm_apply *ap, const struct aamm_relation *r,
-                      const char *const *oldv)
-{
-    struct aamm_change c = {0};
-    c.kind = AAMM_CHANGE_DELETE;
-    c.relation = r;
-    c.old_kind = AAMM_OLD_FULL;
-    mktuple(&c.old_tuple, r->ncolumns, oldv);
-    ck_assert_int_eq(aamm_apply_change(ap, &c), 0);
-}
-
 /* Decisions counted per kind by the handles @a, @b (aamm_apply_stats): all, unlogged. */
 static uint64_t decided(struct aamm_apply *a, struct aamm_apply *b, enum aamm_conflict_kind kind,
                         bool unlogged_only)
@@ -2920,7 +2916,8 @@ static void sequential_updates(const char *tbl, bool full)
         l2 += 0x100;
         tbegin(a2, 2, l2, t + (SEQ_ROUNDS + 1 + i) * 1000);
         if (full)
-            tdel_full(a2, &r, V(ids[i], vs[SEQ_ROUNDS][i], ns[SEQ_ROUNDS], at, big));
+            tdel_old(a2, &r, V(ids[i], vs[SEQ_ROUNDS][i], ns[SEQ_ROUNDS], at, big),
+                     AAMM_OLD_FULL);
         else
             tdel(a2, &r, V(ids[i], NULL, NULL, NULL, NULL));
         tcommit(a2);
