@@ -350,7 +350,9 @@ START_TEST(join_under_load)
 END_TEST
 
 /* Errors come back, nothing is left behind: a table missing on the new node is named, and
- * the join fails before it made any slot; an unreachable upstream is AAMM_ECONN. */
+ * the join fails before it made any slot; an unreachable upstream is AAMM_ECONN; a join
+ * that fails after it made its slots drops them; called again with the tables emptied, it
+ * succeeds. */
 START_TEST(join_errors)
 {
     start_agent(0, 3);
@@ -370,6 +372,41 @@ START_TEST(join_errors)
     rc = aamm_node_join(&o, NULL, err, sizeof err);
     ck_assert_int_eq(rc, AAMM_ECONN);
     ck_assert_msg(strstr(err, "node 2"), "%s", err);
+
+    /* a failure after the slots were made (a table the new node has and the upstream
+     * lacks: the upstream's COPY fails) drops them again, on A and on B */
+    ck_assert_int_eq(pgfx_exec(fx, 2, "CREATE TABLE extra (id int PRIMARY KEY)"), 0);
+    const char *tables[] = {"public.bikes", "public.extra"};
+    join_options(&o, 5000);
+    o.tables = tables;
+    o.ntables = 2;
+    o.parallel = 1;
+    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO stations VALUES (1, 's', 1);"
+                                      "INSERT INTO bikes VALUES (1, 1, 'ok')"),
+                     0);
+    ck_assert_int_eq(pgfx_wait_long(fx, 1, 1, 20000, "SELECT count(*) FROM bikes"), 1);
+    rc = aamm_node_join(&o, NULL, err, sizeof err);
+    ck_assert_int_eq(rc, AAMM_ESERVER);
+    ck_assert_msg(strstr(err, "extra"), "%s", err);
+    for (int i = 0; i < 2; i++)
+        ck_assert_int_eq(pgfx_value_long(fx, i, -1, "SELECT count(*) FROM pg_replication_slots "
+                                                    "WHERE slot_name = 'aamm_to_3'"),
+                         0);
+    /* called again once the new node's tables are empty, it succeeds */
+    ck_assert_int_eq(pgfx_exec(fx, 2, "TRUNCATE bikes, aamm.tombstone"), 0);
+    o.ntables = 1;
+    struct aamm_node_join_stats st;
+    rc = aamm_node_join(&o, &st, err, sizeof err);
+    ck_assert_msg(rc == 0, "%s", err);
+    ck_assert_uint_eq(st.tables, 1);
+    ck_assert_uint_eq(st.rows, 1);
+    char *status = pgfx_value(fx, 2, "SELECT status FROM bikes WHERE id = 1");
+    ck_assert_str_eq(status ? status : "(none)", "ok");
+    free(status);
+    for (int i = 0; i < 2; i++)
+        ck_assert_int_eq(pgfx_value_long(fx, i, -1, "SELECT count(*) FROM pg_replication_slots "
+                                                    "WHERE slot_name = 'aamm_to_3'"),
+                         1);
 }
 END_TEST
 
