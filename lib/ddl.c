@@ -233,11 +233,21 @@ int aamm_ddl_serve(struct aamm_replicator *r, PGconn *conn, int timeout_ms, int 
         return aamm__newerrf(err, errsize, AAMM_EUNSUPPORTED,
                              "ddl: serve: the replicator runs no consensus (raft_address)");
 
-    /* 1. claim the oldest pending request (requests past their deadline: abandoned) */
+    /* 1. claim the oldest pending request; requests past their deadline are abandoned,
+     *    running ones a minute past it failed (their agent stopped: aamm_ddl_execute() ends
+     *    by the deadline), finished ones a week old deleted */
     res = PQexec(conn,
                  "WITH gone AS (UPDATE " AAMM_SQL_DDL_REQUEST_TABLE " SET status = 'abandoned',"
                  "   finished_at = pg_catalog.now(), message = 'no agent took it before its deadline'"
                  "   WHERE status = 'pending' AND deadline OPERATOR(pg_catalog.<=) pg_catalog.now()),"
+                 " lost AS (UPDATE " AAMM_SQL_DDL_REQUEST_TABLE " SET status = 'failed',"
+                 "   finished_at = pg_catalog.now(), message = 'the agent stopped while it ran it"
+                 " (it may have run: check the schema on every node)'"
+                 "   WHERE status = 'running' AND deadline OPERATOR(pg_catalog.<)"
+                 "   (pg_catalog.now() OPERATOR(pg_catalog.-) interval '1 minute')),"
+                 " old AS (DELETE FROM " AAMM_SQL_DDL_REQUEST_TABLE " WHERE status IN ('done',"
+                 "   'failed', 'abandoned') AND finished_at OPERATOR(pg_catalog.<)"
+                 "   (pg_catalog.now() OPERATOR(pg_catalog.-) interval '7 days')),"
                  " q AS (SELECT id FROM " AAMM_SQL_DDL_REQUEST_TABLE " WHERE status = 'pending'"
                  "   AND deadline OPERATOR(pg_catalog.>) pg_catalog.now() ORDER BY id LIMIT 1"
                  "   FOR UPDATE SKIP LOCKED)"

@@ -108,7 +108,8 @@ AAMM_API int aamm_ddl_execute(struct aamm_replicator *r, struct pg_conn *conn, c
  * @conn (borrowed: the host's connection, as a role that may SET ROLE to the requesting
  * roles, e.g. the agent's superuser connection) is connected to: claim the oldest pending
  * request of aamm.ddl_request (FOR UPDATE SKIP LOCKED; requests past their deadline are
- * marked abandoned instead), mark it running, run it through aamm_ddl_execute() on @r (a
+ * marked abandoned instead, running ones a minute past it failed: their agent stopped, and
+ * finished ones a week old are deleted), mark it running, run it through aamm_ddl_execute() on @r (a
  * started replicator with consensus) as the requesting role (SET ROLE on @conn, reset
  * afterwards, also on failure) with its search_path, for at most @timeout_ms or what is left
  * of the request's own timeout, and record done (with the lock's token) or failed (with the

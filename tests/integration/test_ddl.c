@@ -599,6 +599,30 @@ START_TEST(sql_form)
                          0);
     for (int i = 1; i < NNODES; i++)
         ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.ddl_log"), 1);
+
+    /* 5. node 2's agent serves nothing: the CALL times out and its request never runs; on
+     *    node 1 a request left pending past its deadline is abandoned, one left running a
+     *    minute past it (its agent died) failed */
+    PGconn *app2 = PQconnectdb(pgfx_conninfo_with(fx, 1, "user=app"));
+    expect_error(app2, "CALL aamm.ddl_execute('ALTER TABLE bikes ADD COLUMN late2 text', '1 s')",
+                 "57014", "no agent took it");
+    PQfinish(app2);
+    ck_assert_int_eq(count(1, "SELECT count(*) FROM aamm.ddl_request WHERE status = 'abandoned'"),
+                     1);
+    ck_assert_int_eq(pgfx_exec(fx, 0, "INSERT INTO aamm.ddl_request (command, role, search_path, "
+                                      "deadline, status) VALUES ('ALTER TABLE bikes ADD COLUMN "
+                                      "late text', 'app', 'public', now() - interval '1 s', "
+                                      "'pending'), ('ALTER TABLE bikes ADD COLUMN lost text', "
+                                      "'app', 'public', now() - interval '2 minutes', 'running')"),
+                     0);
+    ck_assert_int_eq(pgfx_wait_long(fx, 0, 2, 20000,
+                                    "SELECT count(*) FROM aamm.ddl_request WHERE (status = "
+                                    "'abandoned' AND command LIKE '%%late%%') OR (status = "
+                                    "'failed' AND command LIKE '%%lost%%')"),
+                     2);
+    ck_assert_int_eq(count(0, "SELECT count(*) FROM information_schema.columns WHERE "
+                              "table_name = 'bikes' AND column_name IN ('late', 'lost')"),
+                     0);
     PQfinish(app);
     stop_all();
 }
