@@ -19,6 +19,7 @@
 #include <aamm/node.h>
 #include <aamm/replicator.h>
 
+#include "agentfx.h"
 #include "netfx.h"
 #include "pgfixture.h"
 #include "testutil.h"
@@ -95,40 +96,26 @@ static void agent_report(struct aamm_replicator *r, int i, size_t *holds_max)
 
 static void agent_main(int i)
 {
+    struct agentfx a = {.node_id = (uint32_t)i + 1, .port = ports[i], .secret = secret};
     struct aamm_replicator_options o;
-    struct aamm_replicator_peer peers[NNODES - 1];
-    char portstr[NNODES][16], lport[16], err[512], apply_ci[512];
+    struct aamm_replicator_peer peers[AGENTFX_MAX_PEERS];
+    struct agentfx_ports pstr;
+    char err[512];
     struct aamm_replicator *r;
     size_t holds_max = 0;
-    int n = 0;
     signal(SIGTERM, on_term);
     signal(SIGUSR1, on_lost);
     aamm_consensus_ignore_sigpipe();
-    aamm_replicator_options_init(&o);
-    o.node_id = (uint32_t)i + 1;
-    o.conninfo = pgfx_conninfo(fx, i);
-    snprintf(apply_ci, sizeof apply_ci, "%s", pgfx_conninfo_with(fx, i, "user=aamm_apply"));
-    o.apply_conninfo = apply_ci;
-    o.cluster = "test";
-    o.secret = (const uint8_t *)secret;
-    o.secret_len = sizeof secret - 1;
-    snprintf(lport, sizeof lport, "%d", ports[i]);
-    o.listen_host = "127.0.0.1";
-    o.listen_port = lport;
-    o.reconnect_min_ms = 50;
-    o.reconnect_max_ms = 500;
-    o.heartbeat_ms = 200;
-    o.dead_after_ms = 3000;
-    o.status_interval_ms = 200;
+    snprintf(a.conninfo, sizeof a.conninfo, "%s", pgfx_conninfo(fx, i));
+    snprintf(a.apply_conninfo, sizeof a.apply_conninfo, "%s",
+             pgfx_conninfo_with(fx, i, "user=aamm_apply"));
     for (int k = 0; k < NNODES; k++) {
         if (k == i)
             continue;
-        snprintf(portstr[k], sizeof portstr[k], "%d", dial_port[i][k] ? dial_port[i][k] : ports[k]);
-        peers[n++] = (struct aamm_replicator_peer){(uint32_t)k + 1, NULL, "127.0.0.1", portstr[k],
-                                                   NULL};
+        a.peer_ids[a.npeers] = (uint32_t)k + 1;
+        a.peer_ports[a.npeers++] = dial_port[i][k] ? dial_port[i][k] : ports[k];
     }
-    o.peers = peers;
-    o.npeers = (uint32_t)n;
+    agentfx_options(&a, &o, peers, &pstr);
     if (aamm_replicator_new(&r, &o, err, sizeof err) != 0) {
         fprintf(stderr, "agent %d: %s\n", i + 1, err);
         _exit(2);
@@ -209,8 +196,8 @@ static long rows_from(int i, int origin)
 /* Wait (bounded) until node @i has @want rows of node @origin; true when it does. */
 static bool wait_rows(int i, int origin, long want, int timeout_ms)
 {
-    return pgfx_wait_long(fx, i, want, timeout_ms,
-                          "SELECT count(*) FROM ledger WHERE node = %d", origin + 1) == want;
+    return pgfx_wait_long(fx, i, want, timeout_ms, "SELECT count(*) FROM ledger WHERE node = %d",
+                          origin + 1) == want;
 }
 
 /* Node @i commits @n ledger rows from @first, one transaction each. */
@@ -248,15 +235,17 @@ static bool read_report(int i, unsigned long long *fwd, unsigned long *holds,
 
 static void dump_status(int i)
 {
-    char *st = pgfx_value(fx, i, "SELECT string_agg(format('peer %%s out %%s sent %%s acked %%s "
-                                 "conf %%s | in %%s recv %%s applied %%s pending %%s %%s', "
-                                 "peer_id, out_state, out_sent_lsn, out_acked_lsn, "
-                                 "out_confirmed_lsn, in_state, in_received_lsn, "
-                                 "in_applied_lsn, in_pending, reason), E'\\n  ') "
-                                 "FROM aamm.replication_status");
+    char *st = pgfx_value(fx, i,
+                          "SELECT string_agg(format('peer %%s out %%s sent %%s acked %%s "
+                          "conf %%s | in %%s recv %%s applied %%s pending %%s %%s', "
+                          "peer_id, out_state, out_sent_lsn, out_acked_lsn, "
+                          "out_confirmed_lsn, in_state, in_received_lsn, "
+                          "in_applied_lsn, in_pending, reason), E'\\n  ') "
+                          "FROM aamm.replication_status");
     fprintf(stderr, "node %d: %s\n  %s\n", i + 1,
-            pgfx_value(fx, i, "SELECT string_agg(node || ':' || n, ' ') FROM (SELECT node, "
-                              "count(*) n FROM ledger GROUP BY 1 ORDER BY 1) x"),
+            pgfx_value(fx, i,
+                       "SELECT string_agg(node || ':' || n, ' ') FROM (SELECT node, "
+                       "count(*) n FROM ledger GROUP BY 1 ORDER BY 1) x"),
             st ? st : "(no status)");
     free(st);
 }
@@ -319,8 +308,7 @@ START_TEST(lost_node_catchup)
      * transactions go (the slot is not held for ever) */
     int64_t hend = aamm_test_now_ms() + 10000;
     unsigned long holds = 1;
-    while (aamm_test_now_ms() < hend &&
-           !(read_report(B, &fwd, &holds, &holds_max) && holds == 0))
+    while (aamm_test_now_ms() < hend && !(read_report(B, &fwd, &holds, &holds_max) && holds == 0))
         usleep(100000);
     ck_assert_msg(holds == 0, "node 2 still holds %lu transactions of other origins", holds);
 
@@ -369,19 +357,22 @@ START_TEST(lost_node_catchup)
     ck_assert(wait_rows(B, C, per + own, 60000));
     usleep(500000);
     ck_assert(read_report(B, &fwd, &holds, &holds_max));
-    fprintf(stderr,
-            "lost_node_catchup (%s): node 3 missed %ld of node 1's %ld transactions; node 2 forwarded "
-            "%llu, caught up in %" PRId64
-            " ms after peer_lost (with a 500 ms pause before node 2's link to node 3 heals); node 2 "
-            "retained for node 3: %ld bytes at most under load (3 writers), %ld bytes during "
-            "the hold (%lu hold entries at most)\n",
-            _i ? "dedup" : "hold", missing, all, fwd, took, held_load, held_hold, holds_max);
+    fprintf(
+        stderr,
+        "lost_node_catchup (%s): node 3 missed %ld of node 1's %ld transactions; node 2 forwarded "
+        "%llu, caught up in %" PRId64
+        " ms after peer_lost (with a 500 ms pause before node 2's link to node 3 heals); node 2 "
+        "retained for node 3: %ld bytes at most under load (3 writers), %ld bytes during "
+        "the hold (%lu hold entries at most)\n",
+        _i ? "dedup" : "hold", missing, all, fwd, took, held_load, held_hold, holds_max);
 
     /* identical, every row once, no conflict */
-    char *vb = pgfx_value(fx, B, "SELECT md5(string_agg(l::text, ',' ORDER BY node, seq)) "
-                                 "FROM ledger l");
-    char *vc = pgfx_value(fx, C, "SELECT md5(string_agg(l::text, ',' ORDER BY node, seq)) "
-                                 "FROM ledger l");
+    char *vb = pgfx_value(fx, B,
+                          "SELECT md5(string_agg(l::text, ',' ORDER BY node, seq)) "
+                          "FROM ledger l");
+    char *vc = pgfx_value(fx, C,
+                          "SELECT md5(string_agg(l::text, ',' ORDER BY node, seq)) "
+                          "FROM ledger l");
     ck_assert(vb && vc);
     ck_assert_str_eq(vb, vc);
     free(vb);

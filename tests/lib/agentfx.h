@@ -22,6 +22,22 @@ struct agentfx {
     int peer_ports[AGENTFX_MAX_PEERS];
 };
 
+/* Where agentfx_options() keeps the port strings it points the options at. */
+struct agentfx_ports {
+    char listen[16];
+    char peer[AGENTFX_MAX_PEERS][16];
+};
+
+struct aamm_replicator_options;
+struct aamm_replicator_peer;
+
+/* Fill @o (initialized here) and @peers (AGENTFX_MAX_PEERS entries) with @a's replicator
+ * settings, the test settings included, as the forked agent runs them; the strings stay
+ * @a's and @ports' (borrowed: keep all three while @o is used). For a test that runs its
+ * own agent loop. */
+void agentfx_options(const struct agentfx *a, struct aamm_replicator_options *o,
+                     struct aamm_replicator_peer *peers, struct agentfx_ports *ports);
+
 /* Fork an agent running @a (copied); it exits 0 after SIGTERM (its replicator stopped),
  * 2..4 when the replicator fails (the reason on stderr). Dies with the test process.
  * Returns its pid (stop it with aamm_test_stop()). */
