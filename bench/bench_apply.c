@@ -4,9 +4,11 @@
  * subscription, node 2 through libaamm. Backlogs: bulk rows in 1,000-row transactions; pgbench
  * transactions; then bulk rows with 10% of the keys already present on the libaamm target
  * (conflicts, LWW, logged) against libaamm's own conflict-free bulk rate. Sizes scale with
- * AAMM_BENCH_SCALE (default 1: 1,000,000 rows, 100,000 pgbench txns). */
+ * AAMM_BENCH_SCALE (default 1: 1,000,000 rows, 100,000 pgbench txns); AAMM_BENCH_PGBENCH_ONLY=1
+ * keeps the bulk backlog at its minimum and skips the conflict one. */
 #include <inttypes.h>
 #include <poll.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -353,6 +355,12 @@ int main(void)
     long rows = (long)(1000000 * scale), txns = (long)(100000 * scale);
     if (rows < 10000)
         rows = 10000;
+    /* AAMM_BENCH_PGBENCH_ONLY=1: the smallest bulk backlog and no conflict backlog, for
+     * comparing the pgbench phase's CPU per transaction between builds */
+    const char *only = getenv("AAMM_BENCH_PGBENCH_ONLY");
+    bool pgbench_only = only && atoi(only);
+    if (pgbench_only)
+        rows = 10000;
     if (txns < 1000)
         txns = 1000;
     char conf[512];
@@ -467,21 +475,21 @@ int main(void)
 
     /* 3. 10% conflicting rows on the libaamm target, against its conflict-free bulk rate */
     long rows2 = rows / 5;
-    {
+    if (!pgbench_only) {
         char sql[256];
         snprintf(sql, sizeof sql,
                  "INSERT INTO bulk2 SELECT g, 'local', 0 FROM generate_series(1, %ld) g "
                  "WHERE g %% 10 = 0",
                  rows2);
         exec(2, sql);
+        load_bulk(a, "bulk2", rows2);
+        exec(0, "INSERT INTO bench_marker VALUES (3)");
+        double lib2 = libaamm_catch_up(3, rows2);
+        printf("BENCH apply_conflict10_libaamm_rows_per_s %.0f rows/s\n", rows2 / lib2);
+        printf("BENCH apply_conflict10_slowdown %.3f x\n", bulk_rate / (rows2 / lib2));
+        printf("BENCH apply_conflict10_logged %" PRIu64 " conflicts\n",
+               apst(ap).conflicts[AAMM_CONFLICT_INSERT_EXISTS]);
     }
-    load_bulk(a, "bulk2", rows2);
-    exec(0, "INSERT INTO bench_marker VALUES (3)");
-    double lib2 = libaamm_catch_up(3, rows2);
-    printf("BENCH apply_conflict10_libaamm_rows_per_s %.0f rows/s\n", rows2 / lib2);
-    printf("BENCH apply_conflict10_slowdown %.3f x\n", bulk_rate / (rows2 / lib2));
-    printf("BENCH apply_conflict10_logged %" PRIu64 " conflicts\n",
-           apst(ap).conflicts[AAMM_CONFLICT_INSERT_EXISTS]);
     PQfinish(a);
     for (int i = 0; i < 3; i++)
         PQfinish(pollconn[i]);
