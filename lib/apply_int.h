@@ -313,9 +313,11 @@ bool aamm__apply_number_params(const struct lrel *r, int op, const char *mask, i
 /* The whole statement for @op and @mask with every conflict check and decision (heap;
  * NULL: no memory). */
 char *aamm__apply_build_full(const struct lrel *r, int op, const char *mask, bool has_u);
-/* The statement for one row change (@cte 0) or its items c<cte>, m<cte> of a merged
- * statement (heap; NULL: no memory). */
-char *aamm__apply_build_sql(const struct lrel *r, int op, const char *mask, bool has_u, int cte);
+/* The statement for one row change (@cte 0, @mexpr NULL), or its WITH item c<cte> of a
+ * merged statement with in *@mexpr (heap) the expression that ends the change in the merged
+ * statement's last row (heap; NULL: no memory). */
+char *aamm__apply_build_sql(const struct lrel *r, int op, const char *mask, bool has_u, int cte,
+                            char **mexpr);
 /* TRUNCATE ONLY of the relations of @c (AAMM_CHANGE_TRUNCATE) (heap; NULL: no memory). */
 char *aamm__apply_truncate_sql(const struct aamm_change *c);
 /* The merged statement for the @n row changes @changes: per change its kind @ops[i], its

@@ -303,7 +303,7 @@ static struct stmt *stmt_for(struct aamm_apply *ap, struct qtxn *t, long idx, st
         snprintf(s->name, sizeof s->name, "aamm_%d_%d_%d", r->id, op, r->nstmts);
         r->nstmts++;
     }
-    char *sql = aamm__apply_build_sql(r, op, mask, has_u, 0);
+    char *sql = aamm__apply_build_sql(r, op, mask, has_u, 0, NULL);
     if (!sql) {
         *rc = AAMM_ENOMEM;
         return NULL;

@@ -530,23 +530,28 @@ char *aamm__apply_build_full(const struct lrel *r, int op, const char *mask, boo
 }
 
 /*
- * The statement for one row change (@cte 0), or its items c<cte>, m<cte> for the WITH list
- * of a transaction's merged statement; OP_INSERT_MANY: build_full().
+ * The statement for one row change (@cte 0), or its item c<cte> for the WITH list of a
+ * transaction's merged statement and in *@mexpr (heap) the expression that ends it in the
+ * merged statement's last row (aamm__apply_merged_sql()); OP_INSERT_MANY: build_full().
  *
  * c is the fast statement: it writes only when there is nothing to decide (an insert of a
  * key that is neither present nor remembered as deleted; an update or delete of a row this
  * source wrote, or of unknown age). Its expressions stay small because a prepared
  * statement's executor start-up builds every one of them at every execution. When it wrote
- * nothing, m hands the whole statement (build_full()) and the parameters to
- * aamm.apply_slow(), which runs it as a statement of its own (a fresh snapshot: it sees
- * what concurrent writers committed meanwhile) and, for an UPDATE that changed no row, the
- * update_missing INSERT after it.
+ * nothing, the rest (the SELECT of the single statement, the expression of the merged
+ * one) hands the whole statement (build_full()) and the parameters to aamm.apply_slow(),
+ * which runs it as a statement of its own (a fresh snapshot: it sees what concurrent
+ * writers committed meanwhile) and, for an UPDATE that changed no row, the update_missing
+ * INSERT after it.
  */
-char *aamm__apply_build_sql(const struct lrel *r, int op, const char *mask, bool has_u, int cte)
+char *aamm__apply_build_sql(const struct lrel *r, int op, const char *mask, bool has_u, int cte,
+                            char **mexpr)
 {
+    if (mexpr)
+        *mexpr = NULL;
     if (op == OP_INSERT_MANY || op == OP_INSERT_PLAIN || op == OP_UPDATE_MISSING)
         return aamm__apply_build_full(r, op, mask, has_u);
-    struct aamm__sb b = {0};
+    struct aamm__sb b = {0}, e = {0};
     int *vparam = NULL, *kparam = NULL, p = 0;
     if (!aamm__apply_number_params(r, op, mask, &vparam, &kparam, &p))
         b.oom = true;
@@ -583,39 +588,51 @@ char *aamm__apply_build_sql(const struct lrel *r, int op, const char *mask, bool
     bool tomb = !b.oom && (op == OP_DELETE || (op == OP_UPDATE && moves_key(r, mask)));
     /* an INSERT that wrote checks that no delete committed while it waited (sb_recheck()) */
     bool then = tomb || (!b.oom && op == OP_INSERT);
-    if (cte)
-        aamm__sb_add(&b, ", m%d AS (", cte);
-    if (then) {
-        aamm__sb_add(&b, " SELECT CASE WHEN EXISTS (SELECT 1 FROM c%d) THEN ", cte);
+    /* the merged statement's expression is a CASE in every shape: its EXISTS runs c first
+     * (an InitPlan, evaluated where the expression is), and an expression instead of an
+     * item m<cte> AS (SELECT ...) read by a SELECT of its own spares the executor two plan
+     * nodes per change at every execution */
+    struct aamm__sb *m = cte ? &e : &b;
+    if (then || cte) {
+        aamm__sb_add(m, "%sCASE WHEN EXISTS (SELECT 1 FROM c%d) THEN ", cte ? "" : " SELECT ",
+                     cte);
         if (tomb)
-            sb_tomb(&b, r, kparam, op == OP_UPDATE ? vparam : NULL);
+            sb_tomb(m, r, kparam, op == OP_UPDATE ? vparam : NULL);
+        else if (then)
+            sb_recheck(m, r, kparam, NULL, false);
         else
-            sb_recheck(&b, r, kparam, NULL, false);
-        aamm__sb_add(&b, " ELSE");
+            aamm__sb_add(m, "NULL");
+        aamm__sb_add(m, " ELSE ");
+    } else {
+        aamm__sb_add(m, " SELECT ");
     }
-    aamm__sb_add(&b, " %s" AAMM_SQL_FN_APPLY_SLOW "(", then ? "" : "SELECT ");
-    aamm__sb_literal(&b, dfull ? dfull : "");
-    aamm__sb_add(&b, ", ");
+    aamm__sb_add(m, AAMM_SQL_FN_APPLY_SLOW "(");
+    aamm__sb_literal(m, dfull ? dfull : "");
+    aamm__sb_add(m, ", ");
     if (dmiss)
-        aamm__sb_literal(&b, dmiss);
+        aamm__sb_literal(m, dmiss);
     else
-        aamm__sb_add(&b, "NULL");
-    aamm__sb_add(&b, ", ARRAY[");
+        aamm__sb_add(m, "NULL");
+    aamm__sb_add(m, ", ARRAY[");
     for (int pi = 1; pi < p; pi++)
-        aamm__sb_add(&b, "%s$%d", pi > 1 ? ", " : "", pi);
-    if (then)
-        aamm__sb_add(&b, "]::text[]) END AS x%s", cte ? ")" : "");
+        aamm__sb_add(m, "%s$%d", pi > 1 ? ", " : "", pi);
+    if (cte)
+        aamm__sb_add(m, "]::text[]) END");
+    else if (then)
+        aamm__sb_add(m, "]::text[]) END AS x");
     else
-        aamm__sb_add(&b, "]::text[]) AS x WHERE NOT EXISTS (SELECT 1 FROM c%d)%s", cte,
-                     cte ? ")" : "");
+        aamm__sb_add(m, "]::text[]) AS x WHERE NOT EXISTS (SELECT 1 FROM c0)");
     aamm__free(dfull);
     aamm__free(dmiss);
     aamm__free(vparam);
     aamm__free(kparam);
-    if (b.oom) {
+    if (b.oom || e.oom || (cte && !mexpr)) {
         aamm__free(b.s);
+        aamm__free(e.s);
         return NULL;
     }
+    if (cte)
+        *mexpr = e.s;
     return b.s;
 }
 
@@ -675,10 +692,14 @@ static const char guard_fold_sql[] =
     AAMM_SQL_FN_KEY_LOCK_BUSY "(u.x) END" GUARD_LOCKS ")";
 
 /*
- * The merged statement (send_merged()): WITH g (guard_fold_sql), c1 AS (...), m1 AS (...),
- * ... SELECT w FROM g UNION ALL SELECT x::text FROM m1 ..., each change's items built as for
- * its own statement with its parameters renumbered after the previous change's, the
- * guard's after all of them.
+ * The merged statement (send_merged()): WITH g (guard_fold_sql), c1 AS (...), c2 AS (...),
+ * ... SELECT w FROM g UNION ALL SELECT ARRAY[<change 1's expression>, ...]::text, each
+ * change's item and expression built as for its own statement with its parameters
+ * renumbered after the previous change's, the guard's after all of them. The Append reads
+ * g (locks and all) before its second branch evaluates the expressions, in change order
+ * (an array's elements are evaluated in order); each expression runs its c item first.
+ * All in one row: per change the executor starts one InitPlan and its CTE scan, no node
+ * of its own.
  */
 char *aamm__apply_merged_sql(const struct aamm_change *changes, size_t n, const int *ops,
                              const char *masks, size_t stride, const bool *hasu, const int *nps)
@@ -692,25 +713,30 @@ char *aamm__apply_merged_sql(const struct aamm_change *changes, size_t n, const 
         sql.oom = true;
     aamm__sb_add(&sql, "WITH %s", g ? g : "");
     aamm__free(g);
-    /* the guard first: the Append reads g (locks and all) before any m item runs
-     * its c item */
-    aamm__sb_add(&tail, " SELECT w FROM g");
+    aamm__sb_add(&tail, " SELECT w FROM g UNION ALL SELECT ARRAY[");
     int off = 0;
     for (size_t i = 0; i < n; i++) {
         struct lrel *r = lrel_of(changes[i].relation);
-        char *item = aamm__apply_build_sql(r, ops[i], masks + i * stride, hasu[i], (int)i + 1);
+        char *expr = NULL;
+        char *item =
+            aamm__apply_build_sql(r, ops[i], masks + i * stride, hasu[i], (int)i + 1, &expr);
         char *ren = item ? rewrite_params(item, false, off) : NULL;
+        char *rexpr = expr ? rewrite_params(expr, false, off) : NULL;
         aamm__free(item);
-        if (!ren) {
+        aamm__free(expr);
+        if (!ren || !rexpr) {
+            aamm__free(ren);
+            aamm__free(rexpr);
             sql.oom = true;
             break;
         }
         aamm__sb_add(&sql, ", %s", ren);
+        aamm__sb_add(&tail, "%s%s", i ? ", " : "", rexpr);
         aamm__free(ren);
-        /* an m item runs only when read; reading it runs its c item first */
-        aamm__sb_add(&tail, " UNION ALL SELECT x::text FROM m%zu", i + 1);
+        aamm__free(rexpr);
         off += nps[i];
     }
+    aamm__sb_add(&tail, "]::text");
     aamm__sb_add(&sql, "%s", tail.s ? tail.s : "");
     aamm__free(tail.s);
     if (sql.oom || tail.oom) {

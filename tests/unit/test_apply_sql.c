@@ -209,13 +209,13 @@ static void tuple(struct aamm_tuple *t, const struct lrel *r, const char *const 
 START_TEST(test_insert)
 {
     struct lrel *u = users(), *l = lines(), *w = wide();
-    golden("users.insert.sql", aamm__apply_build_sql(u, OP_INSERT, "1110-", false, 0));
+    golden("users.insert.sql", aamm__apply_build_sql(u, OP_INSERT, "1110-", false, 0, NULL));
     golden("users.insert.full.sql", aamm__apply_build_full(u, OP_INSERT, "1110-", false));
-    golden("lines.insert.sql", aamm__apply_build_sql(l, OP_INSERT, "1111-", false, 0));
+    golden("lines.insert.sql", aamm__apply_build_sql(l, OP_INSERT, "1111-", false, 0, NULL));
     char wmask[49];
     memset(wmask, '1', 47);
     memcpy(wmask + 47, "-", 2);
-    golden("wide.insert.sql", aamm__apply_build_sql(w, OP_INSERT, wmask, false, 0));
+    golden("wide.insert.sql", aamm__apply_build_sql(w, OP_INSERT, wmask, false, 0, NULL));
     freerel(u);
     freerel(l);
     freerel(w);
@@ -227,25 +227,25 @@ END_TEST
 START_TEST(test_update)
 {
     struct lrel *u = users(), *l = lines(), *w = wide();
-    golden("users.update.sql", aamm__apply_build_sql(u, OP_UPDATE, "1110-", false, 0));
+    golden("users.update.sql", aamm__apply_build_sql(u, OP_UPDATE, "1110-", false, 0, NULL));
     golden("users.update.full.sql", aamm__apply_build_full(u, OP_UPDATE, "1110-", false));
-    golden("users.update_toast.sql", aamm__apply_build_sql(u, OP_UPDATE, "1010U", true, 0));
-    golden("users.update_key.sql", aamm__apply_build_sql(u, OP_UPDATE, "1110k", false, 0));
+    golden("users.update_toast.sql", aamm__apply_build_sql(u, OP_UPDATE, "1010U", true, 0, NULL));
+    golden("users.update_key.sql", aamm__apply_build_sql(u, OP_UPDATE, "1110k", false, 0, NULL));
     golden("users.update_key.full.sql", aamm__apply_build_full(u, OP_UPDATE, "1110k", false));
-    golden("users.update_key_toast.sql", aamm__apply_build_sql(u, OP_UPDATE, "1010K", true, 0));
-    golden("lines.update.sql", aamm__apply_build_sql(l, OP_UPDATE, "1111-", false, 0));
-    golden("lines.update_key.sql", aamm__apply_build_sql(l, OP_UPDATE, "1111k", false, 0));
+    golden("users.update_key_toast.sql", aamm__apply_build_sql(u, OP_UPDATE, "1010K", true, 0, NULL));
+    golden("lines.update.sql", aamm__apply_build_sql(l, OP_UPDATE, "1111-", false, 0, NULL));
+    golden("lines.update_key.sql", aamm__apply_build_sql(l, OP_UPDATE, "1111k", false, 0, NULL));
     /* only part of the key written: not a key change, whatever the old key */
-    golden("lines.update_part_key.sql", aamm__apply_build_sql(l, OP_UPDATE, "0111k", true, 0));
+    golden("lines.update_part_key.sql", aamm__apply_build_sql(l, OP_UPDATE, "0111k", true, 0, NULL));
     char wmask[49];
     memset(wmask, '1', 47);
     memcpy(wmask + 47, "-", 2);
-    golden("wide.update.sql", aamm__apply_build_sql(w, OP_UPDATE, wmask, false, 0));
+    golden("wide.update.sql", aamm__apply_build_sql(w, OP_UPDATE, wmask, false, 0, NULL));
     /* the JSON row's limit: 45 written columns still go as an object, 46 not */
     wmask[46] = '0';
-    golden("wide.update_46.sql", aamm__apply_build_sql(w, OP_UPDATE, wmask, true, 0));
+    golden("wide.update_46.sql", aamm__apply_build_sql(w, OP_UPDATE, wmask, true, 0, NULL));
     wmask[45] = '0';
-    golden("wide.update_45.sql", aamm__apply_build_sql(w, OP_UPDATE, wmask, true, 0));
+    golden("wide.update_45.sql", aamm__apply_build_sql(w, OP_UPDATE, wmask, true, 0, NULL));
     freerel(u);
     freerel(l);
     freerel(w);
@@ -258,11 +258,11 @@ START_TEST(test_update_missing)
 {
     struct lrel *u = users(), *l = lines();
     golden("users.update_missing.sql",
-           aamm__apply_build_sql(u, OP_UPDATE_MISSING, "1110-", false, 0));
+           aamm__apply_build_sql(u, OP_UPDATE_MISSING, "1110-", false, 0, NULL));
     golden("users.update_missing_toast.sql",
-           aamm__apply_build_sql(u, OP_UPDATE_MISSING, "1010U", true, 0));
+           aamm__apply_build_sql(u, OP_UPDATE_MISSING, "1010U", true, 0, NULL));
     golden("lines.update_missing_key.sql",
-           aamm__apply_build_sql(l, OP_UPDATE_MISSING, "1111k", false, 0));
+           aamm__apply_build_sql(l, OP_UPDATE_MISSING, "1111k", false, 0, NULL));
     freerel(u);
     freerel(l);
 }
@@ -272,9 +272,9 @@ END_TEST
 START_TEST(test_delete)
 {
     struct lrel *u = users(), *l = lines();
-    golden("users.delete.sql", aamm__apply_build_sql(u, OP_DELETE, "0000-", false, 0));
+    golden("users.delete.sql", aamm__apply_build_sql(u, OP_DELETE, "0000-", false, 0, NULL));
     golden("users.delete.full.sql", aamm__apply_build_full(u, OP_DELETE, "0000-", false));
-    golden("lines.delete.sql", aamm__apply_build_sql(l, OP_DELETE, "0000-", false, 0));
+    golden("lines.delete.sql", aamm__apply_build_sql(l, OP_DELETE, "0000-", false, 0, NULL));
     freerel(u);
     freerel(l);
 }
@@ -287,21 +287,21 @@ END_TEST
 START_TEST(test_old_row)
 {
     struct lrel *u = users(), *l = lines(), *w = wide();
-    golden("users.update.old.sql", aamm__apply_build_sql(u, OP_UPDATE, "1110-1110", false, 0));
+    golden("users.update.old.sql", aamm__apply_build_sql(u, OP_UPDATE, "1110-1110", false, 0, NULL));
     golden("users.update_old.full.sql", aamm__apply_build_full(u, OP_UPDATE, "1110-1110", false));
     golden("users.update_toast.old.sql",
-           aamm__apply_build_sql(u, OP_UPDATE, "1010U1010", true, 0));
+           aamm__apply_build_sql(u, OP_UPDATE, "1010U1010", true, 0, NULL));
     golden("users.update.old_empty.sql",
-           aamm__apply_build_sql(u, OP_UPDATE, "1110-0000", false, 0));
-    golden("users.delete.old.sql", aamm__apply_build_sql(u, OP_DELETE, "0000-1110", false, 0));
+           aamm__apply_build_sql(u, OP_UPDATE, "1110-0000", false, 0, NULL));
+    golden("users.delete.old.sql", aamm__apply_build_sql(u, OP_DELETE, "0000-1110", false, 0, NULL));
     golden("users.delete_old.full.sql", aamm__apply_build_full(u, OP_DELETE, "0000-1110", false));
-    golden("lines.update_key.old.sql", aamm__apply_build_sql(l, OP_UPDATE, "1111k1111", false, 0));
+    golden("lines.update_key.old.sql", aamm__apply_build_sql(l, OP_UPDATE, "1111k1111", false, 0, NULL));
     char wmask[96];
     memset(wmask, '1', 47);
     wmask[47] = '-';
     memset(wmask + 48, '1', 47);
     wmask[95] = '\0';
-    golden("wide.update.old.sql", aamm__apply_build_sql(w, OP_UPDATE, wmask, false, 0));
+    golden("wide.update.old.sql", aamm__apply_build_sql(w, OP_UPDATE, wmask, false, 0, NULL));
     /* the numbering: written values, the old key (a delete, a key change), the old row */
     static const struct {
         int op;
@@ -331,23 +331,40 @@ END_TEST
 START_TEST(test_insert_runs)
 {
     struct lrel *u = users(), *l = lines();
-    golden("users.insert_many.sql", aamm__apply_build_sql(u, OP_INSERT_MANY, "1110-", false, 0));
+    golden("users.insert_many.sql", aamm__apply_build_sql(u, OP_INSERT_MANY, "1110-", false, 0, NULL));
     golden("users.insert_plain.sql",
-           aamm__apply_build_sql(u, OP_INSERT_PLAIN, "1110-", false, 0));
-    golden("lines.insert_many.sql", aamm__apply_build_sql(l, OP_INSERT_MANY, "1111-", false, 0));
+           aamm__apply_build_sql(u, OP_INSERT_PLAIN, "1110-", false, 0, NULL));
+    golden("lines.insert_many.sql", aamm__apply_build_sql(l, OP_INSERT_MANY, "1111-", false, 0, NULL));
     freerel(u);
     freerel(l);
 }
 END_TEST
 
-/* A change's items of a merged statement (c<n>, m<n>) and a whole merged statement: the
- * folded guard first, items renumbered after each other, the guard's parameters last. */
+/* A change's item c<@cte> of a merged statement and, on a line of its own, its expression
+ * in the statement's last row (heap). */
+static char *item(const struct lrel *r, int op, const char *mask, int cte)
+{
+    char *e = NULL, *c = aamm__apply_build_sql(r, op, mask, false, cte, &e);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_ptr_nonnull(e);
+    size_t n = strlen(c) + strlen(e) + 2;
+    char *s = aamm__malloc(n);
+    ck_assert_ptr_nonnull(s);
+    snprintf(s, n, "%s\n%s", c, e);
+    aamm__free(c);
+    aamm__free(e);
+    return s;
+}
+
+/* A change's item of a merged statement (c<n>, its expression) and a whole merged
+ * statement: the folded guard first, items renumbered after each other, the guard's
+ * parameters last, the expressions in one row after the guard's rows. */
 START_TEST(test_merged)
 {
     struct lrel *u = users(), *l = lines();
-    golden("users.insert.item3.sql", aamm__apply_build_sql(u, OP_INSERT, "1110-", false, 3));
-    golden("users.update.item1.sql", aamm__apply_build_sql(u, OP_UPDATE, "1110-", false, 1));
-    golden("lines.delete.item2.sql", aamm__apply_build_sql(l, OP_DELETE, "0000-", false, 2));
+    golden("users.insert.item3.sql", item(u, OP_INSERT, "1110-", 3));
+    golden("users.update.item1.sql", item(u, OP_UPDATE, "1110-", 1));
+    golden("lines.delete.item2.sql", item(l, OP_DELETE, "0000-", 2));
 
     /* the rows behind the masks (a merged statement's shape comes from its changes) */
     const char *ui[] = {"1", "Ann", NULL, "7"}, *lo[] = {"EU", "42", NULL, NULL},
