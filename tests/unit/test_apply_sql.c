@@ -232,11 +232,13 @@ START_TEST(test_update)
     golden("users.update_toast.sql", aamm__apply_build_sql(u, OP_UPDATE, "1010U", true, 0, NULL));
     golden("users.update_key.sql", aamm__apply_build_sql(u, OP_UPDATE, "1110k", false, 0, NULL));
     golden("users.update_key.full.sql", aamm__apply_build_full(u, OP_UPDATE, "1110k", false));
-    golden("users.update_key_toast.sql", aamm__apply_build_sql(u, OP_UPDATE, "1010K", true, 0, NULL));
+    golden("users.update_key_toast.sql",
+           aamm__apply_build_sql(u, OP_UPDATE, "1010K", true, 0, NULL));
     golden("lines.update.sql", aamm__apply_build_sql(l, OP_UPDATE, "1111-", false, 0, NULL));
     golden("lines.update_key.sql", aamm__apply_build_sql(l, OP_UPDATE, "1111k", false, 0, NULL));
     /* only part of the key written: not a key change, whatever the old key */
-    golden("lines.update_part_key.sql", aamm__apply_build_sql(l, OP_UPDATE, "0111k", true, 0, NULL));
+    golden("lines.update_part_key.sql",
+           aamm__apply_build_sql(l, OP_UPDATE, "0111k", true, 0, NULL));
     char wmask[49];
     memset(wmask, '1', 47);
     memcpy(wmask + 47, "-", 2);
@@ -287,15 +289,18 @@ END_TEST
 START_TEST(test_old_row)
 {
     struct lrel *u = users(), *l = lines(), *w = wide();
-    golden("users.update.old.sql", aamm__apply_build_sql(u, OP_UPDATE, "1110-1110", false, 0, NULL));
+    golden("users.update.old.sql",
+           aamm__apply_build_sql(u, OP_UPDATE, "1110-1110", false, 0, NULL));
     golden("users.update_old.full.sql", aamm__apply_build_full(u, OP_UPDATE, "1110-1110", false));
     golden("users.update_toast.old.sql",
            aamm__apply_build_sql(u, OP_UPDATE, "1010U1010", true, 0, NULL));
     golden("users.update.old_empty.sql",
            aamm__apply_build_sql(u, OP_UPDATE, "1110-0000", false, 0, NULL));
-    golden("users.delete.old.sql", aamm__apply_build_sql(u, OP_DELETE, "0000-1110", false, 0, NULL));
+    golden("users.delete.old.sql",
+           aamm__apply_build_sql(u, OP_DELETE, "0000-1110", false, 0, NULL));
     golden("users.delete_old.full.sql", aamm__apply_build_full(u, OP_DELETE, "0000-1110", false));
-    golden("lines.update_key.old.sql", aamm__apply_build_sql(l, OP_UPDATE, "1111k1111", false, 0, NULL));
+    golden("lines.update_key.old.sql",
+           aamm__apply_build_sql(l, OP_UPDATE, "1111k1111", false, 0, NULL));
     char wmask[96];
     memset(wmask, '1', 47);
     wmask[47] = '-';
@@ -331,10 +336,12 @@ END_TEST
 START_TEST(test_insert_runs)
 {
     struct lrel *u = users(), *l = lines();
-    golden("users.insert_many.sql", aamm__apply_build_sql(u, OP_INSERT_MANY, "1110-", false, 0, NULL));
+    golden("users.insert_many.sql",
+           aamm__apply_build_sql(u, OP_INSERT_MANY, "1110-", false, 0, NULL));
     golden("users.insert_plain.sql",
            aamm__apply_build_sql(u, OP_INSERT_PLAIN, "1110-", false, 0, NULL));
-    golden("lines.insert_many.sql", aamm__apply_build_sql(l, OP_INSERT_MANY, "1111-", false, 0, NULL));
+    golden("lines.insert_many.sql",
+           aamm__apply_build_sql(l, OP_INSERT_MANY, "1111-", false, 0, NULL));
     freerel(u);
     freerel(l);
 }
