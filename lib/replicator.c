@@ -156,6 +156,8 @@ struct aamm_replicator {
     bool status_flush; /* output of the status query not yet flushed */
 
     struct aamm_consensus *cs;
+    bool member_adding;      /* an aamm_consensus_add_member() of members_follow() runs */
+    int64_t member_retry_at; /* members_follow() waits until then after a refusal */
     struct galloc_seq seqs[AAMM_REPLICATOR_MAX_SEQUENCES];
     uint32_t nseqs;
 
@@ -1547,7 +1549,48 @@ static int consensus_open(struct aamm_replicator *r)
     return 0;
 }
 
-static int consensus_step(struct aamm_replicator *r)
+static void member_added(struct aamm_consensus *cs, int status, void *arg)
+{
+    struct aamm_replicator *r = arg;
+    (void)cs;
+    r->member_adding = false;
+    if (status != 0) {
+        AAMM_DEBUG("replicator: consensus: adding a member: %s", aamm_strerror(status));
+        r->member_retry_at = aamm__now_ms() + 1000;
+    }
+}
+
+/* Consensus membership follows the configuration, adding only: on the leader, every
+ * configured peer with a raft address that is not a member yet is added (a node that
+ * joins runs consensus on an empty data dir without bootstrap and waits for this; the
+ * existing nodes learn of it when their hosts add it as a peer). Removal stays explicit
+ * (aamm_consensus_remove_member(), after the peer left the configuration: parting is a
+ * decision, not a missing line); a lost peer is never added. One change at a time; a
+ * refused one (another change running, a bootstrap member whose metadata is not in yet)
+ * is tried again a second later. */
+static void members_follow(struct aamm_replicator *r, int64_t now)
+{
+    struct aamm_consensus_member m;
+    if (r->member_adding || now < r->member_retry_at ||
+        aamm_consensus_state(r->cs) != AAMM_CONSENSUS_LEADER)
+        return;
+    for (uint32_t i = 0; i < r->npeers; i++) {
+        struct rpeer *p = &r->peers[i];
+        if (!p->raft || p->lost || aamm_consensus_member_get(r->cs, p->id, &m) == 0)
+            continue;
+        m = (struct aamm_consensus_member){p->id, p->name, p->port ? p->port : "", p->raft};
+        if (aamm_consensus_add_member(r->cs, &m, member_added, r) == 0) {
+            r->member_adding = true;
+            AAMM_INFO("replicator: consensus: adding node %" PRIu32 " (%s, %s) as a member",
+                      p->id, p->name, p->raft);
+        } else {
+            r->member_retry_at = now + 1000;
+        }
+        return;
+    }
+}
+
+static int consensus_step(struct aamm_replicator *r, int64_t now)
 {
     int rc;
     if (!r->cs)
@@ -1555,6 +1598,7 @@ static int consensus_step(struct aamm_replicator *r)
     rc = aamm_consensus_step(r->cs);
     if (rc == AAMM_ENOMEM)
         return rc;
+    members_follow(r, now);
     for (uint32_t i = 0; i < r->nseqs; i++)
         (void)aamm_galloc_pump(r->seqs[i].g);
     return 0;
@@ -1659,7 +1703,7 @@ int aamm_replicator_step(struct aamm_replicator *r)
         if ((rc = out_step(&r->peers[i], now)) < 0)
             return aamm__errf(&r->err, rc, "replicator: %s", aamm_strerror(rc));
     }
-    if ((rc = consensus_step(r)) < 0)
+    if ((rc = consensus_step(r, now)) < 0)
         return rc;
     update_rates(r, now);
     ctl_step(r, now);

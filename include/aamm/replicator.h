@@ -138,7 +138,12 @@ struct aamm_replicator_options {
 
     /* Consensus (optional: raft_address NULL means none). The members are this node and
      * every peer with a raft_address; bootstrap_consensus makes a brand-new cluster of
-     * them on a pristine data dir (the same list on every initial member). */
+     * them on a pristine data dir (the same list on every initial member). Membership then
+     * follows the configuration, adding only: the leader adds every configured peer with a
+     * raft_address that is not a member yet, so a node joins by starting its replicator
+     * without bootstrap_consensus on an empty data dir while the existing nodes' hosts add
+     * it as a peer. Removing a member stays explicit (aamm_consensus_remove_member() on
+     * aamm_replicator_consensus(), once the peer is out of every node's configuration). */
     const char *raft_address;
     const char *raft_data_dir;
     bool bootstrap_consensus;

@@ -31,6 +31,7 @@ static pid_t agents[NNODES];
 static int dial_port[NNODES][NNODES]; /* where agent i dials peer k (0: ports[k]) */
 static bool with_consensus;            /* agents run consensus and supply galloc "rentals" */
 static bool parted[NNODES];            /* nodes the agents no longer have as peers */
+static bool joining[NNODES];           /* with consensus: starts unbootstrapped, to be added */
 static int raft_ports[NNODES];
 static const char secret[] = "0123456789abcdef-replicator-test";
 
@@ -187,12 +188,12 @@ static void agent_main(int i)
         for (int k = 0; k < NNODES; k++)
             snprintf(raft[k], sizeof raft[k], "127.0.0.1:%d", raft_ports[k]);
         for (int k = 0, m = 0; k < NNODES; k++)
-            if (k != i)
+            if (k != i && !parted[k])
                 peers[m++].raft_address = raft[k];
         snprintf(rdir, sizeof rdir, "%s/raft%d", pgfx_root(fx), i + 1);
         o.raft_address = raft[i];
         o.raft_data_dir = rdir;
-        o.bootstrap_consensus = true;
+        o.bootstrap_consensus = !joining[i];
         o.sequences = seqs;
         o.nsequences = 1;
         o.sequence_range_size = 100;
@@ -1106,6 +1107,30 @@ END_TEST
 /* With consensus: the replicators elect a leader and keep every node's
  * aamm.galloc_nextval('rentals') supplied; ids drawn on all three nodes never collide, and
  * an agent killed and restarted rejoins the same cluster from its data dir. */
+/* Insert @n rentals with ids from galloc on node @i (or, !@insert, only take @n values),
+ * waiting (bounded) for the replicator to supply a range: only a consensus member gets one. */
+static void galloc_take(int i, long n, int limit_s, bool insert)
+{
+    PGconn *c = pgfx_connect(fx, i);
+    int64_t end = aamm_test_now_ms() + limit_s * 1000;
+    ck_assert_ptr_nonnull(c);
+    for (long k = 0; k < n;) {
+        PGresult *res = PQexec(c, insert ? "INSERT INTO rentals (id, bike_id, user_id) "
+                                           "VALUES (aamm.galloc_nextval('rentals'), NULL, 1)"
+                                         : "SELECT aamm.galloc_nextval('rentals')");
+        bool ok = PQresultStatus(res) == (insert ? PGRES_COMMAND_OK : PGRES_TUPLES_OK);
+        PQclear(res);
+        if (ok) {
+            k++;
+            continue;
+        }
+        ck_assert_msg(aamm_test_now_ms() < end, "node %d: no galloc range after %d s: %s", i + 1,
+                      limit_s, PQerrorMessage(c));
+        usleep(50000);
+    }
+    PQfinish(c);
+}
+
 /* With consensus, start() refuses a process where SIGPIPE would kill it (exit 0: refused
  * with AAMM_EINVAL; anything else is a failure). */
 static void sigpipe_default_main(int i)
@@ -1147,26 +1172,8 @@ START_TEST(consensus_galloc_supply)
         raft_ports[i] = aamm_test_free_port();
     start_all();
     for (int round = 0; round < 2; round++) {
-        for (int i = 0; i < NNODES; i++) {
-            PGconn *c = pgfx_connect(fx, i);
-            int64_t end = aamm_test_now_ms() + 120000;
-            ck_assert_ptr_nonnull(c);
-            for (long k = 0; k < per;) {
-                PGresult *res = PQexec(c, "INSERT INTO rentals (id, bike_id, user_id) "
-                                          "VALUES (aamm.galloc_nextval('rentals'), NULL, 1)");
-                bool ok = PQresultStatus(res) == PGRES_COMMAND_OK;
-                PQclear(res);
-                if (ok) {
-                    k++;
-                    continue;
-                }
-                /* no range supplied yet (election, first grant): wait for the replicator */
-                ck_assert_msg(aamm_test_now_ms() < end, "node %d: no galloc range: %s", i + 1,
-                              PQerrorMessage(c));
-                usleep(50000);
-            }
-            PQfinish(c);
-        }
+        for (int i = 0; i < NNODES; i++)
+            galloc_take(i, per, 120, true); /* waits through an election, the first grant */
         if (round == 0) { /* kill -9 one agent, restart it: it rejoins from its raft dir */
             aamm_test_kill(&agents[1]);
             start_agent(1);
@@ -1192,6 +1199,62 @@ START_TEST(consensus_galloc_supply)
         ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.conflict_log "
                                   "WHERE relation = 'public.rentals'"),
                          0);
+    assert_identical();
+    for (int i = 0; i < NNODES; i++)
+        stop_agent(i);
+}
+END_TEST
+
+/* A node joins the consensus: nodes 1 and 2 bootstrap it without node 3 (and take galloc
+ * values); node 3's agent
+ * starts on an empty raft dir without bootstrap, and once nodes 1 and 2 restart with it as
+ * a peer (raft address included), their leader adds it (membership follows the
+ * configuration): node 3 gets galloc ranges, ids stay unique, all three converge. */
+START_TEST(consensus_member_joins)
+{
+    long per = aamm_test_scaled(100, 50);
+    with_consensus = true;
+    for (int i = 0; i < NNODES; i++)
+        raft_ports[i] = aamm_test_free_port();
+    parted[2] = true;
+    start_agent(0);
+    start_agent(1);
+    /* (no rows yet: what is written before node 3 has its slots would need a join copy) */
+    galloc_take(0, per, 60, false);
+    galloc_take(1, per, 60, false);
+    parted[2] = false;
+    joining[2] = true;
+    start_agent(2);
+    for (int i = 0; i < 2; i++) {
+        stop_agent(i);
+        start_agent(i);
+    }
+    int64_t t0 = aamm_test_now_ms();
+    galloc_take(2, 1, 60, true);
+    printf("consensus_member_joins: node 3 had its first galloc value %.1f s after the "
+           "restarts\n", (double)(aamm_test_now_ms() - t0) / 1000);
+    galloc_take(2, per - 1, 60, true);
+    for (int i = 0; i < NNODES; i++)
+        galloc_take(i, per, 60, true);
+    int64_t end = aamm_test_now_ms() + 120000;
+    while (aamm_test_now_ms() < end &&
+           (count(0, "SELECT count(*) FROM rentals") != 4 * per ||
+            count(1, "SELECT count(*) FROM rentals") != 4 * per ||
+            count(2, "SELECT count(*) FROM rentals") != 4 * per))
+        usleep(100000);
+    for (int i = 0; i < NNODES; i++) {
+        char *st = pgfx_value(fx, i, "SELECT string_agg(format('peer %%s out %%s in %%s pending %%s %%s', "
+                                     "peer_id, out_state, in_state, in_pending, reason), '; ') "
+                                     "FROM aamm.replication_status");
+        ck_assert_msg(count(i, "SELECT count(*) FROM rentals") == 4 * per,
+                      "node %d: %ld rentals (want %ld); %s", i + 1,
+                      count(i, "SELECT count(*) FROM rentals"), 4 * per, st ? st : "");
+        free(st);
+        ck_assert_int_eq(count(i, "SELECT count(DISTINCT id) FROM rentals"), 4 * per);
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.conflict_log "
+                                  "WHERE relation = 'public.rentals'"),
+                         0);
+    }
     assert_identical();
     for (int i = 0; i < NNODES; i++)
         stop_agent(i);
@@ -1283,6 +1346,7 @@ static void setup(void)
             dial_port[i][k] = 0;
         with_consensus = false;
         parted[i] = false;
+        joining[i] = false;
     }
 }
 
@@ -1310,6 +1374,7 @@ int main(void)
         {"link_cut_between_two", link_cut_between_two, 240},
         {"acks_follow_durable", acks_follow_durable, 150},
         {"consensus_galloc_supply", consensus_galloc_supply, 400},
+        {"consensus_member_joins", consensus_member_joins, 300},
         {"part_a_node", part_a_node, 150},
         {"apply_only_node_slots_advance", apply_only_node_slots_advance,
          150 + (double)apply_only_run_ms() / 1000},
