@@ -1107,6 +1107,34 @@ END_TEST
 /* With consensus: the replicators elect a leader and keep every node's
  * aamm.galloc_nextval('rentals') supplied; ids drawn on all three nodes never collide, and
  * an agent killed and restarted rejoins the same cluster from its data dir. */
+/* Wait (bounded) until every node holds @want rentals, then require them there, with
+ * distinct ids and no conflict on rentals (a galloc collision would have met an existing
+ * key), and every table identical. */
+static void rentals_everywhere(long want)
+{
+    int64_t end = aamm_test_now_ms() + 120000;
+    bool all;
+    do {
+        all = true;
+        for (int i = 0; i < NNODES; i++)
+            all = all && count(i, "SELECT count(*) FROM rentals") == want;
+    } while (!all && aamm_test_now_ms() < end && usleep(100000) == 0);
+    for (int i = 0; i < NNODES; i++) {
+        char *st = pgfx_value(fx, i, "SELECT string_agg(format('peer %%s out %%s in %%s pending %%s %%s', "
+                                     "peer_id, out_state, in_state, in_pending, reason), '; ') "
+                                     "FROM aamm.replication_status");
+        ck_assert_msg(count(i, "SELECT count(*) FROM rentals") == want,
+                      "node %d: %ld rentals (want %ld); %s", i + 1,
+                      count(i, "SELECT count(*) FROM rentals"), want, st ? st : "");
+        free(st);
+        ck_assert_int_eq(count(i, "SELECT count(DISTINCT id) FROM rentals"), want);
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.conflict_log "
+                                  "WHERE relation = 'public.rentals'"),
+                         0);
+    }
+    assert_identical();
+}
+
 /* Insert @n rentals with ids from galloc on node @i (or, !@insert, only take @n values),
  * waiting (bounded) for the replicator to supply a range: only a consensus member gets one. */
 static void galloc_take(int i, long n, int limit_s, bool insert)
@@ -1179,37 +1207,17 @@ START_TEST(consensus_galloc_supply)
             start_agent(1);
         }
     }
-    int64_t end = aamm_test_now_ms() + 120000;
-    while (aamm_test_now_ms() < end &&
-           (count(0, "SELECT count(*) FROM rentals") != 2 * NNODES * per ||
-            count(1, "SELECT count(*) FROM rentals") != 2 * NNODES * per ||
-            count(2, "SELECT count(*) FROM rentals") != 2 * NNODES * per))
-        usleep(100000);
-    for (int i = 0; i < NNODES; i++) {
-        char *st = pgfx_value(fx, i, "SELECT string_agg(format('peer %%s out %%s in %%s pending %%s %%s', "
-                                     "peer_id, out_state, in_state, in_pending, reason), '; ') "
-                                     "FROM aamm.replication_status");
-        ck_assert_msg(count(i, "SELECT count(*) FROM rentals") == 2 * NNODES * per,
-                      "node %d: %ld rentals (want %ld); %s", i + 1,
-                      count(i, "SELECT count(*) FROM rentals"), 2 * NNODES * per, st ? st : "");
-        free(st);
-    }
-    /* unique across nodes: a collision would have met an existing key */
-    for (int i = 0; i < NNODES; i++)
-        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.conflict_log "
-                                  "WHERE relation = 'public.rentals'"),
-                         0);
-    assert_identical();
+    rentals_everywhere(2 * NNODES * per);
     for (int i = 0; i < NNODES; i++)
         stop_agent(i);
 }
 END_TEST
 
 /* A node joins the consensus: nodes 1 and 2 bootstrap it without node 3 (and take galloc
- * values); node 3's agent
- * starts on an empty raft dir without bootstrap, and once nodes 1 and 2 restart with it as
- * a peer (raft address included), their leader adds it (membership follows the
- * configuration): node 3 gets galloc ranges, ids stay unique, all three converge. */
+ * values); node 3's agent starts on an empty raft dir without bootstrap, and once nodes 1
+ * and 2 restart with it as a peer (raft address included), their leader adds it
+ * (membership follows the configuration): node 3 gets galloc ranges, ids stay unique, all
+ * three converge. */
 START_TEST(consensus_member_joins)
 {
     long per = aamm_test_scaled(100, 50);
@@ -1236,26 +1244,7 @@ START_TEST(consensus_member_joins)
     galloc_take(2, per - 1, 60, true);
     for (int i = 0; i < NNODES; i++)
         galloc_take(i, per, 60, true);
-    int64_t end = aamm_test_now_ms() + 120000;
-    while (aamm_test_now_ms() < end &&
-           (count(0, "SELECT count(*) FROM rentals") != 4 * per ||
-            count(1, "SELECT count(*) FROM rentals") != 4 * per ||
-            count(2, "SELECT count(*) FROM rentals") != 4 * per))
-        usleep(100000);
-    for (int i = 0; i < NNODES; i++) {
-        char *st = pgfx_value(fx, i, "SELECT string_agg(format('peer %%s out %%s in %%s pending %%s %%s', "
-                                     "peer_id, out_state, in_state, in_pending, reason), '; ') "
-                                     "FROM aamm.replication_status");
-        ck_assert_msg(count(i, "SELECT count(*) FROM rentals") == 4 * per,
-                      "node %d: %ld rentals (want %ld); %s", i + 1,
-                      count(i, "SELECT count(*) FROM rentals"), 4 * per, st ? st : "");
-        free(st);
-        ck_assert_int_eq(count(i, "SELECT count(DISTINCT id) FROM rentals"), 4 * per);
-        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.conflict_log "
-                                  "WHERE relation = 'public.rentals'"),
-                         0);
-    }
-    assert_identical();
+    rentals_everywhere(4 * per);
     for (int i = 0; i < NNODES; i++)
         stop_agent(i);
 }

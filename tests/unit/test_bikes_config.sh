@@ -15,13 +15,15 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/aamm_bikes_config.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 pass=0 fail=0
 
-# expect NAME STATUS MESSAGE CONFIG-TEXT: `check` on CONFIG-TEXT (printf format) exits
-# STATUS and its stderr (or stdout for 0) contains MESSAGE.
+# expect NAME STATUS MESSAGE CONFIG-TEXT [COMMAND ARG...]: COMMAND (default: check) on
+# CONFIG-TEXT (printf format) exits STATUS and its stderr (or stdout for 0) contains MESSAGE.
 expect() {
     name=$1 want=$2 msg=$3
     # shellcheck disable=SC2059  # the config text is a printf format
     printf "$4" >"$tmp/t.conf"
-    (cd / && "$agent" -c "$tmp/t.conf" check) >"$tmp/out" 2>&1
+    shift 4
+    [ $# -gt 0 ] || set -- check
+    (cd / && "$agent" -c "$tmp/t.conf" "$@") >"$tmp/out" 2>&1
     got=$?
     if [ "$got" = "$want" ] && grep -qF -- "$msg" "$tmp/out"; then
         pass=$((pass + 1))
@@ -85,27 +87,11 @@ expect "peer_conninfo without conninfo" 2 "t.conf:7: peer_conninfo: expected 'ID
     "${base}peer_conninfo = 2\n"
 
 # join: every peer needs a peer_conninfo, checked before anything connects; a bad id
-# expect_join NAME STATUS MESSAGE CONFIG-TEXT ARG: like expect, for `join ARG`
-expect_join() {
-    name=$1 want=$2 msg=$3
-    # shellcheck disable=SC2059  # the config text is a printf format
-    printf "$4" >"$tmp/t.conf"
-    (cd / && "$agent" -c "$tmp/t.conf" join "$5") >"$tmp/out" 2>&1
-    got=$?
-    if [ "$got" = "$want" ] && grep -qF -- "$msg" "$tmp/out"; then
-        pass=$((pass + 1))
-    else
-        fail=$((fail + 1))
-        echo "FAIL: $name: exit $got (want $want), output:"
-        sed 's/^/    /' "$tmp/out"
-        echo "    (wanted: $msg)"
-    fi
-}
-expect_join "join needs peer_conninfo" 2 "t.conf:6: peer 2 has no peer_conninfo (join needs one" \
-    "$base" 2
-expect_join "join of a bad id" 2 "join: 'x' is not a node id" "$base" x
-expect_join "join from a node that is no peer" 2 "join: 5 is not a peer" \
-    "${base}peer_conninfo = 2 host=/nonexistent\n" 5
+expect "join needs peer_conninfo" 2 "t.conf:6: peer 2 has no peer_conninfo (join needs one" \
+    "$base" join 2
+expect "join of a bad id" 2 "join: 'x' is not a node id" "$base" join x
+expect "join from a node that is no peer" 2 "join: 5 is not a peer" \
+    "${base}peer_conninfo = 2 host=/nonexistent\n" join 5
 
 # the sample configuration is valid once its secret exists
 cp "$sample" "$tmp/t.conf"
