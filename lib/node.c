@@ -341,14 +341,13 @@ int aamm_node_part(struct pg_conn *conn, uint32_t node_id, int *dropped, char *e
             return rc;
         }
         if (!PQgetisnull(res, 0, 0)) {
-            int rc = aamm__pg_seterr(err, errsize, AAMM_EAGAIN,
-                                     "node: part %" PRIu32 ": origin %s kept until slot(s) %s "
-                                     "confirm past its last transaction (run the agents, then "
-                                     "call again)",
-                                     node_id, origin, PQgetvalue(res, 0, 0));
-            PQclear(res);
-            nsteps = 3; /* the slot and the status row now, the origin later */
-            (void)rc;
+            /* the message now, AAMM_EAGAIN after the slot and the status row went */
+            (void)aamm__pg_seterr(err, errsize, AAMM_EAGAIN,
+                                  "node: part %" PRIu32 ": origin %s kept until slot(s) %s "
+                                  "confirm past its last transaction (run the agents, then "
+                                  "call again)",
+                                  node_id, origin, PQgetvalue(res, 0, 0));
+            nsteps = 3;
         }
         PQclear(res);
     }

@@ -1258,31 +1258,56 @@ START_TEST(part_a_node)
     long n = aamm_test_scaled(50, 10);
     char err[256];
     int dropped = -1;
+    int total[2] = {0, 0}, rc;
     start_all();
     for (int i = 0; i < NNODES; i++)
         write_ledger(i, 0, n);
     ck_assert(wait_ledger(NNODES * n, 60));
-    aamm_test_kill(&agents[2]);
-    ck_assert_int_eq(pgfx_stop_node(fx, 2, "immediate"), 0);
-    stop_agent(0);
+    /* node 3 writes while node 2's agent is down: node 1 applies it, and its slot for node 2
+     * cannot pass it. Parting node 3 on node 1 now must keep the origin aamm_from_3 (the
+     * slot goes at once): decoded without it, those transactions would look like node 1's
+     * own and be sent on */
     stop_agent(1);
-    parted[2] = true;
-    /* the slot goes at once; the origin once the other slot confirmed past node 3's last
-     * transaction applied here (the restarted agents get it there) */
-    int total[2] = {0, 0};
-    for (int i = 0; i < 2; i++) {
-        PGconn *c = pgfx_connect(fx, i);
-        int rc = aamm_node_part(c, 3, &dropped, err, sizeof err);
-        ck_assert_msg(rc == 0 || rc == AAMM_EAGAIN, "%s", err);
-        total[i] += dropped;
+    write_ledger(2, n, n);
+    int64_t t1 = aamm_test_now_ms() + 60000;
+    while (aamm_test_now_ms() < t1 && count(0, "SELECT count(*) FROM ledger") != 4 * n)
+        usleep(100000);
+    ck_assert_int_eq(count(0, "SELECT count(*) FROM ledger"), 4 * n);
+    stop_agent(0);
+    {
+        PGconn *c = pgfx_connect(fx, 0);
+        rc = aamm_node_part(c, 3, &dropped, err, sizeof err);
+        ck_assert_msg(rc == AAMM_EAGAIN && dropped == 1,
+                      "node 1 parted node 3 while its slot for node 2 was behind node 3's "
+                      "transactions: rc %d, dropped %d (want AAMM_EAGAIN, 1): %s",
+                      rc, dropped, err);
+        total[0] += dropped;
         PQfinish(c);
     }
+    /* node 2 gets node 3's rows from node 3, then node 3 is gone for good */
+    start_agent(1);
+    t1 = aamm_test_now_ms() + 60000;
+    while (aamm_test_now_ms() < t1 && count(1, "SELECT count(*) FROM ledger") != 4 * n)
+        usleep(100000);
+    ck_assert_int_eq(count(1, "SELECT count(*) FROM ledger"), 4 * n);
+    aamm_test_kill(&agents[2]);
+    ck_assert_int_eq(pgfx_stop_node(fx, 2, "immediate"), 0);
+    stop_agent(1);
+    parted[2] = true;
+    {
+        PGconn *c = pgfx_connect(fx, 1);
+        rc = aamm_node_part(c, 3, &dropped, err, sizeof err);
+        ck_assert_msg(rc == 0 || rc == AAMM_EAGAIN, "%s", err);
+        total[1] += dropped;
+        PQfinish(c);
+    }
+    /* the origin goes once the other slot confirmed past node 3's last transaction applied
+     * here (the restarted agents get it there) */
     start_agent(0);
     start_agent(1);
     write_ledger(0, n, 1);
     for (int i = 0; i < 2; i++) {
         PGconn *c = pgfx_connect(fx, i);
-        int rc;
         int64_t t = aamm_test_now_ms() + 30000;
         while ((rc = aamm_node_part(c, 3, &dropped, err, sizeof err)) == AAMM_EAGAIN &&
                aamm_test_now_ms() < t) {
@@ -1300,11 +1325,11 @@ START_TEST(part_a_node)
     write_ledger(0, n + 1, n - 1);
     write_ledger(1, n, n);
     int64_t end = aamm_test_now_ms() + 60000;
-    while (aamm_test_now_ms() < end && (count(0, "SELECT count(*) FROM ledger") != 5 * n ||
-                                        count(1, "SELECT count(*) FROM ledger") != 5 * n))
+    while (aamm_test_now_ms() < end && (count(0, "SELECT count(*) FROM ledger") != 6 * n ||
+                                        count(1, "SELECT count(*) FROM ledger") != 6 * n))
         usleep(100000);
     for (int i = 0; i < 2; i++) {
-        ck_assert_int_eq(count(i, "SELECT count(*) FROM ledger"), 5 * n);
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM ledger"), 6 * n);
         ck_assert_int_eq(count(i, "SELECT count(*) FROM pg_replication_slots"), 1);
         ck_assert_int_eq(count(i, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = "
                                   "'aamm_to_3'"),
