@@ -441,15 +441,20 @@ int aamm_apply_commit(struct aamm_apply *ap, const struct aamm_transaction *txn)
     t->hdr.commit_lsn = txn->commit_lsn;
     t->hdr.commit_time = txn->commit_time;
     t->closed = true;
-    if (!ap->cursor)
-        ap->cursor = t;
+    aamm__apply_enqueue(ap, t);
+    return 0;
+}
+
+void aamm__apply_enqueue(struct aamm_apply *ap, struct qtxn *t)
+{
     if (ap->tail)
         ap->tail->next = t;
     else
         ap->head = t;
     ap->tail = t;
     ap->ntxns++;
-    return 0;
+    if (!ap->cursor)
+        ap->cursor = t;
 }
 
 int aamm_apply_abort(struct aamm_apply *ap)

@@ -325,10 +325,15 @@ char *aamm__apply_truncate_sql(const struct aamm_change *c);
  * guard's 6 parameters follow theirs (heap; NULL: no memory). */
 char *aamm__apply_merged_sql(const struct aamm_change *changes, size_t n, const int *ops,
                              const char *masks, size_t stride, const bool *hasu, const int *nps);
+/* Append @t (transferred) to @ap's queue of transactions; the send cursor starts at it
+ * when nothing is waiting to be sent. */
+void aamm__apply_enqueue(struct aamm_apply *ap, struct qtxn *t);
+
 /* The key locks of the @n changes @changes as two array literals appended to @ids and
- * @modes, ascending ids. Returns 0 or AAMM_ENOMEM. */
-int aamm__apply_build_locks(const struct aamm_change *changes, size_t n, struct aamm__sb *ids,
-                            struct aamm__sb *modes);
+ * @modes, ascending ids; with @freeze, the join freeze key (AAMM_JOIN_FREEZE_KEY, shared)
+ * first. Returns 0 or AAMM_ENOMEM. */
+int aamm__apply_build_locks(const struct aamm_change *changes, size_t n, bool freeze,
+                            struct aamm__sb *ids, struct aamm__sb *modes);
 
 /* Test hooks. apply's advisory lock id of a key: the relation's label (plain names:
  * schema.name) and the key columns' texts in key order; for tests that hold a key's lock */

@@ -864,8 +864,8 @@ static int stream_prepare(struct aamm_apply *ap, struct qtxn *t, size_t *budget)
     }
     if (ap->opt.lock_keys) {
         struct aamm__sb ids = {0}, modes = {0};
-        int rc = aamm__apply_build_locks(t->changes + t->locked_to, t->n - t->locked_to, &ids,
-                                         &modes);
+        int rc = aamm__apply_build_locks(t->changes + t->locked_to, t->n - t->locked_to, false,
+                                         &ids, &modes);
         if (rc == 0 && (ids.oom || modes.oom))
             rc = AAMM_ENOMEM;
         const char *pv[2] = {ids.s, modes.s};
@@ -882,27 +882,6 @@ static int stream_prepare(struct aamm_apply *ap, struct qtxn *t, size_t *budget)
     }
     t->locked_to = t->n;
     return 0;
-}
-
-/* Put the join freeze key (AAMM_JOIN_FREEZE_KEY, shared) first in the guard's lock list
- * (@ids, @modes: "{...}" arrays), so every applied transaction takes it before it writes
- * anything: aamm_node_join() holds it exclusive on the upstream while it reads the origin
- * progress and creates its slot (whose creation waits for transactions that have written,
- * so none may wait for the freeze after writing). First, before the key locks: an applier
- * waiting for the freeze holds no key lock another applier could wait for. */
-static int add_freeze_key(struct aamm__sb *ids, struct aamm__sb *modes)
-{
-    struct aamm__sb ni = {0}, nm = {0};
-    bool empty = ids->s && strcmp(ids->s, "{}") == 0;
-    if (!ids->oom && !modes->oom && ids->s && modes->s) {
-        aamm__sb_add(&ni, "{%" PRId64 "%s%s", AAMM_JOIN_FREEZE_KEY, empty ? "" : ",", ids->s + 1);
-        aamm__sb_add(&nm, "{f%s%s", empty ? "" : ",", modes->s + 1);
-    }
-    aamm__free(ids->s);
-    aamm__free(modes->s);
-    *ids = ni;
-    *modes = nm;
-    return !ni.s || !nm.s || ni.oom || nm.oom ? AAMM_ENOMEM : 0;
 }
 
 /* Send @t as guard; changes; Sync: one implicit transaction, committed by the Sync (no
@@ -965,15 +944,12 @@ static int send_txn(struct aamm_apply *ap, struct qtxn *t, size_t *budget, size_
             ap->fixed_prepared = true;
         }
         struct aamm__sb ids = {0}, modes = {0};
-        int rc = 0;
-        if (ap->opt.lock_keys)
-            rc = aamm__apply_build_locks(t->changes, t->n, &ids, &modes);
-        else {
-            aamm__sb_add(&ids, "{}");
-            aamm__sb_add(&modes, "{}");
-        }
-        if (rc == 0)
-            rc = add_freeze_key(&ids, &modes);
+        /* every applied transaction takes the join freeze key shared before it writes:
+         * aamm_node_join() holds it exclusive on the upstream while it reads the origin
+         * progress and creates its slot (whose creation waits for transactions that have
+         * written, so none may wait for the freeze after writing) */
+        int rc = aamm__apply_build_locks(t->changes, ap->opt.lock_keys ? t->n : 0, true, &ids,
+                                         &modes);
         const char *gp[6] = {ap->origin, lsn_prev, lsn_end, ts, ids.s, modes.s};
         /* a small transaction: one statement with the guard folded in (1 when the shape
          * cache is full: nothing sent, the guard and the changes go one by one) */
@@ -1092,14 +1068,7 @@ static void stream_start(struct aamm_apply *ap)
         if (!q->done)
             return;
     t->streamed = true;
-    if (ap->tail)
-        ap->tail->next = t;
-    else
-        ap->head = t;
-    ap->tail = t;
-    ap->ntxns++;
-    if (!ap->cursor)
-        ap->cursor = t;
+    aamm__apply_enqueue(ap, t);
     char lsn[AAMM_LSN_BUFSIZE];
     aamm_lsn_format(t->hdr.commit_lsn, lsn);
     AAMM_INFO("apply: transaction %s streamed (more than %zu changes)", lsn,

@@ -826,8 +826,8 @@ static bool is_row_change(const struct aamm_change *c)
  * takes its locks in ascending id order, so appliers cannot deadlock on them. Appends the
  * two array literals (ids, modes) to @ids and @modes.
  */
-int aamm__apply_build_locks(const struct aamm_change *changes, size_t n, struct aamm__sb *ids,
-                            struct aamm__sb *modes)
+int aamm__apply_build_locks(const struct aamm_change *changes, size_t n, bool freeze,
+                            struct aamm__sb *ids, struct aamm__sb *modes)
 {
     size_t cap = 0, nv = 0;
     struct lockreq *v = NULL;
@@ -897,6 +897,12 @@ int aamm__apply_build_locks(const struct aamm_change *changes, size_t n, struct 
             qsort(v, nv, sizeof *v, lockreq_cmp);
         aamm__sb_add(ids, "{");
         aamm__sb_add(modes, "{");
+        const char *sep = "";
+        if (freeze) { /* first: an applier waiting for the freeze holds no key lock yet */
+            aamm__sb_add(ids, "%" PRId64, (int64_t)AAMM_JOIN_FREEZE_KEY);
+            aamm__sb_add(modes, "f");
+            sep = ",";
+        }
         bool first = true;
         int64_t last = 0;
         for (size_t i = 0; i < nv; i++) {
@@ -906,9 +912,10 @@ int aamm__apply_build_locks(const struct aamm_change *changes, size_t n, struct 
             bool ex = v[i].exclusive; /* one id asked in both modes: exclusive */
             for (size_t j = i + 1; j < nv && v[j].id == v[i].id; j++)
                 ex = ex || v[j].exclusive;
-            aamm__sb_add(ids, "%s%" PRId64, first ? "" : ",", v[i].id);
-            aamm__sb_add(modes, "%s%c", first ? "" : ",", ex ? 't' : 'f');
+            aamm__sb_add(ids, "%s%" PRId64, sep, v[i].id);
+            aamm__sb_add(modes, "%s%c", sep, ex ? 't' : 'f');
             first = false;
+            sep = ",";
         }
         aamm__sb_add(ids, "}");
         aamm__sb_add(modes, "}");

@@ -22,6 +22,7 @@
 
 #include "apply_int.h"
 #include "internal.h"
+#include "sql_contract.h"
 #include "testutil.h"
 
 /* ---- fixtures ------------------------------------------------------------------------ */
@@ -465,7 +466,7 @@ END_TEST
 static char *locks_of(const struct aamm_change *ch, size_t n)
 {
     struct aamm__sb ids = {0}, modes = {0};
-    ck_assert_int_eq(aamm__apply_build_locks(ch, n, &ids, &modes), 0);
+    ck_assert_int_eq(aamm__apply_build_locks(ch, n, false, &ids, &modes), 0);
     aamm__sb_add(&ids, "\n%s", modes.s);
     aamm__free(modes.s);
     ck_assert(!ids.oom);
@@ -500,6 +501,25 @@ START_TEST(test_locks)
     ch[3].relation = &u->rel;
     tuple(&ch[3].new_tuple, u, u1);
     golden("locks.txt", locks_of(ch, 4));
+    {
+        /* the join freeze key, shared, goes first, also with no changes (lock_keys off) */
+        struct aamm__sb ids = {0}, modes = {0};
+        char want[64];
+        snprintf(want, sizeof want, "{%" PRId64 "}", (int64_t)AAMM_JOIN_FREEZE_KEY);
+        ck_assert_int_eq(aamm__apply_build_locks(ch, 0, true, &ids, &modes), 0);
+        ck_assert_str_eq(ids.s, want);
+        ck_assert_str_eq(modes.s, "{f}");
+        aamm__free(ids.s);
+        aamm__free(modes.s);
+        ids = (struct aamm__sb){0};
+        modes = (struct aamm__sb){0};
+        ck_assert_int_eq(aamm__apply_build_locks(ch, 4, true, &ids, &modes), 0);
+        snprintf(want, sizeof want, "{%" PRId64 ",", (int64_t)AAMM_JOIN_FREEZE_KEY);
+        ck_assert(strncmp(ids.s, want, strlen(want)) == 0);
+        ck_assert(strncmp(modes.s, "{f,", 3) == 0);
+        aamm__free(ids.s);
+        aamm__free(modes.s);
+    }
 
     static char keys[NW][8];
     const char *wv[47];
