@@ -373,6 +373,39 @@ static void write_ledger(int i, long first, long n)
     PQfinish(c);
 }
 
+/* After the seed's conflict (users 2574: An on node 1, Wim on node 2 a moment later):
+ * each node's aamm.replication_status counts, per incoming stream, the conflicts that
+ * stream met, as its conflict log records them. Node 1 met Wim's insert from node 2, node 2
+ * An's from node 1, node 3 whichever of the two arrived second: one insert_exists per node,
+ * on the stream its log names, and no other kind anywhere (the ledger never conflicts). */
+static void assert_conflict_counters(void)
+{
+    for (int i = 0; i < NNODES; i++) {
+        /* the view is written every status interval (200 ms here): wait until it has it */
+        int64_t end = aamm_test_now_ms() + 10000;
+        long total = -1;
+        while (total != 1 && aamm_test_now_ms() < end) {
+            total = count(i, "SELECT coalesce(sum((conflicts->>'insert_exists')::bigint), 0) "
+                             "FROM aamm.replication_status");
+            if (total != 1)
+                usleep(100000);
+        }
+        ck_assert_msg(total == 1, "node %d: replication_status counts %ld insert_exists, not 1",
+                      i + 1, total);
+        /* on the stream from the node whose insert lost or won here */
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.replication_status s "
+                                  "JOIN aamm.conflict_log l ON l.kind = 'insert_exists' "
+                                  "AND l.relation = 'public.users' "
+                                  "AND l.remote_node = s.peer_id "
+                                  "WHERE (s.conflicts->>'insert_exists')::bigint = 1"),
+                         1);
+        ck_assert_int_eq(count(i, "SELECT count(*) FROM aamm.replication_status s, "
+                                  "jsonb_each_text(s.conflicts) k "
+                                  "WHERE k.key <> 'insert_exists' AND k.value::bigint <> 0"),
+                         0);
+    }
+}
+
 /* ---- tests ----------------------------------------------------------------------- */
 
 /* Writes on every node reach every other node; a conflicting insert of one key resolves
@@ -410,6 +443,7 @@ START_TEST(three_nodes_converge)
     ck_assert_msg(ok, "users 2574 is not 'Wim' everywhere");
     ck_assert_int_ge(count(0, "SELECT count(*) FROM aamm.conflict_log WHERE kind = 'insert_exists'"),
                      1);
+    assert_conflict_counters();
     usleep(500000);
     assert_identical();
     assert_no_duplicates();
