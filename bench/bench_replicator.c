@@ -207,6 +207,12 @@ static void agent_main(int i)
     char lport[16], pport[16], err[512], apply_ci[512];
     struct aamm_replicator *r;
     int k = 1 - i;
+    /* A session of its own, as a deployed agent has (a service: its own session and
+     * cgroup): with the kernel's autogroup scheduling (sched_autogroup_enabled, on here) a
+     * session shares one CPU share, and the agents would otherwise share one with the
+     * bench and pgbench's client threads, while every PostgreSQL backend (native's
+     * walsender and apply worker among them) is a session of its own. */
+    setsid();
     signal(SIGTERM, on_term);
     signal(SIGINT, SIG_IGN);
     const char *log = getenv("BENCH_AGENT_LOG");
