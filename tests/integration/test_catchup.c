@@ -3,7 +3,8 @@
  * a replicator each in a forked agent; node 1's transactions reach node 2 but not node 3 (its
  * link to 3 goes through a proxy that is cut), then node 1 dies for good. Nodes 2 and 3 are
  * told it is lost (aamm_replicator_peer_lost(), on SIGUSR1 in the agent) and must end
- * identical: node 2 forwards what node 3 misses, every row once, no conflict.
+ * identical: node 2 forwards what node 3 misses, every row once, no conflict. A fourth node
+ * then makes two survivors forward to one node at once (two_forwarders).
  */
 #include <check.h>
 #include <inttypes.h>
@@ -24,15 +25,18 @@
 #include "pgfixture.h"
 #include "testutil.h"
 
-#define NNODES 3
+#define MAXN 4
 #define A 0 /* the node that dies (node id 1) */
 #define B 1 /* has everything of A (node id 2) */
 #define C 2 /* misses A's last run (node id 3) */
+#define D 3 /* two_forwarders: misses A's last two runs (node id 4) */
+
+static int nn; /* nodes in this test: 3, or 4 for two_forwarders */
 
 static struct pgfx *fx;
-static int ports[NNODES];
-static pid_t agents[NNODES];
-static int dial_port[NNODES][NNODES]; /* where agent i dials peer k (0: ports[k]) */
+static int ports[MAXN];
+static pid_t agents[MAXN];
+static int dial_port[MAXN][MAXN]; /* where agent i dials peer k (0: ports[k]) */
 static const char secret[] = "0123456789abcdef-catchup-test";
 
 static void setup_node(int i)
@@ -109,7 +113,7 @@ static void agent_main(int i)
     snprintf(a.conninfo, sizeof a.conninfo, "%s", pgfx_conninfo(fx, i));
     snprintf(a.apply_conninfo, sizeof a.apply_conninfo, "%s",
              pgfx_conninfo_with(fx, i, "user=aamm_apply"));
-    for (int k = 0; k < NNODES; k++) {
+    for (int k = 0; k < nn; k++) {
         if (k == i)
             continue;
         a.peer_ids[a.npeers] = (uint32_t)k + 1;
@@ -145,11 +149,13 @@ static void agent_main(int i)
     _exit(0);
 }
 
-/* ---- proxies: node 1's and node 2's senders dial node 3 through one each, in forked
- * processes; SIGUSR1 cuts one (every connection closed, new ones refused), SIGUSR2 heals */
+/* ---- proxies: node 1's and node 2's senders dial node 3 through one each (two_forwarders:
+ * node 1's dial nodes 3 and 4, node 2's node 4), in forked processes; SIGUSR1 cuts one (every
+ * connection closed, new ones refused), SIGUSR2 heals */
 
-static struct netfx_proxy prox[2];
-static pid_t proxy_pid[2];
+#define NPROXY 3
+static struct netfx_proxy prox[NPROXY];
+static pid_t proxy_pid[NPROXY];
 static volatile sig_atomic_t proxy_cutting;
 static void on_cut(int sig)
 {
@@ -281,27 +287,27 @@ START_TEST(lost_node_catchup)
     dial_port[B][C] = prox[PROXY_BC].port;
     for (int k = 0; k < 2; k++)
         proxy_pid[k] = aamm_test_spawn(proxy_main, k);
-    for (int i = 0; i < NNODES; i++) {
+    for (int i = 0; i < nn; i++) {
         agents[i] = aamm_test_spawn(agent_main, i);
         ck_assert_int_gt(agents[i], 0);
     }
-    for (int i = 0; i < NNODES; i++)
-        ck_assert_msg(pgfx_wait_long(fx, i, NNODES - 1, 60000,
+    for (int i = 0; i < nn; i++)
+        ck_assert_msg(pgfx_wait_long(fx, i, nn - 1, 60000,
                                      "SELECT count(*) FROM pg_replication_slots "
-                                     "WHERE slot_name LIKE 'aamm_to_%%'") == NNODES - 1,
+                                     "WHERE slot_name LIKE 'aamm_to_%%'") == nn - 1,
                       "node %d: slots not made", i + 1);
 
     /* 1. every node writes; node 2 holds its slot for node 3 past node 1's transactions only
      * until node 3 has them from node 1: sample what that retains under load */
     for (long s = 0; s < per; s += 10) {
-        for (int i = 0; i < NNODES; i++)
+        for (int i = 0; i < nn; i++)
             write_ledger(i, s, 10);
         long h = held_bytes();
         if (h > held_load)
             held_load = h;
     }
-    for (int i = 0; i < NNODES; i++)
-        for (int o = 0; o < NNODES; o++)
+    for (int i = 0; i < nn; i++)
+        for (int o = 0; o < nn; o++)
             ck_assert_msg(wait_rows(i, o, per, 60000), "node %d misses rows of node %d", i + 1,
                           o + 1);
     /* node 3 acks its progress for node 1 to node 2 too: node 2's holds for node 1's
@@ -397,26 +403,184 @@ START_TEST(lost_node_catchup)
 }
 END_TEST
 
+/* Four nodes. Node 1 commits run 1 while its link to node 4 is cut (run 1 reaches nodes 2
+ * and 3), then run 2 while its link to node 3 is cut too (run 2 reaches node 2 only), and
+ * dies for good. Declared lost on nodes 2, 3 and 4, node 4 (missing runs 1 and 2) has two
+ * forwarders: node 3 has run 1, node 2 runs 1 and 2. Node 3 gets run 2 from node 2.
+ *   _i == 0 (staged): node 2's link to node 4 stays cut: node 4 gets run 1 from node 3,
+ *   and run 2 too, as node 3 forwards what node 2 forwarded to it. Then the link heals and
+ *   node 4 must drop everything node 2 forwards.
+ *   _i == 1 (at once): both forward to node 4 at the same time; whole transactions of both
+ *   interleave on node 4's apply for node 1 (one open at a time; its origin progress drops
+ *   the second copy).
+ * All three survivors end identical, node 1's rows once each, no conflict, the same origin
+ * progress for node 1. */
+START_TEST(two_forwarders)
+{
+    long per = aamm_test_scaled(50, 20) / 10 * 10, run1 = aamm_test_scaled(200, 50);
+    long run2 = aamm_test_scaled(100, 25), own = 20, all = per + run1 + run2;
+    unsigned long long fwd[MAXN] = {0};
+    unsigned long holds = 0, holds_max = 0;
+    netfx_proxy_init(&prox[0], ports[C]); /* node 1 -> node 3 */
+    netfx_proxy_init(&prox[1], ports[D]); /* node 1 -> node 4 */
+    netfx_proxy_init(&prox[2], ports[D]); /* node 2 -> node 4 */
+    ck_assert(prox[0].lfd >= 0 && prox[1].lfd >= 0 && prox[2].lfd >= 0);
+    dial_port[A][C] = prox[0].port;
+    dial_port[A][D] = prox[1].port;
+    dial_port[B][D] = prox[2].port;
+    for (int k = 0; k < NPROXY; k++)
+        proxy_pid[k] = aamm_test_spawn(proxy_main, k);
+    for (int i = 0; i < nn; i++) {
+        agents[i] = aamm_test_spawn(agent_main, i);
+        ck_assert_int_gt(agents[i], 0);
+    }
+    for (int i = 0; i < nn; i++)
+        ck_assert_msg(pgfx_wait_long(fx, i, nn - 1, 60000,
+                                     "SELECT count(*) FROM pg_replication_slots "
+                                     "WHERE slot_name LIKE 'aamm_to_%%'") == nn - 1,
+                      "node %d: slots not made", i + 1);
+    /* 1. every node writes and has every row */
+    for (int i = 0; i < nn; i++)
+        write_ledger(i, 0, per);
+    for (int i = 0; i < nn; i++)
+        for (int o = 0; o < nn; o++)
+            ck_assert_msg(wait_rows(i, o, per, 60000), "node %d misses rows of node %d", i + 1,
+                          o + 1);
+    /* 2. run 1 reaches nodes 2 and 3, run 2 node 2 only; the survivors' own writes after
+     *    them reach every survivor (and their acks go round) */
+    cut(1);
+    write_ledger(A, per, run1);
+    ck_assert(wait_rows(B, A, per + run1, 60000) && wait_rows(C, A, per + run1, 60000));
+    cut(0);
+    write_ledger(A, per + run1, run2);
+    ck_assert(wait_rows(B, A, all, 60000));
+    for (int i = B; i <= D; i++)
+        write_ledger(i, per, own);
+    for (int i = B; i <= D; i++)
+        for (int o = B; o <= D; o++)
+            ck_assert(wait_rows(i, o, per + own, 60000));
+    usleep(1500000); /* acks, slot confirmations and status updates go round */
+    long had[MAXN];
+    for (int i = B; i <= D; i++)
+        had[i] = rows_from(i, A);
+    ck_assert_int_eq(had[C], per + run1);
+    ck_assert_int_eq(had[D], per);
+
+    /* 3. node 1 dies for good; the survivors are told */
+    aamm_test_kill(&agents[A]);
+    ck_assert_int_eq(pgfx_stop_node(fx, A, "immediate"), 0);
+    if (_i == 0)
+        cut(2);
+    int64_t t0 = aamm_test_now_ms();
+    for (int i = B; i <= D; i++)
+        kill(agents[i], SIGUSR1);
+    if (_i == 0) {
+        /* everything comes from node 3: run 1 from its own slot, run 2 as node 2 forwards it
+         * to node 3 (node 3 forwards what it applied of node 1, whoever brought it) */
+        bool got = wait_rows(D, A, all, 60000);
+        if (!got)
+            for (int i = B; i <= D; i++)
+                dump_status(i);
+        ck_assert_msg(got, "node 4 has %ld of node 1's %ld rows through node 3",
+                      rows_from(D, A), all);
+        /* then node 2's link to node 4 heals: what node 2 forwards is there already */
+        heal(2);
+        ck_assert_msg(pgfx_wait_long(fx, D, 1, 60000,
+                                     "SELECT count(*) FROM aamm.replication_status "
+                                     "WHERE peer_id = 2 AND in_state = 'streaming'") == 1,
+                      "node 2's link to node 4 did not come back");
+        usleep(1000000);
+    }
+    bool done = wait_rows(C, A, all, 60000) && wait_rows(D, A, all, 60000);
+    int64_t took = aamm_test_now_ms() - t0;
+    if (!done)
+        for (int i = B; i <= D; i++)
+            dump_status(i);
+    ck_assert_msg(done, "node 3 has %ld, node 4 %ld of node 1's %ld rows", rows_from(C, A),
+                  rows_from(D, A), all);
+    /* the survivors go on replicating to each other */
+    for (int i = B; i <= D; i++)
+        write_ledger(i, per + own, own);
+    for (int i = B; i <= D; i++)
+        for (int o = B; o <= D; o++)
+            ck_assert(wait_rows(i, o, per + 2 * own, 60000));
+    usleep(500000);
+    for (int i = B; i <= D; i++)
+        ck_assert(read_report(i, &fwd[i], &holds, &holds_max));
+    fprintf(stderr,
+            "two_forwarders (%s): of node 1's %ld transactions node 3 missed %ld and node 4 %ld; "
+            "forwarded: node 2 %llu, node 3 %llu, node 4 %llu; both caught up %" PRId64
+            " ms after peer_lost\n",
+            _i ? "at once" : "staged", all, all - had[C], all - had[D], fwd[B], fwd[C], fwd[D],
+            took);
+
+    /* identical, every row once, no conflict, the same progress for node 1 */
+    char *v[MAXN] = {0}, *pr[MAXN] = {0};
+    for (int i = B; i <= D; i++) {
+        v[i] = pgfx_value(fx, i, "SELECT md5(string_agg(l::text, ',' ORDER BY node, seq)) "
+                                 "FROM ledger l");
+        pr[i] = pgfx_value(fx, i, "SELECT pg_replication_origin_progress('aamm_from_1', true)");
+        ck_assert(v[i] && pr[i]);
+        ck_assert_int_eq(rows_from(i, A), all);
+        ck_assert_int_eq(pgfx_value_long(fx, i, -1, "SELECT count(*) FROM ledger"),
+                         all + 3 * (per + 2 * own));
+        ck_assert_int_eq(pgfx_value_long(fx, i, -1, "SELECT count(*) FROM aamm.conflict_log"), 0);
+    }
+    for (int i = C; i <= D; i++) {
+        ck_assert_str_eq(v[i], v[B]);
+        ck_assert_str_eq(pr[i], pr[B]);
+    }
+    for (int i = B; i <= D; i++) {
+        free(v[i]);
+        free(pr[i]);
+    }
+    /* node 2 sent run 2 to node 3; staged, node 3 sent node 4 runs 1 and 2 (at once, who
+     * sent how much depends on the race) */
+    ck_assert_int_ge(fwd[B], (unsigned long long)run2);
+    if (_i == 0)
+        ck_assert_int_ge(fwd[C], (unsigned long long)(run1 + run2));
+    else
+        ck_assert_int_ge(fwd[B] + fwd[C], (unsigned long long)(run1 + 2 * run2));
+    for (int i = B; i <= D; i++)
+        aamm_test_stop(&agents[i], 5000);
+    for (int k = 0; k < NPROXY; k++)
+        aamm_test_kill(&proxy_pid[k]);
+    ck_assert_int_eq(pgfx_start_node(fx, A), 0); /* for the fixture's teardown */
+}
+END_TEST
+
 /* ---- fixture ------------------------------------------------------------------------ */
 
 static void setup(void)
 {
-    fx = pgfx_start(NNODES, "max_replication_slots = 20\nmax_wal_senders = 20\n");
+    fx = pgfx_start(nn, "max_replication_slots = 20\nmax_wal_senders = 20\n");
     ck_assert_ptr_nonnull(fx);
-    for (int i = 0; i < NNODES; i++) {
+    for (int i = 0; i < nn; i++) {
         setup_node(i);
         ports[i] = aamm_test_free_port();
         agents[i] = 0;
-        for (int k = 0; k < NNODES; k++)
+        for (int k = 0; k < nn; k++)
             dial_port[i][k] = 0;
     }
 }
 
+static void setup3(void)
+{
+    nn = 3;
+    setup();
+}
+
+static void setup4(void)
+{
+    nn = 4;
+    setup();
+}
+
 static void teardown(void)
 {
-    for (int i = 0; i < NNODES; i++)
+    for (int i = 0; i < nn; i++)
         aamm_test_kill(&agents[i]);
-    for (int k = 0; k < 2; k++)
+    for (int k = 0; k < NPROXY; k++)
         aamm_test_kill(&proxy_pid[k]);
     pgfx_destroy(fx);
     fx = NULL;
@@ -426,8 +590,12 @@ int main(void)
 {
     Suite *s = suite_create("catchup");
     TCase *tc = aamm_test_tcase("lost_node_catchup", 300);
-    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_checked_fixture(tc, setup3, teardown);
     tcase_add_loop_test(tc, lost_node_catchup, 0, 2);
+    suite_add_tcase(s, tc);
+    tc = aamm_test_tcase("two_forwarders", 300);
+    tcase_add_checked_fixture(tc, setup4, teardown);
+    tcase_add_loop_test(tc, two_forwarders, 0, 2);
     suite_add_tcase(s, tc);
     return aamm_test_run(s);
 }
