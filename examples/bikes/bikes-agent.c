@@ -593,6 +593,21 @@ static int cmd_run(const struct bikes_config *cfg)
         goto out;
     }
     logf_(AAMM_LOG_INFO, "started");
+    /* peers gone for good: forward what this node has of them (doc/membership.md); again at
+     * every start, until they are parted */
+    for (i = 0; i < cfg->npeers; i++) {
+        if (!cfg->peers[i].lost)
+            continue;
+        rc = aamm_replicator_peer_lost(r, cfg->peers[i].id);
+        if (rc != 0) {
+            logf_(AAMM_LOG_ERROR, "lost %u: %s (%s)", (unsigned)cfg->peers[i].id,
+                  replicator_error(r), aamm_errname(rc));
+            status = 1;
+            goto out;
+        }
+        logf_(AAMM_LOG_INFO, "peer %s (node %u) is lost: forwarding what this node has of it",
+              cfg->peers[i].name, (unsigned)cfg->peers[i].id);
+    }
 
     next_status = cfg->status_interval ? now_ms() + cfg->status_interval * 1000 : -1;
     while (!stop_requested) {
@@ -731,18 +746,72 @@ static int cmd_join(const struct bikes_config *cfg, uint32_t upstream)
     return 0;
 }
 
+/* part ID: aamm_node_part() on this node, once ID's peer line is gone (and the agent
+ * restarted without it: a replicator that lists the peer makes its slot again). Exit 0
+ * when parted, 75 (EX_TEMPFAIL) when the origin has to wait for this node's other slots
+ * (run part again later), 1 on an error, 2 when ID is still a peer. */
+static int cmd_part(const struct bikes_config *cfg, uint32_t id)
+{
+    char err[1024];
+    int dropped = 0, rc;
+    PGconn *conn;
+    for (size_t i = 0; i < cfg->npeers; i++) {
+        if (cfg->peers[i].id == id) {
+            fprintf(stderr,
+                    "bikes-agent: part: %u is still a peer in %s (line %d): remove its peer "
+                    "line and restart the agent first, or the agent makes its slot again\n",
+                    (unsigned)id, cfg->path, cfg->peers[i].line);
+            return 2;
+        }
+    }
+    if (id == cfg->node_id) {
+        fprintf(stderr, "bikes-agent: part: %u is this node (part it on the other nodes)\n",
+                (unsigned)id);
+        return 2;
+    }
+    conn = PQconnectdb(cfg->conninfo);
+    if (PQstatus(conn) != CONNECTION_OK) {
+        logf_(AAMM_LOG_ERROR, "part: cannot connect (conninfo): %s",
+              oneline(PQerrorMessage(conn)));
+        PQfinish(conn);
+        return 1;
+    }
+    rc = aamm_node_part(conn, id, &dropped, err, sizeof err);
+    PQfinish(conn);
+    if (rc == AAMM_EAGAIN) {
+        logf_(AAMM_LOG_WARNING,
+              "part: node %u: slot and status row dropped; its origin stays for now: %s. Let "
+              "the agents run, then run part again",
+              (unsigned)id, err);
+        return 75;
+    }
+    if (rc != 0) {
+        logf_(AAMM_LOG_ERROR, "part: node %u: %s (%s)", (unsigned)id, err, aamm_errname(rc));
+        return 1;
+    }
+    logf_(AAMM_LOG_INFO,
+          "part: node %u parted from this node (%d objects dropped: slot aamm_to_%u, origin "
+          "aamm_from_%u%s)",
+          (unsigned)id, dropped, (unsigned)id, (unsigned)id,
+          cfg->raft_address ? "; remove it from consensus with aamm_consensus_remove_member()"
+                            : "");
+    return 0;
+}
+
 /* ====================================================================================
  * main
  * ==================================================================================== */
 
 static void usage(FILE *to)
 {
-    fprintf(to, "usage: bikes-agent -c FILE setup|run|check|join ID\n"
+    fprintf(to, "usage: bikes-agent -c FILE setup|run|check|join ID|part ID\n"
                 "  setup    install libaamm on the node, load schema_file, replicate the tables\n"
                 "  run      replicate with the peers until SIGTERM or SIGINT (SIGUSR1: status)\n"
                 "  check    validate FILE for setup and run\n"
                 "  join ID  (a new node, after setup) copy peer ID's data while the cluster\n"
                 "           writes, and set where this node's streams start\n"
+                "  part ID  take node ID (no longer a peer here) out of this node: its slot,\n"
+                "           origin and status row\n"
                 "see bikes-agent(1)\n");
 }
 
@@ -752,7 +821,7 @@ int main(int argc, char **argv)
     const char *file = NULL, *cmd;
     char err[1024];
     int opt, status;
-    uint32_t join_from = 0;
+    uint32_t cmd_id = 0; /* join's upstream, part's node */
 
     while ((opt = getopt(argc, argv, "c:h")) != -1) {
         switch (opt) {
@@ -772,29 +841,31 @@ int main(int argc, char **argv)
         return 2;
     }
     cmd = argv[optind];
-    if (strcmp(cmd, "setup") && strcmp(cmd, "run") && strcmp(cmd, "check") &&
-        strcmp(cmd, "join")) {
+    bool with_id = !strcmp(cmd, "join") || !strcmp(cmd, "part");
+    if (strcmp(cmd, "setup") && strcmp(cmd, "run") && strcmp(cmd, "check") && !with_id) {
         fprintf(stderr, "bikes-agent: unknown command '%s'\n", cmd);
         usage(stderr);
         return 2;
     }
-    if (optind + (strcmp(cmd, "join") ? 1 : 2) != argc) {
+    if (optind + (with_id ? 2 : 1) != argc) {
         usage(stderr);
         return 2;
     }
-    if (!strcmp(cmd, "join")) {
+    if (with_id) {
         char *end;
         long v = strtol(argv[optind + 1], &end, 10);
         if (*end != '\0' || !aamm_node_id_valid(v > 0 && v <= AAMM_NODE_ID_MAX ? (uint32_t)v : 0)) {
-            fprintf(stderr, "bikes-agent: join: '%s' is not a node id\n", argv[optind + 1]);
+            fprintf(stderr, "bikes-agent: %s: '%s' is not a node id\n", cmd, argv[optind + 1]);
             return 2;
         }
-        join_from = (uint32_t)v;
+        cmd_id = (uint32_t)v;
     }
     if (bikes_config_load(&cfg, file, err, sizeof err) != 0 ||
-        (strcmp(cmd, "run") && bikes_config_check(&cfg, BIKES_NEED_SETUP, err, sizeof err)) ||
+        (strcmp(cmd, "run") && strcmp(cmd, "part") &&
+         bikes_config_check(&cfg, BIKES_NEED_SETUP, err, sizeof err)) ||
+        (!strcmp(cmd, "part") && bikes_config_check(&cfg, BIKES_NEED_PART, err, sizeof err)) ||
         (!strcmp(cmd, "join") && bikes_config_check(&cfg, BIKES_NEED_JOIN, err, sizeof err)) ||
-        (strcmp(cmd, "setup") && strcmp(cmd, "join") &&
+        (strcmp(cmd, "setup") && strcmp(cmd, "join") && strcmp(cmd, "part") &&
          bikes_config_check(&cfg, BIKES_NEED_RUN, err, sizeof err))) {
         fprintf(stderr, "bikes-agent: %s\n", err);
         bikes_config_free(&cfg);
@@ -810,7 +881,9 @@ int main(int argc, char **argv)
     } else if (!strcmp(cmd, "run")) {
         status = cmd_run(&cfg);
     } else if (!strcmp(cmd, "join")) {
-        status = cmd_join(&cfg, join_from);
+        status = cmd_join(&cfg, cmd_id);
+    } else if (!strcmp(cmd, "part")) {
+        status = cmd_part(&cfg, cmd_id);
     } else {
         uint8_t secret[BIKES_SECRET_MAX];
         size_t len;

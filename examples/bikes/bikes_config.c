@@ -252,6 +252,17 @@ static int set_key(struct bikes_config *cfg, const char *key, char *v, int line,
         if (cfg->peers[j].conninfo != NULL)
             return fail(err, errsize, "given twice for peer %ld", n);
         cfg->peers[j].conninfo = xstrdup(rest);
+    } else if (!strcmp(key, "lost")) {
+        size_t j;
+        if (parse_uint(v, 1, AAMM_NODE_ID_MAX, &n) != 0)
+            return fail(err, errsize, "expected a peer's node id");
+        for (j = 0; j < cfg->npeers && cfg->peers[j].id != (uint32_t)n; j++)
+            ;
+        if (j == cfg->npeers)
+            return fail(err, errsize, "no 'peer' line for id %ld above", n);
+        if (cfg->peers[j].lost)
+            return fail(err, errsize, "given twice for peer %ld", n);
+        cfg->peers[j].lost = true;
     } else if (!strcmp(key, "tables") || !strcmp(key, "sequences")) {
         bool t = key[0] == 't';
         if (parse_list(v, t ? cfg->tables : cfg->sequences, t ? &cfg->ntables : &cfg->nsequences))
@@ -341,7 +352,10 @@ int bikes_config_load(struct bikes_config *cfg, const char *path, char *err, siz
 int bikes_config_check(const struct bikes_config *cfg, enum bikes_need need, char *err,
                        size_t errsize)
 {
-    const char *cmd = need == BIKES_NEED_RUN ? "run" : need == BIKES_NEED_JOIN ? "join" : "setup";
+    const char *cmd = need == BIKES_NEED_RUN    ? "run"
+                      : need == BIKES_NEED_JOIN ? "join"
+                      : need == BIKES_NEED_PART ? "part"
+                                                : "setup";
     size_t i;
     int ntls;
     if (cfg->node_id == 0)
@@ -367,6 +381,8 @@ int bikes_config_check(const struct bikes_config *cfg, enum bikes_need need, cha
                             (unsigned)cfg->peers[i].id, cmd);
         return 0;
     }
+    if (need == BIKES_NEED_PART) /* node_id and conninfo are all it needs */
+        return 0;
     if (need == BIKES_NEED_SETUP) {
         if (cfg->ntables == 0)
             return fail(err, errsize, "%s: missing key 'tables' (%s replicates them)", cfg->path,

@@ -22,6 +22,8 @@ struct bikes_peer {
     char *raft_address; /* "a.b.c.d:port" or NULL */
     char *conninfo;     /* peer_conninfo: an admin conninfo of its PostgreSQL node (join
                            only), or NULL */
+    bool lost;          /* lost: gone for good; run declares it lost at every start
+                           (aamm_replicator_peer_lost()) until it is parted */
     int line;           /* where the file names it, for messages */
 };
 
@@ -55,11 +57,11 @@ struct bikes_config {
 };
 
 /* What a command needs beyond the keys every command needs (node_id, conninfo). */
-enum bikes_need { BIKES_NEED_SETUP, BIKES_NEED_RUN, BIKES_NEED_JOIN };
+enum bikes_need { BIKES_NEED_SETUP, BIKES_NEED_RUN, BIKES_NEED_JOIN, BIKES_NEED_PART };
 
 /*
- * Read @path into @cfg (zeroed first). A `peer_conninfo = ID CONNINFO` line must follow the
- * `peer` line of that ID. Relative paths in the file (secret_file,
+ * Read @path into @cfg (zeroed first). A `peer_conninfo = ID CONNINFO` line and a
+ * `lost = ID` line must follow the `peer` line of that ID. Relative paths in the file (secret_file,
  * schema_file, ...) are taken relative to the file's directory. Returns 0, or -1 with a
  * message "FILE:LINE: KEY: what is wrong" (or "FILE: ...") in @err.
  */

@@ -3,7 +3,8 @@
 # (`bikes-agent -c FILE check`): the sample configuration passes; each mistake exits 2 with
 # the message naming the file, line and key; the secret file must be private (not group
 # or world accessible) and at least 16 bytes; relative paths are relative to the file;
-# ddl takes on or off, and table_owner needs ddl = on.
+# ddl takes on or off, and table_owner needs ddl = on; lost names a peer above it, once;
+# part refuses a node that is still a peer (or this node) before it connects.
 agent="${AAMM_TOP_BUILDDIR:-.}/examples/bikes/bikes-agent"
 sample="${AAMM_TOP_SRCDIR:-${srcdir:-.}}/examples/bikes/bikes.conf.sample"
 if [ ! -x "$agent" ]; then
@@ -92,6 +93,22 @@ expect "join needs peer_conninfo" 2 "t.conf:6: peer 2 has no peer_conninfo (join
 expect "join of a bad id" 2 "join: 'x' is not a node id" "$base" join x
 expect "join from a node that is no peer" 2 "join: 5 is not a peer" \
     "${base}peer_conninfo = 2 host=/nonexistent\n" join 5
+
+# lost peers: after their peer line, once each
+expect "lost" 0 ": ok (node 1, 1 peers" "${base}lost = 2\n"
+expect "lost before its peer" 2 "t.conf:7: lost: no 'peer' line for id 3 above" \
+    "${base}lost = 3\npeer = 3 c h:3\n"
+expect "lost twice" 2 "t.conf:8: lost: given twice for peer 2" "${base}lost = 2\nlost = 2\n"
+expect "lost not an id" 2 "t.conf:7: lost: expected a peer's node id" "${base}lost = berlin\n"
+
+# part: the node must be no peer any more, nor this node, checked before anything connects;
+# a node that cannot be reached is an error (exit 1) naming the connection
+expect "part of a peer" 2 "part: 2 is still a peer in $tmp/t.conf (line 6): remove its peer line" \
+    "$base" part 2
+expect "part of this node" 2 "part: 1 is this node" "$base" part 1
+expect "part of a bad id" 2 "part: '0' is not a node id" "$base" part 0
+expect "part, no server" 1 "part: cannot connect (conninfo)" \
+    'node_id = 1\nconninfo = host=/nonexistent-aamm-dir dbname=x\n' part 3
 
 # the sample configuration is valid once its secret exists
 cp "$sample" "$tmp/t.conf"
