@@ -31,6 +31,7 @@
 
 #include <aamm/aamm.h>
 #include <aamm/conflict.h>
+#include <aamm/consensus.h>
 #include <aamm/ddl.h>
 #include <aamm/node.h>
 #include <aamm/replicator.h>
@@ -507,6 +508,58 @@ static int load_secret(const struct bikes_config *cfg, uint8_t *secret, size_t *
     return 0;
 }
 
+/* Lost peers leave consensus: whichever survivor leads removes them, one at a time (a
+ * dead voter only lowers how many more failures the cluster survives). A refused change
+ * (another one running, leadership moving) is tried again a second later. */
+static struct {
+    bool busy;          /* a removal runs */
+    uint32_t node;      /* its node */
+    int64_t retry_at;   /* wait until then before the next try */
+    bool done[BIKES_MAX_PEERS]; /* removed, or found to be no member */
+} lost_members;
+
+static void on_member_removed(struct aamm_consensus *cs, int status, void *arg)
+{
+    const struct bikes_config *cfg = arg;
+    (void)cs;
+    lost_members.busy = false;
+    for (size_t i = 0; i < cfg->npeers; i++)
+        if (cfg->peers[i].id == lost_members.node &&
+            (status == 0 || status == AAMM_ENOTFOUND))
+            lost_members.done[i] = true;
+    if (status == 0)
+        logf_(AAMM_LOG_INFO, "consensus: lost node %u removed from the members",
+              (unsigned)lost_members.node);
+    else if (status != AAMM_ENOTFOUND) {
+        logf_(AAMM_LOG_WARNING, "consensus: removing lost node %u: %s; trying again",
+              (unsigned)lost_members.node, aamm_errname(status));
+        lost_members.retry_at = now_ms() + 1000;
+    }
+}
+
+static void remove_lost_members(struct aamm_replicator *r, const struct bikes_config *cfg,
+                                int64_t now)
+{
+    struct aamm_consensus *cs = aamm_replicator_consensus(r);
+    if (cs == NULL || lost_members.busy || now < lost_members.retry_at ||
+        aamm_consensus_state(cs) != AAMM_CONSENSUS_LEADER)
+        return;
+    for (size_t i = 0; i < cfg->npeers; i++) {
+        if (!cfg->peers[i].lost || lost_members.done[i])
+            continue;
+        lost_members.node = cfg->peers[i].id;
+        if (aamm_consensus_remove_member(cs, cfg->peers[i].id, on_member_removed,
+                                         (void *)cfg) == 0) {
+            lost_members.busy = true;
+            logf_(AAMM_LOG_INFO, "consensus: removing lost node %u from the members",
+                  (unsigned)cfg->peers[i].id);
+        } else {
+            lost_members.retry_at = now + 1000;
+        }
+        return;
+    }
+}
+
 static int cmd_run(const struct bikes_config *cfg)
 {
     struct aamm_replicator_options o;
@@ -645,6 +698,7 @@ static int cmd_run(const struct bikes_config *cfg)
             break;
         }
         now = now_ms();
+        remove_lost_members(r, cfg, now);
         if (cfg->raft_address != NULL && now >= next_ddl) { /* the SQL form's requests */
             int served = 0;
             next_ddl = now + 1000;
@@ -791,10 +845,8 @@ static int cmd_part(const struct bikes_config *cfg, uint32_t id)
     }
     logf_(AAMM_LOG_INFO,
           "part: node %u parted from this node (%d objects dropped: slot aamm_to_%u, origin "
-          "aamm_from_%u%s)",
-          (unsigned)id, dropped, (unsigned)id, (unsigned)id,
-          cfg->raft_address ? "; remove it from consensus with aamm_consensus_remove_member()"
-                            : "");
+          "aamm_from_%u)",
+          (unsigned)id, dropped, (unsigned)id, (unsigned)id);
     return 0;
 }
 
