@@ -223,6 +223,19 @@ static int own_tables(PGconn *conn, const struct bikes_config *cfg, char *err, s
     return rc;
 }
 
+
+/* A connection to this node (conninfo), or NULL after logging why, as @what. */
+static PGconn *connect_node(const struct bikes_config *cfg, const char *what)
+{
+    PGconn *conn = PQconnectdb(cfg->conninfo);
+    if (PQstatus(conn) == CONNECTION_OK)
+        return conn;
+    logf_(AAMM_LOG_ERROR, "%s: cannot connect (conninfo): %s", what,
+          oneline(PQerrorMessage(conn)));
+    PQfinish(conn);
+    return NULL;
+}
+
 /* The apply role may act as table_owner: it runs the DDL peers send as that role. */
 static int grant_owner(PGconn *conn, const struct bikes_config *cfg, const char *role, char *err,
                        size_t errsize)
@@ -266,13 +279,8 @@ static int cmd_setup(const struct bikes_config *cfg)
     }
     password[plen] = '\0';
 
-    conn = PQconnectdb(cfg->conninfo);
-    if (PQstatus(conn) != CONNECTION_OK) {
-        logf_(AAMM_LOG_ERROR, "setup: cannot connect (conninfo): %s",
-              oneline(PQerrorMessage(conn)));
-        PQfinish(conn);
+    if ((conn = connect_node(cfg, "setup")) == NULL)
         return 1;
-    }
     /* setup's own DDL (schema_file, ownership) is this node's: it never travels, also when
      * DDL capture is on from an earlier setup */
     if ((rc = exec_sql(conn, "setup", "SET aamm.replicate_ddl = off", err, sizeof err)) != 0)
@@ -512,27 +520,24 @@ static int load_secret(const struct bikes_config *cfg, uint8_t *secret, size_t *
  * dead voter only lowers how many more failures the cluster survives). A refused change
  * (another one running, leadership moving) is tried again a second later. */
 static struct {
-    bool busy;          /* a removal runs */
-    uint32_t node;      /* its node */
-    int64_t retry_at;   /* wait until then before the next try */
+    bool busy;                  /* a removal runs */
+    size_t peer;                /* its peer (index in the configuration) */
+    int64_t retry_at;           /* wait until then before the next try */
     bool done[BIKES_MAX_PEERS]; /* removed, or found to be no member */
 } lost_members;
 
 static void on_member_removed(struct aamm_consensus *cs, int status, void *arg)
 {
     const struct bikes_config *cfg = arg;
+    unsigned node = (unsigned)cfg->peers[lost_members.peer].id;
     (void)cs;
     lost_members.busy = false;
-    for (size_t i = 0; i < cfg->npeers; i++)
-        if (cfg->peers[i].id == lost_members.node &&
-            (status == 0 || status == AAMM_ENOTFOUND))
-            lost_members.done[i] = true;
-    if (status == 0)
-        logf_(AAMM_LOG_INFO, "consensus: lost node %u removed from the members",
-              (unsigned)lost_members.node);
-    else if (status != AAMM_ENOTFOUND) {
-        logf_(AAMM_LOG_WARNING, "consensus: removing lost node %u: %s; trying again",
-              (unsigned)lost_members.node, aamm_errname(status));
+    lost_members.done[lost_members.peer] = status == 0 || status == AAMM_ENOTFOUND;
+    if (status == 0) {
+        logf_(AAMM_LOG_INFO, "consensus: lost node %u removed from the members", node);
+    } else if (status != AAMM_ENOTFOUND) {
+        logf_(AAMM_LOG_WARNING, "consensus: removing lost node %u: %s; trying again", node,
+              aamm_errname(status));
         lost_members.retry_at = now_ms() + 1000;
     }
 }
@@ -547,7 +552,7 @@ static void remove_lost_members(struct aamm_replicator *r, const struct bikes_co
     for (size_t i = 0; i < cfg->npeers; i++) {
         if (!cfg->peers[i].lost || lost_members.done[i])
             continue;
-        lost_members.node = cfg->peers[i].id;
+        lost_members.peer = i;
         if (aamm_consensus_remove_member(cs, cfg->peers[i].id, on_member_removed,
                                          (void *)cfg) == 0) {
             lost_members.busy = true;
@@ -823,13 +828,8 @@ static int cmd_part(const struct bikes_config *cfg, uint32_t id)
                 (unsigned)id);
         return 2;
     }
-    conn = PQconnectdb(cfg->conninfo);
-    if (PQstatus(conn) != CONNECTION_OK) {
-        logf_(AAMM_LOG_ERROR, "part: cannot connect (conninfo): %s",
-              oneline(PQerrorMessage(conn)));
-        PQfinish(conn);
+    if ((conn = connect_node(cfg, "part")) == NULL)
         return 1;
-    }
     rc = aamm_node_part(conn, id, &dropped, err, sizeof err);
     PQfinish(conn);
     if (rc == AAMM_EAGAIN) {
