@@ -223,7 +223,6 @@ static int own_tables(PGconn *conn, const struct bikes_config *cfg, char *err, s
     return rc;
 }
 
-
 /* A connection to this node (conninfo), or NULL after logging why, as @what. */
 static PGconn *connect_node(const struct bikes_config *cfg, const char *what)
 {
