@@ -256,6 +256,23 @@ static void dump_status(int i)
     free(st);
 }
 
+/* Start the first @nproxy proxies (initialized) and every agent, and wait (bounded) until
+ * each node has made its slots. */
+static void start_all(int nproxy)
+{
+    for (int k = 0; k < nproxy; k++)
+        proxy_pid[k] = aamm_test_spawn(proxy_main, k);
+    for (int i = 0; i < nn; i++) {
+        agents[i] = aamm_test_spawn(agent_main, i);
+        ck_assert_int_gt(agents[i], 0);
+    }
+    for (int i = 0; i < nn; i++)
+        ck_assert_msg(pgfx_wait_long(fx, i, nn - 1, 60000,
+                                     "SELECT count(*) FROM pg_replication_slots "
+                                     "WHERE slot_name LIKE 'aamm_to_%%'") == nn - 1,
+                      "node %d: slots not made", i + 1);
+}
+
 /* ---- tests ----------------------------------------------------------------------- */
 
 /* Node 1 commits run 1 while its link to node 3 is cut and its link to node 2 is not; node
@@ -285,17 +302,7 @@ START_TEST(lost_node_catchup)
     ck_assert(prox[0].lfd >= 0 && prox[1].lfd >= 0);
     dial_port[A][C] = prox[PROXY_AC].port;
     dial_port[B][C] = prox[PROXY_BC].port;
-    for (int k = 0; k < 2; k++)
-        proxy_pid[k] = aamm_test_spawn(proxy_main, k);
-    for (int i = 0; i < nn; i++) {
-        agents[i] = aamm_test_spawn(agent_main, i);
-        ck_assert_int_gt(agents[i], 0);
-    }
-    for (int i = 0; i < nn; i++)
-        ck_assert_msg(pgfx_wait_long(fx, i, nn - 1, 60000,
-                                     "SELECT count(*) FROM pg_replication_slots "
-                                     "WHERE slot_name LIKE 'aamm_to_%%'") == nn - 1,
-                      "node %d: slots not made", i + 1);
+    start_all(2);
 
     /* 1. every node writes; node 2 holds its slot for node 3 past node 1's transactions only
      * until node 3 has them from node 1: sample what that retains under load */
@@ -428,17 +435,7 @@ START_TEST(two_forwarders)
     dial_port[A][C] = prox[0].port;
     dial_port[A][D] = prox[1].port;
     dial_port[B][D] = prox[2].port;
-    for (int k = 0; k < NPROXY; k++)
-        proxy_pid[k] = aamm_test_spawn(proxy_main, k);
-    for (int i = 0; i < nn; i++) {
-        agents[i] = aamm_test_spawn(agent_main, i);
-        ck_assert_int_gt(agents[i], 0);
-    }
-    for (int i = 0; i < nn; i++)
-        ck_assert_msg(pgfx_wait_long(fx, i, nn - 1, 60000,
-                                     "SELECT count(*) FROM pg_replication_slots "
-                                     "WHERE slot_name LIKE 'aamm_to_%%'") == nn - 1,
-                      "node %d: slots not made", i + 1);
+    start_all(NPROXY);
     /* 1. every node writes and has every row */
     for (int i = 0; i < nn; i++)
         write_ledger(i, 0, per);
